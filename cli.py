@@ -93,7 +93,7 @@ def embed(data: Annotated[Path, typer.Option("--data", help="Data directory.")],
     except FusionrecError as exc:
         _fail(exc)
     _print_table("embeddings", summary_rows(report),
-                 ["table", "rows", "encoded", "reused", "failed", "dropped", "seconds", "items_per_s"])
+                 ["table", "rows", "encoded", "reused", "resumed", "failed", "dropped", "seconds", "items_per_s"])
 
 
 def main() -> None:

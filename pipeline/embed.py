@@ -70,6 +70,7 @@ class ModalityCounts:
     rows: int = 0
     encoded: int = 0
     reused: int = 0
+    resumed: int = 0  # finished by an interrupted run (its shards), not encoded again
     failed: int = 0
     dropped: int = 0
     seconds: float = 0.0
@@ -358,7 +359,7 @@ def embed_modality(inp: ModalityInput, enc: ModalityEncoder, data_dir: Path, art
         if v is None:
             v = cache.vectors.get(h)
             if v is not None:
-                counts.encoded += 1  # encoded by the interrupted run, finished now
+                counts.resumed += 1
         else:
             counts.reused += 1
         if v is None:

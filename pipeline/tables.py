@@ -216,6 +216,6 @@ def resolve_media(data_dir: Path, relative: str) -> Path:
     full = (root / candidate)
     resolved = full.resolve()
     if not resolved.is_relative_to(root):
-        kind = "symlink points" if full.is_symlink() or any(p.is_symlink() for p in full.parents) else "path escapes"
+        kind = "symlink points" if full.is_symlink() or any(p.is_symlink() for p in full.parents) else "path leads"
         raise MediaError(f"{kind} outside the data directory")
     return resolved

@@ -1,0 +1,275 @@
+"""The embedding job: incremental reruns, failures, precomputed tables, locking, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import load_config
+from pipeline.embed import ModalityEncoder, read_embedding_table, run_embed
+from pipeline.errors import FusionrecError, InputError, LockError, MediaError
+from pipeline.manifest import read_manifest
+from pipeline.storage import ArtifactLock
+from tests.tiny_models import HashEncoder, tiny_text_model
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def write_catalog(data: Path, n: int = 10, with_media: bool = True) -> pl.DataFrame:
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "media").mkdir(exist_ok=True)
+    rows = []
+    for i in range(n):
+        rows.append({"item_id": f"i{i}", "title": f"item number {i}", "description": f"about thing {i}",
+                     "tags": "a|b", "image": f"media/i{i}.bin" if with_media else None})
+        if with_media:
+            (data / "media" / f"i{i}.bin").write_bytes(f"pixels of {i}".encode())
+    items = pl.DataFrame(rows)
+    items.write_csv(data / "items.csv")
+    return items
+
+
+def fake_encoders(text_dim: int = 8, model_id: str = "hash-v1") -> tuple[dict[str, ModalityEncoder], HashEncoder]:
+    text = HashEncoder(text_dim, model_id)
+    image = HashEncoder(8, "hash-image")
+
+    def prepare(path: Path) -> bytes:
+        data = path.read_bytes()
+        if data.startswith(b"corrupt"):
+            raise MediaError("cannot decode image: truncated")
+        return data
+
+    return {"text": ModalityEncoder(text.model_id, text.dim, text.encode),
+            "image": ModalityEncoder(image.model_id, image.dim, image.encode, prepare=prepare)}, text
+
+
+def last_counts(art: Path) -> dict:
+    return read_manifest(art)["runs"][-1]["counts"]
+
+
+def test_tables_follow_the_contract(tmp_path: Path) -> None:
+    write_catalog(tmp_path / "data")
+    encoders, _ = fake_encoders()
+    run_embed(tmp_path / "data", tmp_path / "art", encoders=encoders, show_progress=False)
+    table = pq.read_table(tmp_path / "art" / "embeddings" / "item_text.parquet")
+    assert table.column_names == ["id", "content_hash", "model", "vector"]
+    assert table.schema.field("vector").type == pa.list_(pa.float32(), 8)
+    ids, hashes, models, matrix = read_embedding_table(tmp_path / "art" / "embeddings" / "item_text.parquet")
+    assert ids == [f"i{i}" for i in range(10)]
+    assert set(models) == {"hash-v1"}
+    np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, rtol=1e-5)
+    manifest = read_manifest(tmp_path / "art")
+    run = manifest["runs"][-1]
+    assert run["status"] == "ok" and run["models"]["text"] == "hash-v1"
+    assert "items.csv" in run["inputs"] and len(run["inputs"]["items.csv"]) == 64
+    assert run["versions"]["polars"] == pl.__version__
+    assert not (tmp_path / "art" / "embeddings" / ".shards").exists()
+
+
+def test_rerun_after_one_title_change_encodes_exactly_one_text_row(tmp_path: Path) -> None:
+    items = write_catalog(tmp_path / "data")
+    encoders, text = fake_encoders()
+    run_embed(tmp_path / "data", tmp_path / "art", encoders=encoders, show_progress=False)
+    assert last_counts(tmp_path / "art")["item_text"]["encoded"] == 10
+    before = read_embedding_table(tmp_path / "art" / "embeddings" / "item_text.parquet")
+
+    items.with_columns(pl.when(pl.col("item_id") == "i3").then(pl.lit("a new title")).otherwise("title")
+                       .alias("title")).write_csv(tmp_path / "data" / "items.csv")
+    text.rows = 0
+    run_embed(tmp_path / "data", tmp_path / "art", encoders=encoders, show_progress=False)
+    counts = last_counts(tmp_path / "art")
+    assert (counts["item_text"]["encoded"], counts["item_text"]["reused"]) == (1, 9)
+    assert (counts["item_image"]["encoded"], counts["item_image"]["reused"]) == (0, 10)
+    assert text.rows == 1
+    after = read_embedding_table(tmp_path / "art" / "embeddings" / "item_text.parquet")
+    changed = [i for i in range(10) if before[1][i] != after[1][i]]
+    assert changed == [3]
+    np.testing.assert_array_equal(np.delete(before[3], 3, 0), np.delete(after[3], 3, 0))
+
+
+def test_deleted_ids_are_dropped_and_a_new_model_reencodes_everything(tmp_path: Path) -> None:
+    items = write_catalog(tmp_path / "data")
+    encoders, _ = fake_encoders()
+    run_embed(tmp_path / "data", tmp_path / "art", encoders=encoders, show_progress=False)
+    items.filter(pl.col("item_id") != "i0").write_csv(tmp_path / "data" / "items.csv")
+    run_embed(tmp_path / "data", tmp_path / "art", encoders=encoders, show_progress=False)
+    counts = last_counts(tmp_path / "art")["item_text"]
+    assert (counts["rows"], counts["encoded"], counts["reused"], counts["dropped"]) == (9, 0, 9, 1)
+    ids = read_embedding_table(tmp_path / "art" / "embeddings" / "item_text.parquet")[0]
+    assert "i0" not in ids
+
+    new_model, _ = fake_encoders(model_id="hash-v2")
+    run_embed(tmp_path / "data", tmp_path / "art", encoders=new_model, show_progress=False)
+    counts = last_counts(tmp_path / "art")["item_text"]
+    assert (counts["encoded"], counts["reused"]) == (9, 0)
+    assert set(read_embedding_table(tmp_path / "art" / "embeddings" / "item_text.parquet")[2]) == {"hash-v2"}
+
+
+def test_bad_media_lands_in_failures_and_the_item_is_kept(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    items = write_catalog(data)
+    (data / "media" / "i1.bin").write_bytes(b"corrupt jpeg")
+    (data / "media" / "i2.bin").unlink()
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes(b"secret")
+    (data / "media" / "i4.bin").unlink()
+    os.symlink(outside, data / "media" / "i4.bin")
+    items.with_columns(pl.when(pl.col("item_id") == "i5").then(pl.lit("../secret.bin")).otherwise("image")
+                       .alias("image")).write_csv(data / "items.csv")
+    encoders, _ = fake_encoders()
+    report = run_embed(data, tmp_path / "art", encoders=encoders, show_progress=False)
+
+    failures = pl.read_parquet(tmp_path / "art" / "embeddings" / "failures.parquet").sort("id")
+    assert failures["id"].to_list() == ["i1", "i2", "i4", "i5"]
+    assert set(failures["modality"]) == {"image"}
+    errors = dict(zip(failures["id"], failures["error"]))
+    assert "truncated" in errors["i1"]
+    assert "not found" in errors["i2"]
+    assert "symlink" in errors["i4"] and "outside" in errors["i4"]
+    assert "outside the data directory" in errors["i5"]
+    assert failures.filter(pl.col("id") == "i5")["path"].item() == "../secret.bin"
+    image_ids = read_embedding_table(tmp_path / "art" / "embeddings" / "item_image.parquet")[0]
+    text_ids = read_embedding_table(tmp_path / "art" / "embeddings" / "item_text.parquet")[0]
+    assert sorted(image_ids) == sorted({f"i{i}" for i in range(10)} - {"i1", "i2", "i4", "i5"})
+    assert len(text_ids) == 10  # every item kept, served from the modalities it has
+    assert report.counts["item_image"].failed == 4
+
+
+def test_too_many_failures_fail_the_job_after_writing_what_it_could(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_catalog(data, n=4)
+    for i in range(3):
+        (data / "media" / f"i{i}.bin").write_bytes(b"corrupt")
+    encoders, _ = fake_encoders()
+    cfg = load_config(overrides=["embed.max_failed_share=0.5"])
+    with pytest.raises(FusionrecError, match=r"3 of 4 media files could not be read \(75% > embed.max_failed_share 50%\)"):
+        run_embed(data, tmp_path / "art", cfg, encoders=encoders, show_progress=False)
+    assert pl.read_parquet(tmp_path / "art" / "embeddings" / "failures.parquet").height == 3
+    assert read_manifest(tmp_path / "art")["runs"][-1]["status"] == "failed"
+
+
+def test_precomputed_embeddings_are_taken_as_they_are(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_catalog(data, n=5, with_media=False)
+    (data / "embeddings").mkdir()
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(6, 5)).astype(np.float32)
+    pl.DataFrame({"item_id": [f"i{i}" for i in range(5)] + ["unknown"], "vector": vectors.tolist()}).write_parquet(
+        data / "embeddings" / "item_audio_vggish.parquet")
+    encoders, _ = fake_encoders()
+    report = run_embed(data, tmp_path / "art", encoders=encoders, show_progress=False)
+    ids, hashes, models, matrix = read_embedding_table(tmp_path / "art" / "embeddings" / "item_audio_vggish.parquet")
+    assert ids == [f"i{i}" for i in range(5)]
+    expected = vectors[:5] / np.linalg.norm(vectors[:5], axis=1, keepdims=True)
+    np.testing.assert_allclose(matrix, expected, rtol=1e-6)
+    assert models[0].startswith("precomputed:item_audio_vggish.parquet")
+    assert report.counts["item_audio_vggish"].dropped == 1
+
+
+def test_precomputed_vectors_of_different_lengths_are_bad_input(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_catalog(data, n=3, with_media=False)
+    (data / "embeddings").mkdir()
+    pl.DataFrame({"item_id": ["i0", "i1", "i2"], "vector": [[1.0, 0.0], [0.0, 1.0], [1.0]]}).write_parquet(
+        data / "embeddings" / "item_audio.parquet")
+    encoders, _ = fake_encoders()
+    with pytest.raises(InputError, match=r"item_audio.parquet, row 3, field 'vector': vector is missing or has a "
+                                         r"different length"):
+        run_embed(data, tmp_path / "art", encoders=encoders, show_progress=False)
+
+
+def test_a_second_job_on_the_same_artifacts_stops_and_a_stale_lock_is_taken_over(tmp_path: Path) -> None:
+    write_catalog(tmp_path / "data", n=3)
+    encoders, _ = fake_encoders()
+    art = tmp_path / "art"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        art.mkdir()
+        (art / ".lock").write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename}))
+        with pytest.raises(LockError, match=rf"another fusionrec job \(pid {holder.pid} on .*\) is using"):
+            run_embed(tmp_path / "data", art, encoders=encoders, show_progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is dead now: its lock is stale and the next job takes it over.
+    lock = ArtifactLock(art).acquire()
+    assert lock.taken_over_["pid"] == holder.pid
+    lock.release()
+    assert not (art / ".lock").exists()
+    run_embed(tmp_path / "data", art, encoders=encoders, show_progress=False)
+    assert not (art / ".lock").exists()
+
+
+def test_tiny_transformers_encoder_through_the_configured_path(tmp_path: Path) -> None:
+    from pipeline.text import TextEncoder
+
+    model_dir = tiny_text_model(tmp_path / "tiny")
+    encoder = TextEncoder(str(model_dir), device="cpu", batch_size=2)
+    assert encoder.dim == 16 and encoder.model_id == str(model_dir)
+    texts = ["ocean sea wave", "fire flame", "the ocean and the sea with blue water", "snow"]
+    out = encoder.encode(texts)
+    assert out.shape == (4, 16)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+    # Length-sorted batching must not change a row's vector.
+    alone = np.stack([encoder.encode([t])[0] for t in texts])
+    np.testing.assert_allclose(out, alone, atol=1e-5)
+
+
+KILL_SCRIPT = r"""
+import sys, time
+from pathlib import Path
+import numpy as np
+sys.path.insert(0, {project!r})
+from pipeline.config import load_config
+from pipeline.embed import ModalityEncoder, run_embed
+from tests.tiny_models import HashEncoder
+
+slow = HashEncoder(8, "hash-v1")
+def encode(xs):
+    time.sleep(float(sys.argv[3]))
+    return slow.encode(xs)
+cfg = load_config(overrides=["embed.shard_size=4"])
+run_embed(Path(sys.argv[1]), Path(sys.argv[2]), cfg, show_progress=False,
+          encoders={{"text": ModalityEncoder("hash-v1", 8, encode)}})
+"""
+
+
+def test_killed_run_resumes_and_gives_the_same_tables(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_catalog(data, n=40, with_media=False)
+    script = tmp_path / "job.py"
+    script.write_text(KILL_SCRIPT.format(project=str(PROJECT)))
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    subprocess.run([sys.executable, str(script), str(data), str(clean), "0"], check=True)
+
+    job = subprocess.Popen([sys.executable, str(script), str(data), str(killed), "0.3"])
+    shards = killed / "embeddings" / ".shards" / "item_text"
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(shards.glob("shard-*.parquet"))) < 3:
+        time.sleep(0.05)
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait()
+    finished = len(list(shards.glob("shard-*.parquet")))
+    assert 3 <= finished < 10, "the job was not killed mid-way"
+    assert not (killed / "embeddings" / "item_text.parquet").exists()  # no partial final table
+
+    subprocess.run([sys.executable, str(script), str(data), str(killed), "0"], check=True)
+    counts = read_manifest(killed)["runs"][-1]["counts"]["item_text"]
+    # Finished shards of the killed run are not encoded again.
+    assert (counts["resumed"], counts["encoded"]) == (4 * finished, 40 - 4 * finished)
+    a = pq.read_table(clean / "embeddings" / "item_text.parquet")
+    b = pq.read_table(killed / "embeddings" / "item_text.parquet")
+    assert a.equals(b)
+    leftovers = [p for p in killed.rglob("*") if p.name.startswith(".tmp-") or p.name == ".shards"]
+    assert leftovers == []
