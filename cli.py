@@ -96,6 +96,186 @@ def embed(data: Annotated[Path, typer.Option("--data", help="Data directory.")],
                  ["table", "rows", "encoded", "reused", "resumed", "failed", "dropped", "seconds", "items_per_s"])
 
 
+@app.command()
+def index(data: Annotated[Path, typer.Option("--data", help="Data directory.")],
+          out: OutOpt = Path("artifacts"), config: ConfigOpt = None, set_: SetOpt = None,
+          quiet: QuietOpt = False) -> None:
+    """Fusion, user vectors and the FAISS index; writes ART/index/ and ART/candidates.parquet."""
+    from pipeline.indexing import run_index
+
+    _setup_logging(quiet)
+    try:
+        summary = run_index(_data_dir(data), out, _config(config, set_))
+    except FusionrecError as exc:
+        _fail(exc)
+    _print_index(summary)
+
+
+def _print_index(summary: dict) -> None:
+    rows = [{"table": m, "weight": round(w, 3)} for m, w in summary["weights"].items()]
+    _print_table(f"fusion ({summary['fusion']}) and index ({summary['index'].get('type', '')})", rows,
+                 ["table", "weight"])
+
+
+@app.command()
+def train(out: OutOpt = Path("artifacts"), data: DataOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+          quiet: QuietOpt = False) -> None:
+    """Train the LightGBM ranker on later label windows; writes ART/ranker/ (model text + features)."""
+    from ranker.training import run_train
+
+    _setup_logging(quiet)
+    try:
+        cfg = _config(config, set_)
+        if data is not None:
+            from pipeline.indexing import run_index
+
+            run_index(_data_dir(data), out, cfg)
+        summary = run_train(out, cfg)
+    except FusionrecError as exc:
+        _fail(exc)
+    _print_train(summary)
+
+
+def _print_train(summary: dict) -> None:
+    rows = [{"stage": "train rows", "value": summary["train_rows"]},
+            {"stage": "validation rows", "value": summary["valid_rows"]},
+            {"stage": "best iteration", "value": summary["best_iteration"]}]
+    for name, value in (summary.get("valid_ndcg@10") or {}).items():
+        rows.append({"stage": f"validation NDCG@10, {name}", "value": value})
+    if "valid_rmse" in summary:
+        rows.append({"stage": "validation RMSE", "value": round(summary["valid_rmse"], 4)})
+    _print_table("ranker", rows, ["stage", "value"])
+
+
+def _read_user_list(path: Path) -> list[str]:
+    from ranker.serving import read_users
+
+    return read_users(path)
+
+
+def _export(frame, path: Path, art: Path, cfg: Config, pseudonymise: bool | None) -> Path:
+    from ranker.export import write_topk
+    from ranker.privacy import export_key, pseudonymise as hide
+
+    if cfg.export.pseudonymise if pseudonymise is None else pseudonymise:
+        frame = hide(frame, export_key(cfg.export, art))
+    return write_topk(frame, path)
+
+
+PseudoOpt = Annotated[Optional[bool], typer.Option("--pseudonymise/--raw-ids",
+                                                   help="Replace user ids by a keyed hash (default: export.pseudonymise).")]
+
+
+@app.command()
+def recommend(out: OutOpt = Path("artifacts"),
+              k: Annotated[int, typer.Option("--k", min=1, help="Items per user.")] = 10,
+              export: Annotated[Path, typer.Option("--export", help="Output file: .parquet, .csv or .jsonl.")] = Path("artifacts/exports/topk.parquet"),
+              users: Annotated[Optional[Path], typer.Option("--users", help="Table with a user_id column; default all users.")] = None,
+              explain: Annotated[bool, typer.Option("--explain", help="Add top features and each modality's share.")] = False,
+              include_seen: Annotated[bool, typer.Option("--include-seen", help="Keep items the user already has.")] = False,
+              pseudonymise: PseudoOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+              quiet: QuietOpt = False) -> None:
+    """Top-k per user from the trained artifacts, exported to a file."""
+    from ranker.serving import Recommender
+
+    _setup_logging(quiet)
+    try:
+        cfg = _config(config, set_)
+        wanted = _read_user_list(users) if users is not None else None
+        recs = Recommender(out).recommend(wanted, k, include_seen=include_seen, explain=explain)
+        path = _export(recs, export, out, cfg, pseudonymise)
+    except FusionrecError as exc:
+        _fail(exc)
+    log.info("wrote %d rows for %d users to %s", recs.height, recs["user_id"].n_unique(), path)
+
+
+@app.command()
+def score(out: OutOpt = Path("artifacts"),
+          candidates: Annotated[Path, typer.Option("--candidates", help="File with user_id, item_id pairs.")] = ...,
+          export: Annotated[Path, typer.Option("--export", help="Output file: .parquet, .csv or .jsonl.")] = ...,
+          explain: Annotated[bool, typer.Option("--explain", help="Add top features and each modality's share.")] = False,
+          pseudonymise: PseudoOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+          quiet: QuietOpt = False) -> None:
+    """Score given (user_id, item_id) pairs; adds `score`. Unknown ids get cold features."""
+    from ranker.export import read_pairs
+    from ranker.serving import Recommender
+
+    _setup_logging(quiet)
+    try:
+        cfg = _config(config, set_)
+        pairs = read_pairs(candidates)
+        scored = Recommender(out).score(pairs, explain=explain)
+        path = _export(scored, export, out, cfg, pseudonymise)
+    except FusionrecError as exc:
+        _fail(exc)
+    log.info("scored %d pairs into %s", scored.height, path)
+
+
+@app.command()
+def evaluate(out: OutOpt = Path("artifacts"),
+             test: Annotated[Path, typer.Option("--test", help="Held-out interactions (interactions format).")] = ...,
+             k: Annotated[str, typer.Option("--k", help="Cut-offs, comma-separated.")] = "10,20",
+             report: Annotated[Optional[Path], typer.Option("--report", help="Write an HTML report here.")] = None,
+             baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Also evaluate popularity, item-kNN and retrieval alone.")] = True,
+             quiet: QuietOpt = False) -> None:
+    """Metrics of the current artifacts against held-out interactions (and baselines beside them)."""
+    from ranker.offline import run_evaluate
+
+    _setup_logging(quiet)
+    try:
+        ks = tuple(int(x) for x in k.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"--k must be comma-separated integers, got {k!r}", param_hint="--k") from None
+    try:
+        table = run_evaluate(out, test, ks, report=report, baselines=baselines)
+    except FusionrecError as exc:
+        _fail(exc)
+    cols = ["model"] + [c for c in table[0] if c != "model"]
+    _print_table("evaluation", table, cols)
+
+
+@app.command()
+def run(data: DataOpt = None, out: OutOpt = Path("artifacts"), config: ConfigOpt = None, set_: SetOpt = None,
+        quiet: QuietOpt = False) -> None:
+    """The whole nightly job: embed, index, train, recommend for every user, export ART/exports/topk.parquet."""
+    import time
+
+    from pipeline.embed import run_embed, summary_rows
+    from pipeline.indexing import run_index
+    from pipeline.storage import ArtifactLock
+    from ranker.serving import Recommender
+    from ranker.training import run_train
+
+    _setup_logging(quiet)
+    timings: dict[str, float] = {}
+    try:
+        cfg = _config(config, set_)
+        data_dir = _data_dir(data)
+        with ArtifactLock(out):
+            t0 = time.perf_counter()
+            report = run_embed(data_dir, out, cfg, show_progress=not quiet, lock=False)
+            timings["embed"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            summary = run_index(data_dir, out, cfg, lock=False)
+            timings["index"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            trained = run_train(out, cfg, lock=False)
+            timings["train"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            recs = Recommender(out).recommend(None, cfg.export.k)
+            path = _export(recs, out / "exports" / "topk.parquet", out, cfg, None)
+            timings["recommend"] = time.perf_counter() - t0
+    except FusionrecError as exc:
+        _fail(exc)
+    _print_table("embeddings", summary_rows(report),
+                 ["table", "rows", "encoded", "reused", "resumed", "failed", "dropped", "seconds", "items_per_s"])
+    _print_index(summary)
+    _print_train(trained)
+    _print_table("nightly job", [{"stage": s, "seconds": round(t, 2)} for s, t in timings.items()]
+                 + [{"stage": f"exported {recs.height} rows for {recs['user_id'].n_unique()} users to {path}",
+                     "seconds": round(sum(timings.values()), 2)}], ["stage", "seconds"])
+
+
 def main() -> None:
     try:
         app()

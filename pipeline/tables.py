@@ -174,8 +174,15 @@ def _parse_iso(text: pl.Series) -> pl.Series:
 
 
 def load_interactions(data_dir: Path, items: pl.DataFrame | None = None) -> pl.DataFrame:
+    """`DIR/interactions.{parquet,csv}`, validated (see `read_interactions`)."""
+    return read_interactions(find_table(data_dir, "interactions"), items)
+
+
+def read_interactions(path: Path, items: pl.DataFrame | None = None) -> pl.DataFrame:
     """user_id, item_id, timestamp (Int64 Unix s), event (lower-case), value (Float64, nullable)."""
-    path = find_table(data_dir, "interactions")
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("no such file", file=str(path))
     df = read_table(path)
     _require_columns(df, path, ("user_id", "item_id", "timestamp"))
     df = _check_ids(df, path, "user_id")

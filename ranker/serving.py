@@ -1,0 +1,99 @@
+"""Scoring and recommending from the artifacts (`fusionrec score`, `fusionrec recommend`).
+
+`score` and `recommend` share one path: stage-1 columns from the Retriever, behaviour
+features at the end of the log, then the ranker. A user the retriever cannot place (no
+history, no content) is served from the most popular recent items with cold features,
+never an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from pipeline.errors import FusionrecError, InputError
+from pipeline.indexing import load_snapshot
+from pipeline.retrieval import Retriever
+
+from .features import behaviour_features
+from .model import Ranker
+
+POPULAR_DAYS = 30
+
+
+class Recommender:
+    """The fitted two-stage model of one artifacts directory."""
+
+    def __init__(self, art_dir: Path | str, *, use_ranker: bool = True) -> None:
+        self.art_dir = Path(art_dir)
+        self.catalog_ = load_snapshot(self.art_dir)
+        index_dir = self.art_dir / "index"
+        if not (index_dir / "retriever.json").is_file():
+            raise FusionrecError(f"{self.art_dir} has no index: run `fusionrec index` (or `fusionrec run`) first")
+        self.retriever_ = Retriever.load(index_dir)
+        self.ranker_: Ranker | None = None
+        if use_ranker:
+            if not (self.art_dir / "ranker" / "model.txt").is_file():
+                raise FusionrecError(f"{self.art_dir} has no ranker: run `fusionrec train` (or `fusionrec run`) first")
+            self.ranker_ = Ranker.load(self.art_dir / "ranker")
+        self.cutoff_ = int(self.catalog_.interactions["timestamp"].max()) + 1
+
+    @property
+    def known_users_(self) -> list[str]:
+        return [str(u) for u in self.retriever_.user_ids_]
+
+    def popular_items(self, n: int) -> list[str]:
+        recent = self.catalog_.interactions.filter(pl.col("timestamp") >= self.cutoff_ - POPULAR_DAYS * 86_400)
+        if recent.height == 0:
+            recent = self.catalog_.interactions
+        return (recent.group_by("item_id").len().sort(["len", "item_id"], descending=[True, False])
+                .head(n)["item_id"].to_list())
+
+    def _features(self, stage1: pl.DataFrame) -> pl.DataFrame:
+        return behaviour_features(stage1, self.catalog_.interactions, self.catalog_.items, self.cutoff_)
+
+    def _score(self, features: pl.DataFrame, explain: bool) -> pl.DataFrame:
+        if self.ranker_ is None:
+            return features.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score"))
+        return self.ranker_.score(features, explain=explain)
+
+    def candidates(self, user_ids: list[str] | None = None, include_seen: bool = False) -> pl.DataFrame:
+        cands = self.retriever_.candidates(user_ids, exclude_seen=not include_seen)
+        if user_ids is None:
+            return cands
+        missing = sorted(set(user_ids) - set(cands["user_id"].unique().to_list()))
+        if not missing:
+            return cands
+        # Users retrieval cannot place get the popular items, scored with cold features.
+        popular = self.popular_items(self.retriever_.n_candidates)
+        fallback = pl.DataFrame({"user_id": [u for u in missing for _ in popular],
+                                 "item_id": popular * len(missing)})
+        return pl.concat([cands, self.retriever_.pair_features(fallback)], how="diagonal_relaxed")
+
+    def recommend(self, user_ids: list[str] | None = None, k: int = 10, *, include_seen: bool = False,
+                  explain: bool = False, use_ranker: bool = True) -> pl.DataFrame:
+        """Top-k per user; `use_ranker=False` orders by the fused retrieval score alone (an ablation)."""
+        from .export import topk
+
+        cands = self.candidates(user_ids, include_seen)
+        if not use_ranker:
+            return topk(cands.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score")), k)
+        return topk(self._score(self._features(cands), explain), k)
+
+    def score(self, pairs: pl.DataFrame, *, explain: bool = False) -> pl.DataFrame:
+        """`pairs` (user_id, item_id, other columns kept) plus stage-1 columns and `score`."""
+        stage1 = self.retriever_.pair_features(pairs)
+        return self._score(self._features(stage1), explain)
+
+
+def read_users(path: Path | str) -> list[str]:
+    """The user ids of a `--users` file (.parquet, .csv or .jsonl with a user_id column)."""
+    from .export import _format, _read
+
+    path = Path(path)
+    frame = _read(path, _format(path), string_ids=True)
+    if "user_id" not in frame.columns:
+        raise InputError(f"missing required column 'user_id' (columns: {', '.join(frame.columns) or 'none'})",
+                         file=str(path), field="user_id")
+    return frame["user_id"].drop_nulls().cast(pl.String).unique(maintain_order=True).to_list()
