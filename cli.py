@@ -15,6 +15,7 @@ import typer
 
 from pipeline.config import Config, load_config
 from pipeline.errors import FusionrecError
+from pipeline.manifest import RunRecord
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline two-stage multimodal recommender: embed, fuse and index, rank, export.")
@@ -40,7 +41,9 @@ def _setup_logging(quiet: bool) -> None:
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr)
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped output (logs, CI) gets wide tables instead of rich's 80-column default.
+    return Console(stderr=stderr, width=None if stream.isatty() else 200)
 
 
 def _config(path: Path | None, overrides: list[str] | None) -> Config:
@@ -182,8 +185,12 @@ def recommend(out: OutOpt = Path("artifacts"),
     try:
         cfg = _config(config, set_)
         wanted = _read_user_list(users) if users is not None else None
+        record = RunRecord("recommend", out, None, cfg.to_dict())
         recs = Recommender(out).recommend(wanted, k, include_seen=include_seen, explain=explain)
         path = _export(recs, export, out, cfg, pseudonymise)
+        record.counts = {"users": recs["user_id"].n_unique(), "rows": recs.height}
+        record.extra = {"export": str(path), "k": k, "explain": explain, "include_seen": include_seen}
+        record.finish("ok")
     except FusionrecError as exc:
         _fail(exc)
     log.info("wrote %d rows for %d users to %s", recs.height, recs["user_id"].n_unique(), path)
@@ -203,9 +210,14 @@ def score(out: OutOpt = Path("artifacts"),
     _setup_logging(quiet)
     try:
         cfg = _config(config, set_)
+        record = RunRecord("score", out, None, cfg.to_dict())
         pairs = read_pairs(candidates)
         scored = Recommender(out).score(pairs, explain=explain)
         path = _export(scored, export, out, cfg, pseudonymise)
+        record.inputs = {"candidates": str(candidates)}
+        record.counts = {"pairs": scored.height}
+        record.extra = {"export": str(path)}
+        record.finish("ok")
     except FusionrecError as exc:
         _fail(exc)
     log.info("scored %d pairs into %s", scored.height, path)
@@ -262,9 +274,18 @@ def run(data: DataOpt = None, out: OutOpt = Path("artifacts"), config: ConfigOpt
             trained = run_train(out, cfg, lock=False)
             timings["train"] = time.perf_counter() - t0
             t0 = time.perf_counter()
+            record = RunRecord("recommend", out, data_dir, cfg.to_dict())
             recs = Recommender(out).recommend(None, cfg.export.k)
             path = _export(recs, out / "exports" / "topk.parquet", out, cfg, None)
+            record.counts = {"users": recs["user_id"].n_unique(), "rows": recs.height}
+            record.extra = {"export": str(path), "k": cfg.export.k}
+            record.finish("ok")
             timings["recommend"] = time.perf_counter() - t0
+            total = RunRecord("run", out, data_dir, cfg.to_dict())
+            total.timings = timings
+            total.counts = {"exported_rows": recs.height, "users": recs["user_id"].n_unique(),
+                            "failures": len(report.failures)}
+            total.finish("ok")
     except FusionrecError as exc:
         _fail(exc)
     _print_table("embeddings", summary_rows(report),

@@ -100,7 +100,18 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    address: str = ""  # "" starts a local Ray runtime; "auto" or ray://host:port joins a cluster
+    num_actors: int = 2  # encoder actors (one model each)
+    num_gpus_per_actor: float = 0.0  # set > 0 on GPU clusters
+    batch_size: int = 64  # rows per map_batches call
+    scoring_batch_users: int = 1000  # users per batch-scoring task
+
+
+@dataclass(frozen=True)
 class Config:
+    engine: str = "local"  # local | ray
+    ray: RayConfig = field(default_factory=RayConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     index: IndexConfig = field(default_factory=IndexConfig)

@@ -25,7 +25,7 @@ from .serving import Recommender
 
 log = logging.getLogger("fusionrec.evaluate")
 MAIN = "fusionrec"
-TABLE_METRICS = ("recall", "precision", "ndcg", "map", "mrr", "hit_rate", "coverage", "novelty", "gini")
+TABLE_METRICS = ("recall", "precision", "ndcg", "map", "mrr", "hit_rate", "coverage")
 
 
 def recommendation_runs(rec: Recommender, users: list[str], k: int, baselines: bool = True

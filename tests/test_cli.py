@@ -1,0 +1,179 @@
+"""The nightly job and the commands users run, end to end on the shipped sample (text modality)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.manifest import read_manifest
+
+pytestmark = pytest.mark.integration
+FAST = ["--set", "embed.image.enabled=false", "--set", "embed.audio.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory: pytest.TempPathFactory, sample_data: Path) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "art"
+    result = CliRunner().invoke(app, ["run", "--data", str(sample_data), "--out", str(out), "-q", *FAST])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def themes(sample_data: Path) -> dict:
+    return json.loads((sample_data / "themes.json").read_text())
+
+
+def invoke(*args: str) -> object:
+    return CliRunner().invoke(app, list(args))
+
+
+def test_run_writes_every_artifact_and_a_manifest(art: Path) -> None:
+    for rel in ("embeddings/item_text.parquet", "embeddings/user_text.parquet", "embeddings/failures.parquet",
+                "index/index.faiss", "index/retriever.json", "candidates.parquet", "ranker/model.txt",
+                "ranker/features.json", "exports/topk.parquet", "manifest.json"):
+        assert (art / rel).is_file(), rel
+    runs = read_manifest(art)["runs"]
+    assert [r["command"] for r in runs] == ["embed", "index", "train", "recommend", "run"]
+    assert set(runs[-1]["timings"]) == {"embed", "index", "train", "recommend"}
+    index_run = next(r for r in runs if r["command"] == "index")
+    weights = index_run["retrieval"]["weights"]
+    assert abs(sum(weights.values()) - 1) < 1e-6 and set(weights) == {"text", "behaviour"}
+    assert index_run["retrieval"]["weights_source"] == "validation_search"
+    top = pl.read_parquet(art / "exports" / "topk.parquet")
+    assert top.columns[:5] == ["user_id", "rank", "item_id", "score", "retrieval_score"]
+    assert top.group_by("user_id").len()["len"].max() == 10
+
+
+def test_ranker_beats_retrieval_alone_on_the_validation_window(art: Path) -> None:
+    train = next(r for r in read_manifest(art)["runs"] if r["command"] == "train")
+    ndcg = train["training"]["valid_ndcg@10"]
+    assert ndcg["ranker"] > ndcg["retrieval"]
+
+
+def test_recommendations_follow_each_users_themes(art: Path, tmp_path: Path, themes: dict) -> None:
+    out = tmp_path / "recs.csv"
+    result = invoke("recommend", "--out", str(art), "--k", "10", "--export", str(out), "--raw-ids", "-q")
+    assert result.exit_code == 0, result.output
+    recs = pl.read_csv(out, schema_overrides={"user_id": pl.String, "item_id": pl.String})
+    item_theme = pl.DataFrame({"item_id": list(themes["items"]), "theme": list(themes["items"].values())})
+    fav = pl.DataFrame({"user_id": list(themes["users"]), "fav": list(themes["users"].values())})
+    joined = recs.join(item_theme, on="item_id").join(fav, on="user_id")
+    share = joined.select(pl.col("fav").list.contains(pl.col("theme")).mean()).item()
+    assert share > 0.8  # the simulated users put 89% of their interactions in their themes
+    # New users with profile text only are served from their own content.
+    for user in themes["cold_users"]:
+        mine = joined.filter(pl.col("user_id") == user)
+        assert mine.height == 10
+        assert mine.select(pl.col("fav").list.contains(pl.col("theme")).mean()).item() >= 0.6, user
+
+
+def test_seen_items_are_left_out_unless_asked(art: Path, tmp_path: Path) -> None:
+    seen = pl.read_parquet(art / "data" / "interactions.parquet").select("user_id", "item_id").unique()
+    for flag, expect_overlap in (([], False), (["--include-seen"], True)):
+        out = tmp_path / f"recs{len(flag)}.parquet"
+        assert invoke("recommend", "--out", str(art), "--k", "20", "--export", str(out), "--raw-ids", "-q",
+                      *flag).exit_code == 0
+        overlap = pl.read_parquet(out).join(seen, on=["user_id", "item_id"]).height
+        assert (overlap > 0) == expect_overlap
+
+
+def test_score_and_recommend_agree_on_the_same_pairs(art: Path, tmp_path: Path) -> None:
+    recs = tmp_path / "recs.parquet"
+    assert invoke("recommend", "--out", str(art), "--k", "5", "--export", str(recs), "--raw-ids", "-q").exit_code == 0
+    pairs = tmp_path / "pairs.csv"
+    pl.read_parquet(recs).select("user_id", "item_id").write_csv(pairs)
+    scored = tmp_path / "scored.jsonl"
+    result = invoke("score", "--out", str(art), "--candidates", str(pairs), "--export", str(scored), "--raw-ids", "-q")
+    assert result.exit_code == 0, result.output
+    a = pl.read_parquet(recs).select("user_id", "item_id", "score")
+    b = pl.read_ndjson(scored).select("user_id", "item_id", pl.col("score").alias("scored"))
+    both = a.join(b, on=["user_id", "item_id"])
+    assert both.height == a.height
+    assert (both["score"] - both["scored"]).abs().max() < 1e-9
+
+
+def test_unknown_users_get_popular_items_not_an_error(art: Path, tmp_path: Path) -> None:
+    users = tmp_path / "users.csv"
+    pl.DataFrame({"user_id": ["u0001", "someone-new"]}).write_csv(users)
+    out = tmp_path / "recs.parquet"
+    result = invoke("recommend", "--out", str(art), "--k", "3", "--users", str(users), "--export", str(out),
+                    "--raw-ids", "-q")
+    assert result.exit_code == 0, result.output
+    recs = pl.read_parquet(out)
+    assert sorted(recs["user_id"].unique()) == ["someone-new", "u0001"]
+    assert recs.filter(pl.col("user_id") == "someone-new").height == 3
+
+
+def test_exports_are_pseudonymised_by_default(art: Path, tmp_path: Path) -> None:
+    out = tmp_path / "recs.csv"
+    assert invoke("recommend", "--out", str(art), "--k", "2", "--export", str(out), "-q").exit_code == 0
+    text = out.read_text()
+    raw = pl.read_parquet(art / "data" / "interactions.parquet")["user_id"].unique().to_list()
+    assert not any(f"{u}," in text or f",{u}" in text for u in raw)
+    ids = pl.read_csv(out)["user_id"]
+    assert ids.str.len_chars().min() == 64 and ids.n_unique() == len(raw) + 3  # + users with text only
+    again = tmp_path / "again.csv"
+    assert invoke("recommend", "--out", str(art), "--k", "2", "--export", str(again), "-q").exit_code == 0
+    assert again.read_text() == text  # stable across runs with the same key
+
+
+def test_explain_shares_and_contributions(art: Path, tmp_path: Path) -> None:
+    out = tmp_path / "explained.parquet"
+    assert invoke("recommend", "--out", str(art), "--k", "3", "--explain", "--export", str(out), "--raw-ids",
+                  "-q").exit_code == 0
+    recs = pl.read_parquet(out)
+    shares = [c for c in recs.columns if c.startswith("share_")]
+    contribs = [c for c in recs.columns if c.startswith("contrib_")]
+    assert {"share_text", "share_behaviour"} <= set(shares)
+    total = recs.select(pl.sum_horizontal(shares)).to_series()
+    assert ((total - 1).abs() < 1e-6).all()
+    raw = recs.select(pl.sum_horizontal(contribs) + pl.col("explain_bias")).to_series()
+    assert ((raw - recs["score"]).abs() < 1e-6).all()
+
+
+def test_evaluate_prints_the_table_and_writes_a_report(art: Path, tmp_path: Path, sample_data: Path) -> None:
+    test_file = tmp_path / "test.csv"
+    # Pretend the last interactions of a few users are held out (they are in the training log,
+    # so they are excluded from relevance: the check here is the command, not the figures).
+    pl.read_csv(sample_data / "interactions.csv").tail(200).write_csv(test_file)
+    report = tmp_path / "report.html"
+    result = invoke("evaluate", "--out", str(art), "--test", str(test_file), "--k", "5,10", "--report", str(report),
+                    "-q")
+    assert result.exit_code == 0, result.output
+    for name in ("fusionrec", "retrieval only", "popularity", "item-kNN"):
+        assert name in result.output
+    html = report.read_text()
+    assert html.count("data:image/png;base64,") >= 3 and "http://" not in html and "https://" not in html
+
+
+def test_bad_input_exits_2_naming_file_row_and_field(tmp_path: Path, sample_data: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "items.csv").write_text("item_id,title\na,x\nb,y\na,z\n")
+    result = invoke("embed", "--data", str(data), "--out", str(tmp_path / "art"), "-q")
+    assert result.exit_code == 2
+    assert "items.csv, row 3, field 'item_id': duplicate id 'a'" in " ".join(result.output.split())
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("user,item_id\nu,a\n")
+    result = invoke("score", "--out", str(tmp_path / "art"), "--candidates", str(pairs), "--export",
+                    str(tmp_path / "x.csv"))
+    assert result.exit_code == 2 and "field 'user_id'" in " ".join(result.output.split())
+
+
+def test_missing_artifacts_exit_1_with_a_hint(tmp_path: Path) -> None:
+    result = invoke("recommend", "--out", str(tmp_path / "nothing"), "--export", str(tmp_path / "r.csv"))
+    assert result.exit_code == 1
+    assert "run `fusionrec index`" in " ".join(result.output.split())
+
+
+def test_every_command_has_help() -> None:
+    for command in ("run", "embed", "index", "train", "recommend", "score", "evaluate"):
+        result = invoke(command, "--help")
+        assert result.exit_code == 0 and "Usage" in result.output and "--out" in result.output
