@@ -74,12 +74,13 @@ class Recommender:
     def recommend(self, user_ids: list[str] | None = None, k: int = 10, *, include_seen: bool = False,
                   explain: bool = False, use_ranker: bool = True) -> pl.DataFrame:
         """Top-k per user; `use_ranker=False` orders by the fused retrieval score alone (an ablation)."""
-        from .export import topk
+        from .export import recommend, topk
 
         cands = self.candidates(user_ids, include_seen)
-        if not use_ranker:
+        if not use_ranker or self.ranker_ is None:
             return topk(cands.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score")), k)
-        return topk(self._score(self._features(cands), explain), k)
+        # Explanations cost about a millisecond a row: only the kept top-k rows are explained.
+        return recommend(self.ranker_, self._features(cands), k, explain=explain)
 
     def score(self, pairs: pl.DataFrame, *, explain: bool = False) -> pl.DataFrame:
         """`pairs` (user_id, item_id, other columns kept) plus stage-1 columns and `score`."""
