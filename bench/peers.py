@@ -229,15 +229,60 @@ def tune(peer: Peer, train: pl.DataFrame, args: argparse.Namespace) -> dict[str,
 
 def fusionrec_runs(train: pl.DataFrame, test: pl.DataFrame, users: pl.Series, k: int,
                    args: argparse.Namespace) -> dict[str, pl.DataFrame]:
-    """Hook for fusionrec's own rows: retrieval alone, retrieval + ranker, and the ablations
+    """fusionrec's own rows: retrieval + ranker, retrieval alone, and the ablations
     (each modality alone, behaviour alone, weighted / attention / concatenation fusion).
 
-    Build artifacts from ``train`` only (never ``test``), recommend ``k`` items for ``users``
-    with seen items left out, and return ``{row label: recs frame (user_id, rank, item_id,
-    score)}``; each row is then evaluated exactly like the peers. Returns nothing until the
-    pipeline is wired in.
+    Everything is fitted on ``train`` only: the retrievers on all of it, the ranker on label
+    windows at its end (ranker.training), exactly as `fusionrec run` does on a full log.
+    Item embeddings come from ``--art`` (the tables `fusionrec embed` wrote).
     """
-    return {}
+    if args.art is None or not (Path(args.art) / "embeddings").is_dir():
+        print("fusionrec rows skipped: pass --art ART with ART/embeddings from `fusionrec embed`")
+        return {}
+    from pipeline.config import load_config
+    from pipeline.fusion import load_modalities
+    from pipeline.indexing import Catalog, retriever_from_config
+    from pipeline.tables import load_items
+    from ranker.export import recommend as ranked_topk, topk
+    from ranker.features import behaviour_features
+    from ranker.training import build_examples, fit_ranker, label_windows, split_users
+
+    item_mods = load_modalities(Path(args.art) / "embeddings", "item")
+    user_mods = load_modalities(Path(args.art) / "embeddings", "user")
+    items = load_items(args.data)
+    catalog = Catalog(items, None, train)
+    wanted = users.to_list()
+    cutoff = int(train["timestamp"].max()) + 1
+    out: dict[str, pl.DataFrame] = {}
+
+    def retrieval(name: str, cfg, mods: dict, behaviour: bool = True) -> None:
+        retriever = retriever_from_config(cfg)
+        if not behaviour:
+            retriever.behaviour_dim = 0
+        retriever.fit(mods, train, user_mods if mods else None)
+        cands = retriever.candidates(wanted, k=cfg.index.n_candidates)
+        out[name] = topk(cands.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score")), k)
+        return retriever, cands
+
+    cfg = load_config()
+    # The two-stage model: weighted fusion, then the LightGBM ranker.
+    retriever, cands = retrieval("fusionrec retrieval only (weighted)", cfg, item_mods)
+    windows = label_windows(train["timestamp"], cfg.ranker.label_window_days)
+    if len(windows) == 2:
+        tr = build_examples(catalog, item_mods, user_mods, windows[0], cfg)
+        va = build_examples(catalog, item_mods, user_mods, windows[1], cfg)
+    else:
+        tr, va = split_users(build_examples(catalog, item_mods, user_mods, windows[0], cfg))
+    ranker = fit_ranker(tr, va, cfg)
+    out["fusionrec retrieval + ranker"] = ranked_topk(ranker, behaviour_features(cands, train, items, cutoff), k)
+    out = {"fusionrec retrieval + ranker": out.pop("fusionrec retrieval + ranker"), **out}
+    # Ablations: fusion methods and single modalities (retrieval alone).
+    retrieval("ablation: attention fusion", load_config(overrides=["fusion.method=attention"]), item_mods)
+    retrieval("ablation: concatenation (equal weights)", load_config(overrides=["fusion.method=concat"]), item_mods)
+    for name, mods in item_mods.items():
+        retrieval(f"ablation: {name} only", cfg, {name: mods}, behaviour=False)
+    retrieval("ablation: behaviour only", load_config(overrides=["fusion.weights={behaviour=1.0}"]), item_mods)
+    return out
 
 
 # ----------------------------------------------------------------------------- run
