@@ -66,6 +66,10 @@ class FusionConfig:
     method: str = "weighted"  # weighted | attention | concat
     weights: dict[str, float] = field(default_factory=dict)  # fixed weights; empty = chosen on validation
     validation_fraction: float = 0.1
+    behaviour_dim: int = 64  # size of the collaborative "behaviour" modality (0 leaves it out)
+    popularity: bool = True  # the "popularity" modality (recency-decayed log counts)
+    cold_share: float = 0.1  # share of each candidate list kept for items without interactions
+    attention_beta: float = -1.0  # attention temperature; negative = chosen on validation
     half_life_days: float = 30.0
     event_weights: dict[str, float] = field(
         default_factory=lambda: {"purchase": 4.0, "cart": 3.0, "click": 2.0, "view": 1.0}
