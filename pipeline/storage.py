@@ -7,9 +7,13 @@ directory, so a killed job never leaves a partial file under its final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
+import re
+import signal
 import socket
 import time
 import uuid
@@ -23,6 +27,53 @@ import pyarrow.parquet as pq
 from .errors import FusionrecError, LockError
 
 TMP_PREFIX = ".tmp-"
+FAULT_ENV = "FUSIONREC_FAULT"  # test hook, e.g. "write:3" (kill -9) or "write:3=enospc"
+FAULT_TRACE_ENV = "FUSIONREC_FAULT_TRACE"  # test hook: append every fault point reached to this file
+_fault_counts: dict[str, int] = {}
+# Writers report a full or unwritable disk in their own exception types (polars: ComputeError,
+# faiss: RuntimeError); their messages carry the OS error, which is what tells them apart from bugs.
+_IO_FAILURE_RE = re.compile(r"os error \d+|IO error|write error|Errno \d+|No space left|File too large|"
+                            r"Read-only file system|Permission denied|Disk quota", re.IGNORECASE)
+
+log = logging.getLogger("fusionrec.storage")
+
+
+def fault_point(name: str, path: Path | str | None = None, tmp: Path | None = None) -> None:
+    """A place where tests crash the job on purpose; a no-op unless FUSIONREC_FAULT(_TRACE) is set.
+
+    `FUSIONREC_FAULT=write:3` kills the process (SIGKILL, as `kill -9`) at the third `write`
+    point it reaches (`write`: a finished temporary file about to replace its artifact;
+    `written`: just replaced); `write:3=enospc` raises "No space left on device" there
+    instead, `write:3=stop` stops the process (SIGSTOP), alive and holding its lock, and
+    `write:3=torn` cuts the temporary file to half its size before the kill (a kill mid-write).
+    """
+    spec, trace = os.environ.get(FAULT_ENV), os.environ.get(FAULT_TRACE_ENV)
+    if not spec and not trace:
+        return
+    n = _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if trace:
+        with open(trace, "a") as fh:
+            fh.write(f"{name}:{n}\t{path}\n")
+    if spec:
+        target, _, action = spec.partition("=")
+        if target == f"{name}:{n}":
+            if action == "enospc":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            if action == "torn" and tmp is not None and tmp.is_file():
+                os.truncate(tmp, tmp.stat().st_size // 2)
+            os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
+
+
+def _io_failure(exc: BaseException) -> str | None:
+    """The OS-level reason when `exc` is a failed write (disk full, read-only ...), else None."""
+    if isinstance(exc, FusionrecError):
+        return None
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    text = str(exc)
+    if isinstance(exc, Exception) and _IO_FAILURE_RE.search(text):
+        return text.strip().splitlines()[0][-300:] if text.strip() else type(exc).__name__
+    return None
 
 
 @contextlib.contextmanager
@@ -39,13 +90,15 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         if tmp.is_file():
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
+        fault_point("write", path, tmp)
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         _remove_quietly(tmp)
-        raise FusionrecError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    except BaseException:
-        _remove_quietly(tmp)
+        reason = _io_failure(exc)
+        if reason is not None:
+            raise FusionrecError(f"cannot write {path}: {reason}") from exc
         raise
+    fault_point("written", path)
 
 
 def _remove_quietly(path: Path) -> None:
@@ -105,11 +158,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot; Linux), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+LOCK_GRACE_S = 10.0  # an unreadable lock younger than this may be one being written
+
+
 class ArtifactLock:
     """An exclusive lock on an artifacts directory (`ART/.lock`).
 
-    The lock file holds the owner's pid and host. A lock whose process is gone on this
-    host is stale: it is taken over, with a note in `taken_over_`.
+    The lock file holds the owner's pid, its start time and host; it appears complete (a
+    finished temporary file hard-linked onto `.lock`, which fails if one exists). A lock
+    whose process is gone on this host (or whose pid now belongs to another process) is
+    stale: it is taken over, with a note in `taken_over_`, and the temporary files the dead
+    job left in the artifacts directory are removed.
     """
 
     def __init__(self, art_dir: Path | str) -> None:
@@ -122,34 +190,83 @@ class ArtifactLock:
             self.art_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise FusionrecError(f"cannot create artifacts directory {self.art_dir}: {exc.strerror or exc}") from exc
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        me = {"pid": os.getpid(), "start": _process_start(os.getpid()), "host": socket.gethostname(),
+              "since": time.time()}
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create(json.dumps(me))
             except FileExistsError:
                 holder = self._read_holder()
-                if holder is not None and (holder.get("host") != me["host"] or _pid_alive(int(holder.get("pid", -1)))):
+                if holder is None and self._age() < LOCK_GRACE_S:
+                    raise LockError(f"another fusionrec job is taking the lock {self.path}; wait for it to "
+                                    "finish or use another --out") from None
+                if holder is not None and self._alive(holder, me["host"]):
                     raise LockError(
                         f"another fusionrec job (pid {holder.get('pid')} on {holder.get('host')}) is using "
                         f"{self.art_dir}; wait for it to finish or use another --out"
                     ) from None
-                # Stale: its process is gone. Remove and retry.
+                # Stale: its process is gone (or the file is damaged). Remove and retry.
                 self.taken_over_ = holder or {}
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
                 continue
             except OSError as exc:
                 raise FusionrecError(f"cannot write lock file {self.path}: {exc.strerror or exc}") from exc
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
+            if self.taken_over_ is not None:
+                removed = clean_temporaries(self.art_dir)
+                log.warning("took over the lock of a job that is gone (pid %s on %s); removed %d temporary files "
+                            "it left", self.taken_over_.get("pid"), self.taken_over_.get("host"), removed)
             return self
         raise LockError(f"could not take the lock {self.path}")
 
+    def _create(self, payload: str) -> None:
+        """Make `.lock` appear with its whole content, or raise FileExistsError."""
+        tmp = self.art_dir / f"{TMP_PREFIX}lock-{uuid.uuid4().hex[:12]}"
+        try:
+            with open(tmp, "w") as fh:
+                fh.write(payload)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                raise
+            except OSError as exc:  # no hard links on this filesystem: exclusive create instead
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(payload)
+        finally:
+            _remove_quietly(tmp)
+
+    @staticmethod
+    def _alive(holder: dict, host: str) -> bool:
+        if holder.get("host") != host:
+            return True  # another machine's job: we cannot tell, so it holds the lock
+        try:
+            pid = int(holder.get("pid"))
+        except (TypeError, ValueError):
+            return False
+        if not _pid_alive(pid):
+            return False
+        # The pid is in use, but by the job that wrote the lock only if it started then too
+        # (a container restarted after a crash gives its new job the same low pid).
+        start = holder.get("start")
+        return start is None or _process_start(pid) in (None, start)
+
+    def _age(self) -> float:
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except OSError:
+            return LOCK_GRACE_S
+
     def _read_holder(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text() or "{}")
+            holder = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return None
+        return holder if isinstance(holder, dict) and "pid" in holder else None
 
     def release(self) -> None:
         holder = self._read_holder()

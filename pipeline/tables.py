@@ -7,6 +7,8 @@ so data row N is on line N+1) and the field.
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
 import polars as pl
@@ -34,6 +36,7 @@ def find_table(data_dir: Path, name: str, *, required: bool = True) -> Path | No
 def read_table(path: Path) -> pl.DataFrame:
     """Read a Parquet or CSV table as is (CSV: every column as a string)."""
     path = Path(path)
+    raw = b""
     try:
         if path.stat().st_size == 0:
             raise InputError("the file is empty", file=str(path))
@@ -48,7 +51,9 @@ def read_table(path: Path) -> pl.DataFrame:
         raise InputError("the file has no header row", file=str(path)) from None
     except (pl.exceptions.ComputeError, pl.exceptions.PolarsError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot parse the table: {first}", file=str(path)) from None
+        row, field, reason = (_locate_csv_problem(raw.decode("utf-8")) if raw and path.suffix != ".parquet"
+                              else (None, None, None))
+        raise InputError(f"cannot parse the table: {reason or first}", file=str(path), row=row, field=field) from None
 
 
 def _check_utf8(raw: bytes, path: Path) -> None:
@@ -56,8 +61,79 @@ def _check_utf8(raw: bytes, path: Path) -> None:
         raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
+        # Undecodable bytes become lone surrogates, which valid text never holds: find their cell.
+        row, field = _first_cell(raw.decode("utf-8", errors="surrogateescape"),
+                                 lambda cell: any("\udc80" <= ch <= "\udcff" for ch in cell))
         raise InputError(f"invalid UTF-8 at byte {exc.start} (line {line})", file=str(path),
-                         row=max(line - 1, 0)) from None
+                         row=row if row is not None else max(line - 1, 0), field=field) from None
+
+
+def _first_cell(text: str, bad) -> tuple[int | None, str | None]:
+    """(data row, column name) of the first CSV cell for which `bad(cell)` holds."""
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, [])
+        for row, record in enumerate(reader, 1):
+            for i, cell in enumerate(record):
+                if bad(cell):
+                    return row, header[i] if i < len(header) else None
+    except csv.Error:
+        pass
+    return None, None
+
+
+def _locate_csv_problem(text: str) -> tuple[int | None, str | None, str | None]:
+    """Where and why a CSV the parser refused goes wrong: (data row, column name, reason), as far as known.
+
+    Finds a stray quote (a quoted cell never closed, or text after its closing quote) and a
+    record with more cells than the header.
+    """
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    lines = text.splitlines()
+    try:
+        header = next(reader)
+    except (csv.Error, StopIteration):
+        return None, None, None
+    row, start = 0, reader.line_num + 1
+    try:
+        for row, record in enumerate(reader, 1):
+            if len(record) > len(header):
+                return row, None, f"{len(record)} cells, but the header names {len(header)} columns"
+            start = reader.line_num + 1
+    except csv.Error:
+        problem = _quote_problem(lines[start - 1]) if 0 < start <= len(lines) else None
+        if problem is None:
+            return row + 1, None, None
+        column, reason = problem
+        return row + 1, header[column] if column < len(header) else None, reason
+    return None, None, None
+
+
+def _quote_problem(line: str) -> tuple[int, str] | None:
+    """(index, reason) of the cell in `line` whose quotes are broken: never closed, or text after them."""
+    column, i, n, at_start = 0, 0, len(line), True
+    while i < n:
+        if at_start and line[i] == '"':
+            j = i + 1
+            while True:
+                k = line.find('"', j)
+                if k == -1:
+                    return column, "stray quote: a quoted cell is never closed"
+                if k + 1 < n and line[k + 1] == '"':
+                    j = k + 2  # an escaped quote
+                    continue
+                break
+            i = k + 1
+            if i < n and line[i] != ",":
+                return column, "stray quote: text after the closing quote of a cell"
+            at_start = False
+            continue
+        if line[i] == ",":
+            column, at_start = column + 1, True
+        else:
+            at_start = False
+        i += 1
+    return None
 
 
 def _require_columns(df: pl.DataFrame, path: Path, columns: tuple[str, ...]) -> None:
@@ -195,6 +271,8 @@ def read_interactions(path: Path, items: pl.DataFrame | None = None) -> pl.DataF
         df = df.with_columns(pl.lit(DEFAULT_EVENT).alias("event"))
     if "value" in df.columns:
         raw = df["value"]
+        if not (raw.dtype.is_numeric() or raw.dtype in (pl.String, pl.Null, pl.Boolean)):
+            raise InputError(f"expected a number, found {raw.dtype}", file=str(path), row=1, field="value")
         if raw.dtype == pl.String:
             raw = raw.str.strip_chars().replace("", None)
         value = raw.cast(pl.Float64, strict=False)

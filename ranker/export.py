@@ -117,7 +117,10 @@ def _csv_ready(frame: pl.DataFrame) -> pl.DataFrame:
 def read_topk(path: Path | str) -> pl.DataFrame:
     """Read a list written by `write_topk` back with the same column types."""
     path = Path(path)
-    frame = _read(path, _format(path), string_ids=True)
+    fmt = _format(path)
+    if fmt == ".jsonl" and path.is_file() and not path.read_bytes().strip():
+        return pl.DataFrame(schema=TOPK_SCHEMA)  # an empty list is an empty JSONL file: no line to infer from
+    frame = _read(path, fmt, string_ids=True)
     if path.suffix.lower() == ".csv":
         for c in frame.columns:
             if c in JSON_COLUMNS_IN_CSV and frame.schema[c] == pl.String:

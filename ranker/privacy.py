@@ -21,11 +21,14 @@ from pipeline.errors import FusionrecError
 from pipeline.storage import atomic_path
 
 KEY_FILE = "export.key"
+MIN_KEY_BYTES = 16  # a shorter key could be guessed, and with it every pseudonym reversed
 
 
 def export_key(cfg: ExportConfig, art_dir: Path) -> bytes:
     env = os.environ.get(cfg.key_env, "").strip()
     if env:
+        if len(env.encode()) < MIN_KEY_BYTES:
+            raise FusionrecError(f"the export key in ${cfg.key_env} holds fewer than {MIN_KEY_BYTES} bytes")
         return env.encode()
     if cfg.key_file:
         path = Path(cfg.key_file)
@@ -33,15 +36,21 @@ def export_key(cfg: ExportConfig, art_dir: Path) -> bytes:
             key = path.read_bytes().strip()
         except OSError as exc:
             raise FusionrecError(f"cannot read export key file {path}: {exc.strerror or exc}") from None
-        if len(key) < 16:
-            raise FusionrecError(f"export key file {path} holds fewer than 16 bytes")
+        if len(key) < MIN_KEY_BYTES:
+            raise FusionrecError(f"export key file {path} holds fewer than {MIN_KEY_BYTES} bytes")
         return key
     path = Path(art_dir) / KEY_FILE
     if not path.is_file():
         with atomic_path(path) as tmp:
-            tmp.write_text(secrets.token_hex(32) + "\n")
-            os.chmod(tmp, 0o600)
-    return path.read_bytes().strip()
+            # Created 0600 from the start: the key is never readable by others, not even for a moment.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32) + "\n")
+    key = path.read_bytes().strip()
+    if len(key) < MIN_KEY_BYTES:
+        raise FusionrecError(f"export key file {path} holds fewer than {MIN_KEY_BYTES} bytes; remove it to make a new "
+                             "key (pseudonyms will change) or restore it")
+    return key
 
 
 def pseudonym(user_id: str, key: bytes) -> str:

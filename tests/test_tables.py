@@ -42,8 +42,8 @@ def test_parquet_preferred_and_int_ids_accepted(tmp_path: Path) -> None:
     ("items.csv", "item_id,title\na,x\n,y\n", r"items.csv, row 2, field 'item_id': missing id"),
     ("items.csv", "", r"items.csv: the file is empty"),
     ("items.csv", "item_id,title\n", r"items.csv: the table has no rows"),
-    ("items.csv", b"item_id,title\na,ok\nb,caf\xe9\n", r"items.csv, row 2: invalid UTF-8 at byte \d+ \(line 3\)"),
-    ("items.csv", 'item_id,title\na,"unclosed\nb,x\n', r"items.csv: cannot parse the table"),
+    ("items.csv", b"item_id,title\na,ok\nb,caf\xe9\n", r"items.csv, row 2, field 'title': invalid UTF-8 at byte \d+ \(line 3\)"),
+    ("items.csv", 'item_id,title\na,"unclosed\nb,x\n', r"items.csv, row 1, field 'title': cannot parse the table: stray quote: a quoted cell is never closed"),
     ("users.csv", "user_id,text\nu,a\nu,b\n", r"users.csv, row 2, field 'user_id': duplicate id 'u'"),
 ])
 def test_bad_tables(tmp_path: Path, table: str, content, pattern: str) -> None:

@@ -1,0 +1,506 @@
+"""Fault injection: the nightly job killed (kill -9), locked out, out of disk, on a read-only disk.
+
+Every job here is the real `fusionrec` CLI in its own process (forked from one server that
+has done the imports, see `tests.reliability_counts.JobRunner`). Kill points are the
+storage layer's fault points: `FUSIONREC_FAULT=write:N=torn` kills the job with SIGKILL in
+the middle of its N-th artifact write (the temporary file cut to half, not yet renamed),
+`written:N` right after the rename. The points are chosen from the trace of a clean run,
+spread over embed, index, train and recommend.
+
+After each fault: every visible file under the artifacts directory is complete (Parquet,
+JSON, FAISS and LightGBM files all read back), a rerun completes, and its outputs equal
+those of a clean run.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from pipeline.errors import LockError
+from pipeline.storage import TMP_PREFIX, ArtifactLock, _process_start, atomic_path
+from tests.reliability_counts import QUICK, JobRunner, digests, small_catalog, temporaries, visible_files
+
+# Tests taking `nights` run the real text encoder (all-MiniLM-L6-v2) in every job: integration.
+integration = pytest.mark.integration
+
+STAGES = ("embed", "index", "train", "recommend")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def stage_of(path: str, previous: str) -> str:
+    """Which stage of the nightly job writes `path` (the manifest belongs to the stage before it)."""
+    rel = path.replace("\\", "/")
+    if "/embeddings/" in rel:
+        return "embed"
+    if "/data/" in rel or "/index/" in rel or rel.endswith("/candidates.parquet"):
+        return "index"
+    if "/ranker/" in rel:
+        return "train"
+    if "/exports/" in rel or rel.endswith("export.key"):
+        return "recommend"
+    return previous
+
+
+@dataclass(frozen=True)
+class Point:
+    spec: str  # e.g. "write:7"
+    path: str  # the artifact written there
+    stage: str
+
+
+def read_trace(path: Path) -> list[Point]:
+    points, stage = [], "embed"
+    for line in path.read_text().splitlines():
+        spec, target = line.split("\t")
+        stage = stage_of(target, stage)
+        points.append(Point(spec, target, stage))
+    return points
+
+
+def spread(points: list[Point], per_stage: dict[str, int]) -> list[Point]:
+    """`per_stage[stage]` points of each stage, evenly spread over its writes (first and last included)."""
+    chosen = []
+    for stage in STAGES:
+        mine = [p for p in points if p.stage == stage]
+        if not mine:
+            continue
+        n = min(per_stage.get(stage, 0), len(mine))
+        idx = sorted({round(i * (len(mine) - 1) / max(n - 1, 1)) for i in range(n)})
+        chosen += [mine[i] for i in idx]
+    return chosen
+
+
+def incomplete(path: Path) -> str | None:
+    """Why `path` is not a complete artifact, or None when it reads back whole."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            pq.read_table(path)
+        elif path.suffix == ".json" or path.name == ".lock":
+            json.loads(path.read_text())
+        elif path.suffix == ".faiss":
+            import faiss
+
+            faiss.read_index(str(path))
+        elif path.name == "model.txt":
+            import lightgbm
+
+            lightgbm.Booster(model_file=str(path))
+        elif path.name == "export.key":
+            assert re.fullmatch(r"[0-9a-f]{64}", path.read_text().strip())
+        else:
+            return f"unknown artifact type: {path}"
+    except Exception as exc:  # noqa: BLE001 - any failure to read back is an incomplete file
+        return f"{path}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def damaged(art: Path) -> list[str]:
+    return [problem for p in visible_files(art) if (problem := incomplete(p))]
+
+
+def without_timings(obj):
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if "timing" not in k and not k.endswith("_s")}
+    if isinstance(obj, list):
+        return [without_timings(v) for v in obj]
+    return obj
+
+
+def output_differences(art: Path, ref: Path) -> list[str]:
+    """Outputs of `art` that differ from the clean run's `ref` (manifest aside: it holds times)."""
+    out = []
+    names = {str(p.relative_to(ref)) for p in visible_files(ref)} - {"manifest.json"}
+    got = {str(p.relative_to(art)) for p in visible_files(art)} - {"manifest.json"}
+    if names != got:
+        out.append(f"files differ: missing {sorted(names - got)}, extra {sorted(got - names)}")
+    for name in sorted(names & got):
+        a, b = art / name, ref / name
+        try:
+            if name.endswith(".parquet"):
+                # index/users.parquet: see test_rerun_is_deterministic (kappa varies in the last bit).
+                exact = name != "index/users.parquet"
+                assert_frame_equal(pl.read_parquet(a), pl.read_parquet(b), check_exact=exact, rel_tol=1e-12,
+                                   abs_tol=1e-12)
+            elif name.endswith(".json"):
+                assert without_timings(json.loads(a.read_text())) == without_timings(json.loads(b.read_text()))
+            else:
+                assert a.read_bytes() == b.read_bytes()
+        except AssertionError as exc:
+            out.append(f"{name}: {str(exc).splitlines()[0] if str(exc) else 'differs'}")
+    return out
+
+
+def manifest_runs(art: Path) -> list[dict]:
+    return json.loads((art / "manifest.json").read_text())["runs"]
+
+
+@dataclass
+class Nights:
+    """Night 1 and night 2 of the nightly job, run clean; every faulty run is compared with these."""
+
+    work: Path
+    night1: Path
+    night2: Path
+    art1: Path  # after a clean night 1
+    ref2: Path  # after a clean night 1, then a clean night 2
+    trace1: list[Point]
+    trace2: list[Point]
+    job: JobRunner
+
+    def fresh(self, name: str, base: Path | None = None) -> Path:
+        """A copy of night 1's artifacts (or an empty directory), to run night 2 on."""
+        art = self.work / name
+        shutil.rmtree(art, ignore_errors=True)
+        if base is not None:
+            shutil.copytree(base, art)
+        return art
+
+    def run(self, data: Path, art: Path, **kw):
+        return self.job("run", "--data", data, "--out", art, *QUICK, **kw)
+
+
+@pytest.fixture(scope="module")
+def nights(tmp_path_factory: pytest.TempPathFactory, fusionrec_job: JobRunner) -> Nights:
+    work = tmp_path_factory.mktemp("faults")
+    night1, night2 = small_catalog(work / "night1", 1), small_catalog(work / "night2", 2)
+    art1, ref2 = work / "art1", work / "ref2"
+    first = fusionrec_job("run", "--data", night1, "--out", art1, *QUICK,
+                          env={"FUSIONREC_FAULT_TRACE": str(work / "trace1")})
+    assert first.code == 0, first.output
+    shutil.copytree(art1, ref2)
+    second = fusionrec_job("run", "--data", night2, "--out", ref2, *QUICK,
+                           env={"FUSIONREC_FAULT_TRACE": str(work / "trace2")})
+    assert second.code == 0, second.output
+    return Nights(work, night1, night2, art1, ref2, read_trace(work / "trace1"), read_trace(work / "trace2"),
+                  fusionrec_job)
+
+
+# --------------------------------------------------------------------------- kill -9
+
+
+@integration
+def test_clean_runs_write_every_stage_through_fault_points(nights: Nights) -> None:
+    assert {p.stage for p in nights.trace2} == set(STAGES)
+    assert {p.spec.split(":")[0] for p in nights.trace2} == {"write", "written"}
+    # Every artifact of the run appeared through an atomic replace (and so through a fault point).
+    written = {Path(p.path).relative_to(nights.ref2).as_posix() for p in nights.trace2}
+    assert {str(p.relative_to(nights.ref2)) for p in visible_files(nights.ref2)} <= written | {"export.key"}
+    assert not temporaries(nights.ref2) and not (nights.ref2 / ".lock").exists()
+
+
+@integration
+def test_rerun_is_deterministic(nights: Nights) -> None:
+    """Night 2 run twice from the same start gives the same outputs (the baseline of every comparison).
+
+    Known and tolerated: the `kappa_*` columns of index/users.parquet differ in the last bit
+    between identical runs (pipeline/retrieval.py; reported), nothing downstream does.
+    """
+    art = nights.fresh("again", nights.art1)
+    assert nights.run(nights.night2, art).code == 0
+    assert output_differences(art, nights.ref2) == []
+
+
+@integration
+def test_kill_9_at_many_points_then_rerun_equals_a_clean_run(nights: Nights, reliability) -> None:
+    # Night 1 (an empty ART) killed once its first table has landed; night 2 (incremental) at 11 points:
+    # spread over each stage (a kill just after a manifest update adds nothing to the next write's
+    # point), plus the moment the ranker's model.txt is new and its features.json still old.
+    first = next(p for p in nights.trace1 if p.spec.startswith("written:") and p.path.endswith("item_text.parquet"))
+    points = [p for p in nights.trace2 if not (p.spec.startswith("written:") and p.path.endswith("manifest.json"))]
+    cases = [("night1", first)] + [("night2", p) for p in spread(points, {"embed": 3, "index": 3, "train": 2,
+                                                                          "recommend": 2})]
+    cases.append(("night2", next(p for p in nights.trace2 if p.spec.startswith("written:")
+                                 and p.path.endswith("model.txt"))))
+    assert len(cases) >= 12 and {p.stage for _, p in cases} == set(STAGES)
+    report = []
+    for night, point in cases:
+        art = nights.fresh(f"kill-{night}-{point.spec.replace(':', '-')}", None if night == "night1" else nights.art1)
+        before = manifest_runs(art) if night == "night2" else []
+        data, ref = (nights.night1, nights.art1) if night == "night1" else (nights.night2, nights.ref2)
+
+        # At a `write` point the job dies mid-write (its temporary file cut in half), at `written` just after.
+        fault = f"{point.spec}=torn" if point.spec.startswith("write:") else point.spec
+        killed = nights.run(data, art, env={"FUSIONREC_FAULT": fault})
+        assert killed.code == -signal.SIGKILL, f"{point}: the job was not killed: {killed.output[-2000:]}"
+        problems = damaged(art)
+        assert (art / ".lock").exists(), "a killed job leaves its lock behind"
+
+        rerun = nights.run(data, art)
+        assert rerun.code == 0, f"rerun after kill at {point}: {rerun.output[-3000:]}"
+        differences = output_differences(art, ref)
+        runs = manifest_runs(art)
+        lost = len(problems) + len(differences) + int(runs[:len(before)] != before)
+        reliability.record(faults=1, data_lost=lost, case=f"kill -9 at {point.spec} ({point.stage}: "
+                                                            f"{Path(point.path).name}), {night}")
+        report.append((point, problems, differences))
+        assert problems == [], f"partial files visible after kill at {point}"
+        assert differences == [], f"rerun after kill at {point} differs from a clean run"
+        assert runs[:len(before)] == before, "earlier runs vanished from the manifest"
+        assert runs[-1]["command"] == "run" and runs[-1]["status"] == "ok"
+        assert temporaries(art) == [], "the rerun left the killed job's temporary files"
+        assert not (art / ".lock").exists()
+    assert len(report) == len(cases)
+
+
+@integration
+@pytest.mark.parametrize("artifact", [
+    pytest.param("index/index.faiss", marks=pytest.mark.xfail(
+        strict=True, reason="defect reported in pipeline/retrieval.py: Retriever.load does not check that "
+                            "index.faiss, items.parquet, users.parquet and seen.parquet belong to its "
+                            "retriever.json; after a kill mid-save, recommend crashes (faiss AssertionError) "
+                            "or, with equal dimensions, would serve the wrong items")),
+    "ranker/model.txt",
+])
+def test_serving_between_a_killed_stage_and_its_rerun_fails_clearly(nights: Nights, artifact: str,
+                                                                    reliability) -> None:
+    """A half-replaced set of files (one new, its partners old) is refused with a hint, never served."""
+    point = next(p for p in nights.trace2 if p.spec.startswith("written:") and p.path.endswith(artifact))
+    art = nights.fresh(f"serve-after-kill-{Path(artifact).stem}", nights.art1)
+    assert nights.run(nights.night2, art, env={"FUSIONREC_FAULT": point.spec}).code == -signal.SIGKILL
+    result = nights.job("recommend", "--out", art, "--export", art / "exports" / "between.csv", "-q")
+    reliability.record(faults=1, case=f"recommend after kill -9 at {point.spec} ({artifact} new, partners old)")
+    assert result.code == 1 and "Traceback" not in result.output, result.output[-1500:]
+    assert re.search(r"error: .*(interrupted|run `fusionrec|train again|index again)", result.stderr), result.stderr
+
+
+# --------------------------------------------------------------------------- two jobs, stale locks
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+@integration
+def test_second_job_stops_with_a_clear_message_and_a_dead_holder_is_taken_over(nights: Nights, reliability) -> None:
+    art = nights.fresh("two-jobs", nights.art1)
+    first = nights.job.start("run", "--data", nights.night2, "--out", art, *QUICK,
+                             env={"FUSIONREC_FAULT": "write:3=stop"})  # stops, alive, holding the lock
+    try:
+        deadline = time.monotonic() + 300
+        while _state(first.pid) not in ("T", "t") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _state(first.pid) in ("T", "t"), "the first job never reached its third write"
+        second = nights.run(nights.night2, art)
+        assert second.code == 1
+        assert re.search(rf"error: another fusionrec job \(pid {first.pid} on [^)]+\) is using {re.escape(str(art))}; "
+                         r"wait for it to finish or use another --out", second.stderr), second.stderr
+        assert temporaries(art), "the stopped job holds a finished temporary file"
+    finally:
+        os.kill(first.pid, signal.SIGKILL)  # kill -9 while it holds the lock
+        first.join()
+    reliability.record(faults=2, case="a second job on a locked ART; kill -9 of the lock holder")
+
+    third = nights.run(nights.night2, art)
+    assert third.code == 0, third.output
+    assert f"took over the lock of a job that is gone (pid {first.pid}" in third.stderr
+    assert temporaries(art) == [] and not (art / ".lock").exists()
+    assert output_differences(art, nights.ref2) == []
+
+
+def test_lock_of_a_reused_pid_or_a_damaged_lock_file_is_stale(tmp_path: Path, reliability) -> None:
+    art = tmp_path / "art"
+    art.mkdir()
+    me = os.getpid()
+    # A container restarts with the same pids: the lock names our pid, but a process that started earlier.
+    (art / ".lock").write_text(json.dumps({"pid": me, "start": (_process_start(me) or 10) - 5,
+                                           "host": os.uname().nodename}))
+    lock = ArtifactLock(art).acquire()
+    assert lock.taken_over_["pid"] == me
+    # Our own live lock is not taken over a second time.
+    with pytest.raises(LockError, match=rf"another fusionrec job \(pid {me} on"):
+        ArtifactLock(art).acquire()
+    lock.release()
+    assert not (art / ".lock").exists()
+
+    # A lock file left empty (a job killed while creating it, or a full disk): old -> stale; new -> busy.
+    (art / ".lock").write_text("")
+    with pytest.raises(LockError, match="another fusionrec job is taking the lock"):
+        ArtifactLock(art).acquire()
+    old = time.time() - 60
+    os.utime(art / ".lock", (old, old))
+    (art / "embeddings").mkdir()
+    (art / "embeddings" / f"{TMP_PREFIX}abc-item_text.parquet").write_bytes(b"half a file")
+    lock = ArtifactLock(art).acquire()
+    assert lock.taken_over_ == {}
+    assert temporaries(art) == []  # the dead job's leftovers are gone
+    holder = json.loads((art / ".lock").read_text())
+    assert holder["pid"] == me and holder["start"] == _process_start(me)
+    lock.release()
+    reliability.record(faults=3, case="lock of a reused pid; empty lock file (new and old)")
+
+
+# --------------------------------------------------------------------------- disk full, unwritable
+
+
+@integration
+def test_disk_full_in_each_stage_keeps_the_previous_artifacts(nights: Nights, reliability) -> None:
+    """ENOSPC at one write of each stage: exit 1 naming the file, earlier artifacts untouched."""
+    for stage in STAGES:
+        point = next(p for p in nights.trace2 if p.stage == stage and p.spec.startswith("write:")
+                     and not p.path.endswith("manifest.json") and "/.shards/" not in p.path)
+        art = nights.fresh(f"enospc-{stage}", nights.art1)
+        before = digests(art)
+        result = nights.run(nights.night2, art, env={"FUSIONREC_FAULT": f"{point.spec}=enospc"})
+        target = str(Path(point.path).relative_to(nights.ref2))
+        assert result.code == 1, result.output[-2000:]
+        assert f"error: cannot write {art / target}: No space left on device" in result.stderr, result.stderr
+        assert "Traceback" not in result.output
+        n = int(point.spec.split(":")[1])
+        replaced = {str(Path(p.path).relative_to(nights.ref2)) for p in nights.trace2
+                    if p.spec.startswith("written:") and int(p.spec.split(":")[1]) < n}
+        after = digests(art)
+        # Untouched unless this run had already replaced it with a complete new version.
+        lost = [name for name, digest in before.items()
+                if after.get(name) != digest and name not in replaced and name != "manifest.json"]
+        lost += damaged(art)
+        reliability.record(faults=1, data_lost=len(lost), case=f"disk full at {point.spec} ({stage}: {target})")
+        assert lost == []
+        assert after.get(target) == before.get(target), "the file being written kept its previous version"
+        assert manifest_runs(art)[:len(manifest_runs(nights.art1))] == manifest_runs(nights.art1)
+        assert temporaries(art) == [] and not (art / ".lock").exists()
+    # Space is back: the next night completes and equals a clean one.
+    assert nights.run(nights.night2, art).code == 0
+    assert output_differences(art, nights.ref2) == []
+
+
+@integration
+def test_writers_that_hit_a_file_size_limit_fail_clearly(nights: Nights, reliability) -> None:
+    """Real failing writes (RLIMIT_FSIZE: the kernel refuses to grow a file): each writer's own error
+    (pyarrow OSError, polars ComputeError, faiss RuntimeError) becomes one clear line, exit 1."""
+    art = nights.fresh("fsize", nights.art1)
+    before = digests(art)
+    cases = [
+        (("run", "--data", nights.night2, "--out", art, *QUICK), 4096, "embeddings/.shards/item_text/"),
+        (("recommend", "--out", art, "--export", nights.work / "fsize.parquet", "-q"), 4096, "fsize.parquet"),
+        (("recommend", "--out", art, "--export", nights.work / "fsize.csv", "-q"), 4096, "fsize.csv"),
+        (("index", "--data", nights.night1, "--out", art, "--set", "index.n_candidates=10", "-q"), 60_000,
+         "index/index.faiss"),
+    ]
+    for args, limit, target in cases:
+        result = nights.job(*args, fsize=limit)
+        assert result.code == 1, result.output[-2000:]
+        assert re.search(rf"error: cannot write \S*{re.escape(target)}\S*: .*File too large", result.stderr), \
+            result.stderr
+        assert "Traceback" not in result.output
+        reliability.record(faults=1, case=f"file size limit {limit} B: {target}")
+    # The failed index stage had rewritten some files with the same content; nothing else moved.
+    after = digests(art)
+    changed = sorted(name for name, digest in before.items() if after.get(name) != digest)
+    assert set(changed) <= {"manifest.json", "data/items.parquet", "data/interactions.parquet",
+                            "data/users.parquet", "candidates.parquet"}
+    assert damaged(art) == [] and temporaries(art) == []
+    assert not (nights.work / "fsize.parquet").exists() and not (nights.work / "fsize.csv").exists()
+
+
+@integration
+def test_output_directory_that_cannot_be_created(nights: Nights, reliability) -> None:
+    blocker = nights.work / "a-file"
+    blocker.write_text("not a directory")
+    result = nights.run(nights.night2, blocker / "art")
+    assert result.code == 1
+    assert f"error: cannot create artifacts directory {blocker / 'art'}: Not a directory" in result.stderr
+    assert blocker.read_text() == "not a directory"
+    # recommend into an export folder that cannot exist: clear, and the ranker's artifacts are untouched.
+    before = digests(nights.art1)
+    result = nights.job("recommend", "--out", nights.art1, "--export", blocker / "topk.parquet", "-q")
+    assert result.code == 1 and f"cannot create directory {blocker}" in result.stderr, result.stderr
+    assert digests(nights.art1) == before
+    reliability.record(faults=2, case="--out and --export under a regular file (ENOTDIR)")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A 4 MiB tmpfs (root with mount rights only): a real disk that fills up or goes read-only."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root with the right to mount a tmpfs (a real full or read-only disk)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill `disk` until `leave` bytes are free."""
+    filler = disk / "filler"
+    st = os.statvfs(disk)
+    free = st.f_bavail * st.f_frsize
+    with open(filler, "wb") as fh:
+        fh.write(b"\0" * max(free - leave, 0))
+    return filler
+
+
+@integration
+def test_a_really_full_disk_keeps_the_previous_artifacts(nights: Nights, small_tmpfs: Path, reliability) -> None:
+    art = small_tmpfs / "art"
+    shutil.copytree(nights.art1, art)
+    before = digests(art)
+    filler = fill(small_tmpfs, 64 * 1024)
+    result = nights.run(nights.night2, art)
+    assert result.code == 1, result.output[-2000:]
+    assert re.search(r"error: cannot write \S+/art/\S+: .*No space left on device", result.stderr), result.stderr
+    after = digests(art)
+    lost = [n for n, d in before.items() if n not in after] + damaged(art)
+    reliability.record(faults=1, data_lost=len(lost), case="a real full disk (tmpfs)")
+    assert lost == [] and temporaries(art) == []
+    assert manifest_runs(art)[:len(manifest_runs(nights.art1))] == manifest_runs(nights.art1)
+    filler.unlink()
+    assert nights.run(nights.night2, art).code == 0
+    assert output_differences(art, nights.ref2) == []
+
+
+@integration
+def test_a_read_only_disk_fails_clearly_and_changes_nothing(nights: Nights, small_tmpfs: Path, reliability) -> None:
+    art = small_tmpfs / "art"
+    shutil.copytree(nights.art1, art)
+    before = digests(art)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    result = nights.run(nights.night2, art)
+    assert result.code == 1
+    assert f"error: cannot write lock file {art / '.lock'}: Read-only file system" in result.stderr, result.stderr
+    result = nights.job("recommend", "--out", art, "--export", art / "exports" / "again.parquet", "-q")
+    assert result.code == 1 and "Read-only file system" in result.stderr, result.stderr
+    assert digests(art) == before
+    reliability.record(faults=2, case="read-only artifacts disk: run and recommend")
+
+
+def test_atomic_path_turns_writer_specific_disk_errors_into_one_clear_error(tmp_path: Path) -> None:
+    """polars and faiss report a full disk in their own exception types; a bug stays a bug."""
+    from pipeline.errors import FusionrecError
+
+    target = tmp_path / "x.parquet"
+    target.write_bytes(b"previous")
+    for exc in (pl.exceptions.ComputeError("parquet: underlying IO error: No space left on device (os error 28)"),
+                RuntimeError("Error in faiss::write_index: write error in x: 1 != 2 (No space left on device)"),
+                OSError(errno.ENOSPC, "No space left on device")):
+        with pytest.raises(FusionrecError, match=r"cannot write .*x\.parquet: .*No space left on device"):
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(b"half")
+                raise exc
+        assert target.read_bytes() == b"previous" and temporaries(tmp_path) == []
+    with pytest.raises(KeyError):
+        with atomic_path(target) as tmp:
+            raise KeyError("a bug, not a disk")
+    assert target.read_bytes() == b"previous" and temporaries(tmp_path) == []
