@@ -245,6 +245,7 @@ def fusionrec_runs(train: pl.DataFrame, test: pl.DataFrame, users: pl.Series, k:
     from pipeline.tables import load_items
     from ranker.export import recommend as ranked_topk, topk
     from ranker.features import behaviour_features
+    from ranker.serving import popular_fallback
     from ranker.training import build_examples, fit_ranker, label_windows, split_users
 
     item_mods = load_modalities(Path(args.art) / "embeddings", "item")
@@ -255,13 +256,18 @@ def fusionrec_runs(train: pl.DataFrame, test: pl.DataFrame, users: pl.Series, k:
     cutoff = int(train["timestamp"].max()) + 1
     out: dict[str, pl.DataFrame] = {}
 
+    def served(ranked: pl.DataFrame) -> pl.DataFrame:
+        # As `fusionrec recommend` does: users retrieval cannot place get the recent-popularity list.
+        return pl.concat([ranked, popular_fallback(wanted, ranked, train, k)], how="diagonal_relaxed")
+
     def retrieval(name: str, cfg, mods: dict, behaviour: bool = True) -> None:
         retriever = retriever_from_config(cfg)
         if not behaviour:
             retriever.behaviour_dim = 0
         retriever.fit(mods, train, user_mods if mods else None)
+        # As `fusionrec recommend` does: users retrieval cannot place get the popular items.
         cands = retriever.candidates(wanted, k=cfg.index.n_candidates)
-        out[name] = topk(cands.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score")), k)
+        out[name] = served(topk(cands.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score")), k))
         return retriever, cands
 
     cfg = load_config()
@@ -274,7 +280,7 @@ def fusionrec_runs(train: pl.DataFrame, test: pl.DataFrame, users: pl.Series, k:
     else:
         tr, va = split_users(build_examples(catalog, item_mods, user_mods, windows[0], cfg))
     ranker = fit_ranker(tr, va, cfg)
-    out["fusionrec retrieval + ranker"] = ranked_topk(ranker, behaviour_features(cands, train, items, cutoff), k)
+    out["fusionrec retrieval + ranker"] = served(ranked_topk(ranker, behaviour_features(cands, train, items, cutoff), k))
     out = {"fusionrec retrieval + ranker": out.pop("fusionrec retrieval + ranker"), **out}
     # Ablations: fusion methods and single modalities (retrieval alone).
     retrieval("ablation: attention fusion", load_config(overrides=["fusion.method=attention"]), item_mods)

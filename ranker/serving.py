@@ -22,6 +22,32 @@ from .model import Ranker
 POPULAR_DAYS = 30
 
 
+def popular_items(interactions: pl.DataFrame, n: int, days: int = POPULAR_DAYS) -> pl.DataFrame:
+    """item_id, count: the n most interacted items of the log's last `days` (all time if those are empty)."""
+    end = int(interactions["timestamp"].max()) + 1
+    recent = interactions.filter(pl.col("timestamp") >= end - days * 86_400)
+    if recent.height == 0:
+        recent = interactions
+    return (recent.group_by("item_id").agg(pl.len().cast(pl.Float64).alias("count"))
+            .sort(["count", "item_id"], descending=[True, False]).head(n))
+
+
+def popular_fallback(user_ids: list[str], served: pl.DataFrame, interactions: pl.DataFrame, k: int) -> pl.DataFrame:
+    """Top-k for wanted users that retrieval cannot place (no history, no content of their own).
+
+    The ranker has nothing to rank them on, so they get the recent-popularity list in that
+    order, with `score` = the item's interaction count over the last POPULAR_DAYS days.
+    """
+    from .export import topk
+
+    missing = sorted(set(user_ids) - set(served["user_id"].unique().to_list()))
+    if not missing:
+        return served.clear()
+    popular = popular_items(interactions, k)
+    frame = pl.DataFrame({"user_id": missing}).join(popular, how="cross").rename({"count": "score"})
+    return topk(frame.with_columns(pl.lit(None, pl.Float32).alias("retrieval_score")), k)
+
+
 class Recommender:
     """The fitted two-stage model of one artifacts directory."""
 
@@ -44,11 +70,7 @@ class Recommender:
         return [str(u) for u in self.retriever_.user_ids_]
 
     def popular_items(self, n: int) -> list[str]:
-        recent = self.catalog_.interactions.filter(pl.col("timestamp") >= self.cutoff_ - POPULAR_DAYS * 86_400)
-        if recent.height == 0:
-            recent = self.catalog_.interactions
-        return (recent.group_by("item_id").len().sort(["len", "item_id"], descending=[True, False])
-                .head(n)["item_id"].to_list())
+        return popular_items(self.catalog_.interactions, n)
 
     def _features(self, stage1: pl.DataFrame) -> pl.DataFrame:
         return behaviour_features(stage1, self.catalog_.interactions, self.catalog_.items, self.cutoff_)
@@ -58,29 +80,22 @@ class Recommender:
             return features.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score"))
         return self.ranker_.score(features, explain=explain)
 
-    def candidates(self, user_ids: list[str] | None = None, include_seen: bool = False) -> pl.DataFrame:
-        cands = self.retriever_.candidates(user_ids, exclude_seen=not include_seen)
-        if user_ids is None:
-            return cands
-        missing = sorted(set(user_ids) - set(cands["user_id"].unique().to_list()))
-        if not missing:
-            return cands
-        # Users retrieval cannot place get the popular items, scored with cold features.
-        popular = self.popular_items(self.retriever_.n_candidates)
-        fallback = pl.DataFrame({"user_id": [u for u in missing for _ in popular],
-                                 "item_id": popular * len(missing)})
-        return pl.concat([cands, self.retriever_.pair_features(fallback)], how="diagonal_relaxed")
-
     def recommend(self, user_ids: list[str] | None = None, k: int = 10, *, include_seen: bool = False,
                   explain: bool = False, use_ranker: bool = True) -> pl.DataFrame:
         """Top-k per user; `use_ranker=False` orders by the fused retrieval score alone (an ablation)."""
         from .export import recommend, topk
 
-        cands = self.candidates(user_ids, include_seen)
+        cands = self.retriever_.candidates(user_ids, exclude_seen=not include_seen)
         if not use_ranker or self.ranker_ is None:
-            return topk(cands.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score")), k)
-        # Explanations cost about a millisecond a row: only the kept top-k rows are explained.
-        return recommend(self.ranker_, self._features(cands), k, explain=explain)
+            ranked = topk(cands.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score")), k)
+        else:
+            # Explanations cost about a millisecond a row: only the kept top-k rows are explained.
+            ranked = recommend(self.ranker_, self._features(cands), k, explain=explain)
+        if user_ids is None:
+            return ranked
+        fallback = popular_fallback(user_ids, ranked, self.catalog_.interactions, k)
+        return pl.concat([ranked, fallback], how="diagonal_relaxed").sort("user_id", "rank") if fallback.height \
+            else ranked
 
     def score(self, pairs: pl.DataFrame, *, explain: bool = False) -> pl.DataFrame:
         """`pairs` (user_id, item_id, other columns kept) plus stage-1 columns and `score`."""

@@ -72,6 +72,7 @@ def build_examples(catalog: Catalog, item_mods: dict, user_mods: dict, window: W
     future = inter.filter((pl.col("timestamp") >= window.cutoff) & (pl.col("timestamp") < window.end))
     retriever = retriever_from_config(config).fit(item_mods, past, user_mods)
     wanted = future["user_id"].unique().sort().to_list() if users is None else users
+    # Users retrieval cannot place are served from the popular list, not ranked: not trained on.
     candidates = retriever.candidates(wanted, exclude_seen=True)
     features = behaviour_features(candidates, inter, catalog.items, window.cutoff)
     scale = infer_rating_scale(inter)
