@@ -44,7 +44,7 @@ def test_run_writes_every_artifact_and_a_manifest(art: Path) -> None:
     assert set(runs[-1]["timings"]) == {"embed", "index", "train", "recommend"}
     index_run = next(r for r in runs if r["command"] == "index")
     weights = index_run["retrieval"]["weights"]
-    assert abs(sum(weights.values()) - 1) < 1e-6 and set(weights) == {"text", "behaviour"}
+    assert abs(sum(weights.values()) - 1) < 1e-6 and set(weights) == {"text", "behaviour", "popularity"}
     assert index_run["retrieval"]["weights_source"] == "validation_search"
     top = pl.read_parquet(art / "exports" / "topk.parquet")
     assert top.columns[:5] == ["user_id", "rank", "item_id", "score", "retrieval_score"]
