@@ -262,8 +262,9 @@ def fusionrec_runs(train: pl.DataFrame, test: pl.DataFrame, users: pl.Series, k:
 
     def retrieval(name: str, cfg, mods: dict, behaviour: bool = True) -> None:
         retriever = retriever_from_config(cfg)
-        if not behaviour:
+        if not behaviour:  # content alone: no behaviour and no popularity modality
             retriever.behaviour_dim = 0
+            retriever.popularity = False
         retriever.fit(mods, train, user_mods if mods else None)
         # As `fusionrec recommend` does: users retrieval cannot place get the popular items.
         cands = retriever.candidates(wanted, k=cfg.index.n_candidates)
