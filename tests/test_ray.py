@@ -1,0 +1,253 @@
+"""The Ray engine gives the local engine's outputs: embedding tables, failures, top-k exports.
+
+Runs on a local Ray runtime (2 CPUs, started once for the module). Tests that need Ray
+are skipped when it (the optional `ray` extra) is not installed; the pieces around it
+(one scoring batch, the streamed export, the engine dispatch) are tested either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from pipeline.config import AudioConfig, Config, EmbedConfig, ImageConfig, RayConfig, TextConfig
+from pipeline.embed import read_embedding_table, run_embed
+from pipeline.errors import FusionrecError
+from tests.tiny_models import tiny_text_model
+
+PROJECT = Path(__file__).resolve().parents[1]
+SAMPLE = PROJECT / "data"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'fusionrec[ray]')")
+    with pytest.MonkeyPatch.context() as mp:  # workers inherit these; restored after the module
+        for key, value in {"RAY_DISABLE_USAGE_STATS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
+            mp.setenv(key, os.environ.get(key, value))
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        yield ray
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_text_model(tmp_path_factory.mktemp("tiny") / "bert")
+
+
+def embed_config(engine: str, tiny: Path) -> Config:
+    # One encoder actor: with 2 CPUs a second one would hold the CPU the next dataset's
+    # set-up waits for; several batches of 4 rows still go through the actor path.
+    return Config(engine=engine, ray=RayConfig(num_actors=1, batch_size=4),
+                  embed=EmbedConfig(device="cpu", shard_size=5, decode_workers=2,
+                                    text=TextConfig(model=str(tiny), batch_size=4),
+                                    image=ImageConfig(model="test_efficientnet", weights="none", batch_size=4),
+                                    audio=AudioConfig(enabled=False)))
+
+
+def tiny_catalog(root: Path) -> Path:
+    """12 sample items with text and images (one corrupt, one missing)."""
+    if not (SAMPLE / "items.csv").is_file():
+        pytest.skip("data/ sample not generated (run: make sample)")
+    data = root / "data"
+    (data / "images").mkdir(parents=True)
+    items = pl.read_csv(SAMPLE / "items.csv", infer_schema=False).drop_nulls("image").head(12).drop("audio")
+    for rel in items["image"].to_list():
+        shutil.copy(SAMPLE / rel, data / rel)
+    (data / "images" / "i0003.jpg").write_bytes(b"not a jpeg at all")
+    (data / "images" / "i0008.jpg").unlink()
+    items.write_csv(data / "items.csv")
+    pl.DataFrame({"user_id": ["u1", "u2"], "item_id": ["i0001", "i0002"], "timestamp": ["1", "2"]}) \
+        .write_csv(data / "interactions.csv")
+    return data
+
+
+def tables(art: Path) -> dict[str, tuple]:
+    return {p.stem: read_embedding_table(p) for p in sorted((art / "embeddings").glob("*_*.parquet"))
+            if p.name != "failures.parquet"}
+
+
+def assert_same_tables(local: Path, other: Path) -> None:
+    a, b = tables(local), tables(other)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        ids_a, hashes_a, models_a, vec_a = a[name]
+        ids_b, hashes_b, models_b, vec_b = b[name]
+        assert ids_a == ids_b, name
+        assert hashes_a == hashes_b, name
+        assert models_a == models_b, name
+        np.testing.assert_allclose(vec_a, vec_b, atol=1e-5, err_msg=name)
+    fail_a = pl.read_parquet(local / "embeddings" / "failures.parquet")
+    fail_b = pl.read_parquet(other / "embeddings" / "failures.parquet")
+    assert_frame_equal(fail_a, fail_b)
+
+
+def test_ray_engine_writes_the_local_engines_tables_and_failures(tmp_path: Path, ray_local, tiny_model: Path) -> None:
+    data = tiny_catalog(tmp_path)
+    local = run_embed(data, tmp_path / "local", embed_config("local", tiny_model), show_progress=False)
+    on_ray = run_embed(data, tmp_path / "ray", embed_config("ray", tiny_model), show_progress=False)
+
+    assert_same_tables(tmp_path / "local", tmp_path / "ray")
+    assert sorted(on_ray.counts) == ["item_image", "item_text"]
+    for name, c in on_ray.counts.items():
+        ref = local.counts[name]
+        assert (c.rows, c.encoded, c.reused, c.failed, c.model) == (ref.rows, ref.encoded, ref.reused, ref.failed,
+                                                                    ref.model)
+    assert on_ray.counts["item_text"].encoded == 12
+    assert on_ray.counts["item_image"].encoded == 10
+    failures = pl.read_parquet(tmp_path / "ray" / "embeddings" / "failures.parquet").sort("id")
+    assert failures["id"].to_list() == ["i0003", "i0008"]
+    errors = dict(zip(failures["id"], failures["error"]))
+    assert "not a recognised image format" in errors["i0003"] and "not found" in errors["i0008"]
+    assert not (tmp_path / "ray" / "embeddings" / ".shards").exists()  # shards cleared as locally
+
+    # A rerun on Ray after one image changes encodes that one row; the rest is reused.
+    from PIL import Image
+
+    with Image.open(data / "images" / "i0005.jpg") as img:
+        img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(data / "images" / "i0005.jpg")
+    again = run_embed(data, tmp_path / "ray", embed_config("ray", tiny_model), show_progress=False)
+    assert (again.counts["item_image"].encoded, again.counts["item_image"].reused) == (1, 9)
+    assert (again.counts["item_text"].encoded, again.counts["item_text"].reused) == (0, 12)
+    run_embed(data, tmp_path / "local", embed_config("local", tiny_model), show_progress=False)
+    assert_same_tables(tmp_path / "local", tmp_path / "ray")
+
+
+def test_an_encoder_error_on_an_actor_fails_the_job_with_its_cause(tmp_path: Path, ray_local,
+                                                                   tiny_model: Path) -> None:
+    from pipeline.embed import ModalityEncoder
+
+    def broken(inputs: list) -> np.ndarray:  # a closure: shipped to the actors by value
+        raise RuntimeError("boom on the actor")
+
+    data = tiny_catalog(tmp_path)
+    with pytest.raises(FusionrecError, match="Ray encoding of item text failed: .*boom on the actor"):
+        run_embed(data, tmp_path / "art", embed_config("ray", tiny_model), show_progress=False,
+                  encoders={"text": ModalityEncoder("broken-v1", 4, broken)})
+    assert not (tmp_path / "art" / "embeddings" / "item_text.parquet").exists()
+
+
+def test_an_actor_decodes_and_encodes_a_batch_like_the_local_engine(tmp_path: Path, tiny_model: Path) -> None:
+    """The actor's work, run in-process: vectors for good files, the local error text for bad ones."""
+    from pipeline.embed import build_encoders, prepare_one
+    from pipeline.ray_engine import EncodeActor
+
+    data = tiny_catalog(tmp_path)
+    cfg = embed_config("ray", tiny_model).embed
+    local = build_encoders(cfg, {"image"})["image"]
+    paths = [data / "images" / name for name in ("i0001.jpg", "i0003.jpg", "i0002.jpg", "i0008.jpg")]
+    actor = EncodeActor((cfg, "image"), local.model_id, local.dim, decode_workers=2)
+    out = actor({"row": np.array([7, 3, 9, 1]), "content": np.array([str(p) for p in paths], dtype=object)})
+
+    assert out["row"].tolist() == [7, 3, 9, 1]
+    assert out["error"].tolist() == ["", prepare_one(local, paths[1])[1], "", prepare_one(local, paths[3])[1]]
+    assert "not a recognised image format" in out["error"][1] and "not found" in out["error"][3]
+    good = local.encode([prepare_one(local, paths[0])[0], prepare_one(local, paths[2])[0]])
+    np.testing.assert_allclose(out["vector"][[0, 2]], good, atol=1e-5)
+    assert not out["vector"][[1, 3]].any()
+
+    with pytest.raises(FusionrecError, match="install the same model packages"):
+        EncodeActor((cfg, "image"), "timm:some-other-model", local.dim)
+
+
+def test_unknown_engine_is_a_config_error(tmp_path: Path, tiny_model: Path) -> None:
+    from pipeline.errors import ConfigError
+
+    data = tiny_catalog(tmp_path)
+    with pytest.raises(ConfigError, match="engine"):
+        run_embed(data, tmp_path / "art", embed_config("spark", tiny_model), show_progress=False)
+
+
+def test_engine_ray_without_ray_installed_says_how_to_install_it(tmp_path: Path, tiny_model: Path,
+                                                                 monkeypatch) -> None:
+    import sys
+
+    data = tiny_catalog(tmp_path)
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
+    with pytest.raises(FusionrecError, match=r"engine 'ray' needs Ray: pip install 'fusionrec\[ray\]'"):
+        run_embed(data, tmp_path / "art", embed_config("ray", tiny_model), show_progress=False)
+    assert not (tmp_path / "art" / "embeddings").exists()  # refused before any work
+
+
+# ------------------------------------------------------------------------ batch scoring
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    """Artifacts of the shipped sample (text only, tiny encoder): embed, index, train."""
+    if not (SAMPLE / "items.csv").is_file():
+        pytest.skip("data/ sample not generated (run: make sample)")
+    from pipeline.indexing import run_index
+    from ranker.training import run_train
+
+    art = tmp_path_factory.mktemp("fitted") / "art"
+    cfg = embed_config("local", tiny_model)
+    cfg = dataclasses.replace(cfg, embed=dataclasses.replace(cfg.embed, image=ImageConfig(enabled=False)))
+    run_embed(SAMPLE, art, cfg, show_progress=False)
+    run_index(SAMPLE, art, cfg)
+    run_train(art, cfg)
+    return art
+
+
+def test_ray_batch_scoring_equals_recommend_for_all_users(fitted: Path, ray_local) -> None:
+    from ranker.ray_scoring import recommend_all
+    from ranker.serving import Recommender
+
+    local = Recommender(fitted).recommend(None, 10)
+    rc = RayConfig(num_actors=2, scoring_batch_users=16)  # 120 users: 8 batches over 2 actors
+    on_ray = recommend_all(fitted, 10, rc)
+    assert local.height > 0 and local["user_id"].n_unique() > 16
+    assert_frame_equal(local, on_ray, check_exact=False, rtol=1e-6, atol=1e-9)
+
+
+# The pieces around Ray, checked without it: what one batch computes, and the streamed export.
+
+
+def test_one_batch_scores_like_recommend(fitted: Path) -> None:
+    from ranker.ray_scoring import score_users
+    from ranker.serving import Recommender
+
+    rec = Recommender(fitted)
+    everyone = rec.recommend(None, 5)
+    batch = sorted(everyone["user_id"].unique().to_list())[3:9]
+    # Without fallback, a batch gives exactly those users' rows of recommend(None).
+    assert_frame_equal(score_users(rec, batch, 5, fallback=False),
+                       everyone.filter(pl.col("user_id").is_in(batch)))
+    # With fallback (a user list was given), unknown users get the popular list, as recommend(users) does.
+    some = batch[:2] + ["nobody"]
+    got = score_users(rec, some, 5, fallback=True)
+    assert_frame_equal(got, rec.recommend(some, 5))
+    assert got.filter(pl.col("user_id") == "nobody")["item_id"].to_list() == rec.popular_items(5)["item_id"].to_list()
+    assert_frame_equal(score_users(rec, some, 5, fallback=False), got.filter(pl.col("user_id") != "nobody"))
+
+
+def test_streamed_export_is_the_sorted_pseudonymised_topk(fitted: Path, tmp_path: Path, monkeypatch) -> None:
+    from ranker import ray_scoring
+    from ranker.export import read_topk, write_topk
+    from ranker.privacy import pseudonymise
+    from ranker.serving import Recommender
+
+    local = Recommender(fitted).recommend(None, 10)
+    users = sorted(local["user_id"].unique().to_list())
+
+    def batches(art_dir, k, ray_config=None, **options):  # what the actors return, batch by batch
+        for s in range(0, len(users), 16):
+            yield local.filter(pl.col("user_id").is_in(users[s:s + 16]))
+
+    monkeypatch.setattr(ray_scoring, "iter_recommendations", batches)
+    key = b"k" * 32
+    stats = ray_scoring.write_all(fitted, tmp_path / "topk.parquet", 10, key=key)
+    assert stats == {"rows": local.height, "users": len(users)}
+    expected = read_topk(write_topk(pseudonymise(local, key), tmp_path / "expected.parquet"))
+    assert_frame_equal(read_topk(tmp_path / "topk.parquet"), expected)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    with pytest.raises(FusionrecError, match="Parquet"):
+        ray_scoring.write_all(fitted, tmp_path / "topk.csv", 10)
