@@ -28,6 +28,7 @@ OutOpt = Annotated[Path, typer.Option("--out", help="Artifacts directory.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML config file.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Config override, e.g. embed.text.batch_size=32 (repeatable).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; warnings and errors only.")]
+EngineOpt = Annotated[Optional[str], typer.Option("--engine", help="local or ray (default: the config's engine).")]
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -46,8 +47,25 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, width=None if stream.isatty() else 200)
 
 
-def _config(path: Path | None, overrides: list[str] | None) -> Config:
-    return load_config(path, overrides or [])
+def _config(path: Path | None, overrides: list[str] | None, engine: str | None = None) -> Config:
+    extra = [f"engine={engine}"] if engine else []
+    cfg = load_config(path, [*(overrides or []), *extra])
+    if cfg.engine not in ("local", "ray"):
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"engine must be 'local' or 'ray', not {cfg.engine!r}")
+    return cfg
+
+
+def _recommend(out: Path, users: list[str] | None, k: int, cfg: Config, **options):
+    """Top-k from the artifacts, on Ray when the engine says so (same rows as local)."""
+    if cfg.engine == "ray":
+        from ranker.ray_scoring import recommend_all
+
+        return recommend_all(out, k, cfg.ray, user_ids=users, **options)
+    from ranker.serving import Recommender
+
+    return Recommender(out).recommend(users, k, **options)
 
 
 def _data_dir(data: Path | None) -> Path:
@@ -85,13 +103,13 @@ def _root() -> None:
 @app.command()
 def embed(data: Annotated[Path, typer.Option("--data", help="Data directory.")],
           out: OutOpt = Path("artifacts"), config: ConfigOpt = None, set_: SetOpt = None,
-          quiet: QuietOpt = False) -> None:
+          engine: EngineOpt = None, quiet: QuietOpt = False) -> None:
     """The embedding job alone: frozen per-modality embeddings into ART/embeddings/ (incremental)."""
     from pipeline.embed import run_embed, summary_rows
 
     _setup_logging(quiet)
     try:
-        cfg = _config(config, set_)
+        cfg = _config(config, set_, engine)
         report = run_embed(_data_dir(data), out, cfg, show_progress=not quiet)
     except FusionrecError as exc:
         _fail(exc)
@@ -177,16 +195,14 @@ def recommend(out: OutOpt = Path("artifacts"),
               explain: Annotated[bool, typer.Option("--explain", help="Add top features and each modality's share.")] = False,
               include_seen: Annotated[bool, typer.Option("--include-seen", help="Keep items the user already has.")] = False,
               pseudonymise: PseudoOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
-              quiet: QuietOpt = False) -> None:
+              engine: EngineOpt = None, quiet: QuietOpt = False) -> None:
     """Top-k per user from the trained artifacts, exported to a file."""
-    from ranker.serving import Recommender
-
     _setup_logging(quiet)
     try:
-        cfg = _config(config, set_)
+        cfg = _config(config, set_, engine)
         wanted = _read_user_list(users) if users is not None else None
         record = RunRecord("recommend", out, None, cfg.to_dict())
-        recs = Recommender(out).recommend(wanted, k, include_seen=include_seen, explain=explain)
+        recs = _recommend(out, wanted, k, cfg, include_seen=include_seen, explain=explain)
         path = _export(recs, export, out, cfg, pseudonymise)
         record.counts = {"users": recs["user_id"].n_unique(), "rows": recs.height}
         record.extra = {"export": str(path), "k": k, "explain": explain, "include_seen": include_seen}
@@ -248,21 +264,23 @@ def evaluate(out: OutOpt = Path("artifacts"),
 
 @app.command()
 def run(data: DataOpt = None, out: OutOpt = Path("artifacts"), config: ConfigOpt = None, set_: SetOpt = None,
-        quiet: QuietOpt = False) -> None:
+        engine: EngineOpt = None, quiet: QuietOpt = False) -> None:
     """The whole nightly job: embed, index, train, recommend for every user, export ART/exports/topk.parquet."""
     import time
 
     from pipeline.embed import run_embed, summary_rows
     from pipeline.indexing import run_index
     from pipeline.storage import ArtifactLock
-    from ranker.serving import Recommender
     from ranker.training import run_train
 
     _setup_logging(quiet)
     timings: dict[str, float] = {}
     try:
-        cfg = _config(config, set_)
+        cfg = _config(config, set_, engine)
         data_dir = _data_dir(data)
+        from pipeline.indexing import load_catalog
+
+        load_catalog(data_dir)  # every table validated before hours of encoding, not after
         with ArtifactLock(out):
             t0 = time.perf_counter()
             report = run_embed(data_dir, out, cfg, show_progress=not quiet, lock=False)
@@ -275,7 +293,7 @@ def run(data: DataOpt = None, out: OutOpt = Path("artifacts"), config: ConfigOpt
             timings["train"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             record = RunRecord("recommend", out, data_dir, cfg.to_dict())
-            recs = Recommender(out).recommend(None, cfg.export.k)
+            recs = _recommend(out, None, cfg.export.k, cfg)
             path = _export(recs, out / "exports" / "topk.parquet", out, cfg, None)
             record.counts = {"users": recs["user_id"].n_unique(), "rows": recs.height}
             record.extra = {"export": str(path), "k": cfg.export.k}

@@ -37,6 +37,7 @@ import scipy.sparse as sp
 
 from pipeline import index as fidx
 from pipeline.errors import FusionrecError, InputError
+from pipeline.storage import sha256_file
 from pipeline.fusion import (Blocks, align_blocks, attention_weights, consistency, fused_score,
                              item_matrix, l2_normalise, query_matrix, renormalise, search_simplex)
 from pipeline.profiles import (InteractionMatrix, behaviour_embeddings, blend_content, history_profile,
@@ -46,6 +47,7 @@ BEHAVIOUR = "behaviour"
 POPULARITY = "popularity"
 _POPULARITY_USER = np.array([1.0, 0.0], dtype=np.float32)
 FORMAT_VERSION = 1
+_SAVED_FILES = ("index.faiss", "items.parquet", "users.parquet", "seen.parquet")
 _DENSE_VALIDATION_MAX_ITEMS = 50_000
 _MODALITIES = dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -707,6 +709,9 @@ class Retriever:
             "timings": self.timings_, "index_info": self.index_info_,
             "unused_user_modalities": self.unused_user_modalities_, "n_unknown_item_rows": self.n_unknown_item_rows_,
         }
+        # retriever.json, written last, names the sha256 of its partner files: a set half
+        # replaced by a killed save is refused on load instead of served.
+        state["files"] = {name: sha256_file(d / name) for name in _SAVED_FILES}
         with fidx.atomic_path(d / "retriever.json") as tmp:
             tmp.write_text(json.dumps(state, indent=2, default=float))
 
@@ -720,6 +725,10 @@ class Retriever:
         state = json.loads(path.read_text())
         if state.get("format_version") != FORMAT_VERSION:
             raise FusionrecError(f"{path}: unsupported format_version {state.get('format_version')}")
+        for name, digest in state.get("files", {}).items():
+            if not (d / name).is_file() or sha256_file(d / name) != digest:
+                raise FusionrecError(f"{d / name} does not belong to {path}: the index was interrupted while it "
+                                     "was saved; run `fusionrec index` (or `fusionrec run`) again")
         params = dict(state["params"])
         params["beta_grid"] = tuple(params["beta_grid"])
         self = cls(**params)

@@ -261,11 +261,7 @@ def test_kill_9_at_many_points_then_rerun_equals_a_clean_run(nights: Nights, rel
 
 @integration
 @pytest.mark.parametrize("artifact", [
-    pytest.param("index/index.faiss", marks=pytest.mark.xfail(
-        strict=True, reason="defect reported in pipeline/retrieval.py: Retriever.load does not check that "
-                            "index.faiss, items.parquet, users.parquet and seen.parquet belong to its "
-                            "retriever.json; after a kill mid-save, recommend crashes (faiss AssertionError) "
-                            "or, with equal dimensions, would serve the wrong items")),
+    "index/index.faiss",
     "ranker/model.txt",
 ])
 def test_serving_between_a_killed_stage_and_its_rerun_fails_clearly(nights: Nights, artifact: str,
