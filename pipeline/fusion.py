@@ -42,16 +42,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from pipeline.encoding import l2_normalise
 from pipeline.errors import InputError
 
 _ID_COLUMNS = ("id", "item_id", "user_id")
-
-
-def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows scaled to unit length (float32); all-zero rows stay zero."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > eps)
 
 
 def read_embedding_table(path: Path) -> tuple[np.ndarray, np.ndarray]:

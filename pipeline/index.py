@@ -11,13 +11,9 @@ to the smallest value that still does.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
 
 import faiss
 import numpy as np
@@ -25,22 +21,7 @@ import numpy as np
 EXACT_MAX_ITEMS = 20_000
 DEFAULT_MEMORY_BUDGET = 4 << 30
 
-try:  # the shared helper once the lead's storage module exists
-    from pipeline.storage import atomic_path  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the checkout
-    @contextlib.contextmanager
-    def atomic_path(path: Path) -> Iterator[Path]:
-        """Yield a temporary path beside `path`; rename it onto `path` on success."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            yield Path(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+from pipeline.storage import atomic_path
 
 
 def set_threads(n_threads: int | None) -> None:
