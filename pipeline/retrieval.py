@@ -321,7 +321,9 @@ class Retriever:
             mats.append(blend_content(prof.direction, prof.n_eff, c, self.content_strength))
         mask = np.column_stack([np.linalg.norm(m, axis=1) > 0 for m in mats]) if mats else \
             np.zeros((len(im.user_ids), 0), dtype=bool)
-        return Blocks(im.user_ids, items.names, tuple(mats), mask), kappa, mean_sq
+        # Sums of many floats come out in a thread-dependent order (differences near 1e-16);
+        # rounding keeps attention weights and the saved index byte-identical across runs.
+        return Blocks(im.user_ids, items.names, tuple(mats), mask), np.round(kappa, 9), mean_sq
 
     def _weight_vector(self, weights: dict[str, float] | None = None) -> np.ndarray:
         w = weights if weights is not None else self.weights_
