@@ -241,7 +241,12 @@ def embedding_table(ids: list[str], hashes: list[str], models: list[str], vector
     })
 
 
-def read_embedding_table(path: Path) -> tuple[list[str], list[str], list[str], np.ndarray]:
+def read_artifact_table(path: Path) -> tuple[list[str], list[str], list[str], np.ndarray]:
+    """One table this job wrote -> (ids, content hashes, model ids, float32 matrix).
+
+    (pipeline.fusion.read_embedding_table reads vectors for fusion and also accepts the
+    precomputed input layout.)
+    """
     table = pq.read_table(path)
     vectors = table.column("vector").combine_chunks()
     dim = vectors.type.list_size
@@ -299,7 +304,7 @@ class ShardCache:
         if directory.is_dir():
             for path in sorted(directory.glob("shard-*.parquet")):
                 try:
-                    ids, hashes, _, matrix = read_embedding_table(path)
+                    ids, hashes, _, matrix = read_artifact_table(path)
                 except Exception:  # noqa: BLE001 - a damaged shard is only lost work
                     log.warning("ignoring unreadable shard %s", path)
                     continue
@@ -392,7 +397,7 @@ def embed_modality(inp: ModalityInput, enc: ModalityEncoder, data_dir: Path, art
     final = table_path(art_dir, inp.kind, inp.modality)
     known: dict[str, np.ndarray] = {}
     if final.is_file():
-        old_ids, old_hashes, _, old_matrix = read_embedding_table(final)
+        old_ids, old_hashes, _, old_matrix = read_artifact_table(final)
         known.update(zip(old_hashes, old_matrix))
         counts.dropped = len(set(old_ids) - set(inp.ids))
     cache = ShardCache(final.parent / ".shards" / f"{inp.kind}_{inp.modality}")

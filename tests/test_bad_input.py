@@ -25,7 +25,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.embed import read_embedding_table
+from pipeline.embed import read_artifact_table
 from tests.reliability_counts import digests, small_catalog, temporaries
 from tests.tiny_models import tiny_text_model
 
@@ -365,10 +365,10 @@ def test_unusable_media_are_recorded_and_the_items_kept(media_run, reliability) 
         assert errors[(item, column)]["path"] == path and errors[(item, column)]["kind"] == "item"
     assert len(errors) == sum(e is not None for *_, e in MEDIA_CASES)
     # Every item is kept, served from its text; only the usable media were embedded.
-    text_ids = read_embedding_table(art / "embeddings" / "item_text.parquet")[0]
+    text_ids = read_artifact_table(art / "embeddings" / "item_text.parquet")[0]
     assert sorted(text_ids) == sorted(c[0] for c in MEDIA_CASES)
-    image_ids = read_embedding_table(art / "embeddings" / "item_image.parquet")[0]
-    audio_ids = read_embedding_table(art / "embeddings" / "item_audio.parquet")[0]
+    image_ids = read_artifact_table(art / "embeddings" / "item_image.parquet")[0]
+    audio_ids = read_artifact_table(art / "embeddings" / "item_audio.parquet")[0]
     assert image_ids == ["ok_image"]
     assert sorted(audio_ids) == ["first_seconds_of_it", "ok_audio", "very_long_audio"]
     # Each failure is one warning line naming the item, the modality and the reason.
@@ -379,7 +379,7 @@ def test_unusable_media_are_recorded_and_the_items_kept(media_run, reliability) 
 
 def test_very_long_audio_is_cut_at_max_seconds_not_failed(media_run) -> None:
     _, art = media_run
-    ids, _, _, vectors = read_embedding_table(art / "embeddings" / "item_audio.parquet")
+    ids, _, _, vectors = read_artifact_table(art / "embeddings" / "item_audio.parquet")
     by_id = dict(zip(ids, vectors))
     # Three minutes of audio embed exactly as their first five seconds: the rest was never decoded.
     np.testing.assert_allclose(by_id["very_long_audio"], by_id["first_seconds_of_it"], atol=1e-5)

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from pipeline.embed import ModalityEncoder, read_embedding_table, run_embed
+from pipeline.embed import ModalityEncoder, read_artifact_table, run_embed
 from pipeline.errors import FusionrecError, InputError, LockError, MediaError
 from pipeline.manifest import read_manifest
 from pipeline.storage import ArtifactLock
@@ -65,7 +65,7 @@ def test_tables_follow_the_contract(tmp_path: Path) -> None:
     table = pq.read_table(tmp_path / "art" / "embeddings" / "item_text.parquet")
     assert table.column_names == ["id", "content_hash", "model", "vector"]
     assert table.schema.field("vector").type == pa.list_(pa.float32(), 8)
-    ids, hashes, models, matrix = read_embedding_table(tmp_path / "art" / "embeddings" / "item_text.parquet")
+    ids, hashes, models, matrix = read_artifact_table(tmp_path / "art" / "embeddings" / "item_text.parquet")
     assert ids == [f"i{i}" for i in range(10)]
     assert set(models) == {"hash-v1"}
     np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, rtol=1e-5)
@@ -82,7 +82,7 @@ def test_rerun_after_one_title_change_encodes_exactly_one_text_row(tmp_path: Pat
     encoders, text = fake_encoders()
     run_embed(tmp_path / "data", tmp_path / "art", encoders=encoders, show_progress=False)
     assert last_counts(tmp_path / "art")["item_text"]["encoded"] == 10
-    before = read_embedding_table(tmp_path / "art" / "embeddings" / "item_text.parquet")
+    before = read_artifact_table(tmp_path / "art" / "embeddings" / "item_text.parquet")
 
     items.with_columns(pl.when(pl.col("item_id") == "i3").then(pl.lit("a new title")).otherwise("title")
                        .alias("title")).write_csv(tmp_path / "data" / "items.csv")
@@ -92,7 +92,7 @@ def test_rerun_after_one_title_change_encodes_exactly_one_text_row(tmp_path: Pat
     assert (counts["item_text"]["encoded"], counts["item_text"]["reused"]) == (1, 9)
     assert (counts["item_image"]["encoded"], counts["item_image"]["reused"]) == (0, 10)
     assert text.rows == 1
-    after = read_embedding_table(tmp_path / "art" / "embeddings" / "item_text.parquet")
+    after = read_artifact_table(tmp_path / "art" / "embeddings" / "item_text.parquet")
     changed = [i for i in range(10) if before[1][i] != after[1][i]]
     assert changed == [3]
     np.testing.assert_array_equal(np.delete(before[3], 3, 0), np.delete(after[3], 3, 0))
@@ -106,14 +106,14 @@ def test_deleted_ids_are_dropped_and_a_new_model_reencodes_everything(tmp_path: 
     run_embed(tmp_path / "data", tmp_path / "art", encoders=encoders, show_progress=False)
     counts = last_counts(tmp_path / "art")["item_text"]
     assert (counts["rows"], counts["encoded"], counts["reused"], counts["dropped"]) == (9, 0, 9, 1)
-    ids = read_embedding_table(tmp_path / "art" / "embeddings" / "item_text.parquet")[0]
+    ids = read_artifact_table(tmp_path / "art" / "embeddings" / "item_text.parquet")[0]
     assert "i0" not in ids
 
     new_model, _ = fake_encoders(model_id="hash-v2")
     run_embed(tmp_path / "data", tmp_path / "art", encoders=new_model, show_progress=False)
     counts = last_counts(tmp_path / "art")["item_text"]
     assert (counts["encoded"], counts["reused"]) == (9, 0)
-    assert set(read_embedding_table(tmp_path / "art" / "embeddings" / "item_text.parquet")[2]) == {"hash-v2"}
+    assert set(read_artifact_table(tmp_path / "art" / "embeddings" / "item_text.parquet")[2]) == {"hash-v2"}
 
 
 def test_bad_media_lands_in_failures_and_the_item_is_kept(tmp_path: Path) -> None:
@@ -139,8 +139,8 @@ def test_bad_media_lands_in_failures_and_the_item_is_kept(tmp_path: Path) -> Non
     assert "symlink" in errors["i4"] and "outside" in errors["i4"]
     assert "outside the data directory" in errors["i5"]
     assert failures.filter(pl.col("id") == "i5")["path"].item() == "../secret.bin"
-    image_ids = read_embedding_table(tmp_path / "art" / "embeddings" / "item_image.parquet")[0]
-    text_ids = read_embedding_table(tmp_path / "art" / "embeddings" / "item_text.parquet")[0]
+    image_ids = read_artifact_table(tmp_path / "art" / "embeddings" / "item_image.parquet")[0]
+    text_ids = read_artifact_table(tmp_path / "art" / "embeddings" / "item_text.parquet")[0]
     assert sorted(image_ids) == sorted({f"i{i}" for i in range(10)} - {"i1", "i2", "i4", "i5"})
     assert len(text_ids) == 10  # every item kept, served from the modalities it has
     assert report.counts["item_image"].failed == 4
@@ -169,7 +169,7 @@ def test_precomputed_embeddings_are_taken_as_they_are(tmp_path: Path) -> None:
         data / "embeddings" / "item_audio_vggish.parquet")
     encoders, _ = fake_encoders()
     report = run_embed(data, tmp_path / "art", encoders=encoders, show_progress=False)
-    ids, hashes, models, matrix = read_embedding_table(tmp_path / "art" / "embeddings" / "item_audio_vggish.parquet")
+    ids, hashes, models, matrix = read_artifact_table(tmp_path / "art" / "embeddings" / "item_audio_vggish.parquet")
     assert ids == [f"i{i}" for i in range(5)]
     expected = vectors[:5] / np.linalg.norm(vectors[:5], axis=1, keepdims=True)
     np.testing.assert_allclose(matrix, expected, rtol=1e-6)

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from pipeline.embed import read_embedding_table, run_embed
+from pipeline.embed import read_artifact_table, run_embed
 from pipeline.manifest import read_manifest
 
 pytestmark = pytest.mark.integration
@@ -59,13 +59,13 @@ def test_corrupt_jpeg_and_missing_audio_land_in_failures_with_items_kept(real_ru
     assert "not found" in failures.filter(pl.col("modality") == "audio")["error"].item()
     assert "truncated" in failures.filter(pl.col("modality") == "image")["error"].item()
     emb = base / "art" / "embeddings"
-    assert bad_image["item_id"] not in read_embedding_table(emb / "item_image.parquet")[0]
-    assert bad_audio["item_id"] not in read_embedding_table(emb / "item_audio.parquet")[0]
+    assert bad_image["item_id"] not in read_artifact_table(emb / "item_image.parquet")[0]
+    assert bad_audio["item_id"] not in read_artifact_table(emb / "item_audio.parquet")[0]
     # Both items are kept: served from their other modalities.
-    assert {bad_image["item_id"], bad_audio["item_id"]} <= set(read_embedding_table(emb / "item_text.parquet")[0])
-    assert read_embedding_table(emb / "item_image.parquet")[3].shape[1] == 1280
-    assert read_embedding_table(emb / "item_audio.parquet")[3].shape[1] == 384
-    assert read_embedding_table(emb / "item_text.parquet")[3].shape[1] == 384
+    assert {bad_image["item_id"], bad_audio["item_id"]} <= set(read_artifact_table(emb / "item_text.parquet")[0])
+    assert read_artifact_table(emb / "item_image.parquet")[3].shape[1] == 1280
+    assert read_artifact_table(emb / "item_audio.parquet")[3].shape[1] == 384
+    assert read_artifact_table(emb / "item_text.parquet")[3].shape[1] == 384
 
 
 def test_rerun_after_a_title_change_encodes_exactly_one_text_row(real_run) -> None:
@@ -116,8 +116,8 @@ def test_killed_run_resumes_to_the_same_tables_with_real_weights(tmp_path: Path,
     a = pq.read_table(tmp_path / "clean" / "embeddings" / "item_text.parquet")
     b = pq.read_table(killed / "embeddings" / "item_text.parquet")
     assert a.column("id").equals(b.column("id")) and a.column("content_hash").equals(b.column("content_hash"))
-    va = read_embedding_table(tmp_path / "clean" / "embeddings" / "item_text.parquet")[3]
-    vb = read_embedding_table(killed / "embeddings" / "item_text.parquet")[3]
+    va = read_artifact_table(tmp_path / "clean" / "embeddings" / "item_text.parquet")[3]
+    vb = read_artifact_table(killed / "embeddings" / "item_text.parquet")[3]
     # Same rows, same vectors; batches differ after a resume, so allow float rounding only.
     np.testing.assert_allclose(va, vb, atol=1e-5)
 

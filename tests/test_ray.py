@@ -18,7 +18,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from pipeline.config import AudioConfig, Config, EmbedConfig, ImageConfig, RayConfig, TextConfig
-from pipeline.embed import read_embedding_table, run_embed
+from pipeline.embed import read_artifact_table, run_embed
 from pipeline.errors import FusionrecError
 from tests.tiny_models import tiny_text_model
 
@@ -71,7 +71,7 @@ def tiny_catalog(root: Path) -> Path:
 
 
 def tables(art: Path) -> dict[str, tuple]:
-    return {p.stem: read_embedding_table(p) for p in sorted((art / "embeddings").glob("*_*.parquet"))
+    return {p.stem: read_artifact_table(p) for p in sorted((art / "embeddings").glob("*_*.parquet"))
             if p.name != "failures.parquet"}
 
 

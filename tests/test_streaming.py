@@ -14,7 +14,7 @@ from polars.testing import assert_frame_equal
 
 from pipeline import index as fidx
 from pipeline import streaming
-from pipeline.embed import ModalityEncoder, read_embedding_table, run_embed
+from pipeline.embed import ModalityEncoder, read_artifact_table, run_embed
 from pipeline.errors import InputError
 from pipeline.tables import read_table
 from tests.tiny_models import HashEncoder
@@ -59,7 +59,7 @@ def test_streamed_hashes_are_the_embedding_jobs_hashes(tmp_path: Path) -> None:
     run_embed(data, tmp_path / "art", encoders={"text": ModalityEncoder("hash-v1", 8, text.encode,
                                                                          preprocess_id="clean-v1")},
               show_progress=False)
-    ids, hashes, _, _ = read_embedding_table(tmp_path / "art" / "embeddings" / "item_text.parquet")
+    ids, hashes, _, _ = read_artifact_table(tmp_path / "art" / "embeddings" / "item_text.parquet")
 
     stats = streaming.stream_text_hashes(data / "items.csv", tmp_path / "hashes.parquet", model_id="hash-v1",
                                          preprocess_id="clean-v1", batch_rows=4)
