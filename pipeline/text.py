@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import html
 import importlib.resources
-import os
 import re
 import unicodedata
 from pathlib import Path
@@ -101,7 +100,6 @@ class TextEncoder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1") if self.model == DEFAULT_TEXT_MODEL else None
         with _load_errors(self.model_path):
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), trust_remote_code=False)
             self._model = AutoModel.from_pretrained(str(self.model_path), trust_remote_code=False,

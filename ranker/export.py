@@ -138,20 +138,28 @@ def read_pairs(path: Path | str) -> pl.DataFrame:
     (`InputError`, exit 2) naming the file, the row (1-based data row) and the field.
     """
     path = Path(path)
-    fmt = _format(path)
-    if not path.is_file():
-        raise InputError("no such file", file=str(path))
-    frame = _read(path, fmt, string_ids=True)
-    for column in ("user_id", "item_id"):
-        if column not in frame.columns:
-            raise InputError(f"missing required column '{column}' (columns: {', '.join(frame.columns) or 'none'})",
-                             file=str(path), field=column)
+    frame = read_id_table(path, ("user_id", "item_id"))
     frame = frame.with_columns(pl.col("user_id", "item_id").cast(pl.String).str.strip_chars())
     for column in ("user_id", "item_id"):
         bad = frame[column].is_null() | (frame[column] == "")
         if bad.any():
             row = int(bad.arg_true()[0]) + 1
             raise InputError("empty id", file=str(path), row=row, field=column)
+    return frame
+
+
+def read_id_table(path: Path | str, required: tuple[str, ...]) -> pl.DataFrame:
+    """A .parquet, .csv or .jsonl table with ids read as text; a missing file, unknown format
+    or missing `required` column is bad input (`InputError`) naming the file and the field."""
+    path = Path(path)
+    fmt = _format(path)
+    if not path.is_file():
+        raise InputError("no such file", file=str(path))
+    frame = _read(path, fmt, string_ids=True)
+    for column in required:
+        if column not in frame.columns:
+            raise InputError(f"missing required column '{column}' (columns: {', '.join(frame.columns) or 'none'})",
+                             file=str(path), field=column)
     return frame
 
 

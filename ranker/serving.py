@@ -12,7 +12,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.errors import FusionrecError, InputError
+from pipeline.errors import FusionrecError
 from pipeline.indexing import load_snapshot
 from pipeline.retrieval import Retriever
 
@@ -105,11 +105,7 @@ class Recommender:
 
 def read_users(path: Path | str) -> list[str]:
     """The user ids of a `--users` file (.parquet, .csv or .jsonl with a user_id column)."""
-    from .export import _format, _read
+    from .export import read_id_table
 
-    path = Path(path)
-    frame = _read(path, _format(path), string_ids=True)
-    if "user_id" not in frame.columns:
-        raise InputError(f"missing required column 'user_id' (columns: {', '.join(frame.columns) or 'none'})",
-                         file=str(path), field="user_id")
+    frame = read_id_table(path, ("user_id",))
     return frame["user_id"].drop_nulls().cast(pl.String).unique(maintain_order=True).to_list()
