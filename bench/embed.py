@@ -30,30 +30,30 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.embed import build_encoders, modality_inputs, precomputed_tables, run_embed  # noqa: E402
+from pipeline.embed import build_encoders, modality_contents, precomputed_tables, run_embed  # noqa: E402
 from pipeline.tables import load_items, load_users, resolve_media  # noqa: E402
 
 
-def raw_pass(inputs, encoders, data_dir: Path) -> dict[str, float]:
+def raw_pass(inputs: dict[tuple[str, str], list[str]], encoders, data_dir: Path) -> dict[str, float]:
     """Decode + forward for every row, modality by modality, nothing else."""
     out: dict[str, float] = {}
-    for inp in inputs:
-        enc = encoders.get(inp.modality)
+    for (kind, modality), contents in inputs.items():
+        enc = encoders.get(modality)
         if enc is None:
             continue
         t0 = time.perf_counter()
         if enc.prepare is None:
-            batch = list(inp.contents)
+            batch = list(contents)
         else:
             batch = []
-            for rel in inp.contents:
+            for rel in contents:
                 try:
                     batch.append(enc.prepare(resolve_media(data_dir, rel)))
                 except Exception:  # noqa: BLE001 - the job skips bad files too
                     pass
         if batch:
             enc.encode(batch)
-        out[f"{inp.kind}_{inp.modality}"] = time.perf_counter() - t0
+        out[f"{kind}_{modality}"] = time.perf_counter() - t0
     return out
 
 
@@ -66,13 +66,16 @@ def main() -> None:
 
     cfg = load_config()
     items, users = load_items(args.data), load_users(args.data)
-    inputs = [m for m in modality_inputs(items, users) if (m.kind, m.modality) not in precomputed_tables(args.data)]
+    inputs = {(kind, modality): rows["content"].to_list()
+              for kind, frame in (("item", items), ("user", users)) if frame is not None
+              for modality, rows in modality_contents(frame, kind).items()
+              if rows.height and (kind, modality) not in precomputed_tables(args.data)}
     t0 = time.perf_counter()
-    encoders = build_encoders(cfg.embed, {m.modality for m in inputs})
+    encoders = build_encoders(cfg.embed, {modality for _, modality in inputs})
     # Warm up: load weights and run one batch per modality, outside both timings.
-    for inp in inputs:
-        enc = encoders[inp.modality]
-        first = inp.contents[:1] if enc.prepare is None else [enc.prepare(resolve_media(args.data, inp.contents[0]))]
+    for (_, modality), contents in inputs.items():
+        enc = encoders[modality]
+        first = contents[:1] if enc.prepare is None else [enc.prepare(resolve_media(args.data, contents[0]))]
         enc.encode(first)
     load_seconds = time.perf_counter() - t0
 
@@ -118,7 +121,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| table | rows | raw pass (s) | job (s) |\n|---|---:|---:|---:|")
+    print("| table | rows | raw pass (s) | job (s) |\n|---|---:|---:|---:|")
     for name, r in rows.items():
         print(f"| {name} | {r['rows']} | {r['raw_s']} | {r['job_s']} |")
     print(f"\njob throughput / raw forward pass: {result['throughput_ratio']:.3f} (goal >= 0.90)")

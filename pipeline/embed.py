@@ -12,6 +12,7 @@ job killed mid-way redoes at most one shard. Final tables appear by atomic renam
 from __future__ import annotations
 
 import concurrent.futures as futures
+import contextlib
 import json
 import logging
 import shutil
@@ -30,7 +31,7 @@ from .config import Config, EmbedConfig
 from .errors import ConfigError, FusionrecError, InputError, MediaError
 from .manifest import RunRecord, hash_inputs
 from .storage import ArtifactLock, clean_temporaries, sha256_bytes, sha256_file, write_parquet
-from .tables import load_items, load_users, resolve_media
+from .tables import resolve_media
 from .text import clean_text, item_text
 
 log = logging.getLogger("fusionrec.embed")
@@ -56,14 +57,6 @@ class ModalityEncoder:
     prepare: Callable[[Path], Any] | None = None
     preprocess_id: str = ""  # preprocessing settings folded into each content hash
     files: dict[str, str] = field(default_factory=dict)  # sha256 of the model files it loaded (manifest)
-
-
-@dataclass(frozen=True)
-class ModalityInput:
-    kind: str  # item | user
-    modality: str
-    ids: list[str]
-    contents: list[str]  # the text, or the media path relative to the data directory
 
 
 @dataclass
@@ -156,26 +149,104 @@ def _jsonable(obj: Any) -> Any:
 
 # --------------------------------------------------------------------------- inputs
 
+# One modality's rows for this run, as the plan file holds them: `content` is the text or the
+# media path as the table gives it, `input` what the encoder reads (the text, or the resolved
+# media path), `error` why a media row cannot be used (null when it can).
+PLAN_SCHEMA = pa.schema([("row", pa.int64()), ("id", pa.string()), ("content", pa.string()),
+                         ("content_hash", pa.string()), ("input", pa.string()), ("error", pa.string())])
+TODO_SCHEMA = pa.schema([("row", pa.int64()), ("id", pa.string()), ("content_hash", pa.string()),
+                         ("input", pa.string())])
 
-def modality_inputs(items: pl.DataFrame, users: pl.DataFrame | None) -> list[ModalityInput]:
-    """Which rows have which modality; rows without a value simply lack that modality."""
-    out: list[ModalityInput] = []
-    text = items.select("item_id", item_text(items).alias("content")).drop_nulls("content")
-    out.append(ModalityInput("item", "text", text["item_id"].to_list(), text["content"].to_list()))
-    for modality in MEDIA_MODALITIES:
-        if modality in items.columns:
-            rows = items.select("item_id", pl.col(modality).alias("content")).drop_nulls("content")
-            out.append(ModalityInput("item", modality, rows["item_id"].to_list(), rows["content"].to_list()))
-    if users is not None:
-        if "text" in users.columns:
-            rows = users.select("user_id", pl.col("text").map_elements(clean_text, return_dtype=pl.String)
-                                .replace("", None).alias("content")).drop_nulls("content")
-            out.append(ModalityInput("user", "text", rows["user_id"].to_list(), rows["content"].to_list()))
-        for modality in MEDIA_MODALITIES:
-            if modality in users.columns:
-                rows = users.select("user_id", pl.col(modality).alias("content")).drop_nulls("content")
-                out.append(ModalityInput("user", modality, rows["user_id"].to_list(), rows["content"].to_list()))
-    return [m for m in out if m.ids]
+
+@dataclass(frozen=True)
+class ModalityPlan:
+    """The rows of one (kind, modality) in this run: a Parquet file of PLAN_SCHEMA, input order."""
+
+    kind: str  # item | user
+    modality: str
+    path: Path
+    rows: int
+
+
+@dataclass(frozen=True)
+class TodoRows:
+    """The rows an engine must encode: a Parquet file of TODO_SCHEMA (row: the plan's row)."""
+
+    kind: str
+    modality: str
+    path: Path
+    rows: int
+
+
+def table_modalities(kind: str, columns: list[str]) -> list[str]:
+    """The modalities a table with these columns can have (a column of nulls still counts)."""
+    text_columns = ("title", "description", "tags") if kind == "item" else ("text",)
+    return ([m for m in ("text",) if any(c in columns for c in text_columns)]
+            + [m for m in MEDIA_MODALITIES if m in columns])
+
+
+def modality_contents(frame: pl.DataFrame, kind: str) -> dict[str, pl.DataFrame]:
+    """Per modality, `id, content` of the rows of a validated items or users frame that have it.
+
+    Item text is title, description and tags cleaned (`item_text`); user text is the cleaned
+    `text` column; media contents are the paths as given. Rows without a value lack the modality.
+    """
+    id_column = f"{kind}_id"
+    out: dict[str, pl.DataFrame] = {}
+    for modality in table_modalities(kind, frame.columns):
+        if modality != "text":
+            content = pl.col(modality)
+        elif kind == "item":
+            content = item_text(frame)
+        else:
+            content = pl.col("text").map_elements(clean_text, return_dtype=pl.String).replace("", None)
+        out[modality] = frame.select(pl.col(id_column).alias("id"), content.alias("content")).drop_nulls("content")
+    return out
+
+
+def write_plans(data_dir: Path, kind: str, encoders: dict[str, ModalityEncoder], work_dir: Path, *,
+                keep_ids: bool = False, batch_rows: int = 16_384,
+                advance: Callable[[int], None] | None = None) -> tuple[list[ModalityPlan], Path | None]:
+    """Read and validate the items or users table in batches and write, per modality with an
+    encoder, its plan: every row's content, content hash and input, or why it cannot be used.
+
+    Memory: one batch. Nothing is written under a final name, so a table that fails validation
+    half-way leaves the artifacts as they were. keep_ids: also write every id of the table
+    (`work_dir/{kind}_ids.parquet`, returned), to match precomputed tables against.
+    """
+    from .streaming import ParquetSink, table_columns, validated_batches
+    from .tables import find_table
+
+    path = find_table(data_dir, f"{kind}s", required=kind == "item")
+    if path is None:
+        return [], None
+    modalities = [m for m in table_modalities(kind, table_columns(path)) if m in encoders]
+    with contextlib.ExitStack() as stack:
+        sinks = {m: stack.enter_context(ParquetSink(shard_dir(work_dir, kind, m) / "plan.parquet", PLAN_SCHEMA))
+                 for m in modalities}
+        ids_path = work_dir / f"{kind}_ids.parquet" if keep_ids else None
+        ids_sink = stack.enter_context(ParquetSink(ids_path, pa.schema([("id", pa.string())]))) if ids_path else None
+        for frame in validated_batches(path, kind, batch_rows):
+            if ids_sink is not None:
+                ids_sink.write(pa.table({"id": frame[f"{kind}_id"].to_arrow()}))
+            for modality, rows in modality_contents(frame, kind).items():
+                if modality not in sinks or not rows.height:
+                    continue
+                contents = rows["content"].to_list()
+                hashes, paths, errors = content_hashes(modality, contents, encoders[modality], data_dir)
+                inputs = contents if modality == "text" else [str(p) if p is not None else None for p in paths]
+                first = sinks[modality].rows
+                sinks[modality].write(pa.table({
+                    "row": pa.array(np.arange(first, first + rows.height), pa.int64()),
+                    "id": rows["id"].to_arrow(), "content": pa.array(contents, pa.string()),
+                    "content_hash": pa.array(hashes, pa.string()), "input": pa.array(inputs, pa.string()),
+                    "error": pa.array([errors.get(i) for i in range(rows.height)], pa.string())}))
+            if advance:
+                advance(frame.height)
+    for sink in sinks.values():
+        if not sink.rows:  # a column with no values: no table for that modality
+            shutil.rmtree(sink.path.parent, ignore_errors=True)
+    return [ModalityPlan(kind, m, sink.path, sink.rows) for m, sink in sinks.items() if sink.rows], ids_path
 
 
 def precomputed_tables(data_dir: Path) -> dict[tuple[str, str], Path]:
@@ -262,8 +333,8 @@ def table_path(art_dir: Path, kind: str, modality: str) -> Path:
 # --------------------------------------------------------------------------- hashing
 
 
-def content_hashes(inp: ModalityInput, enc: ModalityEncoder, data_dir: Path) -> tuple[list[str], list[Path | None],
-                                                                                      dict[int, str]]:
+def content_hashes(modality: str, contents: list[str], enc: ModalityEncoder, data_dir: Path
+                   ) -> tuple[list[str], list[Path | None], dict[int, str]]:
     """Hash each row's raw content with the model id and preprocessing config.
 
     Media rows hash the file's bytes; a path that is missing or refused gets a hash of its
@@ -273,9 +344,9 @@ def content_hashes(inp: ModalityInput, enc: ModalityEncoder, data_dir: Path) -> 
     hashes: list[str] = []
     paths: list[Path | None] = []
     errors: dict[int, str] = {}
-    if inp.modality not in MEDIA_MODALITIES:
-        return [sha256_bytes(salt + c.encode("utf-8")) for c in inp.contents], [None] * len(inp.ids), errors
-    for i, rel in enumerate(inp.contents):
+    if modality not in MEDIA_MODALITIES:
+        return [sha256_bytes(salt + c.encode("utf-8")) for c in contents], [None] * len(contents), errors
+    for i, rel in enumerate(contents):
         try:
             path = resolve_media(data_dir, rel)
             if not path.is_file():
@@ -295,26 +366,25 @@ def content_hashes(inp: ModalityInput, enc: ModalityEncoder, data_dir: Path) -> 
 # --------------------------------------------------------------------------- the job
 
 
+def shard_dir(work_dir: Path, kind: str, modality: str) -> Path:
+    """`ART/embeddings/.shards/{kind}_{modality}`: one modality's work in flight (plan, shards)."""
+    return Path(work_dir) / f"{kind}_{modality}"
+
+
 class ShardCache:
-    """Finished shards of one (kind, modality): content hash -> vector."""
+    """Finished shards of one (kind, modality), each a small embedding table; the job's
+    HashIndex finds vectors in them by content hash, as in the previous final table."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.vectors: dict[str, np.ndarray] = {}
-        if directory.is_dir():
-            for path in sorted(directory.glob("shard-*.parquet")):
-                try:
-                    ids, hashes, _, matrix = read_artifact_table(path)
-                except Exception:  # noqa: BLE001 - a damaged shard is only lost work
-                    log.warning("ignoring unreadable shard %s", path)
-                    continue
-                self.vectors.update(zip(hashes, matrix))
 
-    def write(self, ids: list[str], hashes: list[str], model: str, matrix: np.ndarray) -> None:
-        key = sha256_bytes("".join(hashes).encode())[:16]
-        write_parquet(embedding_table(ids, hashes, [model] * len(ids), matrix),
-                      self.directory / f"shard-{key}.parquet")
-        self.vectors.update(zip(hashes, matrix))
+    def files(self) -> list[Path]:
+        return sorted(self.directory.glob("shard-*.parquet")) if self.directory.is_dir() else []
+
+    def write(self, ids: list[str], hashes: list[str], model: str, matrix: np.ndarray) -> Path:
+        path = self.directory / f"shard-{sha256_bytes(''.join(hashes).encode())[:16]}.parquet"
+        write_parquet(embedding_table(ids, hashes, [model] * len(ids), matrix), path)
+        return path
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -356,104 +426,163 @@ def _prepared(enc: ModalityEncoder, paths: list[Path], workers: int) -> Iterator
             yield done.result()
 
 
-# One encoded batch from an engine: (rows encoded, their vectors, {row: error}, rows handled).
-EncodedBatch = tuple[list[int], np.ndarray, dict[int, str], int]
-EncodeRows = Callable[[ModalityInput, ModalityEncoder, list[int], list[Path | None], EmbedConfig],
-                      Iterator[EncodedBatch]]
+@dataclass
+class EncodedShard:
+    """What an engine hands back for one shard of the rows to encode."""
+
+    rows: np.ndarray  # the plan rows encoded (int64)
+    ids: list[str]
+    hashes: list[str]
+    vectors: np.ndarray  # (len(rows), dim) float32
+    errors: dict[int, str]  # plan row -> why its media could not be decoded
+    handled: int  # rows of the todo table this shard covers (encoded or failed)
 
 
-def encode_local(inp: ModalityInput, enc: ModalityEncoder, todo: list[int], paths: list[Path | None],
-                 cfg: EmbedConfig) -> Iterator[EncodedBatch]:
-    """The local engine: shards of `shard_size` rows, media decoded in threads, encoded here."""
-    for start in range(0, len(todo), cfg.shard_size):
-        shard = todo[start:start + cfg.shard_size]
+EncodeRows = Callable[[TodoRows, ModalityEncoder, EmbedConfig], Iterator[EncodedShard]]
+
+
+def encode_local(todo: TodoRows, enc: ModalityEncoder, cfg: EmbedConfig) -> Iterator[EncodedShard]:
+    """The local engine: shards of `shard_size` rows read from the todo table, media decoded
+    in threads, encoded here."""
+    for batch in pq.ParquetFile(todo.path).iter_batches(batch_size=cfg.shard_size):
+        rows = batch.column("row").to_numpy()
+        inputs = batch.column("input").to_pylist()
         errors: dict[int, str] = {}
         if enc.prepare is None:
-            ok, inputs = shard, [inp.contents[i] for i in shard]
+            ok = np.arange(len(rows))
         else:
-            ok, inputs = [], []
-            for i, (x, err) in zip(shard, _prepared(enc, [paths[i] for i in shard], cfg.decode_workers)):
+            ok_list, prepared = [], []
+            for j, (x, err) in enumerate(_prepared(enc, [Path(p) for p in inputs], cfg.decode_workers)):
                 if err is None:
-                    ok.append(i)
-                    inputs.append(x)
+                    ok_list.append(j)
+                    prepared.append(x)
                 else:
-                    errors[i] = err
-        yield ok, (enc.encode(inputs) if ok else np.zeros((0, enc.dim), np.float32)), errors, len(shard)
+                    errors[int(rows[j])] = err
+            ok, inputs = np.asarray(ok_list, dtype=np.int64), prepared
+        matrix = enc.encode(inputs) if len(ok) else np.zeros((0, enc.dim), np.float32)
+        ids, hashes = batch.column("id").to_pylist(), batch.column("content_hash").to_pylist()
+        yield EncodedShard(rows[ok], [ids[j] for j in ok], [hashes[j] for j in ok], matrix, errors, len(rows))
 
 
-def embed_modality(inp: ModalityInput, enc: ModalityEncoder, data_dir: Path, art_dir: Path, cfg: EmbedConfig,
-                   progress: Callable[[int], None] | None = None, encode_rows: EncodeRows | None = None
-                   ) -> tuple[ModalityCounts, list[dict[str, str]]]:
+def embed_modality(plan: ModalityPlan, enc: ModalityEncoder, art_dir: Path, cfg: EmbedConfig,
+                   progress: Callable[[int], None] | None = None, encode_rows: EncodeRows | None = None,
+                   batch_rows: int = 16_384) -> tuple[ModalityCounts, list[dict[str, str]]]:
     """Bring `ART/embeddings/{kind}_{modality}.parquet` up to date for one modality.
 
-    `encode_rows` encodes the rows that need it (default `encode_local`; `config.engine = "ray"`
-    passes the Ray engine's).
+    Three streamed passes over the plan, so memory is bounded by a batch, the row groups
+    being read and 28 bytes per row of the hash index, not by the catalog: (1) rows whose
+    content hash is in the previous table or a finished shard are reused, the others go to
+    a todo table; (2) the engine encodes the todo rows in shards (`encode_rows`, default
+    `encode_local`; `config.engine = "ray"` passes the Ray engine's), each written as it
+    comes; (3) the final table is written in plan order from the previous table and the
+    shards. Caching, failures and the final table stay here, so both engines write the same
+    tables.
     """
+    from .streaming import ParquetSink, vector_row_group_rows
+    from .vector_files import HashIndex, VectorReader, hash_keys
+
     t0 = time.perf_counter()
-    counts = ModalityCounts(rows=len(inp.ids), model=enc.model_id)
-    failures: list[dict[str, str]] = []
-    hashes, paths, errors = content_hashes(inp, enc, data_dir)
+    counts = ModalityCounts(rows=plan.rows, model=enc.model_id)
+    final = table_path(art_dir, plan.kind, plan.modality)
+    cache = ShardCache(plan.path.parent)
+    index = HashIndex(([final] if final.is_file() else []) + cache.files())
+    for path in index.skipped_:
+        log.warning("ignoring unreadable %s: its rows are encoded again", path)
+    has_final = bool(index.files_) and index.files_[0] == final
+    if has_final:
+        counts.dropped = _ids_missing_from(final, plan.path)
 
-    final = table_path(art_dir, inp.kind, inp.modality)
-    known: dict[str, np.ndarray] = {}
-    if final.is_file():
-        old_ids, old_hashes, _, old_matrix = read_artifact_table(final)
-        known.update(zip(old_hashes, old_matrix))
-        counts.dropped = len(set(old_ids) - set(inp.ids))
-    cache = ShardCache(final.parent / ".shards" / f"{inp.kind}_{inp.modality}")
+    def plan_batches(columns: list[str]) -> Iterator[pa.RecordBatch]:
+        yield from pq.ParquetFile(plan.path).iter_batches(batch_size=batch_rows, columns=columns)
 
-    vectors: dict[int, np.ndarray] = {}
-    todo: list[int] = []
-    for i, h in enumerate(hashes):
-        if i in errors:
-            continue
-        v = known.get(h)
-        if v is None:
-            v = cache.vectors.get(h)
-            if v is not None:
-                counts.resumed += 1
-        else:
-            counts.reused += 1
-        if v is None:
-            todo.append(i)
-        else:
-            vectors[i] = v
-    if progress:
-        progress(len(inp.ids) - len(todo))
+    # (1) Reuse what is known; the rest is to encode.
+    errors: dict[int, str] = {}
+    todo = TodoRows(plan.kind, plan.modality, plan.path.parent / "todo.parquet", 0)
+    with ParquetSink(todo.path, TODO_SCHEMA, row_group_rows=cfg.shard_size * 64) as sink:
+        for batch in plan_batches(["row", "id", "content_hash", "input", "error"]):
+            failed = batch.column("error").is_valid().to_numpy(zero_copy_only=False)
+            errors.update(zip(batch.column("row").to_numpy()[failed].tolist(),
+                              batch.column("error").filter(pa.array(failed)).to_pylist()))
+            usable = batch.filter(pa.array(~failed))
+            found, file, _ = index.lookup(hash_keys(usable.column("content_hash")))
+            reused = int((found & (file == 0)).sum()) if has_final else 0
+            counts.reused += reused
+            counts.resumed += int(found.sum()) - reused
+            sink.write(usable.filter(pa.array(~found)).select(TODO_SCHEMA.names))
+            if progress:
+                progress(batch.num_rows - int((~found).sum()))
+    todo = TodoRows(todo.kind, todo.modality, todo.path, sink.rows)
 
-    # The engine (local loop or Ray actors) encodes the rows in `todo`; caching, failures and
-    # the final table stay here, so both engines write the same tables.
-    for ok, matrix, shard_errors, done in (encode_rows or encode_local)(inp, enc, todo, paths, cfg):
-        errors.update(shard_errors)
-        if ok:
-            matrix = np.asarray(matrix, dtype=np.float32)
-            if matrix.shape != (len(ok), enc.dim):
-                raise FusionrecError(f"{inp.modality} encoder returned shape {matrix.shape}, "
-                                     f"expected ({len(ok)}, {enc.dim})")
-            cache.write([inp.ids[i] for i in ok], [hashes[i] for i in ok], enc.model_id, matrix)
-            vectors.update(zip(ok, matrix))
-            counts.encoded += len(ok)
-        if progress:
-            progress(done)
+    # (2) The engine (local loop or Ray actors) encodes the todo rows.
+    written: list[Path] = []
+    if todo.rows:
+        for shard in (encode_rows or encode_local)(todo, enc, cfg):
+            errors.update(shard.errors)
+            if len(shard.rows):
+                matrix = np.asarray(shard.vectors, dtype=np.float32)
+                if matrix.shape != (len(shard.rows), enc.dim):
+                    raise FusionrecError(f"{plan.modality} encoder returned shape {matrix.shape}, "
+                                         f"expected ({len(shard.rows)}, {enc.dim})")
+                written.append(cache.write(shard.ids, shard.hashes, enc.model_id, matrix))
+                counts.encoded += len(shard.rows)
+            if progress:
+                progress(shard.handled)
+        index.add(written)
 
-    for i, err in sorted(errors.items()):
-        failures.append({"kind": inp.kind, "id": inp.ids[i], "modality": inp.modality,
-                         "path": inp.contents[i], "error": err})
-        if inp.kind == "user":
-            # User ids (and media paths, which often contain them) stay out of logs: logs leave the team.
-            log.warning("a user's %s could not be used: %s (user kept without it; the id is in failures.parquet)",
-                        inp.modality, _redact(err, [inp.contents[i], paths[i]]))
-        else:
-            log.warning("%s %s %s: %s (%s kept without it)", inp.kind, inp.ids[i], inp.modality, err, inp.kind)
+    # (3) The final table, in plan order.
+    failed_rows = np.fromiter(errors, dtype=np.int64, count=len(errors))
+    reader = VectorReader(index.files_, enc.dim)
+    schema = embedding_table([], [], [], np.zeros((0, enc.dim), np.float32)).schema
+    with ParquetSink(final, schema, row_group_rows=vector_row_group_rows(enc.dim)) as sink:
+        for batch in plan_batches(["row", "id", "content_hash"]):
+            batch = batch.filter(pa.array(~np.isin(batch.column("row").to_numpy(), failed_rows)))
+            hashes = batch.column("content_hash")
+            found, file, row = index.lookup(hash_keys(hashes))
+            if not found.all():
+                raise FusionrecError(f"{plan.kind} {plan.modality}: {int((~found).sum())} rows have no vector "
+                                     "after encoding (a shard went missing during the run?)")
+            matrix = reader.take(file, row, np.asarray(hashes.to_pylist(), dtype=str))
+            sink.write(embedding_table(batch.column("id").to_pylist(), hashes.to_pylist(),
+                                       [enc.model_id] * batch.num_rows, matrix))
+
+    failures = _failure_records(plan, errors)
     counts.failed = len(errors)
-
-    order = sorted(vectors)
-    matrix = np.stack([vectors[i] for i in order]) if order else np.zeros((0, enc.dim), np.float32)
-    write_parquet(embedding_table([inp.ids[i] for i in order], [hashes[i] for i in order],
-                                  [enc.model_id] * len(order), matrix), final)
     cache.clear()
     counts.seconds = time.perf_counter() - t0
     return counts, failures
+
+
+def _ids_missing_from(final: Path, plan_path: Path) -> int:
+    """How many ids of the previous table are not in the plan (by 64-bit id hashes)."""
+    def id_hashes(path: Path) -> Iterator[np.ndarray]:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=65_536, columns=["id"]):
+            yield pl.from_arrow(batch.column("id")).hash(seed=0).to_numpy()
+
+    current = np.sort(np.concatenate([np.zeros(0, np.uint64), *id_hashes(plan_path)]))
+    missing = 0
+    for old in id_hashes(final):
+        pos = np.minimum(np.searchsorted(current, old), max(len(current) - 1, 0))
+        missing += int((current[pos] != old).sum()) if len(current) else len(old)
+    return missing
+
+
+def _failure_records(plan: ModalityPlan, errors: dict[int, str]) -> list[dict[str, str]]:
+    """failures.parquet rows of one modality, in plan order; each is logged (user ids kept out)."""
+    if not errors:
+        return []
+    rows = (pl.scan_parquet(plan.path).filter(pl.col("row").is_in(list(errors)))
+            .select("row", "id", "content", "input").sort("row").collect())
+    out: list[dict[str, str]] = []
+    for row, id_, content, resolved in rows.iter_rows():  # failures only: few rows
+        err = errors[row]
+        out.append({"kind": plan.kind, "id": id_, "modality": plan.modality, "path": content, "error": err})
+        if plan.kind == "user":
+            # User ids (and media paths, which often contain them) stay out of logs: logs leave the team.
+            log.warning("a user's %s could not be used: %s (user kept without it; the id is in failures.parquet)",
+                        plan.modality, _redact(err, [content, resolved]))
+        else:
+            log.warning("%s %s %s: %s (%s kept without it)", plan.kind, id_, plan.modality, err, plan.kind)
+    return out
 
 
 def _redact(text: str, paths: list[Any]) -> str:
@@ -488,35 +617,28 @@ def _run_embed(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
     if stale:
         log.info("removed %d temporary files left by an interrupted run", stale)
 
-    items = load_items(data_dir)
-    users = load_users(data_dir)
-    inputs = modality_inputs(items, users)
+    # Which modalities the tables can have decides which encoders to load (their model ids
+    # are part of every content hash, so they come before reading the rows).
+    from .streaming import table_columns
+    from .tables import find_table
+
     precomputed = precomputed_tables(data_dir)
-    to_encode = [m for m in inputs if (m.kind, m.modality) not in precomputed]
+    tables = {kind: find_table(data_dir, f"{kind}s", required=kind == "item") for kind in ("item", "user")}
+    wanted = {kind: [m for m in table_modalities(kind, table_columns(path)) if (kind, m) not in precomputed]
+              for kind, path in tables.items() if path is not None}
     if encoders is None:
-        encoders = build_encoders(config.embed, {m.modality for m in to_encode})
-    to_encode = [m for m in to_encode if m.modality in encoders]
+        encoders = build_encoders(config.embed, {m for mods in wanted.values() for m in mods})
 
     report = EmbedReport()
-    for (kind, modality), path in precomputed.items():
-        known = items["item_id"] if kind == "item" else (users["user_id"] if users is not None else pl.Series([], dtype=pl.String))
-        started = time.perf_counter()
-        table, dropped = read_precomputed(path, kind, known)
-        write_parquet(table, table_path(art_dir, kind, modality))
-        report.counts[f"{kind}_{modality}"] = ModalityCounts(
-            rows=table.num_rows, reused=table.num_rows, dropped=dropped,
-            seconds=time.perf_counter() - started, model=table.column("model")[0].as_py() if table.num_rows else "")
-        if dropped:
-            log.warning("%s: %d ids not in the %s table were ignored", path, dropped, kind + "s")
-
-    with engine as encode_rows, _progress(show_progress) as bar:
-        for inp in to_encode:
-            task = bar.add_task(f"{inp.kind} {inp.modality}", total=len(inp.ids)) if bar else None
-            counts, failures = embed_modality(
-                inp, encoders[inp.modality], data_dir, art_dir, config.embed,
-                progress=(lambda n, task=task: bar.advance(task, n)) if bar else None, encode_rows=encode_rows)
-            report.counts[f"{inp.kind}_{inp.modality}"] = counts
-            report.failures.extend(failures)
+    work_dir = emb_dir / ".shards"
+    try:
+        _embed_all(data_dir, art_dir, config, encoders, tables, wanted, precomputed, work_dir, engine,
+                   show_progress, report)
+    except BaseException:
+        _discard_plans(work_dir)  # a failed run leaves only its finished shards (resumable work)
+        raise
+    with contextlib.suppress(OSError):
+        work_dir.rmdir()  # empty once every modality is done
 
     # Tables of modalities that are no longer produced would serve stale vectors: remove them.
     produced = {f"{k}.parquet" for k in report.counts}
@@ -545,6 +667,62 @@ def _run_embed(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
             f"embed.max_failed_share {config.embed.max_failed_share:.0%}); see {emb_dir / 'failures.parquet'}")
     record.finish("ok")
     return report
+
+
+def _embed_all(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str, ModalityEncoder],
+               tables: dict[str, Path | None], wanted: dict[str, list[str]],
+               precomputed: dict[tuple[str, str], Path], work_dir: Path, engine, show_progress: bool,
+               report: EmbedReport) -> None:
+    """Plans for both tables (read and validated before any final table changes), then the
+    precomputed tables, then each modality; counts and failures go into `report`."""
+    from .streaming import table_rows
+
+    with engine as encode_rows, _progress(show_progress) as bar:
+        plans: list[ModalityPlan] = []
+        known_ids: dict[str, Path | None] = {}
+        for kind, path in tables.items():
+            if path is None:
+                continue
+            task = bar.add_task(f"read {kind}s", total=table_rows(path)) if bar else None
+            kind_plans, known_ids[kind] = write_plans(
+                data_dir, kind, {m: encoders[m] for m in wanted[kind] if m in encoders}, work_dir,
+                keep_ids=any(k == kind for k, _ in precomputed),
+                advance=(lambda n, task=task: bar.advance(task, n)) if bar else None)
+            plans.extend(kind_plans)
+
+        for (kind, modality), path in precomputed.items():
+            ids_path = known_ids.get(kind)
+            known = pl.read_parquet(ids_path)["id"] if ids_path else pl.Series([], dtype=pl.String)
+            started = time.perf_counter()
+            table, dropped = read_precomputed(path, kind, known)
+            write_parquet(table, table_path(art_dir, kind, modality))
+            report.counts[f"{kind}_{modality}"] = ModalityCounts(
+                rows=table.num_rows, reused=table.num_rows, dropped=dropped,
+                seconds=time.perf_counter() - started,
+                model=table.column("model")[0].as_py() if table.num_rows else "")
+            if dropped:
+                log.warning("%s: %d ids not in the %s table were ignored", path, dropped, kind + "s")
+        for ids_path in known_ids.values():
+            if ids_path is not None:
+                ids_path.unlink(missing_ok=True)
+
+        for plan in plans:
+            task = bar.add_task(f"{plan.kind} {plan.modality}", total=plan.rows) if bar else None
+            counts, failures = embed_modality(
+                plan, encoders[plan.modality], art_dir, config.embed,
+                progress=(lambda n, task=task: bar.advance(task, n)) if bar else None, encode_rows=encode_rows)
+            report.counts[f"{plan.kind}_{plan.modality}"] = counts
+            report.failures.extend(failures)
+
+
+def _discard_plans(work_dir: Path) -> None:
+    """Remove this run's plan, todo and id files (rebuilt by every run); keep finished shards."""
+    for pattern in ("*/plan.parquet", "*/todo.parquet", "*_ids.parquet"):
+        for path in work_dir.glob(pattern):
+            path.unlink(missing_ok=True)
+    for directory in [*work_dir.glob("*/"), work_dir]:
+        with contextlib.suppress(OSError):
+            directory.rmdir()  # only when empty
 
 
 def _engine(config: Config, data_dir: Path, explicit: bool):

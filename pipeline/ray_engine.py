@@ -1,9 +1,10 @@
 """The Ray engine of the embedding job (`engine = "ray"`): encoding on a pool of Ray actors.
 
-Only the encoding of rows that need it moves: the driver still reads the inputs, hashes
-them, reuses known vectors, writes shards and the final tables (pipeline.embed), so both
-engines write the same tables. The rows to encode become a Ray Dataset run through
-`map_batches` on an actor pool; each actor builds its own encoder once (from the config,
+Only the encoding of rows that need it moves: the driver still reads the inputs (streamed),
+hashes them, reuses known vectors, writes shards and the final tables (pipeline.embed), so
+both engines write the same tables. The todo table (the rows to encode, Parquet) is read in
+blocks, each put in Ray's object store as it is read (the driver holds one block), and run
+as a Ray Dataset through `map_batches` on an actor pool; each actor builds its own encoder once (from the config,
 or a copy of an encoder given in-process), decodes media itself and returns, per row, a
 vector or the same error text the local engine records. Results stream back to the driver
 in shards of `embed.shard_size` rows, so a killed job still resumes from its shards.
@@ -27,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from .config import Config, EmbedConfig, RayConfig
-from .embed import EncodedBatch, ModalityEncoder, ModalityInput, build_encoders, prepare_one
+from .embed import EncodedShard, ModalityEncoder, TodoRows, build_encoders, prepare_one
 from .errors import FusionrecError
 
 log = logging.getLogger("fusionrec.ray")
@@ -106,12 +107,10 @@ _ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
 _RAY_WRAPPERS = {"UserCodeException", "RayTaskError", "RayActorError", "RaySystemError"}
 
 
-def input_blocks(table: pa.Table, batch_size: int, actors: int) -> list[pa.Table]:
-    """Split the rows to encode into blocks: small catalogs get one block per batch (every
-    actor gets work), large ones about 4 blocks per actor but no more than 16 batches each."""
-    n = table.num_rows
-    per = batch_size * max(1, min(16, math.ceil(n / (batch_size * actors * 4))))
-    return [table.slice(s, per) for s in range(0, n, per)]
+def block_rows(n: int, batch_size: int, actors: int) -> int:
+    """Rows per input block: small catalogs get one block per batch (every actor gets work),
+    large ones about 4 blocks per actor but no more than 16 batches each."""
+    return batch_size * max(1, min(16, math.ceil(n / (batch_size * actors * 4))))
 
 
 class EncodeActor:
@@ -136,7 +135,7 @@ class EncodeActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         enc = self.enc
-        contents = [str(c) for c in batch["content"]]
+        contents = [str(c) for c in batch["input"]]
         n = len(contents)
         errors = [""] * n
         if enc.prepare is None:
@@ -155,8 +154,8 @@ class EncodeActor:
             if matrix.shape != (len(ok), enc.dim):
                 raise FusionrecError(f"encoder returned shape {matrix.shape}, expected ({len(ok)}, {enc.dim})")
             out[ok] = matrix
-        return {"row": np.asarray(batch["row"], dtype=np.int64), "vector": out,
-                "error": np.asarray(errors, dtype=object)}
+        return {"row": np.asarray(batch["row"], dtype=np.int64), "id": batch["id"],
+                "content_hash": batch["content_hash"], "vector": out, "error": np.asarray(errors, dtype=object)}
 
     def _decoded(self, paths: list[str]) -> Iterator[tuple[Any, str | None]]:
         """Decode in threads, in input order, with the local engine's error texts."""
@@ -184,25 +183,26 @@ class RayEncodeRows:
     def close(self) -> None:
         self._runtime.close()
 
-    def __call__(self, inp: ModalityInput, enc: ModalityEncoder, todo: list[int], paths: list[Path | None],
-                 cfg: EmbedConfig) -> Iterator[EncodedBatch]:
-        if not todo:
+    def __call__(self, todo: TodoRows, enc: ModalityEncoder, cfg: EmbedConfig) -> Iterator[EncodedShard]:
+        if not todo.rows:
             return
         if not self._started:
             self._runtime.enter_context(ray_runtime(self.config.ray))
             self._started = True
+        import pyarrow.parquet as pq
         import ray.data
 
         rc = self.config.ray
         media = enc.prepare is not None
-        content = [str(paths[i]) if media else inp.contents[i] for i in todo]
-        table = pa.table({"row": pa.array(todo, pa.int64()), "content": pa.array(content, pa.string())})
-        actors = max(1, min(rc.num_actors, math.ceil(len(todo) / rc.batch_size)))
-        source = enc if self.ship_encoders else (cfg, inp.modality)
-        log.info("%s %s: %d rows on %d Ray actors", inp.kind, inp.modality, len(todo), actors)
+        actors = max(1, min(rc.num_actors, math.ceil(todo.rows / rc.batch_size)))
+        source = enc if self.ship_encoders else (cfg, todo.modality)
+        log.info("%s %s: %d rows on %d Ray actors", todo.kind, todo.modality, todo.rows, actors)
+        blocks = [ray.put(pa.Table.from_batches([b]))
+                  for b in pq.ParquetFile(todo.path).iter_batches(
+                      batch_size=block_rows(todo.rows, rc.batch_size, actors))]
         # A Dataset copies the DataContext when it is created: set the options first.
         with data_context(preserve_order=False):
-            ds = ray.data.from_arrow(input_blocks(table, rc.batch_size, actors)).map_batches(
+            ds = ray.data.from_arrow_refs(blocks).map_batches(
                 EncodeActor, fn_constructor_kwargs={"source": source, "model_id": enc.model_id, "dim": enc.dim,
                                                     "decode_workers": cfg.decode_workers if media else 1},
                 batch_size=rc.batch_size, batch_format="numpy", zero_copy_batch=True,
@@ -210,20 +210,21 @@ class RayEncodeRows:
                 num_gpus=rc.num_gpus_per_actor or None)
             try:
                 for out in ds.iter_batches(batch_size=cfg.shard_size, batch_format="numpy"):
-                    yield self._batch(out, enc.dim)
+                    yield self._shard(out, enc.dim)
             except FusionrecError:
                 raise
             except Exception as exc:  # noqa: BLE001 - Ray wraps the actor's error; report its cause
-                raise FusionrecError(f"Ray encoding of {inp.kind} {inp.modality} failed: {root_cause(exc)}") from exc
+                raise FusionrecError(f"Ray encoding of {todo.kind} {todo.modality} failed: {root_cause(exc)}") from exc
 
     @staticmethod
-    def _batch(out: dict[str, np.ndarray], dim: int) -> EncodedBatch:
+    def _shard(out: dict[str, np.ndarray], dim: int) -> EncodedShard:
         rows = out["row"].astype(np.int64)
         err = np.asarray([str(e) if e is not None else "" for e in out["error"]], dtype=object)
         good = err == ""
         matrix = np.asarray(out["vector"], dtype=np.float32).reshape(len(rows), dim)[good]
         errors = {int(r): str(e) for r, e in zip(rows[~good], err[~good])}
-        return [int(r) for r in rows[good]], matrix, errors, len(rows)
+        return EncodedShard(rows[good], [str(v) for v in out["id"][good]],
+                            [str(v) for v in out["content_hash"][good]], matrix, errors, len(rows))
 
 
 @contextlib.contextmanager

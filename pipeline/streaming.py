@@ -4,10 +4,9 @@ For catalogs that outgrow memory: tables are read in record batches (Arrow), so 
 bounded by the batch and the Parquet row group, not by the number of rows.
 
 - `iter_table`: a Parquet or CSV table as polars frames of `batch_rows` rows.
-- `stream_text_hashes`: the item text and its content hash (exactly the embedding job's)
-  for every item, written to an `id, content_hash` Parquet file batch by batch;
-  `rows_to_encode` then finds the new or changed ids against an existing embedding table
-  without loading its vectors.
+- `validated_batches`: the items or users table, validated as `pipeline.tables` does, in
+  batches (the embedding job's input).
+- `ParquetSink` / `write_batches`: Parquet files written batch by batch, atomically.
 - `build_index_from_parquet`: a FAISS index trained on a seeded sample of the vectors and
   filled chunk by chunk from embedding tables, never holding all vectors; with IVF-PQ
   (`IVF4096,PQ48`, `OPQ48,IVF4096,PQ48`) the index itself holds m + 8 bytes per vector.
@@ -35,7 +34,6 @@ from .storage import atomic_path
 
 DEFAULT_BATCH_ROWS = 16_384
 ROW_GROUP_ROWS = 65_536
-ITEM_TEXT_SOURCE = ("item_id", "title", "description", "tags")
 
 
 # --------------------------------------------------------------------------- reading
@@ -56,6 +54,8 @@ def table_columns(path: Path | str) -> list[str]:
     """Column names of a Parquet or CSV table, from its schema or header only."""
     path = Path(path)
     try:
+        if path.stat().st_size == 0:
+            raise InputError("the file is empty", file=str(path))
         if path.suffix == ".parquet":
             return list(_parquet(path).schema_arrow.names)
         with open(path, encoding="utf-8", newline="") as fh:
@@ -63,6 +63,10 @@ def table_columns(path: Path | str) -> list[str]:
 
             return next(csv.reader(fh))
     except (OSError, StopIteration, pa.ArrowException, UnicodeDecodeError) as exc:
+        if path.suffix == ".csv" and not isinstance(exc, OSError):
+            from .tables import read_table
+
+            read_table(path)  # raises with the row and field where it can tell them
         raise InputError(f"cannot read the table: {exc}", file=str(path)) from None
 
 
@@ -70,8 +74,8 @@ def iter_table(path: Path | str, columns: Sequence[str] | None = None,
                batch_rows: int = DEFAULT_BATCH_ROWS) -> Iterator[pl.DataFrame]:
     """The rows of a Parquet or CSV table as frames of at most `batch_rows` rows.
 
-    CSV columns are read as strings (as `pipeline.tables.read_table` does); quoted cells may
-    hold newlines. `columns`: only these (each must exist).
+    CSV columns are read as strings by the parser `pipeline.tables.read_table` uses; quoted
+    cells may hold newlines. `columns`: only these (each must exist).
     """
     path = Path(path)
     present = table_columns(path)
@@ -84,31 +88,13 @@ def iter_table(path: Path | str, columns: Sequence[str] | None = None,
             for batch in _parquet(path).iter_batches(batch_size=batch_rows, columns=list(columns) if columns else None):
                 yield pl.from_arrow(pa.Table.from_batches([batch]))
             return
-        import pyarrow.csv as pacsv
-
-        wanted = list(columns) if columns else present
-        reader = pacsv.open_csv(
-            path, read_options=pacsv.ReadOptions(block_size=1 << 24),
-            parse_options=pacsv.ParseOptions(newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in present},
-                                                 include_columns=wanted, null_values=[""], strings_can_be_null=True,
-                                                 quoted_strings_can_be_null=False))
-        pending: list[pl.DataFrame] = []
-        size = 0
-        for batch in reader:  # CSV blocks are sized in bytes: regroup them into batch_rows rows
-            frame = pl.from_arrow(pa.Table.from_batches([batch]))
-            while frame.height:
-                take = frame.head(batch_rows - size)
-                pending.append(take)
-                size += take.height
-                frame = frame.slice(take.height)
-                if size == batch_rows:
-                    yield pl.concat(pending)
-                    pending, size = [], 0
-        if pending:
-            yield pl.concat(pending)
-    except pa.ArrowException as exc:
-        raise InputError(f"cannot parse the table: {str(exc).splitlines()[0]}", file=str(path)) from None
+        # Polars' streaming CSV reader: the parser of `read_table`, so both accept the same files.
+        # Every column is parsed (a projection would skip checking a row's extra cells).
+        lazy = pl.scan_csv(path, infer_schema=False, quote_char='"', raise_if_empty=True)
+        for frame in lazy.collect_batches(chunk_size=batch_rows):
+            yield frame.select(list(columns)) if columns else frame
+    except (pa.ArrowException, pl.exceptions.PolarsError) as exc:
+        raise InputError(f"cannot parse the table: {str(exc).strip().splitlines()[0]}", file=str(path)) from None
 
 
 def table_rows(path: Path | str) -> int | None:
@@ -117,64 +103,111 @@ def table_rows(path: Path | str) -> int | None:
     return _parquet(path).metadata.num_rows if path.suffix == ".parquet" else None
 
 
+class ParquetSink:
+    """One Parquet file written batch by batch; it appears under its name (atomically) on
+    `close`, and not at all when the writing fails (`abort`, or an exception in `with`)."""
+
+    def __init__(self, path: Path | str, schema: pa.Schema, row_group_rows: int = ROW_GROUP_ROWS) -> None:
+        self.path, self.schema, self.row_group_rows = Path(path), schema, row_group_rows
+        self.rows = 0
+        self._atomic = atomic_path(self.path)
+        self._writer = pq.ParquetWriter(self._atomic.__enter__(), schema, compression="zstd")
+
+    def write(self, batch: pa.Table | pa.RecordBatch) -> None:
+        table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+        self._writer.write_table(table.select(self.schema.names).cast(self.schema),
+                                 row_group_size=self.row_group_rows)
+        self.rows += table.num_rows
+
+    def close(self) -> None:
+        self._writer.close()
+        self._atomic.__exit__(None, None, None)
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        self._writer.close()
+        exc = exc or RuntimeError("aborted")
+        self._atomic.__exit__(type(exc), exc, exc.__traceback__)
+
+    def __enter__(self) -> ParquetSink:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None:
+            self.close()
+            return False
+        try:
+            self.abort(exc)
+        except BaseException as failure:  # the atomic writer's own report (a full disk) wins
+            if failure is not exc:
+                raise
+        return False
+
+
 def write_batches(batches: Iterable[pa.Table | pa.RecordBatch], path: Path | str,
                   schema: pa.Schema | None = None, row_group_rows: int = ROW_GROUP_ROWS) -> int:
     """Write record batches to one Parquet file (atomic) as they come; returns the rows written."""
-    rows = 0
-    writer: pq.ParquetWriter | None = None
-    with atomic_path(Path(path)) as tmp:
-        try:
-            for batch in batches:
-                table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, schema or table.schema, compression="zstd")
-                writer.write_table(table.cast(writer.schema), row_group_size=row_group_rows)
-                rows += table.num_rows
-            if writer is None and schema is not None:
-                writer = pq.ParquetWriter(tmp, schema, compression="zstd")
-        finally:
-            if writer is not None:
-                writer.close()
-    return rows
+    it = iter(batches)
+    first = next(it, None)
+    if first is None and schema is None:
+        return 0
+    if schema is None:
+        schema = first.schema
+    with ParquetSink(path, schema, row_group_rows) as sink:
+        for batch in ([first] if first is not None else []):
+            sink.write(batch)
+        for batch in it:
+            sink.write(batch)
+    return sink.rows
 
 
-# --------------------------------------------------------------------------- items, hashes
+# --------------------------------------------------------------------------- items, users
 
 
-def item_text_batches(path: Path | str, batch_rows: int = DEFAULT_BATCH_ROWS, *,
-                      check_unique: bool = True) -> Iterator[tuple[list[str], list[str]]]:
-    """(ids, texts) of the items that have text, batch by batch, cleaned exactly as the
-    embedding job cleans them (`load_items` then `item_text`).
+def validated_batches(path: Path | str, kind: str, batch_rows: int = DEFAULT_BATCH_ROWS, *,
+                      check_unique: bool = True) -> Iterator[pl.DataFrame]:
+    """The items (kind "item") or users ("user") table as validated frames of `batch_rows` rows.
 
-    Ids are checked per batch (missing ids) and, with check_unique, across the whole table
-    by a 64-bit hash per id (8 bytes per row, 0.8 GB at 100M items; check_unique=False
-    skips it), naming the duplicate id and its rows.
+    The checks of `pipeline.tables.load_items` / `load_users`, batch by batch: ids present
+    and (with check_unique) unique across the whole table, by a 64-bit hash per id (8 bytes
+    per row, 0.8 GB at 100M items), naming the duplicate id and its rows; text fields typed
+    and bounded, empty text as missing. Rows in errors count from the start of the table.
+    Only the id and the columns the embedding job reads (text and media) are read. A CSV the
+    streamed parser refuses is read once more by the eager reader, whose errors name the row
+    and the field (memory then no longer matters: the job is failing).
     """
-    from .tables import ITEM_TEXT_COLUMNS, _check_ids, _check_text
-    from .text import item_text
+    from .tables import ITEM_TEXT_COLUMNS, USER_TEXT_COLUMNS, _check_ids, _check_text, read_table
 
     path = Path(path)
-    columns = [c for c in ITEM_TEXT_SOURCE if c in table_columns(path)]
-    if "item_id" not in columns:
-        raise InputError(f"required column is missing (columns: {', '.join(table_columns(path))})",
-                         file=str(path), field="item_id")
+    id_column = f"{kind}_id"
+    text_columns = ITEM_TEXT_COLUMNS if kind == "item" else USER_TEXT_COLUMNS
+    present = table_columns(path)
+    if id_column not in present:
+        raise InputError(f"required column is missing (columns: {', '.join(present)})", file=str(path),
+                         field=id_column)
+    columns = [id_column] + [c for c in text_columns if c in present]
     id_hashes: list[np.ndarray] = []
     offset = 0
-    for frame in iter_table(path, columns, batch_rows):
-        try:
-            frame = _check_text(_check_ids(frame, path, "item_id"), path,
-                                tuple(c for c in ITEM_TEXT_COLUMNS if c in frame.columns))
-        except InputError as exc:  # rows counted from the start of the table, not of the batch
-            if exc.row is None:
-                raise
-            raise InputError(_bare_message(exc), file=str(path), row=exc.row + offset, field=exc.field) from None
-        if check_unique:
-            id_hashes.append(frame["item_id"].hash(seed=0).to_numpy())
-        text = frame.select("item_id", item_text(frame).alias("content")).drop_nulls("content")
-        offset += frame.height
-        yield text["item_id"].to_list(), text["content"].to_list()
-    if check_unique and id_hashes:
-        _check_unique_hashes(np.concatenate(id_hashes), path, batch_rows)
+    try:
+        for frame in iter_table(path, columns, batch_rows):
+            try:
+                frame = _check_text(_check_ids(frame, path, id_column), path,
+                                    tuple(c for c in text_columns if c in frame.columns))
+            except InputError as exc:  # rows counted from the start of the table, not of the batch
+                if exc.row is None:
+                    raise
+                raise InputError(_bare_message(exc), file=str(path), row=exc.row + offset, field=exc.field) from None
+            if check_unique:
+                id_hashes.append(frame[id_column].hash(seed=0).to_numpy())
+            offset += frame.height
+            yield frame
+    except InputError as exc:
+        if path.suffix == ".csv" and str(exc).startswith(f"{path}: cannot parse the table"):
+            read_table(path)  # raises with the row and field where it can tell them
+        raise
+    if offset == 0:
+        raise InputError("the table has no rows", file=str(path))
+    if check_unique:
+        _check_unique_hashes(np.concatenate(id_hashes), path, id_column, batch_rows)
 
 
 def _bare_message(exc: InputError) -> str:
@@ -185,7 +218,7 @@ def _bare_message(exc: InputError) -> str:
     return str(exc)[len(", ".join(where)) + 2:] if where else str(exc)
 
 
-def _check_unique_hashes(hashes: np.ndarray, path: Path, batch_rows: int) -> None:
+def _check_unique_hashes(hashes: np.ndarray, path: Path, id_column: str, batch_rows: int) -> None:
     hashes.sort()  # in place: 9 bytes per row in all
     same = np.flatnonzero(hashes[1:] == hashes[:-1])
     if not len(same):
@@ -194,53 +227,15 @@ def _check_unique_hashes(hashes: np.ndarray, path: Path, batch_rows: int) -> Non
     suspects = set(hashes[same].tolist())
     seen: dict[str, int] = {}
     offset = 0
-    for frame in iter_table(path, ["item_id"], batch_rows):
-        ids = frame["item_id"].cast(pl.String).str.strip_chars()
+    for frame in iter_table(path, [id_column], batch_rows):
+        ids = frame[id_column].cast(pl.String).str.strip_chars()
         for j in np.flatnonzero(np.isin(ids.hash(seed=0).to_numpy(), list(suspects))):
             value = ids[int(j)]
             if value in seen:
                 raise InputError(f"duplicate id '{value}' (first on row {seen[value]})", file=str(path),
-                                 row=offset + int(j) + 1, field="item_id")
+                                 row=offset + int(j) + 1, field=id_column)
             seen[value] = offset + int(j) + 1
         offset += frame.height
-
-
-def stream_text_hashes(items_path: Path | str, out_path: Path | str, *, model_id: str, preprocess_id: str,
-                       batch_rows: int = DEFAULT_BATCH_ROWS) -> dict:
-    """Write `id, content_hash` of every item with text, as `embed.content_hashes` computes them.
-
-    Memory: one batch of rows plus 8 bytes per item for the duplicate-id check.
-    Returns {"rows", "seconds"}.
-    """
-    from .embed import ModalityEncoder, ModalityInput, content_hashes
-
-    enc = ModalityEncoder(model_id, 0, _no_encoder, preprocess_id=preprocess_id)
-    t0 = time.perf_counter()
-    schema = pa.schema([("id", pa.string()), ("content_hash", pa.string())])
-
-    def batches() -> Iterator[pa.Table]:
-        for ids, texts in item_text_batches(items_path, batch_rows):
-            hashes, _, _ = content_hashes(ModalityInput("item", "text", ids, texts), enc, Path("."))
-            yield pa.table({"id": pa.array(ids, pa.string()), "content_hash": pa.array(hashes, pa.string())})
-
-    rows = write_batches(batches(), out_path, schema)
-    return {"rows": rows, "seconds": time.perf_counter() - t0}
-
-
-def _no_encoder(inputs: list) -> np.ndarray:
-    raise RuntimeError("hashing only: no encoder here")
-
-
-def rows_to_encode(hashes_path: Path | str, existing: Path | str | None) -> pl.DataFrame:
-    """`id, content_hash` rows whose hash is not in the existing embedding table (new or changed).
-
-    Only the hash columns are read (polars lazy scans), never the vectors.
-    """
-    new = pl.scan_parquet(hashes_path)
-    if existing is None or not Path(existing).is_file():
-        return new.collect()
-    known = pl.scan_parquet(existing).select("content_hash").unique()
-    return new.join(known, on="content_hash", how="anti").collect(engine="streaming")
 
 
 # --------------------------------------------------------------------------- vectors, FAISS

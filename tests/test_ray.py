@@ -145,9 +145,12 @@ def test_an_actor_decodes_and_encodes_a_batch_like_the_local_engine(tmp_path: Pa
     local = build_encoders(cfg, {"image"})["image"]
     paths = [data / "images" / name for name in ("i0001.jpg", "i0003.jpg", "i0002.jpg", "i0008.jpg")]
     actor = EncodeActor((cfg, "image"), local.model_id, local.dim, decode_workers=2)
-    out = actor({"row": np.array([7, 3, 9, 1]), "content": np.array([str(p) for p in paths], dtype=object)})
+    out = actor({"row": np.array([7, 3, 9, 1]), "id": np.array(["a", "b", "c", "d"], dtype=object),
+                 "content_hash": np.array(["h7", "h3", "h9", "h1"], dtype=object),
+                 "input": np.array([str(p) for p in paths], dtype=object)})
 
     assert out["row"].tolist() == [7, 3, 9, 1]
+    assert out["id"].tolist() == ["a", "b", "c", "d"] and out["content_hash"].tolist() == ["h7", "h3", "h9", "h1"]
     assert out["error"].tolist() == ["", prepare_one(local, paths[1])[1], "", prepare_one(local, paths[3])[1]]
     assert "not a recognised image format" in out["error"][1] and "not found" in out["error"][3]
     good = local.encode([prepare_one(local, paths[0])[0], prepare_one(local, paths[2])[0]])

@@ -50,48 +50,85 @@ def test_iter_table_gives_the_whole_table_in_bounded_batches(tmp_path: Path, suf
         next(streaming.iter_table(path, ["item_id", "colour"]))
 
 
-def test_streamed_hashes_are_the_embedding_jobs_hashes(tmp_path: Path) -> None:
+class CountingEncoder(HashEncoder):
+    """A HashEncoder that also records each batch it encodes."""
+
+    def __init__(self, dim: int = 8, model_id: str = "hash-v1") -> None:
+        super().__init__(dim, model_id)
+        self.batches: list[list[str]] = []
+
+    def encode(self, inputs: list) -> np.ndarray:
+        self.batches.append(list(inputs))
+        return super().encode(inputs)
+
+    def as_modality(self) -> ModalityEncoder:
+        return ModalityEncoder(self.model_id, self.dim, self.encode, preprocess_id="clean-v1")
+
+
+def test_the_embedding_job_streams_its_input_and_writes_the_eager_result(tmp_path: Path, monkeypatch) -> None:
+    """Batches of 4 rows (items in 6 batches): the table equals an in-memory computation of
+    the same hashes and vectors, in input order, and bounded row groups come out."""
+    from pipeline import embed
+    from pipeline.tables import load_items
+    from pipeline.text import item_text
+
     data = tmp_path / "data"
     data.mkdir()
     frame = items_frame()
     frame.write_csv(data / "items.csv")
-    text = HashEncoder(8, "hash-v1")
-    run_embed(data, tmp_path / "art", encoders={"text": ModalityEncoder("hash-v1", 8, text.encode,
-                                                                         preprocess_id="clean-v1")},
-              show_progress=False)
-    ids, hashes, _, _ = read_artifact_table(tmp_path / "art" / "embeddings" / "item_text.parquet")
+    seen: list[int] = []
+    real = streaming.iter_table
 
-    stats = streaming.stream_text_hashes(data / "items.csv", tmp_path / "hashes.parquet", model_id="hash-v1",
-                                         preprocess_id="clean-v1", batch_rows=4)
-    streamed = pl.read_parquet(tmp_path / "hashes.parquet")
-    assert stats["rows"] == len(ids) == frame.height - 1  # the item without text has no text row
-    assert streamed["id"].to_list() == ids and streamed["content_hash"].to_list() == hashes
-    assert pq.ParquetFile(tmp_path / "hashes.parquet").metadata.num_rows == len(ids)
+    def spy(path, columns=None, batch_rows=streaming.DEFAULT_BATCH_ROWS):
+        for batch in real(path, columns, 4):
+            seen.append(batch.height)
+            yield batch
 
-    # One title changes: only that id needs encoding against the existing table.
-    frame.with_columns(pl.when(pl.col("item_id") == "i005").then(pl.lit("a new title")).otherwise(pl.col("title"))
-                       .alias("title")).write_csv(data / "items.csv")
-    streaming.stream_text_hashes(data / "items.csv", tmp_path / "hashes.parquet", model_id="hash-v1",
-                                 preprocess_id="clean-v1", batch_rows=4)
-    todo = streaming.rows_to_encode(tmp_path / "hashes.parquet",
-                                    tmp_path / "art" / "embeddings" / "item_text.parquet")
-    assert todo["id"].to_list() == ["i005"]
-    assert streaming.rows_to_encode(tmp_path / "hashes.parquet", None).height == len(ids)
+    monkeypatch.setattr(streaming, "iter_table", spy)
+    text = CountingEncoder()
+    run_embed(data, tmp_path / "art", encoders={"text": text.as_modality()}, show_progress=False)
+    assert seen == [4, 4, 4, 4, 4, 3]  # never the whole table at once
+
+    items = load_items(data)
+    expected = items.select("item_id", item_text(items).alias("text")).drop_nulls("text")
+    ids, hashes, models, matrix = read_artifact_table(tmp_path / "art" / "embeddings" / "item_text.parquet")
+    assert ids == expected["item_id"].to_list() and len(ids) == frame.height - 1  # i010 has no text
+    salt = "hash-v1\x00clean-v1\x00".encode()
+    from pipeline.storage import sha256_bytes
+    assert hashes == [sha256_bytes(salt + t.encode()) for t in expected["text"]]
+    np.testing.assert_allclose(matrix, HashEncoder(8).encode(expected["text"].to_list()), atol=1e-6)
+    assert set(models) == {"hash-v1"}
+    assert not (tmp_path / "art" / "embeddings" / ".shards").exists()  # the work files are gone
 
 
-def test_bad_ids_name_the_row_of_the_whole_table(tmp_path: Path) -> None:
-    frame = items_frame()
-    missing = frame.with_columns(pl.when(pl.col("item_id") == "i013").then(pl.lit("  ")).otherwise(pl.col("item_id"))
-                                 .alias("item_id"))
-    missing.write_parquet(tmp_path / "missing.parquet")
-    with pytest.raises(InputError, match=r"missing\.parquet, row 14, field 'item_id': missing id$"):
-        list(streaming.item_text_batches(tmp_path / "missing.parquet", batch_rows=5))
+def test_a_rerun_encodes_only_changed_rows_and_keeps_row_order(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    frame = items_frame(40)
+    frame.write_parquet(data / "items.parquet", row_group_size=7)
+    text = CountingEncoder()
+    run_embed(data, tmp_path / "art", encoders={"text": text.as_modality()}, show_progress=False)
+    first = read_artifact_table(tmp_path / "art" / "embeddings" / "item_text.parquet")
 
-    dup = frame.with_columns(pl.when(pl.col("item_id") == "i021").then(pl.lit("i002")).otherwise(pl.col("item_id"))
-                             .alias("item_id"))
-    dup.write_parquet(tmp_path / "dup.parquet")
-    with pytest.raises(InputError, match=r"row 22, field 'item_id': duplicate id 'i002' \(first on row 3\)"):
-        list(streaming.item_text_batches(tmp_path / "dup.parquet", batch_rows=5))
+    # Reordered, one title changed, one item gone, one new: only two rows are encoded.
+    changed = (frame.reverse().filter(pl.col("item_id") != "i030")
+               .with_columns(pl.when(pl.col("item_id") == "i005").then(pl.lit("a new title"))
+                             .otherwise(pl.col("title")).alias("title"))
+               .vstack(pl.DataFrame({"item_id": ["n001"], "title": ["jazz piano night"], "description": [None],
+                                     "tags": [None], "price": [1.0]}, schema=frame.schema)))
+    changed.write_parquet(data / "items.parquet", row_group_size=7)
+    text.batches.clear()
+    report = run_embed(data, tmp_path / "art", encoders={"text": text.as_modality()}, show_progress=False)
+    ids, hashes, _, matrix = read_artifact_table(tmp_path / "art" / "embeddings" / "item_text.parquet")
+    encoded = [x for batch in text.batches for x in batch]
+    assert encoded == ["a new title. Bold & loud, new line. a, b, c", "jazz piano night"]
+    counts = report.counts["item_text"]
+    assert (counts.encoded, counts.reused, counts.dropped) == (2, len(ids) - 2, 1)
+    assert ids == [i for i in changed["item_id"].to_list() if i != "i010"]  # the new input order
+    old = dict(zip(first[0], first[3]))
+    for i, row in zip(ids, matrix):
+        if i not in ("i005", "n001"):
+            np.testing.assert_array_equal(row, old[i])  # reused vectors are the stored ones, bit for bit
 
 
 def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
