@@ -56,9 +56,15 @@ class EmbedConfig:
     shard_size: int = 256  # rows committed together; a killed job resumes from the last shard
     max_failed_share: float = 0.5  # the job fails if more media than this share cannot be read
     decode_workers: int = 2  # threads decoding images/audio while the encoder runs
+    batch_rows: int = 16_384  # rows read (and held) at a time: memory is bounded by this, not the catalog
     text: TextConfig = field(default_factory=TextConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("shard_size", "batch_rows"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'embed.{key}' must be at least 1, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)

@@ -686,7 +686,7 @@ def _embed_all(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
             task = bar.add_task(f"read {kind}s", total=table_rows(path)) if bar else None
             kind_plans, known_ids[kind] = write_plans(
                 data_dir, kind, {m: encoders[m] for m in wanted[kind] if m in encoders}, work_dir,
-                keep_ids=any(k == kind for k, _ in precomputed),
+                keep_ids=any(k == kind for k, _ in precomputed), batch_rows=config.embed.batch_rows,
                 advance=(lambda n, task=task: bar.advance(task, n)) if bar else None)
             plans.extend(kind_plans)
 
@@ -710,7 +710,8 @@ def _embed_all(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
             task = bar.add_task(f"{plan.kind} {plan.modality}", total=plan.rows) if bar else None
             counts, failures = embed_modality(
                 plan, encoders[plan.modality], art_dir, config.embed,
-                progress=(lambda n, task=task: bar.advance(task, n)) if bar else None, encode_rows=encode_rows)
+                progress=(lambda n, task=task: bar.advance(task, n)) if bar else None, encode_rows=encode_rows,
+                batch_rows=config.embed.batch_rows)
             report.counts[f"{plan.kind}_{plan.modality}"] = counts
             report.failures.extend(failures)
 

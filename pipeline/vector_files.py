@@ -87,7 +87,7 @@ class VectorReader:
     `cache_bytes`; rows asked for in file order read each row group once.
     """
 
-    def __init__(self, files: Sequence[Path], dim: int, cache_bytes: int = 96 << 20) -> None:
+    def __init__(self, files: Sequence[Path], dim: int, cache_bytes: int = 32 << 20) -> None:
         self.files, self.dim, self.cache_bytes = list(files), dim, cache_bytes
         self._starts: dict[int, np.ndarray] = {}
         self._cache: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()

@@ -27,6 +27,8 @@ def test_file_then_overrides(tmp_path: Path) -> None:
     ("embed.text.enabled=1", "'embed.text.enabled' must be true or false"),
     ("fusion.weights=3", "'fusion.weights' must be a table"),
     ("nosection", "must look like section.key=value"),
+    ("embed.batch_rows=0", "'embed.batch_rows' must be at least 1, got 0"),
+    ("embed.shard_size=-4", "'embed.shard_size' must be at least 1, got -4"),
 ])
 def test_bad_overrides_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -68,7 +68,6 @@ class CountingEncoder(HashEncoder):
 def test_the_embedding_job_streams_its_input_and_writes_the_eager_result(tmp_path: Path, monkeypatch) -> None:
     """Batches of 4 rows (items in 6 batches): the table equals an in-memory computation of
     the same hashes and vectors, in input order, and bounded row groups come out."""
-    from pipeline import embed
     from pipeline.tables import load_items
     from pipeline.text import item_text
 
