@@ -22,7 +22,7 @@ kernel (getrusage ru_maxrss), so the figures are whole-process peaks including i
    re-scores exactly) per nprobe, bytes per vector in memory and on disk, build time, peak
    memory.
 3. Encode: the default text encoder (all-MiniLM-L6-v2) and image encoder (MobileNetV2 at
-   224 px) on one CPU thread: items per second per core, the base of docs/SCALING.md's estimate.
+   224 px) on one CPU thread: items per second per core, the base of the README's 100M-item estimate.
 Results: bench/results/scale.json.
 """
 

@@ -308,27 +308,13 @@ def build_index_from_parquet(paths: Sequence[Path | str] | Path | str, factory: 
     given, receives the seconds of "train" (sampling included) and "add" (on_chunk included).
     Returns (index, ids: pa.ChunkedArray in index order, or None without `id_column`).
     """
-    import faiss
-
-    from .index import choose_factory
+    from .index import choose_factory, new_index
 
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     n, d = vector_shape(paths, vector_column)
     if factory in (None, "", "auto"):
         factory = choose_factory(n, d)
-    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    try:  # the same k-means settings as pipeline.index.build_index
-        ivf = faiss.extract_index_ivf(index)
-        ivf.cp.seed = seed
-        ivf.cp.max_points_per_centroid = 256
-        ivf.cp.niter = niter
-    except RuntimeError:
-        ivf = None
-    inner = faiss.downcast_index(ivf) if ivf is not None else None
-    if isinstance(inner, faiss.IndexIVFPQ):
-        # The factory turns on polysemous training (a permutation of each codebook for Hamming
-        # filtering, which search does not use by default): minutes of training, same distances.
-        inner.do_polysemous_training = False
+    index, ivf = new_index(d, factory, seed=seed, niter=niter)  # the settings of pipeline.index.build_index
     t0 = time.perf_counter()
     if not index.is_trained:
         want = train_size or (max(ivf.nlist * 64, 10_000) if ivf is not None else 100_000)

@@ -208,7 +208,7 @@ def test_ray_batch_scoring_equals_recommend_for_all_users(fitted: Path, ray_loca
     rc = RayConfig(num_actors=2, scoring_batch_users=16)  # 120 users: 8 batches over 2 actors
     on_ray = recommend_all(fitted, 10, rc)
     assert local.height > 0 and local["user_id"].n_unique() > 16
-    assert_frame_equal(local, on_ray, check_exact=False, rtol=1e-6, atol=1e-9)
+    assert_frame_equal(local, on_ray, check_exact=False, rel_tol=1e-6, abs_tol=1e-9)
 
 
 # The pieces around Ray, checked without it: what one batch computes, and the streamed export.
