@@ -7,6 +7,10 @@ deleted ids, and re-encodes a whole modality when its model changes.
 Resumable: rows are encoded in shards of `shard_size`; each finished shard is written
 atomically under `ART/embeddings/.shards/` and acts as a cache keyed by content hash, so a
 job killed mid-way redoes at most one shard. Final tables appear by atomic rename only.
+
+Streamed: the tables are read `batch_rows` rows at a time into per-modality plan files,
+known vectors are found by content hash (`pipeline.vector_files`) and the final table is
+written a batch at a time, so memory does not grow with the catalog (`embed_modality`).
 """
 
 from __future__ import annotations
