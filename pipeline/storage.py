@@ -92,6 +92,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
                 os.fsync(fh.fileno())
         fault_point("write", path, tmp)
         os.replace(tmp, path)
+        _fsync_directory(path.parent)  # the rename itself survives a power loss
     except BaseException as exc:
         _remove_quietly(tmp)
         reason = _io_failure(exc)
@@ -99,6 +100,19 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
             raise FusionrecError(f"cannot write {path}: {reason}") from exc
         raise
     fault_point("written", path)
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # platforms without directory handles
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the file itself is synced
+    finally:
+        os.close(fd)
 
 
 def _remove_quietly(path: Path) -> None:

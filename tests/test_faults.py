@@ -500,3 +500,27 @@ def test_atomic_path_turns_writer_specific_disk_errors_into_one_clear_error(tmp_
         with atomic_path(target) as tmp:
             raise KeyError("a bug, not a disk")
     assert target.read_bytes() == b"previous" and temporaries(tmp_path) == []
+
+
+def test_atomic_path_syncs_the_file_then_the_directory_after_the_rename(tmp_path: Path, monkeypatch) -> None:
+    """Power-loss durability: the data reach the disk before the rename, the rename after it."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(("rename", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "out" / "table.bin"
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"data")
+    assert target.read_bytes() == b"data"
+    assert [kind for kind, _ in events] == ["fsync", "rename", "fsync"]
+    assert Path(events[0][1]).name.startswith(TMP_PREFIX) and events[1][1] == str(target)
+    assert events[2][1] == str(target.parent)
