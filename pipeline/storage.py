@@ -210,7 +210,8 @@ class ArtifactLock:
             try:
                 self._create(json.dumps(me))
             except FileExistsError:
-                holder = self._read_holder()
+                raw = self._read_raw()
+                holder = self._read_holder(raw)
                 if holder is None and self._age() < LOCK_GRACE_S:
                     raise LockError(f"another fusionrec job is taking the lock {self.path}; wait for it to "
                                     "finish or use another --out") from None
@@ -221,8 +222,7 @@ class ArtifactLock:
                     ) from None
                 # Stale: its process is gone (or the file is damaged). Remove and retry.
                 self.taken_over_ = holder or {}
-                with contextlib.suppress(FileNotFoundError):
-                    self.path.unlink()
+                self._remove_if_unchanged(raw)
                 continue
             except OSError as exc:
                 raise FusionrecError(f"cannot write lock file {self.path}: {exc.strerror or exc}") from exc
@@ -275,12 +275,34 @@ class ArtifactLock:
         except OSError:
             return LOCK_GRACE_S
 
-    def _read_holder(self) -> dict | None:
+    def _read_raw(self) -> bytes | None:
         try:
-            holder = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            return self.path.read_bytes()
+        except OSError:
+            return None
+
+    def _read_holder(self, raw: bytes | None = None) -> dict | None:
+        raw = self._read_raw() if raw is None else raw
+        try:
+            holder = json.loads(raw) if raw is not None else None
+        except ValueError:
             return None
         return holder if isinstance(holder, dict) and "pid" in holder else None
+
+    def _remove_if_unchanged(self, stale: bytes | None) -> None:
+        """Remove `.lock` if it still holds `stale`. Two jobs that found the same stale lock
+        take turns here (an flock on the directory), so the second sees the first one's new
+        lock (or none yet) and leaves it: only one of them can then create `.lock`."""
+        import fcntl
+
+        fd = os.open(self.art_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if self._read_raw() == stale:
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+        finally:
+            os.close(fd)  # closing releases the flock
 
     def release(self) -> None:
         holder = self._read_holder()

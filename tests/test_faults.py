@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,6 +344,42 @@ def test_lock_of_a_reused_pid_or_a_damaged_lock_file_is_stale(tmp_path: Path, re
     assert holder["pid"] == me and holder["start"] == _process_start(me)
     lock.release()
     reliability.record(faults=3, case="lock of a reused pid; empty lock file (new and old)")
+
+
+RACER = """
+import sys, time
+from pipeline.errors import LockError
+from pipeline.storage import ArtifactLock
+art, start = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+try:
+    lock = ArtifactLock(art).acquire()
+except LockError:
+    print("busy")
+else:
+    print("won")
+    time.sleep(1.5)  # hold it while the others try
+    lock.release()
+"""
+
+
+def test_jobs_racing_for_a_stale_lock_let_exactly_one_in(tmp_path: Path, reliability) -> None:
+    """Six jobs find the same dead job's lock at the same instant: one takes it over, the
+    others are told the directory is busy (none removes the winner's fresh lock)."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    root = Path(__file__).resolve().parents[1]
+    for round_ in range(3):
+        art = tmp_path / f"art{round_}"
+        art.mkdir()
+        (art / ".lock").write_text(json.dumps({"pid": dead.pid, "start": 1, "host": os.uname().nodename}))
+        start = time.time() + 2.0  # every racer has imported by then
+        racers = [subprocess.Popen([sys.executable, "-c", RACER, str(art), str(start)], cwd=root,
+                                   stdout=subprocess.PIPE, text=True) for _ in range(6)]
+        outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in racers)
+        assert outcomes == ["busy"] * 5 + ["won"], outcomes
+        assert not (art / ".lock").exists()  # the winner released it
+    reliability.record(faults=3, case="six jobs racing for a stale lock, three rounds")
 
 
 # --------------------------------------------------------------------------- disk full, unwritable
