@@ -245,6 +245,11 @@ class ArtifactLock:
                 os.link(tmp, self.path)
             except FileExistsError:
                 raise
+            except FileNotFoundError:
+                # Another job took over a stale lock meanwhile and cleared the temporaries,
+                # ours included: it holds the lock now.
+                raise LockError(f"another fusionrec job is taking the lock {self.path}; wait for it to "
+                                "finish or use another --out") from None
             except OSError as exc:  # no hard links on this filesystem: exclusive create instead
                 if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
                     raise

@@ -347,18 +347,22 @@ def test_lock_of_a_reused_pid_or_a_damaged_lock_file_is_stale(tmp_path: Path, re
 
 
 RACER = """
-import sys, time
+import os, sys, time
+from pathlib import Path
 from pipeline.errors import LockError
 from pipeline.storage import ArtifactLock
-art, start = sys.argv[1], float(sys.argv[2])
+art, start, racers, tried = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
 time.sleep(max(0.0, start - time.time()))
 try:
     lock = ArtifactLock(art).acquire()
 except LockError:
     print("busy")
+    (tried / str(os.getpid())).touch()
 else:
     print("won")
-    time.sleep(1.5)  # hold it while the others try
+    deadline = time.time() + 60  # hold the lock until every other racer has tried
+    while len(list(tried.iterdir())) < racers - 1 and time.time() < deadline:
+        time.sleep(0.05)
     lock.release()
 """
 
@@ -373,11 +377,14 @@ def test_jobs_racing_for_a_stale_lock_let_exactly_one_in(tmp_path: Path, reliabi
         art = tmp_path / f"art{round_}"
         art.mkdir()
         (art / ".lock").write_text(json.dumps({"pid": dead.pid, "start": 1, "host": os.uname().nodename}))
-        start = time.time() + 2.0  # every racer has imported by then
-        racers = [subprocess.Popen([sys.executable, "-c", RACER, str(art), str(start)], cwd=root,
-                                   stdout=subprocess.PIPE, text=True) for _ in range(6)]
-        outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in racers)
-        assert outcomes == ["busy"] * 5 + ["won"], outcomes
+        tried = tmp_path / f"tried{round_}"
+        tried.mkdir()
+        start = time.time() + 2.0  # every racer has imported by then, most likely; a late one still finds the lock held
+        racers = [subprocess.Popen([sys.executable, "-c", RACER, str(art), str(start), "6", str(tried)], cwd=root,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        results = [p.communicate(timeout=60) for p in racers]
+        outcomes = sorted(out.strip() for out, _ in results)
+        assert outcomes == ["busy"] * 5 + ["won"], [err[-800:] for _, err in results]
         assert not (art / ".lock").exists()  # the winner released it
     reliability.record(faults=3, case="six jobs racing for a stale lock, three rounds")
 
