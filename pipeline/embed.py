@@ -36,7 +36,7 @@ from .errors import ConfigError, FusionrecError, InputError, MediaError
 from .manifest import RunRecord, hash_inputs
 from .storage import ArtifactLock, clean_temporaries, sha256_bytes, sha256_file, write_parquet
 from .tables import resolve_media
-from .text import clean_text, item_text
+from .text import ITEM_TEXT_FIELDS, clean_text, item_text
 
 log = logging.getLogger("fusionrec.embed")
 
@@ -184,7 +184,7 @@ class TodoRows:
 
 def table_modalities(kind: str, columns: list[str]) -> list[str]:
     """The modalities a table with these columns can have (a column of nulls still counts)."""
-    text_columns = ("title", "description", "tags") if kind == "item" else ("text",)
+    text_columns = ITEM_TEXT_FIELDS if kind == "item" else ("text",)
     return ([m for m in ("text",) if any(c in columns for c in text_columns)]
             + [m for m in MEDIA_MODALITIES if m in columns])
 
@@ -208,26 +208,22 @@ def modality_contents(frame: pl.DataFrame, kind: str) -> dict[str, pl.DataFrame]
     return out
 
 
-def write_plans(data_dir: Path, kind: str, encoders: dict[str, ModalityEncoder], work_dir: Path, *,
+def write_plans(path: Path, kind: str, data_dir: Path, encoders: dict[str, ModalityEncoder], work_dir: Path, *,
                 keep_ids: bool = False, batch_rows: int = 16_384,
                 advance: Callable[[int], None] | None = None) -> tuple[list[ModalityPlan], Path | None]:
-    """Read and validate the items or users table in batches and write, per modality with an
-    encoder, its plan: every row's content, content hash and input, or why it cannot be used.
+    """Read and validate the items or users table (`path`) in batches and write, for each
+    modality in `encoders`, its plan: every row's content, content hash and input, or why it
+    cannot be used.
 
     Memory: one batch. Nothing is written under a final name, so a table that fails validation
     half-way leaves the artifacts as they were. keep_ids: also write every id of the table
     (`work_dir/{kind}_ids.parquet`, returned), to match precomputed tables against.
     """
-    from .streaming import ParquetSink, table_columns, validated_batches
-    from .tables import find_table
+    from .streaming import ParquetSink, validated_batches
 
-    path = find_table(data_dir, f"{kind}s", required=kind == "item")
-    if path is None:
-        return [], None
-    modalities = [m for m in table_modalities(kind, table_columns(path)) if m in encoders]
     with contextlib.ExitStack() as stack:
         sinks = {m: stack.enter_context(ParquetSink(shard_dir(work_dir, kind, m) / "plan.parquet", PLAN_SCHEMA))
-                 for m in modalities}
+                 for m in encoders}
         ids_path = work_dir / f"{kind}_ids.parquet" if keep_ids else None
         ids_sink = stack.enter_context(ParquetSink(ids_path, pa.schema([("id", pa.string())]))) if ids_path else None
         for frame in validated_batches(path, kind, batch_rows):
@@ -689,7 +685,7 @@ def _embed_all(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
                 continue
             task = bar.add_task(f"read {kind}s", total=table_rows(path)) if bar else None
             kind_plans, known_ids[kind] = write_plans(
-                data_dir, kind, {m: encoders[m] for m in wanted[kind] if m in encoders}, work_dir,
+                path, kind, data_dir, {m: encoders[m] for m in wanted[kind] if m in encoders}, work_dir,
                 keep_ids=any(k == kind for k, _ in precomputed), batch_rows=config.embed.batch_rows,
                 advance=(lambda n, task=task: bar.advance(task, n)) if bar else None)
             plans.extend(kind_plans)

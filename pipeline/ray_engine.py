@@ -4,9 +4,9 @@ Only the encoding of rows that need it moves: the driver still reads the inputs 
 hashes them, reuses known vectors, writes shards and the final tables (pipeline.embed), so
 both engines write the same tables. The todo table (the rows to encode, Parquet) is read in
 blocks, each put in Ray's object store as it is read (the driver holds one block), and run
-as a Ray Dataset through `map_batches` on an actor pool; each actor builds its own encoder once (from the config,
-or a copy of an encoder given in-process), decodes media itself and returns, per row, a
-vector or the same error text the local engine records. Results stream back to the driver
+as a Ray Dataset through `map_batches` on an actor pool; each actor builds its own encoder
+once (from the config, or a copy of an encoder given in-process), decodes media itself and
+returns, per row, a vector or the same error text the local engine records. Results stream back to the driver
 in shards of `embed.shard_size` rows, so a killed job still resumes from its shards.
 
 On a cluster every node must see the data directory at the same path (media paths are

@@ -20,6 +20,7 @@ d-dimensional vectors near 24 MB of floats.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -63,11 +64,19 @@ def table_columns(path: Path | str) -> list[str]:
 
             return next(csv.reader(fh))
     except (OSError, StopIteration, pa.ArrowException, UnicodeDecodeError) as exc:
-        if path.suffix == ".csv" and not isinstance(exc, OSError):
-            from .tables import read_table
-
-            read_table(path)  # raises with the row and field where it can tell them
+        if not isinstance(exc, OSError):
+            _locate_csv_error(path)
         raise InputError(f"cannot read the table: {exc}", file=str(path)) from None
+
+
+def _locate_csv_error(path: Path) -> None:
+    """For a CSV the streamed reader refused: read it once more with the eager reader, whose
+    error names the row and the field where it can tell them (memory no longer matters: the
+    job is failing). Returns only when that reader accepts the file."""
+    if path.suffix == ".csv":
+        from .tables import read_table
+
+        read_table(path)
 
 
 def iter_table(path: Path | str, columns: Sequence[str] | None = None,
@@ -94,6 +103,7 @@ def iter_table(path: Path | str, columns: Sequence[str] | None = None,
         for frame in lazy.collect_batches(chunk_size=batch_rows):
             yield frame.select(list(columns)) if columns else frame
     except (pa.ArrowException, pl.exceptions.PolarsError) as exc:
+        _locate_csv_error(path)
         raise InputError(f"cannot parse the table: {str(exc).strip().splitlines()[0]}", file=str(path)) from None
 
 
@@ -104,8 +114,8 @@ def table_rows(path: Path | str) -> int | None:
 
 
 class ParquetSink:
-    """One Parquet file written batch by batch; it appears under its name (atomically) on
-    `close`, and not at all when the writing fails (`abort`, or an exception in `with`)."""
+    """One Parquet file written batch by batch inside `with`: it appears under its name
+    (atomically) when the block ends, and not at all when the block raises."""
 
     def __init__(self, path: Path | str, schema: pa.Schema, row_group_rows: int = ROW_GROUP_ROWS) -> None:
         self.path, self.schema, self.row_group_rows = Path(path), schema, row_group_rows
@@ -119,24 +129,16 @@ class ParquetSink:
                                  row_group_size=self.row_group_rows)
         self.rows += table.num_rows
 
-    def close(self) -> None:
-        self._writer.close()
-        self._atomic.__exit__(None, None, None)
-
-    def abort(self, exc: BaseException | None = None) -> None:
-        self._writer.close()
-        exc = exc or RuntimeError("aborted")
-        self._atomic.__exit__(type(exc), exc, exc.__traceback__)
-
     def __enter__(self) -> ParquetSink:
         return self
 
     def __exit__(self, kind, exc, tb) -> bool:
+        self._writer.close()
         if exc is None:
-            self.close()
+            self._atomic.__exit__(None, None, None)  # the file appears under its name
             return False
         try:
-            self.abort(exc)
+            self._atomic.__exit__(kind, exc, tb)  # the temporary file is removed
         except BaseException as failure:  # the atomic writer's own report (a full disk) wins
             if failure is not exc:
                 raise
@@ -149,13 +151,9 @@ def write_batches(batches: Iterable[pa.Table | pa.RecordBatch], path: Path | str
     it = iter(batches)
     first = next(it, None)
     if first is None and schema is None:
-        return 0
-    if schema is None:
-        schema = first.schema
-    with ParquetSink(path, schema, row_group_rows) as sink:
-        for batch in ([first] if first is not None else []):
-            sink.write(batch)
-        for batch in it:
+        return 0  # nothing to write and no schema to write it with
+    with ParquetSink(path, schema or first.schema, row_group_rows) as sink:
+        for batch in itertools.chain([first] if first is not None else [], it):
             sink.write(batch)
     return sink.rows
 
@@ -163,19 +161,16 @@ def write_batches(batches: Iterable[pa.Table | pa.RecordBatch], path: Path | str
 # --------------------------------------------------------------------------- items, users
 
 
-def validated_batches(path: Path | str, kind: str, batch_rows: int = DEFAULT_BATCH_ROWS, *,
-                      check_unique: bool = True) -> Iterator[pl.DataFrame]:
+def validated_batches(path: Path | str, kind: str, batch_rows: int = DEFAULT_BATCH_ROWS) -> Iterator[pl.DataFrame]:
     """The items (kind "item") or users ("user") table as validated frames of `batch_rows` rows.
 
     The checks of `pipeline.tables.load_items` / `load_users`, batch by batch: ids present
-    and (with check_unique) unique across the whole table, by a 64-bit hash per id (8 bytes
-    per row, 0.8 GB at 100M items), naming the duplicate id and its rows; text fields typed
-    and bounded, empty text as missing. Rows in errors count from the start of the table.
-    Only the id and the columns the embedding job reads (text and media) are read. A CSV the
-    streamed parser refuses is read once more by the eager reader, whose errors name the row
-    and the field (memory then no longer matters: the job is failing).
+    and unique across the whole table, by a 64-bit hash per id (8 bytes per row, 0.8 GB at
+    100M items), naming the duplicate id and its rows; text fields typed and bounded, empty
+    text as missing. Rows in errors count from the start of the table. Only the id and the
+    columns the embedding job reads (text and media) are read.
     """
-    from .tables import ITEM_TEXT_COLUMNS, USER_TEXT_COLUMNS, _check_ids, _check_text, read_table
+    from .tables import ITEM_TEXT_COLUMNS, USER_TEXT_COLUMNS, _check_ids, _check_text
 
     path = Path(path)
     id_column = f"{kind}_id"
@@ -187,27 +182,20 @@ def validated_batches(path: Path | str, kind: str, batch_rows: int = DEFAULT_BAT
     columns = [id_column] + [c for c in text_columns if c in present]
     id_hashes: list[np.ndarray] = []
     offset = 0
-    try:
-        for frame in iter_table(path, columns, batch_rows):
-            try:
-                frame = _check_text(_check_ids(frame, path, id_column), path,
-                                    tuple(c for c in text_columns if c in frame.columns))
-            except InputError as exc:  # rows counted from the start of the table, not of the batch
-                if exc.row is None:
-                    raise
-                raise InputError(_bare_message(exc), file=str(path), row=exc.row + offset, field=exc.field) from None
-            if check_unique:
-                id_hashes.append(frame[id_column].hash(seed=0).to_numpy())
-            offset += frame.height
-            yield frame
-    except InputError as exc:
-        if path.suffix == ".csv" and str(exc).startswith(f"{path}: cannot parse the table"):
-            read_table(path)  # raises with the row and field where it can tell them
-        raise
+    for frame in iter_table(path, columns, batch_rows):
+        try:
+            frame = _check_text(_check_ids(frame, path, id_column), path,
+                                tuple(c for c in text_columns if c in frame.columns))
+        except InputError as exc:  # rows counted from the start of the table, not of the batch
+            if exc.row is None:
+                raise
+            raise InputError(_bare_message(exc), file=str(path), row=exc.row + offset, field=exc.field) from None
+        id_hashes.append(frame[id_column].hash(seed=0).to_numpy())
+        offset += frame.height
+        yield frame
     if offset == 0:
         raise InputError("the table has no rows", file=str(path))
-    if check_unique:
-        _check_unique_hashes(np.concatenate(id_hashes), path, id_column, batch_rows)
+    _check_unique_hashes(np.concatenate(id_hashes), path, id_column, batch_rows)
 
 
 def _bare_message(exc: InputError) -> str:

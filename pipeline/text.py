@@ -49,7 +49,10 @@ def controls_as_spaces(text: str) -> str:
     return "".join(ch if unicodedata.category(ch)[0] != "C" else " " for ch in text)
 
 
-def item_text(items: pl.DataFrame, columns: tuple[str, ...] = ("title", "description", "tags")) -> pl.Series:
+ITEM_TEXT_FIELDS = ("title", "description", "tags")  # the item columns its text is made of
+
+
+def item_text(items: pl.DataFrame, columns: tuple[str, ...] = ITEM_TEXT_FIELDS) -> pl.Series:
     """The text one item is encoded from: title. description. tags (tags `|` -> `, `)."""
     parts = []
     for column in columns:
