@@ -536,13 +536,13 @@ def embed_modality(plan: ModalityPlan, enc: ModalityEncoder, art_dir: Path, cfg:
     with ParquetSink(final, schema, row_group_rows=vector_row_group_rows(enc.dim)) as sink:
         for batch in plan_batches(["row", "id", "content_hash"]):
             batch = batch.filter(pa.array(~np.isin(batch.column("row").to_numpy(), failed_rows)))
-            hashes = batch.column("content_hash")
+            hashes = batch.column("content_hash").to_pylist()  # once: keys, check and table
             found, file, row = index.lookup(hash_keys(hashes))
             if not found.all():
                 raise FusionrecError(f"{plan.kind} {plan.modality}: {int((~found).sum())} rows have no vector "
                                      "after encoding (a shard went missing during the run?)")
-            matrix = reader.take(file, row, np.asarray(hashes.to_pylist(), dtype=str))
-            sink.write(embedding_table(batch.column("id").to_pylist(), hashes.to_pylist(),
+            matrix = reader.take(file, row, np.asarray(hashes, dtype=str))
+            sink.write(embedding_table(batch.column("id").to_pylist(), hashes,
                                        [enc.model_id] * batch.num_rows, matrix))
 
     failures = _failure_records(plan, errors)

@@ -16,6 +16,7 @@ from pipeline import index as fidx
 from pipeline import streaming
 from pipeline.embed import ModalityEncoder, read_artifact_table, run_embed
 from pipeline.errors import InputError
+from pipeline.storage import sha256_bytes
 from pipeline.tables import read_table
 from tests.tiny_models import HashEncoder
 
@@ -67,7 +68,7 @@ class CountingEncoder(HashEncoder):
 
 def test_the_embedding_job_streams_its_input_and_writes_the_eager_result(tmp_path: Path, monkeypatch) -> None:
     """Batches of 4 rows (items in 6 batches): the table equals an in-memory computation of
-    the same hashes and vectors, in input order, and bounded row groups come out."""
+    the same hashes and vectors, in input order."""
     from pipeline.tables import load_items
     from pipeline.text import item_text
 
@@ -93,7 +94,6 @@ def test_the_embedding_job_streams_its_input_and_writes_the_eager_result(tmp_pat
     ids, hashes, models, matrix = read_artifact_table(tmp_path / "art" / "embeddings" / "item_text.parquet")
     assert ids == expected["item_id"].to_list() and len(ids) == frame.height - 1  # i010 has no text
     salt = "hash-v1\x00clean-v1\x00".encode()
-    from pipeline.storage import sha256_bytes
     assert hashes == [sha256_bytes(salt + t.encode()) for t in expected["text"]]
     np.testing.assert_allclose(matrix, HashEncoder(8).encode(expected["text"].to_list()), atol=1e-6)
     assert set(models) == {"hash-v1"}
@@ -128,6 +128,30 @@ def test_a_rerun_encodes_only_changed_rows_and_keeps_row_order(tmp_path: Path) -
     for i, row in zip(ids, matrix):
         if i not in ("i005", "n001"):
             np.testing.assert_array_equal(row, old[i])  # reused vectors are the stored ones, bit for bit
+
+
+def test_bad_ids_name_the_row_of_the_whole_table(tmp_path: Path) -> None:
+    frame = items_frame()
+    missing = frame.with_columns(pl.when(pl.col("item_id") == "i013").then(pl.lit("  ")).otherwise(pl.col("item_id"))
+                                 .alias("item_id"))
+    missing.write_parquet(tmp_path / "missing.parquet")
+    with pytest.raises(InputError, match=r"missing\.parquet, row 14, field 'item_id': missing id$"):
+        list(streaming.validated_batches(tmp_path / "missing.parquet", "item", batch_rows=5))
+
+    dup = frame.with_columns(pl.when(pl.col("item_id") == "i021").then(pl.lit("i002")).otherwise(pl.col("item_id"))
+                             .alias("item_id"))
+    dup.write_parquet(tmp_path / "dup.parquet")
+    with pytest.raises(InputError, match=r"row 22, field 'item_id': duplicate id 'i002' \(first on row 3\)"):
+        list(streaming.validated_batches(tmp_path / "dup.parquet", "item", batch_rows=5))
+
+    header_only = tmp_path / "users.csv"
+    header_only.write_text("user_id,text\n")
+    with pytest.raises(InputError, match=r"users\.csv: the table has no rows$"):
+        list(streaming.validated_batches(header_only, "user", batch_rows=5))
+    ragged = tmp_path / "items.csv"
+    ragged.write_text("item_id,title\ni1,a\ni2,b,extra\n")
+    with pytest.raises(InputError, match=r"items\.csv, row 2: cannot parse the table: 3 cells, but the header"):
+        list(streaming.validated_batches(ragged, "item", batch_rows=1))
 
 
 def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
