@@ -13,15 +13,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.config import Config, load_config
-from pipeline.errors import FusionrecError
-from pipeline.manifest import RunRecord
+from fusionrec import jobs
+from fusionrec.evaluation.offline import run_evaluate
+from fusionrec.pipeline.config import Config, load_config
+from fusionrec.pipeline.embedding.job import summary_rows
+from fusionrec.pipeline.errors import FusionrecError
+from fusionrec.pipeline.io.manifest import RunRecord
+from fusionrec.ranker.serving.export import read_pairs
+from fusionrec.ranker.serving.recommender import Recommender, read_users
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline two-stage multimodal recommender: embed, fuse and index, rank, export.")
 log = logging.getLogger("fusionrec")
 
-PROJECT_DATA = Path(__file__).resolve().parent / "data"
 
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Data directory (items, users, interactions).")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Artifacts directory.")]
@@ -50,22 +54,8 @@ def _console(stderr: bool = False):
 def _config(path: Path | None, overrides: list[str] | None, engine: str | None = None) -> Config:
     extra = [f"engine={engine}"] if engine else []
     cfg = load_config(path, [*(overrides or []), *extra])
-    if cfg.engine not in ("local", "ray"):
-        from pipeline.errors import ConfigError
-
-        raise ConfigError(f"engine must be 'local' or 'ray', not {cfg.engine!r}")
+    jobs.check_engine(cfg)
     return cfg
-
-
-def _recommend(out: Path, users: list[str] | None, k: int, cfg: Config, **options):
-    """Top-k from the artifacts, on Ray when the engine says so (same rows as local)."""
-    if cfg.engine == "ray":
-        from ranker.ray_scoring import recommend_all
-
-        return recommend_all(out, k, cfg.ray, user_ids=users, **options)
-    from ranker.serving import Recommender
-
-    return Recommender(out).recommend(users, k, **options)
 
 
 def _data_dir(data: Path | None) -> Path:
@@ -73,7 +63,7 @@ def _data_dir(data: Path | None) -> Path:
         if not data.is_dir():
             raise typer.BadParameter(f"data directory {data} does not exist", param_hint="--data")
         return data
-    for candidate in (PROJECT_DATA, Path("data")):
+    for candidate in (jobs.sample_data_dir(), Path("data")):
         if (candidate / "items.csv").is_file() or (candidate / "items.parquet").is_file():
             return candidate
     raise typer.BadParameter("no --data given and no sample data/ found", param_hint="--data")
@@ -105,12 +95,10 @@ def embed(data: Annotated[Path, typer.Option("--data", help="Data directory.")],
           out: OutOpt = Path("artifacts"), config: ConfigOpt = None, set_: SetOpt = None,
           engine: EngineOpt = None, quiet: QuietOpt = False) -> None:
     """The embedding job alone: frozen per-modality embeddings into ART/embeddings/ (incremental)."""
-    from pipeline.embed import run_embed, summary_rows
-
     _setup_logging(quiet)
     try:
         cfg = _config(config, set_, engine)
-        report = run_embed(_data_dir(data), out, cfg, show_progress=not quiet)
+        report = jobs.run_embed(_data_dir(data), out, cfg, show_progress=not quiet)
     except FusionrecError as exc:
         _fail(exc)
     _print_table("embeddings", summary_rows(report),
@@ -122,11 +110,9 @@ def index(data: Annotated[Path, typer.Option("--data", help="Data directory.")],
           out: OutOpt = Path("artifacts"), config: ConfigOpt = None, set_: SetOpt = None,
           quiet: QuietOpt = False) -> None:
     """Fusion, user vectors and the FAISS index; writes ART/index/ and ART/candidates.parquet."""
-    from pipeline.indexing import run_index
-
     _setup_logging(quiet)
     try:
-        summary = run_index(_data_dir(data), out, _config(config, set_))
+        summary = jobs.run_index(_data_dir(data), out, _config(config, set_))
     except FusionrecError as exc:
         _fail(exc)
     _print_index(summary)
@@ -142,16 +128,12 @@ def _print_index(summary: dict) -> None:
 def train(out: OutOpt = Path("artifacts"), data: DataOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
           quiet: QuietOpt = False) -> None:
     """Train the LightGBM ranker on later label windows; writes ART/ranker/ (model text + features)."""
-    from ranker.training import run_train
-
     _setup_logging(quiet)
     try:
         cfg = _config(config, set_)
         if data is not None:
-            from pipeline.indexing import run_index
-
-            run_index(_data_dir(data), out, cfg)
-        summary = run_train(out, cfg)
+            jobs.run_index(_data_dir(data), out, cfg)
+        summary = jobs.run_train(out, cfg)
     except FusionrecError as exc:
         _fail(exc)
     _print_train(summary)
@@ -166,21 +148,6 @@ def _print_train(summary: dict) -> None:
     if "valid_rmse" in summary:
         rows.append({"stage": "validation RMSE", "value": round(summary["valid_rmse"], 4)})
     _print_table("ranker", rows, ["stage", "value"])
-
-
-def _read_user_list(path: Path) -> list[str]:
-    from ranker.serving import read_users
-
-    return read_users(path)
-
-
-def _export(frame, path: Path, art: Path, cfg: Config, pseudonymise: bool | None) -> Path:
-    from ranker.export import write_topk
-    from ranker.privacy import export_key, pseudonymise as hide
-
-    if cfg.export.pseudonymise if pseudonymise is None else pseudonymise:
-        frame = hide(frame, export_key(cfg.export, art))
-    return write_topk(frame, path)
 
 
 PseudoOpt = Annotated[Optional[bool], typer.Option("--pseudonymise/--raw-ids",
@@ -200,13 +167,9 @@ def recommend(out: OutOpt = Path("artifacts"),
     _setup_logging(quiet)
     try:
         cfg = _config(config, set_, engine)
-        wanted = _read_user_list(users) if users is not None else None
-        record = RunRecord("recommend", out, None, cfg.to_dict())
-        recs = _recommend(out, wanted, k, cfg, include_seen=include_seen, explain=explain)
-        path = _export(recs, export, out, cfg, pseudonymise)
-        record.counts = {"users": recs["user_id"].n_unique(), "rows": recs.height}
-        record.extra = {"export": str(path), "k": k, "explain": explain, "include_seen": include_seen}
-        record.finish("ok")
+        wanted = read_users(users) if users is not None else None
+        recs, path = jobs.run_recommend(out, export, cfg, users=wanted, k=k, explain=explain,
+                                        include_seen=include_seen, pseudonymise_ids=pseudonymise)
     except FusionrecError as exc:
         _fail(exc)
     log.info("wrote %d rows for %d users to %s", recs.height, recs["user_id"].n_unique(), path)
@@ -220,16 +183,13 @@ def score(out: OutOpt = Path("artifacts"),
           pseudonymise: PseudoOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
           quiet: QuietOpt = False) -> None:
     """Score given (user_id, item_id) pairs; adds `score`. Unknown ids get cold features."""
-    from ranker.export import read_pairs
-    from ranker.serving import Recommender
-
     _setup_logging(quiet)
     try:
         cfg = _config(config, set_)
         record = RunRecord("score", out, None, cfg.to_dict())
         pairs = read_pairs(candidates)
         scored = Recommender(out).score(pairs, explain=explain)
-        path = _export(scored, export, out, cfg, pseudonymise)
+        path = jobs.export_topk(scored, export, out, cfg, pseudonymise)
         record.inputs = {"candidates": str(candidates)}
         record.counts = {"pairs": scored.height}
         record.extra = {"export": str(path)}
@@ -247,8 +207,6 @@ def evaluate(out: OutOpt = Path("artifacts"),
              baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Also evaluate popularity, item-kNN and retrieval alone.")] = True,
              quiet: QuietOpt = False) -> None:
     """Metrics of the current artifacts against held-out interactions (and baselines beside them)."""
-    from ranker.offline import run_evaluate
-
     _setup_logging(quiet)
     try:
         ks = tuple(int(x) for x in k.split(",") if x.strip())
@@ -266,53 +224,19 @@ def evaluate(out: OutOpt = Path("artifacts"),
 def run(data: DataOpt = None, out: OutOpt = Path("artifacts"), config: ConfigOpt = None, set_: SetOpt = None,
         engine: EngineOpt = None, quiet: QuietOpt = False) -> None:
     """The whole nightly job: embed, index, train, recommend for every user, export ART/exports/topk.parquet."""
-    import time
-
-    from pipeline.embed import run_embed, summary_rows
-    from pipeline.indexing import run_index
-    from pipeline.storage import ArtifactLock
-    from ranker.training import run_train
-
     _setup_logging(quiet)
-    timings: dict[str, float] = {}
     try:
         cfg = _config(config, set_, engine)
-        data_dir = _data_dir(data)
-        from pipeline.indexing import load_catalog
-
-        load_catalog(data_dir)  # every table validated before hours of encoding, not after
-        with ArtifactLock(out):
-            t0 = time.perf_counter()
-            report = run_embed(data_dir, out, cfg, show_progress=not quiet, lock=False)
-            timings["embed"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            summary = run_index(data_dir, out, cfg, lock=False)
-            timings["index"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            trained = run_train(out, cfg, lock=False)
-            timings["train"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            record = RunRecord("recommend", out, data_dir, cfg.to_dict())
-            recs = _recommend(out, None, cfg.export.k, cfg)
-            path = _export(recs, out / "exports" / "topk.parquet", out, cfg, None)
-            record.counts = {"users": recs["user_id"].n_unique(), "rows": recs.height}
-            record.extra = {"export": str(path), "k": cfg.export.k}
-            record.finish("ok")
-            timings["recommend"] = time.perf_counter() - t0
-            total = RunRecord("run", out, data_dir, cfg.to_dict())
-            total.timings = timings
-            total.counts = {"exported_rows": recs.height, "users": recs["user_id"].n_unique(),
-                            "failures": len(report.failures)}
-            total.finish("ok")
+        night = jobs.run_nightly(_data_dir(data), out, cfg, show_progress=not quiet)
     except FusionrecError as exc:
         _fail(exc)
-    _print_table("embeddings", summary_rows(report),
+    _print_table("embeddings", summary_rows(night.embed),
                  ["table", "rows", "encoded", "reused", "resumed", "failed", "dropped", "seconds", "items_per_s"])
-    _print_index(summary)
-    _print_train(trained)
-    _print_table("nightly job", [{"stage": s, "seconds": round(t, 2)} for s, t in timings.items()]
-                 + [{"stage": f"exported {recs.height} rows for {recs['user_id'].n_unique()} users to {path}",
-                     "seconds": round(sum(timings.values()), 2)}], ["stage", "seconds"])
+    _print_index(night.index)
+    _print_train(night.train)
+    _print_table("nightly job", [{"stage": s, "seconds": round(t, 2)} for s, t in night.timings.items()]
+                 + [{"stage": f"exported {night.rows} rows for {night.users} users to {night.export}",
+                     "seconds": round(sum(night.timings.values()), 2)}], ["stage", "seconds"])
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ def rss_mb() -> float:
 def load_interactions(data_dir: Path) -> pl.DataFrame:
     """The interactions table of a data directory, via the project loader when it exists."""
     try:
-        from pipeline.tables import load_interactions as project_loader  # the lead's loader
+        from fusionrec.pipeline.io.tables import load_interactions as project_loader  # the lead's loader
         return project_loader(data_dir)
     except ImportError:
         pass

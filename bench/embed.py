@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.embed import build_encoders, modality_contents, precomputed_tables, run_embed  # noqa: E402
-from pipeline.tables import load_items, load_users, resolve_media  # noqa: E402
+from fusionrec.pipeline.config import load_config  # noqa: E402
+from fusionrec.pipeline.embedding.job import build_encoders, modality_contents, precomputed_tables, run_embed  # noqa: E402
+from fusionrec.pipeline.io.tables import load_items, load_users, resolve_media  # noqa: E402
 
 
 def raw_pass(inputs: dict[tuple[str, str], list[str]], encoders, data_dir: Path) -> dict[str, float]:

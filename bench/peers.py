@@ -48,11 +48,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # running as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from pipeline.storage import atomic_path  # noqa: E402
-from pipeline.tables import load_interactions  # noqa: E402
-from ranker.baselines import ItemKNNRecommender, MatrixRecommender, PopularityRecommender  # noqa: E402
-from ranker.evaluation import EvaluationResult, bootstrap_ci, evaluate, paired_comparison  # noqa: E402
-from ranker.splits import global_temporal_split  # noqa: E402
+from fusionrec.pipeline.io.storage import atomic_path  # noqa: E402
+from fusionrec.pipeline.io.tables import load_interactions  # noqa: E402
+from fusionrec.evaluation.baselines import ItemKNNRecommender, MatrixRecommender, PopularityRecommender  # noqa: E402
+from fusionrec.evaluation.results import EvaluationResult, bootstrap_ci, evaluate, paired_comparison  # noqa: E402
+from fusionrec.evaluation.splits import global_temporal_split  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 TABLE_METRICS = ("ndcg@10", "recall@10", "map@10", "hit_rate@10", "ndcg@20", "recall@20")
@@ -239,14 +239,14 @@ def fusionrec_runs(train: pl.DataFrame, test: pl.DataFrame, users: pl.Series, k:
     if args.art is None or not (Path(args.art) / "embeddings").is_dir():
         print("fusionrec rows skipped: pass --art ART with ART/embeddings from `fusionrec embed`")
         return {}
-    from pipeline.config import load_config
-    from pipeline.fusion import load_modalities
-    from pipeline.indexing import Catalog, retriever_from_config
-    from pipeline.tables import load_items
-    from ranker.export import recommend as ranked_topk, topk
-    from ranker.features import behaviour_features
-    from ranker.serving import popular_fallback
-    from ranker.training import build_examples, fit_ranker, label_windows, split_users
+    from fusionrec.pipeline.config import load_config
+    from fusionrec.pipeline.retrieval.fusion import load_modalities
+    from fusionrec.pipeline.retrieval.stage import Catalog, retriever_from_config
+    from fusionrec.pipeline.io.tables import load_items
+    from fusionrec.ranker.serving.export import recommend as ranked_topk, topk
+    from fusionrec.ranker.features import behaviour_features
+    from fusionrec.ranker.serving.recommender import popular_fallback
+    from fusionrec.ranker.training import build_examples, fit_ranker, label_windows, split_users
 
     item_mods = load_modalities(Path(args.art) / "embeddings", "item")
     user_mods = load_modalities(Path(args.art) / "embeddings", "user")
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         with atomic_path(args.out / name) as tmp:
             tmp.write_text(text)
     if args.report:
-        from ranker.report import write_report
+        from fusionrec.evaluation.report import write_report
         write_report(args.report, title="fusionrec peers", runs=results,
                      meta={k: v for k, v in info.items() if k != "params"},
                      peers=pl.DataFrame(rows).drop("seconds"),

@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (DATASETS, RESULTS, environment, global_temporal_split, load_interactions,  # noqa: E402
                           popularity_candidates, print_table, ranking_metrics, test_targets, write_json)
-from pipeline import index as fidx  # noqa: E402
-from pipeline.fusion import load_modalities  # noqa: E402
-from pipeline.retrieval import Retriever  # noqa: E402
+from fusionrec.pipeline.retrieval import faiss_index as fidx  # noqa: E402
+from fusionrec.pipeline.retrieval.fusion import load_modalities  # noqa: E402
+from fusionrec.pipeline.retrieval.retriever import Retriever  # noqa: E402
 
 
 def movielens_embeddings(data_dir: Path, art: Path | None) -> tuple[dict, str]:
@@ -49,7 +49,7 @@ def movielens_embeddings(data_dir: Path, art: Path | None) -> tuple[dict, str]:
     if mods:
         return mods, f"cached {out}"
     try:
-        from pipeline.embed import run_embed
+        from fusionrec.pipeline.embedding.job import run_embed
     except ImportError as exc:
         raise SystemExit(f"MovieLens needs text and image embeddings: pipeline.embed is not importable ({exc}); "
                          "run `fusionrec embed --data ../shared/datasets/movielens-100k/fusionrec --out DIR` "

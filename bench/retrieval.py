@@ -33,8 +33,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import DATASETS, RESULTS, environment, print_table, rss_mb, write_json  # noqa: E402
-from pipeline import index as fidx  # noqa: E402
-from pipeline.fusion import l2_normalise, load_modalities  # noqa: E402
+from fusionrec.pipeline.retrieval import faiss_index as fidx  # noqa: E402
+from fusionrec.pipeline.retrieval.fusion import l2_normalise, load_modalities  # noqa: E402
 
 
 def clustered(n: int, d: int, n_clusters: int, seed: int, noise: float = 1.0, chunk: int = 100_000) -> np.ndarray:

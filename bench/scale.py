@@ -66,8 +66,8 @@ def child_baseline(_: dict) -> dict:
 
 def child_eager(a: dict) -> dict:
     """The reference: the item table read whole and every text hashed in memory."""
-    from pipeline.embed import ModalityEncoder, content_hashes, modality_contents
-    from pipeline.tables import load_items
+    from fusionrec.pipeline.embedding.job import ModalityEncoder, content_hashes, modality_contents
+    from fusionrec.pipeline.io.tables import load_items
 
     t0 = time.perf_counter()
     text = modality_contents(load_items(Path(a["data_dir"])), "item")["text"]
@@ -93,8 +93,8 @@ def synthetic_encode(dim: int):
 
 def child_job(a: dict) -> dict:
     """`fusionrec embed`'s job (pipeline.embed.run_embed, local engine) on the catalog."""
-    from pipeline.config import Config
-    from pipeline.embed import ModalityEncoder, run_embed
+    from fusionrec.pipeline.config import Config
+    from fusionrec.pipeline.embedding.job import ModalityEncoder, run_embed
 
     enc = ModalityEncoder("bench:synthetic-crc", a["dim"], synthetic_encode(a["dim"]),
                           preprocess_id=a["preprocess_id"])
@@ -129,7 +129,7 @@ def vector_chunk(rng: np.random.Generator, n: int, basis: np.ndarray, noise: flo
 def child_vectors(a: dict) -> dict:
     import pyarrow as pa
 
-    from pipeline.streaming import vector_row_group_rows, write_batches
+    from fusionrec.pipeline.io.streaming import vector_row_group_rows, write_batches
 
     n, d = a["n"], a["dim"]
     group = vector_row_group_rows(d)
@@ -152,8 +152,8 @@ def child_vectors(a: dict) -> dict:
 def child_index(a: dict) -> dict:
     import faiss
 
-    from pipeline import index as fidx
-    from pipeline.streaming import build_index_from_parquet, vector_row_group_rows
+    from fusionrec.pipeline.retrieval import faiss_index as fidx
+    from fusionrec.pipeline.io.streaming import build_index_from_parquet, vector_row_group_rows
 
     faiss.omp_set_num_threads(a["threads"])
     queries = np.load(a["queries"])
@@ -208,8 +208,8 @@ def child_encode(a: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from pipeline.image import ImageEncoder
-    from pipeline.text import TextEncoder
+    from fusionrec.pipeline.encoders.image import ImageEncoder
+    from fusionrec.pipeline.encoders.text import TextEncoder
 
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(WORDS, 50)) for _ in range(a["n"])]
@@ -257,7 +257,7 @@ def write_items(path: Path, n: int, seed: int = 0, changed_every: int = 0) -> No
     """A synthetic catalog; changed_every=k retitles every k-th item (the same catalog otherwise)."""
     import pyarrow as pa
 
-    from pipeline.streaming import write_batches
+    from fusionrec.pipeline.io.streaming import write_batches
 
     words = np.array(WORDS)
 

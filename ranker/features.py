@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from pipeline.errors import InputError
+from fusionrec.pipeline.errors import InputError
 
 DAY = 86_400
 DEFAULT_WINDOWS = (1, 7, 30)

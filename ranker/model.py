@@ -18,10 +18,10 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipeline.errors import FusionrecError
-from pipeline.storage import sha256_bytes, write_json, write_text
+from fusionrec.pipeline.errors import FusionrecError
+from fusionrec.pipeline.io.storage import sha256_bytes, write_json, write_text
 
-from .features import feature_columns, feature_group
+from fusionrec.ranker.features import feature_columns, feature_group
 
 MODEL_FILE = "model.txt"
 META_FILE = "features.json"

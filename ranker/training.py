@@ -24,16 +24,15 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from pipeline.config import Config
-from pipeline.errors import FusionrecError
-from pipeline.indexing import Catalog, embeddings, load_snapshot, retriever_from_config
-from pipeline.manifest import RunRecord
-from pipeline.storage import ArtifactLock
+from fusionrec.pipeline.config import Config
+from fusionrec.pipeline.errors import FusionrecError
+from fusionrec.pipeline.retrieval.stage import Catalog, embeddings, load_snapshot, retriever_from_config
+from fusionrec.pipeline.io.manifest import stage_run
 
-from .features import behaviour_features
-from .labels import infer_rating_scale, make_labels
-from .metrics import ranking_metrics
-from .model import Ranker
+from fusionrec.ranker.features import behaviour_features
+from fusionrec.ranker.labels import infer_rating_scale, make_labels
+from fusionrec.evaluation.metrics import ranking_metrics
+from fusionrec.ranker.model import Ranker
 
 log = logging.getLogger("fusionrec.train")
 DAY = 86_400
@@ -114,9 +113,7 @@ def fit_ranker(train: pl.DataFrame, valid: pl.DataFrame, config: Config) -> Rank
 def run_train(art_dir: Path, config: Config | None = None, *, lock: bool = True) -> dict:
     config = config or Config()
     art_dir = Path(art_dir)
-    held = ArtifactLock(art_dir).acquire() if lock else None
-    try:
-        record = RunRecord("train", art_dir, None, config.to_dict())
+    with stage_run("train", art_dir, None, config.to_dict(), lock=lock) as record:
         catalog = load_snapshot(art_dir)
         item_mods, user_mods = embeddings(art_dir)
         windows = label_windows(catalog.interactions["timestamp"], config.ranker.label_window_days)
@@ -156,6 +153,3 @@ def run_train(art_dir: Path, config: Config | None = None, *, lock: bool = True)
         log.info("ranker: %d train rows, best iteration %d, validation %s", train.height, ranker.best_iteration_,
                  summary.get("valid_ndcg@10") or summary.get("valid_rmse"))
         return summary
-    finally:
-        if held is not None:
-            held.release()

@@ -105,14 +105,14 @@ def small_catalog(dest: Path, night: int = 1, n_items: int = 60) -> Path:
 
 def visible_files(art: Path) -> list[Path]:
     """Every file under `art` but temporaries (`.tmp-*`, invisible by contract)."""
-    from pipeline.storage import TMP_PREFIX
+    from fusionrec.pipeline.io.storage import TMP_PREFIX
 
     return sorted(p for p in Path(art).rglob("*") if p.is_file()
                   and not any(part.startswith(TMP_PREFIX) for part in p.relative_to(art).parts))
 
 
 def temporaries(art: Path) -> list[Path]:
-    from pipeline.storage import TMP_PREFIX
+    from fusionrec.pipeline.io.storage import TMP_PREFIX
 
     return sorted(Path(art).rglob(f"{TMP_PREFIX}*"))
 
@@ -150,7 +150,7 @@ def _run_cli(args: list[str], env: dict[str, str], out: str, err: str, fsize: in
     if fsize is not None:  # files may not grow past `fsize` bytes: every write beyond fails
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.RLIM_INFINITY))
-    from cli import app
+    from fusionrec.cli import app
 
     try:
         app(args=args, prog_name="fusionrec")
@@ -159,8 +159,8 @@ def _run_cli(args: list[str], env: dict[str, str], out: str, err: str, fsize: in
         sys.stderr.flush()
 
 
-PRELOAD = ["cli", "pipeline.embed", "pipeline.indexing", "pipeline.text", "ranker.training", "ranker.serving",
-           "ranker.export", "ranker.privacy", "transformers.models.bert.modeling_bert", "faiss", "lightgbm",
+PRELOAD = ["fusionrec.cli", "fusionrec.pipeline.embedding.job", "fusionrec.pipeline.retrieval.stage", "fusionrec.pipeline.encoders.text", "fusionrec.ranker.training", "fusionrec.ranker.serving.recommender",
+           "fusionrec.ranker.serving.export", "fusionrec.ranker.serving.privacy", "transformers.models.bert.modeling_bert", "faiss", "lightgbm",
            "tests.reliability_counts"]
 
 

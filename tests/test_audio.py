@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline.audio import AudioEncoder, load_audio
-from pipeline.errors import MediaError
+from fusionrec.pipeline.encoders.audio import AudioEncoder, load_audio
+from fusionrec.pipeline.errors import MediaError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -226,7 +226,7 @@ def whisper_vectors():
 def test_ct2_conversion_maps_every_tensor():
     from transformers import WhisperForConditionalGeneration
 
-    from pipeline import whisper_ct2
+    from fusionrec.pipeline.encoders import whisper_ct2
 
     model_dir = whisper_ct2.default_model_dir()
     ct2 = whisper_ct2.read_ct2_index(model_dir / "model.bin")
@@ -249,7 +249,7 @@ def test_ct2_conversion_maps_every_tensor():
 
 @pytest.mark.integration
 def test_converted_whisper_transcribes_synthesised_speech():
-    from pipeline import whisper_ct2
+    from fusionrec.pipeline.encoders import whisper_ct2
 
     model = whisper_ct2.load_whisper_from_ct2()
     tok = whisper_ct2.load_whisper_tokenizer()

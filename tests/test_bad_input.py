@@ -24,8 +24,8 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
-from pipeline.embed import read_artifact_table
+from fusionrec.cli import app
+from fusionrec.pipeline.embedding.job import read_artifact_table
 from tests.reliability_counts import digests, small_catalog, temporaries
 from tests.tiny_models import tiny_text_model
 

@@ -12,10 +12,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.errors import InputError
-from ranker.baselines import ItemKNNRecommender, PopularityRecommender
-from ranker.evaluation import evaluate
-from ranker.splits import global_temporal_split
+from fusionrec.pipeline.errors import InputError
+from fusionrec.evaluation.baselines import ItemKNNRecommender, PopularityRecommender
+from fusionrec.evaluation.results import evaluate
+from fusionrec.evaluation.splits import global_temporal_split
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 

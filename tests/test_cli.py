@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
-from pipeline.manifest import read_manifest
+from fusionrec.cli import app
+from fusionrec.pipeline.io.manifest import read_manifest
 
 pytestmark = pytest.mark.integration
 FAST = ["--set", "embed.image.enabled=false", "--set", "embed.audio.enabled=false"]

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, load_config, parse_override
-from pipeline.errors import ConfigError
+from fusionrec.pipeline.config import Config, load_config, parse_override
+from fusionrec.pipeline.errors import ConfigError
 
 
 def test_defaults_need_no_file() -> None:

@@ -16,11 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_config
-from pipeline.embed import ModalityEncoder, read_artifact_table, run_embed
-from pipeline.errors import FusionrecError, InputError, LockError, MediaError
-from pipeline.manifest import read_manifest
-from pipeline.storage import ArtifactLock
+from fusionrec.pipeline.config import load_config
+from fusionrec.pipeline.embedding.job import ModalityEncoder, read_artifact_table, run_embed
+from fusionrec.pipeline.errors import FusionrecError, InputError, LockError, MediaError
+from fusionrec.pipeline.io.manifest import read_manifest
+from fusionrec.pipeline.io.storage import ArtifactLock
 from tests.tiny_models import HashEncoder, tiny_text_model
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -212,7 +212,7 @@ def test_a_second_job_on_the_same_artifacts_stops_and_a_stale_lock_is_taken_over
 
 
 def test_tiny_transformers_encoder_through_the_configured_path(tmp_path: Path) -> None:
-    from pipeline.text import TextEncoder
+    from fusionrec.pipeline.encoders.text import TextEncoder
 
     model_dir = tiny_text_model(tmp_path / "tiny")
     encoder = TextEncoder(str(model_dir), device="cpu", batch_size=2)
@@ -231,8 +231,8 @@ import sys, time
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, {project!r})
-from pipeline.config import load_config
-from pipeline.embed import ModalityEncoder, run_embed
+from fusionrec.pipeline.config import load_config
+from fusionrec.pipeline.embedding.job import ModalityEncoder, run_embed
 from tests.tiny_models import HashEncoder
 
 slow = HashEncoder(8, "hash-v1")

@@ -15,9 +15,9 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_config
-from pipeline.embed import read_artifact_table, run_embed
-from pipeline.manifest import read_manifest
+from fusionrec.pipeline.config import load_config
+from fusionrec.pipeline.embedding.job import read_artifact_table, run_embed
+from fusionrec.pipeline.io.manifest import read_manifest
 
 pytestmark = pytest.mark.integration
 PROJECT = Path(__file__).resolve().parents[1]
@@ -84,8 +84,8 @@ KILL_SCRIPT = r"""
 import sys
 from pathlib import Path
 sys.path.insert(0, {project!r})
-from pipeline.config import load_config
-from pipeline.embed import run_embed
+from fusionrec.pipeline.config import load_config
+from fusionrec.pipeline.embedding.job import run_embed
 cfg = load_config(overrides=["embed.shard_size=8", "embed.text.batch_size=8"])
 run_embed(Path(sys.argv[1]), Path(sys.argv[2]), cfg, show_progress=False)
 """
@@ -123,7 +123,7 @@ def test_killed_run_resumes_to_the_same_tables_with_real_weights(tmp_path: Path,
 
 
 def test_same_topic_texts_are_closer_than_different_topics() -> None:
-    from pipeline.text import TextEncoder
+    from fusionrec.pipeline.encoders.text import TextEncoder
 
     enc = TextEncoder(device="cpu")
     v = enc.encode(["Waves crash on the sandy beach under a blue sky.",

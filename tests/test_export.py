@@ -7,11 +7,11 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from pipeline.errors import InputError
-from ranker.export import drop_seen, read_pairs, read_topk, recommend, topk, write_topk
-from ranker.features import behaviour_features
-from ranker.labels import make_labels
-from ranker.model import Ranker
+from fusionrec.pipeline.errors import InputError
+from fusionrec.ranker.serving.export import drop_seen, read_pairs, read_topk, recommend, topk, write_topk
+from fusionrec.ranker.features import behaviour_features
+from fusionrec.ranker.labels import make_labels
+from fusionrec.ranker.model import Ranker
 
 D = 86_400
 FORMATS = [".parquet", ".csv", ".jsonl"]

@@ -30,8 +30,8 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from pipeline.errors import LockError
-from pipeline.storage import TMP_PREFIX, ArtifactLock, _process_start, atomic_path
+from fusionrec.pipeline.errors import LockError
+from fusionrec.pipeline.io.storage import TMP_PREFIX, ArtifactLock, _process_start, atomic_path
 from tests.reliability_counts import QUICK, JobRunner, digests, small_catalog, temporaries, visible_files
 
 # Tests taking `nights` run the real text encoder (all-MiniLM-L6-v2) in every job: integration.
@@ -349,8 +349,8 @@ def test_lock_of_a_reused_pid_or_a_damaged_lock_file_is_stale(tmp_path: Path, re
 RACER = """
 import os, sys, time
 from pathlib import Path
-from pipeline.errors import LockError
-from pipeline.storage import ArtifactLock
+from fusionrec.pipeline.errors import LockError
+from fusionrec.pipeline.io.storage import ArtifactLock
 art, start, racers, tried = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
 time.sleep(max(0.0, start - time.time()))
 try:
@@ -528,7 +528,7 @@ def test_a_read_only_disk_fails_clearly_and_changes_nothing(nights: Nights, smal
 
 def test_atomic_path_turns_writer_specific_disk_errors_into_one_clear_error(tmp_path: Path) -> None:
     """polars and faiss report a full disk in their own exception types; a bug stays a bug."""
-    from pipeline.errors import FusionrecError
+    from fusionrec.pipeline.errors import FusionrecError
 
     target = tmp_path / "x.parquet"
     target.write_bytes(b"previous")

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
-from pipeline.errors import InputError
-from ranker.features import behaviour_features, feature_columns, feature_group
-from ranker.labels import infer_rating_scale, make_labels
+from fusionrec.pipeline.errors import InputError
+from fusionrec.ranker.features import behaviour_features, feature_columns, feature_group
+from fusionrec.ranker.labels import infer_rating_scale, make_labels
 
 D = 86_400
 CUTOFF = 100 * D

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline.errors import ConfigError, MediaError
-from pipeline.image import (ImageEncoder, default_weights_path,
+from fusionrec.pipeline.errors import ConfigError, MediaError
+from fusionrec.pipeline.encoders.image import (ImageEncoder, default_weights_path,
                             torchvision_mobilenet_v2_to_timm)
 
 
@@ -319,7 +319,7 @@ def test_checkpoint_that_does_not_fit_is_refused(tiny: ImageEncoder, tmp_path: P
 
 def test_hub_weights_unreachable_fail_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
     import timm
-    from pipeline.errors import FusionrecError
+    from fusionrec.pipeline.errors import FusionrecError
     real_create = timm.create_model
 
     def offline_create(name: str, pretrained: bool = False, **kw):  # what HF_HUB_OFFLINE gives

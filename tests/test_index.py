@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import index as fidx
-from pipeline.fusion import l2_normalise
+from fusionrec.pipeline.retrieval import faiss_index as fidx
+from fusionrec.pipeline.retrieval.fusion import l2_normalise
 
 
 def clustered(n: int, d: int, seed: int, n_clusters: int = 20) -> np.ndarray:

@@ -25,11 +25,11 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
-from pipeline.config import ExportConfig
-from pipeline.errors import FusionrecError
-from pipeline.manifest import read_manifest
-from ranker.privacy import export_key, pseudonym
+from fusionrec.cli import app
+from fusionrec.pipeline.config import ExportConfig
+from fusionrec.pipeline.errors import FusionrecError
+from fusionrec.pipeline.io.manifest import read_manifest
+from fusionrec.ranker.serving.privacy import export_key, pseudonym
 from tests.reliability_counts import small_catalog, visible_files
 from tests.tiny_models import tiny_text_model
 
@@ -246,7 +246,7 @@ def _calls(tree: ast.AST):
 def test_loaders_in_the_code_never_unpickle_or_run_remote_code() -> None:
     """A guard over the source: from_pretrained with trust_remote_code=False, torch.load weights-only,
     no pickle/joblib/dill loaders, no np.load(allow_pickle=True)."""
-    sources = sorted([*(PROJECT / "pipeline").glob("*.py"), *(PROJECT / "ranker").glob("*.py"), PROJECT / "cli.py"])
+    sources = sorted([*(PROJECT / "pipeline").rglob("*.py"), *(PROJECT / "ranker").rglob("*.py"), *(PROJECT / "evaluation").rglob("*.py"), PROJECT / "cli.py", PROJECT / "jobs.py"])
     problems, pretrained = [], 0
     for path in sources:
         for node, owner, name, kw in _calls(ast.parse(path.read_text(), str(path))):
@@ -281,8 +281,8 @@ def _malicious_pickle(canary: Path) -> bytes:
 
 
 def test_a_booby_trapped_pickle_beside_safetensors_is_never_opened(tmp_path: Path) -> None:
-    from pipeline.errors import ConfigError
-    from pipeline.text import TextEncoder
+    from fusionrec.pipeline.errors import ConfigError
+    from fusionrec.pipeline.encoders.text import TextEncoder
 
     model = tiny_text_model(tmp_path / "bert")
     canary = tmp_path / "pwned"
@@ -304,8 +304,8 @@ def test_a_booby_trapped_pickle_beside_safetensors_is_never_opened(tmp_path: Pat
 
 
 def test_a_booby_trapped_image_checkpoint_is_refused(tmp_path: Path) -> None:
-    from pipeline.errors import ConfigError
-    from pipeline.image import ImageEncoder
+    from fusionrec.pipeline.errors import ConfigError
+    from fusionrec.pipeline.encoders.image import ImageEncoder
 
     canary = tmp_path / "pwned"
     checkpoint = tmp_path / "weights.pth"
@@ -355,8 +355,8 @@ def test_manifest_records_model_file_hashes_and_a_changed_weights_file_reencodes
 
 
 def test_the_default_encoders_name_their_weight_files() -> None:
-    from pipeline.config import EmbedConfig
-    from pipeline.model_files import encoder_files, is_weights
+    from fusionrec.pipeline.config import EmbedConfig
+    from fusionrec.pipeline.encoders.model_files import encoder_files, is_weights
 
     try:
         files = {m: encoder_files(m, EmbedConfig()) for m in ("text", "image", "audio")}

@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
-from pipeline.errors import InputError
-from pipeline.tables import TEXT_LIMIT, load_interactions, load_items, load_users
-from ranker.export import FORMATS, TOPK_SCHEMA, read_pairs, read_topk, write_topk
+from fusionrec.pipeline.errors import InputError
+from fusionrec.pipeline.io.tables import TEXT_LIMIT, load_interactions, load_items, load_users
+from fusionrec.ranker.serving.export import FORMATS, TOPK_SCHEMA, read_pairs, read_topk, write_topk
 
 # FUSIONREC_PROPERTY_EXAMPLES=3000 runs a deeper, random hunt (about 3 minutes); by default 50
 # derandomised examples per test keep `make test` fast and repeatable.

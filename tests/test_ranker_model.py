@@ -11,8 +11,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.errors import FusionrecError
-from ranker.model import Ranker
+from fusionrec.pipeline.errors import FusionrecError
+from fusionrec.ranker.model import Ranker
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
@@ -227,9 +227,9 @@ def test_movielens_ranker_beats_popularity_order():
     data = DATASETS / "movielens-100k" / "fusionrec"
     if not data.is_dir():
         pytest.skip(f"shared data set absent: {data}")
-    from pipeline.tables import load_interactions, load_items
-    from ranker.features import behaviour_features
-    from ranker.labels import make_labels
+    from fusionrec.pipeline.io.tables import load_interactions, load_items
+    from fusionrec.ranker.features import behaviour_features
+    from fusionrec.ranker.labels import make_labels
 
     items = load_items(data)
     inter = load_interactions(data, items)

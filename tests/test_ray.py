@@ -17,9 +17,9 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from pipeline.config import AudioConfig, Config, EmbedConfig, ImageConfig, RayConfig, TextConfig
-from pipeline.embed import read_artifact_table, run_embed
-from pipeline.errors import FusionrecError
+from fusionrec.pipeline.config import AudioConfig, Config, EmbedConfig, ImageConfig, RayConfig, TextConfig
+from fusionrec.pipeline.embedding.job import read_artifact_table, run_embed
+from fusionrec.pipeline.errors import FusionrecError
 from tests.tiny_models import tiny_text_model
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def test_ray_engine_writes_the_local_engines_tables_and_failures(tmp_path: Path,
 
 def test_an_encoder_error_on_an_actor_fails_the_job_with_its_cause(tmp_path: Path, ray_local,
                                                                    tiny_model: Path) -> None:
-    from pipeline.embed import ModalityEncoder
+    from fusionrec.pipeline.embedding.job import ModalityEncoder
 
     def broken(inputs: list) -> np.ndarray:  # a closure: shipped to the actors by value
         raise RuntimeError("boom on the actor")
@@ -137,8 +137,8 @@ def test_an_encoder_error_on_an_actor_fails_the_job_with_its_cause(tmp_path: Pat
 
 def test_an_actor_decodes_and_encodes_a_batch_like_the_local_engine(tmp_path: Path, tiny_model: Path) -> None:
     """The actor's work, run in-process: vectors for good files, the local error text for bad ones."""
-    from pipeline.embed import build_encoders, prepare_one
-    from pipeline.ray_engine import EncodeActor
+    from fusionrec.pipeline.embedding.job import build_encoders, prepare_one
+    from fusionrec.pipeline.embedding.ray_engine import EncodeActor
 
     data = tiny_catalog(tmp_path)
     cfg = embed_config("ray", tiny_model).embed
@@ -162,7 +162,7 @@ def test_an_actor_decodes_and_encodes_a_batch_like_the_local_engine(tmp_path: Pa
 
 
 def test_unknown_engine_is_a_config_error(tmp_path: Path, tiny_model: Path) -> None:
-    from pipeline.errors import ConfigError
+    from fusionrec.pipeline.errors import ConfigError
 
     data = tiny_catalog(tmp_path)
     with pytest.raises(ConfigError, match="engine"):
@@ -188,8 +188,8 @@ def fitted(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
     """Artifacts of the shipped sample (text only, tiny encoder): embed, index, train."""
     if not (SAMPLE / "items.csv").is_file():
         pytest.skip("data/ sample not generated (run: make sample)")
-    from pipeline.indexing import run_index
-    from ranker.training import run_train
+    from fusionrec.pipeline.retrieval.stage import run_index
+    from fusionrec.ranker.training import run_train
 
     art = tmp_path_factory.mktemp("fitted") / "art"
     cfg = embed_config("local", tiny_model)
@@ -201,8 +201,8 @@ def fitted(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
 
 
 def test_ray_batch_scoring_equals_recommend_for_all_users(fitted: Path, ray_local) -> None:
-    from ranker.ray_scoring import recommend_all
-    from ranker.serving import Recommender
+    from fusionrec.ranker.serving.ray_scoring import recommend_all
+    from fusionrec.ranker.serving.recommender import Recommender
 
     local = Recommender(fitted).recommend(None, 10)
     rc = RayConfig(num_actors=2, scoring_batch_users=16)  # 120 users: 8 batches over 2 actors
@@ -215,8 +215,8 @@ def test_ray_batch_scoring_equals_recommend_for_all_users(fitted: Path, ray_loca
 
 
 def test_one_batch_scores_like_recommend(fitted: Path) -> None:
-    from ranker.ray_scoring import score_users
-    from ranker.serving import Recommender
+    from fusionrec.ranker.serving.ray_scoring import score_users
+    from fusionrec.ranker.serving.recommender import Recommender
 
     rec = Recommender(fitted)
     everyone = rec.recommend(None, 5)
@@ -233,10 +233,10 @@ def test_one_batch_scores_like_recommend(fitted: Path) -> None:
 
 
 def test_streamed_export_is_the_sorted_pseudonymised_topk(fitted: Path, tmp_path: Path, monkeypatch) -> None:
-    from ranker import ray_scoring
-    from ranker.export import read_topk, write_topk
-    from ranker.privacy import pseudonymise
-    from ranker.serving import Recommender
+    from fusionrec.ranker.serving import ray_scoring
+    from fusionrec.ranker.serving.export import read_topk, write_topk
+    from fusionrec.ranker.serving.privacy import pseudonymise
+    from fusionrec.ranker.serving.recommender import Recommender
 
     local = Recommender(fitted).recommend(None, 10)
     users = sorted(local["user_id"].unique().to_list())

@@ -19,7 +19,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from ranker.report import Section, render_report, write_report
+from fusionrec.evaluation.report import Section, render_report, write_report
 
 ALL_PLOTS = {"metrics_vs_k", "peers", "ablations", "feature_importance", "modality_weights", "user_attention",
              "popularity_lorenz"}

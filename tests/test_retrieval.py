@@ -8,9 +8,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.errors import FusionrecError, InputError
-from pipeline.fusion import fused_score
-from pipeline.retrieval import Retriever, temporal_split
+from fusionrec.pipeline.errors import FusionrecError, InputError
+from fusionrec.pipeline.retrieval.fusion import fused_score
+from fusionrec.pipeline.retrieval.retriever import Retriever, temporal_split
 
 N_TOPICS, N_ITEMS, N_USERS, K = 8, 240, 80, 10
 SCHEMA = {"user_id": pl.Utf8, "item_id": pl.Utf8, "timestamp": pl.Int64, "event": pl.Utf8, "value": pl.Float64}
@@ -334,7 +334,7 @@ def test_popularity_is_a_modality_with_the_same_prior_for_everyone(world):
 
 
 def test_large_catalogue_validation_pool_matches_the_dense_evaluation(world, searched, monkeypatch):
-    import pipeline.retrieval as retrieval
+    import fusionrec.pipeline.retrieval.retriever as retrieval
 
     mods, inter, _, _ = world
     monkeypatch.setattr(retrieval, "_DENSE_VALIDATION_MAX_ITEMS", 10)  # force the candidate-pool path

@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from polars.testing import assert_frame_equal
 
-from pipeline import index as fidx
-from pipeline import streaming
-from pipeline.embed import ModalityEncoder, read_artifact_table, run_embed
-from pipeline.errors import InputError
-from pipeline.storage import sha256_bytes
-from pipeline.tables import read_table
+from fusionrec.pipeline.retrieval import faiss_index as fidx
+from fusionrec.pipeline.io import streaming
+from fusionrec.pipeline.embedding.job import ModalityEncoder, read_artifact_table, run_embed
+from fusionrec.pipeline.errors import InputError
+from fusionrec.pipeline.io.storage import sha256_bytes
+from fusionrec.pipeline.io.tables import read_table
 from tests.tiny_models import HashEncoder
 
 
@@ -69,8 +69,8 @@ class CountingEncoder(HashEncoder):
 def test_the_embedding_job_streams_its_input_and_writes_the_eager_result(tmp_path: Path, monkeypatch) -> None:
     """Batches of 4 rows (items in 6 batches): the table equals an in-memory computation of
     the same hashes and vectors, in input order."""
-    from pipeline.tables import load_items
-    from pipeline.text import item_text
+    from fusionrec.pipeline.io.tables import load_items
+    from fusionrec.pipeline.encoders.text import item_text
 
     data = tmp_path / "data"
     data.mkdir()

@@ -5,8 +5,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline.errors import InputError, MediaError
-from pipeline.tables import load_interactions, load_items, load_users, resolve_media
+from fusionrec.pipeline.errors import InputError, MediaError
+from fusionrec.pipeline.io.tables import load_interactions, load_items, load_users, resolve_media
 
 
 def write(path: Path, text: str | bytes) -> Path:

@@ -7,7 +7,7 @@ import unicodedata
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.text import clean_text, controls_as_spaces
+from fusionrec.pipeline.encoders.text import clean_text, controls_as_spaces
 
 
 def per_character(text: str) -> str:
@@ -29,7 +29,7 @@ def test_clean_text_matches_the_per_character_rule(text: str) -> None:
     import html
     import re
 
-    from pipeline.text import _SPACE_BEFORE_PUNCT_RE, _SPACE_RE, _TAG_RE
+    from fusionrec.pipeline.encoders.text import _SPACE_BEFORE_PUNCT_RE, _SPACE_RE, _TAG_RE
 
     expected = per_character(unicodedata.normalize("NFKC", html.unescape(_TAG_RE.sub(" ", text)))) if text else ""
     expected = _SPACE_BEFORE_PUNCT_RE.sub(r"\1", _SPACE_RE.sub(" ", expected)).strip()

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.embed import embedding_table
-from pipeline.errors import FusionrecError
-from pipeline.storage import sha256_bytes
-from pipeline.streaming import write_batches
-from pipeline.vector_files import HashIndex, VectorReader, hash_keys
+from fusionrec.pipeline.embedding.job import embedding_table
+from fusionrec.pipeline.errors import FusionrecError
+from fusionrec.pipeline.io.storage import sha256_bytes
+from fusionrec.pipeline.io.streaming import write_batches
+from fusionrec.pipeline.embedding.vector_files import HashIndex, VectorReader, hash_keys
 
 
 def table_file(path: Path, names: list[str], dim: int = 4, seed: int = 0, row_group_rows: int = 3) -> np.ndarray:

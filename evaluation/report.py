@@ -1,0 +1,359 @@
+"""One self-contained HTML evaluation report.
+
+Every plot is a matplotlib figure embedded as a base64 PNG ``<img>``; tables are plain HTML;
+the style sheet is inline; there is no script, external file, font or URL, so the page opens
+in a browser without a network. Every section is optional: pass what you have.
+
+Plots carry ``data-plot="<name>"`` so tests and readers can find them: ``metrics_vs_k``,
+``peers``, ``ablations``, ``feature_importance``, ``modality_weights``, ``user_attention``,
+``popularity_lorenz``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from fusionrec.pipeline.io.storage import atomic_path
+from fusionrec.evaluation import metrics as M
+
+_METRIC_KEY = re.compile(r"^(?P<name>[a-z_]+)@(?P<k>\d+)$")
+_PREFERRED = ("ndcg@10", "recall@10", "map@10", "hit_rate@10", "precision@10", "mrr@10")
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1100px;
+color:#1d2330;padding:0 1rem}
+h1{font-size:1.6rem}h2{font-size:1.2rem;border-bottom:1px solid #ccd;padding-bottom:.2rem;margin-top:2rem}
+table{border-collapse:collapse;margin:.6rem 0;font-size:.85rem}
+th,td{border:1px solid #ccd;padding:.25rem .5rem;text-align:right}
+th:first-child,td:first-child{text-align:left}th{background:#eef0f5}
+img.plot{max-width:100%;height:auto;display:block;margin:.6rem 0}
+p.note{color:#555;font-size:.85rem}div.scroll{overflow-x:auto}
+"""
+
+
+@dataclass(frozen=True)
+class Section:
+    """A titled block of trusted HTML (use the helpers below, or build your own)."""
+
+    title: str
+    html: str
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def figure_to_img(fig: Figure, name: str, alt: str) -> str:
+    """PNG ``<img>`` with a data URI (no metadata: the PNG carries no URL)."""
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig)
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return (f'<img class="plot" data-plot="{html.escape(name)}" alt="{html.escape(alt)}" '
+            f'src="data:image/png;base64,{data}">')
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "n/a"
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def table_html(rows: pl.DataFrame | Sequence[Mapping[str, Any]]) -> str:
+    """HTML table; ``<m>_ci_low``/``<m>_ci_high`` columns fold into ``<m>`` as ``v [lo, hi]``."""
+    df = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(list(rows))
+    if df.height == 0:
+        return "<p class=\"note\">(no rows)</p>"
+    folded = {c[: -len("_ci_low")] for c in df.columns
+              if c.endswith("_ci_low") and c[: -len("_ci_low")] in df.columns
+              and c[: -len("_ci_low")] + "_ci_high" in df.columns}
+    cols = [c for c in df.columns if not any(c in (f + "_ci_low", f + "_ci_high") for f in folded)]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = []
+    for row in df.iter_rows(named=True):  # rendering a small table, not computing metrics
+        cells = []
+        for c in cols:
+            text = _fmt(row[c])
+            if c in folded and row[c + "_ci_low"] is not None:
+                text += f" [{_fmt(row[c + '_ci_low'])}, {_fmt(row[c + '_ci_high'])}]"
+            cells.append(f"<td>{html.escape(text)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (f"<div class=\"scroll\"><table><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table></div>")
+
+
+def _metric_runs(runs: Mapping[str, Any]) -> dict[str, Mapping[str, float]]:
+    return {name: (r.metrics if hasattr(r, "metrics") else r) for name, r in runs.items()}
+
+
+def _pick_metrics(columns: Iterable[str], wanted: Sequence[str] | None, limit: int) -> list[str]:
+    cols = list(columns)
+    if wanted:
+        return [m for m in wanted if m in cols]
+    chosen = [m for m in _PREFERRED if m in cols]
+    return (chosen or [c for c in cols if _METRIC_KEY.match(c)])[:limit]
+
+
+# ----------------------------------------------------------------------------- sections
+
+def section_summary(metrics: Mapping[str, float], title: str = "Summary") -> Section:
+    """``<metric>@<k>`` values as a metric x cut-off grid, then the other figures."""
+    grid: dict[str, dict[str, Any]] = {}
+    ks: list[int] = []
+    other = []
+    for key, v in metrics.items():
+        m = _METRIC_KEY.match(key)
+        if m:
+            grid.setdefault(m["name"], {"metric": m["name"]})[f"@{m['k']}"] = v
+            ks.append(int(m["k"]))
+        else:
+            other.append({"figure": key, "value": v})
+    cols = ["metric"] + [f"@{k}" for k in sorted(set(ks))]
+    parts = []
+    if grid:
+        parts.append(table_html(pl.DataFrame([{c: row.get(c) for c in cols} for row in grid.values()])))
+    if other:
+        parts.append(table_html([{"figure": r["figure"], "value": _fmt(r["value"])} for r in other]))
+    return Section(title, "".join(parts))
+
+
+def section_metrics_vs_k(runs: Mapping[str, Any]) -> Section | None:
+    """One panel per ranking metric, one line per run, cut-off on the x axis."""
+    runs = _metric_runs(runs)
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for run, mets in runs.items():
+        for key, v in mets.items():
+            m = _METRIC_KEY.match(key)
+            if m and m["name"] in M.RANKING_METRICS and v is not None and not math.isnan(v):
+                series.setdefault(m["name"], {}).setdefault(run, []).append((int(m["k"]), float(v)))
+    if not series:
+        return None
+    names = [n for n in M.RANKING_METRICS if n in series]
+    ncols = min(3, len(names))
+    nrows = math.ceil(len(names) / ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows))
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        for run, pts in series[name].items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=run)
+        ax.set_xticks(sorted({p[0] for pts in series[name].values() for p in pts}))
+        ax.set_title(name)
+        ax.set_xlabel("cut-off k")
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    table = pl.DataFrame([{"run": r, **{k: v for k, v in m.items() if "@" in k or k == "rmse"}}
+                          for r, m in runs.items()])
+    return Section("Metrics against cut-off", figure_to_img(fig, "metrics_vs_k", "metrics against cut-off")
+                   + table_html(table))
+
+
+def _bars(df: pl.DataFrame, label_col: str, metrics: list[str], name: str, title: str) -> str:
+    labels = [str(v) for v in df[label_col].to_list()]
+    fig = Figure(figsize=(max(6.0, 0.9 * len(labels) * max(1, len(metrics)) * 0.5 + 3), 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(metrics)
+    x = np.arange(len(labels))
+    for j, m in enumerate(metrics):
+        vals = df[m].cast(pl.Float64).to_numpy()
+        err = None
+        if f"{m}_ci_low" in df.columns and f"{m}_ci_high" in df.columns:
+            lo = df[f"{m}_ci_low"].cast(pl.Float64).to_numpy()
+            hi = df[f"{m}_ci_high"].cast(pl.Float64).to_numpy()
+            err = np.nan_to_num(np.vstack([vals - lo, hi - vals]).clip(min=0))
+        ax.bar(x + (j - (len(metrics) - 1) / 2) * width, np.nan_to_num(vals), width, yerr=err,
+               capsize=3, label=m)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return figure_to_img(fig, name, title)
+
+
+def _label_column(df: pl.DataFrame, preferred: Sequence[str]) -> str:
+    for c in preferred:
+        if c in df.columns:
+            return c
+    return next(c for c in df.columns if df.schema[c] == pl.String) if any(
+        df.schema[c] == pl.String for c in df.columns) else df.columns[0]
+
+
+def section_table_with_bars(df: pl.DataFrame, title: str, name: str, metrics: Sequence[str] | None = None,
+                            label_cols: Sequence[str] = ("model", "variant", "run", "name")) -> Section | None:
+    """Table plus grouped bars (with CI whiskers where ``<m>_ci_low/high`` exist)."""
+    if df is None or df.height == 0:
+        return None
+    label = _label_column(df, label_cols)
+    chosen = _pick_metrics([c for c in df.columns if df.schema[c].is_numeric()], metrics, 3)
+    img = _bars(df, label, chosen, name, title) if chosen else ""
+    return Section(title, img + table_html(df))
+
+
+def section_feature_importance(importance: pl.DataFrame, top: int = 25) -> Section | None:
+    """Horizontal bars of the ``top`` features (first string column = name, first numeric = value)."""
+    if importance is None or importance.height == 0:
+        return None
+    name_col = _label_column(importance, ("feature", "name"))
+    numeric = [c for c in (["importance", "gain"] + importance.columns)
+               if c in importance.columns and importance.schema[c].is_numeric()]
+    if not numeric:
+        raise ValueError(f"feature importance needs a numeric column; has {', '.join(importance.columns)}")
+    val_col = numeric[0]
+    df = importance.sort(val_col, descending=True).head(top)
+    fig = Figure(figsize=(7, 0.28 * df.height + 1.2))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.barh(np.arange(df.height)[::-1], df[val_col].cast(pl.Float64).to_numpy(), color="#4c72b0")
+    ax.set_yticks(np.arange(df.height)[::-1])
+    ax.set_yticklabels([str(v) for v in df[name_col].to_list()], fontsize=8)
+    ax.set_xlabel(val_col)
+    ax.set_title("Ranker feature importance")
+    fig.tight_layout()
+    return Section("Feature importance", figure_to_img(fig, "feature_importance", "feature importance")
+                   + table_html(df))
+
+
+def section_modality_weights(weights: Mapping[str, float] | pl.DataFrame | None,
+                             user_attention: pl.DataFrame | None) -> Section | None:
+    """Global fusion weights as bars; per-user attention as one histogram per modality.
+
+    ``user_attention`` is wide (a column per modality, optional ``user_id``) or long
+    (``modality, weight``).
+    """
+    parts = []
+    if weights is not None and len(weights):
+        if isinstance(weights, pl.DataFrame):
+            weights = dict(zip(weights[_label_column(weights, ("modality",))].to_list(),
+                               weights["weight"].to_list()))
+        fig = Figure(figsize=(5, 3))
+        ax = fig.add_subplot(1, 1, 1)
+        ax.bar(list(map(str, weights)), [float(v) for v in weights.values()], color="#55a868")
+        ax.set_ylabel("weight")
+        ax.set_title("Global modality weights")
+        fig.tight_layout()
+        parts.append(figure_to_img(fig, "modality_weights", "global modality weights"))
+        parts.append(table_html([{"modality": k, "weight": float(v)} for k, v in weights.items()]))
+    if user_attention is not None and user_attention.height:
+        if {"modality", "weight"} <= set(user_attention.columns):
+            long = user_attention.select(pl.col("modality").cast(pl.String), pl.col("weight").cast(pl.Float64))
+        else:
+            num = [c for c in user_attention.columns if c != "user_id" and user_attention.schema[c].is_numeric()]
+            long = user_attention.unpivot(on=num, variable_name="modality", value_name="weight")
+        mods = long["modality"].unique().sort().to_list()
+        fig = Figure(figsize=(3.4 * len(mods), 2.8))
+        for i, mod in enumerate(mods):
+            ax = fig.add_subplot(1, len(mods), i + 1)
+            vals = long.filter(pl.col("modality") == mod)["weight"].drop_nulls().to_numpy()
+            ax.hist(vals, bins=30, range=(0.0, 1.0) if vals.size and vals.min() >= 0 and vals.max() <= 1 else None,
+                    color="#c44e52")
+            ax.set_title(f"{mod} (mean {vals.mean():.2f})" if vals.size else mod, fontsize=9)
+            ax.set_xlabel("per-user attention")
+        fig.tight_layout()
+        parts.append(figure_to_img(fig, "user_attention", "distribution of per-user attention"))
+    return Section("Modality weights", "".join(parts)) if parts else None
+
+
+def section_popularity(exposure: Mapping[str, Any], n_items: int | None = None, k: int | None = None
+                       ) -> Section | None:
+    """Lorenz curves of exposure (recs frames or exposure-count arrays), Gini in the legend."""
+    if not exposure:
+        return None
+    fig = Figure(figsize=(5.5, 4.5))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="equal exposure")
+    rows = []
+    for name, value in exposure.items():
+        if isinstance(value, pl.DataFrame):
+            counts = M.exposure_counts(value, n_items, k)
+        else:
+            counts = np.sort(np.asarray(value, dtype=np.float64))
+            if n_items and counts.size < n_items:
+                counts = np.concatenate([np.zeros(n_items - counts.size), counts])
+        total = counts.sum()
+        y = np.concatenate([[0.0], np.cumsum(counts) / total]) if total else np.zeros(counts.size + 1)
+        g = M.gini(counts)
+        ax.plot(np.linspace(0, 1, counts.size + 1), y, label=f"{name} (Gini {g:.3f})")
+        rows.append({"run": name, "gini": g, "items_shown": int((counts > 0).sum()), "catalog": int(counts.size)})
+    ax.set_xlabel("share of catalog (least exposed first)")
+    ax.set_ylabel("share of recommendations")
+    ax.set_title("Popularity bias: Lorenz curve of exposure")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return Section("Popularity bias", figure_to_img(fig, "popularity_lorenz", "Lorenz curve of exposure")
+                   + table_html(rows))
+
+
+# ----------------------------------------------------------------------------- the page
+
+def render_report(*, title: str = "fusionrec evaluation", meta: Mapping[str, Any] | None = None,
+                  summary: Mapping[str, float] | None = None, runs: Mapping[str, Any] | None = None,
+                  slices: Mapping[str, Mapping[str, float]] | None = None,
+                  comparisons: Sequence[Mapping[str, Any]] | None = None,
+                  peers: pl.DataFrame | None = None, peer_metrics: Sequence[str] | None = None,
+                  ablations: pl.DataFrame | None = None, ablation_metrics: Sequence[str] | None = None,
+                  feature_importance: pl.DataFrame | None = None,
+                  modality_weights: Mapping[str, float] | pl.DataFrame | None = None,
+                  user_attention: pl.DataFrame | None = None,
+                  exposure: Mapping[str, Any] | None = None, n_items: int | None = None,
+                  exposure_k: int | None = None, sections: Sequence[Section] = ()) -> str:
+    """The report as an HTML string; sections whose input is None or empty are left out.
+
+    ``runs``: name -> metrics dict (or an ``EvaluationResult``) for the metrics-vs-cut-off
+    plot. ``peers``/``ablations``: frames with a label column (``model``/``variant``) and
+    metric columns, optionally ``<m>_ci_low``/``<m>_ci_high``. ``comparisons``: dicts from
+    ``paired_comparison``. ``exposure``: name -> recs frame or exposure counts.
+    """
+    blocks: list[Section | None] = []
+    if summary:
+        blocks.append(section_summary(summary))
+    if runs:
+        blocks.append(section_metrics_vs_k(runs))
+    if slices:
+        blocks.append(Section("Slices", table_html([{"slice": s, **dict(v)} for s, v in slices.items()])))
+    if comparisons:
+        blocks.append(Section("Paired comparisons (offline A/B)", table_html(list(comparisons))))
+    if peers is not None:
+        blocks.append(section_table_with_bars(peers, "Peers", "peers", peer_metrics))
+    if ablations is not None:
+        blocks.append(section_table_with_bars(ablations, "Ablations", "ablations", ablation_metrics))
+    if feature_importance is not None:
+        blocks.append(section_feature_importance(feature_importance))
+    blocks.append(section_modality_weights(modality_weights, user_attention))
+    if exposure:
+        blocks.append(section_popularity(exposure, n_items, exposure_k))
+    blocks.extend(sections)
+    body = "".join(f"<section><h2>{html.escape(s.title)}</h2>{s.html}</section>" for s in blocks if s)
+    meta_html = ""
+    if meta:
+        meta_html = '<p class="note">' + " &middot; ".join(
+            f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in meta.items()) + "</p>"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
+            f"<body><h1>{html.escape(title)}</h1>{meta_html}{body}</body></html>\n")
+
+
+def write_report(path: str | os.PathLike[str], **sections: Any) -> Path:
+    """Render (see :func:`render_report` for the sections) and write atomically; returns the path."""
+    path = Path(path)
+    page = render_report(**sections)  # render first: a failed render leaves the old page alone
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return path

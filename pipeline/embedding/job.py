@@ -1,0 +1,760 @@
+"""The embedding job: items and users -> one Parquet table of frozen embeddings per modality.
+
+Incremental: every row carries a content hash over (raw content, preprocessing config,
+model id). A rerun reuses rows whose hash is unchanged, encodes new or changed rows, drops
+deleted ids, and re-encodes a whole modality when its model changes.
+
+Resumable: rows are encoded in shards of `shard_size`; each finished shard is written
+atomically under `ART/embeddings/.shards/` and acts as a cache keyed by content hash, so a
+job killed mid-way redoes at most one shard. Final tables appear by atomic rename only.
+
+Streamed: the tables are read `batch_rows` rows at a time into per-modality plan files,
+known vectors are found by content hash (`pipeline.vector_files`) and the final table is
+written a batch at a time, so memory does not grow with the catalog (`embed_modality`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import contextlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fusionrec.pipeline.config import Config, EmbedConfig
+from fusionrec.pipeline.errors import ConfigError, FusionrecError, InputError, MediaError
+from fusionrec.pipeline.io.manifest import RunRecord, hash_inputs, stage_run
+from fusionrec.pipeline.io.storage import clean_temporaries, sha256_bytes, sha256_file, write_parquet
+from fusionrec.pipeline.io.tables import resolve_media
+from fusionrec.pipeline.encoders.text import ITEM_TEXT_FIELDS, clean_text, item_text
+
+log = logging.getLogger("fusionrec.embed")
+
+MEDIA_MODALITIES = ("image", "audio")
+BUILTIN_MODALITIES = ("text", "image", "audio")
+FAILURE_SCHEMA = pa.schema([("kind", pa.string()), ("id", pa.string()), ("modality", pa.string()),
+                            ("path", pa.string()), ("error", pa.string())])
+
+
+@dataclass
+class ModalityEncoder:
+    """What the job needs from an encoder: an identity, a dimension, and two functions.
+
+    `prepare` turns one media path into model input (decode, resize, resample ...) and
+    raises MediaError when it cannot; `encode` turns a list of prepared inputs (or texts)
+    into an (n, dim) float32 matrix of L2-normalised rows.
+    """
+
+    model_id: str
+    dim: int
+    encode: Callable[[list], np.ndarray]
+    prepare: Callable[[Path], Any] | None = None
+    preprocess_id: str = ""  # preprocessing settings folded into each content hash
+    files: dict[str, str] = field(default_factory=dict)  # sha256 of the model files it loaded (manifest)
+
+
+@dataclass
+class ModalityCounts:
+    rows: int = 0
+    encoded: int = 0
+    reused: int = 0
+    resumed: int = 0  # finished by an interrupted run (its shards), not encoded again
+    failed: int = 0
+    dropped: int = 0
+    seconds: float = 0.0
+    model: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["items_per_s"] = round(self.encoded / self.seconds, 2) if self.seconds > 0 and self.encoded else None
+        out["seconds"] = round(self.seconds, 3)
+        return out
+
+
+@dataclass
+class EmbedReport:
+    counts: dict[str, ModalityCounts] = field(default_factory=dict)
+    failures: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- encoders
+
+
+def build_encoders(cfg: EmbedConfig, needed: set[str]) -> dict[str, ModalityEncoder]:
+    """The configured encoders for the modalities present in the data (loaded lazily)."""
+    from fusionrec.pipeline.encoders.base import resolve_device
+
+    device = resolve_device(cfg.device)
+    out: dict[str, ModalityEncoder] = {}
+    if "text" in needed and cfg.text.enabled:
+        from fusionrec.pipeline.encoders.text import TextEncoder
+
+        text = TextEncoder(cfg.text.model, device=device, batch_size=cfg.text.batch_size,
+                           max_length=cfg.text.max_length)
+        out["text"] = ModalityEncoder(text.model_id, text.dim, text.encode,
+                                      preprocess_id=f"clean-v1;max_length={cfg.text.max_length}")
+    if "image" in needed and cfg.image.enabled:
+        from fusionrec.pipeline.encoders.image import ImageEncoder
+
+        image = ImageEncoder(cfg.image.model, weights=cfg.image.weights, device=device,
+                             batch_size=cfg.image.batch_size, max_pixels=cfg.image.max_pixels)
+        out["image"] = ModalityEncoder(image.model_id, image.dim, lambda xs: image.encode(np.stack(xs)),
+                                       prepare=image.preprocess,
+                                       preprocess_id=json.dumps(_jsonable(image.data_config_), sort_keys=True))
+    if "audio" in needed and cfg.audio.enabled:
+        from fusionrec.pipeline.encoders.audio import AudioEncoder, load_audio
+
+        a = cfg.audio
+        audio = AudioEncoder(a.model, device=device, batch_size=a.batch_size, sample_rate=a.sample_rate,
+                             chunk_seconds=a.chunk_seconds)
+
+        def prepare_audio(path: Path) -> np.ndarray:
+            return load_audio(path, sample_rate=a.sample_rate, max_seconds=a.max_seconds, top_db=a.top_db,
+                              target_dbfs=a.target_dbfs)
+
+        out["audio"] = ModalityEncoder(
+            audio.model_id, audio.dim, audio.encode, prepare=prepare_audio,
+            preprocess_id=f"sr={a.sample_rate};max={a.max_seconds};chunk={a.chunk_seconds};"
+                          f"top_db={a.top_db};dbfs={a.target_dbfs}")
+    return _with_file_hashes(out, cfg)
+
+
+def _with_file_hashes(encoders: dict[str, ModalityEncoder], cfg: EmbedConfig) -> dict[str, ModalityEncoder]:
+    """Record each encoder's model file hashes and fold them into its model id (a changed file re-encodes)."""
+    from fusionrec.pipeline.encoders.model_files import file_hashes, encoder_files, with_files_id
+
+    for modality, enc in encoders.items():
+        enc.files = file_hashes(encoder_files(modality, cfg))
+        if "+file:" not in enc.model_id:  # a checkpoint path's id carries its hash already
+            enc.model_id = with_files_id(enc.model_id, enc.files)
+    return encoders
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (int, float, str, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+# --------------------------------------------------------------------------- inputs
+
+# One modality's rows for this run, as the plan file holds them: `content` is the text or the
+# media path as the table gives it, `input` what the encoder reads (the text, or the resolved
+# media path), `error` why a media row cannot be used (null when it can).
+PLAN_SCHEMA = pa.schema([("row", pa.int64()), ("id", pa.string()), ("content", pa.string()),
+                         ("content_hash", pa.string()), ("input", pa.string()), ("error", pa.string())])
+TODO_SCHEMA = pa.schema([("row", pa.int64()), ("id", pa.string()), ("content_hash", pa.string()),
+                         ("input", pa.string())])
+
+
+@dataclass(frozen=True)
+class ModalityPlan:
+    """The rows of one (kind, modality) in this run: a Parquet file of PLAN_SCHEMA, input order."""
+
+    kind: str  # item | user
+    modality: str
+    path: Path
+    rows: int
+
+
+@dataclass(frozen=True)
+class TodoRows:
+    """The rows an engine must encode: a Parquet file of TODO_SCHEMA (row: the plan's row)."""
+
+    kind: str
+    modality: str
+    path: Path
+    rows: int
+
+
+def table_modalities(kind: str, columns: list[str]) -> list[str]:
+    """The modalities a table with these columns can have (a column of nulls still counts)."""
+    text_columns = ITEM_TEXT_FIELDS if kind == "item" else ("text",)
+    return ([m for m in ("text",) if any(c in columns for c in text_columns)]
+            + [m for m in MEDIA_MODALITIES if m in columns])
+
+
+def modality_contents(frame: pl.DataFrame, kind: str) -> dict[str, pl.DataFrame]:
+    """Per modality, `id, content` of the rows of a validated items or users frame that have it.
+
+    Item text is title, description and tags cleaned (`item_text`); user text is the cleaned
+    `text` column; media contents are the paths as given. Rows without a value lack the modality.
+    """
+    id_column = f"{kind}_id"
+    out: dict[str, pl.DataFrame] = {}
+    for modality in table_modalities(kind, frame.columns):
+        if modality != "text":
+            content = pl.col(modality)
+        elif kind == "item":
+            content = item_text(frame)
+        else:
+            content = pl.col("text").map_elements(clean_text, return_dtype=pl.String).replace("", None)
+        out[modality] = frame.select(pl.col(id_column).alias("id"), content.alias("content")).drop_nulls("content")
+    return out
+
+
+def write_plans(path: Path, kind: str, data_dir: Path, encoders: dict[str, ModalityEncoder], work_dir: Path, *,
+                keep_ids: bool = False, batch_rows: int = 16_384,
+                advance: Callable[[int], None] | None = None) -> tuple[list[ModalityPlan], Path | None]:
+    """Read and validate the items or users table (`path`) in batches and write, for each
+    modality in `encoders`, its plan: every row's content, content hash and input, or why it
+    cannot be used.
+
+    Memory: one batch. Nothing is written under a final name, so a table that fails validation
+    half-way leaves the artifacts as they were. keep_ids: also write every id of the table
+    (`work_dir/{kind}_ids.parquet`, returned), to match precomputed tables against.
+    """
+    from fusionrec.pipeline.io.streaming import ParquetSink, validated_batches
+
+    with contextlib.ExitStack() as stack:
+        sinks = {m: stack.enter_context(ParquetSink(shard_dir(work_dir, kind, m) / "plan.parquet", PLAN_SCHEMA))
+                 for m in encoders}
+        ids_path = work_dir / f"{kind}_ids.parquet" if keep_ids else None
+        ids_sink = stack.enter_context(ParquetSink(ids_path, pa.schema([("id", pa.string())]))) if ids_path else None
+        for frame in validated_batches(path, kind, batch_rows):
+            if ids_sink is not None:
+                ids_sink.write(pa.table({"id": frame[f"{kind}_id"].to_arrow()}))
+            for modality, rows in modality_contents(frame, kind).items():
+                if modality not in sinks or not rows.height:
+                    continue
+                contents = rows["content"].to_list()
+                hashes, paths, errors = content_hashes(modality, contents, encoders[modality], data_dir)
+                inputs = contents if modality == "text" else [str(p) if p is not None else None for p in paths]
+                first = sinks[modality].rows
+                sinks[modality].write(pa.table({
+                    "row": pa.array(np.arange(first, first + rows.height), pa.int64()),
+                    "id": rows["id"].to_arrow(), "content": pa.array(contents, pa.string()),
+                    "content_hash": pa.array(hashes, pa.string()), "input": pa.array(inputs, pa.string()),
+                    "error": pa.array([errors.get(i) for i in range(rows.height)], pa.string())}))
+            if advance:
+                advance(frame.height)
+    for sink in sinks.values():
+        if not sink.rows:  # a column with no values: no table for that modality
+            shutil.rmtree(sink.path.parent, ignore_errors=True)
+    return [ModalityPlan(kind, m, sink.path, sink.rows) for m, sink in sinks.items() if sink.rows], ids_path
+
+
+def precomputed_tables(data_dir: Path) -> dict[tuple[str, str], Path]:
+    """`DIR/embeddings/{item,user}_<modality>.parquet` -> {(kind, modality): path}."""
+    out: dict[tuple[str, str], Path] = {}
+    emb = Path(data_dir) / "embeddings"
+    if emb.is_dir():
+        for path in sorted(emb.glob("*.parquet")):
+            kind, _, modality = path.stem.partition("_")
+            if kind in ("item", "user") and modality:
+                out[(kind, modality)] = path
+    return out
+
+
+def read_precomputed(path: Path, kind: str, known_ids: pl.Series) -> tuple[pa.Table, int]:
+    """A precomputed embeddings table as the job's own table format; returns (table, dropped ids)."""
+    id_col = f"{kind}_id"
+    try:
+        df = pl.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input
+        raise InputError(f"cannot read precomputed embeddings: {exc}", file=str(path)) from None
+    if id_col not in df.columns and "id" in df.columns:
+        df = df.rename({"id": id_col})
+    for column in (id_col, "vector"):
+        if column not in df.columns:
+            raise InputError("required column is missing", file=str(path), field=column)
+    df = df.with_columns(pl.col(id_col).cast(pl.String))
+    lengths = df["vector"].list.len() if df.schema["vector"] != pl.Array else None
+    if lengths is not None:
+        bad = lengths.is_null() | (lengths != lengths.drop_nulls().mode().first())
+        if bad.any():
+            row = int(bad.arg_true()[0]) + 1
+            raise InputError("vector is missing or has a different length from the others",
+                             file=str(path), row=row, field="vector")
+    matrix = np.asarray(df["vector"].to_list(), dtype=np.float32)
+    finite = np.isfinite(matrix).all(axis=1)
+    if not finite.all():
+        raise InputError("vector contains NaN or infinity", file=str(path),
+                         row=int(np.argmin(finite)) + 1, field="vector")
+    keep = df[id_col].is_in(known_ids.implode()).to_numpy()
+    dropped = int((~keep).sum())
+    ids = df[id_col].filter(pl.Series(keep)).to_list()
+    from fusionrec.pipeline.encoders.base import l2_normalise
+
+    matrix = l2_normalise(matrix[keep])
+    hashes = [sha256_bytes(row.tobytes()) for row in matrix]
+    model = f"precomputed:{path.name}:{sha256_file(path)[:16]}"
+    return embedding_table(ids, hashes, [model] * len(ids), matrix), dropped
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def embedding_table(ids: list[str], hashes: list[str], models: list[str], vectors: np.ndarray) -> pa.Table:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    dim = vectors.shape[1] if vectors.ndim == 2 else 0
+    flat = pa.array(vectors.reshape(-1), type=pa.float32())
+    return pa.table({
+        "id": pa.array(ids, type=pa.string()),
+        "content_hash": pa.array(hashes, type=pa.string()),
+        "model": pa.array(models, type=pa.string()),
+        "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
+    })
+
+
+def read_artifact_table(path: Path) -> tuple[list[str], list[str], list[str], np.ndarray]:
+    """One table this job wrote -> (ids, content hashes, model ids, float32 matrix).
+
+    (pipeline.fusion.read_embedding_table reads vectors for fusion and also accepts the
+    precomputed input layout.)
+    """
+    table = pq.read_table(path)
+    vectors = table.column("vector").combine_chunks()
+    dim = vectors.type.list_size
+    matrix = vectors.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+    return (table.column("id").to_pylist(), table.column("content_hash").to_pylist(),
+            table.column("model").to_pylist(), matrix)
+
+
+def table_path(art_dir: Path, kind: str, modality: str) -> Path:
+    return Path(art_dir) / "embeddings" / f"{kind}_{modality}.parquet"
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def content_hashes(modality: str, contents: list[str], enc: ModalityEncoder, data_dir: Path
+                   ) -> tuple[list[str], list[Path | None], dict[int, str]]:
+    """Hash each row's raw content with the model id and preprocessing config.
+
+    Media rows hash the file's bytes; a path that is missing or refused gets a hash of its
+    error, and the error is returned so the row lands in failures.
+    """
+    salt = f"{enc.model_id}\x00{enc.preprocess_id}\x00".encode()
+    hashes: list[str] = []
+    paths: list[Path | None] = []
+    errors: dict[int, str] = {}
+    if modality not in MEDIA_MODALITIES:
+        return [sha256_bytes(salt + c.encode("utf-8")) for c in contents], [None] * len(contents), errors
+    for i, rel in enumerate(contents):
+        try:
+            path = resolve_media(data_dir, rel)
+            if not path.is_file():
+                raise MediaError("not a regular file" if path.exists() else "file not found")
+            digest = sha256_file(path)
+        except MediaError as exc:
+            errors[i] = str(exc)
+            path, digest = None, sha256_bytes(salt + f"error:{rel}".encode())
+        except OSError as exc:
+            errors[i] = f"cannot read file: {exc.strerror or exc}"
+            path, digest = None, sha256_bytes(salt + f"error:{rel}".encode())
+        hashes.append(sha256_bytes(salt + digest.encode()))
+        paths.append(path)
+    return hashes, paths, errors
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def shard_dir(work_dir: Path, kind: str, modality: str) -> Path:
+    """`ART/embeddings/.shards/{kind}_{modality}`: one modality's work in flight (plan, shards)."""
+    return Path(work_dir) / f"{kind}_{modality}"
+
+
+class ShardCache:
+    """Finished shards of one (kind, modality), each a small embedding table; the job's
+    HashIndex finds vectors in them by content hash, as in the previous final table."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def files(self) -> list[Path]:
+        return sorted(self.directory.glob("shard-*.parquet")) if self.directory.is_dir() else []
+
+    def write(self, ids: list[str], hashes: list[str], model: str, matrix: np.ndarray) -> Path:
+        path = self.directory / f"shard-{sha256_bytes(''.join(hashes).encode())[:16]}.parquet"
+        write_parquet(embedding_table(ids, hashes, [model] * len(ids), matrix), path)
+        return path
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+        try:
+            self.directory.parent.rmdir()  # the .shards folder, once no modality has work in flight
+        except OSError:
+            pass
+
+
+def prepare_one(enc: ModalityEncoder, path: Path) -> tuple[Any, str | None]:
+    """Decode one media file: (input, None), or (None, the error text failures.parquet records)."""
+    try:
+        return enc.prepare(path), None  # type: ignore[misc]
+    except MediaError as exc:
+        return None, str(exc)
+    except Exception as exc:  # noqa: BLE001 - any decoder crash is one bad file, not a dead job
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _prepared(enc: ModalityEncoder, paths: list[Path], workers: int) -> Iterator[tuple[Any, str | None]]:
+    """Decode media in threads ahead of the encoder, in input order: (input, error)."""
+
+    def run(path: Path) -> tuple[Any, str | None]:
+        return prepare_one(enc, path)
+
+    with futures.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
+        window = max(8, workers * 8)
+        pending: list[futures.Future] = []
+        it = iter(paths)
+        for path in it:
+            pending.append(pool.submit(run, path))
+            if len(pending) >= window:
+                break
+        while pending:
+            done = pending.pop(0)
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(run, nxt))
+            yield done.result()
+
+
+@dataclass
+class EncodedShard:
+    """What an engine hands back for one shard of the rows to encode."""
+
+    rows: np.ndarray  # the plan rows encoded (int64)
+    ids: list[str]
+    hashes: list[str]
+    vectors: np.ndarray  # (len(rows), dim) float32
+    errors: dict[int, str]  # plan row -> why its media could not be decoded
+    handled: int  # rows of the todo table this shard covers (encoded or failed)
+
+
+EncodeRows = Callable[[TodoRows, ModalityEncoder, EmbedConfig], Iterator[EncodedShard]]
+
+
+def encode_local(todo: TodoRows, enc: ModalityEncoder, cfg: EmbedConfig) -> Iterator[EncodedShard]:
+    """The local engine: shards of `shard_size` rows read from the todo table, media decoded
+    in threads, encoded here."""
+    for batch in pq.ParquetFile(todo.path).iter_batches(batch_size=cfg.shard_size):
+        rows = batch.column("row").to_numpy()
+        inputs = batch.column("input").to_pylist()
+        errors: dict[int, str] = {}
+        if enc.prepare is None:
+            ok = np.arange(len(rows))
+        else:
+            ok_list, prepared = [], []
+            for j, (x, err) in enumerate(_prepared(enc, [Path(p) for p in inputs], cfg.decode_workers)):
+                if err is None:
+                    ok_list.append(j)
+                    prepared.append(x)
+                else:
+                    errors[int(rows[j])] = err
+            ok, inputs = np.asarray(ok_list, dtype=np.int64), prepared
+        matrix = enc.encode(inputs) if len(ok) else np.zeros((0, enc.dim), np.float32)
+        ids, hashes = batch.column("id").to_pylist(), batch.column("content_hash").to_pylist()
+        yield EncodedShard(rows[ok], [ids[j] for j in ok], [hashes[j] for j in ok], matrix, errors, len(rows))
+
+
+def embed_modality(plan: ModalityPlan, enc: ModalityEncoder, art_dir: Path, cfg: EmbedConfig,
+                   progress: Callable[[int], None] | None = None, encode_rows: EncodeRows | None = None,
+                   batch_rows: int = 16_384) -> tuple[ModalityCounts, list[dict[str, str]]]:
+    """Bring `ART/embeddings/{kind}_{modality}.parquet` up to date for one modality.
+
+    Three streamed passes over the plan, so memory is bounded by a batch, the row groups
+    being read and 28 bytes per row of the hash index, not by the catalog: (1) rows whose
+    content hash is in the previous table or a finished shard are reused, the others go to
+    a todo table; (2) the engine encodes the todo rows in shards (`encode_rows`, default
+    `encode_local`; `config.engine = "ray"` passes the Ray engine's), each written as it
+    comes; (3) the final table is written in plan order from the previous table and the
+    shards. Caching, failures and the final table stay here, so both engines write the same
+    tables.
+    """
+    from fusionrec.pipeline.io.streaming import ParquetSink, vector_row_group_rows
+    from fusionrec.pipeline.embedding.vector_files import HashIndex, VectorReader, hash_keys
+
+    t0 = time.perf_counter()
+    counts = ModalityCounts(rows=plan.rows, model=enc.model_id)
+    final = table_path(art_dir, plan.kind, plan.modality)
+    cache = ShardCache(plan.path.parent)
+    index = HashIndex(([final] if final.is_file() else []) + cache.files())
+    for path in index.skipped_:
+        log.warning("ignoring unreadable %s: its rows are encoded again", path)
+    has_final = bool(index.files_) and index.files_[0] == final
+    if has_final:
+        counts.dropped = _ids_missing_from(final, plan.path)
+
+    def plan_batches(columns: list[str]) -> Iterator[pa.RecordBatch]:
+        yield from pq.ParquetFile(plan.path).iter_batches(batch_size=batch_rows, columns=columns)
+
+    # (1) Reuse what is known; the rest is to encode.
+    errors: dict[int, str] = {}
+    todo = TodoRows(plan.kind, plan.modality, plan.path.parent / "todo.parquet", 0)
+    with ParquetSink(todo.path, TODO_SCHEMA, row_group_rows=cfg.shard_size * 64) as sink:
+        for batch in plan_batches(["row", "id", "content_hash", "input", "error"]):
+            failed = batch.column("error").is_valid().to_numpy(zero_copy_only=False)
+            errors.update(zip(batch.column("row").to_numpy()[failed].tolist(),
+                              batch.column("error").filter(pa.array(failed)).to_pylist()))
+            usable = batch.filter(pa.array(~failed))
+            found, file, _ = index.lookup(hash_keys(usable.column("content_hash")))
+            reused = int((found & (file == 0)).sum()) if has_final else 0
+            counts.reused += reused
+            counts.resumed += int(found.sum()) - reused
+            sink.write(usable.filter(pa.array(~found)).select(TODO_SCHEMA.names))
+            if progress:
+                progress(batch.num_rows - int((~found).sum()))
+    todo = TodoRows(todo.kind, todo.modality, todo.path, sink.rows)
+
+    # (2) The engine (local loop or Ray actors) encodes the todo rows.
+    written: list[Path] = []
+    if todo.rows:
+        for shard in (encode_rows or encode_local)(todo, enc, cfg):
+            errors.update(shard.errors)
+            if len(shard.rows):
+                matrix = np.asarray(shard.vectors, dtype=np.float32)
+                if matrix.shape != (len(shard.rows), enc.dim):
+                    raise FusionrecError(f"{plan.modality} encoder returned shape {matrix.shape}, "
+                                         f"expected ({len(shard.rows)}, {enc.dim})")
+                written.append(cache.write(shard.ids, shard.hashes, enc.model_id, matrix))
+                counts.encoded += len(shard.rows)
+            if progress:
+                progress(shard.handled)
+        index.add(written)
+
+    # (3) The final table, in plan order.
+    failed_rows = np.fromiter(errors, dtype=np.int64, count=len(errors))
+    reader = VectorReader(index.files_, enc.dim)
+    schema = embedding_table([], [], [], np.zeros((0, enc.dim), np.float32)).schema
+    with ParquetSink(final, schema, row_group_rows=vector_row_group_rows(enc.dim)) as sink:
+        for batch in plan_batches(["row", "id", "content_hash"]):
+            batch = batch.filter(pa.array(~np.isin(batch.column("row").to_numpy(), failed_rows)))
+            hashes = batch.column("content_hash").to_pylist()  # once: keys, check and table
+            found, file, row = index.lookup(hash_keys(hashes))
+            if not found.all():
+                raise FusionrecError(f"{plan.kind} {plan.modality}: {int((~found).sum())} rows have no vector "
+                                     "after encoding (a shard went missing during the run?)")
+            matrix = reader.take(file, row, np.asarray(hashes, dtype=str))
+            sink.write(embedding_table(batch.column("id").to_pylist(), hashes,
+                                       [enc.model_id] * batch.num_rows, matrix))
+
+    failures = _failure_records(plan, errors)
+    counts.failed = len(errors)
+    cache.clear()
+    counts.seconds = time.perf_counter() - t0
+    return counts, failures
+
+
+def _ids_missing_from(final: Path, plan_path: Path) -> int:
+    """How many ids of the previous table are not in the plan (by 64-bit id hashes)."""
+    def id_hashes(path: Path) -> Iterator[np.ndarray]:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=65_536, columns=["id"]):
+            yield pl.from_arrow(batch.column("id")).hash(seed=0).to_numpy()
+
+    current = np.sort(np.concatenate([np.zeros(0, np.uint64), *id_hashes(plan_path)]))
+    missing = 0
+    for old in id_hashes(final):
+        pos = np.minimum(np.searchsorted(current, old), max(len(current) - 1, 0))
+        missing += int((current[pos] != old).sum()) if len(current) else len(old)
+    return missing
+
+
+def _failure_records(plan: ModalityPlan, errors: dict[int, str]) -> list[dict[str, str]]:
+    """failures.parquet rows of one modality, in plan order; each is logged (user ids kept out)."""
+    if not errors:
+        return []
+    rows = (pl.scan_parquet(plan.path).filter(pl.col("row").is_in(list(errors)))
+            .select("row", "id", "content", "input").sort("row").collect())
+    out: list[dict[str, str]] = []
+    for row, id_, content, resolved in rows.iter_rows():  # failures only: few rows
+        err = errors[row]
+        out.append({"kind": plan.kind, "id": id_, "modality": plan.modality, "path": content, "error": err})
+        if plan.kind == "user":
+            # User ids (and media paths, which often contain them) stay out of logs: logs leave the team.
+            log.warning("a user's %s could not be used: %s (user kept without it; the id is in failures.parquet)",
+                        plan.modality, _redact(err, [content, resolved]))
+        else:
+            log.warning("%s %s %s: %s (%s kept without it)", plan.kind, id_, plan.modality, err, plan.kind)
+    return out
+
+
+def _redact(text: str, paths: list[Any]) -> str:
+    for path in sorted((str(p) for p in paths if p), key=len, reverse=True):  # the full path before its tail
+        text = text.replace(path, "<file>")
+    return text
+
+
+def run_embed(data_dir: Path, art_dir: Path, config: Config | None = None, *,
+              encoders: dict[str, ModalityEncoder] | None = None, show_progress: bool = True,
+              lock: bool = True, command: str = "embed") -> EmbedReport:
+    """The embedding job (`fusionrec embed`)."""
+    config = config or Config()
+    data_dir, art_dir = Path(data_dir), Path(art_dir)
+    with stage_run(command, art_dir, data_dir, config.to_dict(), lock=lock) as record:
+        return _run_embed(data_dir, art_dir, config, encoders, show_progress, record)
+
+
+def _run_embed(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str, ModalityEncoder] | None,
+               show_progress: bool, record: RunRecord) -> EmbedReport:
+    t0 = time.perf_counter()
+    engine = _engine(config, data_dir, explicit=encoders is not None)  # checked before any work
+    record.inputs = hash_inputs(data_dir)
+    emb_dir = art_dir / "embeddings"
+    emb_dir.mkdir(parents=True, exist_ok=True)
+    stale = clean_temporaries(emb_dir)
+    if stale:
+        log.info("removed %d temporary files left by an interrupted run", stale)
+
+    # Which modalities the tables can have decides which encoders to load (their model ids
+    # are part of every content hash, so they come before reading the rows).
+    from fusionrec.pipeline.io.streaming import table_columns
+    from fusionrec.pipeline.io.tables import find_table
+
+    precomputed = precomputed_tables(data_dir)
+    tables = {kind: find_table(data_dir, f"{kind}s", required=kind == "item") for kind in ("item", "user")}
+    wanted = {kind: [m for m in table_modalities(kind, table_columns(path)) if (kind, m) not in precomputed]
+              for kind, path in tables.items() if path is not None}
+    if encoders is None:
+        encoders = build_encoders(config.embed, {m for mods in wanted.values() for m in mods})
+
+    report = EmbedReport()
+    work_dir = emb_dir / ".shards"
+    try:
+        _embed_all(data_dir, art_dir, config, encoders, tables, wanted, precomputed, work_dir, engine,
+                   show_progress, report)
+    except BaseException:
+        _discard_plans(work_dir)  # a failed run leaves only its finished shards (resumable work)
+        raise
+    with contextlib.suppress(OSError):
+        work_dir.rmdir()  # empty once every modality is done
+
+    # Tables of modalities that are no longer produced would serve stale vectors: remove them.
+    produced = {f"{k}.parquet" for k in report.counts}
+    for path in emb_dir.glob("*_*.parquet"):
+        if path.name not in produced and path.name != "failures.parquet":
+            path.unlink()
+            log.info("removed %s: the modality is no longer in the input", path.name)
+
+    failures = pa.Table.from_pylist(report.failures, schema=FAILURE_SCHEMA)
+    write_parquet(failures, emb_dir / "failures.parquet")
+    report.seconds = time.perf_counter() - t0
+
+    record.models = {name: enc.model_id for name, enc in encoders.items()}
+    record.models["weights_sha256"] = {name: enc.files for name, enc in encoders.items() if enc.files}
+    record.counts = {name: c.as_dict() for name, c in report.counts.items()}
+    record.counts["failures"] = len(report.failures)
+    record.timings = {"total": report.seconds, **{name: c.seconds for name, c in report.counts.items()}}
+
+    media_rows = sum(c.rows for name, c in report.counts.items() if name.split("_", 1)[1] in MEDIA_MODALITIES)
+    media_failed = sum(c.failed for name, c in report.counts.items() if name.split("_", 1)[1] in MEDIA_MODALITIES)
+    share = media_failed / media_rows if media_rows else 0.0
+    if share > config.embed.max_failed_share:
+        record.finish("failed")
+        raise FusionrecError(
+            f"{media_failed} of {media_rows} media files could not be read ({share:.0%} > "
+            f"embed.max_failed_share {config.embed.max_failed_share:.0%}); see {emb_dir / 'failures.parquet'}")
+    record.finish("ok")
+    return report
+
+
+def _embed_all(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str, ModalityEncoder],
+               tables: dict[str, Path | None], wanted: dict[str, list[str]],
+               precomputed: dict[tuple[str, str], Path], work_dir: Path, engine, show_progress: bool,
+               report: EmbedReport) -> None:
+    """Plans for both tables (read and validated before any final table changes), then the
+    precomputed tables, then each modality; counts and failures go into `report`."""
+    from fusionrec.pipeline.io.streaming import table_rows
+
+    with engine as encode_rows, _progress(show_progress) as bar:
+        plans: list[ModalityPlan] = []
+        known_ids: dict[str, Path | None] = {}
+        for kind, path in tables.items():
+            if path is None:
+                continue
+            task = bar.add_task(f"read {kind}s", total=table_rows(path)) if bar else None
+            kind_plans, known_ids[kind] = write_plans(
+                path, kind, data_dir, {m: encoders[m] for m in wanted[kind] if m in encoders}, work_dir,
+                keep_ids=any(k == kind for k, _ in precomputed), batch_rows=config.embed.batch_rows,
+                advance=(lambda n, task=task: bar.advance(task, n)) if bar else None)
+            plans.extend(kind_plans)
+
+        for (kind, modality), path in precomputed.items():
+            ids_path = known_ids.get(kind)
+            known = pl.read_parquet(ids_path)["id"] if ids_path else pl.Series([], dtype=pl.String)
+            started = time.perf_counter()
+            table, dropped = read_precomputed(path, kind, known)
+            write_parquet(table, table_path(art_dir, kind, modality))
+            report.counts[f"{kind}_{modality}"] = ModalityCounts(
+                rows=table.num_rows, reused=table.num_rows, dropped=dropped,
+                seconds=time.perf_counter() - started,
+                model=table.column("model")[0].as_py() if table.num_rows else "")
+            if dropped:
+                log.warning("%s: %d ids not in the %s table were ignored", path, dropped, kind + "s")
+        for ids_path in known_ids.values():
+            if ids_path is not None:
+                ids_path.unlink(missing_ok=True)
+
+        for plan in plans:
+            task = bar.add_task(f"{plan.kind} {plan.modality}", total=plan.rows) if bar else None
+            counts, failures = embed_modality(
+                plan, encoders[plan.modality], art_dir, config.embed,
+                progress=(lambda n, task=task: bar.advance(task, n)) if bar else None, encode_rows=encode_rows,
+                batch_rows=config.embed.batch_rows)
+            report.counts[f"{plan.kind}_{plan.modality}"] = counts
+            report.failures.extend(failures)
+
+
+def _discard_plans(work_dir: Path) -> None:
+    """Remove this run's plan, todo and id files (rebuilt by every run); keep finished shards."""
+    for pattern in ("*/plan.parquet", "*/todo.parquet", "*_ids.parquet"):
+        for path in work_dir.glob(pattern):
+            path.unlink(missing_ok=True)
+    for directory in [*work_dir.glob("*/"), work_dir]:
+        with contextlib.suppress(OSError):
+            directory.rmdir()  # only when empty
+
+
+def _engine(config: Config, data_dir: Path, explicit: bool):
+    """Engine dispatch: a context yielding the `encode_rows` of `config.engine` (None: local).
+
+    explicit: encoders were given in-process, so the Ray engine ships them to its actors
+    instead of building them from the config there.
+    """
+    import contextlib
+
+    if config.engine == "local":
+        return contextlib.nullcontext(None)
+    if config.engine == "ray":
+        from fusionrec.pipeline.embedding.ray_engine import import_ray, ray_encode_rows
+
+        import_ray()  # the optional extra must be installed: say so before loading anything
+        return ray_encode_rows(config, data_dir, ship_encoders=explicit)
+    raise ConfigError(f"config key 'engine' must be 'local' or 'ray', got {config.engine!r}")
+
+
+class _NoProgress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _progress(show: bool):
+    if not show:
+        return _NoProgress()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=False)
+
+
+def summary_rows(report: EmbedReport) -> list[dict[str, Any]]:
+    return [{"table": name, **c.as_dict()} for name, c in report.counts.items()]

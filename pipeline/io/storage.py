@@ -1,0 +1,322 @@
+"""Atomic writes, the artifacts lock and content hashes.
+
+Every artifact appears by `os.replace` of a finished temporary file in the same
+directory, so a killed job never leaves a partial file under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fusionrec.pipeline.errors import FusionrecError, LockError
+
+TMP_PREFIX = ".tmp-"
+FAULT_ENV = "FUSIONREC_FAULT"  # test hook, e.g. "write:3" (kill -9) or "write:3=enospc"
+FAULT_TRACE_ENV = "FUSIONREC_FAULT_TRACE"  # test hook: append every fault point reached to this file
+_fault_counts: dict[str, int] = {}
+# Writers report a full or unwritable disk in their own exception types (polars: ComputeError,
+# faiss: RuntimeError); their messages carry the OS error, which is what tells them apart from bugs.
+_IO_FAILURE_RE = re.compile(r"os error \d+|IO error|write error|Errno \d+|No space left|File too large|"
+                            r"Read-only file system|Permission denied|Disk quota", re.IGNORECASE)
+
+log = logging.getLogger("fusionrec.storage")
+
+
+def fault_point(name: str, path: Path | str | None = None, tmp: Path | None = None) -> None:
+    """A place where tests crash the job on purpose; a no-op unless FUSIONREC_FAULT(_TRACE) is set.
+
+    `FUSIONREC_FAULT=write:3` kills the process (SIGKILL, as `kill -9`) at the third `write`
+    point it reaches (`write`: a finished temporary file about to replace its artifact;
+    `written`: just replaced); `write:3=enospc` raises "No space left on device" there
+    instead, `write:3=stop` stops the process (SIGSTOP), alive and holding its lock, and
+    `write:3=torn` cuts the temporary file to half its size before the kill (a kill mid-write).
+    """
+    spec, trace = os.environ.get(FAULT_ENV), os.environ.get(FAULT_TRACE_ENV)
+    if not spec and not trace:
+        return
+    n = _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if trace:
+        with open(trace, "a") as fh:
+            fh.write(f"{name}:{n}\t{path}\n")
+    if spec:
+        target, _, action = spec.partition("=")
+        if target == f"{name}:{n}":
+            if action == "enospc":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            if action == "torn" and tmp is not None and tmp.is_file():
+                os.truncate(tmp, tmp.stat().st_size // 2)
+            os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
+
+
+def _io_failure(exc: BaseException) -> str | None:
+    """The OS-level reason when `exc` is a failed write (disk full, read-only ...), else None."""
+    if isinstance(exc, FusionrecError):
+        return None
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    text = str(exc)
+    if isinstance(exc, Exception) and _IO_FAILURE_RE.search(text):
+        return text.strip().splitlines()[0][-300:] if text.strip() else type(exc).__name__
+    return None
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` atomically."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FusionrecError(f"cannot create directory {path.parent}: {exc.strerror or exc}") from exc
+    tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{path.name}"
+    try:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        fault_point("write", path, tmp)
+        os.replace(tmp, path)
+        _fsync_directory(path.parent)  # the rename itself survives a power loss
+    except BaseException as exc:
+        _remove_quietly(tmp)
+        reason = _io_failure(exc)
+        if reason is not None:
+            raise FusionrecError(f"cannot write {path}: {reason}") from exc
+        raise
+    fault_point("written", path)
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # platforms without directory handles
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the file itself is synced
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.is_dir():
+            import shutil
+
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def write_parquet(table: pa.Table, path: Path | str) -> None:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def write_json(obj: Any, path: Path | str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_text(text: str, path: Path | str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def clean_temporaries(directory: Path) -> int:
+    """Remove temporary files a killed job left behind; returns how many."""
+    removed = 0
+    if directory.is_dir():
+        for tmp in directory.rglob(f"{TMP_PREFIX}*"):
+            _remove_quietly(tmp)
+            removed += 1
+    return removed
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot; Linux), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+LOCK_GRACE_S = 10.0  # an unreadable lock younger than this may be one being written
+
+
+class ArtifactLock:
+    """An exclusive lock on an artifacts directory (`ART/.lock`).
+
+    The lock file holds the owner's pid, its start time and host; it appears complete (a
+    finished temporary file hard-linked onto `.lock`, which fails if one exists). A lock
+    whose process is gone on this host (or whose pid now belongs to another process) is
+    stale: it is taken over, with a note in `taken_over_`, and the temporary files the dead
+    job left in the artifacts directory are removed.
+    """
+
+    def __init__(self, art_dir: Path | str) -> None:
+        self.art_dir = Path(art_dir)
+        self.path = self.art_dir / ".lock"
+        self.taken_over_: dict | None = None
+
+    def acquire(self) -> "ArtifactLock":
+        try:
+            self.art_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FusionrecError(f"cannot create artifacts directory {self.art_dir}: {exc.strerror or exc}") from exc
+        me = {"pid": os.getpid(), "start": _process_start(os.getpid()), "host": socket.gethostname(),
+              "since": time.time()}
+        for _ in range(3):
+            try:
+                self._create(json.dumps(me))
+            except FileExistsError:
+                raw = self._read_raw()
+                holder = self._read_holder(raw)
+                if holder is None and self._age() < LOCK_GRACE_S:
+                    raise LockError(f"another fusionrec job is taking the lock {self.path}; wait for it to "
+                                    "finish or use another --out") from None
+                if holder is not None and self._alive(holder, me["host"]):
+                    raise LockError(
+                        f"another fusionrec job (pid {holder.get('pid')} on {holder.get('host')}) is using "
+                        f"{self.art_dir}; wait for it to finish or use another --out"
+                    ) from None
+                # Stale: its process is gone (or the file is damaged). Remove and retry.
+                self.taken_over_ = holder or {}
+                self._remove_if_unchanged(raw)
+                continue
+            except OSError as exc:
+                raise FusionrecError(f"cannot write lock file {self.path}: {exc.strerror or exc}") from exc
+            if self.taken_over_ is not None:
+                removed = clean_temporaries(self.art_dir)
+                log.warning("took over the lock of a job that is gone (pid %s on %s); removed %d temporary files "
+                            "it left", self.taken_over_.get("pid"), self.taken_over_.get("host"), removed)
+            return self
+        raise LockError(f"could not take the lock {self.path}")
+
+    def _create(self, payload: str) -> None:
+        """Make `.lock` appear with its whole content, or raise FileExistsError."""
+        tmp = self.art_dir / f"{TMP_PREFIX}lock-{uuid.uuid4().hex[:12]}"
+        try:
+            with open(tmp, "w") as fh:
+                fh.write(payload)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                raise
+            except FileNotFoundError:
+                # Another job took over a stale lock meanwhile and cleared the temporaries,
+                # ours included: it holds the lock now.
+                raise LockError(f"another fusionrec job is taking the lock {self.path}; wait for it to "
+                                "finish or use another --out") from None
+            except OSError as exc:  # no hard links on this filesystem: exclusive create instead
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(payload)
+        finally:
+            _remove_quietly(tmp)
+
+    @staticmethod
+    def _alive(holder: dict, host: str) -> bool:
+        if holder.get("host") != host:
+            return True  # another machine's job: we cannot tell, so it holds the lock
+        try:
+            pid = int(holder.get("pid"))
+        except (TypeError, ValueError):
+            return False
+        if not _pid_alive(pid):
+            return False
+        # The pid is in use, but by the job that wrote the lock only if it started then too
+        # (a container restarted after a crash gives its new job the same low pid).
+        start = holder.get("start")
+        return start is None or _process_start(pid) in (None, start)
+
+    def _age(self) -> float:
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except OSError:
+            return LOCK_GRACE_S
+
+    def _read_raw(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except OSError:
+            return None
+
+    def _read_holder(self, raw: bytes | None = None) -> dict | None:
+        raw = self._read_raw() if raw is None else raw
+        try:
+            holder = json.loads(raw) if raw is not None else None
+        except ValueError:
+            return None
+        return holder if isinstance(holder, dict) and "pid" in holder else None
+
+    def _remove_if_unchanged(self, stale: bytes | None) -> None:
+        """Remove `.lock` if it still holds `stale`. Two jobs that found the same stale lock
+        take turns here (an flock on the directory), so the second sees the first one's new
+        lock (or none yet) and leaves it: only one of them can then create `.lock`."""
+        import fcntl
+
+        fd = os.open(self.art_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if self._read_raw() == stale:
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def release(self) -> None:
+        holder = self._read_holder()
+        if holder is not None and holder.get("pid") == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def __enter__(self) -> "ArtifactLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,306 @@
+"""Reading and validating the input tables (items, users, interactions).
+
+Each table is `DIR/<name>.parquet` or `DIR/<name>.csv`. A bad table raises
+`InputError` naming the file, the row (1-based data row; for CSV the header is line 1,
+so data row N is on line N+1) and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import polars as pl
+
+from fusionrec.pipeline.errors import InputError, MediaError
+
+TEXT_LIMIT = 1_000_000  # characters in one field; beyond this it is bad input, not a description
+ITEM_TEXT_COLUMNS = ("title", "description", "tags", "image", "audio")
+USER_TEXT_COLUMNS = ("text", "image", "audio")
+DEFAULT_EVENT = "interact"
+
+
+def find_table(data_dir: Path, name: str, *, required: bool = True) -> Path | None:
+    """The table's file: Parquet preferred over CSV when both exist."""
+    data_dir = Path(data_dir)
+    for suffix in (".parquet", ".csv"):
+        path = data_dir / f"{name}{suffix}"
+        if path.is_file():
+            return path
+    if required:
+        raise InputError(f"no {name}.parquet or {name}.csv in the data directory", file=str(data_dir))
+    return None
+
+
+def read_table(path: Path) -> pl.DataFrame:
+    """Read a Parquet or CSV table as is (CSV: every column as a string)."""
+    path = Path(path)
+    raw = b""
+    try:
+        if path.stat().st_size == 0:
+            raise InputError("the file is empty", file=str(path))
+        if path.suffix == ".parquet":
+            return pl.read_parquet(path)
+        raw = path.read_bytes()
+        _check_utf8(raw, path)
+        return pl.read_csv(raw, infer_schema=False, raise_if_empty=True, quote_char='"')
+    except InputError:
+        raise
+    except pl.exceptions.NoDataError:
+        raise InputError("the file has no header row", file=str(path)) from None
+    except (pl.exceptions.ComputeError, pl.exceptions.PolarsError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        row, field, reason = (_locate_csv_problem(raw.decode("utf-8")) if raw and path.suffix != ".parquet"
+                              else (None, None, None))
+        raise InputError(f"cannot parse the table: {reason or first}", file=str(path), row=row, field=field) from None
+
+
+def _check_utf8(raw: bytes, path: Path) -> None:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        # Undecodable bytes become lone surrogates, which valid text never holds: find their cell.
+        row, field = _first_cell(raw.decode("utf-8", errors="surrogateescape"),
+                                 lambda cell: any("\udc80" <= ch <= "\udcff" for ch in cell))
+        raise InputError(f"invalid UTF-8 at byte {exc.start} (line {line})", file=str(path),
+                         row=row if row is not None else max(line - 1, 0), field=field) from None
+
+
+def _first_cell(text: str, bad) -> tuple[int | None, str | None]:
+    """(data row, column name) of the first CSV cell for which `bad(cell)` holds."""
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, [])
+        for row, record in enumerate(reader, 1):
+            for i, cell in enumerate(record):
+                if bad(cell):
+                    return row, header[i] if i < len(header) else None
+    except csv.Error:
+        pass
+    return None, None
+
+
+def _locate_csv_problem(text: str) -> tuple[int | None, str | None, str | None]:
+    """Where and why a CSV the parser refused goes wrong: (data row, column name, reason), as far as known.
+
+    Finds a stray quote (a quoted cell never closed, or text after its closing quote) and a
+    record with more cells than the header.
+    """
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    lines = text.splitlines()
+    try:
+        header = next(reader)
+    except (csv.Error, StopIteration):
+        return None, None, None
+    row, start = 0, reader.line_num + 1
+    try:
+        for row, record in enumerate(reader, 1):
+            if len(record) > len(header):
+                return row, None, f"{len(record)} cells, but the header names {len(header)} columns"
+            start = reader.line_num + 1
+    except csv.Error:
+        problem = _quote_problem(lines[start - 1]) if 0 < start <= len(lines) else None
+        if problem is None:
+            return row + 1, None, None
+        column, reason = problem
+        return row + 1, header[column] if column < len(header) else None, reason
+    return None, None, None
+
+
+def _quote_problem(line: str) -> tuple[int, str] | None:
+    """(index, reason) of the cell in `line` whose quotes are broken: never closed, or text after them."""
+    column, i, n, at_start = 0, 0, len(line), True
+    while i < n:
+        if at_start and line[i] == '"':
+            j = i + 1
+            while True:
+                k = line.find('"', j)
+                if k == -1:
+                    return column, "stray quote: a quoted cell is never closed"
+                if k + 1 < n and line[k + 1] == '"':
+                    j = k + 2  # an escaped quote
+                    continue
+                break
+            i = k + 1
+            if i < n and line[i] != ",":
+                return column, "stray quote: text after the closing quote of a cell"
+            at_start = False
+            continue
+        if line[i] == ",":
+            column, at_start = column + 1, True
+        else:
+            at_start = False
+        i += 1
+    return None
+
+
+def _require_columns(df: pl.DataFrame, path: Path, columns: tuple[str, ...]) -> None:
+    for column in columns:
+        if column not in df.columns:
+            raise InputError(f"required column is missing (columns: {', '.join(df.columns)})",
+                             file=str(path), field=column)
+    if df.height == 0:
+        raise InputError("the table has no rows", file=str(path))
+
+
+def _first_bad_row(mask: pl.Series) -> int:
+    return int(mask.arg_true()[0]) + 1
+
+
+def _as_string(df: pl.DataFrame, path: Path, column: str) -> pl.DataFrame:
+    """Cast an id/text column to string; ints in Parquet ids are accepted."""
+    dtype = df.schema[column]
+    if dtype == pl.String:
+        return df
+    if dtype.is_integer() or dtype == pl.Null:
+        return df.with_columns(pl.col(column).cast(pl.String))
+    raise InputError(f"expected text, found {dtype}", file=str(path), row=1, field=column)
+
+
+def _check_ids(df: pl.DataFrame, path: Path, column: str) -> pl.DataFrame:
+    df = _as_string(df, path, column).with_columns(pl.col(column).str.strip_chars())
+    empty = df[column].is_null() | (df[column] == "")
+    if empty.any():
+        raise InputError("missing id", file=str(path), row=_first_bad_row(empty), field=column)
+    return df
+
+
+def _check_unique(df: pl.DataFrame, path: Path, column: str) -> None:
+    repeat = ~df[column].is_first_distinct()
+    if repeat.any():
+        row = _first_bad_row(repeat)
+        value = df[column][row - 1]
+        first = int((df[column] == value).arg_true()[0]) + 1
+        raise InputError(f"duplicate id '{value}' (first on row {first})", file=str(path), row=row, field=column)
+
+
+def _check_text(df: pl.DataFrame, path: Path, columns: tuple[str, ...]) -> pl.DataFrame:
+    for column in columns:
+        if column not in df.columns:
+            continue
+        df = _as_string(df, path, column)
+        too_long = df[column].str.len_chars() > TEXT_LIMIT
+        if too_long.any():
+            raise InputError(f"text longer than {TEXT_LIMIT:,} characters", file=str(path),
+                             row=_first_bad_row(too_long.fill_null(False)), field=column)
+        # Empty strings mean "no value", like a missing cell.
+        df = df.with_columns(pl.when(pl.col(column).str.strip_chars() == "").then(None)
+                             .otherwise(pl.col(column)).alias(column))
+    return df
+
+
+def load_items(data_dir: Path) -> pl.DataFrame:
+    path = find_table(data_dir, "items")
+    df = read_table(path)
+    _require_columns(df, path, ("item_id",))
+    df = _check_ids(df, path, "item_id")
+    _check_unique(df, path, "item_id")
+    return _check_text(df, path, ITEM_TEXT_COLUMNS)
+
+
+def load_users(data_dir: Path) -> pl.DataFrame | None:
+    path = find_table(data_dir, "users", required=False)
+    if path is None:
+        return None
+    df = read_table(path)
+    _require_columns(df, path, ("user_id",))
+    df = _check_ids(df, path, "user_id")
+    _check_unique(df, path, "user_id")
+    return _check_text(df, path, USER_TEXT_COLUMNS)
+
+
+def parse_timestamps(df: pl.DataFrame, path: Path, column: str = "timestamp") -> pl.DataFrame:
+    """Unix seconds (int) or ISO-8601 strings -> Int64 Unix seconds."""
+    dtype = df.schema[column]
+    if dtype.is_integer():
+        parsed = df[column].cast(pl.Int64)
+    elif dtype.is_float():
+        parsed = df[column].cast(pl.Int64, strict=False)
+    elif dtype == pl.Datetime or isinstance(dtype, pl.Datetime):
+        parsed = df[column].dt.epoch("s")
+    elif dtype == pl.String:
+        text = df[column].str.strip_chars()
+        as_int = text.cast(pl.Int64, strict=False)
+        as_float = text.cast(pl.Float64, strict=False).cast(pl.Int64, strict=False)
+        as_date = _parse_iso(text)
+        parsed = as_int.fill_null(as_float).fill_null(as_date)
+    else:
+        raise InputError(f"expected Unix seconds or ISO-8601, found {dtype}", file=str(path), row=1, field=column)
+    bad = parsed.is_null()
+    if bad.any():
+        row = _first_bad_row(bad)
+        raise InputError(f"cannot read timestamp {df[column][row - 1]!r} (Unix seconds or ISO-8601)",
+                         file=str(path), row=row, field=column)
+    return df.with_columns(parsed.alias(column))
+
+
+def _parse_iso(text: pl.Series) -> pl.Series:
+    out = pl.Series(values=[None] * len(text), dtype=pl.Int64)
+    for fmt in ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d"):
+        try:
+            parsed = text.str.to_datetime(fmt, strict=False, time_zone="UTC" if "%#z" in fmt else None)
+        except pl.exceptions.PolarsError:
+            continue
+        if parsed.dtype.time_zone is None:  # type: ignore[union-attr]
+            parsed = parsed.dt.replace_time_zone("UTC")
+        out = out.fill_null(parsed.dt.epoch("s"))
+    return out
+
+
+def load_interactions(data_dir: Path, items: pl.DataFrame | None = None) -> pl.DataFrame:
+    """`DIR/interactions.{parquet,csv}`, validated (see `read_interactions`)."""
+    return read_interactions(find_table(data_dir, "interactions"), items)
+
+
+def read_interactions(path: Path, items: pl.DataFrame | None = None) -> pl.DataFrame:
+    """user_id, item_id, timestamp (Int64 Unix s), event (lower-case), value (Float64, nullable)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("no such file", file=str(path))
+    df = read_table(path)
+    _require_columns(df, path, ("user_id", "item_id", "timestamp"))
+    df = _check_ids(df, path, "user_id")
+    df = _check_ids(df, path, "item_id")
+    df = parse_timestamps(df, path)
+    if "event" in df.columns:
+        df = _as_string(df, path, "event").with_columns(
+            pl.col("event").str.strip_chars().str.to_lowercase().replace("", None).fill_null(DEFAULT_EVENT))
+    else:
+        df = df.with_columns(pl.lit(DEFAULT_EVENT).alias("event"))
+    if "value" in df.columns:
+        raw = df["value"]
+        if not (raw.dtype.is_numeric() or raw.dtype in (pl.String, pl.Null, pl.Boolean)):
+            raise InputError(f"expected a number, found {raw.dtype}", file=str(path), row=1, field="value")
+        if raw.dtype == pl.String:
+            raw = raw.str.strip_chars().replace("", None)
+        value = raw.cast(pl.Float64, strict=False)
+        bad = value.is_null() & raw.is_not_null()
+        if bad.any():
+            row = _first_bad_row(bad)
+            raise InputError(f"expected a number, found {raw[row - 1]!r}", file=str(path), row=row, field="value")
+        df = df.with_columns(value.alias("value"))
+    else:
+        df = df.with_columns(pl.lit(None, dtype=pl.Float64).alias("value"))
+    if items is not None:
+        unknown = ~df["item_id"].is_in(items["item_id"].implode())
+        if unknown.any():
+            row = _first_bad_row(unknown)
+            raise InputError(f"item '{df['item_id'][row - 1]}' is not in the items table",
+                             file=str(path), row=row, field="item_id")
+    return df.select("user_id", "item_id", "timestamp", "event", "value")
+
+
+def resolve_media(data_dir: Path, relative: str) -> Path:
+    """The media file for a table path; refuses paths (and symlinks) that leave the data directory."""
+    root = Path(data_dir).resolve()
+    candidate = Path(relative)
+    if candidate.is_absolute():
+        raise MediaError("absolute path refused: media paths must be relative to the data directory")
+    full = (root / candidate)
+    resolved = full.resolve()
+    if not resolved.is_relative_to(root):
+        kind = "symlink points" if full.is_symlink() or any(p.is_symlink() for p in full.parents) else "path leads"
+        raise MediaError(f"{kind} outside the data directory")
+    return resolved

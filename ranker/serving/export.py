@@ -1,0 +1,189 @@
+"""Top-k lists and pair files: ranking per user, writing and reading Parquet, CSV and JSONL.
+
+Formats are chosen by suffix: `.parquet`, `.csv`, `.jsonl`. Every write is atomic.
+CSV has no nested types: list and struct columns (such as `top_features` from
+`--explain`) are written as JSON text in their cell, and `read_topk` decodes them back.
+Parquet and JSONL keep them nested. `read_topk` restores the standard column types
+(TOPK_SCHEMA), so all three formats read back as the same frame.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import polars as pl
+
+from fusionrec.pipeline.errors import FusionrecError, InputError
+from fusionrec.pipeline.io.storage import atomic_path
+
+if TYPE_CHECKING:
+    from fusionrec.ranker.model import Ranker
+
+FORMATS = (".parquet", ".csv", ".jsonl")
+TOPK_SCHEMA: dict[str, pl.DataType] = {
+    "user_id": pl.String(), "rank": pl.Int32(), "item_id": pl.String(),
+    "score": pl.Float64(), "retrieval_score": pl.Float32(),
+}
+TOP_FEATURES_DTYPE = pl.List(pl.Struct({"feature": pl.String, "value": pl.Float64, "contribution": pl.Float64}))
+# Columns whose type is known when read back from text formats.
+KNOWN_DTYPES: dict[str, pl.DataType] = {**TOPK_SCHEMA, "top_features": TOP_FEATURES_DTYPE,
+                                        "explain_bias": pl.Float64()}
+EXPLAIN_PREFIXES = ("contrib_", "share_")
+# Nested columns `read_topk` decodes from CSV JSON text (a CSV cell carries no type, so
+# only columns of known type are decoded; any other nested column reads back as JSON text).
+JSON_COLUMNS_IN_CSV = ("top_features",)
+
+
+def _format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise InputError(f"unsupported format '{path.suffix or '(none)'}': use .parquet, .csv or .jsonl",
+                         file=str(path))
+    return suffix
+
+
+def topk(scored: pl.DataFrame, k: int, *, columns: list[str] | None = None) -> pl.DataFrame:
+    """The `k` best rows per user: user_id, rank (1-based), item_id, score, retrieval_score, extras.
+
+    Order: score descending (nulls last), ties by item_id ascending, so the output does
+    not depend on the input order. Users come sorted by user_id. `columns`: extra columns
+    to keep (default: the explanation columns present).
+    """
+    if k < 1:
+        raise InputError(f"k must be at least 1, not {k}", field="k")
+    for column in ("user_id", "item_id", "score"):
+        if column not in scored.columns:
+            raise FusionrecError(f"cannot rank: the scored frame has no '{column}' column")
+    if columns is None:
+        columns = [c for c in scored.columns
+                   if c in ("top_features", "explain_bias") or c.startswith(EXPLAIN_PREFIXES)]
+    frame = scored
+    if "retrieval_score" not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, pl.Float32).alias("retrieval_score"))
+    ranked = frame.sort(["user_id", "score", "item_id"], descending=[False, True, False], nulls_last=True) \
+        .with_columns((pl.int_range(pl.len()).over("user_id") + 1).cast(pl.Int32).alias("rank")) \
+        .filter(pl.col("rank") <= k)
+    return ranked.select(
+        pl.col("user_id").cast(pl.String), "rank", pl.col("item_id").cast(pl.String),
+        pl.col("score").cast(pl.Float64), pl.col("retrieval_score").cast(pl.Float32),
+        *[c for c in columns if c not in TOPK_SCHEMA])
+
+
+def recommend(model: "Ranker", features: pl.DataFrame, k: int, *, explain: bool = False,
+              top: int = 5) -> pl.DataFrame:
+    """Score every candidate, keep the `k` best per user; with `explain`, add the explanation columns.
+
+    Explanations (TreeSHAP, about a millisecond per row for 300 trees) are computed for
+    the kept rows only, never for every candidate.
+    """
+    scored = model.score(features)
+    kept = [c for c in model.feature_names_ if c in scored.columns and c not in TOPK_SCHEMA]
+    best = topk(scored, k, columns=kept)
+    if not explain:
+        return best.select(list(TOPK_SCHEMA))
+    return pl.concat([best.select(list(TOPK_SCHEMA)), model.explain(best, top=top)], how="horizontal")
+
+
+def write_topk(frame: pl.DataFrame, path: Path | str) -> Path:
+    """Write `frame` as Parquet, CSV or JSONL by the suffix of `path`, atomically."""
+    path = Path(path)
+    fmt = _format(path)
+    with atomic_path(path) as tmp:
+        if fmt == ".parquet":
+            frame.write_parquet(tmp, compression="zstd")
+        elif fmt == ".csv":
+            _csv_ready(frame).write_csv(tmp)
+        else:
+            frame.write_ndjson(tmp)
+    return path
+
+
+def _csv_ready(frame: pl.DataFrame) -> pl.DataFrame:
+    """Nested columns as JSON text (null stays null)."""
+    nested = [c for c, t in frame.schema.items() if t.is_nested()]
+    if not nested:
+        return frame
+    exprs = []
+    for c in nested:
+        # json_encode works on structs: wrap the column, then cut the wrapper off the text.
+        prefix = '{' + json.dumps(c) + ':'
+        text = pl.struct(pl.col(c)).struct.json_encode().str.strip_prefix(prefix).str.strip_suffix("}")
+        exprs.append(pl.when(pl.col(c).is_null()).then(None).otherwise(text).alias(c))
+    return frame.with_columns(exprs)
+
+
+def read_topk(path: Path | str) -> pl.DataFrame:
+    """Read a list written by `write_topk` back with the same column types."""
+    path = Path(path)
+    fmt = _format(path)
+    if fmt == ".jsonl" and path.is_file() and not path.read_bytes().strip():
+        return pl.DataFrame(schema=TOPK_SCHEMA)  # an empty list is an empty JSONL file: no line to infer from
+    frame = _read(path, fmt, string_ids=True)
+    if path.suffix.lower() == ".csv":
+        for c in frame.columns:
+            if c in JSON_COLUMNS_IN_CSV and frame.schema[c] == pl.String:
+                frame = frame.with_columns(pl.col(c).str.json_decode(KNOWN_DTYPES[c]))
+    casts = [pl.col(c).cast(t) for c, t in KNOWN_DTYPES.items() if c in frame.columns and frame.schema[c] != t]
+    floats = [pl.col(c).cast(pl.Float64) for c, t in frame.schema.items()
+              if c.startswith(EXPLAIN_PREFIXES) and t != pl.Float64]
+    return frame.with_columns(casts + floats) if casts or floats else frame
+
+
+def read_pairs(path: Path | str) -> pl.DataFrame:
+    """The `user_id, item_id` pairs of a candidates file (other columns kept), ids as strings.
+
+    A missing file, an unknown format, a missing id column or an empty id is bad input
+    (`InputError`, exit 2) naming the file, the row (1-based data row) and the field.
+    """
+    path = Path(path)
+    frame = read_id_table(path, ("user_id", "item_id"))
+    frame = frame.with_columns(pl.col("user_id", "item_id").cast(pl.String).str.strip_chars())
+    for column in ("user_id", "item_id"):
+        bad = frame[column].is_null() | (frame[column] == "")
+        if bad.any():
+            row = int(bad.arg_true()[0]) + 1
+            raise InputError("empty id", file=str(path), row=row, field=column)
+    return frame
+
+
+def read_id_table(path: Path | str, required: tuple[str, ...]) -> pl.DataFrame:
+    """A .parquet, .csv or .jsonl table with ids read as text; a missing file, unknown format
+    or missing `required` column is bad input (`InputError`) naming the file and the field."""
+    path = Path(path)
+    fmt = _format(path)
+    if not path.is_file():
+        raise InputError("no such file", file=str(path))
+    frame = _read(path, fmt, string_ids=True)
+    for column in required:
+        if column not in frame.columns:
+            raise InputError(f"missing required column '{column}' (columns: {', '.join(frame.columns) or 'none'})",
+                             file=str(path), field=column)
+    return frame
+
+
+def _read(path: Path, fmt: str, *, string_ids: bool) -> pl.DataFrame:
+    ids = {"user_id": pl.String, "item_id": pl.String} if string_ids else {}
+    try:
+        if fmt == ".parquet":
+            return pl.read_parquet(path)
+        if fmt == ".csv":
+            # Ids stay text ("007" is not 7); empty cells are null.
+            return pl.read_csv(path, schema_overrides=ids, infer_schema_length=10_000, raise_if_empty=True)
+        frame = pl.read_ndjson(path, infer_schema_length=10_000)
+        return frame.with_columns(pl.col(c).cast(pl.String) for c in ids if c in frame.columns)
+    except pl.exceptions.NoDataError:
+        raise InputError("the file is empty", file=str(path)) from None
+    except FileNotFoundError:
+        raise InputError("no such file", file=str(path)) from None
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot read the file: {first}", file=str(path)) from None
+
+
+def drop_seen(pairs: pl.DataFrame, interactions: pl.DataFrame, cutoff: int | None = None) -> pl.DataFrame:
+    """Pairs whose user had not interacted with the item (before `cutoff` when given)."""
+    seen = interactions if cutoff is None else interactions.filter(pl.col("timestamp") < cutoff)
+    return pairs.join(seen.select(pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String)).unique(),
+                      on=["user_id", "item_id"], how="anti", maintain_order="left")

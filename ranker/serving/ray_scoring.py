@@ -1,0 +1,146 @@
+"""Batch scoring on Ray: top-k for every user, users split into batches over an actor pool.
+
+Each actor loads the artifacts once (`Recommender`: index, ranker, snapshot) and runs the
+same path as `Recommender.recommend` on its batches of users, so the result equals the
+local engine's. Users go out sorted by id and come back in order, so the output (like
+`recommend`'s) is sorted by user_id, then rank, and can stream to a Parquet file without
+being held in the driver. Every actor holds a full copy of the fitted model: size the
+actors by the memory of `ART/index` plus the interaction snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fusionrec.pipeline.config import RayConfig
+from fusionrec.pipeline.errors import FusionrecError
+from fusionrec.pipeline.embedding.ray_engine import data_context, import_ray, ray_runtime, root_cause
+from fusionrec.pipeline.io.storage import atomic_path
+
+from fusionrec.ranker.serving.export import TOPK_SCHEMA
+from fusionrec.ranker.serving.recommender import Recommender
+
+
+def known_users(art_dir: Path | str) -> list[str]:
+    """The users the index knows (`ART/index/users.parquet`), sorted; read without loading the index."""
+    path = Path(art_dir) / "index" / "users.parquet"
+    if not path.is_file():
+        raise FusionrecError(f"{art_dir} has no index: run `fusionrec index` (or `fusionrec run`) first")
+    return sorted(str(u) for u in pq.read_table(path, columns=["user_id"]).column("user_id").to_pylist())
+
+
+def score_users(rec: Recommender, users: list[str], k: int, *, include_seen: bool = False, explain: bool = False,
+                use_ranker: bool = True, fallback: bool = True) -> pl.DataFrame:
+    """`rec.recommend(users, k)` for one batch.
+
+    fallback=True: as `recommend(user_ids)`, users retrieval cannot place get the popular
+    list. fallback=False: as `recommend(None)` restricted to these users, which serves only
+    the users retrieval places; the popular rows (the only ones without a retrieval_score)
+    are left out.
+    """
+    ranked = rec.recommend(users, k, include_seen=include_seen, explain=explain, use_ranker=use_ranker)
+    if fallback:
+        return ranked
+    return ranked.filter(pl.col("retrieval_score").is_not_null().any().over("user_id"))
+
+
+class ScoreActor:
+    """One Ray actor: the artifacts loaded once, then `score_users` on batches of user ids."""
+
+    def __init__(self, art_dir: str, k: int, include_seen: bool, explain: bool, use_ranker: bool,
+                 fallback: bool) -> None:
+        self.rec = Recommender(art_dir, use_ranker=use_ranker)
+        self.options = {"include_seen": include_seen, "explain": explain, "use_ranker": use_ranker,
+                        "fallback": fallback}
+        self.k = k
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        users = [str(u) for u in batch.column("user_id").to_pylist()]
+        return score_users(self.rec, users, self.k, **self.options).to_arrow()
+
+
+def iter_recommendations(art_dir: Path | str, k: int = 10, ray_config: RayConfig | None = None, *,
+                         user_ids: list[str] | None = None, include_seen: bool = False, explain: bool = False,
+                         use_ranker: bool = True) -> Iterator[pl.DataFrame]:
+    """Top-k frames, one per batch of `ray.scoring_batch_users` users, in user_id order.
+
+    user_ids=None: every user the index knows, as `Recommender.recommend(None, k)`; a list:
+    as `Recommender.recommend(user_ids, k)` (unknown users get the popular items).
+    """
+    rc = ray_config or RayConfig()
+    import_ray()
+    art_dir = Path(art_dir).resolve()
+    users = known_users(art_dir) if user_ids is None else sorted(set(map(str, user_ids)))
+    if not users:
+        return
+    if k < 1:
+        raise FusionrecError(f"k must be at least 1, not {k}")
+    per = max(1, rc.scoring_batch_users)
+    ids = pa.array(users, pa.string())
+    blocks = [pa.table({"user_id": ids.slice(s, per)}) for s in range(0, len(users), per)]
+    actors = max(1, min(rc.num_actors, len(blocks)))
+    # A Dataset copies the DataContext when it is created: set the options first.
+    with ray_runtime(rc) as ray, data_context(preserve_order=True):  # batches come back in user order
+        ds = ray.data.from_arrow(blocks).map_batches(
+            ScoreActor, fn_constructor_kwargs={"art_dir": str(art_dir), "k": k, "include_seen": include_seen,
+                                               "explain": explain, "use_ranker": use_ranker,
+                                               "fallback": user_ids is not None},
+            batch_size=per, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
+        try:
+            for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if out.num_rows:
+                    yield pl.from_arrow(out)
+        except FusionrecError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Ray wraps the actor's error; report its cause
+            raise FusionrecError(f"Ray batch scoring failed: {root_cause(exc)}") from exc
+
+
+def recommend_all(art_dir: Path | str, k: int = 10, ray_config: RayConfig | None = None, *,
+                  user_ids: list[str] | None = None, include_seen: bool = False, explain: bool = False,
+                  use_ranker: bool = True) -> pl.DataFrame:
+    """`Recommender(art_dir).recommend(user_ids, k)` computed on Ray, as one frame."""
+    frames = list(iter_recommendations(art_dir, k, ray_config, user_ids=user_ids, include_seen=include_seen,
+                                       explain=explain, use_ranker=use_ranker))
+    if not frames:  # nobody to score
+        return pl.DataFrame(schema=TOPK_SCHEMA)
+    return pl.concat(frames)  # already in user_id, rank order: the batches come back in order
+
+
+def write_all(art_dir: Path | str, path: Path | str, k: int = 10, ray_config: RayConfig | None = None, *,
+              key: bytes | None = None, include_seen: bool = False, use_ranker: bool = True) -> dict[str, int]:
+    """Stream every user's top-k to one Parquet file (atomic), never holding all of it.
+
+    key: pseudonymise user ids with this export key (ranker.privacy), as exports do.
+    Returns {"rows", "users"}.
+    """
+    from fusionrec.ranker.serving.privacy import pseudonymise
+
+    path = Path(path)
+    if path.suffix.lower() != ".parquet":
+        raise FusionrecError(f"streamed exports are Parquet: {path} does not end in .parquet")
+    rows = users = 0
+    writer: pq.ParquetWriter | None = None
+    with atomic_path(path) as tmp:
+        try:
+            for frame in iter_recommendations(art_dir, k, ray_config, include_seen=include_seen,
+                                              use_ranker=use_ranker):
+                users += frame["user_id"].n_unique()
+                rows += frame.height
+                if key is not None:
+                    frame = pseudonymise(frame, key)
+                table = frame.to_arrow()
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                writer.write_table(table.cast(writer.schema))
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:  # no user at all: an empty file with the export's columns
+            pq.write_table(pl.DataFrame(schema=TOPK_SCHEMA).to_arrow(), tmp)
+    return {"rows": rows, "users": users}
