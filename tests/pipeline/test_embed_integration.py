@@ -20,7 +20,7 @@ from fusionrec.pipeline.embedding.job import read_artifact_table, run_embed
 from fusionrec.pipeline.io.manifest import read_manifest
 
 pytestmark = pytest.mark.integration
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def subset(sample: Path, out: Path, n: int, media: bool = True) -> pl.DataFrame:

@@ -20,7 +20,7 @@ from fusionrec.pipeline.errors import MediaError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SR = 16000
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures")
 FOX = os.path.join(FIXTURES, "speech_quick_brown_fox.flac")
 DIGITS = os.path.join(FIXTURES, "speech_one_to_ten.flac")
 

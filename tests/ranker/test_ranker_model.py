@@ -14,7 +14,7 @@ import pytest
 from fusionrec.pipeline.errors import FusionrecError
 from fusionrec.ranker.model import Ranker
 
-DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+DATASETS = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
 
 
 def synthetic(users: int = 120, per_user: int = 20, seed: int = 0,

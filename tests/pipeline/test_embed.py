@@ -23,7 +23,7 @@ from fusionrec.pipeline.io.manifest import read_manifest
 from fusionrec.pipeline.io.storage import ArtifactLock
 from tests.tiny_models import HashEncoder, tiny_text_model
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def write_catalog(data: Path, n: int = 10, with_media: bool = True) -> pl.DataFrame:

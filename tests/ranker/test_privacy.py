@@ -33,7 +33,7 @@ from fusionrec.ranker.serving.privacy import export_key, pseudonym
 from tests.reliability_counts import small_catalog, visible_files
 from tests.tiny_models import tiny_text_model
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 KEY_A = "first-export-key-of-the-team-0001"
 KEY_B = "second-export-key-of-the-team-002"
 

@@ -17,7 +17,7 @@ from fusionrec.evaluation.baselines import ItemKNNRecommender, PopularityRecomme
 from fusionrec.evaluation.results import evaluate
 from fusionrec.evaluation.splits import global_temporal_split
 
-DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+DATASETS = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
 
 # u1: a b      u2: a c      u3: a b d  (and a repeated row that must count once)
 TRAIN = pl.DataFrame({"user_id": ["u1", "u1", "u2", "u2", "u3", "u3", "u3", "u3"],
@@ -125,7 +125,7 @@ def test_movielens_100k_figures() -> None:
 
 def test_peers_bench_table_matches_the_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = importlib.util.spec_from_file_location("peers_bench",
-                                                  Path(__file__).resolve().parents[1] / "bench" / "peers.py")
+                                                  Path(__file__).resolve().parents[2] / "bench" / "peers.py")
     bench = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("peers_bench", bench)  # dataclasses look their module up there
     spec.loader.exec_module(bench)
