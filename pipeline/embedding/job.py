@@ -32,11 +32,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fusionrec.pipeline.config import Config, EmbedConfig
+from fusionrec.pipeline.embedding.encoding import (EncodedShard, EncodeRows, ModalityEncoder, TodoRows, build_encoders,
+                                                   jsonable, prepare_one)
+from fusionrec.pipeline.embedding.ray_engine import import_ray, ray_encode_rows
+from fusionrec.pipeline.embedding.vector_files import HashIndex, VectorReader, hash_keys
+from fusionrec.pipeline.encoders.base import l2_normalise
+from fusionrec.pipeline.encoders.text import ITEM_TEXT_FIELDS, clean_text, item_text
 from fusionrec.pipeline.errors import ConfigError, FusionrecError, InputError, MediaError
 from fusionrec.pipeline.io.manifest import RunRecord, hash_inputs, stage_run
 from fusionrec.pipeline.io.storage import clean_temporaries, sha256_bytes, sha256_file, write_parquet
-from fusionrec.pipeline.io.tables import resolve_media
-from fusionrec.pipeline.encoders.text import ITEM_TEXT_FIELDS, clean_text, item_text
+from fusionrec.pipeline.io.streaming import (ParquetSink, table_columns, table_rows, validated_batches,
+                                             vector_row_group_rows)
+from fusionrec.pipeline.io.tables import find_table, resolve_media
 
 log = logging.getLogger("fusionrec.embed")
 
@@ -44,23 +51,6 @@ MEDIA_MODALITIES = ("image", "audio")
 BUILTIN_MODALITIES = ("text", "image", "audio")
 FAILURE_SCHEMA = pa.schema([("kind", pa.string()), ("id", pa.string()), ("modality", pa.string()),
                             ("path", pa.string()), ("error", pa.string())])
-
-
-@dataclass
-class ModalityEncoder:
-    """What the job needs from an encoder: an identity, a dimension, and two functions.
-
-    `prepare` turns one media path into model input (decode, resize, resample ...) and
-    raises MediaError when it cannot; `encode` turns a list of prepared inputs (or texts)
-    into an (n, dim) float32 matrix of L2-normalised rows.
-    """
-
-    model_id: str
-    dim: int
-    encode: Callable[[list], np.ndarray]
-    prepare: Callable[[Path], Any] | None = None
-    preprocess_id: str = ""  # preprocessing settings folded into each content hash
-    files: dict[str, str] = field(default_factory=dict)  # sha256 of the model files it loaded (manifest)
 
 
 @dataclass
@@ -88,69 +78,6 @@ class EmbedReport:
     seconds: float = 0.0
 
 
-# --------------------------------------------------------------------------- encoders
-
-
-def build_encoders(cfg: EmbedConfig, needed: set[str]) -> dict[str, ModalityEncoder]:
-    """The configured encoders for the modalities present in the data (loaded lazily)."""
-    from fusionrec.pipeline.encoders.base import resolve_device
-
-    device = resolve_device(cfg.device)
-    out: dict[str, ModalityEncoder] = {}
-    if "text" in needed and cfg.text.enabled:
-        from fusionrec.pipeline.encoders.text import TextEncoder
-
-        text = TextEncoder(cfg.text.model, device=device, batch_size=cfg.text.batch_size,
-                           max_length=cfg.text.max_length)
-        out["text"] = ModalityEncoder(text.model_id, text.dim, text.encode,
-                                      preprocess_id=f"clean-v1;max_length={cfg.text.max_length}")
-    if "image" in needed and cfg.image.enabled:
-        from fusionrec.pipeline.encoders.image import ImageEncoder
-
-        image = ImageEncoder(cfg.image.model, weights=cfg.image.weights, device=device,
-                             batch_size=cfg.image.batch_size, max_pixels=cfg.image.max_pixels)
-        out["image"] = ModalityEncoder(image.model_id, image.dim, lambda xs: image.encode(np.stack(xs)),
-                                       prepare=image.preprocess,
-                                       preprocess_id=json.dumps(_jsonable(image.data_config_), sort_keys=True))
-    if "audio" in needed and cfg.audio.enabled:
-        from fusionrec.pipeline.encoders.audio import AudioEncoder, load_audio
-
-        a = cfg.audio
-        audio = AudioEncoder(a.model, device=device, batch_size=a.batch_size, sample_rate=a.sample_rate,
-                             chunk_seconds=a.chunk_seconds)
-
-        def prepare_audio(path: Path) -> np.ndarray:
-            return load_audio(path, sample_rate=a.sample_rate, max_seconds=a.max_seconds, top_db=a.top_db,
-                              target_dbfs=a.target_dbfs)
-
-        out["audio"] = ModalityEncoder(
-            audio.model_id, audio.dim, audio.encode, prepare=prepare_audio,
-            preprocess_id=f"sr={a.sample_rate};max={a.max_seconds};chunk={a.chunk_seconds};"
-                          f"top_db={a.top_db};dbfs={a.target_dbfs}")
-    return _with_file_hashes(out, cfg)
-
-
-def _with_file_hashes(encoders: dict[str, ModalityEncoder], cfg: EmbedConfig) -> dict[str, ModalityEncoder]:
-    """Record each encoder's model file hashes and fold them into its model id (a changed file re-encodes)."""
-    from fusionrec.pipeline.encoders.model_files import file_hashes, encoder_files, with_files_id
-
-    for modality, enc in encoders.items():
-        enc.files = file_hashes(encoder_files(modality, cfg))
-        if "+file:" not in enc.model_id:  # a checkpoint path's id carries its hash already
-            enc.model_id = with_files_id(enc.model_id, enc.files)
-    return encoders
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (int, float, str, bool)) or obj is None:
-        return obj
-    return str(obj)
-
-
 # --------------------------------------------------------------------------- inputs
 
 # One modality's rows for this run, as the plan file holds them: `content` is the text or the
@@ -167,16 +94,6 @@ class ModalityPlan:
     """The rows of one (kind, modality) in this run: a Parquet file of PLAN_SCHEMA, input order."""
 
     kind: str  # item | user
-    modality: str
-    path: Path
-    rows: int
-
-
-@dataclass(frozen=True)
-class TodoRows:
-    """The rows an engine must encode: a Parquet file of TODO_SCHEMA (row: the plan's row)."""
-
-    kind: str
     modality: str
     path: Path
     rows: int
@@ -219,8 +136,6 @@ def write_plans(path: Path, kind: str, data_dir: Path, encoders: dict[str, Modal
     half-way leaves the artifacts as they were. keep_ids: also write every id of the table
     (`work_dir/{kind}_ids.parquet`, returned), to match precomputed tables against.
     """
-    from fusionrec.pipeline.io.streaming import ParquetSink, validated_batches
-
     with contextlib.ExitStack() as stack:
         sinks = {m: stack.enter_context(ParquetSink(shard_dir(work_dir, kind, m) / "plan.parquet", PLAN_SCHEMA))
                  for m in encoders}
@@ -289,8 +204,6 @@ def read_precomputed(path: Path, kind: str, known_ids: pl.Series) -> tuple[pa.Ta
     keep = df[id_col].is_in(known_ids.implode()).to_numpy()
     dropped = int((~keep).sum())
     ids = df[id_col].filter(pl.Series(keep)).to_list()
-    from fusionrec.pipeline.encoders.base import l2_normalise
-
     matrix = l2_normalise(matrix[keep])
     hashes = [sha256_bytes(row.tobytes()) for row in matrix]
     model = f"precomputed:{path.name}:{sha256_file(path)[:16]}"
@@ -394,16 +307,6 @@ class ShardCache:
             pass
 
 
-def prepare_one(enc: ModalityEncoder, path: Path) -> tuple[Any, str | None]:
-    """Decode one media file: (input, None), or (None, the error text failures.parquet records)."""
-    try:
-        return enc.prepare(path), None  # type: ignore[misc]
-    except MediaError as exc:
-        return None, str(exc)
-    except Exception as exc:  # noqa: BLE001 - any decoder crash is one bad file, not a dead job
-        return None, f"{type(exc).__name__}: {exc}"
-
-
 def _prepared(enc: ModalityEncoder, paths: list[Path], workers: int) -> Iterator[tuple[Any, str | None]]:
     """Decode media in threads ahead of the encoder, in input order: (input, error)."""
 
@@ -424,21 +327,6 @@ def _prepared(enc: ModalityEncoder, paths: list[Path], workers: int) -> Iterator
             if nxt is not None:
                 pending.append(pool.submit(run, nxt))
             yield done.result()
-
-
-@dataclass
-class EncodedShard:
-    """What an engine hands back for one shard of the rows to encode."""
-
-    rows: np.ndarray  # the plan rows encoded (int64)
-    ids: list[str]
-    hashes: list[str]
-    vectors: np.ndarray  # (len(rows), dim) float32
-    errors: dict[int, str]  # plan row -> why its media could not be decoded
-    handled: int  # rows of the todo table this shard covers (encoded or failed)
-
-
-EncodeRows = Callable[[TodoRows, ModalityEncoder, EmbedConfig], Iterator[EncodedShard]]
 
 
 def encode_local(todo: TodoRows, enc: ModalityEncoder, cfg: EmbedConfig) -> Iterator[EncodedShard]:
@@ -478,9 +366,6 @@ def embed_modality(plan: ModalityPlan, enc: ModalityEncoder, art_dir: Path, cfg:
     shards. Caching, failures and the final table stay here, so both engines write the same
     tables.
     """
-    from fusionrec.pipeline.io.streaming import ParquetSink, vector_row_group_rows
-    from fusionrec.pipeline.embedding.vector_files import HashIndex, VectorReader, hash_keys
-
     t0 = time.perf_counter()
     counts = ModalityCounts(rows=plan.rows, model=enc.model_id)
     final = table_path(art_dir, plan.kind, plan.modality)
@@ -614,9 +499,6 @@ def _run_embed(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
 
     # Which modalities the tables can have decides which encoders to load (their model ids
     # are part of every content hash, so they come before reading the rows).
-    from fusionrec.pipeline.io.streaming import table_columns
-    from fusionrec.pipeline.io.tables import find_table
-
     precomputed = precomputed_tables(data_dir)
     tables = {kind: find_table(data_dir, f"{kind}s", required=kind == "item") for kind in ("item", "user")}
     wanted = {kind: [m for m in table_modalities(kind, table_columns(path)) if (kind, m) not in precomputed]
@@ -670,8 +552,6 @@ def _embed_all(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
                report: EmbedReport) -> None:
     """Plans for both tables (read and validated before any final table changes), then the
     precomputed tables, then each modality; counts and failures go into `report`."""
-    from fusionrec.pipeline.io.streaming import table_rows
-
     with engine as encode_rows, _progress(show_progress) as bar:
         plans: list[ModalityPlan] = []
         known_ids: dict[str, Path | None] = {}
@@ -727,13 +607,9 @@ def _engine(config: Config, data_dir: Path, explicit: bool):
     explicit: encoders were given in-process, so the Ray engine ships them to its actors
     instead of building them from the config there.
     """
-    import contextlib
-
     if config.engine == "local":
         return contextlib.nullcontext(None)
     if config.engine == "ray":
-        from fusionrec.pipeline.embedding.ray_engine import import_ray, ray_encode_rows
-
         import_ray()  # the optional extra must be installed: say so before loading anything
         return ray_encode_rows(config, data_dir, ship_encoders=explicit)
     raise ConfigError(f"config key 'engine' must be 'local' or 'ray', got {config.engine!r}")

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from fusionrec.pipeline.config import Config, EmbedConfig, RayConfig
-from fusionrec.pipeline.embedding.job import EncodedShard, ModalityEncoder, TodoRows, build_encoders, prepare_one
+from fusionrec.pipeline.embedding.encoding import EncodedShard, ModalityEncoder, TodoRows, build_encoders, prepare_one
 from fusionrec.pipeline.errors import FusionrecError
 
 log = logging.getLogger("fusionrec.ray")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fusionrec.pipeline.encoders import whisper_ct2
 from fusionrec.pipeline.errors import MediaError
 
 WHISPER_SAMPLE_RATE = 16000
@@ -132,8 +133,6 @@ class AudioEncoder:
         self._model = None
         self._extractor = None
         if self._is_whisper:
-            from fusionrec.pipeline.encoders import whisper_ct2
-
             if sample_rate != WHISPER_SAMPLE_RATE:
                 raise ValueError(f"the Whisper encoder needs sample_rate=16000, got {sample_rate}")
             if chunk_seconds > _WHISPER_WINDOW_SECONDS:
@@ -155,8 +154,6 @@ class AudioEncoder:
             return
         if self._is_whisper:
             from transformers import WhisperFeatureExtractor
-
-            from fusionrec.pipeline.encoders import whisper_ct2
 
             model = whisper_ct2.load_whisper_encoder_from_ct2()
             extractor = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins,

