@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PIP    := $(BIN)/pip install --no-compile --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench bench-full sample clean
+.PHONY: install test test-fast lint demo bench bench-full sample clean
 
 install: $(VENV)/.installed
 
@@ -47,3 +47,10 @@ bench-full: install
 
 clean:
 	rm -rf artifacts .pytest_cache
+
+# mypy cannot follow setuptools' editable hook for a package mapped onto the repository root,
+# so it reads the package through build/lint/fusionrec, a link to the checkout.
+lint: install
+	$(BIN)/ruff check .
+	mkdir -p build/lint && ln -sfn ../.. build/lint/fusionrec
+	MYPYPATH=build/lint $(BIN)/mypy -p fusionrec

@@ -76,7 +76,7 @@ def measure(name: str, base: np.ndarray, queries: np.ndarray, tune_q: np.ndarray
         return min(times), out
 
     exact_s, (ex_scores, ex_ids) = best_time(lambda: fidx.exact_search(base, queries, k))
-    ann_s, (_, ids) = best_time(lambda: fidx.search(index, queries, k))
+    ann_s, (_, ids) = best_time(lambda idx=index: fidx.search(idx, queries, k))  # bound now: `index` is deleted below
     true = fidx.true_scores(queries, base, ids)
     recall = fidx.recall_at_k(ids, ex_ids, exact_scores=ex_scores, approx_true_scores=true)
     recall_ids = fidx.recall_at_k(ids, ex_ids)

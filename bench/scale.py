@@ -56,11 +56,10 @@ WORDS = ("ocean sea wave blue surf water forest tree green moss leaf fire flame 
 
 
 def child_baseline(_: dict) -> dict:
-    import polars  # noqa: F401
-    import pyarrow.parquet  # noqa: F401
-
     import pipeline.embed  # noqa: F401
     import pipeline.streaming  # noqa: F401
+    import polars  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
     return {}  # imports only: the floor under every other figure
 
 
@@ -152,8 +151,8 @@ def child_vectors(a: dict) -> dict:
 def child_index(a: dict) -> dict:
     import faiss
 
-    from fusionrec.pipeline.retrieval import faiss_index as fidx
     from fusionrec.pipeline.io.streaming import build_index_from_parquet, vector_row_group_rows
+    from fusionrec.pipeline.retrieval import faiss_index as fidx
 
     faiss.omp_set_num_threads(a["threads"])
     queries = np.load(a["queries"])

@@ -56,10 +56,10 @@ import lightgbm as lgb  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from fusionrec.ranker.serving.export import recommend, topk, write_topk  # noqa: E402
 from fusionrec.ranker.features import behaviour_features, feature_columns  # noqa: E402
 from fusionrec.ranker.labels import make_labels  # noqa: E402
 from fusionrec.ranker.model import Ranker  # noqa: E402
+from fusionrec.ranker.serving.export import recommend, topk, write_topk  # noqa: E402
 
 DAY = 86_400
 PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -27,8 +27,8 @@ import polars as pl
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fusionrec.pipeline.io.storage import atomic_path
 from fusionrec.evaluation import metrics as M
+from fusionrec.pipeline.io.storage import atomic_path
 
 _METRIC_KEY = re.compile(r"^(?P<name>[a-z_]+)@(?P<k>\d+)$")
 _PREFERRED = ("ndcg@10", "recall@10", "map@10", "hit_rate@10", "precision@10", "mrr@10")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import contextlib
-import json
 import logging
 import shutil
 import time
@@ -32,8 +31,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fusionrec.pipeline.config import Config, EmbedConfig
-from fusionrec.pipeline.embedding.encoding import (EncodedShard, EncodeRows, ModalityEncoder, TodoRows, build_encoders,
-                                                   jsonable, prepare_one)
+from fusionrec.pipeline.embedding.encoding import (
+    EncodedShard,
+    EncodeRows,
+    ModalityEncoder,
+    TodoRows,
+    build_encoders,
+    prepare_one,
+)
 from fusionrec.pipeline.embedding.ray_engine import import_ray, ray_encode_rows
 from fusionrec.pipeline.embedding.vector_files import HashIndex, VectorReader, hash_keys
 from fusionrec.pipeline.encoders.base import l2_normalise
@@ -41,8 +46,13 @@ from fusionrec.pipeline.encoders.text import ITEM_TEXT_FIELDS, clean_text, item_
 from fusionrec.pipeline.errors import ConfigError, FusionrecError, InputError, MediaError
 from fusionrec.pipeline.io.manifest import RunRecord, hash_inputs, stage_run
 from fusionrec.pipeline.io.storage import clean_temporaries, sha256_bytes, sha256_file, write_parquet
-from fusionrec.pipeline.io.streaming import (ParquetSink, table_columns, table_rows, validated_batches,
-                                             vector_row_group_rows)
+from fusionrec.pipeline.io.streaming import (
+    ParquetSink,
+    table_columns,
+    table_rows,
+    validated_batches,
+    vector_row_group_rows,
+)
 from fusionrec.pipeline.io.tables import find_table, resolve_media
 
 log = logging.getLogger("fusionrec.embed")

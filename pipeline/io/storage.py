@@ -199,7 +199,7 @@ class ArtifactLock:
         self.path = self.art_dir / ".lock"
         self.taken_over_: dict | None = None
 
-    def acquire(self) -> "ArtifactLock":
+    def acquire(self) -> ArtifactLock:
         try:
             self.art_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -315,7 +315,7 @@ class ArtifactLock:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
 
-    def __enter__(self) -> "ArtifactLock":
+    def __enter__(self) -> ArtifactLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:

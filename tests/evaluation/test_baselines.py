@@ -12,10 +12,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from fusionrec.pipeline.errors import InputError
 from fusionrec.evaluation.baselines import ItemKNNRecommender, PopularityRecommender
 from fusionrec.evaluation.results import evaluate
 from fusionrec.evaluation.splits import global_temporal_split
+from fusionrec.pipeline.errors import InputError
 
 DATASETS = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
 

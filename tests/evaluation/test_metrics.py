@@ -8,9 +8,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from fusionrec.pipeline.errors import InputError
 from fusionrec.evaluation import metrics as M
 from fusionrec.evaluation.results import bootstrap_ci, evaluate, paired_comparison, relevant_truth
+from fusionrec.pipeline.errors import InputError
 
 L2, L3, L4 = math.log2(2), math.log2(3), math.log2(4)  # discounts of positions 1, 2, 3
 

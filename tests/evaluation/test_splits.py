@@ -5,8 +5,14 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
+from fusionrec.evaluation.splits import (
+    global_temporal_split,
+    leave_last_out,
+    per_user_temporal_split,
+    stable_hash,
+    time_order,
+)
 from fusionrec.pipeline.errors import InputError
-from fusionrec.evaluation.splits import global_temporal_split, leave_last_out, per_user_temporal_split, stable_hash, time_order
 
 MASK = (1 << 64) - 1
 

@@ -15,7 +15,6 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from fusionrec.pipeline.config import load_config
 from fusionrec.pipeline.embedding.job import read_artifact_table, run_embed
 from fusionrec.pipeline.io.manifest import read_manifest
 

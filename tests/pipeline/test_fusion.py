@@ -7,11 +7,28 @@ import polars as pl
 import pytest
 
 from fusionrec.pipeline.errors import InputError
-from fusionrec.pipeline.retrieval.fusion import (Blocks, align_blocks, attention_weights, consistency, fused_score, item_matrix,
-                             l2_normalise, load_modalities, query_matrix, renormalise, search_simplex,
-                             simplex_grid)
-from fusionrec.pipeline.retrieval.profiles import (behaviour_embeddings, blend_content, history_profile, interaction_matrix,
-                               interaction_weights, popularity_vectors)
+from fusionrec.pipeline.retrieval.fusion import (
+    Blocks,
+    align_blocks,
+    attention_weights,
+    consistency,
+    fused_score,
+    item_matrix,
+    l2_normalise,
+    load_modalities,
+    query_matrix,
+    renormalise,
+    search_simplex,
+    simplex_grid,
+)
+from fusionrec.pipeline.retrieval.profiles import (
+    behaviour_embeddings,
+    blend_content,
+    history_profile,
+    interaction_matrix,
+    interaction_weights,
+    popularity_vectors,
+)
 
 RNG = np.random.default_rng(7)
 

@@ -13,9 +13,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from fusionrec.pipeline.encoders.image import ImageEncoder, default_weights_path, torchvision_mobilenet_v2_to_timm
 from fusionrec.pipeline.errors import ConfigError, MediaError
-from fusionrec.pipeline.encoders.image import (ImageEncoder, default_weights_path,
-                            torchvision_mobilenet_v2_to_timm)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -319,6 +318,7 @@ def test_checkpoint_that_does_not_fit_is_refused(tiny: ImageEncoder, tmp_path: P
 
 def test_hub_weights_unreachable_fail_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
     import timm
+
     from fusionrec.pipeline.errors import FusionrecError
     real_create = timm.create_model
 

@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from polars.testing import assert_frame_equal
 
-from fusionrec.pipeline.retrieval import faiss_index as fidx
-from fusionrec.pipeline.io import streaming
 from fusionrec.pipeline.embedding.job import ModalityEncoder, read_artifact_table, run_embed
 from fusionrec.pipeline.errors import InputError
+from fusionrec.pipeline.io import streaming
 from fusionrec.pipeline.io.storage import sha256_bytes
 from fusionrec.pipeline.io.tables import read_table
+from fusionrec.pipeline.retrieval import faiss_index as fidx
 from tests.tiny_models import HashEncoder
 
 
@@ -69,8 +69,8 @@ class CountingEncoder(HashEncoder):
 def test_the_embedding_job_streams_its_input_and_writes_the_eager_result(tmp_path: Path, monkeypatch) -> None:
     """Batches of 4 rows (items in 6 batches): the table equals an in-memory computation of
     the same hashes and vectors, in input order."""
-    from fusionrec.pipeline.io.tables import load_items
     from fusionrec.pipeline.encoders.text import item_text
+    from fusionrec.pipeline.io.tables import load_items
 
     data = tmp_path / "data"
     data.mkdir()
@@ -93,7 +93,7 @@ def test_the_embedding_job_streams_its_input_and_writes_the_eager_result(tmp_pat
     expected = items.select("item_id", item_text(items).alias("text")).drop_nulls("text")
     ids, hashes, models, matrix = read_artifact_table(tmp_path / "art" / "embeddings" / "item_text.parquet")
     assert ids == expected["item_id"].to_list() and len(ids) == frame.height - 1  # i010 has no text
-    salt = "hash-v1\x00clean-v1\x00".encode()
+    salt = b"hash-v1\x00clean-v1\x00"
     assert hashes == [sha256_bytes(salt + t.encode()) for t in expected["text"]]
     np.testing.assert_allclose(matrix, HashEncoder(8).encode(expected["text"].to_list()), atol=1e-6)
     assert set(models) == {"hash-v1"}

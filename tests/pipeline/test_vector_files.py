@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from fusionrec.pipeline.embedding.job import embedding_table
+from fusionrec.pipeline.embedding.vector_files import HashIndex, VectorReader, hash_keys
 from fusionrec.pipeline.errors import FusionrecError
 from fusionrec.pipeline.io.storage import sha256_bytes
 from fusionrec.pipeline.io.streaming import write_batches
-from fusionrec.pipeline.embedding.vector_files import HashIndex, VectorReader, hash_keys
 
 
 def table_file(path: Path, names: list[str], dim: int = 4, seed: int = 0, row_group_rows: int = 3) -> np.ndarray:

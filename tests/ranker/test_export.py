@@ -8,10 +8,10 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from fusionrec.pipeline.errors import InputError
-from fusionrec.ranker.serving.export import drop_seen, read_pairs, read_topk, recommend, topk, write_topk
 from fusionrec.ranker.features import behaviour_features
 from fusionrec.ranker.labels import make_labels
 from fusionrec.ranker.model import Ranker
+from fusionrec.ranker.serving.export import drop_seen, read_pairs, read_topk, recommend, topk, write_topk
 
 D = 86_400
 FORMATS = [".parquet", ".csv", ".jsonl"]

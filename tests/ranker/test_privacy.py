@@ -13,7 +13,6 @@ import ast
 import hashlib
 import hmac
 import json
-import os
 import re
 import shutil
 import stat
@@ -281,8 +280,8 @@ def _malicious_pickle(canary: Path) -> bytes:
 
 
 def test_a_booby_trapped_pickle_beside_safetensors_is_never_opened(tmp_path: Path) -> None:
-    from fusionrec.pipeline.errors import ConfigError
     from fusionrec.pipeline.encoders.text import TextEncoder
+    from fusionrec.pipeline.errors import ConfigError
 
     model = tiny_text_model(tmp_path / "bert")
     canary = tmp_path / "pwned"
@@ -304,8 +303,8 @@ def test_a_booby_trapped_pickle_beside_safetensors_is_never_opened(tmp_path: Pat
 
 
 def test_a_booby_trapped_image_checkpoint_is_refused(tmp_path: Path) -> None:
-    from fusionrec.pipeline.errors import ConfigError
     from fusionrec.pipeline.encoders.image import ImageEncoder
+    from fusionrec.pipeline.errors import ConfigError
 
     canary = tmp_path / "pwned"
     checkpoint = tmp_path / "weights.pth"
