@@ -90,15 +90,47 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
+class SourcesConfig:
+    """Stage 1's candidate sources, blended; settings and weights chosen on validation."""
+
+    names: list[str] = field(default_factory=lambda: ["auto"])  # auto = every source the catalog allows
+    fused: bool = True  # the fused content retrieval (FAISS) as one more source
+    relevance: float = 0.0  # ratings at or above are positive evidence; 0 = auto (4 on a 1-5 scale)
+    recent_items: int = 20  # the recency sources score from each user's last this many items
+    recent_half_life: float = 5.0  # in items: weight 0.5 ** (age / half-life)
+    ease_max_items: int = 20000  # EASE inverts an items x items matrix: only below this catalog size
+    validation_users: int = 3000  # users sampled for the validation search
+
+    def __post_init__(self) -> None:
+        known = {"auto", "ease", "recent_ease", "itemknn", "recent_itemknn", "als", "popular", "segment_popular"}
+        unknown = [n for n in self.names if n not in known]
+        if unknown:
+            raise ConfigError(f"config key 'sources.names' has unknown sources {unknown}; choose from {sorted(known)}")
+        if self.recent_items < 1:
+            raise ConfigError(f"config key 'sources.recent_items' must be at least 1, got {self.recent_items}")
+
+
+@dataclass(frozen=True)
 class RankerConfig:
     objective: str = "lambdarank"  # lambdarank | regression | binary
     n_estimators: int = 300
     learning_rate: float = 0.05
-    num_leaves: int = 31
-    min_child_samples: int = 20
+    num_leaves: int = 15
+    min_child_samples: int = 200
+    lambda_l2: float = 10.0
+    feature_fraction: float = 0.5
     early_stopping_rounds: int = 30
-    label_window_days: float = 14.0  # labels come from this window after the feature cutoff
+    labels: str = "auto"  # auto | per_user | window: how labels are held out (auto: the one with more users)
+    label_fraction: float = 0.2  # per_user: each user's latest share of interactions are labels
+    label_window_days: float = 14.0  # window: labels come from this last window of the log
+    guard: bool = True  # ship the ranker's order only if it beats retrieval order on validation
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.labels not in ("auto", "per_user", "window"):
+            raise ConfigError(f"config key 'ranker.labels' must be auto, per_user or window, not {self.labels!r}")
+        if not 0.0 < self.label_fraction < 1.0:
+            raise ConfigError(f"config key 'ranker.label_fraction' must be in (0, 1), got {self.label_fraction}")
 
 
 @dataclass(frozen=True)
@@ -125,6 +157,7 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    sources: SourcesConfig = field(default_factory=SourcesConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 

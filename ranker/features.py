@@ -26,6 +26,7 @@ DEFAULT_WINDOWS = (1, 7, 30)
 # Prefix -> group. sim_/attn_ map to the modality named after the prefix.
 FEATURE_GROUPS: dict[str, str] = {
     "retrieval_": "retrieval",
+    "src_": "sources",
     "item_": "item",
     "user_": "user",
     "pair_": "user_item",
@@ -275,3 +276,31 @@ def _brand_features(it: pl.DataFrame, hist: pl.DataFrame, wanted: pl.DataFrame, 
         .join(hit, on=["u", "brand"], how="left").select(
             "u", "i", pl.when(pl.col("brand").is_null() | pl.col("has").is_null()).then(None)
             .otherwise(pl.col("hit").fill_null(0)).cast(pl.Int8).alias("pair_brand_match"))
+
+
+def user_attribute_features(pairs: pl.DataFrame, users: pl.DataFrame | None, *, max_levels: int = 50) -> pl.DataFrame:
+    """`pairs` plus `user_attr_<column>` for every extra column of the users table.
+
+    Numeric columns are taken as they are; string columns with at most `max_levels`
+    values become integer codes in sorted order (LightGBM splits on them; a zip code with
+    hundreds of values is left out). Unknown users get nulls.
+    """
+    if users is None or users.height == 0:
+        return pairs
+    skip = {"user_id", "text", "image", "audio"}
+    exprs: list[pl.Expr] = []
+    for name, dtype in users.schema.items():
+        if name in skip:
+            continue
+        if dtype.is_numeric():
+            exprs.append(pl.col(name).cast(pl.Float32).alias(f"user_attr_{name}"))
+        elif dtype in (pl.String, pl.Categorical):
+            levels = sorted(users[name].cast(pl.String).drop_nulls().unique().to_list())
+            if 2 <= len(levels) <= max_levels:
+                exprs.append(pl.col(name).cast(pl.String).replace_strict(
+                    levels, list(range(len(levels))), default=None, return_dtype=pl.Int32).alias(f"user_attr_{name}"))
+    if not exprs:
+        return pairs
+    attrs = users.select(pl.col("user_id").cast(pl.String), *exprs).unique("user_id", keep="first")
+    return pairs.with_columns(pl.col("user_id").cast(pl.String)).join(attrs, on="user_id", how="left",
+                                                                      maintain_order="left")

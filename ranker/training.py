@@ -1,16 +1,22 @@
-"""The train stage (`fusionrec train`): labelled examples from later windows, a LightGBM ranker.
+"""The train stage (`fusionrec train`): a LightGBM ranker that ships only if it earns its place.
 
-Time is cut into windows at the end of the log (`label_window_days` each, or, where the
-log is too short for that, windows holding `label_fraction` of the interactions):
+The index stage held labels out of the log (`ranker.labels`: each user's latest
+`label_fraction` of interactions, or the log's last `label_window_days`, `auto` taking the
+protocol with more labelled users), fitted every candidate source on the rest, and saved
+the labelled users' candidates (`ART/sources/validation.parquet`). Here:
 
-    ... features ... | T1: train labels | T2: validation labels | end
+1. Features: the sources' scores, z-scores and ranks, behaviour statistics and user
+   attributes, all computed from the interactions before the labels (the label rows are
+   removed from the log the features see, so no feature can see a label).
+2. Labels: graded gain of the held-out positive interactions (low ratings count 0).
+3. The guard: two-fold cross-fitting over users gives every labelled user an order from
+   a ranker that never saw them; the ranker's order ships only if its NDCG@10 beats the
+   retrieval (blend) order with a paired bootstrap interval above 0. Otherwise the
+   retrieval order is exported, and the summary, the manifest and a warning say so.
+4. The shipped model is refitted on every labelled user with the folds' mean best
+   iteration.
 
-For each window a Retriever is fitted on the interactions before its start only, its
-candidates for the users active in the window get behaviour features computed before
-the start (`behaviour_features` filters by the cutoff itself), and labels from inside
-the window. The ranker trains on the first window and stops early on the second. Where
-the log has a single usable window (a fixed split such as Last.fm's 0/1/2), a seeded
-fifth of the users is held out for early stopping instead.
+A log too short for any label split trains nothing: the night exports the retrieval order.
 """
 
 from __future__ import annotations
@@ -18,96 +24,116 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 
-from fusionrec.pipeline.config import Config
-from fusionrec.pipeline.errors import FusionrecError
-from fusionrec.pipeline.retrieval.stage import Catalog, embeddings, load_snapshot, retriever_from_config
-from fusionrec.pipeline.io.manifest import stage_run
-
-from fusionrec.ranker.features import behaviour_features
-from fusionrec.ranker.labels import infer_rating_scale, make_labels
 from fusionrec.evaluation.metrics import ranking_metrics
+from fusionrec.pipeline.config import Config
+from fusionrec.pipeline.io.manifest import stage_run
+from fusionrec.pipeline.io.storage import write_json
+from fusionrec.pipeline.retrieval.candidates import truth_pairs
+from fusionrec.pipeline.retrieval.stage import Catalog, candidate_split, load_snapshot
+from fusionrec.pipeline.retrieval.sources import positive_mask
+from fusionrec.ranker.features import behaviour_features, user_attribute_features
+from fusionrec.ranker.labels import DEFAULT_EVENT_GAIN, infer_rating_scale
 from fusionrec.ranker.model import Ranker
 
 log = logging.getLogger("fusionrec.train")
 DAY = 86_400
+GUARD_FILE = "guard.json"
 
 
-@dataclass(frozen=True)
-class Window:
-    cutoff: int  # features use interactions before this
-    end: int  # labels come from [cutoff, end)
+def pair_features(pairs: pl.DataFrame, catalog: Catalog, history: pl.DataFrame) -> pl.DataFrame:
+    """Candidate rows plus behaviour and user-attribute features from `history` (the past only)."""
+    cutoff = int(history["timestamp"].max()) + 1 if history.height else 0
+    feats = behaviour_features(pairs, history, catalog.items, cutoff)
+    return user_attribute_features(feats, catalog.users)
 
 
-def label_windows(timestamps: pl.Series, days: float, fraction: float = 0.1) -> list[Window]:
-    """Two windows (train, validation) at the end of the log; one if the log is too short."""
-    end = int(timestamps.max()) + 1
-    width = int(days * DAY)
-    t2, t1 = end - width, end - 2 * width
-    if days <= 0 or int((timestamps < t1).sum()) == 0:
-        t2 = int(timestamps.quantile(1 - fraction, "higher"))
-        t1 = int(timestamps.quantile(1 - 2 * fraction, "higher"))
-    if t1 < t2 and int((timestamps < t1).sum()) > 0 and int(((timestamps >= t1) & (timestamps < t2)).sum()) > 0:
-        return [Window(t1, t2), Window(t2, end)]
-    if int((timestamps < t2).sum()) == 0:
-        raise FusionrecError("the interactions span too little time to hold out a label window")
-    return [Window(t2, end)]
+def gain_labels(pairs: pl.DataFrame, held: pl.DataFrame, threshold: float | None) -> pl.DataFrame:
+    """`pairs` plus `label`: 0 without a positive held-out interaction; else the rating's level
+    above the relevance threshold (1, 2, ...) or the event's gain."""
+    pos = held.filter(positive_mask(held, threshold))
+    if threshold is not None and "value" in pos.columns:
+        gain = (pl.col("value").cast(pl.Float64).round() - round(threshold) + 1).clip(lower_bound=1)
+    elif "event" in pos.columns:
+        gain = pl.col("event").cast(pl.String).replace_strict(DEFAULT_EVENT_GAIN, default=1, return_dtype=pl.Float64)
+    else:
+        gain = pl.lit(1.0)
+    per_pair = pos.select(pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String),
+                          gain.fill_null(1.0).alias("label")).group_by("user_id", "item_id").agg(pl.col("label").max())
+    out = pairs.join(per_pair, on=["user_id", "item_id"], how="left", maintain_order="left")
+    return out.with_columns(pl.col("label").fill_null(0).cast(pl.Int32))
 
 
-def label_kind(objective: str) -> str:
-    return {"lambdarank": "gain", "binary": "binary", "regression": "rating"}[objective]
+def user_fold(user_ids: pl.Series, seed: int, folds: int = 2) -> np.ndarray:
+    """A seeded, order-free fold number per user id."""
+    return np.array([int(hashlib.sha256(f"{seed}:{u}".encode()).hexdigest()[:8], 16) % folds
+                     for u in user_ids.to_list()], dtype=np.int64)
 
 
-def build_examples(catalog: Catalog, item_mods: dict, user_mods: dict, window: Window, config: Config,
-                   users: list[str] | None = None) -> pl.DataFrame:
-    """Candidates of a retriever fitted before `window.cutoff`, with features and labels."""
-    inter = catalog.interactions
-    past = inter.filter(pl.col("timestamp") < window.cutoff)
-    future = inter.filter((pl.col("timestamp") >= window.cutoff) & (pl.col("timestamp") < window.end))
-    retriever = retriever_from_config(config).fit(item_mods, past, user_mods)
-    wanted = future["user_id"].unique().sort().to_list() if users is None else users
-    # Users retrieval cannot place are served from the popular list, not ranked: not trained on.
-    candidates = retriever.candidates(wanted, exclude_seen=True)
-    features = behaviour_features(candidates, inter, catalog.items, window.cutoff)
-    scale = infer_rating_scale(inter)
-    labelled = make_labels(features, inter, window.cutoff, window.end, kind=label_kind(config.ranker.objective),
-                           rating_scale=scale)
-    if config.ranker.objective == "regression":
-        return labelled.drop_nulls("label")
-    # Users without any positive give LambdaRank nothing to learn and NDCG nothing to measure.
-    return labelled.filter((pl.col("label") > 0).any().over("user_id"))
-
-
-def split_users(frame: pl.DataFrame, share: float = 0.2, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """A seeded, order-free split of the users (for logs with a single window)."""
-    users = frame["user_id"].unique().sort().to_list()
-    held = {u for u in users if int(hashlib.sha256(f"{seed}:{u}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < share}
-    mask = pl.col("user_id").is_in(list(held))
-    return frame.filter(~mask), frame.filter(mask)
-
-
-def ndcg_of(frame: pl.DataFrame, score: str, k: int = 10) -> float:
-    """Mean NDCG@k over users when `frame` is ordered by `score` (graded labels)."""
-    recs = frame.sort(["user_id", score, "item_id"], descending=[False, True, False]) \
+def ndcg_per_user(frame: pl.DataFrame, score: str, k: int = 10) -> pl.DataFrame:
+    """user_id, ndcg@k when `frame` is ordered by `score` (binary relevance: label > 0)."""
+    recs = frame.sort(["user_id", score, "retrieval_rank", "item_id"], descending=[False, True, False, False]) \
         .with_columns((pl.int_range(pl.len()).over("user_id") + 1).alias("rank")) \
         .select("user_id", "item_id", "rank")
     truth = frame.filter(pl.col("label") > 0).select("user_id", "item_id")
-    per_user = ranking_metrics(recs, truth, ks=(k,))
-    return float(per_user[f"ndcg@{k}"].mean())
+    return ranking_metrics(recs, truth, ks=(k,)).select("user_id", f"ndcg@{k}")
 
 
-def fit_ranker(train: pl.DataFrame, valid: pl.DataFrame, config: Config) -> Ranker:
+def paired_interval(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a - b and its 95% paired bootstrap interval over users."""
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(axis=1)
+    return float(diff.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def new_ranker(config: Config, rows: int, n_estimators: int | None = None, early_stopping: bool = True) -> Ranker:
     rc = config.ranker
-    ranker = Ranker(objective=rc.objective, n_estimators=rc.n_estimators, learning_rate=rc.learning_rate,
-                    num_leaves=rc.num_leaves, min_child_samples=rc.min_child_samples,
-                    early_stopping_rounds=rc.early_stopping_rounds, seed=rc.seed)
-    eval_set = (valid, valid["label"].to_numpy(), valid["user_id"].to_numpy()) if valid.height else None
-    return ranker.fit(train, train["label"].to_numpy(), train["user_id"].to_numpy(), eval_set=eval_set)
+    # Leaves of at least min_child_samples rows, fewer on small logs (a tree still needs room to split).
+    min_leaf = max(5, min(rc.min_child_samples, rows // (4 * rc.num_leaves)))
+    return Ranker(objective=rc.objective, n_estimators=n_estimators or rc.n_estimators,
+                  learning_rate=rc.learning_rate, num_leaves=rc.num_leaves, min_child_samples=min_leaf,
+                  early_stopping_rounds=rc.early_stopping_rounds if early_stopping else None, seed=rc.seed,
+                  feature_fraction=rc.feature_fraction, lambda_l2=rc.lambda_l2, num_threads=2)
+
+
+def _fit(rows: pl.DataFrame, config: Config) -> Ranker:
+    """Fit with early stopping on a seeded fifth of the users."""
+    stop = user_fold(rows["user_id"], config.ranker.seed + 1, folds=5) == 0
+    train, valid = rows.filter(pl.Series(~stop)), rows.filter(pl.Series(stop))
+    eval_set = (valid, targets(valid, config), valid["user_id"].to_numpy()) if valid.height else None
+    return new_ranker(config, train.height).fit(train, targets(train, config), train["user_id"].to_numpy(), eval_set=eval_set)
+
+
+def targets(rows: pl.DataFrame, config: Config) -> np.ndarray:
+    """Graded gains for lambdarank, 0/1 for binary."""
+    label = rows["label"]
+    return (label > 0).cast(pl.Int32).to_numpy() if config.ranker.objective == "binary" else label.to_numpy()
+
+
+def guard_ranker(rows: pl.DataFrame, config: Config) -> dict[str, Any]:
+    """Out-of-fold ranker order against retrieval order on the labelled users."""
+    fold = user_fold(rows["user_id"], config.ranker.seed)
+    scored, iterations = [], []
+    for f in (0, 1):
+        model = _fit(rows.filter(pl.Series(fold != f)), config)
+        iterations.append(model.best_iteration_)
+        part = rows.filter(pl.Series(fold == f))
+        scored.append(part.with_columns(pl.Series("ranker_score", model.predict(part))))
+    oof = pl.concat(scored).with_columns((-pl.col("retrieval_rank").cast(pl.Float64)).alias("retrieval_order"))
+    a = ndcg_per_user(oof, "ranker_score").rename({"ndcg@10": "ranker"})
+    b = ndcg_per_user(oof, "retrieval_order").rename({"ndcg@10": "retrieval"})
+    both = a.join(b, on="user_id")
+    mean, lo, hi = paired_interval(both["ranker"].to_numpy(), both["retrieval"].to_numpy(), seed=config.ranker.seed)
+    return {"users": both.height, "ndcg@10": {"ranker": round(float(both["ranker"].mean()), 5),
+                                              "retrieval": round(float(both["retrieval"].mean()), 5)},
+            "difference": round(mean, 5), "interval": [round(lo, 5), round(hi, 5)],
+            "iterations": iterations, "ships": bool(lo > 0)}
 
 
 def run_train(art_dir: Path, config: Config | None = None, *, lock: bool = True) -> dict:
@@ -115,41 +141,68 @@ def run_train(art_dir: Path, config: Config | None = None, *, lock: bool = True)
     art_dir = Path(art_dir)
     with stage_run("train", art_dir, None, config.to_dict(), lock=lock) as record:
         catalog = load_snapshot(art_dir)
-        item_mods, user_mods = embeddings(art_dir)
-        windows = label_windows(catalog.interactions["timestamp"], config.ranker.label_window_days)
+        valid_path = art_dir / "sources" / "validation.parquet"
+        ranker_dir = art_dir / "ranker"
+        split, threshold = candidate_split(catalog.interactions, config)
+        if split is None or not valid_path.is_file():
+            reason = "the log is too short to hold out labels for any user: no ranker is trained"
+            return _no_ranker(art_dir, record, reason)
         t0 = time.perf_counter()
-        if len(windows) == 2:
-            train = build_examples(catalog, item_mods, user_mods, windows[0], config)
-            valid = build_examples(catalog, item_mods, user_mods, windows[1], config)
-        else:
-            train, valid = split_users(build_examples(catalog, item_mods, user_mods, windows[0], config),
-                                       seed=config.ranker.seed)
+        cands = pl.read_parquet(valid_path)
+        rows = gain_labels(pair_features(cands, catalog, split.fit), split.held, threshold)
+        rows = rows.filter((pl.col("label") > 0).any().over("user_id"))
+        if config.ranker.objective == "regression":
+            return _no_ranker(art_dir, record, "ranker.objective = regression predicts ratings, not an order: "
+                                               "the retrieval order is exported")
         record.timings["examples"] = time.perf_counter() - t0
-        if train.height == 0 or train["user_id"].n_unique() < 2:
-            raise FusionrecError("too few labelled candidates to train the ranker: the label window holds "
-                                 "no interaction with a retrieved item (try a longer ranker.label_window_days)")
+        if rows["user_id"].n_unique() < 20:
+            return _no_ranker(art_dir, record, f"only {rows['user_id'].n_unique()} users have held-out positives "
+                                               "among their candidates: too few to train and check a ranker")
         t0 = time.perf_counter()
-        ranker = fit_ranker(train, valid, config)
+        guard = guard_ranker(rows, config)
+        record.timings["guard"] = time.perf_counter() - t0
+        ships = guard["ships"] or not config.ranker.guard
+        t0 = time.perf_counter()
+        rounds = max(1, int(round(float(np.mean(guard["iterations"])))))
+        ranker = new_ranker(config, rows.height, n_estimators=rounds, early_stopping=False).fit(
+            rows, targets(rows, config), rows["user_id"].to_numpy())
         record.timings["fit"] = time.perf_counter() - t0
-        ranker.save(art_dir / "ranker")
-
-        summary: dict = {"objective": config.ranker.objective, "windows": [w.__dict__ for w in windows],
-                         "train_rows": train.height, "train_users": train["user_id"].n_unique(),
-                         "valid_rows": valid.height, "valid_users": valid["user_id"].n_unique() if valid.height else 0,
-                         "features": ranker.feature_names_, "best_iteration": ranker.best_iteration_,
-                         "eval_metrics": ranker.eval_metrics_}
-        if valid.height and config.ranker.objective != "regression":
-            scored = valid.with_columns(pl.Series("ranker_score", ranker.predict(valid)),
-                                        (-pl.col("retrieval_rank").cast(pl.Float64)).alias("retrieval_order"))
-            summary["valid_ndcg@10"] = {"retrieval": round(ndcg_of(scored, "retrieval_order"), 4),
-                                        "ranker": round(ndcg_of(scored, "ranker_score"), 4)}
-        elif valid.height:
-            pred = ranker.predict(valid)
-            summary["valid_rmse"] = float(np.sqrt(np.mean((pred - valid["label"].to_numpy()) ** 2)))
-        record.counts = {"train_rows": train.height, "valid_rows": valid.height}
-        record.models = {"ranker": f"lightgbm:{config.ranker.objective}", "features": len(ranker.feature_names_)}
+        ranker.save(ranker_dir)
+        order = "ranker" if ships else "retrieval"
+        write_json({"order": order, "guard": guard, "protocol": split.protocol}, ranker_dir / GUARD_FILE)
+        if not ships:
+            log.warning("the ranker did not beat retrieval order on validation (NDCG@10 %s vs %s, difference %s, "
+                        "95%% interval %s): the retrieval order is exported", guard["ndcg@10"]["ranker"],
+                        guard["ndcg@10"]["retrieval"], guard["difference"], guard["interval"])
+        summary: dict[str, Any] = {
+            "objective": config.ranker.objective, "protocol": split.protocol, "order": order,
+            "train_rows": rows.height, "train_users": rows["user_id"].n_unique(), "valid_rows": rows.height,
+            "valid_users": guard["users"], "features": ranker.feature_names_, "best_iteration": rounds,
+            "eval_metrics": {}, "valid_ndcg@10": guard["ndcg@10"], "guard": guard}
+        record.counts = {"train_rows": rows.height, "users": rows["user_id"].n_unique()}
+        record.models = {"ranker": f"lightgbm:{config.ranker.objective}", "features": len(ranker.feature_names_),
+                         "order": order}
         record.extra = {"training": summary}
         record.finish("ok")
-        log.info("ranker: %d train rows, best iteration %d, validation %s", train.height, ranker.best_iteration_,
-                 summary.get("valid_ndcg@10") or summary.get("valid_rmse"))
+        log.info("ranker: %d rows of %d users, %d rounds; validation NDCG@10 ranker %s vs retrieval %s: ships %s",
+                 rows.height, guard["users"], rounds, guard["ndcg@10"]["ranker"], guard["ndcg@10"]["retrieval"],
+                 order)
         return summary
+
+
+def _no_ranker(art_dir: Path, record: Any, reason: str) -> dict:
+    """Record that retrieval order is exported, remove any stale model, warn (the night goes on)."""
+    ranker_dir = art_dir / "ranker"
+    for name in ("model.txt", "features.json"):
+        if (ranker_dir / name).exists():
+            (ranker_dir / name).unlink()
+    write_json({"order": "retrieval", "reason": reason}, ranker_dir / GUARD_FILE)
+    log.warning("%s; the retrieval order is exported", reason)
+    summary = {"order": "retrieval", "reason": reason, "train_rows": 0, "valid_rows": 0, "best_iteration": 0}
+    record.models = {"order": "retrieval"}
+    record.extra = {"training": summary}
+    record.finish("ok")
+    return summary
+
+
+__all__ = ["gain_labels", "guard_ranker", "infer_rating_scale", "pair_features", "run_train"]

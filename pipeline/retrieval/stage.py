@@ -18,6 +18,17 @@ import polars as pl
 from fusionrec.pipeline.config import Config
 from fusionrec.pipeline.errors import FusionrecError
 from fusionrec.pipeline.retrieval.fusion import load_modalities
+from fusionrec.pipeline.retrieval.candidates import (
+    FUSED,
+    CandidateModel,
+    LabelSplit,
+    Tuning,
+    default_sources,
+    label_split,
+    truth_pairs,
+    tune,
+)
+from fusionrec.pipeline.retrieval.sources import SEARCH_GRID, als_available, relevance_threshold
 from fusionrec.pipeline.io.manifest import hash_inputs, stage_run
 from fusionrec.pipeline.retrieval.retriever import Retriever
 from fusionrec.pipeline.io.storage import clean_temporaries, write_parquet
@@ -66,6 +77,60 @@ def retriever_from_config(cfg: Config) -> Retriever:
                      attention_beta=cfg.fusion.attention_beta if cfg.fusion.attention_beta >= 0 else None)
 
 
+def source_names(config: Config, n_items: int) -> list[str]:
+    names = list(config.sources.names)
+    if "auto" in names:
+        names = default_sources(n_items, config.sources.ease_max_items)
+    if config.sources.fused:
+        names.append(FUSED)
+    return names
+
+
+def candidate_split(interactions: pl.DataFrame, config: Config) -> tuple[LabelSplit | None, float | None]:
+    """The validation split the sources, the blend and the ranker's labels share, and the relevance threshold."""
+    threshold = relevance_threshold(interactions, config.sources.relevance)
+    split = label_split(interactions, config.ranker.labels, fraction=config.ranker.label_fraction,
+                        window_days=config.ranker.label_window_days, threshold=threshold, seed=config.ranker.seed)
+    return split, threshold
+
+
+def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, retriever: Retriever, config: Config
+                        ) -> tuple[CandidateModel, Tuning | None, pl.DataFrame | None]:
+    """Sources tuned and blended on the validation split, then refitted on the whole log.
+
+    Returns the model, what validation chose, and the validation users' candidates from
+    sources fitted before their labels (the ranker's training rows), or None for a log too
+    short to split.
+    """
+    inter = catalog.interactions
+    item_ids = retriever.item_ids_
+    names = source_names(config, len(item_ids))
+    split, threshold = candidate_split(inter, config)
+    sc = config.sources
+    common = {"n_candidates": config.index.n_candidates, "threshold": threshold, "recent_items": sc.recent_items,
+              "half_life": sc.recent_half_life, "seed": config.ranker.seed}
+    if split is None:
+        log.warning("the log is too short for a validation split: candidate sources keep default settings and "
+                    "equal weights, and no ranker will be trained")
+        collab = [n for n in names if n != FUSED and (n != "als" or als_available())]
+        params = {n: SEARCH_GRID[n][len(SEARCH_GRID[n]) // 2] for n in collab}
+        if FUSED in names:
+            params[FUSED] = {}
+        weights = {n: 1.0 for n in params if n not in ("popular", "segment_popular")} or {n: 1.0 for n in params}
+        model = CandidateModel(**common, params=params, weights=weights).fit(inter, item_ids, catalog.users, retriever)
+        return model, None, None
+    fused_fit = retriever_from_config(config).fit(item_mods, split.fit, user_mods) if FUSED in names else None
+    tuning = tune(split, item_ids, catalog.users, fused_fit, [n for n in names if n != FUSED], **common,
+                  max_users=sc.validation_users)
+    held_model = CandidateModel(**common, params=tuning.params, weights=tuning.weights).fit(
+        split.fit, item_ids, catalog.users, fused_fit)
+    labelled = truth_pairs(split.fit, split.held, threshold)["user_id"].unique().sort().to_list()
+    validation = held_model.candidates(labelled, exclude_seen=True)
+    model = CandidateModel(**common, params=tuning.params, weights=tuning.weights).fit(
+        inter, item_ids, catalog.users, retriever)
+    return model, tuning, validation
+
+
 def embeddings(art_dir: Path) -> tuple[dict, dict]:
     emb = Path(art_dir) / "embeddings"
     items = load_modalities(emb, "item")
@@ -89,14 +154,25 @@ def run_index(data_dir: Path, art_dir: Path, config: Config | None = None, *, lo
         retriever = retriever_from_config(config).fit(item_mods, catalog.interactions, user_mods)
         record.timings["fit"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        candidates = retriever.candidates(k=config.index.n_candidates, exclude_seen=True)
+        model, tuning, validation = fit_candidate_model(catalog, item_mods, user_mods, retriever, config)
+        record.timings["sources"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        candidates = model.candidates(exclude_seen=True)
         record.timings["candidates"] = time.perf_counter() - t0
 
-        # Snapshot and candidates first, the retriever last: its retriever.json marks a finished index.
+        # Snapshot, sources and candidates first, the retriever last: its retriever.json marks a finished index.
         save_snapshot(catalog, art_dir)
+        model.save(art_dir / "sources")
+        valid_path = art_dir / "sources" / "validation.parquet"
+        if validation is not None:
+            write_parquet(validation.to_arrow(), valid_path)
+        elif valid_path.exists():
+            valid_path.unlink()
         write_parquet(candidates.to_arrow(), art_dir / "candidates.parquet")
         retriever.save(art_dir / "index")
         summary = retriever.summary_()
+        summary["sources"] = tuning.as_dict() if tuning is not None else {
+            "protocol": None, "note": "the log is too short for a validation split: default settings, equal weights"}
         record.models = {"fusion": summary["fusion"], "weights": summary["weights"], "index": summary["index"]}
         record.counts = {"items": summary["counts"]["items"], "users": summary["counts"]["users"],
                          "candidates": candidates.height, "interactions": catalog.interactions.height}

@@ -47,8 +47,8 @@ def _format(path: Path) -> str:
 def topk(scored: pl.DataFrame, k: int, *, columns: list[str] | None = None) -> pl.DataFrame:
     """The `k` best rows per user: user_id, rank (1-based), item_id, score, retrieval_score, extras.
 
-    Order: score descending (nulls last), ties by item_id ascending, so the output does
-    not depend on the input order. Users come sorted by user_id. `columns`: extra columns
+    Order: score descending (nulls last), ties by retrieval_score descending, then item_id
+    ascending, so the output does not depend on the input order. Users come sorted by user_id. `columns`: extra columns
     to keep (default: the explanation columns present).
     """
     if k < 1:
@@ -62,7 +62,8 @@ def topk(scored: pl.DataFrame, k: int, *, columns: list[str] | None = None) -> p
     frame = scored
     if "retrieval_score" not in frame.columns:
         frame = frame.with_columns(pl.lit(None, pl.Float32).alias("retrieval_score"))
-    ranked = frame.sort(["user_id", "score", "item_id"], descending=[False, True, False], nulls_last=True) \
+    ranked = frame.sort(["user_id", "score", "retrieval_score", "item_id"], descending=[False, True, True, False],
+                        nulls_last=True) \
         .with_columns((pl.int_range(pl.len()).over("user_id") + 1).cast(pl.Int32).alias("rank")) \
         .filter(pl.col("rank") <= k)
     return ranked.select(

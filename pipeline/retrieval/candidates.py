@@ -1,0 +1,433 @@
+"""Stage 1's candidate model: several sources merged into one candidate list per user.
+
+Sources: the collaborative ones of `sources.py` and the fused content retrieval (the FAISS
+`Retriever`, with its cold-item quota). Each source scores the catalog for a user; scores are
+z-scored per user and blended with weights chosen on validation; the candidate list is the
+union of every source's top `n_candidates`, each row carrying every source's score and
+rank (ranker features) and the blend (`retrieval_score`, `retrieval_rank`).
+
+Validation follows the ranker's label protocol (`label_split`): `per_user` holds out each
+user's latest interactions, `window` the log's last `label_window_days`. Every source's
+setting and the blend weights are chosen there, never on data the caller tests on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from fusionrec.evaluation.splits import per_user_temporal_split
+from fusionrec.pipeline.io.storage import atomic_path, write_json
+from fusionrec.pipeline.retrieval.retriever import Retriever
+from fusionrec.pipeline.retrieval.sources import (
+    SEARCH_GRID,
+    Source,
+    UserItemLog,
+    als_available,
+    build_log,
+    make_source,
+    positive_mask,
+    relevance_threshold,
+    user_segments,
+)
+
+log = logging.getLogger("fusionrec.candidates")
+DAY = 86_400
+FUSED = "fused"
+BATCH_USERS = 1024
+
+
+@dataclass(frozen=True)
+class LabelSplit:
+    """The interactions features may use (`fit`) and the later ones that are labels (`held`)."""
+
+    protocol: str  # per_user | window
+    fit: pl.DataFrame
+    held: pl.DataFrame
+    users: int  # users with history in `fit` and a positive in `held`
+
+
+def label_split(interactions: pl.DataFrame, protocol: str, *, fraction: float, window_days: float,
+                threshold: float | None, seed: int = 0, min_users: int = 20) -> LabelSplit | None:
+    """The label protocol's split; `auto` takes the one that yields more labelled users.
+
+    None when no protocol yields `min_users` users (the log is too short to learn from).
+    """
+    options = {}
+    if protocol in ("auto", "per_user"):
+        fit, held = per_user_temporal_split(interactions, fraction, min_train=1, seed=seed)
+        options["per_user"] = (fit, held)
+    if protocol in ("auto", "window"):
+        end = int(interactions["timestamp"].max()) + 1
+        start = end - int(window_days * DAY)
+        fit = interactions.filter(pl.col("timestamp") < start)
+        held = interactions.filter(pl.col("timestamp") >= start)
+        if fit.height and held.height:
+            options["window"] = (fit, held)
+    best: LabelSplit | None = None
+    for name, (fit, held) in options.items():
+        users = _labelled_users(fit, held, threshold).height
+        if users >= min_users and (best is None or users > best.users):
+            best = LabelSplit(name, fit, held, users)
+    return best
+
+
+def _labelled_users(fit: pl.DataFrame, held: pl.DataFrame, threshold: float | None) -> pl.DataFrame:
+    positive = held.filter(positive_mask(held, threshold)).select(pl.col("user_id").cast(pl.String)).unique()
+    return positive.join(fit.select(pl.col("user_id").cast(pl.String)).unique(), on="user_id", how="semi")
+
+
+def truth_pairs(fit: pl.DataFrame, held: pl.DataFrame, threshold: float | None) -> pl.DataFrame:
+    """Positive held-out (user_id, item_id) pairs the user had not seen in `fit`."""
+    pos = held.filter(positive_mask(held, threshold)).select(pl.col("user_id").cast(pl.String),
+                                                             pl.col("item_id").cast(pl.String)).unique()
+    seen = fit.select(pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String)).unique()
+    return pos.join(seen, on=["user_id", "item_id"], how="anti").join(
+        seen.select("user_id").unique(), on="user_id", how="semi")
+
+
+def zscore(scores: np.ndarray) -> np.ndarray:
+    """Per-row z-scores (a constant row scores 0 everywhere)."""
+    mean = scores.mean(axis=1, keepdims=True)
+    std = scores.std(axis=1, keepdims=True)
+    return ((scores - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
+
+
+def ndcg_at(scores: np.ndarray, truth: np.ndarray, k: int = 10) -> np.ndarray:
+    """Per-row NDCG@k of `scores` (seen items already at -inf) against a boolean truth matrix."""
+    k = min(k, scores.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable"),
+                               axis=1)
+    hits = np.take_along_axis(truth, order, axis=1)
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    dcg = (hits * discounts).sum(axis=1)
+    n_rel = np.minimum(truth.sum(axis=1), k)
+    idcg = np.array([discounts[:n].sum() for n in n_rel])
+    return np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1.0), 0.0)
+
+
+def recall_at(scores: np.ndarray, truth: np.ndarray, n: int) -> float:
+    n = min(n, scores.shape[1])
+    top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+    hits = np.take_along_axis(truth, top, axis=1).sum(axis=1)
+    return float(hits.sum() / max(truth.sum(), 1))
+
+
+def search_weights(z: dict[str, np.ndarray], truth: np.ndarray, blocked: np.ndarray, *,
+                   steps: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0), rounds: int = 3) -> dict[str, float]:
+    """Blend weights by coordinate ascent of validation NDCG@10, from the best single source."""
+    names = list(z)
+
+    def value(w: dict[str, float]) -> float:
+        total = sum(w[n] * z[n] for n in names if w[n])
+        if isinstance(total, int):
+            return 0.0
+        return float(ndcg_at(np.where(blocked, -np.inf, total), truth).mean())
+
+    singles = {n: value({m: float(m == n) for m in names}) for n in names}
+    weights = {n: float(n == max(singles, key=singles.__getitem__)) for n in names}
+    best = value(weights)
+    for _ in range(rounds):
+        improved = False
+        for n in names:
+            for step in steps:
+                if step == weights[n]:
+                    continue
+                trial = {**weights, n: step}
+                if not any(trial.values()):
+                    continue
+                v = value(trial)
+                if v > best + 1e-6:
+                    best, weights, improved = v, trial, True
+        if not improved:
+            break
+    return weights
+
+
+@dataclass
+class CandidateModel:
+    """The fitted sources, their settings and blend weights over one user and item vocabulary."""
+
+    n_candidates: int = 100
+    threshold: float | None = None
+    recent_items: int = 20
+    half_life: float = 5.0
+    seed: int = 0
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)  # source name -> setting
+    weights: dict[str, float] = field(default_factory=dict)  # source name -> blend weight
+
+    def fit(self, interactions: pl.DataFrame, item_ids: np.ndarray, users: pl.DataFrame | None,
+            retriever: Retriever | None) -> CandidateModel:
+        ids = set(interactions["user_id"].cast(pl.String).to_list())
+        if users is not None:
+            ids |= set(users["user_id"].cast(pl.String).to_list())
+        if retriever is not None:
+            ids |= {str(u) for u in retriever.user_ids_}
+        self.user_ids_ = np.array(sorted(ids), dtype=object)
+        self.item_ids_ = np.asarray(item_ids, dtype=object)
+        self.segments_, self.segment_names_ = user_segments(users, self.user_ids_)
+        self.log_ = build_log(interactions, self.user_ids_, self.item_ids_, threshold=self.threshold,
+                              recent_items=self.recent_items, half_life=self.half_life)
+        self.sources_: dict[str, Source] = {}
+        for name, setting in self.params.items():
+            if name == FUSED:
+                continue
+            self.sources_[name] = make_source(name, setting, segments=self.segments_, seed=self.seed).fit(self.log_)
+        self.retriever_ = retriever
+        self._index = {u: j for j, u in enumerate(self.user_ids_)}
+        return self
+
+    # -- scoring --------------------------------------------------------------------------
+
+    def user_rows(self, user_ids: list[str]) -> np.ndarray:
+        return np.array([self._index.get(str(u), -1) for u in user_ids], dtype=np.int64)
+
+    def source_scores(self, rows: np.ndarray, user_ids: list[str]) -> dict[str, np.ndarray]:
+        """Each source's scores (len(rows), n_items); users unknown to the log score 0 on collaborative sources."""
+        known = rows >= 0
+        out: dict[str, np.ndarray] = {}
+        for name, source in self.sources_.items():
+            block = np.zeros((len(rows), len(self.item_ids_)), np.float32)
+            if known.any():
+                block[known] = source.score(self.log_, rows[known])
+            if (~known).any() and name in ("popular", "segment_popular"):
+                block[~known] = source.overall_ if name == "segment_popular" else source.share_  # type: ignore[attr-defined]
+            out[name] = block
+        if self.retriever_ is not None and FUSED in self.params:
+            out[FUSED] = fused_scores(self.retriever_, user_ids, self.item_ids_, self.n_candidates)
+        return out
+
+    def blocked(self, rows: np.ndarray) -> np.ndarray:
+        """Items each user has already (seen items never return)."""
+        out = np.zeros((len(rows), len(self.item_ids_)), bool)
+        known = rows >= 0
+        if known.any():
+            out[known] = self.log_.seen[rows[known]].toarray() > 0
+        return out
+
+    def candidates(self, user_ids: list[str] | None = None, *, exclude_seen: bool = True) -> pl.DataFrame:
+        """Candidate rows for `user_ids` (default: every user): user_id, item_id, per-source
+        `src_<name>`, `src_<name>_z`, `src_<name>_rank`, and the blend `retrieval_score`,
+        `retrieval_rank`, ordered by user then blend."""
+        wanted = [str(u) for u in (self.user_ids_ if user_ids is None else user_ids)]
+        frames = [self._candidates(wanted[s:s + BATCH_USERS], exclude_seen)
+                  for s in range(0, len(wanted), BATCH_USERS)]
+        return pl.concat(frames) if frames else self._candidates([], exclude_seen)
+
+    def _block(self, user_ids: list[str], exclude_seen: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
+                                                                       dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Scores, z-scores and ranks per source, the blend and the blocked (seen) mask for a user batch."""
+        rows = self.user_rows(user_ids)
+        scores = self.source_scores(rows, user_ids)
+        blocked = self.blocked(rows) if exclude_seen else np.zeros((len(rows), len(self.item_ids_)), bool)
+        z = {name: zscore(s) for name, s in scores.items()}
+        blend = np.zeros(blocked.shape, np.float32)
+        for name in z:
+            if self.weights.get(name, 0.0):
+                blend += np.float32(self.weights[name]) * z[name]
+        blend = np.where(blocked, -np.inf, blend).astype(np.float32)
+        ranks: dict[str, np.ndarray] = {}
+        for name, s in [*scores.items(), ("blend", blend)]:
+            order = np.argsort(-np.where(blocked, -np.inf, s), axis=1, kind="stable")
+            rank = np.empty_like(order)
+            np.put_along_axis(rank, order, np.broadcast_to(np.arange(1, order.shape[1] + 1), order.shape), axis=1)
+            ranks[name] = rank
+        return scores, z, ranks, blend, blocked
+
+    def _frame(self, user_ids: list[str], u: np.ndarray, i: np.ndarray, scores: dict[str, np.ndarray],
+               z: dict[str, np.ndarray], ranks: dict[str, np.ndarray], blend: np.ndarray) -> pl.DataFrame:
+        columns: dict[str, Any] = {"user_id": np.asarray(user_ids, dtype=object)[u].astype(str),
+                                   "item_id": self.item_ids_[i].astype(str)}
+        for name, s in scores.items():
+            columns[f"src_{name}"] = s[u, i].astype(np.float32)
+            columns[f"src_{name}_z"] = z[name][u, i].astype(np.float32)
+            columns[f"src_{name}_rank"] = ranks[name][u, i].astype(np.int32)
+        columns["retrieval_score"] = blend[u, i].astype(np.float32)
+        columns["retrieval_rank"] = ranks["blend"][u, i].astype(np.int32)
+        return pl.DataFrame(columns)
+
+    def _candidates(self, user_ids: list[str], exclude_seen: bool) -> pl.DataFrame:
+        scores, z, ranks, blend, blocked = self._block(user_ids, exclude_seen)
+        n = min(self.n_candidates, len(self.item_ids_))
+        chosen = ranks["blend"] <= n
+        for name in scores:
+            if self.weights.get(name, 0.0) > 0 or name == FUSED:
+                chosen |= ranks[name] <= n
+        u, i = np.nonzero(chosen & ~blocked)
+        return self._frame(user_ids, u, i, scores, z, ranks, blend).sort(["user_id", "retrieval_rank"])
+
+    def score_pairs(self, pairs: pl.DataFrame) -> pl.DataFrame:
+        """The candidate columns for given (user_id, item_id) pairs, input order and columns kept.
+
+        Items outside the catalog get nulls; seen items are scored as if unseen.
+        """
+        base = pairs.with_columns(pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String))
+        users = base["user_id"].unique(maintain_order=True).to_list()
+        col = pl.DataFrame({"item_id": self.item_ids_.astype(str), "__i": np.arange(len(self.item_ids_))})
+        frames = []
+        for s in range(0, len(users), BATCH_USERS):
+            batch = users[s:s + BATCH_USERS]
+            scores, z, ranks, blend, _ = self._block(batch, exclude_seen=False)
+            want = base.filter(pl.col("user_id").is_in(batch)).select("user_id", "item_id").unique() \
+                .join(col, on="item_id", how="inner").join(
+                    pl.DataFrame({"user_id": batch, "__u": np.arange(len(batch))}), on="user_id")
+            frames.append(self._frame(batch, want["__u"].to_numpy(), want["__i"].to_numpy(), scores, z, ranks, blend))
+        feats = pl.concat(frames) if frames else self._frame([], np.zeros(0, np.int64), np.zeros(0, np.int64),
+                                                             *self._block([], False)[:4])
+        drop = [c for c in feats.columns if c in base.columns and c not in ("user_id", "item_id")]
+        return base.drop(drop).join(feats, on=["user_id", "item_id"], how="left", maintain_order="left")
+
+    # -- persistence ----------------------------------------------------------------------
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, np.ndarray] = {}
+        for name, source in self.sources_.items():
+            for key, value in source.state().items():
+                arrays[f"{name}.{key}"] = value
+        with atomic_path(directory / "sources.npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+        write_json({"n_candidates": self.n_candidates, "threshold": self.threshold,
+                    "recent_items": self.recent_items, "half_life": self.half_life, "seed": self.seed,
+                    "params": self.params, "weights": self.weights, "segments": self.segment_names_},
+                   directory / "sources.json")
+
+    @classmethod
+    def load(cls, directory: Path, interactions: pl.DataFrame, item_ids: np.ndarray, users: pl.DataFrame | None,
+             retriever: Retriever | None) -> CandidateModel:
+        """The saved settings and fitted sources, over the logged interactions of the snapshot."""
+        meta = json.loads((Path(directory) / "sources.json").read_text())
+        model = cls(n_candidates=meta["n_candidates"], threshold=meta["threshold"],
+                    recent_items=meta["recent_items"], half_life=meta["half_life"], seed=meta["seed"],
+                    params=meta["params"], weights=meta["weights"])
+        saved = dict(np.load(Path(directory) / "sources.npz", allow_pickle=False))
+        # The log is cheap to rebuild; the fitted sources come from the file, not a refit.
+        model.params = {}
+        model.fit(interactions, item_ids, users, retriever)
+        model.params = meta["params"]
+        for name, setting in meta["params"].items():
+            if name == FUSED:
+                continue
+            source = make_source(name, setting, segments=model.segments_, seed=model.seed)
+            model.sources_[name] = source.restore({k.split(".", 1)[1]: v for k, v in saved.items()
+                                                   if k.split(".", 1)[0] == name})
+        return model
+
+
+def fused_scores(retriever: Retriever, user_ids: list[str], item_ids: np.ndarray, n: int) -> np.ndarray:
+    """The fused retrieval's scores as a dense matrix: its candidates keep their score, the
+    rest sit just below each user's lowest retrieved score (users it cannot place: all 0)."""
+    out = np.zeros((len(user_ids), len(item_ids)), np.float32)
+    if not user_ids:
+        return out
+    cands = retriever.candidates(user_ids, k=n, exclude_seen=False)
+    col = {str(i): j for j, i in enumerate(item_ids)}
+    row = {u: j for j, u in enumerate(user_ids)}
+    r = np.array([row[u] for u in cands["user_id"].to_list()], np.int64)
+    c = np.array([col.get(i, -1) for i in cands["item_id"].to_list()], np.int64)
+    s = cands["retrieval_score"].cast(pl.Float32).to_numpy()
+    keep = c >= 0
+    r, c, s = r[keep], c[keep], s[keep]
+    floor = np.full(len(user_ids), np.inf, np.float32)
+    np.minimum.at(floor, r, s)
+    floor = np.where(np.isfinite(floor), floor - 1e-3, 0.0).astype(np.float32)
+    out[:] = floor[:, None]
+    out[r, c] = s
+    return out
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """What validation chose and measured."""
+
+    protocol: str
+    users: int
+    params: dict[str, dict[str, Any]]
+    weights: dict[str, float]
+    ndcg: dict[str, float]  # per source at its chosen setting, and the blend
+    recall: dict[str, float]  # recall@n_candidates per source and the union
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"protocol": self.protocol, "users": self.users, "params": self.params, "weights": self.weights,
+                "validation_ndcg@10": self.ndcg, "validation_recall@n": self.recall}
+
+
+def tune(split: LabelSplit, item_ids: np.ndarray, users: pl.DataFrame | None, fused: Retriever | None,
+         names: list[str], *, n_candidates: int, threshold: float | None, recent_items: int, half_life: float,
+         seed: int, max_users: int = 3000) -> Tuning:
+    """Choose each source's setting (the same grid budget for each) and the blend weights on `split`."""
+    truth_frame = truth_pairs(split.fit, split.held, threshold)
+    val_users = sorted(truth_frame["user_id"].unique().to_list())
+    if len(val_users) > max_users:  # a seeded sample bounds the dense validation matrices
+        rng = np.random.default_rng(seed)
+        val_users = sorted(rng.choice(np.array(val_users, dtype=object), max_users, replace=False).tolist())
+    base = CandidateModel(n_candidates, threshold, recent_items, half_life, seed, params={}).fit(
+        split.fit, item_ids, users, fused)
+    rows = base.user_rows(val_users)
+    col = {str(i): j for j, i in enumerate(item_ids)}
+    row = {u: j for j, u in enumerate(val_users)}
+    truth = np.zeros((len(val_users), len(item_ids)), bool)
+    tf = truth_frame.filter(pl.col("user_id").is_in(val_users))
+    truth[[row[u] for u in tf["user_id"].to_list()], [col[i] for i in tf["item_id"].to_list()]] = True
+    blocked = base.blocked(rows)
+
+    params: dict[str, dict[str, Any]] = {}
+    ndcg: dict[str, float] = {}
+    z: dict[str, np.ndarray] = {}
+    recall: dict[str, float] = {}
+    for name in names:
+        if name == "als" and not als_available():
+            log.warning("candidate source 'als' skipped: the `implicit` package is not installed")
+            continue
+        if name == "segment_popular" and base.segments_.shape[1] == 0:
+            continue
+        best: tuple[float, dict[str, Any], np.ndarray] | None = None
+        for setting in SEARCH_GRID[name]:
+            source = make_source(name, setting, segments=base.segments_, seed=seed).fit(base.log_)
+            scores = source.score(base.log_, rows)
+            value = float(ndcg_at(np.where(blocked, -np.inf, scores), truth).mean())
+            if best is None or value > best[0] + 1e-9:
+                best = (value, setting, scores)
+        assert best is not None
+        ndcg[name], params[name], z[name] = best[0], best[1], zscore(best[2])
+        recall[name] = recall_at(np.where(blocked, -np.inf, best[2]), truth, n_candidates)
+    if fused is not None:
+        scores = fused_scores(fused, val_users, np.asarray(item_ids, dtype=object), n_candidates)
+        ndcg[FUSED] = float(ndcg_at(np.where(blocked, -np.inf, scores), truth).mean())
+        recall[FUSED] = recall_at(np.where(blocked, -np.inf, scores), truth, n_candidates)
+        params[FUSED], z[FUSED] = {}, zscore(scores)
+    weights = search_weights(z, truth, blocked)
+    blend = sum(weights[n] * z[n] for n in z if weights[n])
+    blend = np.where(blocked, -np.inf, blend)
+    ndcg["blend"] = float(ndcg_at(blend, truth).mean())
+    recall["blend"] = recall_at(blend, truth, n_candidates)
+    union = np.zeros_like(truth)
+    for name in z:
+        if weights[name] > 0 or name == FUSED:
+            s = np.where(blocked, -np.inf, z[name])
+            top = np.argpartition(-s, min(n_candidates, s.shape[1]) - 1, axis=1)[:, :n_candidates]
+            np.put_along_axis(union, top, True, axis=1)
+    top = np.argpartition(-blend, min(n_candidates, blend.shape[1]) - 1, axis=1)[:, :n_candidates]
+    np.put_along_axis(union, top, True, axis=1)
+    recall["union"] = float((union & truth).sum() / max(truth.sum(), 1))
+    log.info("candidate sources on validation (%s, %d users): NDCG@10 %s; blend weights %s", split.protocol,
+             len(val_users), {k: round(v, 4) for k, v in ndcg.items()}, weights)
+    return Tuning(split.protocol, len(val_users), params, weights, {k: round(v, 5) for k, v in ndcg.items()},
+                  {k: round(v, 4) for k, v in recall.items()})
+
+
+def default_sources(n_items: int, ease_max_items: int) -> list[str]:
+    names = ["itemknn", "recent_itemknn", "als", "popular", "segment_popular"]
+    if n_items <= ease_max_items:
+        names = ["ease", "recent_ease", *names]
+    return names
+
