@@ -18,10 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fusionrec.pipeline.config import RayConfig
-from fusionrec.pipeline.errors import FusionrecError
 from fusionrec.pipeline.embedding.ray_engine import data_context, import_ray, ray_runtime, root_cause
+from fusionrec.pipeline.errors import FusionrecError
 from fusionrec.pipeline.io.storage import atomic_path
-
 from fusionrec.ranker.serving.export import TOPK_SCHEMA
 from fusionrec.ranker.serving.privacy import pseudonymise
 from fusionrec.ranker.serving.recommender import Recommender
