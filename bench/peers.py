@@ -1,452 +1,450 @@
-"""Peers benchmark: fusionrec's baselines and outside recommenders on one split and one metric set.
+"""Quality benchmark: the lists `fusionrec run` exports against tuned peers, on user-level protocols.
 
-One command (from the project root)::
+One command per data set (from the project root)::
 
-    .venv/bin/python bench/peers.py --data ../shared/datasets/movielens-100k/fusionrec [--art ART]
+    .venv/bin/python bench/peers.py --dataset movielens   # each user's latest 20% held out
+    .venv/bin/python bench/peers.py --dataset lastfm      # the authors' split: train 0+1, test 2
 
-Global temporal split (latest 20% of interactions are test, seeded tie order), every model
-trained on the same train frame and asked for the same test users, evaluated with
-``ranker.evaluation`` at k = 10 and 20 with bootstrap intervals over users and a paired
-comparison with the popularity baseline. Peers: popularity and item-kNN (in the project),
-implicit's ALS and BPR, Cornac's VBPR fed with the item image embeddings of ``--art``
-(``ART/embeddings/item_image.parquet``, a data directory's precomputed
-``embeddings/item_image.parquet``, or a parquet file). implicit and cornac are the optional
-``bench`` extra; a peer whose library is missing is skipped with a message. Models that know
-nothing of a user (new users of the temporal split) fall back to popularity, as the
-project's baselines do. Writes bench/results/peers.json and bench/results/peers.md
-(``--report FILE.html`` adds the HTML report).
+What it does, in one run:
 
-fusionrec's own rows (retrieval alone, with the ranker, ablations) come from
-:func:`fusionrec_runs`: the hook to fill in.
+1. **Split.** MovieLens-100K: each user's latest 20% of ratings are test (seeded tie order),
+   relevant = rating >= 4. Last.fm-2K: labels 0 and 1 are train, 2 is test, every test
+   pair relevant. Scored users have training history and at least one relevant test item
+   they had not seen; seen items are excluded from every list.
+2. **fusionrec.** `fusionrec run` (the real CLI, real encoders or the set's precomputed
+   embeddings) on a data directory holding the train part only; its exported top-10
+   (`ART/exports/topk.parquet`) is what is scored. It chooses everything on validation
+   carved from that train part. Its ranker's and its retrieval order's lists are scored
+   too (the exported list is whichever its guard shipped).
+3. **Peers**, each tuned on validation carved from the train part the same way fusionrec
+   carves its own (MovieLens: each user's latest 20% of train; Last.fm: fit on 0, score 1),
+   with the same budget (at most 10 settings each), then refitted on the whole train part:
+   popularity, item-kNN (cosine), EASE (lambda x positives-only or all ratings), implicit
+   ALS and BPR, Cornac VBPR (on the item image embeddings, or the audio ones where there
+   are no images; skipped with a message when cornac is missing).
+4. **Report.** NDCG@10, recall@10 and their bootstrap intervals; the paired difference
+   and its 95% interval of fusionrec's exported list against each peer; the ratio to the
+   strongest peer on test (the most demanding comparison); ranker vs retrieval order.
+   MovieLens also gets the global temporal protocol (latest 20% of all ratings) as a
+   slice table: known users and new users.
+
+Writes bench/results/quality_<dataset>.json and .md. Never chooses anything on test data.
 """
 
 from __future__ import annotations
 
 import os
 
-# Before numpy/implicit load: one BLAS thread (implicit warns otherwise, and the machine is shared).
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # implicit asks for it; set before numpy loads
 
 import argparse  # noqa: E402
-import importlib.metadata  # noqa: E402
-import itertools  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
+from fusionrec.evaluation.splits import global_temporal_split, per_user_temporal_split  # noqa: E402
+from fusionrec.pipeline.retrieval.candidates import ndcg_at, truth_pairs  # noqa: E402
+from fusionrec.pipeline.retrieval.sources import (  # noqa: E402
+    ALS,
+    EASE,
+    ItemKNN,
+    Popular,
+    UserItemLog,
+    build_log,
+    positive_mask,
+    relevance_threshold,
+)
+from fusionrec.ranker.serving.recommender import Recommender  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # running as a script from anywhere
-    sys.path.insert(0, str(ROOT))
-
-from fusionrec.pipeline.io.storage import atomic_path  # noqa: E402
-from fusionrec.pipeline.io.tables import load_interactions  # noqa: E402
-from fusionrec.evaluation.baselines import ItemKNNRecommender, MatrixRecommender, PopularityRecommender  # noqa: E402
-from fusionrec.evaluation.results import EvaluationResult, bootstrap_ci, evaluate, paired_comparison  # noqa: E402
-from fusionrec.evaluation.splits import global_temporal_split  # noqa: E402
-
 RESULTS = ROOT / "bench" / "results"
-TABLE_METRICS = ("ndcg@10", "recall@10", "map@10", "hit_rate@10", "ndcg@20", "recall@20")
+SHARED = ROOT.parent / "shared" / "datasets"
+SETS = {"movielens": "movielens-100k", "lastfm": "lastfm-2k"}
+N_BOOT = 1000
 
 
-class Skip(Exception):
-    """A peer that cannot run here (library missing, no embeddings): reported, not fatal."""
+def read(path: Path) -> pl.DataFrame:
+    return pl.read_csv(path, schema_overrides={"user_id": pl.String, "item_id": pl.String})
 
 
-# ----------------------------------------------------------------------------- data
-
-def find_item_embeddings(places: list[Path], modality: str) -> Path | None:
-    """First existing item embeddings parquet among artifacts/data dirs or files."""
-    for place in places:
-        if place.is_file():
-            return place
-        for cand in (place / "embeddings" / f"item_{modality}.parquet", place / f"item_{modality}.parquet"):
-            if cand.exists():
-                return cand
-    return None
+def split(name: str, inter: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    if name == "lastfm":
+        return inter.filter(pl.col("timestamp") < 2), inter.filter(pl.col("timestamp") == 2)
+    return per_user_temporal_split(inter, 0.2, seed=0)
 
 
-def load_item_vectors(path: Path) -> tuple[list[str], np.ndarray]:
-    """(ids, matrix) from a parquet with ``item_id`` (or ``id``) and ``vector``."""
-    df = pl.read_parquet(path)
-    id_col = "item_id" if "item_id" in df.columns else "id"
-    vec = df["vector"]
-    dim = len(vec[0])
-    matrix = vec.cast(pl.Array(pl.Float32, dim)).to_numpy().astype(np.float32)
-    return df[id_col].cast(pl.String).to_list(), matrix
+def validation(name: str, train: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The peers' validation carve: the same protocol, applied to the train part."""
+    if name == "lastfm":
+        return train.filter(pl.col("timestamp") < 1), train.filter(pl.col("timestamp") == 1)
+    return per_user_temporal_split(train, 0.2, seed=0)
 
 
-# ----------------------------------------------------------------------------- peers
+def data_dir(source: Path, train: pl.DataFrame, out: Path) -> Path:
+    """A data directory with the train interactions and the set's other files (hard links where the
+    file system allows, else copies: media must sit inside the data directory, symlinks out are refused)."""
+    out.mkdir(parents=True, exist_ok=True)
 
-class ImplicitALS(MatrixRecommender):
-    """implicit's AlternatingLeastSquares on the binarised matrix (confidence 1 + alpha)."""
-
-    def __init__(self, factors: int = 64, regularization: float = 0.05, alpha: float = 2.0,
-                 iterations: int = 15, seed: int = 0, threads: int = 1) -> None:
-        self.params = dict(factors=factors, regularization=regularization, alpha=alpha, iterations=iterations,
-                           random_state=seed, num_threads=threads)
-
-    def _fit_model(self) -> None:
+    def link(src: str, dst: str) -> None:
         try:
-            from implicit.cpu.als import AlternatingLeastSquares
-        except ImportError as exc:
-            raise Skip(f"implicit is not installed ({exc}); pip install 'fusionrec[bench]'") from exc
-        self.model_ = AlternatingLeastSquares(**self.params)
-        self.model_.fit(self.user_items_.astype(np.float32).tocsr(), show_progress=False)
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
 
-    def _scores(self, rows: np.ndarray) -> np.ndarray:
-        out = np.zeros((rows.size, self.item_ids_.size))
-        known = rows >= 0
-        out[known] = self.model_.user_factors[rows[known]] @ self.model_.item_factors.T
-        return out
-
-
-class ImplicitBPR(ImplicitALS):
-    """implicit's BayesianPersonalizedRanking."""
-
-    def __init__(self, factors: int = 64, learning_rate: float = 0.05, regularization: float = 0.01,
-                 iterations: int = 100, seed: int = 0, threads: int = 1) -> None:
-        self.params = dict(factors=factors, learning_rate=learning_rate, regularization=regularization,
-                           iterations=iterations, random_state=seed, num_threads=threads)
-
-    def _fit_model(self) -> None:
-        try:
-            from implicit.cpu.bpr import BayesianPersonalizedRanking
-        except ImportError as exc:
-            raise Skip(f"implicit is not installed ({exc}); pip install 'fusionrec[bench]'") from exc
-        self.model_ = BayesianPersonalizedRanking(**self.params)
-        self.model_.fit(self.user_items_.astype(np.float32).tocsr(), show_progress=False)
-
-
-class CornacVBPR(MatrixRecommender):
-    """Cornac's VBPR with the given item embeddings as its visual features (zeros where missing)."""
-
-    def __init__(self, item_vectors: tuple[list[str], np.ndarray] | None, k: int = 10, k2: int = 10,
-                 n_epochs: int = 20, batch_size: int = 100, learning_rate: float = 0.005,
-                 lambda_w: float = 1.0, seed: int = 0) -> None:
-        self.item_vectors = item_vectors
-        self.params = dict(k=k, k2=k2, n_epochs=n_epochs, batch_size=batch_size, learning_rate=learning_rate,
-                           lambda_w=lambda_w, lambda_b=0.01, lambda_e=0.0, use_gpu=False, verbose=False,
-                           seed=seed)
-
-    def _fit_model(self) -> None:
-        if self.item_vectors is None:
-            raise Skip("no item image embeddings: pass --art ART (ART/embeddings/item_image.parquet)")
-        try:
-            import torch
-            from cornac.data import Dataset, ImageModality
-            from cornac.models import VBPR
-        except ImportError as exc:
-            raise Skip(f"cornac is not installed ({exc}); pip install 'fusionrec[bench]'") from exc
-        torch.set_num_threads(1)
-        ids, mat = self.item_vectors
-        lookup = pl.DataFrame({"item_id": ids, "_r": np.arange(len(ids))})
-        rows = pl.DataFrame({"item_id": self.item_ids_}).join(lookup, on="item_id", how="left",
-                                                               maintain_order="left")["_r"].to_numpy()
-        feats = np.zeros((self.item_ids_.size, mat.shape[1]), dtype=np.float32)
-        has = ~np.isnan(rows.astype(np.float64))
-        feats[has] = mat[rows[has].astype(np.int64)]
-        self.feature_coverage_ = float(has.mean())
-        # Cornac indexes by raw ids; using our own indices as raw ids keeps both in line.
-        coo = self.user_items_.tocoo()
-        triples = list(zip(coo.row.astype(str).tolist(), coo.col.astype(str).tolist(), [1.0] * coo.nnz))
-        train_set = Dataset.build(triples, fmt="UIR", seed=self.params["seed"])
-        modality = ImageModality(features=feats, ids=[str(i) for i in range(feats.shape[0])], normalized=True)
-        modality.build(id_map=train_set.iid_map)
-        train_set.add_modalities(item_image=modality)
-        model = VBPR(**self.params)
-        model.fit(train_set)
-        n_items = self.item_ids_.size
-        uidx = np.array([train_set.uid_map[str(u)] for u in range(self.user_items_.shape[0])])
-        iidx = np.array([train_set.iid_map.get(str(i), -1) for i in range(n_items)])
-        self.user_vec_ = np.hstack([model.gamma_user, model.theta_user])[uidx]
-        item_vec = np.hstack([model.gamma_item, model.theta_item])
-        item_bias = model.beta_item + model.visual_bias
-        self.item_vec_ = np.where(iidx[:, None] >= 0, item_vec[np.maximum(iidx, 0)], 0.0)
-        self.item_bias_ = np.where(iidx >= 0, item_bias[np.maximum(iidx, 0)], -np.inf)
-
-    def _scores(self, rows: np.ndarray) -> np.ndarray:
-        out = np.zeros((rows.size, self.item_ids_.size))
-        known = rows >= 0
-        out[known] = self.user_vec_[rows[known]] @ self.item_vec_.T + self.item_bias_
-        return out
-
-
-@dataclass
-class Peer:
-    """A peer: how to build it, its parameters, and the grid ``--tune`` searches."""
-
-    name: str
-    make: Callable[..., MatrixRecommender]
-    params: dict[str, Any] = field(default_factory=dict)
-    grid: dict[str, list[Any]] = field(default_factory=dict)
-
-    def build(self, **override: Any) -> MatrixRecommender:
-        return self.make(**{**self.params, **override})
-
-
-def peers(args: argparse.Namespace, item_vectors: tuple[list[str], np.ndarray] | None) -> list[Peer]:
-    """The peers and their defaults: what ``--tune`` picked on ML-100K's validation split (the
-    latest 20% of the training interactions, seed 0). VBPR is not tuned (minutes per fit)."""
-    common = {"seed": args.seed, "threads": args.threads}
-    return [
-        Peer("popularity", PopularityRecommender),
-        Peer("item-kNN", ItemKNNRecommender, {"k_neighbors": 20, "shrink": 10.0},
-             {"k_neighbors": [20, 50, 100, 200], "shrink": [0.0, 10.0]}),
-        Peer("implicit ALS", ImplicitALS, {"factors": 32, "regularization": 0.5, "alpha": 1.0, **common},
-             {"factors": [32, 64], "regularization": [0.05, 0.5], "alpha": [1.0, 5.0, 20.0]}),
-        Peer("implicit BPR", ImplicitBPR, {"factors": 64, "learning_rate": 0.005, "regularization": 0.001,
-                                           **common},
-             {"factors": [32, 64], "learning_rate": [0.005, 0.01, 0.05], "regularization": [0.001, 0.01]}),
-        Peer("Cornac VBPR", CornacVBPR, {"item_vectors": item_vectors, "n_epochs": args.vbpr_epochs,
-                                         "seed": args.seed}),
-    ]
-
-
-def tune(peer: Peer, train: pl.DataFrame, args: argparse.Namespace) -> dict[str, Any]:
-    """Grid search on a validation split carved from ``train`` (never the test set)."""
-    inner, val = global_temporal_split(train, args.test_fraction, seed=args.seed)
-    users = val["user_id"].unique().sort()
-    scores = []
-    for values in itertools.product(*peer.grid.values()):
-        params = dict(zip(peer.grid, values))
-        recs = peer.build(**params).fit(inner).recommend(users, k=10)
-        score = evaluate(recs, val, inner, 10).metrics["ndcg@10"]
-        scores.append({"params": params, "val_ndcg@10": score})
-        print(f"  tune {peer.name} {params}: val ndcg@10 {score:.4f}", flush=True)
-    best = max(scores, key=lambda r: r["val_ndcg@10"])
-    return {"best": best["params"], "best_val_ndcg@10": best["val_ndcg@10"], "grid": scores}
-
-
-def fusionrec_runs(train: pl.DataFrame, test: pl.DataFrame, users: pl.Series, k: int,
-                   args: argparse.Namespace) -> dict[str, pl.DataFrame]:
-    """fusionrec's own rows: retrieval + ranker, retrieval alone, and the ablations
-    (each modality alone, behaviour alone, weighted / attention / concatenation fusion).
-
-    Everything is fitted on ``train`` only: the retrievers on all of it, the ranker on label
-    windows at its end (ranker.training), exactly as `fusionrec run` does on a full log.
-    Item embeddings come from ``--art`` (the tables `fusionrec embed` wrote).
-    """
-    if args.art is None or not (Path(args.art) / "embeddings").is_dir():
-        print("fusionrec rows skipped: pass --art ART with ART/embeddings from `fusionrec embed`")
-        return {}
-    from fusionrec.pipeline.config import load_config
-    from fusionrec.pipeline.retrieval.fusion import load_modalities
-    from fusionrec.pipeline.retrieval.stage import Catalog, retriever_from_config
-    from fusionrec.pipeline.io.tables import load_items
-    from fusionrec.ranker.serving.export import recommend as ranked_topk, topk
-    from fusionrec.ranker.features import behaviour_features
-    from fusionrec.ranker.serving.recommender import popular_fallback
-    from fusionrec.ranker.training import build_examples, fit_ranker, label_windows, split_users
-
-    item_mods = load_modalities(Path(args.art) / "embeddings", "item")
-    user_mods = load_modalities(Path(args.art) / "embeddings", "user")
-    items = load_items(args.data)
-    catalog = Catalog(items, None, train)
-    wanted = users.to_list()
-    cutoff = int(train["timestamp"].max()) + 1
-    out: dict[str, pl.DataFrame] = {}
-
-    def served(ranked: pl.DataFrame) -> pl.DataFrame:
-        # As `fusionrec recommend` does: users retrieval cannot place get the recent-popularity list.
-        return pl.concat([ranked, popular_fallback(wanted, ranked, train, k)], how="diagonal_relaxed")
-
-    def retrieval(name: str, cfg, mods: dict, behaviour: bool = True) -> None:
-        retriever = retriever_from_config(cfg)
-        if not behaviour:  # content alone: no behaviour and no popularity modality
-            retriever.behaviour_dim = 0
-            retriever.popularity = False
-        retriever.fit(mods, train, user_mods if mods else None)
-        # As `fusionrec recommend` does: users retrieval cannot place get the popular items.
-        cands = retriever.candidates(wanted, k=cfg.index.n_candidates)
-        out[name] = served(topk(cands.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score")), k))
-        return retriever, cands
-
-    cfg = load_config()
-    # The two-stage model: weighted fusion, then the LightGBM ranker.
-    retriever, cands = retrieval("fusionrec retrieval only (weighted)", cfg, item_mods)
-    windows = label_windows(train["timestamp"], cfg.ranker.label_window_days)
-    if len(windows) == 2:
-        tr = build_examples(catalog, item_mods, user_mods, windows[0], cfg)
-        va = build_examples(catalog, item_mods, user_mods, windows[1], cfg)
-    else:
-        tr, va = split_users(build_examples(catalog, item_mods, user_mods, windows[0], cfg))
-    ranker = fit_ranker(tr, va, cfg)
-    out["fusionrec retrieval + ranker"] = served(ranked_topk(ranker, behaviour_features(cands, train, items, cutoff), k))
-    out = {"fusionrec retrieval + ranker": out.pop("fusionrec retrieval + ranker"), **out}
-    # Ablations: fusion methods and single modalities (retrieval alone).
-    retrieval("ablation: attention fusion", load_config(overrides=["fusion.method=attention"]), item_mods)
-    retrieval("ablation: concatenation (equal weights)", load_config(overrides=["fusion.method=concat"]), item_mods)
-    for name, mods in item_mods.items():
-        retrieval(f"ablation: {name} only", cfg, {name: mods}, behaviour=False)
-    retrieval("ablation: behaviour only", load_config(overrides=["fusion.weights={behaviour=1.0}"]), item_mods)
+    for entry in source.iterdir():
+        if entry.name.startswith("interactions"):
+            continue
+        target = out / entry.name
+        if target.exists():
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, target, copy_function=link)
+        else:
+            link(str(entry), str(target))
+    train.write_csv(out / "interactions.csv")
     return out
 
 
-# ----------------------------------------------------------------------------- run
-
-def _row(name: str, res: EvaluationResult, base: EvaluationResult | None, seconds: float,
-         n_boot: int, seed: int) -> dict[str, Any]:
-    row: dict[str, Any] = {"model": name}
-    for m in TABLE_METRICS:
-        ci = bootstrap_ci(res.per_user, m, n_boot=n_boot, seed=seed)
-        row.update({m: ci["mean"], f"{m}_ci_low": ci["ci_low"], f"{m}_ci_high": ci["ci_high"]})
-    known = bootstrap_ci(res.per_user.filter(pl.col("segment") != "new"), "ndcg@10", n_boot=n_boot, seed=seed)
-    row.update({"ndcg@10 known users": known["mean"], "ndcg@10 known users_ci_low": known["ci_low"],
-                "ndcg@10 known users_ci_high": known["ci_high"]})
-    for m in ("coverage@10", "novelty@10", "gini@10", "long_tail_share@10", "ild@10"):
-        if m in res.metrics:
-            row[m] = res.metrics[m]
-    if base is not None:
-        cmp = paired_comparison(base.per_user, res.per_user, "ndcg@10", n_boot=n_boot, seed=seed)
-        row.update({"d_ndcg@10_vs_pop": cmp["diff"], "d_ndcg@10_vs_pop_ci_low": cmp["ci_low"],
-                    "d_ndcg@10_vs_pop_ci_high": cmp["ci_high"], "p_vs_pop": cmp["p_value"]})
-    row["seconds"] = seconds
-    return row
+def run_fusionrec(data: Path, art: Path, seed_embeddings: Path | None = None) -> float:
+    if seed_embeddings is not None and seed_embeddings.is_dir() and not (art / "embeddings").exists():
+        art.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(seed_embeddings, art / "embeddings")  # content-hashed: reused, not re-encoded
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "fusionrec.cli", "run", "--data", str(data), "--out", str(art), "-q",
+           "--set", "export.pseudonymise=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"fusionrec run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0
 
 
-def _cell(row: dict[str, Any], m: str) -> str:
-    v = row.get(m)
-    if v is None or (isinstance(v, float) and np.isnan(v)):
-        return "n/a"
-    if f"{m}_ci_low" in row:
-        return f"{v:.4f} [{row[m + '_ci_low']:.4f}, {row[m + '_ci_high']:.4f}]"
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+# -- peers --------------------------------------------------------------------------------------
+
+Scorer = Callable[[UserItemLog, np.ndarray], np.ndarray]
 
 
-def markdown(rows: list[dict[str, Any]], skipped: dict[str, str], info: dict[str, Any]) -> str:
-    acc = ["model", *TABLE_METRICS, "d_ndcg@10_vs_pop", "p_vs_pop", "seconds"]
-    beyond = ["model", "ndcg@10 known users", "coverage@10", "novelty@10", "gini@10", "long_tail_share@10",
-              "ild@10"]
-    beyond = [c for c in beyond if any(c in r for r in rows)]
+def bpr(params: dict[str, Any]) -> Callable[[UserItemLog], Scorer]:
+    def fit(log: UserItemLog) -> Scorer:
+        from implicit.cpu.bpr import BayesianPersonalizedRanking
 
-    def table(cols: list[str]) -> list[str]:
-        out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-        for r in rows:
-            cells = [r["model"] if c == "model" else (f"{r[c]:.1f}" if c == "seconds" else _cell(r, c))
-                     for c in cols]
-            out.append("| " + " | ".join(cells) + " |")
+        model = BayesianPersonalizedRanking(factors=params["factors"], learning_rate=params["learning_rate"],
+                                            regularization=params["regularization"], iterations=100,
+                                            random_state=0, num_threads=1)
+        model.fit(log.matrix, show_progress=False)
+        u, i = np.asarray(model.user_factors), np.asarray(model.item_factors)
+        return lambda _log, rows: u[rows] @ i.T
+    return fit
+
+
+def source_peer(make: Callable[[], Any]) -> Callable[[UserItemLog], Scorer]:
+    def fit(log: UserItemLog) -> Scorer:
+        source = make().fit(log)
+        return source.score
+    return fit
+
+
+def vbpr(vectors: tuple[list[str], np.ndarray] | None, params: dict[str, Any]) -> Callable[[UserItemLog], Scorer]:
+    def fit(log: UserItemLog) -> Scorer:
+        import torch
+        from cornac.data import Dataset, ImageModality
+        from cornac.models import VBPR
+
+        torch.set_num_threads(1)
+        assert vectors is not None
+        ids, mat = vectors
+        index = {i: j for j, i in enumerate(ids)}
+        feats = np.zeros((log.n_items, mat.shape[1]), np.float32)
+        for j, item in enumerate(log.item_ids):
+            if str(item) in index:
+                feats[j] = mat[index[str(item)]]
+        coo = log.matrix.tocoo()
+        triples = list(zip(coo.row.astype(str).tolist(), coo.col.astype(str).tolist(), [1.0] * coo.nnz))
+        train_set = Dataset.build(triples, fmt="UIR", seed=0)
+        modality = ImageModality(features=feats, ids=[str(i) for i in range(log.n_items)], normalized=True)
+        modality.build(id_map=train_set.iid_map)
+        train_set.add_modalities(item_image=modality)
+        model = VBPR(k=params["k"], k2=params["k"], n_epochs=params["epochs"], batch_size=100,
+                     learning_rate=params["learning_rate"], lambda_w=1.0, lambda_b=0.01, lambda_e=0.0,
+                     use_gpu=False, verbose=False, seed=0)
+        model.fit(train_set)
+        uidx = np.array([train_set.uid_map.get(str(u), -1) for u in range(log.n_users)])
+        iidx = np.array([train_set.iid_map.get(str(i), -1) for i in range(log.n_items)])
+        user_vec = np.hstack([model.gamma_user, model.theta_user])
+        item_vec = np.hstack([model.gamma_item, model.theta_item])
+        bias = model.beta_item + model.visual_bias
+        uv = np.where(uidx[:, None] >= 0, user_vec[np.maximum(uidx, 0)], 0.0)
+        iv = np.where(iidx[:, None] >= 0, item_vec[np.maximum(iidx, 0)], 0.0)
+        ib = np.where(iidx >= 0, bias[np.maximum(iidx, 0)], -1e9)
+        return lambda _log, rows: uv[rows] @ iv.T + ib
+    return fit
+
+
+def peer_grid(vectors: tuple[list[str], np.ndarray] | None) -> dict[str, list[tuple[dict[str, Any], Any]]]:
+    """Each peer's settings (at most 10): (setting, fit function taking a log)."""
+    grid: dict[str, list[tuple[dict[str, Any], Any]]] = {
+        "popularity": [({}, source_peer(Popular))],
+        "item-kNN": [({"neighbours": n}, source_peer(lambda n=n: ItemKNN(neighbours=n)))
+                     for n in (20, 50, 100, 200, 400)],
+        "EASE": [({"lambda": lam, "input": which}, source_peer(lambda lam=lam: EASE(lam=lam)))
+                 for lam in (50.0, 100.0, 200.0, 500.0, 1000.0) for which in ("positives", "all")],
+        "implicit ALS": [({"factors": f, "regularization": r}, source_peer(
+            lambda f=f, r=r: ALS(factors=f, regularization=r, threads=1)))
+            for f in (32, 64, 128) for r in (0.05, 0.5, 5.0)],
+        "implicit BPR": [({"factors": f, "learning_rate": lr, "regularization": 0.01},
+                          bpr({"factors": f, "learning_rate": lr, "regularization": 0.01}))
+                         for f in (32, 64) for lr in (0.005, 0.01, 0.05)],
+    }
+    if vectors is not None:
+        grid["Cornac VBPR"] = [({"k": k, "epochs": 20, "learning_rate": lr}, vbpr(vectors, {"k": k, "epochs": 20,
+                                                                                           "learning_rate": lr}))
+                               for k in (10, 32) for lr in (0.005,)]
+    return grid
+
+
+def have_cornac() -> bool:
+    try:
+        import cornac  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# -- scoring ------------------------------------------------------------------------------------
+
+class Task:
+    """Users to score, their truth, and the logs a model fits on (positives only, or all)."""
+
+    def __init__(self, train: pl.DataFrame, test: pl.DataFrame, item_ids: np.ndarray, threshold: float | None):
+        self.truth = truth_pairs(train, test, threshold)
+        self.users = sorted(self.truth["user_id"].unique().to_list())
+        user_ids = np.array(sorted(set(train["user_id"].to_list())), dtype=object)
+        self.item_ids = item_ids
+        self.logs = {"positives": build_log(train, user_ids, item_ids, threshold=threshold),
+                     "all": build_log(train, user_ids, item_ids, threshold=None)}
+        index = {u: j for j, u in enumerate(user_ids)}
+        self.rows = np.array([index[u] for u in self.users], np.int64)
+        col = {str(i): j for j, i in enumerate(item_ids)}
+        row = {u: j for j, u in enumerate(self.users)}
+        self.truth_matrix = np.zeros((len(self.users), len(item_ids)), bool)
+        self.truth_matrix[[row[u] for u in self.truth["user_id"].to_list()],
+                          [col[i] for i in self.truth["item_id"].to_list()]] = True
+        self.blocked = self.logs["all"].seen[self.rows].toarray() > 0
+
+    def per_user(self, scores: np.ndarray) -> np.ndarray:
+        return ndcg_at(np.where(self.blocked, -np.inf, scores), self.truth_matrix)
+
+    def recall(self, scores: np.ndarray, k: int = 10) -> np.ndarray:
+        s = np.where(self.blocked, -np.inf, scores)
+        top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        hits = np.take_along_axis(self.truth_matrix, top, axis=1).sum(axis=1)
+        return hits / np.maximum(self.truth_matrix.sum(axis=1), 1)
+
+    def lists(self, recs: pl.DataFrame) -> np.ndarray:
+        """A top-k frame (user_id, rank, item_id) as a score matrix (rank order, unlisted -inf)."""
+        col = {str(i): j for j, i in enumerate(self.item_ids)}
+        row = {u: j for j, u in enumerate(self.users)}
+        recs = recs.filter(pl.col("user_id").is_in(self.users) & (pl.col("rank") <= 10))
+        out = np.full((len(self.users), len(self.item_ids)), -1e9, np.float32)
+        out[[row[u] for u in recs["user_id"].to_list()], [col[i] for i in recs["item_id"].to_list()]] = \
+            -recs["rank"].cast(pl.Float32).to_numpy()
         return out
 
-    lines = [
-        f"Data: `{info['data']}`; global temporal split, latest {info['test_fraction']:.0%} of interactions "
-        f"as test (seed {info['seed']}): {info['n_train']} train / {info['n_test']} test interactions, "
-        f"{info['n_test_users']} test users of whom {info['n_new_users']} have no training history "
-        "(every model gives them popularity). Relevance: every test interaction not already in train. "
-        f"Mean over users with 95% bootstrap intervals ({info['n_boot']} resamples); "
-        "d_ndcg@10_vs_pop is the paired difference with popularity.",
-        "",
-        *table(acc),
-        "",
-        *table(beyond),
-    ]
-    if info.get("embeddings"):
-        lines.append(f"\nItem embeddings (VBPR's visual features, ILD): `{info['embeddings']}`")
-    for name, params in info.get("params", {}).items():
-        if params and name not in skipped:
-            lines.append(f"\n{name}: " + ", ".join(f"{k}={v}" for k, v in params.items()))
-    for name, why in skipped.items():
-        lines.append(f"\nSkipped {name}: {why}")
-    return "\n".join(lines) + "\n"
+    def score_model(self, fit: Any, which: str) -> np.ndarray:
+        log = self.logs[which]
+        return np.asarray(fit(log)(log, self.rows), dtype=np.float32)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, required=True, help="data directory (interactions.csv/.parquet)")
-    ap.add_argument("--art", type=Path, help="artifacts dir or embeddings parquet with item image vectors")
-    ap.add_argument("--modality", default="image", help="item embedding fed to VBPR and diversity (image)")
-    ap.add_argument("--test-fraction", type=float, default=0.2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--k", default="10,20", help="cut-offs, comma-separated")
-    ap.add_argument("--n-boot", type=int, default=1000)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--vbpr-epochs", type=int, default=20)
-    ap.add_argument("--only", help="comma-separated model names to run (substring match)")
-    ap.add_argument("--tune", action="store_true", help="grid-search each peer on a validation split of train")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--report", type=Path, help="also write the HTML report here")
-    args = ap.parse_args(argv)
-    ks = tuple(int(k) for k in args.k.split(","))
+def frame_ndcg(recs: pl.DataFrame, truth: pl.DataFrame, users: list[str], k: int = 10) -> np.ndarray:
+    """Per-user NDCG@k of top-k lists (user_id, item_id, rank) against truth pairs, in `users` order."""
+    rel = truth.with_columns(pl.lit(1.0).alias("rel"))
+    got = recs.filter(pl.col("rank") <= k).join(rel, on=["user_id", "item_id"], how="left").with_columns(
+        (pl.col("rel").fill_null(0.0) / (pl.col("rank") + 1).cast(pl.Float64).log(2)).alias("g"))
+    dcg = dict(got.group_by("user_id").agg(pl.col("g").sum()).iter_rows())
+    n_rel = dict(truth.group_by("user_id").agg(pl.len()).iter_rows())
+    disc = 1.0 / np.log2(np.arange(2, k + 2))
+    return np.array([dcg.get(u, 0.0) / disc[:min(n_rel.get(u, 0), k)].sum() if n_rel.get(u) else 0.0
+                     for u in users])
 
-    interactions = load_interactions(args.data)
-    train, test = global_temporal_split(interactions, args.test_fraction, seed=args.seed)
-    users = test["user_id"].unique().sort()
-    emb_path = find_item_embeddings([p for p in (args.art, args.data) if p is not None], args.modality)
-    item_vectors = load_item_vectors(emb_path) if emb_path else None
-    print(f"split: {train.height} train / {test.height} test, {users.len()} test users; "
-          f"embeddings: {emb_path or 'none'}", flush=True)
 
-    runs: dict[str, tuple[pl.DataFrame, float]] = {}
-    skipped: dict[str, str] = {}
-    tuning: dict[str, Any] = {}
-    chosen = peers(args, item_vectors)
-    if args.only:
-        wanted = [w.strip().lower() for w in args.only.split(",")]
-        chosen = [p for p in chosen if any(w in p.name.lower() for w in wanted)]
-    for peer in chosen:
+def interval(a: np.ndarray, b: np.ndarray | None = None, seed: int = 0) -> tuple[float, float, float]:
+    values = a if b is None else a - b
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(N_BOOT, len(values)))].mean(axis=1)
+    return float(values.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def tune_peers(name: str, train: pl.DataFrame, item_ids: np.ndarray, threshold: float | None,
+               vectors: tuple[list[str], np.ndarray] | None) -> dict[str, dict[str, Any]]:
+    fit_part, val_part = validation(name, train)
+    task = Task(fit_part, val_part, item_ids, threshold)
+    chosen = {}
+    for peer, settings in peer_grid(vectors).items():
+        best: dict[str, Any] | None = None
         t0 = time.perf_counter()
-        try:
-            if args.tune and peer.grid:
-                tuning[peer.name] = tune(peer, train, args)
-                peer.params.update(tuning[peer.name]["best"])
-                t0 = time.perf_counter()
-            recs = peer.build().fit(train).recommend(users, k=max(ks))
-        except Skip as why:
-            skipped[peer.name] = str(why)
-            print(f"skip {peer.name}: {why}", flush=True)
-            continue
-        runs[peer.name] = (recs, time.perf_counter() - t0)
-        print(f"{peer.name}: {runs[peer.name][1]:.1f} s", flush=True)
-    for name, recs in fusionrec_runs(train, test, users, max(ks), args).items():
-        runs[name] = (recs, float("nan"))
+        for setting, fit in settings:
+            which = setting.get("input", "positives")
+            value = float(task.per_user(task.score_model(fit, which)).mean())
+            if best is None or value > best["validation"]:
+                best = {"setting": setting, "validation": round(value, 5), "fit": fit, "input": which}
+        assert best is not None
+        chosen[peer] = best
+        print(f"  {peer}: validation NDCG@10 {best['validation']:.4f} with {best['setting']} "
+              f"({len(settings)} settings, {time.perf_counter() - t0:.0f} s)", flush=True)
+    return chosen
 
-    results = {n: evaluate(r, test, train, ks, item_vectors=item_vectors, n_items=None)
-               for n, (r, _) in runs.items()}
-    base = results.get("popularity")
-    rows = [_row(n, res, base if n != "popularity" else None, runs[n][1], args.n_boot, args.seed)
-            for n, res in results.items()]
-    first = next(iter(results.values()))
-    info = {"data": str(args.data), "test_fraction": args.test_fraction, "seed": args.seed,
-            "n_train": train.height, "n_test": test.height, "n_test_users": users.len(),
-            "n_new_users": int(first.metrics["n_new_users"]) if results else 0, "n_boot": args.n_boot,
-            "embeddings": str(emb_path) if emb_path else None}
-    info["params"] = {p.name: {k: v for k, v in p.params.items() if k not in ("item_vectors", "threads")}
-                      for p in chosen}
-    md = markdown(rows, skipped, info)
-    print("\n" + md)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    versions = {"python": platform.python_version(), "polars": pl.__version__, "numpy": np.__version__}
-    for lib in ("implicit", "cornac"):
-        try:
-            versions[lib] = importlib.metadata.version(lib)  # no import: cornac pulls in torch
-        except importlib.metadata.PackageNotFoundError:
-            versions[lib] = None
-    payload = {"info": info, "versions": versions, "tuning": tuning, "rows": rows,
-               "skipped": skipped,
-               "results": {n: r.to_dict() for n, r in results.items()}}
-    for name, text in (("peers.json", json.dumps(payload, indent=2, default=float, allow_nan=True) + "\n"),
-                       ("peers.md", md)):
-        with atomic_path(args.out / name) as tmp:
-            tmp.write_text(text)
-    if args.report:
-        from fusionrec.evaluation.report import write_report
-        write_report(args.report, title="fusionrec peers", runs=results,
-                     meta={k: v for k, v in info.items() if k != "params"},
-                     peers=pl.DataFrame(rows).drop("seconds"),
-                     exposure={n: r for n, (r, _) in runs.items()}, n_items=first.metrics.get("n_items"),
-                     exposure_k=10)
-    return 0
+def evaluate_all(task: Task, peers: dict[str, dict[str, Any]], ours: dict[str, pl.DataFrame]) -> dict[str, Any]:
+    per_user: dict[str, np.ndarray] = {}
+    recall: dict[str, np.ndarray] = {}
+    for peer, best in peers.items():
+        scores = task.score_model(best["fit"], best["input"])
+        per_user[peer], recall[peer] = task.per_user(scores), task.recall(scores)
+    for label, recs in ours.items():
+        scores = task.lists(recs)
+        per_user[label], recall[label] = task.per_user(scores), task.recall(scores)
+    return {"ndcg": per_user, "recall": recall}
+
+
+def table(result: dict[str, Any], peers: dict[str, dict[str, Any]], headline: str) -> tuple[list[dict], dict]:
+    ndcg = result["ndcg"]
+    strongest = max(peers, key=lambda p: float(ndcg[p].mean()))
+    rows = []
+    for model, values in ndcg.items():
+        mean, lo, hi = interval(values)
+        d, dlo, dhi = interval(ndcg[headline], values) if model != headline else (0.0, 0.0, 0.0)
+        rows.append({"model": model, "ndcg@10": round(mean, 4), "ci": [round(lo, 4), round(hi, 4)],
+                     "recall@10": round(float(result["recall"][model].mean()), 4),
+                     "validation": peers[model]["validation"] if model in peers else None,
+                     "setting": peers[model]["setting"] if model in peers else None,
+                     "fusionrec_minus_model": round(d, 4), "paired_ci": [round(dlo, 4), round(dhi, 4)]})
+    ratio = float(ndcg[headline].mean() / ndcg[strongest].mean())
+    d, lo, hi = interval(ndcg[headline], ndcg[strongest])
+    return rows, {"strongest_peer": strongest, "ratio": round(ratio, 4), "difference": round(d, 4),
+                  "interval": [round(lo, 4), round(hi, 4)], "users": len(ndcg[headline])}
+
+
+def our_lists(art: Path, users: list[str]) -> tuple[dict[str, pl.DataFrame], dict[str, Any]]:
+    exported = pl.read_parquet(art / "exports" / "topk.parquet")
+    rec = Recommender(art)
+    shipped = rec.order_
+    lists = {"fusionrec (exported)": exported}
+    rec.order_ = "retrieval"
+    lists["fusionrec retrieval order"] = rec.recommend(users, 10)
+    if rec.ranker_ is not None:
+        rec.order_ = "ranker"
+        lists["fusionrec ranker order"] = rec.recommend(users, 10)
+    guard = rec.guard_
+    return lists, {"shipped": shipped, "guard": guard}
+
+
+def markdown(title: str, rows: list[dict], head: dict, extra: str = "") -> str:
+    out = [f"### {title}", "", f"{head['users']} users. fusionrec's exported top-10 vs the strongest peer on test "
+           f"({head['strongest_peer']}): ratio **{head['ratio']:.3f}**, paired difference {head['difference']:+.4f} "
+           f"(95% interval {head['interval'][0]:+.4f} to {head['interval'][1]:+.4f}).", "",
+           "| model | NDCG@10 | 95% CI | recall@10 | validation NDCG@10 | fusionrec - model (paired 95% CI) | setting |",
+           "|---|---:|---|---:|---:|---|---|"]
+    for r in sorted(rows, key=lambda r: -r["ndcg@10"]):
+        out.append(f"| {r['model']} | {r['ndcg@10']:.4f} | {r['ci'][0]:.4f}-{r['ci'][1]:.4f} | {r['recall@10']:.4f} | "
+                   f"{'' if r['validation'] is None else format(r['validation'], '.4f')} | "
+                   f"{r['fusionrec_minus_model']:+.4f} ({r['paired_ci'][0]:+.4f}, {r['paired_ci'][1]:+.4f}) | "
+                   f"{'' if r['setting'] is None else json.dumps(r['setting'])} |")
+    return "\n".join(out) + "\n" + extra
+
+
+def item_vectors(art: Path, source: Path) -> tuple[list[str], np.ndarray] | None:
+    for path in (art / "embeddings" / "item_image.parquet", source / "embeddings" / "item_audio.parquet"):
+        if path.is_file():
+            df = pl.read_parquet(path)
+            dim = len(df["vector"][0])
+            return df["item_id"].cast(pl.String).to_list(), \
+                df["vector"].cast(pl.Array(pl.Float32, dim)).to_numpy().astype(np.float32)
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dataset", choices=sorted(SETS), required=True)
+    ap.add_argument("--shared", type=Path, default=SHARED)
+    ap.add_argument("--work", type=Path, default=None, help="working folder (default bench/results/work_<dataset>)")
+    ap.add_argument("--no-vbpr", action="store_true", help="skip Cornac VBPR (minutes per fit)")
+    ap.add_argument("--no-global", action="store_true", help="skip the global temporal slice table")
+    args = ap.parse_args()
+    source = args.shared / SETS[args.dataset] / "fusionrec"
+    if not source.is_dir():
+        raise SystemExit(f"data set absent at {source}")
+    work = args.work or RESULTS / f"work_{args.dataset}"
+    inter = read(source / "interactions.csv")
+    items = pl.read_csv(source / "items.csv", schema_overrides={"item_id": pl.String}, infer_schema_length=0)
+    item_ids = np.array(sorted(items["item_id"].to_list()), dtype=object)
+    threshold = relevance_threshold(inter, 0)
+    train, test = split(args.dataset, inter)
+    print(f"{args.dataset}: {train.height} train, {test.height} test interactions; relevance threshold {threshold}",
+          flush=True)
+
+    art = work / "art"
+    seconds = run_fusionrec(data_dir(source, train, work / "train"), art)
+    print(f"fusionrec run: {seconds:.0f} s", flush=True)
+    vectors = item_vectors(art, source) if not args.no_vbpr and have_cornac() else None
+    if not args.no_vbpr and vectors is None:
+        print("  Cornac VBPR skipped: cornac is not installed (pip install 'fusionrec[bench]') or no item embeddings")
+    peers = tune_peers(args.dataset, train, item_ids, threshold, vectors)
+    task = Task(train, test, item_ids, threshold)
+    ours, shipped = our_lists(art, task.users)
+    result = evaluate_all(task, peers, ours)
+    rows, head = table(result, peers, "fusionrec (exported)")
+    r_vs = interval(result["ndcg"].get("fusionrec ranker order", result["ndcg"]["fusionrec retrieval order"]),
+                    result["ndcg"]["fusionrec retrieval order"])
+    protocol = "each user's latest 20% of ratings held out, relevant = rating >= 4" if args.dataset == "movielens" \
+        else "the authors' split: train on 0 and 1, test on 2"
+    extra = (f"\nShipped order: **{shipped['shipped']}** (guard on validation: {json.dumps(shipped['guard'].get('guard', shipped['guard']))}). "
+             f"On test, ranker order minus retrieval order: {r_vs[0]:+.4f} (95% interval {r_vs[1]:+.4f} to {r_vs[2]:+.4f}). "
+             f"`fusionrec run` took {seconds:.0f} s.\n")
+    report = {"dataset": args.dataset, "protocol": protocol, "rows": rows, "headline": head,
+              "shipped": shipped, "ranker_minus_retrieval_on_test": [round(x, 4) for x in r_vs],
+              "fusionrec_run_seconds": round(seconds, 1)}
+    md = [f"## {args.dataset}: {protocol}", "", markdown("user-level protocol (headline)", rows, head, extra)]
+
+    if args.dataset == "movielens" and not args.no_global:
+        g_train, g_test = global_temporal_split(inter, 0.2, seed=0)
+        g_art = work / "art_global"
+        run_fusionrec(data_dir(source, g_train, work / "train_global"), g_art, seed_embeddings=art / "embeddings")
+        g_peers = tune_peers("movielens_global", g_train, item_ids, threshold, None)
+        known = set(g_train["user_id"].to_list())
+        g_task = Task(g_train, g_test, item_ids, threshold)
+        g_ours, _ = our_lists(g_art, g_task.users)
+        g_result = evaluate_all(g_task, g_peers, {"fusionrec (exported)": g_ours["fusionrec (exported)"]})
+        g_rows, g_head = table(g_result, g_peers, "fusionrec (exported)")
+        md.append(markdown("global temporal protocol, known-user slice (users with training history)",
+                           g_rows, g_head))
+        report["global_known_users"] = {"rows": g_rows, "headline": g_head}
+        cold_truth = (g_test.filter(positive_mask(g_test, threshold))
+                      .filter(~pl.col("user_id").is_in(list(known))).select("user_id", "item_id").unique())
+        cold_users = sorted(cold_truth["user_id"].unique().to_list())
+        exported = pl.read_parquet(g_art / "exports" / "topk.parquet")
+        share = Popular().fit(g_task.logs["positives"]).share_
+        top = item_ids[np.argsort(-share, kind="stable")[:10]]
+        popular = pl.DataFrame({"user_id": np.repeat(cold_users, 10), "item_id": np.tile(top, len(cold_users)),
+                                "rank": np.tile(np.arange(1, 11), len(cold_users))})
+        a, b = frame_ndcg(exported, cold_truth, cold_users), frame_ndcg(popular, cold_truth, cold_users)
+        d = interval(a, b)
+        md.append(f"### global temporal protocol, new-user slice\n\n{len(cold_users)} users with no training history: "
+                  f"fusionrec {a.mean():.4f} vs popularity {b.mean():.4f}, paired difference {d[0]:+.4f} "
+                  f"(95% interval {d[1]:+.4f} to {d[2]:+.4f}).\n")
+        report["global_new_users"] = {"users": len(cold_users), "fusionrec": round(float(a.mean()), 4),
+                                      "popularity": round(float(b.mean()), 4), "paired": [round(x, 4) for x in d]}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"quality_{args.dataset}.json").write_text(json.dumps(report, indent=2, default=str))
+    (RESULTS / f"quality_{args.dataset}.md").write_text("\n".join(md))
+    print("\n".join(md))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

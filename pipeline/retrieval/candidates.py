@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from safetensors.numpy import load_file, save_file
 
 from fusionrec.evaluation.splits import per_user_temporal_split
 from fusionrec.pipeline.io.storage import atomic_path, write_json
@@ -204,6 +205,14 @@ class CandidateModel:
             out[FUSED] = fused_scores(self.retriever_, user_ids, self.item_ids_, self.n_candidates)
         return out
 
+    def history_counts(self, rows: np.ndarray) -> np.ndarray:
+        """Interactions each user has in the log (0 for users it does not know)."""
+        counts = np.zeros(len(rows), np.int64)
+        known = rows >= 0
+        if known.any():
+            counts[known] = np.diff(self.log_.seen.indptr)[rows[known]]
+        return counts
+
     def blocked(self, rows: np.ndarray) -> np.ndarray:
         """Items each user has already (seen items never return)."""
         out = np.zeros((len(rows), len(self.item_ids_)), bool)
@@ -232,6 +241,15 @@ class CandidateModel:
         for name in z:
             if self.weights.get(name, 0.0):
                 blend += np.float32(self.weights[name]) * z[name]
+        # Users without history have nothing for the collaborative sources to go on: they are
+        # served from popularity in their segment (users table) and their own content.
+        cold = self.history_counts(rows) == 0
+        if cold.any():
+            cold_blend = np.zeros((int(cold.sum()), blocked.shape[1]), np.float32)
+            for name in ("segment_popular", "popular", FUSED):
+                if name in z:
+                    cold_blend += z[name][cold]
+            blend[cold] = cold_blend
         blend = np.where(blocked, -np.inf, blend).astype(np.float32)
         ranks: dict[str, np.ndarray] = {}
         for name, s in [*scores.items(), ("blend", blend)]:
@@ -293,9 +311,8 @@ class CandidateModel:
         for name, source in self.sources_.items():
             for key, value in source.state().items():
                 arrays[f"{name}.{key}"] = value
-        with atomic_path(directory / "sources.npz") as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
+        with atomic_path(directory / "sources.safetensors") as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
         write_json({"n_candidates": self.n_candidates, "threshold": self.threshold,
                     "recent_items": self.recent_items, "half_life": self.half_life, "seed": self.seed,
                     "params": self.params, "weights": self.weights, "segments": self.segment_names_},
@@ -309,7 +326,7 @@ class CandidateModel:
         model = cls(n_candidates=meta["n_candidates"], threshold=meta["threshold"],
                     recent_items=meta["recent_items"], half_life=meta["half_life"], seed=meta["seed"],
                     params=meta["params"], weights=meta["weights"])
-        saved = dict(np.load(Path(directory) / "sources.npz", allow_pickle=False))
+        saved = load_file(str(Path(directory) / "sources.safetensors"))
         # The log is cheap to rebuild; the fitted sources come from the file, not a refit.
         model.params = {}
         model.fit(interactions, item_ids, users, retriever)

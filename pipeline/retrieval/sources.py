@@ -216,11 +216,13 @@ class ALS(Source):
 
     def fit(self, log: UserItemLog) -> ALS:
         from implicit.cpu.als import AlternatingLeastSquares  # optional, heavy: imported when used
+        from threadpoolctl import threadpool_limits
 
         model = AlternatingLeastSquares(factors=self.factors, regularization=self.regularization,
                                         iterations=self.iterations, alpha=self.alpha, random_state=self.seed,
                                         num_threads=self.threads, calculate_training_loss=False)
-        model.fit(log.matrix, show_progress=False)
+        with threadpool_limits(1, "blas"):  # implicit's own threads do the work; BLAS threads would fight them
+            model.fit(log.matrix, show_progress=False)
         self.users_ = np.asarray(model.user_factors, dtype=np.float32)
         self.items_ = np.asarray(model.item_factors, dtype=np.float32)
         return self

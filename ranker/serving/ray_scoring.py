@@ -38,15 +38,14 @@ def score_users(rec: Recommender, users: list[str], k: int, *, include_seen: boo
                 use_ranker: bool = True, fallback: bool = True) -> pl.DataFrame:
     """`rec.recommend(users, k)` for one batch.
 
-    fallback=True: as `recommend(user_ids)`, users retrieval cannot place get the popular
-    list. fallback=False: as `recommend(None)` restricted to these users, which serves only
-    the users retrieval places; the popular rows (the only ones without a retrieval_score)
-    are left out.
+    fallback=True: as `recommend(user_ids)`, users the artifacts do not know get the
+    popularity sources' list. fallback=False: as `recommend(None)` restricted to these
+    users, which serves only the users the artifacts know.
     """
     ranked = rec.recommend(users, k, include_seen=include_seen, explain=explain, use_ranker=use_ranker)
     if fallback:
         return ranked
-    return ranked.filter(pl.col("retrieval_score").is_not_null().any().over("user_id"))
+    return ranked.filter(pl.col("user_id").is_in(rec.known_users_))
 
 
 class ScoreActor:
