@@ -636,10 +636,12 @@ class _NoProgress:
 def _progress(show: bool):
     if not show:
         return _NoProgress()
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    # Progress on stderr: stdout carries only the data tables (pipeable).
     return Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=False)
+                    transient=False, console=Console(stderr=True))
 
 
 def summary_rows(report: EmbedReport) -> list[dict[str, Any]]:
