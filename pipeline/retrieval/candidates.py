@@ -93,10 +93,16 @@ def truth_pairs(fit: pl.DataFrame, held: pl.DataFrame, threshold: float | None) 
         seen.select("user_id").unique(), on="user_id", how="semi")
 
 
-def zscore(scores: np.ndarray) -> np.ndarray:
-    """Per-row z-scores (a constant row scores 0 everywhere)."""
-    mean = scores.mean(axis=1, keepdims=True)
-    std = scores.std(axis=1, keepdims=True)
+def zscore(scores: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
+    """Per-row z-scores over the items a user has not seen (a constant row scores 0 everywhere)."""
+    if seen is None:
+        mean = scores.mean(axis=1, keepdims=True)
+        std = scores.std(axis=1, keepdims=True)
+    else:
+        unseen = ~seen
+        count = np.maximum(unseen.sum(axis=1, keepdims=True), 1)
+        mean = np.where(unseen, scores, 0.0).sum(axis=1, keepdims=True) / count
+        std = np.sqrt(np.where(unseen, (scores - mean) ** 2, 0.0).sum(axis=1, keepdims=True) / count)
     return ((scores - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
 
 
@@ -158,8 +164,8 @@ class CandidateModel:
 
     n_candidates: int = 100
     threshold: float | None = None
-    recent_items: int = 20
-    half_life: float = 5.0
+    recent_items: int = 30
+    half_life: float = 6.6
     seed: int = 0
     params: dict[str, dict[str, Any]] = field(default_factory=dict)  # source name -> setting
     weights: dict[str, float] = field(default_factory=dict)  # source name -> blend weight
@@ -235,8 +241,9 @@ class CandidateModel:
         """Scores, z-scores and ranks per source, the blend and the blocked (seen) mask for a user batch."""
         rows = self.user_rows(user_ids)
         scores = self.source_scores(rows, user_ids)
-        blocked = self.blocked(rows) if exclude_seen else np.zeros((len(rows), len(self.item_ids_)), bool)
-        z = {name: zscore(s) for name, s in scores.items()}
+        seen = self.blocked(rows)
+        blocked = seen if exclude_seen else np.zeros_like(seen)
+        z = {name: zscore(s, seen) for name, s in scores.items()}
         blend = np.zeros(blocked.shape, np.float32)
         for name in z:
             if self.weights.get(name, 0.0):
@@ -267,6 +274,12 @@ class CandidateModel:
             columns[f"src_{name}"] = s[u, i].astype(np.float32)
             columns[f"src_{name}_z"] = z[name][u, i].astype(np.float32)
             columns[f"src_{name}_rank"] = ranks[name][u, i].astype(np.int32)
+        if scores:
+            stacked_z = np.stack([z[name][u, i] for name in scores], axis=1)
+            columns["src_z_mean"] = stacked_z.mean(axis=1).astype(np.float32)
+            columns["src_z_max"] = stacked_z.max(axis=1).astype(np.float32)
+            columns["src_top10_count"] = np.stack([ranks[name][u, i] <= 10 for name in scores], axis=1).sum(
+                axis=1).astype(np.int32)
         columns["retrieval_score"] = blend[u, i].astype(np.float32)
         columns["retrieval_rank"] = ranks["blend"][u, i].astype(np.int32)
         return pl.DataFrame(columns)
@@ -415,13 +428,13 @@ def tune(split: LabelSplit, item_ids: np.ndarray, users: pl.DataFrame | None, fu
             if best is None or value > best[0] + 1e-9:
                 best = (value, setting, scores)
         assert best is not None
-        ndcg[name], params[name], z[name] = best[0], best[1], zscore(best[2])
+        ndcg[name], params[name], z[name] = best[0], best[1], zscore(best[2], blocked)
         recall[name] = recall_at(np.where(blocked, -np.inf, best[2]), truth, n_candidates)
     if fused is not None:
         scores = fused_scores(fused, val_users, np.asarray(item_ids, dtype=object), n_candidates)
         ndcg[FUSED] = float(ndcg_at(np.where(blocked, -np.inf, scores), truth).mean())
         recall[FUSED] = recall_at(np.where(blocked, -np.inf, scores), truth, n_candidates)
-        params[FUSED], z[FUSED] = {}, zscore(scores)
+        params[FUSED], z[FUSED] = {}, zscore(scores, blocked)
     weights = search_weights(z, truth, blocked)
     blend = sum(weights[n] * z[n] for n in z if weights[n])
     blend = np.where(blocked, -np.inf, blend)
@@ -443,7 +456,7 @@ def tune(split: LabelSplit, item_ids: np.ndarray, users: pl.DataFrame | None, fu
 
 
 def default_sources(n_items: int, ease_max_items: int) -> list[str]:
-    names = ["itemknn", "recent_itemknn", "als", "popular", "segment_popular"]
+    names = ["itemknn", "recent_itemknn", "sequence", "als", "popular", "segment_popular"]
     if n_items <= ease_max_items:
         names = ["ease", "recent_ease", *names]
     return names
