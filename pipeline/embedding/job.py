@@ -43,7 +43,7 @@ from fusionrec.pipeline.embedding.ray_engine import import_ray, ray_encode_rows
 from fusionrec.pipeline.embedding.vector_files import HashIndex, VectorReader, hash_keys
 from fusionrec.pipeline.encoders.base import l2_normalise
 from fusionrec.pipeline.encoders.text import ITEM_TEXT_FIELDS, clean_text, item_text
-from fusionrec.pipeline.errors import ConfigError, FusionrecError, InputError, MediaError
+from fusionrec.pipeline.errors import ConfigError, FusionrecError, MediaError
 from fusionrec.pipeline.io.manifest import RunRecord, hash_inputs, stage_run
 from fusionrec.pipeline.io.storage import clean_temporaries, sha256_bytes, sha256_file, write_parquet
 from fusionrec.pipeline.io.streaming import (
@@ -54,6 +54,7 @@ from fusionrec.pipeline.io.streaming import (
     vector_row_group_rows,
 )
 from fusionrec.pipeline.io.tables import find_table, resolve_media
+from fusionrec.pipeline.io.vectors import read_vectors
 
 log = logging.getLogger("fusionrec.embed")
 
@@ -187,37 +188,19 @@ def precomputed_tables(data_dir: Path) -> dict[tuple[str, str], Path]:
 
 
 def read_precomputed(path: Path, kind: str, known_ids: pl.Series) -> tuple[pa.Table, int]:
-    """A precomputed embeddings table as the job's own table format; returns (table, dropped ids)."""
-    id_col = f"{kind}_id"
-    try:
-        df = pl.read_parquet(path)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input
-        raise InputError(f"cannot read precomputed embeddings: {exc}", file=str(path)) from None
-    if id_col not in df.columns and "id" in df.columns:
-        df = df.rename({"id": id_col})
-    for column in (id_col, "vector"):
-        if column not in df.columns:
-            raise InputError("required column is missing", file=str(path), field=column)
-    df = df.with_columns(pl.col(id_col).cast(pl.String))
-    lengths = df["vector"].list.len() if df.schema["vector"] != pl.Array else None
-    if lengths is not None:
-        bad = lengths.is_null() | (lengths != lengths.drop_nulls().mode().first())
-        if bad.any():
-            row = int(bad.arg_true()[0]) + 1
-            raise InputError("vector is missing or has a different length from the others",
-                             file=str(path), row=row, field="vector")
-    matrix = np.asarray(df["vector"].to_list(), dtype=np.float32)
-    finite = np.isfinite(matrix).all(axis=1)
-    if not finite.all():
-        raise InputError("vector contains NaN or infinity", file=str(path),
-                         row=int(np.argmin(finite)) + 1, field="vector")
-    keep = df[id_col].is_in(known_ids.implode()).to_numpy()
+    """A precomputed embeddings table as the job's own table format; returns (table, dropped ids).
+
+    Validated by `pipeline.io.vectors.read_vectors` (fusion's reader uses the same); ids not
+    in the catalogue (and null ids) are dropped and counted.
+    """
+    ids, matrix = read_vectors(path, (f"{kind}_id", "id"), what="precomputed embeddings")
+    keep = ids.is_in(known_ids.implode()).fill_null(False).to_numpy()
     dropped = int((~keep).sum())
-    ids = df[id_col].filter(pl.Series(keep)).to_list()
+    kept = ids.filter(pl.Series(keep)).to_list()
     matrix = l2_normalise(matrix[keep])
     hashes = [sha256_bytes(row.tobytes()) for row in matrix]
     model = f"precomputed:{path.name}:{sha256_file(path)[:16]}"
-    return embedding_table(ids, hashes, [model] * len(ids), matrix), dropped
+    return embedding_table(kept, hashes, [model] * len(kept), matrix), dropped
 
 
 # --------------------------------------------------------------------------- tables

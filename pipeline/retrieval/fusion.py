@@ -43,7 +43,7 @@ import numpy as np
 import polars as pl
 
 from fusionrec.pipeline.encoders.base import l2_normalise
-from fusionrec.pipeline.errors import InputError
+from fusionrec.pipeline.io.vectors import read_vectors
 
 _ID_COLUMNS = ("id", "item_id", "user_id")
 
@@ -53,35 +53,13 @@ def read_embedding_table(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
     Accepts the artifact layout (`id, content_hash, model, vector`) and the precomputed
     input layout (`item_id`/`user_id, vector`); vectors may be fixed-size or plain lists.
-    Rows with a null vector are dropped (that id lacks the modality).
+    Rows with a null vector are dropped (that id lacks the modality). Validation is
+    `pipeline.io.vectors.read_vectors`, the embedding job's own (1-based rows).
     """
-    df = pl.read_parquet(path)
-    id_col = next((c for c in _ID_COLUMNS if c in df.columns), None)
-    if id_col is None or "vector" not in df.columns:
-        raise InputError("embedding table needs an id column (id, item_id or user_id) and 'vector'",
-                         file=str(path), field="vector" if id_col else "id")
-    df = df.select(pl.col(id_col).cast(pl.Utf8).alias("id"), "vector").filter(
-        pl.col("vector").is_not_null() & pl.col("id").is_not_null())
-    if df.height == 0:
+    ids, x = read_vectors(path, _ID_COLUMNS, drop_missing=True)
+    if len(ids) == 0:
         return np.empty(0, dtype=object), np.zeros((0, 0), dtype=np.float32)
-    dtype = df.schema["vector"]
-    if isinstance(dtype, pl.List):
-        lengths = df["vector"].list.len()
-        if lengths.n_unique() != 1:
-            bad = int((lengths != lengths[0]).arg_max())
-            raise InputError(f"vectors differ in length ({lengths[0]} and {lengths[bad]})",
-                             file=str(path), row=bad, field="vector")
-        df = df.with_columns(pl.col("vector").cast(pl.Array(pl.Float32, int(lengths[0]))))
-    dup = df["id"].is_duplicated()
-    if dup.any():
-        row = int(dup.arg_max())
-        raise InputError(f"duplicate id {df['id'][row]!r}", file=str(path), row=row, field="id")
-    x = df["vector"].cast(pl.Array(pl.Float32, df.schema["vector"].size)).to_numpy()
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        row = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
-        raise InputError("vector has NaN or infinite values", file=str(path), row=row, field="vector")
-    return df["id"].to_numpy().astype(object), l2_normalise(x)
+    return ids.to_numpy().astype(object), l2_normalise(x)
 
 
 def load_modalities(emb_dir: Path, kind: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import polars as pl
 import pytest
 
+from fusionrec.pipeline.embedding.job import read_precomputed
 from fusionrec.pipeline.errors import InputError
 from fusionrec.pipeline.retrieval.fusion import (
     Blocks,
@@ -17,6 +20,7 @@ from fusionrec.pipeline.retrieval.fusion import (
     l2_normalise,
     load_modalities,
     query_matrix,
+    read_embedding_table,
     renormalise,
     search_simplex,
     simplex_grid,
@@ -76,8 +80,36 @@ def test_load_modalities_reads_both_layouts_and_normalises(tmp_path):
 
 def test_load_modalities_rejects_duplicate_ids_naming_file_and_row(tmp_path):
     pl.DataFrame({"id": ["a", "b", "a"], "vector": [[1.0], [2.0], [3.0]]}).write_parquet(tmp_path / "item_text.parquet")
-    with pytest.raises(InputError, match=r"item_text\.parquet.*row 0.*field 'id'.*duplicate id 'a'"):
+    with pytest.raises(InputError, match=r"item_text\.parquet, row 3, field 'id': duplicate id 'a' \(first on row 1\)"):
         load_modalities(tmp_path, "item")
+
+
+BAD_FIRST_ROWS = [
+    ([[float("nan"), 0.0], [1.0, 0.0], [0.0, 1.0]], "vector contains NaN or infinity"),
+    ([[1.0], [1.0, 0.0], [0.0, 1.0]], "vector is missing or has a different length from the others"),
+]
+
+
+@pytest.mark.parametrize(("vectors", "message"), BAD_FIRST_ROWS)
+def test_ingest_and_fusion_report_the_first_bad_row_as_row_1(tmp_path, vectors, message):
+    """One validator (pipeline.io.vectors) for both paths: rows are 1-based, file and field named."""
+    path = tmp_path / "item_audio.parquet"
+    pl.DataFrame({"item_id": ["a", "b", "c"], "vector": vectors}).write_parquet(path)
+    expected = rf"item_audio\.parquet, row 1, field 'vector': {re.escape(message)}"
+    with pytest.raises(InputError, match=expected) as fused:
+        read_embedding_table(path)
+    with pytest.raises(InputError, match=expected) as ingested:
+        read_precomputed(path, "item", pl.Series(["a", "b", "c"]))
+    assert fused.value.row == ingested.value.row == 1
+
+
+def test_a_row_after_a_dropped_null_keeps_its_file_row_number(tmp_path):
+    path = tmp_path / "item_text.parquet"
+    pl.DataFrame({"id": ["a", "b", "c"], "vector": [None, [1.0, 0.0], [float("inf"), 0.0]]}).write_parquet(path)
+    with pytest.raises(InputError, match=r"row 3, field 'vector'"):
+        read_embedding_table(path)
+    with pytest.raises(InputError, match=r"row 1, field 'vector': vector is missing"):
+        read_precomputed(path, "item", pl.Series(["a", "b", "c"]))
 
 
 def test_align_blocks_puts_rows_on_the_id_order_with_zeros_for_missing():
