@@ -8,7 +8,9 @@ fusion weights on a temporal hold-out of the given interactions, (3) builds user
 from all given interactions and user content (pipeline.profiles) and (4) indexes the fused
 item vectors (pipeline.fusion explains the scoring identity; pipeline.index the index).
 
-Weight search: the last `validation_fraction` of the interactions by time are held out;
+Weight search: the last `validation_fraction` of the interactions by time are held out
+(`pipeline.splits.global_temporal_split`, the split the evaluation uses: equal timestamps in
+seeded order);
 profiles, behaviour and popularity are rebuilt from the rest, and weight vectors on the
 simplex (each weight >= min_weight, so content alone can always reach a cold item) are
 scored by recall@n_candidates of the held-out new items of up to validation_max_users
@@ -38,6 +40,7 @@ import scipy.sparse as sp
 from fusionrec.pipeline.retrieval import faiss_index as fidx
 from fusionrec.pipeline.errors import FusionrecError, InputError
 from fusionrec.pipeline.io.storage import sha256_file
+from fusionrec.pipeline.splits import global_temporal_split
 from fusionrec.pipeline.retrieval.fusion import (Blocks, align_blocks, attention_weights, consistency, fused_score,
                              item_matrix, l2_normalise, query_matrix, renormalise, search_simplex)
 from fusionrec.pipeline.retrieval.profiles import (InteractionMatrix, behaviour_embeddings, blend_content, history_profile,
@@ -66,20 +69,14 @@ def _as_interactions(df: pl.DataFrame) -> pl.DataFrame:
     return df.select(cols).filter(pl.col("user_id").is_not_null() & pl.col("item_id").is_not_null())
 
 
-def temporal_split(interactions: pl.DataFrame, fraction: float) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Global temporal hold-out: rows at or after the (1 - fraction) time quantile are held out.
-
-    Ties on the cut timestamp go to the held-out side unless that leaves no training rows
-    (e.g. split labels 0/1/2 as timestamps), in which case they go to training.
-    """
+def validation_split(interactions: pl.DataFrame, fraction: float, seed: int = 0
+                     ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The weight search's hold-out: `pipeline.splits.global_temporal_split` (the latest
+    round(fraction * n) interactions, equal timestamps in seeded order); fraction <= 0 or no
+    interactions hold out nothing."""
     if interactions.height == 0 or fraction <= 0:
         return interactions, interactions.clear()
-    ts = np.sort(interactions["timestamp"].to_numpy())
-    cut = ts[min(int(len(ts) * (1 - fraction)), len(ts) - 1)]
-    train = interactions.filter(pl.col("timestamp") < cut)
-    if train.height == 0:
-        return interactions.filter(pl.col("timestamp") <= cut), interactions.filter(pl.col("timestamp") > cut)
-    return train, interactions.filter(pl.col("timestamp") >= cut)
+    return global_temporal_split(interactions, fraction, seed=seed)
 
 
 def _gather_sims(user: Blocks, urows: np.ndarray, items: Blocks, cand: np.ndarray
@@ -353,7 +350,7 @@ class Retriever:
         need_beta = self.fusion == "attention" and self.attention_beta is None
         self.attention_beta_ = float(self.attention_beta) if self.attention_beta is not None else 0.0
         record: dict = {"fraction": self.validation_fraction}
-        train, valid = temporal_split(inter, self.validation_fraction)
+        train, valid = validation_split(inter, self.validation_fraction, self.seed)
         ev = self._validation_set(cblocks, train, valid, user_content) if valid.height and train.height else None
         if ev is None:
             record["skipped"] = "no temporal hold-out with users seen before it"

@@ -5,14 +5,16 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from fusionrec.evaluation.splits import (
+from fusionrec.evaluation import splits as evaluation_splits
+from fusionrec.pipeline import splits
+from fusionrec.pipeline.errors import InputError
+from fusionrec.pipeline.splits import (
     global_temporal_split,
     leave_last_out,
     per_user_temporal_split,
     stable_hash,
     time_order,
 )
-from fusionrec.pipeline.errors import InputError
 
 MASK = (1 << 64) - 1
 
@@ -149,3 +151,8 @@ def test_bad_input() -> None:
             global_temporal_split(frame([("u", "a", 1)]), bad)
     with pytest.raises(ValueError):
         leave_last_out(frame([("u", "a", 1)]), n=0)
+
+
+def test_evaluation_splits_re_exports_the_pipeline_splits():
+    for name in evaluation_splits.__all__:
+        assert getattr(evaluation_splits, name) is getattr(splits, name)

@@ -10,7 +10,8 @@ import pytest
 
 from fusionrec.pipeline.errors import FusionrecError, InputError
 from fusionrec.pipeline.retrieval.fusion import fused_score
-from fusionrec.pipeline.retrieval.retriever import Retriever, temporal_split
+from fusionrec.pipeline.retrieval.retriever import Retriever, validation_split
+from fusionrec.pipeline.splits import global_temporal_split
 
 N_TOPICS, N_ITEMS, N_USERS, K = 8, 240, 80, 10
 SCHEMA = {"user_id": pl.Utf8, "item_id": pl.Utf8, "timestamp": pl.Int64, "event": pl.Utf8, "value": pl.Float64}
@@ -278,12 +279,23 @@ def test_ann_index_is_tuned_to_the_target_recall(world):
     assert r.candidates()["user_id"].n_unique() == N_USERS
 
 
-def test_temporal_split_handles_split_labels_as_timestamps():
-    df = pl.DataFrame({"timestamp": [0] * 80 + [1] * 8 + [2] * 12})
-    train, valid = temporal_split(df, 0.1)
-    assert set(train["timestamp"]) == {0, 1} and set(valid["timestamp"]) == {2}
-    train, valid = temporal_split(df.filter(pl.col("timestamp") < 2), 0.1)
-    assert set(train["timestamp"]) == {0} and set(valid["timestamp"]) == {1}
+def test_validation_split_is_the_global_temporal_split():
+    df = pl.DataFrame({"user_id": [f"u{i % 7}" for i in range(100)], "item_id": [f"i{i}" for i in range(100)],
+                       "timestamp": [0] * 80 + [1] * 8 + [2] * 12})
+    train, valid = validation_split(df, 0.1, seed=3)
+    expected = global_temporal_split(df, 0.1, seed=3)
+    assert train.equals(expected[0]) and valid.equals(expected[1])
+    assert valid.height == 10 and set(valid["timestamp"]) == {2}  # 10 of the 12 tied rows, in seeded order
+    assert set(validation_split(df, 0.1, seed=4)[1]["item_id"]) != set(valid["item_id"])
+    train, valid = validation_split(df, 0.0)
+    assert train.height == 100 and valid.height == 0
+
+
+def test_fit_holds_out_round_fraction_of_the_interactions(world):
+    mods, inter, _, _ = world
+    r = Retriever(n_candidates=K, behaviour_dim=8, validation_fraction=0.2, seed=1).fit(mods, inter)
+    n_held = int(0.2 * inter.height + 0.5)
+    assert r.validation_["n_heldout"] == n_held and r.validation_["n_train"] == inter.height - n_held
 
 
 def test_unfitted_and_bad_arguments():
