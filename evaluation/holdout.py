@@ -1,0 +1,110 @@
+"""`fusionrec split`: a data directory into a train data directory and a held-out file.
+
+    SPLIT/train/          items, users and media of DATA, interactions minus the held-out rows
+    SPLIT/held_out.csv    the held-out interactions (user_id, item_id, timestamp, event, value)
+
+Run the pipeline on SPLIT/train and evaluate against SPLIT/held_out.csv: the held-out rows
+were never seen by any stage. Media files are hard-linked (or copied: `media="copy"`, or
+when the output is on another file system) so they stay inside the new data directory; the
+embedding job refuses symlinks that point outside it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from fusionrec.evaluation.splits import global_temporal_split, leave_last_out, per_user_temporal_split
+from fusionrec.pipeline.errors import InputError
+from fusionrec.pipeline.io.tables import find_table, load_interactions, load_items
+
+__all__ = ["PROTOCOLS", "SplitSummary", "split_data_dir"]
+
+PROTOCOLS = ("user", "global", "leave-last")
+MEDIA_MODES = ("link", "copy")
+HELD_OUT = "held_out.csv"
+
+
+@dataclass(frozen=True)
+class SplitSummary:
+    train_dir: Path
+    held_out: Path
+    protocol: str
+    train_rows: int
+    held_out_rows: int
+    held_out_users: int
+    files_linked: int
+    files_copied: int
+
+    def rows(self) -> list[dict[str, object]]:
+        return [{"table": "train interactions", "value": self.train_rows},
+                {"table": "held-out interactions", "value": self.held_out_rows},
+                {"table": "held-out users", "value": self.held_out_users},
+                {"table": "files linked", "value": self.files_linked},
+                {"table": "files copied", "value": self.files_copied}]
+
+
+def _place(src: Path, dst: Path, media: str) -> str:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if media == "link":
+        try:
+            os.link(src, dst)  # a hard link is a file of the new directory, not a pointer out of it
+            return "linked"
+        except OSError:
+            pass  # another file system, or links not allowed: copy instead
+    shutil.copy2(src, dst)
+    return "copied"
+
+
+def split_data_dir(data_dir: Path, out_dir: Path, *, protocol: str = "user", test_fraction: float = 0.2,
+                   media: str = "link", seed: int = 0) -> SplitSummary:
+    """Write OUT/train (a data directory without the held-out rows) and OUT/held_out.csv."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    if protocol not in PROTOCOLS:
+        raise InputError(f"--protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+    if media not in MEDIA_MODES:
+        raise InputError(f"--media must be link or copy, not {media!r}")
+    if not 0.0 < test_fraction < 1.0:
+        raise InputError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    if not data_dir.is_dir():
+        raise InputError("data directory does not exist", file=str(data_dir))
+    src_root, dst_root = data_dir.resolve(), out_dir.resolve()
+    if dst_root == src_root or src_root in dst_root.parents:
+        raise InputError(f"--out {out_dir} is inside the data directory {data_dir}; choose a folder outside it")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise InputError(f"--out {out_dir} already exists and is not empty; choose a new folder or remove it")
+
+    items = load_items(data_dir)
+    inter_path = find_table(data_dir, "interactions")
+    assert inter_path is not None  # required=True raises otherwise
+    interactions = load_interactions(data_dir, items)
+    if protocol == "user":
+        train, test = per_user_temporal_split(interactions, test_fraction, seed=seed)
+    elif protocol == "global":
+        train, test = global_temporal_split(interactions, test_fraction, seed=seed)
+    else:
+        train, test = leave_last_out(interactions, 1, seed=seed)
+    if test.height == 0:
+        raise InputError(f"the {protocol} protocol holds out no interaction (every user has too few); "
+                         "try --protocol global", file=str(inter_path))
+
+    train_dir = out_dir / "train"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    counts = {"linked": 0, "copied": 0}
+    for src in sorted(data_dir.rglob("*")):
+        rel = src.relative_to(data_dir)
+        if src.is_dir() or rel.parts[0].startswith(".") or (len(rel.parts) == 1 and rel.stem == "interactions"):
+            continue
+        counts[_place(src, train_dir / rel, media)] += 1
+    if inter_path.suffix == ".parquet":
+        train.write_parquet(train_dir / "interactions.parquet")
+    else:
+        train.write_csv(train_dir / "interactions.csv")
+    held_out = out_dir / HELD_OUT
+    test.write_csv(held_out)
+    return SplitSummary(train_dir, held_out, protocol, train.height, test.height,
+                        test.select(pl.col("user_id").n_unique()).item(), counts["linked"], counts["copied"])

@@ -1,0 +1,292 @@
+"""A newcomer's first hour: the README's quickstart run as written, its config block against the
+defaults, and the messages and exit codes of `split`, `evaluate`, `doctor`, bad config values
+and the conventional flags (--version, -v, --log-format json, --explain/--no-explain)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import tomllib
+from typer.testing import CliRunner
+
+from fusionrec.cli import app
+from fusionrec.pipeline.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+FUSIONREC = Path(sys.executable).parent / "fusionrec"
+FAST = ["--set", "embed.image.enabled=false", "--set", "embed.audio.enabled=false"]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def readme_section(title: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def code_blocks(section: str, lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in d.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and not all(isinstance(v, (int, float)) for v in value.values()):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def fusionrec(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(FUSIONREC), *args], cwd=cwd, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})})
+
+
+# ----------------------------------------------------------------------------- README
+
+def test_readme_config_block_is_the_defaults(tmp_path: Path) -> None:
+    blocks = code_blocks(readme_section("Configuration"), "toml")
+    assert len(blocks) == 1, "the Configuration section has one TOML block, the complete list of keys"
+    parsed = tomllib.loads(blocks[0])
+    documented, defaults = flatten(parsed), flatten(Config().to_dict())
+    assert sorted(set(defaults) - set(documented)) == [], "keys missing from the README"
+    assert sorted(set(documented) - set(defaults)) == [], "README keys the code does not have"
+    for key, value in defaults.items():
+        assert documented[key] == value, f"README {key} = {documented[key]!r}, code default {value!r}"
+    assert load_config(tmp_path / "readme.toml" if (tmp_path / "readme.toml").write_text(blocks[0]) else None) \
+        == Config()
+
+
+def quickstart_commands() -> list[list[str]]:
+    blocks = code_blocks(readme_section("Quickstart"), "bash")
+    fusionrec_blocks = [b for b in blocks if b.lstrip().startswith(".venv/bin/fusionrec")]
+    assert len(fusionrec_blocks) == 1, "the Quickstart has one block of fusionrec commands"
+    return [shlex.split(line.split("#")[0]) for line in fusionrec_blocks[0].splitlines() if line.strip()]
+
+
+def test_quickstart_splits_before_it_evaluates() -> None:
+    names = [cmd[1] for cmd in quickstart_commands()]
+    assert names.index("split") < names.index("run") < names.index("evaluate")
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory: pytest.TempPathFactory, sample_data: Path) -> dict:
+    """The README's quickstart commands, run as written in a fresh folder with `data/` beside them."""
+    cwd = tmp_path_factory.mktemp("quickstart")
+    (cwd / "data").symlink_to(sample_data, target_is_directory=True)
+    results = {}
+    for cmd in quickstart_commands():
+        assert cmd[0] == ".venv/bin/fusionrec"
+        done = fusionrec(*cmd[1:], cwd=cwd)
+        results[cmd[1]] = done
+        assert done.returncode == 0, f"{shlex.join(cmd)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return {"cwd": cwd, "results": results}
+
+
+@pytest.mark.integration
+def test_quickstart_runs_as_written(quickstart: dict) -> None:
+    cwd, results = quickstart["cwd"], quickstart["results"]
+    for name in ("split", "run", "evaluate", "recommend"):
+        assert "Traceback" not in results[name].stderr
+    assert (cwd / "split" / "train" / "items.csv").is_file() and (cwd / "split" / "held_out.csv").is_file()
+    assert (cwd / "artifacts" / "exports" / "topk.parquet").is_file()
+    assert (cwd / "report.html").is_file() and (cwd / "recs.csv").is_file()
+    evaluate = results["evaluate"].stdout
+    assert "fusionrec" in evaluate and "item-kNN" in evaluate and "NaN" not in evaluate and "nan" not in evaluate
+    # Data tables on stdout; progress and logs on stderr; no third-party INFO lines without -v.
+    run_out = results["run"].stdout
+    assert "nightly job" in run_out and "━" not in run_out
+    assert re.search(r"│\s*total\s*│\s*[\d.]+\s*│", run_out), run_out
+    for name in ("run", "evaluate", "recommend"):
+        assert "Loading faiss" not in results[name].stderr + results[name].stdout
+
+
+@pytest.mark.integration
+def test_the_report_is_one_to_trust(quickstart: dict) -> None:
+    page = (quickstart["cwd"] / "report.html").read_text(encoding="utf-8")
+    text = re.sub(r'src="data:[^"]+"', 'src=""', page)
+    for plot in ("metric_curves", "slices", "popularity_lorenz"):
+        assert f'data-plot="{plot}"' in text
+    assert "<h2>Headline</h2>" in text and "95% interval" in text
+    assert re.search(r"<td>ndcg@10</td><td>0\.\d{4}</td><td>\[0\.\d{4}, 0\.\d{4}\]</td>", text)
+    assert "Bands: 95% bootstrap intervals" in text and "k = 1, 2, 3, 5, 10, 15, 20" in text
+    assert "<h2>Run metadata</h2>" in text and "training data hash" in text and "torch" in text
+    assert "held-out hash" in text and "<summary>config</summary>" in text
+    # One Gini: the summary's gini@10 is the Lorenz table's Gini of fusionrec.
+    summary_gini = re.search(r"<td>gini</td><td>(0\.\d{4})</td>", text)
+    lorenz_gini = re.search(r"<td>fusionrec</td><td>(0\.\d{4})</td><td>\d+</td><td>\d+</td>", text)
+    assert summary_gini and lorenz_gini and summary_gini.group(1) == lorenz_gini.group(1)
+    if "Feature importance" in text:
+        assert "Importance type: gain" in text
+
+
+@pytest.mark.integration
+def test_evaluate_refuses_what_it_cannot_score(quickstart: dict, tmp_path: Path) -> None:
+    cwd = quickstart["cwd"]
+    art = str(cwd / "artifacts")
+    in_training = tmp_path / "in_training.csv"
+    pl.read_csv(cwd / "split" / "train" / "interactions.csv").tail(100).write_csv(in_training)
+    report = tmp_path / "r.html"
+    result = invoke("evaluate", "--out", art, "--test", str(in_training), "--report", str(report), "-q")
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "no scorable user" in message and "already in the training log" in message
+    assert "fusionrec split --data DATA --out SPLIT" in message and not report.exists()
+
+    result = invoke("evaluate", "--out", art, "--test", str(cwd / "split" / "held_out.csv"), "--relevance", "4",
+                    "-q")
+    assert result.exit_code == 2 and "--relevance 4.0 needs ratings" in " ".join(result.output.split())
+
+    rated = tmp_path / "rated.csv"
+    held = pl.read_csv(cwd / "split" / "held_out.csv")
+    held.with_columns(value=pl.lit(2.0)).write_csv(rated)
+    result = invoke("evaluate", "--out", art, "--test", str(rated), "--relevance", "4", "-q")
+    assert result.exit_code == 2 and "at or above --relevance 4.0" in " ".join(result.output.split())
+    held.with_columns(value=pl.when(pl.int_range(pl.len()) % 2 == 0).then(5.0).otherwise(1.0)).write_csv(rated)
+    result = invoke("evaluate", "--out", art, "--test", str(rated), "--relevance", "4", "-q", "--no-baselines")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.integration
+def test_recommend_writes_under_out_and_logs_as_json(quickstart: dict, tmp_path: Path) -> None:
+    art = tmp_path / "art"
+    import shutil
+
+    shutil.copytree(quickstart["cwd"] / "artifacts", art)
+    (art / "exports" / "topk.parquet").unlink()
+    done = fusionrec("--log-format", "json", "recommend", "--out", str(art), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (art / "exports" / "topk.parquet").is_file() and not (tmp_path / "artifacts").exists()
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    assert lines and all({"time", "level", "logger", "message"} <= set(entry) for entry in lines)
+    assert any("wrote" in entry["message"] for entry in lines)
+
+
+# ----------------------------------------------------------------------------- config at the CLI
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("fusion.method=bogus", "fusion.method"), ("ranker.objective=foo", "ranker.objective"),
+    ("index.factory=garbage", "index.factory"), ("ranker.learning_rate=-1", "ranker.learning_rate"),
+    ("embed.text.batch_size=0", "embed.text.batch_size"), ("fusion.validation_fraction=2", "fusion.validation_fraction"),
+    ("fusion.behaviour_dim=-3", "fusion.behaviour_dim"), ("fusion.weights={text=-1}", "fusion.weights.text"),
+    ("export.k=0", "export.k"), ("index.n_candidates=0", "index.n_candidates"),
+])
+def test_bad_config_values_exit_2_naming_the_key_before_any_stage(override: str, key: str, tmp_path: Path,
+                                                                  sample_data: Path) -> None:
+    out = tmp_path / "art"
+    result = invoke("run", "--data", str(sample_data), "--out", str(out), "-q", "--set", override)
+    assert result.exit_code == 2, result.output
+    assert f"config key '{key}'" in " ".join(result.output.split())
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_a_config_that_is_a_directory_or_not_utf8_exits_2(tmp_path: Path, sample_data: Path) -> None:
+    result = invoke("run", "--data", str(sample_data), "--out", str(tmp_path / "a"), "--config", str(tmp_path))
+    assert result.exit_code == 2 and "is a directory" in result.output
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"[export]\nkey_file = \"caf\xe9\"\n")
+    result = invoke("run", "--data", str(sample_data), "--out", str(tmp_path / "a"), "--config", str(bad))
+    assert result.exit_code == 2 and "not valid UTF-8" in result.output
+
+
+def test_engine_is_a_choice() -> None:
+    result = invoke("run", "--engine", "spark")
+    assert result.exit_code == 2 and "spark" in result.output
+
+
+# ----------------------------------------------------------------------------- split
+
+def test_split_writes_a_train_directory_and_a_held_out_file(tmp_path: Path, sample_data: Path) -> None:
+    out = tmp_path / "split"
+    result = invoke("split", "--data", str(sample_data), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    train = pl.read_csv(out / "train" / "interactions.csv")
+    held = pl.read_csv(out / "held_out.csv")
+    full = pl.read_csv(sample_data / "interactions.csv")
+    assert train.height + held.height == full.height and held.height > 0
+    assert train.join(held, on=["user_id", "item_id", "timestamp"], how="semi").height == 0
+    # Each user's held-out rows are that user's latest.
+    last_train = train.group_by("user_id").agg(pl.col("timestamp").max().alias("t"))
+    first_held = held.group_by("user_id").agg(pl.col("timestamp").min().alias("h"))
+    assert (last_train.join(first_held, on="user_id")["t"] <= last_train.join(first_held, on="user_id")["h"]).all()
+    media = [p for p in (out / "train").rglob("*") if p.is_file() and p.parent.name in ("images", "audio")]
+    assert media and not any(p.is_symlink() for p in (out / "train").rglob("*"))
+    assert all(p.stat().st_nlink >= 2 for p in media)  # hard links: files of the new directory
+    assert (out / "train" / "items.csv").read_bytes() == (sample_data / "items.csv").read_bytes()
+
+
+@pytest.mark.parametrize("protocol", ["global", "leave-last"])
+def test_split_protocols(protocol: str, tmp_path: Path, sample_data: Path) -> None:
+    out = tmp_path / protocol
+    result = invoke("split", "--data", str(sample_data), "--out", str(out), "--protocol", protocol,
+                    "--media", "copy")
+    assert result.exit_code == 0, result.output
+    held = pl.read_csv(out / "held_out.csv")
+    train = pl.read_csv(out / "train" / "interactions.csv")
+    if protocol == "global":
+        assert held["timestamp"].min() >= train["timestamp"].max()
+    else:
+        assert held.group_by("user_id").len()["len"].max() == 1
+    assert all(p.stat().st_nlink == 1 for p in (out / "train" / "images").iterdir())
+
+
+def test_split_refuses_bad_requests(tmp_path: Path, sample_data: Path) -> None:
+    result = invoke("split", "--data", str(sample_data), "--out", str(tmp_path / "s"), "--test-fraction", "1.5")
+    assert result.exit_code == 2 and "--test-fraction must be in (0, 1)" in result.output
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    result = invoke("split", "--data", str(sample_data), "--out", str(tmp_path / "busy"))
+    assert result.exit_code == 2 and "not empty" in result.output
+    result = invoke("split", "--data", str(sample_data), "--out", str(tmp_path / "s"), "--protocol", "random")
+    assert result.exit_code == 2
+    result = invoke("split", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s"))
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+# ----------------------------------------------------------------------------- conventions
+
+def test_version_names_the_libraries_without_importing_torch() -> None:
+    code = ("import sys; from typer.testing import CliRunner; from fusionrec.cli import app; "
+            "r = CliRunner().invoke(app, ['--version']); print(r.output); print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = done.stdout.strip().splitlines()
+    assert lines[-1] == "False", done.stdout + done.stderr
+    assert re.match(r"fusionrec \S+ \(torch \S+, faiss \S+, lightgbm \S+, python \S+\)", lines[0])
+
+
+def test_flags_read_as_flags_and_completion_is_on() -> None:
+    result = invoke("recommend", "--help")
+    assert "--no-explain" in result.output and "<bool>" not in result.output
+    assert "--verbose" in result.output and "-v" in result.output
+    root = invoke("--help")
+    assert "--install-completion" in root.output and "--log-format" in root.output and "--version" in root.output
+
+
+def test_doctor_checks_the_install_and_the_data(tmp_path: Path, sample_data: Path) -> None:
+    result = invoke("doctor", "--data", str(sample_data), "--out", str(tmp_path / "art"))
+    out = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    for name in ("import torch", "import torchvision", "import timm", "import faiss", "import lightgbm",
+                 "text weights", "image weights", "audio weights", "cuda", "interactions", "disk"):
+        assert name in out, name
+    assert "released file" in out and "a run would" in out and "recommend: top 10 per user" in out
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "items.csv").write_text("item_id,title\na,x\na,y\n")
+    result = invoke("doctor", "--data", str(bad), "--out", str(tmp_path / "art"))
+    assert result.exit_code == 1 and "duplicate id 'a'" in " ".join(result.output.split())
