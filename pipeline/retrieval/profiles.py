@@ -19,17 +19,32 @@ the user-item weight matrix (popularity-damped columns), so items that the same 
 are close. The `popularity` modality encodes each item's (recency-decayed) interaction
 count as a 2-d unit vector whose cosine with every user's fixed vector is the popularity.
 Items without interactions lack both and are served from their content.
+
+`item_blocks` and `user_state` put these together for the Retriever: the item blocks with the
+interaction modalities, and the user blocks, consistency kappa and ||mu||^2 per modality.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from fusionrec.pipeline.retrieval.fusion import l2_normalise
+from fusionrec.pipeline.retrieval.fusion import (
+    Blocks,
+    align_blocks,
+    attention_weights,
+    consistency,
+    l2_normalise,
+    renormalise,
+)
+
+BEHAVIOUR = "behaviour"
+POPULARITY = "popularity"
+_POPULARITY_USER = np.array([1.0, 0.0], dtype=np.float32)
 
 DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
     "purchase": 4.0, "order": 4.0, "buy": 4.0,
@@ -199,3 +214,70 @@ def popularity_vectors(interactions: pl.DataFrame, item_ids: np.ndarray, *,
     out[has, 0] = r[has]
     out[has, 1] = np.sqrt(np.maximum(1.0 - r[has] ** 2, 0.0))
     return out
+
+
+# --------------------------------------------------------------------------- the retriever's blocks
+
+
+def item_blocks(content: Blocks, inter: pl.DataFrame, modalities: tuple[str, ...], *,
+                half_life_days: float | None, event_weights: dict[str, float] | None, behaviour_dim: int,
+                seed: int) -> Blocks:
+    """Content blocks plus the modalities learned from interactions (behaviour, popularity)
+    that `modalities` names."""
+    names, mats, masks = list(content.names), list(content.mats), [content.mask]
+    if BEHAVIOUR in modalities:
+        im = interaction_matrix(inter, content.ids, half_life_days=half_life_days, event_weights=event_weights)
+        beh = behaviour_embeddings(im.weights, behaviour_dim, seed=seed)
+        names.append(BEHAVIOUR)
+        mats.append(beh)
+        masks.append((np.linalg.norm(beh, axis=1) > 0)[:, None])
+    if POPULARITY in modalities:
+        pop = popularity_vectors(inter, content.ids, half_life_days=half_life_days)
+        names.append(POPULARITY)
+        mats.append(pop)
+        masks.append((np.linalg.norm(pop, axis=1) > 0)[:, None])
+    return Blocks(content.ids, tuple(names), tuple(mats), np.hstack(masks))
+
+
+def user_state(im: InteractionMatrix, items: Blocks, user_content: Mapping[str, tuple[np.ndarray, np.ndarray]],
+               mean_sq: dict[str, float] | None, *, modality_means: Mapping[str, np.ndarray],
+               content_strength: float) -> tuple[Blocks, np.ndarray, dict[str, float]]:
+    """User blocks (behaviour profile blended with own content), consistency kappa, ||mu||^2.
+
+    mean_sq None computes ||mu||^2 from these users' histories (fitting); a fitted
+    retriever passes its own for users given at query time.
+    """
+    uc = align_blocks(dict(user_content), items.names, im.user_ids, dims=dict(zip(items.names, items.dims)))
+    mats: list[np.ndarray] = []
+    kappa = np.zeros((len(im.user_ids), len(items.names)))
+    mean_sq = dict(mean_sq or {})
+    for j, name in enumerate(items.names):
+        if name == POPULARITY:  # the same prior for everyone, new users included
+            mean_sq.setdefault(name, 0.0)
+            mats.append(np.tile(_POPULARITY_USER, (len(im.user_ids), 1)))
+            continue
+        prof = history_profile(im.weights, items.mats[j], items.mask[:, j])
+        if name not in mean_sq:
+            hist = prof.n_eff > 0
+            mu = (prof.direction[hist] * np.sqrt(prof.resultant_sq[hist])[:, None]).mean(axis=0) \
+                if hist.any() else np.zeros(items.dims[j])
+            mean_sq[name] = float(np.dot(mu, mu))
+        kappa[:, j] = np.where(prof.n_eff > 0, consistency(prof.resultant_sq, prof.sum_alpha_sq,
+                                                          mean_sq[name]), 0.0)
+        c = uc.mats[j]
+        if name in modality_means and uc.mask[:, j].any():
+            c = np.where(uc.mask[:, j:j + 1], l2_normalise(c - modality_means[name]), 0.0).astype(np.float32)
+        mats.append(blend_content(prof.direction, prof.n_eff, c, content_strength))
+    mask = np.column_stack([np.linalg.norm(m, axis=1) > 0 for m in mats]) if mats else \
+        np.zeros((len(im.user_ids), 0), dtype=bool)
+    # Sums of many floats come out in a thread-dependent order (differences near 1e-16);
+    # rounding keeps attention weights and the saved index byte-identical across runs.
+    return Blocks(im.user_ids, items.names, tuple(mats), mask), np.round(kappa, 9), mean_sq
+
+
+def personal_weights(weights: np.ndarray, mask: np.ndarray, kappa: np.ndarray, *, attention: bool,
+                     beta: float) -> np.ndarray:
+    """Each user's modality weights: attention (beta) or the global weights renormalised over A(u)."""
+    if attention:
+        return attention_weights(weights, kappa, mask, beta)
+    return renormalise(weights, mask)

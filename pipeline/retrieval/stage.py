@@ -68,13 +68,7 @@ def load_snapshot(art_dir: Path) -> Catalog:
 
 
 def retriever_from_config(cfg: Config) -> Retriever:
-    return Retriever(fusion=cfg.fusion.method, weights=dict(cfg.fusion.weights) or None,
-                     half_life_days=cfg.fusion.half_life_days, event_weights=dict(cfg.fusion.event_weights),
-                     validation_fraction=cfg.fusion.validation_fraction, index_factory=cfg.index.factory,
-                     target_recall=cfg.index.target_recall, n_candidates=cfg.index.n_candidates,
-                     seed=cfg.ranker.seed, behaviour_dim=cfg.fusion.behaviour_dim, popularity=cfg.fusion.popularity,
-                     cold_share=cfg.fusion.cold_share,
-                     attention_beta=cfg.fusion.attention_beta if cfg.fusion.attention_beta >= 0 else None)
+    return Retriever.from_config(cfg)
 
 
 def source_names(config: Config, n_items: int) -> list[str]:

@@ -9,8 +9,10 @@ import polars as pl
 import pytest
 
 from fusionrec.pipeline.errors import FusionrecError, InputError
+from fusionrec.pipeline.retrieval import weight_search
 from fusionrec.pipeline.retrieval.fusion import fused_score
-from fusionrec.pipeline.retrieval.retriever import Retriever, validation_split
+from fusionrec.pipeline.retrieval.retriever import Retriever
+from fusionrec.pipeline.retrieval.weight_search import validation_split
 from fusionrec.pipeline.splits import global_temporal_split
 
 N_TOPICS, N_ITEMS, N_USERS, K = 8, 240, 80, 10
@@ -346,10 +348,8 @@ def test_popularity_is_a_modality_with_the_same_prior_for_everyone(world):
 
 
 def test_large_catalogue_validation_pool_matches_the_dense_evaluation(world, searched, monkeypatch):
-    import fusionrec.pipeline.retrieval.retriever as retrieval
-
     mods, inter, _, _ = world
-    monkeypatch.setattr(retrieval, "_DENSE_VALIDATION_MAX_ITEMS", 10)  # force the candidate-pool path
+    monkeypatch.setattr(weight_search, "_DENSE_VALIDATION_MAX_ITEMS", 10)  # force the candidate-pool path
     pooled = Retriever(fusion="attention", n_candidates=K, behaviour_dim=8, validation_fraction=0.2,
                        beta_grid=(0.0, 1.0, 4.0), cold_share=0.0).fit(mods, inter)
     # each modality's top 400 covers this catalogue, so the pool path must agree exactly
