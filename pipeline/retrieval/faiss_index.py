@@ -18,10 +18,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from fusionrec.pipeline.io.storage import atomic_path
+
 EXACT_MAX_ITEMS = 20_000
 DEFAULT_MEMORY_BUDGET = 4 << 30
-
-from fusionrec.pipeline.io.storage import atomic_path
 
 
 def set_threads(n_threads: int | None) -> None:
@@ -76,7 +76,7 @@ def new_index(d: int, factory: str, *, seed: int = 0, niter: int | None = None):
         ivf.cp.niter = niter
     inner = faiss.downcast_index(ivf)
     if isinstance(inner, faiss.IndexIVFPQ):
-        inner.do_polysemous_training = False
+        inner.do_polysemous_training = False  # type: ignore[attr-defined]  # a SWIG attribute the stubs lack
     return index, ivf
 
 
@@ -198,6 +198,8 @@ def tune_search_params(index: faiss.Index, queries: np.ndarray, k: int, target_r
         return {"params": {}, "recall": 1.0, "recall_lower_bound": 1.0, "k": k, "n_queries": int(len(queries)),
                 "trials": [], "reached": True}
     if exact is None:
+        if base is None:
+            raise ValueError("tune_search_params needs base (the indexed vectors) or exact")
         exact = exact_search(base, queries, k)
     ex_scores, ex_ids = exact
     trials: dict[int, dict] = {}
@@ -252,13 +254,15 @@ def index_memory_bytes(index: faiss.Index) -> int:
     try:
         ivf = faiss.extract_index_ivf(inner)
         lists = ivf.invlists
-        n = sum(lists.list_size(i) for i in range(ivf.nlist))
-        return int(n * (lists.code_size + 8) + index_memory_bytes(ivf.quantizer))
+        if lists is not None:
+            n = sum(int(lists.list_size(i)) for i in range(ivf.nlist))
+            return int(n * (lists.code_size + 8) + index_memory_bytes(ivf.quantizer))
     except RuntimeError:
         pass
     if isinstance(inner, faiss.IndexHNSW):
         hnsw = inner.hnsw
-        graph = hnsw.neighbors.size() * 4 + hnsw.levels.size() * 4 + hnsw.offsets.size() * 8
+        # neighbors and offsets are SWIG vectors the faiss stubs do not list
+        graph = hnsw.neighbors.size() * 4 + hnsw.levels.size() * 4 + hnsw.offsets.size() * 8  # type: ignore[attr-defined]
         return int(graph + index_memory_bytes(inner.storage))
     if isinstance(inner, faiss.IndexFlatCodes):
         return int(inner.ntotal * inner.code_size)

@@ -94,7 +94,7 @@ class Blocks:
     def dims(self) -> tuple[int, ...]:
         return tuple(m.shape[1] for m in self.mats)
 
-    def take(self, rows: np.ndarray) -> "Blocks":
+    def take(self, rows: np.ndarray) -> Blocks:
         return Blocks(self.ids[rows], self.names, tuple(m[rows] for m in self.mats), self.mask[rows])
 
 
@@ -155,7 +155,7 @@ def fused_score(sims: np.ndarray, avail: np.ndarray, weights: np.ndarray) -> np.
     return np.divide(num, den, out=np.full(den.shape, np.nan), where=den > 0)
 
 
-def consistency(resultant_sq: np.ndarray, sum_alpha_sq: np.ndarray, mean_sq: np.ndarray) -> np.ndarray:
+def consistency(resultant_sq: np.ndarray, sum_alpha_sq: np.ndarray, mean_sq: np.ndarray | float) -> np.ndarray:
     """How much more a user's history agrees within a modality than a random history.
 
     resultant_sq = ||p_m||^2 for the weighted mean p_m of the user's history vectors,
@@ -239,16 +239,16 @@ def search_simplex(evaluate, n: int, *, floor: float = 0.0, coarse_step: float |
     best, best_score = grid[i], float(scores[i])
     for step in steps:
         while True:
-            moves = []
+            steps_to: list[np.ndarray] = []
             for a, b in itertools.permutations(range(n), 2):
                 w = best.copy()
                 w[a] -= step
                 w[b] += step
                 if w[a] >= floor - 1e-9 and tuple(np.round(w, 6)) not in seen:
-                    moves.append(np.maximum(w, floor))
-            if not moves:
+                    steps_to.append(np.maximum(w, floor))
+            if not steps_to:
                 break
-            moves = np.array(moves)
+            moves = np.array(steps_to)
             vals = np.asarray(evaluate(moves), dtype=np.float64)
             seen.update({tuple(np.round(g, 6)): s for g, s in zip(moves, vals)})
             j = pick(moves, vals)
