@@ -22,6 +22,7 @@ from fusionrec.pipeline.io.tables import read_interactions
 
 from fusionrec.evaluation import metrics as M
 from fusionrec.evaluation.baselines import ItemKNNRecommender, PopularityRecommender
+from fusionrec.evaluation.report import write_report
 from fusionrec.evaluation.results import EvaluationResult, bootstrap_ci, evaluate, paired_comparison, relevant_truth
 from fusionrec.ranker.serving.recommender import Recommender
 
@@ -185,8 +186,6 @@ def write_evaluation_report(path: Path, rec: Recommender, results: dict[str, Eva
                             comparisons: list[dict], runs: dict[str, pl.DataFrame], ks: tuple[int, ...], *,
                             truth: pl.DataFrame | None = None, n_boot: int = 1000, test_path: Path | None = None,
                             relevance: float | None = None) -> Path:
-    from fusionrec.evaluation.report import write_report
-
     main = results[MAIN]
     if main.per_user.height == 0:
         raise InputError("no scorable user: the report is not written over 0 users", file=str(test_path or ""))

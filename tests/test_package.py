@@ -24,8 +24,6 @@ NOT_PACKAGE = {"tests", "bench", "data", "docs", "build", "artifacts"}  # top-le
 # so an entry cannot outlive its reason.
 LAZY_IMPORT_ALLOWLIST: dict[str, str] = {
     "ranker/serving/recommender.py": "reserved (lead rewriting): imports ranker.serving.export in functions",
-    "evaluation/offline.py": "reserved (lead rewriting): imports pipeline.io.manifest and evaluation.report "
-                             "in functions",
 }
 
 HEAVY = ("torch", "transformers", "timm", "librosa")
