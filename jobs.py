@@ -18,6 +18,7 @@ from fusionrec.pipeline.config import Config
 from fusionrec.pipeline.embedding.job import EmbedReport, run_embed
 from fusionrec.pipeline.errors import ConfigError
 from fusionrec.pipeline.io.manifest import stage_run
+from fusionrec.pipeline.io.tracking import check_tracking, log_nightly
 from fusionrec.pipeline.io.storage import ArtifactLock
 from fusionrec.pipeline.retrieval.stage import load_catalog, run_index
 from fusionrec.ranker.serving.export import write_topk
@@ -91,6 +92,7 @@ def run_nightly(data_dir: Path, art_dir: Path, config: Config | None = None, *,
     """The whole nightly job: embed, index, train, recommend for every user, export ART/exports/topk.parquet."""
     config = config or Config()
     check_engine(config)
+    check_tracking(config)  # tracking.mlflow_uri set without MLflow: exit 2 before any stage
     data_dir, art_dir = Path(data_dir), Path(art_dir)
     timings: dict[str, float] = {}
     load_catalog(data_dir)  # every table validated before hours of encoding, not after
@@ -111,5 +113,9 @@ def run_nightly(data_dir: Path, art_dir: Path, config: Config | None = None, *,
         total.counts = {"exported_rows": recs.height, "users": recs["user_id"].n_unique(),
                         "failures": len(embedded.failures)}
         total.finish("ok")
+    log_nightly(config, art_dir, data_dir, {"seconds": {**timings, "total": sum(timings.values())},
+                                            "rows": recs.height, "users": recs["user_id"].n_unique(),
+                                            "media_failures": len(embedded.failures), "train": trained,
+                                            "fusion_weight": indexed.get("weights", {})})
     return NightlyReport(embedded, indexed, trained, path, recs.height, recs["user_id"].n_unique(), timings)
 

@@ -290,3 +290,63 @@ def test_doctor_checks_the_install_and_the_data(tmp_path: Path, sample_data: Pat
     (bad / "items.csv").write_text("item_id,title\na,x\na,y\n")
     result = invoke("doctor", "--data", str(bad), "--out", str(tmp_path / "art"))
     assert result.exit_code == 1 and "duplicate id 'a'" in " ".join(result.output.split())
+
+
+# ----------------------------------------------------------------------------- MLflow tracking
+
+def _mlflow_client(uri: str):
+    mlflow = pytest.importorskip("mlflow")
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return mlflow.tracking.MlflowClient(uri)
+
+
+def test_tracking_logs_params_metrics_and_artifacts_to_a_file_store(tmp_path: Path) -> None:
+    from fusionrec.pipeline.io.tracking import log_nightly
+
+    art = tmp_path / "art"
+    (art / "ranker").mkdir(parents=True)
+    (art / "manifest.json").write_text('{"runs": []}')
+    (art / "ranker" / "features.json").write_text("{}")
+    uri = (tmp_path / "mlruns").as_uri()
+    client = _mlflow_client(uri)
+    cfg = load_config(overrides=[f"tracking.mlflow_uri='{uri}'", "ranker.learning_rate=0.1"])
+    run_id = log_nightly(cfg, art, tmp_path / "data", {"seconds": {"embed": 1.5, "total": 3.0}, "rows": 10,
+                                                         "train": {"valid_ndcg@10": {"ranker": 0.3}, "note": "x"}})
+    assert run_id
+    run = client.get_run(run_id)
+    assert run.data.params["ranker.learning_rate"] == "0.1" and run.data.params["export.k"] == "10"
+    assert run.data.metrics["seconds.total"] == 3.0 and run.data.metrics["train.valid_ndcg_at_10.ranker"] == 0.3
+    logged = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "ranker")}
+    assert {"manifest.json", "ranker/features.json"} <= logged
+
+
+def test_tracking_without_mlflow_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from fusionrec.pipeline.errors import ConfigError
+    from fusionrec.pipeline.io import tracking
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    cfg = load_config(overrides=["tracking.mlflow_uri='file:///tmp/x'"])
+    with pytest.raises(ConfigError, match="pip install mlflow-skinny"):
+        tracking.check_tracking(cfg)
+    assert tracking.check_tracking(Config()) is False
+
+
+@pytest.mark.integration
+def test_a_nightly_run_is_tracked_in_mlflow(tmp_path: Path, sample_data: Path) -> None:
+    uri = (tmp_path / "mlruns").as_uri()
+    client = _mlflow_client(uri)
+    art = tmp_path / "art"
+    result = invoke("run", "--data", str(sample_data), "--out", str(art), "-q", *FAST,
+                    "--set", f"tracking.mlflow_uri='{uri}'")
+    assert result.exit_code == 0, result.output
+    assert (art / "manifest.json").is_file()  # the manifest stays
+    experiment = client.get_experiment_by_name("fusionrec")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    data = runs[0].data
+    assert data.params["embed.image.enabled"] == "False" and data.metrics["rows"] > 0
+    assert {"seconds.embed", "seconds.index", "seconds.train", "seconds.recommend", "seconds.total"} <= set(data.metrics)
+    assert "manifest.json" in {a.path for a in client.list_artifacts(runs[0].info.run_id)}
