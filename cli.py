@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -25,9 +26,8 @@ from fusionrec.evaluation.offline import run_evaluate
 from fusionrec.pipeline.config import Config, load_config
 from fusionrec.pipeline.embedding.job import summary_rows
 from fusionrec.pipeline.errors import FusionrecError
-from fusionrec.pipeline.io.manifest import RunRecord
-from fusionrec.ranker.serving.export import read_pairs
-from fusionrec.ranker.serving.recommender import Recommender, read_users
+from fusionrec.pipeline.io.storage import ReadLock
+from fusionrec.ranker.serving.recommender import read_users
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline two-stage multimodal recommender: embed, fuse and index, rank, export.")
@@ -262,14 +262,7 @@ def score(out: OutOpt = Path("artifacts"),
     _setup_logging(quiet, verbose)
     try:
         cfg = _config(config, set_)
-        record = RunRecord("score", out, None, cfg.to_dict())
-        pairs = read_pairs(candidates)
-        scored = Recommender(out).score(pairs, explain=explain)
-        path = jobs.export_topk(scored, export, out, cfg, pseudonymise)
-        record.inputs = {"candidates": str(candidates)}
-        record.counts = {"pairs": scored.height}
-        record.extra = {"export": str(path)}
-        record.finish("ok")
+        scored, path = jobs.run_score(out, candidates, export, cfg, explain=explain, pseudonymise_ids=pseudonymise)
     except FusionrecError as exc:
         _fail(exc)
     log.info("scored %d pairs into %s", scored.height, path)
@@ -290,8 +283,11 @@ def evaluate(out: OutOpt = Path("artifacts"),
         ks = tuple(int(x) for x in k.split(",") if x.strip())
     except ValueError:
         raise typer.BadParameter(f"--k must be comma-separated integers, got {k!r}", param_hint="--k") from None
+    if not ks or min(ks) < 1:
+        raise typer.BadParameter(f"--k needs positive cut-offs, got {k!r}", param_hint="--k")
     try:
-        table = run_evaluate(out, test, ks, report=report, baselines=baselines, relevance=relevance)
+        with ReadLock(out):  # a reader: no writer changes the artifacts meanwhile
+            table = run_evaluate(out, test, ks, report=report, baselines=baselines, relevance=relevance)
     except FusionrecError as exc:
         _fail(exc)
     cols = ["model"] + [c for c in table[0] if c != "model"]
@@ -374,12 +370,52 @@ def doctor(data: DataOpt = None, out: OutOpt = Path("artifacts"), config: Config
         raise typer.Exit(1)
 
 
-def main() -> None:
+DEBUG_ENV = "FUSIONREC_DEBUG"  # 1: an unexpected failure shows its traceback
+
+
+def crash_log_path() -> Path:
+    """Where an unexpected failure's traceback is written (FUSIONREC_CRASH_DIR, else the temp dir)."""
+    import os
+    import tempfile
+
+    folder = Path(os.environ.get("FUSIONREC_CRASH_DIR") or tempfile.gettempdir())
+    return folder / f"fusionrec-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+def main(args: list[str] | None = None) -> None:
+    """The `fusionrec` entry point, the last line of defence: an unexpected exception ends
+    with exit 1, one line naming it and a log file holding its traceback (shown with
+    FUSIONREC_DEBUG=1); usage errors exit 2 (click), bad input 2, known failures 1."""
+    import os
+    import traceback
+
     try:
-        app()
-    except FusionrecError as exc:  # pragma: no cover - commands handle their own
+        app(args=args, prog_name="fusionrec")
+    except SystemExit:
+        raise
+    except FusionrecError as exc:  # commands handle their own; this one escaped
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BaseException as exc:  # noqa: BLE001 - the last line of defence
+        text = "".join(traceback.format_exception(exc))
+        if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+            print(text, file=sys.stderr, end="")
+            sys.exit(1)
+        where = "the traceback could not be saved"
+        try:
+            path = crash_log_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"fusionrec {' '.join(sys.argv[1:] if args is None else args)}\n{text}")
+            where = f"traceback in {path}"
+        except OSError:
+            pass
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"error: unexpected {type(exc).__name__}: {first} ({where}; {DEBUG_ENV}=1 shows it)",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

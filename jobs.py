@@ -16,19 +16,20 @@ import polars as pl
 
 from fusionrec.pipeline.config import Config
 from fusionrec.pipeline.embedding.job import EmbedReport, run_embed
-from fusionrec.pipeline.errors import ConfigError
+from fusionrec.pipeline.errors import ConfigError, FusionrecError
 from fusionrec.pipeline.io.manifest import stage_run
 from fusionrec.pipeline.io.tracking import check_tracking, log_nightly
-from fusionrec.pipeline.io.storage import ArtifactLock
-from fusionrec.pipeline.retrieval.stage import load_catalog, run_index
-from fusionrec.ranker.serving.export import write_topk
+from fusionrec.pipeline.io.storage import ArtifactLock, check_separate_dirs, clean_stale_exports
+from fusionrec.pipeline.retrieval.stage import load_catalog
+from fusionrec.pipeline.retrieval.stage import run_index as _run_index
+from fusionrec.ranker.serving.export import check_export_target, read_pairs, write_topk
 from fusionrec.ranker.serving.privacy import export_key, pseudonymise
 from fusionrec.ranker.serving.ray_scoring import recommend_all
 from fusionrec.ranker.serving.recommender import Recommender
 from fusionrec.ranker.training import run_train
 
-__all__ = ["NightlyReport", "check_engine", "export_topk", "recommend_lists", "run_embed", "run_index", "run_nightly",
-           "run_recommend", "run_train", "sample_data_dir"]
+__all__ = ["NightlyReport", "check_engine", "export_topk", "open_recommender", "recommend_lists", "run_embed",
+           "run_index", "run_nightly", "run_recommend", "run_score", "run_train", "sample_data_dir"]
 
 
 def sample_data_dir() -> Path:
@@ -36,35 +37,137 @@ def sample_data_dir() -> Path:
     return Path(str(files("fusionrec") / "data"))
 
 
+def run_index(data_dir: Path, art_dir: Path, config: Config | None = None, **options: Any) -> dict[str, Any]:
+    """The index stage (`pipeline.retrieval.stage.run_index`), refusing an --out that overlaps --data."""
+    check_separate_dirs(data_dir, art_dir)
+    return _run_index(data_dir, art_dir, config, **options)
+
+
 def check_engine(config: Config) -> None:
     if config.engine not in ("local", "ray"):
         raise ConfigError(f"engine must be 'local' or 'ray', not {config.engine!r}")
 
 
+# Which command rebuilds a damaged artifact, by its first folder under ART.
+RERUN = {"embeddings": "fusionrec embed", "data": "fusionrec index", "index": "fusionrec index",
+         "sources": "fusionrec index", "candidates.parquet": "fusionrec index", "ranker": "fusionrec train"}
+
+
+def open_recommender(art_dir: Path) -> Recommender:
+    """`Recommender(art_dir)`, with any failure to load an artifact (truncated, zeroed,
+    garbage: a JSON, polars, safetensors or FAISS error) turned into exit 1 naming the file
+    and the command that rebuilds it."""
+    art_dir = Path(art_dir)
+    try:
+        return Recommender(art_dir)
+    except FusionrecError as exc:
+        if "fusionrec " in str(exc) or type(exc) is not FusionrecError:
+            raise
+        # A loader's own message that does not say what to do: add the command that rebuilds it.
+        hint = artifact_failure(art_dir, exc)
+        rerun = str(hint)[str(hint).rfind("; rerun"):] if "; rerun" in str(hint) else \
+            "; rerun `fusionrec run` to rebuild the artifacts"
+        raise FusionrecError(f"{exc}{rerun}") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a loader's own exception is a damaged artifact
+        raise artifact_failure(art_dir, exc) from exc
+
+
+def artifact_failure(art_dir: Path, exc: BaseException) -> FusionrecError:
+    """One clear error for an exception raised while loading `art_dir`: the file it was
+    reading (from the exception or the innermost frame that held a path under `art_dir`)."""
+    art = art_dir.resolve()
+    found: Path | None = None
+    name = getattr(exc, "filename", None)
+    candidates: list[Any] = [name] if name else []
+    tb = exc.__traceback__
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        candidates.extend(v for v in frame.f_locals.values() if isinstance(v, (str, Path)))
+    for value in candidates:
+        try:
+            path = Path(value).resolve()
+        except (OSError, ValueError, RuntimeError):
+            continue
+        if path.is_relative_to(art) and path.is_file():
+            found = path
+            break
+    text = str(exc).strip()
+    first = text.splitlines()[0][:200] if text else type(exc).__name__
+    if found is None:
+        return FusionrecError(f"cannot load the artifacts in {art_dir} ({type(exc).__name__}: {first}); "
+                              "rerun `fusionrec run` to rebuild them")
+    rel = found.relative_to(art)
+    rerun = RERUN.get(rel.parts[0], "fusionrec run")
+    return FusionrecError(f"artifact {art_dir / rel} is damaged and cannot be loaded ({type(exc).__name__}: "
+                          f"{first}); rerun `{rerun}` (or `fusionrec run`) to rebuild it")
+
+
 def recommend_lists(art_dir: Path, users: list[str] | None, k: int, config: Config, **options: Any) -> pl.DataFrame:
     """Top-k from the artifacts, on Ray when the engine says so (same rows as local)."""
     if config.engine == "ray":
-        return recommend_all(art_dir, k, config.ray, user_ids=users, **options)
-    return Recommender(art_dir).recommend(users, k, **options)
+        try:
+            return recommend_all(art_dir, k, config.ray, user_ids=users, **options)
+        except (FusionrecError, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - see open_recommender
+            raise artifact_failure(Path(art_dir), exc) from exc
+    return open_recommender(art_dir).recommend(users, k, **options)
 
 
-def export_topk(frame: pl.DataFrame, path: Path, art_dir: Path, config: Config, pseudonymise_ids: bool | None) -> Path:
-    """Write top-k rows to `path`, user ids pseudonymised unless asked otherwise."""
+def export_topk(frame: pl.DataFrame, path: Path, art_dir: Path, config: Config, pseudonymise_ids: bool | None,
+                *, raw: bool = False) -> Path:
+    """Write top-k rows to `path`, user ids pseudonymised unless asked otherwise; CSV cells
+    that would run as spreadsheet formulas are escaped unless `raw`."""
+    check_export_target(path, art_dir)
     if config.export.pseudonymise if pseudonymise_ids is None else pseudonymise_ids:
         frame = pseudonymise(frame, export_key(config.export, art_dir))
-    return write_topk(frame, path)
+    return write_topk(frame, path, raw=raw)
+
+
+def run_score(art_dir: Path, candidates: Path, export: Path, config: Config | None = None, *,
+              explain: bool = False, pseudonymise_ids: bool | None = None,
+              lock: bool = True) -> tuple[pl.DataFrame, Path]:
+    """The score command: (user_id, item_id) pairs scored and exported, under the shared lock."""
+    config = config or Config()
+    art_dir = Path(art_dir)
+    check_export_target(export, art_dir)
+    pairs = read_pairs(candidates)
+    clean_stale_exports(Path(export).parent, Path(export).name)
+    with stage_run("score", art_dir, None, config.to_dict(), lock=lock, shared=True) as record:
+        scored = open_recommender(art_dir).score(pairs, explain=explain)
+        path = export_topk(scored, Path(export), art_dir, config, pseudonymise_ids)
+        record.inputs = {"candidates": str(candidates)}
+        record.counts = {"pairs": scored.height}
+        record.extra = {"export": str(path)}
+        record.finish("ok")
+    return scored, path
 
 
 def run_recommend(art_dir: Path, export: Path, config: Config | None = None, *, users: list[str] | None = None,
                   k: int | None = None, explain: bool = False, include_seen: bool = False,
                   pseudonymise_ids: bool | None = None, data_dir: Path | None = None,
-                  lock: bool = False) -> tuple[pl.DataFrame, Path]:
-    """The recommend stage: top-k per user exported to `export`; returns the rows and the path."""
+                  lock: bool = True) -> tuple[pl.DataFrame, Path]:
+    """The recommend stage: top-k per user exported to `export`; returns the rows and the path.
+
+    A reader: it holds the shared lock (unless the caller holds the exclusive one, `lock=False`).
+    """
     config = config or Config()
     art_dir = Path(art_dir)
     k = config.export.k if k is None else k
-    with stage_run("recommend", art_dir, data_dir, config.to_dict(), lock=lock) as record:
+    if k < 1:
+        raise ConfigError(f"export.k must be at least 1, not {k}")
+    check_export_target(export, art_dir)
+    clean_stale_exports(Path(export).parent, Path(export).name)
+    with stage_run("recommend", art_dir, data_dir, config.to_dict(), lock=lock, shared=True) as record:
         recs = recommend_lists(art_dir, users, k, config, include_seen=include_seen, explain=explain)
+        if recs.height == 0 and users is None:
+            raise FusionrecError(f"no recommendation for any user from {art_dir} (an empty night): check "
+                                 "index.n_candidates and export.k, then rerun `fusionrec run`")
         path = export_topk(recs, Path(export), art_dir, config, pseudonymise_ids)
         record.counts = {"users": recs["user_id"].n_unique(), "rows": recs.height}
         record.extra = {"export": str(path), "k": k}
@@ -94,6 +197,7 @@ def run_nightly(data_dir: Path, art_dir: Path, config: Config | None = None, *,
     check_engine(config)
     check_tracking(config)  # tracking.mlflow_uri set without MLflow: exit 2 before any stage
     data_dir, art_dir = Path(data_dir), Path(art_dir)
+    check_separate_dirs(data_dir, art_dir)
     timings: dict[str, float] = {}
     load_catalog(data_dir)  # every table validated before hours of encoding, not after
     with ArtifactLock(art_dir), stage_run("run", art_dir, data_dir, config.to_dict(), lock=False) as total:
@@ -107,7 +211,8 @@ def run_nightly(data_dir: Path, art_dir: Path, config: Config | None = None, *,
         trained = run_train(art_dir, config, lock=False)
         timings["train"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        recs, path = run_recommend(art_dir, art_dir / "exports" / "topk.parquet", config, data_dir=data_dir)
+        recs, path = run_recommend(art_dir, art_dir / "exports" / "topk.parquet", config, data_dir=data_dir,
+                                   lock=False)
         timings["recommend"] = time.perf_counter() - t0
         total.timings = timings
         total.counts = {"exported_rows": recs.height, "users": recs["user_id"].n_unique(),

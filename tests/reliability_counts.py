@@ -8,10 +8,12 @@ Tests record through the `reliability` fixture:
         reliability.record(bad_inputs=1)      # one bad input tried
         reliability.record(data_lost=0)       # artifacts lost or damaged by it (must stay 0)
         reliability.record(random_rejected=1) # a random input the property tests saw rejected
+        reliability.record(probes=1, tracebacks=0, silent_damage=0)  # one careless/hostile probe
 
 and the terminal summary prints
 
-    reliability: faults injected 30, bad inputs tried 50 (and 253 random inputs rejected), data lost 0
+    reliability: faults injected 30, bad inputs tried 50 (and 253 random inputs rejected), data lost 0,
+    probes tried 80 (tracebacks 0, silent damage 0)
 """
 
 from __future__ import annotations
@@ -28,21 +30,29 @@ class ReliabilityCounts:
     bad_inputs: int = 0
     data_lost: int = 0
     random_rejected: int = 0
+    probes: int = 0  # probes of tests/test_probes.py (careless or hostile use)
+    tracebacks: int = 0  # of those, how many showed a Python traceback (must stay 0)
+    silent_damage: int = 0  # of those, how many exited 0 and damaged data or exports (must stay 0)
     cases: list[str] = field(default_factory=list)  # a short name per recorded case, for -v output
 
     def record(self, *, faults: int = 0, bad_inputs: int = 0, data_lost: int = 0, random_rejected: int = 0,
-               case: str | None = None) -> None:
+               probes: int = 0, tracebacks: int = 0, silent_damage: int = 0, case: str | None = None) -> None:
         self.faults += faults
         self.bad_inputs += bad_inputs
         self.data_lost += data_lost
         self.random_rejected += random_rejected
+        self.probes += probes
+        self.tracebacks += tracebacks
+        self.silent_damage += silent_damage
         if case:
             self.cases.append(case)
 
     def line(self) -> str:
         random = f" (and {self.random_rejected} random inputs rejected)" if self.random_rejected else ""
+        probes = (f", probes tried {self.probes} (tracebacks {self.tracebacks}, silent damage {self.silent_damage})"
+                  if self.probes else "")
         return (f"reliability: faults injected {self.faults}, bad inputs tried {self.bad_inputs}{random}, "
-                f"data lost {self.data_lost}")
+                f"data lost {self.data_lost}{probes}")
 
 
 COUNTS = ReliabilityCounts()
@@ -54,7 +64,7 @@ def reliability() -> ReliabilityCounts:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ARG001 - pytest hook signature
-    if not (COUNTS.faults or COUNTS.bad_inputs or COUNTS.data_lost or COUNTS.random_rejected):
+    if not (COUNTS.faults or COUNTS.bad_inputs or COUNTS.data_lost or COUNTS.random_rejected or COUNTS.probes):
         return
     terminalreporter.write_sep("-", "reliability suites")
     terminalreporter.write_line(COUNTS.line())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures as futures
 import contextlib
 import logging
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -43,9 +44,15 @@ from fusionrec.pipeline.embedding.ray_engine import import_ray, ray_encode_rows
 from fusionrec.pipeline.embedding.vector_files import HashIndex, VectorReader, hash_keys
 from fusionrec.pipeline.encoders.base import l2_normalise
 from fusionrec.pipeline.encoders.text import ITEM_TEXT_FIELDS, clean_text, item_text
-from fusionrec.pipeline.errors import ConfigError, FusionrecError, MediaError
+from fusionrec.pipeline.errors import ConfigError, FusionrecError, InputError, MediaError
 from fusionrec.pipeline.io.manifest import RunRecord, hash_inputs, stage_run
-from fusionrec.pipeline.io.storage import clean_temporaries, sha256_bytes, sha256_file, write_parquet
+from fusionrec.pipeline.io.storage import (
+    check_separate_dirs,
+    clean_temporaries,
+    sha256_bytes,
+    sha256_file,
+    write_parquet,
+)
 from fusionrec.pipeline.io.streaming import (
     ParquetSink,
     table_columns,
@@ -193,14 +200,47 @@ def read_precomputed(path: Path, kind: str, known_ids: pl.Series) -> tuple[pa.Ta
     Validated by `pipeline.io.vectors.read_vectors` (fusion's reader uses the same); ids not
     in the catalogue (and null ids) are dropped and counted.
     """
+    if path.is_dir():
+        raise InputError("is a directory, not a Parquet file of vectors", file=str(path), field="vector")
     ids, matrix = read_vectors(path, (f"{kind}_id", "id"), what="precomputed embeddings")
+    if len(ids) and matrix.shape[1] == 0:
+        raise InputError("every vector is empty (0 numbers)", file=str(path), row=1, field="vector")
+    ids = ids.str.strip_chars()  # the tables' ids are trimmed: the same id, the same spelling
     keep = ids.is_in(known_ids.implode()).fill_null(False).to_numpy()
+    check_matched(path, kind, ids, keep, known_ids)
     dropped = int((~keep).sum())
     kept = ids.filter(pl.Series(keep)).to_list()
     matrix = l2_normalise(matrix[keep])
     hashes = [sha256_bytes(row.tobytes()) for row in matrix]
     model = f"precomputed:{path.name}:{sha256_file(path)[:16]}"
     return embedding_table(kept, hashes, [model] * len(kept), matrix), dropped
+
+
+MAX_UNMATCHED_SHARE = 0.10  # precomputed rows matching no id of the table; beyond this (and 2 rows) it is bad input
+
+
+def check_matched(path: Path, kind: str, ids: pl.Series, keep: np.ndarray, known_ids: pl.Series) -> None:
+    """Refuse a precomputed table whose ids mostly miss the items/users table (a different
+    spelling: '1' against '01', case, spaces): exit 2 with examples of both spellings."""
+    unmatched = int((~keep).sum())
+    if unmatched <= 2 or unmatched <= MAX_UNMATCHED_SHARE * len(ids):
+        return
+    missing = ids.filter(pl.Series(~keep)).drop_nulls()
+    first = int(np.flatnonzero(~keep)[0]) + 1
+
+    def plain(value: str) -> str:  # the spelling aside: case, spaces, zeros before a number
+        return re.sub(r"(?<!\d)0+(?=\d)", "", value.strip().lower())
+
+    spelled = {plain(v): v for v in known_ids.head(1_000_000).to_list() if v is not None}
+    pairs = [f"{m!r} (the {kind}s table has {spelled[plain(m)]!r})" for m in missing.head(200).to_list()
+             if plain(m) in spelled][:3]
+    if not pairs:
+        pairs = [repr(m) for m in missing.head(3).to_list()]
+        pairs.append(f"while the {kind}s table has ids such as "
+                     f"{', '.join(repr(v) for v in known_ids.head(3).to_list())}")
+    raise InputError(f"{unmatched} of {len(ids)} ids ({unmatched / len(ids):.0%}) match no id of the {kind}s table "
+                     f"(more than {MAX_UNMATCHED_SHARE:.0%}), e.g. {', '.join(pairs)}; spell the ids as the {kind}s "
+                     "table does", file=str(path), row=first, field=ids.name or f"{kind}_id")
 
 
 # --------------------------------------------------------------------------- tables
@@ -261,9 +301,9 @@ def content_hashes(modality: str, contents: list[str], enc: ModalityEncoder, dat
         except MediaError as exc:
             errors[i] = str(exc)
             path, digest = None, sha256_bytes(salt + f"error:{rel}".encode())
-        except OSError as exc:
-            errors[i] = f"cannot read file: {exc.strerror or exc}"
-            path, digest = None, sha256_bytes(salt + f"error:{rel}".encode())
+        except (OSError, ValueError) as exc:  # ValueError: a path the OS cannot take
+            errors[i] = f"cannot read file: {getattr(exc, 'strerror', None) or exc}"
+            path, digest = None, sha256_bytes(salt + f"error:{rel!r}".encode())
         hashes.append(sha256_bytes(salt + digest.encode()))
         paths.append(path)
     return hashes, paths, errors
@@ -445,22 +485,32 @@ def _ids_missing_from(final: Path, plan_path: Path) -> int:
 
 
 def _failure_records(plan: ModalityPlan, errors: dict[int, str]) -> list[dict[str, str]]:
-    """failures.parquet rows of one modality, in plan order; each is logged (user ids kept out)."""
+    """failures.parquet rows of one modality, in plan order, and one WARNING line that sums
+    them up (the first case named; user ids and paths kept out of logs)."""
     if not errors:
         return []
     rows = (pl.scan_parquet(plan.path).filter(pl.col("row").is_in(list(errors)))
             .select("row", "id", "content", "input").sort("row").collect())
     out: list[dict[str, str]] = []
-    for row, id_, content, resolved in rows.iter_rows():  # failures only: few rows
-        err = errors[row]
-        out.append({"kind": plan.kind, "id": id_, "modality": plan.modality, "path": content, "error": err})
+    for _row, id_, content, _resolved in rows.iter_rows():  # failures only: few rows
+        out.append({"kind": plan.kind, "id": id_, "modality": plan.modality, "path": content,
+                    "error": errors[_row]})
+    if out:
+        first = out[0]
         if plan.kind == "user":
             # User ids (and media paths, which often contain them) stay out of logs: logs leave the team.
-            log.warning("a user's %s could not be used: %s (user kept without it; the id is in failures.parquet)",
-                        plan.modality, _redact(err, [content, resolved]))
+            example = _redact(first["error"], [first["path"], rows["input"][0]])
         else:
-            log.warning("%s %s %s: %s (%s kept without it)", plan.kind, id_, plan.modality, err, plan.kind)
+            example = f"{plan.kind} {first['id']}: {first['error']}"
+        more = f" and {len(out) - 1} more" if len(out) > 1 else ""
+        log.warning("%d %s %s files could not be used (first: %s%s); the %ss are kept without them, "
+                    "see failures.parquet", len(out), plan.kind, plan.modality, _clip(example), more, plan.kind)
     return out
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    text = text.replace("\x00", "\\0").replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _redact(text: str, paths: list[Any]) -> str:
@@ -475,6 +525,7 @@ def run_embed(data_dir: Path, art_dir: Path, config: Config | None = None, *,
     """The embedding job (`fusionrec embed`)."""
     config = config or Config()
     data_dir, art_dir = Path(data_dir), Path(art_dir)
+    check_separate_dirs(data_dir, art_dir)
     with stage_run(command, art_dir, data_dir, config.to_dict(), lock=lock) as record:
         return _run_embed(data_dir, art_dir, config, encoders, show_progress, record)
 
@@ -558,11 +609,16 @@ def _embed_all(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
                 advance=(lambda n, task=task: bar.advance(task, n)) if bar else None)
             plans.extend(kind_plans)
 
+        # Every precomputed table is read and validated before any of them replaces a table in ART.
+        ready = []
         for (kind, modality), path in precomputed.items():
             ids_path = known_ids.get(kind)
             known = pl.read_parquet(ids_path)["id"] if ids_path else pl.Series([], dtype=pl.String)
             started = time.perf_counter()
             table, dropped = read_precomputed(path, kind, known)
+            ready.append((kind, modality, path, table, dropped, time.perf_counter() - started))
+        for kind, modality, path, table, dropped, seconds in ready:
+            started = time.perf_counter() - seconds
             write_parquet(table, table_path(art_dir, kind, modality))
             report.counts[f"{kind}_{modality}"] = ModalityCounts(
                 rows=table.num_rows, reused=table.num_rows, dropped=dropped,

@@ -3,8 +3,12 @@ library versions, counts, timings), appended atomically."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import platform
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,8 +18,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from fusionrec.pipeline.io.storage import ArtifactLock, sha256_file, write_json
+from fusionrec.pipeline.io.storage import ArtifactLock, ReadLock, sha256_file, write_json
 
+log = logging.getLogger("fusionrec.manifest")
 LIBRARIES = ("fusionrec", "torch", "transformers", "timm", "librosa", "numpy", "pyarrow", "polars",
              "faiss-cpu", "lightgbm", "typer")
 
@@ -42,7 +47,8 @@ def hash_inputs(data_dir: Path) -> dict[str, str]:
     emb = data_dir / "embeddings"
     if emb.is_dir():
         for path in sorted(emb.glob("*.parquet")):
-            out[f"embeddings/{path.name}"] = sha256_file(path)
+            if path.is_file():  # a directory of that name is refused by the embedding job, naming it
+                out[f"embeddings/{path.name}"] = sha256_file(path)
     return out
 
 
@@ -88,18 +94,78 @@ class RunRecord:
         return record
 
 
-def read_manifest(art_dir: Path) -> dict[str, Any]:
+def read_manifest(art_dir: Path, *, warn: bool = True) -> dict[str, Any]:
+    """The manifest; a damaged one (cut short, garbage, not an object) is recovered: every
+    complete run record before the damage is kept, with a warning, never an exception."""
     path = Path(art_dir) / "manifest.json"
     if not path.is_file():
         return {"runs": []}
-    return json.loads(path.read_text())
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        log.warning("cannot read %s (%s): starting a new run list", path, exc.strerror or exc)
+        return {"runs": []}
+    try:
+        manifest = json.loads(raw)
+        if isinstance(manifest, dict) and isinstance(manifest.get("runs", []), list):
+            return manifest
+    except ValueError:
+        pass
+    runs = salvage_runs(raw)
+    if warn:
+        log.warning("%s is damaged: recovered %d complete run records; the next run record rewrites it "
+                    "(the damaged file is kept as %s)", path, len(runs), DAMAGED)
+    latest: dict[str, str] = {}
+    for record in runs:
+        latest[str(record.get("command"))] = str(record.get("run_id"))
+    return {"runs": runs, "latest": latest, "recovered": True}
+
+
+DAMAGED = "manifest.json.damaged"
+
+
+def salvage_runs(raw: bytes) -> list[dict[str, Any]]:
+    """The complete run records at the start of a damaged manifest's `runs` list."""
+    text = raw.decode("utf-8", errors="replace")
+    start = text.find('"runs"')
+    start = text.find("[", start) if start >= 0 else -1
+    if start < 0:
+        return []
+    decoder = json.JSONDecoder()
+    runs: list[dict[str, Any]] = []
+    i = start + 1
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        try:
+            record, i = decoder.raw_decode(text, i)
+        except ValueError:
+            return runs
+        if not isinstance(record, dict):
+            return runs
+        runs.append(record)
 
 
 def append_run(art_dir: Path, record: dict[str, Any]) -> None:
-    manifest = read_manifest(art_dir)
-    manifest.setdefault("runs", []).append(record)
-    manifest["latest"] = {**manifest.get("latest", {}), record["command"]: record["run_id"]}
-    write_json(manifest, Path(art_dir) / "manifest.json")
+    """Add one run record. Appends are serialised by an flock on the artifacts directory, so
+    two commands finishing at once (a writer and readers) both keep their record."""
+    import fcntl
+
+    art_dir = Path(art_dir)
+    art_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(art_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        manifest = read_manifest(art_dir)
+        if manifest.pop("recovered", False):
+            with contextlib.suppress(OSError):
+                shutil.copyfile(art_dir / "manifest.json", art_dir / DAMAGED)
+        manifest.setdefault("runs", []).append(record)
+        latest = manifest.get("latest")
+        manifest["latest"] = {**(latest if isinstance(latest, dict) else {}), record["command"]: record["run_id"]}
+        write_json(manifest, art_dir / "manifest.json")
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 def latest_run(art_dir: Path, command: str) -> dict[str, Any] | None:
@@ -111,15 +177,22 @@ def latest_run(art_dir: Path, command: str) -> dict[str, Any] | None:
 
 @contextmanager
 def stage_run(command: str, art_dir: Path, data_dir: Path | None = None, config: dict[str, Any] | None = None, *,
-              lock: bool = True) -> Iterator[RunRecord]:
+              lock: bool = True, shared: bool = False) -> Iterator[RunRecord]:
     """One stage's run: the artifacts lock (unless the caller holds it) and its run record.
+
+    `shared`: a reader (recommend, score, evaluate) takes the shared lock, which any number
+    of readers hold together and no writer meanwhile.
 
     The stage fills the record and calls `finish` with its status; the lock is released
     whatever happens.
     """
-    held = ArtifactLock(art_dir).acquire() if lock else None
+    held: ArtifactLock | ReadLock | None = None
+    if lock:
+        held = ReadLock(art_dir).__enter__() if shared else ArtifactLock(art_dir).acquire()
     try:
         yield RunRecord(command, Path(art_dir), Path(data_dir) if data_dir is not None else None, config or {})
     finally:
-        if held is not None:
+        if isinstance(held, ArtifactLock):
             held.release()
+        elif held is not None:
+            held.__exit__()

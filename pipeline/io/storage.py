@@ -198,6 +198,7 @@ class ArtifactLock:
         self.art_dir = Path(art_dir)
         self.path = self.art_dir / ".lock"
         self.taken_over_: dict | None = None
+        self._rw: int | None = None  # the flock on ART/.rwlock while held
 
     def acquire(self) -> ArtifactLock:
         try:
@@ -226,6 +227,11 @@ class ArtifactLock:
                 continue
             except OSError as exc:
                 raise FusionrecError(f"cannot write lock file {self.path}: {exc.strerror or exc}") from exc
+            try:
+                self._rw = _flock(self.art_dir, exclusive=True)
+            except LockError:
+                self.release()
+                raise
             if self.taken_over_ is not None:
                 removed = clean_temporaries(self.art_dir)
                 log.warning("took over the lock of a job that is gone (pid %s on %s); removed %d temporary files "
@@ -310,6 +316,9 @@ class ArtifactLock:
             os.close(fd)  # closing releases the flock
 
     def release(self) -> None:
+        rw, self._rw = self._rw, None
+        if rw is not None:
+            os.close(rw)  # closing releases the flock
         holder = self._read_holder()
         if holder is not None and holder.get("pid") == os.getpid():
             with contextlib.suppress(FileNotFoundError):
@@ -320,3 +329,119 @@ class ArtifactLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+# --------------------------------------------------------------------------- readers and writers
+
+RW_LOCK = ".rwlock"  # flock: shared by readers (recommend, score, evaluate), exclusive by writers
+LOCK_WAIT_ENV = "FUSIONREC_LOCK_WAIT"  # seconds a job waits for the other side (default 10)
+
+
+def _lock_wait() -> float:
+    try:
+        return max(0.0, float(os.environ.get(LOCK_WAIT_ENV, "10")))
+    except ValueError:
+        return 10.0
+
+
+def _flock(art_dir: Path, *, exclusive: bool) -> int | None:
+    """An flock on ART/.rwlock (an open fd; closing it releases the lock), waiting up to
+    FUSIONREC_LOCK_WAIT seconds. None where the file cannot be made (a read-only ART: then
+    no writer can change it either). The kernel drops the lock of a killed job by itself."""
+    import fcntl
+
+    path = Path(art_dir) / RW_LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+    deadline = time.monotonic() + _lock_wait()
+    mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+    while True:
+        try:
+            fcntl.flock(fd, mode)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                who = ("a command that reads them (recommend, score or evaluate)" if exclusive
+                       else "a job that writes them (run, embed, index or train)")
+                raise LockError(f"{art_dir} is in use by {who}; wait for it to finish or use another --out") from None
+            time.sleep(0.05)
+        except OSError:
+            os.close(fd)
+            return None  # a filesystem without flock
+
+
+class ReadLock:
+    """A shared lock on an artifacts directory: any number of readers, no writer meanwhile."""
+
+    def __init__(self, art_dir: Path | str) -> None:
+        self.art_dir = Path(art_dir)
+        self._fd: int | None = None
+
+    def __enter__(self) -> ReadLock:
+        if self.art_dir.is_dir():
+            self._fd = _flock(self.art_dir, exclusive=False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def clean_stale_exports(directory: Path, name: str, older_than_s: float = 600.0) -> int:
+    """Remove the torn temporaries `.tmp-*-<name>` a killed export left in `directory`
+    (older than `older_than_s`, so a concurrent writer's file is left alone); returns how many."""
+    removed = 0
+    if not Path(directory).is_dir():
+        return 0
+    now = time.time()
+    for tmp in Path(directory).glob(f"{TMP_PREFIX}*-{name}"):
+        try:
+            if tmp.is_file() and now - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+                removed += 1
+        except OSError:
+            continue
+    if removed:
+        log.warning("removed %d torn temporary files a killed export left in %s", removed, directory)
+    return removed
+
+
+def check_separate_dirs(data_dir: Path | str, art_dir: Path | str) -> None:
+    """Refuse an artifacts directory that is, contains or sits inside the data directory (a
+    job would overwrite the user's input, or read its own output as input)."""
+    from fusionrec.pipeline.errors import ConfigError
+
+    data, art = Path(data_dir).resolve(), Path(art_dir).resolve()
+    if data == art:
+        raise ConfigError(f"--out {art_dir} is the data directory: the job would overwrite its own input; "
+                          "use another --out")
+    if art.is_relative_to(data):
+        raise ConfigError(f"--out {art_dir} is inside the data directory {data_dir}: the job would write into "
+                          "its own input; use an --out outside it")
+    if data.is_relative_to(art):
+        raise ConfigError(f"--data {data_dir} is inside the artifacts directory {art_dir}: the job would "
+                          "replace its own input; keep data and artifacts apart")
+
+
+def read_artifact(path: Path | str, reader: Any, rerun: str = "fusionrec run") -> Any:
+    """`reader(path)`, with any failure to load (missing, truncated, garbage, a library's own
+    exception) turned into one FusionrecError (exit 1) naming the file and what to rerun."""
+    path = Path(path)
+    try:
+        return reader(path)
+    except FusionrecError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any loader error is a damaged artifact to the user
+        text = str(exc).strip()
+        first = text.splitlines()[0][:200] if text else type(exc).__name__
+        what = "is missing" if isinstance(exc, FileNotFoundError) else f"cannot be loaded ({first})"
+        raise FusionrecError(f"artifact {path} {what}; rerun `{rerun}` to rebuild it") from exc

@@ -33,7 +33,14 @@ import pyarrow.parquet as pq
 
 from fusionrec.pipeline.errors import InputError
 from fusionrec.pipeline.io.storage import atomic_path
-from fusionrec.pipeline.io.tables import ITEM_TEXT_COLUMNS, USER_TEXT_COLUMNS, check_ids, check_text, read_table
+from fusionrec.pipeline.io.tables import (
+    ITEM_TEXT_COLUMNS,
+    USER_TEXT_COLUMNS,
+    check_encoding,
+    check_ids,
+    check_text,
+    read_table,
+)
 from fusionrec.pipeline.retrieval.faiss_index import choose_factory, new_index
 
 DEFAULT_BATCH_ROWS = 16_384
@@ -62,7 +69,11 @@ def table_columns(path: Path | str) -> list[str]:
             raise InputError("the file is empty", file=str(path))
         if path.suffix == ".parquet":
             return list(_parquet(path).schema_arrow.names)
-        with open(path, encoding="utf-8", newline="") as fh:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        check_encoding(head, path)
+        # utf-8-sig: the BOM Excel writes at the start of "CSV UTF-8" is not part of the first name.
+        with open(path, encoding="utf-8-sig", newline="") as fh:
             return next(csv.reader(fh))
     except (OSError, StopIteration, pa.ArrowException, UnicodeDecodeError) as exc:
         if not isinstance(exc, OSError):

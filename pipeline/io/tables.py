@@ -43,6 +43,9 @@ def read_table(path: Path) -> pl.DataFrame:
         if path.suffix == ".parquet":
             return pl.read_parquet(path)
         raw = path.read_bytes()
+        check_encoding(raw[:4], path)
+        if raw.startswith(UTF8_BOM):  # Excel's "CSV UTF-8"
+            raw = raw[len(UTF8_BOM):]
         _check_utf8(raw, path)
         return pl.read_csv(raw, infer_schema=False, raise_if_empty=True, quote_char='"')
     except InputError:
@@ -56,6 +59,21 @@ def read_table(path: Path) -> pl.DataFrame:
         raise InputError(f"cannot parse the table: {reason or first}", file=str(path), row=row, field=field) from None
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_32_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+                  (b"\xfe\xff", "UTF-16"))
+
+
+def check_encoding(head: bytes, path: Path) -> None:
+    """Refuse a CSV saved as UTF-16 or UTF-32 (Excel's "Unicode text"): tables are UTF-8."""
+    for bom, name in _UTF16_32_BOMS:
+        if head.startswith(bom):
+            raise InputError(f"the file is {name} text; save it as UTF-8 (\"CSV UTF-8\")", file=str(path), row=None)
+    if len(head) >= 2 and (head[0] == 0 or head[1] == 0) and path.suffix != ".parquet":
+        raise InputError("the file looks like UTF-16 text without a byte order mark; save it as UTF-8",
+                         file=str(path))
+
+
 def _check_utf8(raw: bytes, path: Path) -> None:
     try:
         raw.decode("utf-8")
@@ -64,7 +82,8 @@ def _check_utf8(raw: bytes, path: Path) -> None:
         # Undecodable bytes become lone surrogates, which valid text never holds: find their cell.
         row, field = _first_cell(raw.decode("utf-8", errors="surrogateescape"),
                                  lambda cell: any("\udc80" <= ch <= "\udcff" for ch in cell))
-        raise InputError(f"invalid UTF-8 at byte {exc.start} (line {line})", file=str(path),
+        raise InputError(f"invalid UTF-8 at byte {exc.start} (line {line}); save the file as UTF-8 (a Latin-1 or "
+                         "Windows-1252 file is not read)", file=str(path),
                          row=row if row is not None else max(line - 1, 0), field=field) from None
 
 
@@ -233,7 +252,53 @@ def parse_timestamps(df: pl.DataFrame, path: Path, column: str = "timestamp") ->
         row = _first_bad_row(bad)
         raise InputError(f"cannot read timestamp {df[column][row - 1]!r} (Unix seconds or ISO-8601)",
                          file=str(path), row=row, field=column)
-    return df.with_columns(parsed.alias(column))
+    return df.with_columns(plausible_timestamps(parsed, df[column], path, column).alias(column))
+
+
+MS_FROM = 10**11  # as seconds: the year 5138; as milliseconds: 1973
+MS_UNTIL = 10**14  # as milliseconds: the year 5138
+FUTURE_SLACK_S = 366 * 86_400  # a log may run ahead of the clock a little, never by more than a year
+
+
+def plausible_timestamps(seconds: pl.Series, raw: pl.Series, path: Path, column: str = "timestamp",
+                         now: float | None = None) -> pl.Series:
+    """Unix seconds checked for plausibility.
+
+    Integer timestamps in milliseconds (every row between 10^11 and 10^14, i.e. 1973 to 5138
+    as milliseconds) are converted to seconds, with a warning; a column that mixes seconds
+    and milliseconds is refused, naming the first row in the other unit. A timestamp more
+    than a year after today (a row dated 9999, nanoseconds, 10^18) is refused, naming the
+    file, the row and the field.
+    """
+    import logging
+    import time
+
+    if seconds.len() == 0:
+        return seconds
+    # Only numbers can be milliseconds (an ISO date of the year 9999 is just far away).
+    numeric = (pl.Series([True] * len(raw)) if raw.dtype.is_numeric()
+               else raw.cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False).is_not_null())
+    as_ms = ((seconds >= MS_FROM) & (seconds < MS_UNTIL)).fill_null(False) & numeric
+    if as_ms.any():
+        if as_ms.all():
+            logging.getLogger("fusionrec.tables").warning(
+                "%s: every %s is in milliseconds (e.g. %s): read as milliseconds", path, column, raw[0])
+            seconds = seconds // 1000
+        else:
+            n_ms = int(as_ms.sum())
+            row = _first_bad_row(as_ms if n_ms <= len(as_ms) - n_ms else ~as_ms)  # the minority's first row
+            other = _first_bad_row(~as_ms if n_ms <= len(as_ms) - n_ms else as_ms)
+            unit, other_unit = ("milliseconds", "seconds") if bool(as_ms[row - 1]) else ("seconds", "milliseconds")
+            raise InputError(f"timestamp {raw[row - 1]!r} is in {unit} while row {other} ({raw[other - 1]!r}) "
+                             f"is in {other_unit}: use one unit for the whole file", file=str(path), row=row,
+                             field=column)
+    limit = int((time.time() if now is None else now) + FUTURE_SLACK_S)
+    future = (seconds > limit).fill_null(False)
+    if future.any():
+        row = _first_bad_row(future)
+        raise InputError(f"timestamp {raw[row - 1]!r} lies in the far future (more than a year from today; "
+                         "Unix seconds, or milliseconds for a whole file)", file=str(path), row=row, field=column)
+    return seconds
 
 
 def _parse_iso(text: pl.Series) -> pl.Series:
@@ -280,6 +345,11 @@ def read_interactions(path: Path, items: pl.DataFrame | None = None) -> pl.DataF
         if bad.any():
             row = _first_bad_row(bad)
             raise InputError(f"expected a number, found {raw[row - 1]!r}", file=str(path), row=row, field="value")
+        infinite = (value.is_nan() | value.is_infinite()).fill_null(False)
+        if infinite.any():  # a rating of inf overflows training; NaN is no rating (leave the cell empty)
+            row = _first_bad_row(infinite)
+            raise InputError(f"expected a finite number, found {raw[row - 1]!r} (leave the cell empty for no value)",
+                             file=str(path), row=row, field="value")
         df = df.with_columns(value.alias("value"))
     else:
         df = df.with_columns(pl.lit(None, dtype=pl.Float64).alias("value"))
@@ -294,6 +364,10 @@ def read_interactions(path: Path, items: pl.DataFrame | None = None) -> pl.DataF
 
 def resolve_media(data_dir: Path, relative: str) -> Path:
     """The media file for a table path; refuses paths (and symlinks) that leave the data directory."""
+    if "\x00" in relative:
+        raise MediaError("the path holds a NUL byte")
+    if "://" in relative or relative.lower().startswith(("http:", "https:", "ftp:", "s3:", "gs:", "data:")):
+        raise MediaError("URLs are not fetched: media paths must be files relative to the data directory")
     root = Path(data_dir).resolve()
     candidate = Path(relative)
     if candidate.is_absolute():

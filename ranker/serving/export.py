@@ -87,15 +87,58 @@ def recommend(model: "Ranker", features: pl.DataFrame, k: int, *, explain: bool 
     return pl.concat([best.select(list(TOPK_SCHEMA)), model.explain(best, top=top)], how="horizontal")
 
 
-def write_topk(frame: pl.DataFrame, path: Path | str) -> Path:
-    """Write `frame` as Parquet, CSV or JSONL by the suffix of `path`, atomically."""
+# Spreadsheets run a cell that begins with one of these as a formula (OWASP, CSV injection).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+ESCAPE = "'"
+
+
+def check_export_target(path: Path | str, art_dir: Path | str) -> None:
+    """Refuse an export that would land on the artifacts' own files (the data snapshot, an
+    index, the manifest, the key ...): only ART/exports/ and new top-level files may be written."""
+    art = Path(art_dir).resolve()
+    target = Path(path).resolve()
+    if not target.is_relative_to(art):
+        return
+    parts = target.relative_to(art).parts
+    if parts and parts[0] == "exports":
+        return
+    if target == art or target.exists() or target.is_symlink() or (len(parts) > 1 and (art / parts[0]).exists()) or \
+            parts[0] in ("manifest.json", "export.key", ".lock", "runs"):
+        raise InputError(f"the export would replace the artifacts' own file {path}; write it under "
+                         f"{Path(art_dir) / 'exports'} or outside the artifacts directory", file=str(path))
+
+
+def escape_formulas(frame: pl.DataFrame) -> pl.DataFrame:
+    """Text cells that begin with =, +, -, @, tab or CR prefixed with a ' (shown, never run)."""
+    text = [c for c, t in frame.schema.items() if t == pl.String]
+    if not text:
+        return frame
+    starts = "|".join(re_escape(c) for c in FORMULA_START)
+    return frame.with_columns(
+        pl.when(pl.col(c).str.contains(f"^(?:{starts})")).then(ESCAPE + pl.col(c)).otherwise(pl.col(c)).alias(c)
+        for c in text)
+
+
+def re_escape(char: str) -> str:
+    import re
+
+    return re.escape(char)
+
+
+def write_topk(frame: pl.DataFrame, path: Path | str, *, raw: bool = False) -> Path:
+    """Write `frame` as Parquet, CSV or JSONL by the suffix of `path`, atomically.
+
+    CSV text cells that a spreadsheet would run as a formula are escaped with a leading '
+    unless `raw`; `read_topk` removes the escape again.
+    """
     path = Path(path)
     fmt = _format(path)
     with atomic_path(path) as tmp:
         if fmt == ".parquet":
             frame.write_parquet(tmp, compression="zstd")
         elif fmt == ".csv":
-            _csv_ready(frame).write_csv(tmp)
+            ready = _csv_ready(frame)
+            (ready if raw else escape_formulas(ready)).write_csv(tmp)
         else:
             frame.write_ndjson(tmp)
     return path
@@ -123,6 +166,7 @@ def read_topk(path: Path | str) -> pl.DataFrame:
         return pl.DataFrame(schema=TOPK_SCHEMA)  # an empty list is an empty JSONL file: no line to infer from
     frame = _read(path, fmt, string_ids=True)
     if path.suffix.lower() == ".csv":
+        frame = _unescape_formulas(frame)
         for c in frame.columns:
             if c in JSON_COLUMNS_IN_CSV and frame.schema[c] == pl.String:
                 frame = frame.with_columns(pl.col(c).str.json_decode(KNOWN_DTYPES[c]))
@@ -130,6 +174,14 @@ def read_topk(path: Path | str) -> pl.DataFrame:
     floats = [pl.col(c).cast(pl.Float64) for c, t in frame.schema.items()
               if c.startswith(EXPLAIN_PREFIXES) and t != pl.Float64]
     return frame.with_columns(casts + floats) if casts or floats else frame
+
+
+def _unescape_formulas(frame: pl.DataFrame) -> pl.DataFrame:
+    starts = "|".join(re_escape(c) for c in FORMULA_START)
+    text = [c for c, t in frame.schema.items() if t == pl.String]
+    return frame.with_columns(
+        pl.when(pl.col(c).str.contains(f"^'(?:{starts})")).then(pl.col(c).str.slice(1)).otherwise(pl.col(c)).alias(c)
+        for c in text) if text else frame
 
 
 def read_pairs(path: Path | str) -> pl.DataFrame:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -21,6 +22,7 @@ from fusionrec.pipeline.errors import FusionrecError
 from fusionrec.pipeline.io.storage import atomic_path
 
 KEY_FILE = "export.key"
+log = logging.getLogger("fusionrec.privacy")
 MIN_KEY_BYTES = 16  # a shorter key could be guessed, and with it every pseudonym reversed
 
 
@@ -32,6 +34,7 @@ def export_key(cfg: ExportConfig, art_dir: Path) -> bytes:
         return env.encode()
     if cfg.key_file:
         path = Path(cfg.key_file)
+        warn_if_readable(path)
         try:
             key = path.read_bytes().strip()
         except OSError as exc:
@@ -40,17 +43,38 @@ def export_key(cfg: ExportConfig, art_dir: Path) -> bytes:
             raise FusionrecError(f"export key file {path} holds fewer than {MIN_KEY_BYTES} bytes")
         return key
     path = Path(art_dir) / KEY_FILE
+    if path.is_symlink() and not path.exists():
+        # A linked key is someone's secret kept elsewhere: replacing it would change every pseudonym.
+        raise FusionrecError(f"export key {path} is a link to {os.readlink(path)}, which does not exist; restore "
+                             "the key it points to (a new key would change every pseudonym)")
+    if path.exists() and not path.is_file():
+        raise FusionrecError(f"export key {path} is not a regular file; restore the key file")
     if not path.is_file():
         with atomic_path(path) as tmp:
             # Created 0600 from the start: the key is never readable by others, not even for a moment.
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_hex(32) + "\n")
-    key = path.read_bytes().strip()
+    warn_if_readable(path)
+    try:
+        key = path.read_bytes().strip()
+    except OSError as exc:
+        raise FusionrecError(f"cannot read export key file {path}: {exc.strerror or exc}") from None
     if len(key) < MIN_KEY_BYTES:
         raise FusionrecError(f"export key file {path} holds fewer than {MIN_KEY_BYTES} bytes; remove it to make a new "
                              "key (pseudonyms will change) or restore it")
     return key
+
+
+def warn_if_readable(path: Path) -> None:
+    """A WARNING when the key file (what a link points to) grants more than its owner's read/write (0600)."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warning("export key %s has mode %04o: others can read it and reverse every pseudonym; "
+                    "chmod 600 %s", path, mode, path)
 
 
 def pseudonym(user_id: str, key: bytes) -> str:
