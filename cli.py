@@ -309,8 +309,9 @@ def run(data: DataOpt = None, out: OutOpt = Path("artifacts"), config: ConfigOpt
     _print_index(night.index)
     _print_train(night.train)
     _print_table("nightly job", [{"stage": s, "seconds": round(t, 2)} for s, t in night.timings.items()]
-                 + [{"stage": "total", "seconds": round(sum(night.timings.values()), 2)}], ["stage", "seconds"],
-                 caption=f"exported {night.rows} rows for {night.users} users to {night.export}")
+                 + [{"stage": "total", "seconds": round(sum(night.timings.values()), 2)}], ["stage", "seconds"])
+    _console().print(f"exported {night.rows} rows for {night.users} users to {night.export}", highlight=False,
+                     markup=False, soft_wrap=True)
 
 
 class Protocol(str, Enum):
@@ -344,9 +345,9 @@ def split(data: Annotated[Path, typer.Option("--data", help="Data directory to s
                                  media=media.value, seed=seed)
     except FusionrecError as exc:
         _fail(exc)
-    _print_table(f"split ({summary.protocol})", summary.rows(), ["table", "value"],
-                 caption=f"next: fusionrec run --data {summary.train_dir} --out ART; "
-                         f"fusionrec evaluate --out ART --test {summary.held_out}")
+    _print_table(f"split ({summary.protocol})", summary.rows(), ["table", "value"])
+    log.info("next: fusionrec run --data %s --out ART, then fusionrec evaluate --out ART --test %s",
+             summary.train_dir, summary.held_out)
 
 
 @app.command()

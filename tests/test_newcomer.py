@@ -110,8 +110,9 @@ def test_quickstart_runs_as_written(quickstart: dict) -> None:
     assert "fusionrec" in evaluate and "item-kNN" in evaluate and "NaN" not in evaluate and "nan" not in evaluate
     # Data tables on stdout; progress and logs on stderr; no third-party INFO lines without -v.
     run_out = results["run"].stdout
-    assert "nightly job" in run_out and "━" not in run_out
+    assert "nightly job" in run_out and not re.search(r"\d+/[\d?]+\s+\d+:\d\d:\d\d", run_out)  # no progress bars
     assert re.search(r"│\s*total\s*│\s*[\d.]+\s*│", run_out), run_out
+    assert re.search(r"^exported \d+ rows for \d+ users to artifacts/exports/topk.parquet$", run_out, re.M)
     for name in ("run", "evaluate", "recommend"):
         assert "Loading faiss" not in results[name].stderr + results[name].stdout
 
@@ -148,8 +149,9 @@ def test_evaluate_refuses_what_it_cannot_score(quickstart: dict, tmp_path: Path)
     assert "no scorable user" in message and "already in the training log" in message
     assert "fusionrec split --data DATA --out SPLIT" in message and not report.exists()
 
-    result = invoke("evaluate", "--out", art, "--test", str(cwd / "split" / "held_out.csv"), "--relevance", "4",
-                    "-q")
+    unrated = tmp_path / "unrated.csv"
+    pl.read_csv(cwd / "split" / "held_out.csv").drop("value").write_csv(unrated)
+    result = invoke("evaluate", "--out", art, "--test", str(unrated), "--relevance", "4", "-q")
     assert result.exit_code == 2 and "--relevance 4.0 needs ratings" in " ".join(result.output.split())
 
     rated = tmp_path / "rated.csv"
@@ -350,3 +352,15 @@ def test_a_nightly_run_is_tracked_in_mlflow(tmp_path: Path, sample_data: Path) -
     assert data.params["embed.image.enabled"] == "False" and data.metrics["rows"] > 0
     assert {"seconds.embed", "seconds.index", "seconds.train", "seconds.recommend", "seconds.total"} <= set(data.metrics)
     assert "manifest.json" in {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+
+
+@pytest.mark.integration
+def test_api_page_examples_run(quickstart: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/api.md's serving, history and evaluation examples, run where the quickstart left its artifacts."""
+    text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    wanted = ("## Recommending and scoring", "## Stage 1 alone", "## Splitting, evaluating")
+    monkeypatch.chdir(quickstart["cwd"])
+    for title in wanted:
+        start = text.index(title)
+        block = code_blocks(text[start:text.find("\n## ", start + 1)], "python")[0]
+        exec(compile(block, f"docs/api.md {title}", "exec"), {})  # noqa: S102 - our own documentation
