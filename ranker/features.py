@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import polars as pl
 
 from fusionrec.pipeline.errors import InputError
+from fusionrec.pipeline.retrieval.sources import numeric_strings
 
 DAY = 86_400
 DEFAULT_WINDOWS = (1, 7, 30)
@@ -289,6 +290,7 @@ def user_attribute_features(pairs: pl.DataFrame, users: pl.DataFrame | None, *, 
         return pairs
     skip = {"user_id", "text", "image", "audio"}
     exprs: list[pl.Expr] = []
+    users = numeric_strings(users)
     for name, dtype in users.schema.items():
         if name in skip:
             continue
@@ -304,3 +306,4 @@ def user_attribute_features(pairs: pl.DataFrame, users: pl.DataFrame | None, *, 
     attrs = users.select(pl.col("user_id").cast(pl.String), *exprs).unique("user_id", keep="first")
     return pairs.with_columns(pl.col("user_id").cast(pl.String)).join(attrs, on="user_id", how="left",
                                                                       maintain_order="left")
+

@@ -33,9 +33,9 @@ import polars as pl
 from fusionrec.evaluation.metrics import ranking_metrics
 from fusionrec.pipeline.config import Config
 from fusionrec.pipeline.io.manifest import stage_run
-from fusionrec.pipeline.io.storage import write_json
-from fusionrec.pipeline.retrieval.candidates import truth_pairs
-from fusionrec.pipeline.retrieval.stage import Catalog, candidate_split, load_snapshot
+from fusionrec.pipeline.io.storage import sha256_file, write_json
+from fusionrec.pipeline.retrieval.candidates import LabelSplit
+from fusionrec.pipeline.retrieval.stage import Catalog, candidate_split, label_windows, load_snapshot
 from fusionrec.pipeline.retrieval.sources import positive_mask
 from fusionrec.ranker.features import behaviour_features, user_attribute_features
 from fusionrec.ranker.labels import DEFAULT_EVENT_GAIN, infer_rating_scale
@@ -47,9 +47,15 @@ GUARD_FILE = "guard.json"
 
 
 def pair_features(pairs: pl.DataFrame, catalog: Catalog, history: pl.DataFrame) -> pl.DataFrame:
-    """Candidate rows plus behaviour and user-attribute features from `history` (the past only)."""
+    """Candidate rows plus behaviour and user-attribute features from `history` (the past only).
+
+    Raw source scores are dropped: their scale differs between users and between label
+    windows; per-user z-scores and ranks carry them.
+    """
     cutoff = int(history["timestamp"].max()) + 1 if history.height else 0
-    feats = behaviour_features(pairs, history, catalog.items, cutoff)
+    raw = [c for c in pairs.columns if c.startswith("src_") and not c.endswith(("_z", "_rank"))
+           and c not in ("src_z_mean", "src_z_max", "src_top10_count")]
+    feats = behaviour_features(pairs.drop(raw), history, catalog.items, cutoff)
     return user_attribute_features(feats, catalog.users)
 
 
@@ -116,24 +122,104 @@ def targets(rows: pl.DataFrame, config: Config) -> np.ndarray:
     return (label > 0).cast(pl.Int32).to_numpy() if config.ranker.objective == "binary" else label.to_numpy()
 
 
+def source_columns(rows: pl.DataFrame) -> list[str]:
+    """The per-source z-score columns the blend is made of."""
+    return [c for c in rows.columns if c.startswith("src_") and c.endswith("_z") and c != "src_z_mean"]
+
+
+def ndcg_rows(user: np.ndarray, score: np.ndarray, label: np.ndarray, k: int = 10) -> np.ndarray:
+    """Per-user NDCG@k (binary: label > 0) of candidate rows ordered by `score` within each user;
+    `user` holds integer codes. Ties keep row order (rows come in retrieval order)."""
+    order = np.lexsort((np.arange(len(score)), -score, user))
+    u, rel = user[order], (label[order] > 0).astype(np.float64)
+    starts = np.r_[0, np.flatnonzero(np.diff(u)) + 1]
+    sizes = np.diff(np.r_[starts, len(u)])
+    rank = np.arange(len(u)) - np.repeat(starts, sizes)
+    gain = np.where(rank < k, rel / np.log2(rank + 2.0), 0.0)
+    dcg = np.add.reduceat(gain, starts)
+    n_rel = np.minimum(np.add.reduceat(rel, starts), k).astype(int)
+    disc = np.r_[0.0, np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))]
+    return np.where(n_rel > 0, dcg / np.where(n_rel > 0, disc[n_rel], 1.0), 0.0)
+
+
+def blend_weights(rows: pl.DataFrame, columns: list[str], steps: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0),
+                  rounds: int = 2) -> dict[str, float]:
+    """Blend weights over the candidate rows' z-scores by coordinate ascent of NDCG@10."""
+    user = rows["user_id"].rank("dense").cast(pl.Int64).to_numpy()
+    label = rows["label"].to_numpy()
+    z = {c: rows[c].fill_null(0.0).to_numpy().astype(np.float64) for c in columns}
+
+    def value(w: dict[str, float]) -> float:
+        score = sum((w[c] * z[c] for c in columns if w[c]), np.zeros(rows.height))
+        return float(ndcg_rows(user, score, label).mean())
+
+    singles = {c: value({d: float(d == c) for d in columns}) for c in columns}
+    weights = {c: float(c == max(singles, key=singles.__getitem__)) for c in columns}
+    best = value(weights)
+    for _ in range(rounds):
+        improved = False
+        for c in columns:
+            for step in steps:
+                trial = {**weights, c: step}
+                if step == weights[c] or not any(trial.values()):
+                    continue
+                v = value(trial)
+                if v > best + 1e-6:
+                    best, weights, improved = v, trial, True
+        if not improved:
+            break
+    return weights
+
+
 def guard_ranker(rows: pl.DataFrame, config: Config) -> dict[str, Any]:
-    """Out-of-fold ranker order against retrieval order on the labelled users."""
-    fold = user_fold(rows["user_id"], config.ranker.seed)
-    scored, iterations = [], []
+    """Out-of-fold ranker order against an out-of-fold blend on the latest labels (window 0).
+
+    Users are split in two folds. For each fold, the ranker trains on the other fold's
+    window-0 rows and on every user's earlier window (labels that lie inside the features of
+    window 0, never the labels scored); the blend's weights are chosen on the other fold too.
+    So both orders are judged on users neither was chosen on.
+    """
+    if "label_window" not in rows.columns:
+        rows = rows.with_columns(pl.lit(0, pl.Int8).alias("label_window"))
+    latest = rows.filter(pl.col("label_window") == 0)
+    earlier = rows.filter(pl.col("label_window") != 0)
+    fold = user_fold(latest["user_id"], config.ranker.seed)
+    columns = source_columns(rows)
+    scored, iterations, blend_weights_used = [], [], []
     for f in (0, 1):
-        model = _fit(rows.filter(pl.Series(fold != f)), config)
+        other = latest.filter(pl.Series(fold != f))
+        train = pl.concat([other, earlier], how="diagonal_relaxed") if earlier.height else other
+        model = _fit(train, config)
         iterations.append(model.best_iteration_)
-        part = rows.filter(pl.Series(fold == f))
-        scored.append(part.with_columns(pl.Series("ranker_score", model.predict(part))))
-    oof = pl.concat(scored).with_columns((-pl.col("retrieval_rank").cast(pl.Float64)).alias("retrieval_order"))
-    a = ndcg_per_user(oof, "ranker_score").rename({"ndcg@10": "ranker"})
-    b = ndcg_per_user(oof, "retrieval_order").rename({"ndcg@10": "retrieval"})
-    both = a.join(b, on="user_id")
-    mean, lo, hi = paired_interval(both["ranker"].to_numpy(), both["retrieval"].to_numpy(), seed=config.ranker.seed)
-    return {"users": both.height, "ndcg@10": {"ranker": round(float(both["ranker"].mean()), 5),
-                                              "retrieval": round(float(both["retrieval"].mean()), 5)},
+        part = latest.filter(pl.Series(fold == f))
+        weights = blend_weights(other, columns) if columns else {}
+        blend_weights_used.append(weights)
+        blend = sum((w * part[c].fill_null(0.0).to_numpy() for c, w in weights.items() if w),
+                    np.zeros(part.height)) if columns else -part["retrieval_rank"].cast(pl.Float64).to_numpy()
+        scored.append(part.with_columns(pl.Series("ranker_score", model.predict(part)),
+                                        pl.Series("blend_score", np.asarray(blend, dtype=np.float64))))
+    oof = pl.concat(scored).sort("user_id", "retrieval_rank")
+    user = oof["user_id"].rank("dense").cast(pl.Int64).to_numpy()
+    label = oof["label"].to_numpy()
+    ranker = ndcg_rows(user, oof["ranker_score"].to_numpy(), label)
+    retrieval = ndcg_rows(user, oof["blend_score"].to_numpy(), label)
+    mean, lo, hi = paired_interval(ranker, retrieval, seed=config.ranker.seed)
+    return {"users": len(ranker), "ndcg@10": {"ranker": round(float(ranker.mean()), 5),
+                                             "retrieval": round(float(retrieval.mean()), 5)},
             "difference": round(mean, 5), "interval": [round(lo, 5), round(hi, 5)],
-            "iterations": iterations, "ships": bool(lo > 0)}
+            "iterations": iterations, "blend_weights": blend_weights_used, "ships": bool(lo > 0),
+            "note": "NDCG@10 within each user's candidates; both orders out of fold"}
+
+
+def training_rows(catalog: Catalog, cands: pl.DataFrame, split: LabelSplit, threshold: float | None,
+                  config: Config) -> pl.DataFrame:
+    """Labelled candidate rows of every label window, features from before each window's labels."""
+    parts = []
+    for window, part in enumerate(label_windows(split, config, threshold)):
+        rows_w = cands.filter(pl.col("label_window") == window)
+        parts.append(gain_labels(pair_features(rows_w, catalog, part.fit), part.held, threshold))
+    rows = pl.concat(parts, how="diagonal_relaxed")
+    return rows.filter((pl.col("label") > 0).any().over(["label_window", "user_id"]))
 
 
 def run_train(art_dir: Path, config: Config | None = None, *, lock: bool = True) -> dict:
@@ -148,9 +234,7 @@ def run_train(art_dir: Path, config: Config | None = None, *, lock: bool = True)
             reason = "the log is too short to hold out labels for any user: no ranker is trained"
             return _no_ranker(art_dir, record, reason)
         t0 = time.perf_counter()
-        cands = pl.read_parquet(valid_path)
-        rows = gain_labels(pair_features(cands, catalog, split.fit), split.held, threshold)
-        rows = rows.filter((pl.col("label") > 0).any().over("user_id"))
+        rows = training_rows(catalog, pl.read_parquet(valid_path), split, threshold, config)
         if config.ranker.objective == "regression":
             return _no_ranker(art_dir, record, "ranker.objective = regression predicts ratings, not an order: "
                                                "the retrieval order is exported")
@@ -169,7 +253,8 @@ def run_train(art_dir: Path, config: Config | None = None, *, lock: bool = True)
         record.timings["fit"] = time.perf_counter() - t0
         ranker.save(ranker_dir)
         order = "ranker" if ships else "retrieval"
-        write_json({"order": order, "guard": guard, "protocol": split.protocol}, ranker_dir / GUARD_FILE)
+        write_json({"order": order, "guard": guard, "protocol": split.protocol, "built_from": lineage(art_dir)},
+                   ranker_dir / GUARD_FILE)
         if not ships:
             log.warning("the ranker did not beat retrieval order on validation (NDCG@10 %s vs %s, difference %s, "
                         "95%% interval %s): the retrieval order is exported", guard["ndcg@10"]["ranker"],
@@ -188,6 +273,16 @@ def run_train(art_dir: Path, config: Config | None = None, *, lock: bool = True)
                  rows.height, guard["users"], rounds, guard["ndcg@10"]["ranker"], guard["ndcg@10"]["retrieval"],
                  order)
         return summary
+
+
+def lineage(art_dir: Path) -> dict[str, str]:
+    """sha256 of the stage-1 artifacts a ranker is trained on (serving checks they still match)."""
+    out = {}
+    for rel in ("sources/sources.json", "index/retriever.json"):
+        path = Path(art_dir) / rel
+        if path.is_file():
+            out[rel] = sha256_file(path)
+    return out
 
 
 def _no_ranker(art_dir: Path, record: Any, reason: str) -> dict:

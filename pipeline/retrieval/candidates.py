@@ -169,6 +169,7 @@ class CandidateModel:
     seed: int = 0
     params: dict[str, dict[str, Any]] = field(default_factory=dict)  # source name -> setting
     weights: dict[str, float] = field(default_factory=dict)  # source name -> blend weight
+    content: np.ndarray | None = None  # (n_items, d) item content vectors for the content source
 
     def fit(self, interactions: pl.DataFrame, item_ids: np.ndarray, users: pl.DataFrame | None,
             retriever: Retriever | None) -> CandidateModel:
@@ -186,7 +187,8 @@ class CandidateModel:
         for name, setting in self.params.items():
             if name == FUSED:
                 continue
-            self.sources_[name] = make_source(name, setting, segments=self.segments_, seed=self.seed).fit(self.log_)
+            self.sources_[name] = make_source(name, setting, segments=self.segments_, seed=self.seed,
+                                              content=self.content).fit(self.log_)
         self.retriever_ = retriever
         self._index = {u: j for j, u in enumerate(self.user_ids_)}
         return self
@@ -393,14 +395,14 @@ class Tuning:
 
 def tune(split: LabelSplit, item_ids: np.ndarray, users: pl.DataFrame | None, fused: Retriever | None,
          names: list[str], *, n_candidates: int, threshold: float | None, recent_items: int, half_life: float,
-         seed: int, max_users: int = 3000) -> Tuning:
+         seed: int, max_users: int = 3000, content: np.ndarray | None = None) -> Tuning:
     """Choose each source's setting (the same grid budget for each) and the blend weights on `split`."""
     truth_frame = truth_pairs(split.fit, split.held, threshold)
     val_users = sorted(truth_frame["user_id"].unique().to_list())
     if len(val_users) > max_users:  # a seeded sample bounds the dense validation matrices
         rng = np.random.default_rng(seed)
         val_users = sorted(rng.choice(np.array(val_users, dtype=object), max_users, replace=False).tolist())
-    base = CandidateModel(n_candidates, threshold, recent_items, half_life, seed, params={}).fit(
+    base = CandidateModel(n_candidates, threshold, recent_items, half_life, seed, params={}, content=content).fit(
         split.fit, item_ids, users, fused)
     rows = base.user_rows(val_users)
     col = {str(i): j for j, i in enumerate(item_ids)}
@@ -420,9 +422,11 @@ def tune(split: LabelSplit, item_ids: np.ndarray, users: pl.DataFrame | None, fu
             continue
         if name == "segment_popular" and base.segments_.shape[1] == 0:
             continue
+        if name == "content" and content is None:
+            continue
         best: tuple[float, dict[str, Any], np.ndarray] | None = None
         for setting in SEARCH_GRID[name]:
-            source = make_source(name, setting, segments=base.segments_, seed=seed).fit(base.log_)
+            source = make_source(name, setting, segments=base.segments_, seed=seed, content=content).fit(base.log_)
             scores = source.score(base.log_, rows)
             value = float(ndcg_at(np.where(blocked, -np.inf, scores), truth).mean())
             if best is None or value > best[0] + 1e-9:
@@ -456,8 +460,47 @@ def tune(split: LabelSplit, item_ids: np.ndarray, users: pl.DataFrame | None, fu
 
 
 def default_sources(n_items: int, ease_max_items: int) -> list[str]:
-    names = ["itemknn", "recent_itemknn", "sequence", "als", "popular", "segment_popular"]
+    names = ["itemknn", "recent_itemknn", "sequence", "als", "rp3beta", "content", "popular", "segment_popular"]
     if n_items <= ease_max_items:
         names = ["ease", "recent_ease", *names]
     return names
 
+
+
+def content_vectors(item_mods: dict[str, tuple[np.ndarray, np.ndarray]], item_ids: np.ndarray,
+                    prefer: str = "text") -> np.ndarray | None:
+    """One item modality's vectors aligned to `item_ids` (zero rows where missing): `prefer` if
+    present, else the modality covering most items."""
+    if not item_mods:
+        return None
+    name = prefer if prefer in item_mods else max(item_mods, key=lambda m: len(item_mods[m][0]))
+    ids, matrix = item_mods[name]
+    index = {str(i): j for j, i in enumerate(ids)}
+    rows = np.array([index.get(str(i), -1) for i in item_ids], np.int64)
+    out = np.zeros((len(item_ids), matrix.shape[1]), np.float32)
+    out[rows >= 0] = matrix[rows[rows >= 0]]
+    return out
+
+
+def explain_blend(rows: pl.DataFrame, weights: dict[str, float], top: int = 5) -> pl.DataFrame:
+    """Per candidate row: what each source added to the blend (`weight * z-score`).
+
+    Columns as the ranker's explanations: `top_features` list[struct{feature, value,
+    contribution}] by |contribution| (feature = `src_<name>_z`, value = the z-score),
+    `explain_bias` (0: the blend has none), `contrib_<source>` and `share_<source>`.
+    """
+    names = [n for n, w in weights.items() if w and f"src_{n}_z" in rows.columns]
+    if not names:
+        return pl.DataFrame({"top_features": [[] for _ in range(rows.height)], "explain_bias": [0.0] * rows.height})
+    z = np.column_stack([rows[f"src_{n}_z"].fill_null(0.0).to_numpy().astype(np.float64) for n in names])
+    contrib = z * np.array([weights[n] for n in names])[None, :]
+    k = min(top, len(names))
+    idx = np.argsort(-np.abs(contrib), axis=1, kind="stable")[:, :k]
+    top_features = [[{"feature": f"src_{names[j]}_z", "value": float(z[r, j]), "contribution": float(contrib[r, j])}
+                     for j in idx[r]] for r in range(rows.height)]
+    total = np.abs(contrib).sum(axis=1, keepdims=True)
+    shares = np.where(total > 0, np.abs(contrib) / np.where(total > 0, total, 1.0), np.nan)
+    columns: dict[str, Any] = {"top_features": top_features, "explain_bias": np.zeros(rows.height)}
+    columns.update({f"contrib_{n}": contrib[:, j] for j, n in enumerate(names)})
+    columns.update({f"share_{n}": shares[:, j] for j, n in enumerate(names)})
+    return pl.DataFrame(columns).with_columns(pl.col(f"share_{n}").fill_nan(None) for n in names)

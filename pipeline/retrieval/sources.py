@@ -13,40 +13,20 @@ items x items matrix: `sources.ease_max_items`), which is what `scale` is about.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
+from fusionrec.pipeline.retrieval.sequence_model import GRUSequence
+# Source, UserItemLog and _csr live in source_base (no cycle with sequence_model); re-exported here.
+from fusionrec.pipeline.retrieval.source_base import Source, UserItemLog, _csr
+
 log = logging.getLogger("fusionrec.sources")
 
-SOURCE_NAMES = ("ease", "itemknn", "recent_ease", "recent_itemknn", "als", "popular", "segment_popular")
-
-
-@dataclass(frozen=True)
-class UserItemLog:
-    """Positive evidence as a users x items matrix, plus each user's recency-weighted recent items.
-
-    `matrix[u, i]` is 1 where user u showed positive evidence for item i (a rating at or
-    above the relevance threshold, or any event where there are no ratings); `recent[u, i]`
-    weighs the user's last `recent_items` positive items by 0.5 ** (age rank / half-life).
-    """
-
-    user_ids: np.ndarray
-    item_ids: np.ndarray
-    matrix: sp.csr_matrix
-    recent: sp.csr_matrix
-    seen: sp.csr_matrix  # every interaction, negative ones included (excluded from lists)
-
-    @property
-    def n_users(self) -> int:
-        return len(self.user_ids)
-
-    @property
-    def n_items(self) -> int:
-        return len(self.item_ids)
+SOURCE_NAMES = ("ease", "itemknn", "recent_ease", "recent_itemknn", "sequence", "als", "rp3beta", "content", "popular",
+                "segment_popular")
 
 
 def relevance_threshold(interactions: pl.DataFrame, setting: float) -> float | None:
@@ -75,7 +55,7 @@ def positive_mask(interactions: pl.DataFrame, threshold: float | None) -> pl.Exp
 
 
 def build_log(interactions: pl.DataFrame, user_ids: np.ndarray, item_ids: np.ndarray, *,
-              threshold: float | None, recent_items: int = 20, half_life: float = 5.0) -> UserItemLog:
+              threshold: float | None, recent_items: int = 30, half_life: float = 6.6) -> UserItemLog:
     """The matrices of `interactions` over the given id vocabularies (unknown ids are dropped)."""
     users = pl.DataFrame({"user_id": user_ids.astype(str), "u": np.arange(len(user_ids), dtype=np.int64)})
     items = pl.DataFrame({"item_id": item_ids.astype(str), "i": np.arange(len(item_ids), dtype=np.int64)})
@@ -88,43 +68,22 @@ def build_log(interactions: pl.DataFrame, user_ids: np.ndarray, item_ids: np.nda
     seen = _csr(seen_pairs["u"].to_numpy(), seen_pairs["i"].to_numpy(), np.ones(seen_pairs.height, np.float32), shape)
     pos = frame.filter(pl.col("positive")).group_by("u", "i").agg(pl.col("timestamp").max())
     matrix = _csr(pos["u"].to_numpy(), pos["i"].to_numpy(), np.ones(pos.height, np.float32), shape)
-    # Each user's most recent positive items, newest first (ties: item order, so seeded by ids).
-    recent = (pos.sort(["u", "timestamp", "i"], descending=[False, True, True])
+    # Each user's most recent items, newest first, whatever the rating: what a user just did
+    # says most about what comes next (sessions). Ties in time: item order.
+    last = frame.group_by("u", "i").agg(pl.col("timestamp").max())
+    recent = (last.sort(["u", "timestamp", "i"], descending=[False, True, True])
               .with_columns(pl.int_range(pl.len()).over("u").alias("age"))
               .filter(pl.col("age") < recent_items))
     weights = np.power(0.5, recent["age"].to_numpy() / max(half_life, 1e-9)).astype(np.float32)
     recent_m = _csr(recent["u"].to_numpy(), recent["i"].to_numpy(), weights, shape)
+    # Successive pairs of each user's time-ordered items (the sequence source learns from them).
+    ordered = last.sort(["u", "timestamp", "i"])
+    seq = np.stack([ordered["u"].to_numpy(), ordered["i"].to_numpy()], axis=1).astype(np.int64)
     return UserItemLog(np.asarray(user_ids, dtype=object), np.asarray(item_ids, dtype=object), matrix, recent_m,
-                       seen)
-
-
-def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
-    return sp.csr_matrix((vals, (rows.astype(np.int64), cols.astype(np.int64))), shape=shape, dtype=np.float32)
+                       seen, seq)
 
 
 # -- sources -------------------------------------------------------------------------------
-
-
-class Source:
-    """One candidate source: `fit` on a log, `score` users (rows of that log) against every item."""
-
-    name: str = ""
-
-    def fit(self, log: UserItemLog) -> Source:
-        raise NotImplementedError
-
-    def score(self, log: UserItemLog, users: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def params(self) -> dict[str, Any]:
-        return {}
-
-    def state(self) -> dict[str, np.ndarray]:
-        """Arrays that, with `params`, restore the fitted source (`restore`)."""
-        return {}
-
-    def restore(self, arrays: dict[str, np.ndarray]) -> Source:
-        return self
 
 
 def _dense(rows: sp.csr_matrix) -> np.ndarray:
@@ -205,26 +164,32 @@ class ItemKNN(Source):
 
 
 class ALS(Source):
-    """Implicit-feedback ALS (the `implicit` package), seeded and single-threaded per the config."""
+    """Implicit-feedback ALS (the `implicit` package), averaged over `seeds` seeded fits (steadier)."""
 
     name = "als"
 
     def __init__(self, factors: int = 64, regularization: float = 0.05, iterations: int = 15, alpha: float = 10.0,
-                 seed: int = 0, threads: int = 0) -> None:
+                 seed: int = 0, threads: int = 0, seeds: int = 3) -> None:
         self.factors, self.regularization, self.iterations = int(factors), float(regularization), int(iterations)
-        self.alpha, self.seed, self.threads = float(alpha), int(seed), int(threads)
+        self.alpha, self.seed, self.threads, self.seeds = float(alpha), int(seed), int(threads), int(seeds)
 
     def fit(self, log: UserItemLog) -> ALS:
         from implicit.cpu.als import AlternatingLeastSquares  # optional, heavy: imported when used
         from threadpoolctl import threadpool_limits
 
-        model = AlternatingLeastSquares(factors=self.factors, regularization=self.regularization,
-                                        iterations=self.iterations, alpha=self.alpha, random_state=self.seed,
-                                        num_threads=self.threads, calculate_training_loss=False)
-        with threadpool_limits(1, "blas"):  # implicit's own threads do the work; BLAS threads would fight them
-            model.fit(log.matrix, show_progress=False)
-        self.users_ = np.asarray(model.user_factors, dtype=np.float32)
-        self.items_ = np.asarray(model.item_factors, dtype=np.float32)
+        users, items = [], []
+        for k in range(self.seeds):
+            with threadpool_limits(1, "blas"):  # implicit's own threads do the work; BLAS threads would fight them
+                model = AlternatingLeastSquares(factors=self.factors, regularization=self.regularization,
+                                                iterations=self.iterations, alpha=self.alpha,
+                                                random_state=self.seed + k, num_threads=self.threads,
+                                                calculate_training_loss=False)
+                model.fit(log.matrix, show_progress=False)
+            users.append(np.asarray(model.user_factors, dtype=np.float32))
+            items.append(np.asarray(model.item_factors, dtype=np.float32))
+        # The mean of the seeds' scores is one dot product of the stacked factors.
+        self.users_ = np.hstack(users) / np.float32(self.seeds)
+        self.items_ = np.hstack(items)
         return self
 
     def score(self, log: UserItemLog, users: np.ndarray) -> np.ndarray:
@@ -232,13 +197,134 @@ class ALS(Source):
 
     def params(self) -> dict[str, Any]:
         return {"factors": self.factors, "regularization": self.regularization, "iterations": self.iterations,
-                "alpha": self.alpha, "seed": self.seed}
+                "alpha": self.alpha, "seed": self.seed, "seeds": self.seeds}
 
     def state(self) -> dict[str, np.ndarray]:
         return {"users": self.users_, "items": self.items_}
 
     def restore(self, arrays: dict[str, np.ndarray]) -> ALS:
         self.users_, self.items_ = arrays["users"], arrays["items"]
+        return self
+
+
+class RP3beta(Source):
+    """Random walks of three steps item -> user -> item, popularity-damped (Paudel et al. 2017):
+    W = (P_iu^a P_ui^a) / pop_j^b, each item's `neighbours` strongest kept; scores X_u W."""
+
+    name = "rp3beta"
+
+    def __init__(self, alpha: float = 1.0, beta: float = 0.5, neighbours: int = 200) -> None:
+        self.alpha, self.beta, self.neighbours = float(alpha), float(beta), int(neighbours)
+
+    def fit(self, log: UserItemLog) -> RP3beta:
+        x = log.matrix
+        p_ui = sp.diags(1.0 / np.maximum(np.asarray(x.sum(axis=1)).ravel(), 1.0)) @ x
+        p_iu = sp.diags(1.0 / np.maximum(np.asarray(x.sum(axis=0)).ravel(), 1.0)) @ x.T.tocsr()
+        if self.alpha != 1.0:
+            p_ui, p_iu = p_ui.power(self.alpha), p_iu.power(self.alpha)
+        w = (p_iu @ p_ui).toarray().astype(np.float32)
+        pop = np.maximum(np.asarray(x.sum(axis=0)).ravel(), 1.0).astype(np.float32)
+        w /= np.power(pop, self.beta)[None, :]
+        np.fill_diagonal(w, 0.0)
+        n = w.shape[0]
+        if self.neighbours < n:
+            cut = np.partition(w, n - self.neighbours, axis=1)[:, n - self.neighbours]
+            w[w < cut[:, None]] = 0.0
+        self.w_ = w
+        return self
+
+    def score(self, log: UserItemLog, users: np.ndarray) -> np.ndarray:
+        return np.asarray(log.matrix[users] @ self.w_, dtype=np.float32)
+
+    def params(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "beta": self.beta, "neighbours": self.neighbours}
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"w": self.w_}
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> RP3beta:
+        self.w_ = arrays["w"]
+        return self
+
+
+class Content(Source):
+    """Item-item cosine of centred content embeddings (text by default), each item's `neighbours`
+    closest kept; scored from the user's positives. Serves items without interactions too."""
+
+    name = "content"
+
+    def __init__(self, vectors: np.ndarray | None = None, neighbours: int = 50) -> None:
+        self.vectors = vectors  # (n_items, d) aligned to the log's items; zero rows = no content
+        self.neighbours = int(neighbours)
+
+    def fit(self, log: UserItemLog) -> Content:
+        v = np.zeros((log.n_items, 1), np.float32) if self.vectors is None else self.vectors.astype(np.float32)
+        present = np.abs(v).sum(axis=1) > 0
+        if present.any():
+            v = np.where(present[:, None], v - v[present].mean(axis=0), 0.0)  # centred: cosines mean something
+        norms = np.linalg.norm(v, axis=1, keepdims=True)
+        v = v / np.where(norms > 0, norms, 1.0)
+        w = (v @ v.T).astype(np.float32)
+        np.fill_diagonal(w, 0.0)
+        n = w.shape[0]
+        if self.neighbours < n:
+            cut = np.partition(w, n - self.neighbours, axis=1)[:, n - self.neighbours]
+            w[w < cut[:, None]] = 0.0
+        self.w_ = np.maximum(w, 0.0)
+        return self
+
+    def score(self, log: UserItemLog, users: np.ndarray) -> np.ndarray:
+        return np.asarray(log.matrix[users] @ self.w_, dtype=np.float32)
+
+    def params(self) -> dict[str, Any]:
+        return {"neighbours": self.neighbours}
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"w": self.w_}
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> Content:
+        self.w_ = arrays["w"]
+        return self
+
+
+class Sequence(Source):
+    """Items that follow each other in users' histories: W[i, j] sums decay ** (d - 1) over every
+    user who had j within `window` steps after i, normalised like a cosine; scored from the
+    user's recent items (what comes next after what they just did)."""
+
+    name = "sequence"
+
+    def __init__(self, window: int = 10, decay: float = 0.8) -> None:
+        self.window, self.decay = int(window), float(decay)
+
+    def fit(self, log: UserItemLog) -> Sequence:
+        u, i = log.sequence[:, 0], log.sequence[:, 1]
+        rows, cols, vals = [], [], []
+        for d in range(1, self.window + 1):
+            same = u[d:] == u[:-d]
+            rows.append(i[:-d][same])
+            cols.append(i[d:][same])
+            vals.append(np.full(int(same.sum()), self.decay ** (d - 1), np.float32))
+        n = log.n_items
+        w = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n),
+                          dtype=np.float32).toarray()
+        count = np.bincount(i, minlength=n).astype(np.float32) + 1.0
+        w /= np.sqrt(count[:, None] * count[None, :])
+        np.fill_diagonal(w, 0.0)
+        self.w_ = w
+        return self
+
+    def score(self, log: UserItemLog, users: np.ndarray) -> np.ndarray:
+        return np.asarray(log.recent[users] @ self.w_, dtype=np.float32)
+
+    def params(self) -> dict[str, Any]:
+        return {"window": self.window, "decay": self.decay}
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"w": self.w_}
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> Sequence:
+        self.w_ = arrays["w"]
         return self
 
 
@@ -329,6 +415,19 @@ class SegmentPopular(Source):
         return self
 
 
+
+def numeric_strings(frame: pl.DataFrame) -> pl.DataFrame:
+    """String columns whose every value reads as a number become Float64 (CSV readers often leave an
+    `age` column as text)."""
+    out = []
+    for name, dtype in frame.schema.items():
+        if dtype == pl.String:
+            parsed = frame[name].str.strip_chars().cast(pl.Float64, strict=False)
+            if parsed.null_count() == frame[name].null_count() and frame[name].drop_nulls().len() > 0:
+                out.append(parsed.alias(name))
+    return frame.with_columns(out) if out else frame
+
+
 def user_segments(users: pl.DataFrame | None, user_ids: np.ndarray, max_levels: int = 50) -> tuple[np.ndarray, list[str]]:
     """Integer codes (n_users, n_attributes) of the users table's attribute columns; -1 where missing.
 
@@ -342,6 +441,7 @@ def user_segments(users: pl.DataFrame | None, user_ids: np.ndarray, max_levels: 
     frame = pl.DataFrame({"user_id": np.asarray(user_ids).astype(str)}).join(
         users.with_columns(pl.col("user_id").cast(pl.String)), on="user_id", how="left", maintain_order="left")
     codes, names = [], []
+    frame = numeric_strings(frame)
     for name, dtype in frame.schema.items():
         if name in skip:
             continue
@@ -370,7 +470,7 @@ def user_segments(users: pl.DataFrame | None, user_ids: np.ndarray, max_levels: 
 
 
 def make_source(name: str, params: dict[str, Any] | None = None, *, segments: np.ndarray | None = None,
-                seed: int = 0) -> Source:
+                seed: int = 0, content: np.ndarray | None = None) -> Source:
     params = dict(params or {})
     if name in ("ease", "recent_ease"):
         return EASE(lam=params.get("lam", 200.0), recent=name == "recent_ease")
@@ -379,7 +479,17 @@ def make_source(name: str, params: dict[str, Any] | None = None, *, segments: np
                        recent=name == "recent_itemknn")
     if name == "als":
         return ALS(factors=params.get("factors", 64), regularization=params.get("regularization", 0.05),
-                   iterations=params.get("iterations", 15), alpha=params.get("alpha", 10.0), seed=seed)
+                   iterations=params.get("iterations", 15), alpha=params.get("alpha", 10.0), seed=seed,
+                   seeds=params.get("seeds", 3))
+    if name == "rp3beta":
+        return RP3beta(alpha=params.get("alpha", 1.0), beta=params.get("beta", 0.5),
+                       neighbours=params.get("neighbours", 200))
+    if name == "content":
+        return Content(content, neighbours=params.get("neighbours", 50))
+    if name == "sequence":
+        return Sequence(window=params.get("window", 10), decay=params.get("decay", 0.8))
+    if name == "gru":
+        return GRUSequence(**params, seed=seed)
     if name == "popular":
         return Popular()
     if name == "segment_popular":
@@ -393,7 +503,12 @@ SEARCH_GRID: dict[str, list[dict[str, Any]]] = {
     "recent_ease": [{"lam": v} for v in (50.0, 100.0, 200.0, 500.0, 1000.0)],
     "itemknn": [{"neighbours": n, "shrink": 10.0} for n in (20, 50, 100, 200, 400)],
     "recent_itemknn": [{"neighbours": n, "shrink": 10.0} for n in (20, 50, 100, 200, 400)],
-    "als": [{"factors": f, "regularization": r} for f in (32, 64, 128) for r in (0.05, 0.5)][:5],
+    "als": [{"factors": f, "regularization": r, "alpha": a} for f, r, a in
+            ((32, 0.5, 10.0), (64, 0.05, 10.0), (64, 0.5, 1.0), (128, 0.5, 10.0), (32, 0.05, 1.0))],
+    "rp3beta": [{"alpha": a, "beta": b} for a, b in ((1.0, 0.3), (1.0, 0.5), (0.8, 0.5), (1.0, 0.7), (0.6, 0.3))],
+    "content": [{"neighbours": n} for n in (20, 50, 100, 200, 400)],
+    "sequence": [{"window": w, "decay": d} for w in (3, 10) for d in (0.5, 0.8)],
+    "gru": [{"dim": 64, "epochs": 10, "dropout": 0.2}, {"dim": 64, "epochs": 20, "dropout": 0.5}],
     "popular": [{}],
     "segment_popular": [{}],
 }

@@ -22,6 +22,7 @@ from fusionrec.pipeline.retrieval.candidates import (
     FUSED,
     CandidateModel,
     LabelSplit,
+    content_vectors,
     Tuning,
     default_sources,
     label_split,
@@ -88,6 +89,14 @@ def candidate_split(interactions: pl.DataFrame, config: Config) -> tuple[LabelSp
     return split, threshold
 
 
+def label_windows(split: LabelSplit, config: Config, threshold: float | None) -> list[LabelSplit]:
+    """The ranker's label splits: `split`, then the same protocol applied to its feature part."""
+    earlier = label_split(split.fit, split.protocol, fraction=config.ranker.label_fraction,
+                          window_days=config.ranker.label_window_days, threshold=threshold,
+                          seed=config.ranker.seed)
+    return [split] if earlier is None else [split, earlier]
+
+
 def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, retriever: Retriever, config: Config
                         ) -> tuple[CandidateModel, Tuning | None, pl.DataFrame | None]:
     """Sources tuned and blended on the validation split, then refitted on the whole log.
@@ -101,8 +110,9 @@ def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, retr
     names = source_names(config, len(item_ids))
     split, threshold = candidate_split(inter, config)
     sc = config.sources
+    content = content_vectors(item_mods, item_ids) if "content" in names else None
     common = {"n_candidates": config.index.n_candidates, "threshold": threshold, "recent_items": sc.recent_items,
-              "half_life": sc.recent_half_life, "seed": config.ranker.seed}
+              "half_life": sc.recent_half_life, "seed": config.ranker.seed, "content": content}
     if split is None:
         log.warning("the log is too short for a validation split: candidate sources keep default settings and "
                     "equal weights, and no ranker will be trained")
@@ -116,10 +126,18 @@ def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, retr
     fused_fit = retriever_from_config(config).fit(item_mods, split.fit, user_mods) if FUSED in names else None
     tuning = tune(split, item_ids, catalog.users, fused_fit, [n for n in names if n != FUSED], **common,
                   max_users=sc.validation_users)
-    held_model = CandidateModel(**common, params=tuning.params, weights=tuning.weights).fit(
-        split.fit, item_ids, catalog.users, fused_fit)
-    labelled = truth_pairs(split.fit, split.held, threshold)["user_id"].unique().sort().to_list()
-    validation = held_model.candidates(labelled, exclude_seen=True)
+    frames = []
+    # Window 0 holds the labels the sources were tuned on; window 1, one step earlier (the
+    # same protocol applied to window 0's feature part), doubles the ranker's examples.
+    for window, part in enumerate(label_windows(split, config, threshold)):
+        fused_part = fused_fit if window == 0 else (
+            retriever_from_config(config).fit(item_mods, part.fit, user_mods) if FUSED in names else None)
+        held_model = CandidateModel(**common, params=tuning.params, weights=tuning.weights).fit(
+            part.fit, item_ids, catalog.users, fused_part)
+        labelled = truth_pairs(part.fit, part.held, threshold)["user_id"].unique().sort().to_list()
+        frames.append(held_model.candidates(labelled, exclude_seen=True).with_columns(
+            pl.lit(window, pl.Int8).alias("label_window")))
+    validation = pl.concat(frames)
     model = CandidateModel(**common, params=tuning.params, weights=tuning.weights).fit(
         inter, item_ids, catalog.users, retriever)
     return model, tuning, validation

@@ -10,21 +10,23 @@ the users table) and from their own content where they have some.
 from __future__ import annotations
 
 import json
+import logging
 
 from pathlib import Path
 
 import polars as pl
 
 from fusionrec.pipeline.errors import FusionrecError
-from fusionrec.pipeline.retrieval.candidates import CandidateModel
-from fusionrec.ranker.serving.export import recommend, topk
-from fusionrec.ranker.training import GUARD_FILE, pair_features
+from fusionrec.pipeline.retrieval.candidates import CandidateModel, explain_blend
+from fusionrec.ranker.serving.export import TOPK_SCHEMA, recommend, topk
+from fusionrec.ranker.training import GUARD_FILE, lineage, pair_features
 from fusionrec.pipeline.retrieval.stage import load_snapshot
 from fusionrec.pipeline.retrieval.retriever import Retriever
 
 from fusionrec.ranker.model import Ranker
 
 POPULAR_DAYS = 30
+log = logging.getLogger("fusionrec.serving")
 
 
 def popular_items(interactions: pl.DataFrame, n: int, days: int = POPULAR_DAYS) -> pl.DataFrame:
@@ -63,6 +65,13 @@ class Recommender:
             self.ranker_ = Ranker.load(self.art_dir / "ranker")
         self.order_ = "ranker" if use_ranker and self.ranker_ is not None and self.guard_.get("order") == "ranker" \
             else "retrieval"
+        built_from = self.guard_.get("built_from")
+        if self.order_ == "ranker" and built_from and built_from != lineage(self.art_dir):
+            # The index was rebuilt after the ranker was trained: its features no longer mean
+            # what the ranker learned. Serve the retrieval order until `fusionrec train` runs.
+            log.warning("the ranker in %s was trained on an older index (rerun `fusionrec train`): serving the "
+                        "retrieval order", self.art_dir)
+            self.order_ = "retrieval"
 
     @property
     def known_users_(self) -> list[str]:
@@ -79,7 +88,14 @@ class Recommender:
         """Top-k per user; `use_ranker=False` keeps the retrieval (blend) order."""
         cands = self.sources_.candidates(user_ids, exclude_seen=not include_seen)
         if not use_ranker or self.order_ != "ranker" or self.ranker_ is None:
-            return topk(cands.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score")), k)
+            z_columns = [c for c in cands.columns if c.startswith("src_") and c.endswith("_z")]
+            best = topk(cands.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score")), k,
+                        columns=z_columns)
+            if not explain:
+                return best.select(list(TOPK_SCHEMA))
+            # The blend explains itself: each source's weight times its z-score.
+            return pl.concat([best.select(list(TOPK_SCHEMA)), explain_blend(best, self.sources_.weights)],
+                             how="horizontal")
         # Explanations cost about a millisecond a row: only the kept top-k rows are explained.
         return recommend(self.ranker_, self._features(cands), k, explain=explain)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import polars as pl
 import pytest
 
 from fusionrec.evaluation.baselines import ItemKNNRecommender, PopularityRecommender
+from fusionrec.evaluation.metrics import ranking_metrics
 from fusionrec.evaluation.results import evaluate
 from fusionrec.evaluation.splits import global_temporal_split
 from fusionrec.pipeline.errors import InputError
@@ -123,39 +123,34 @@ def test_movielens_100k_figures() -> None:
     assert pop.metrics["long_tail_share@10"] == 0.0 < knn.metrics["long_tail_share@10"]
 
 
-def test_peers_bench_table_matches_the_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quality_bench_scores_lists_as_the_library_does() -> None:
+    """bench/peers.py's three ways of scoring a list (a score matrix, a top-k frame, the
+    library's ranking_metrics) give the same NDCG@10 per user."""
     spec = importlib.util.spec_from_file_location("peers_bench",
                                                   Path(__file__).resolve().parents[2] / "bench" / "peers.py")
     bench = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("peers_bench", bench)  # dataclasses look their module up there
+    sys.modules.setdefault("peers_bench", bench)
     spec.loader.exec_module(bench)
     rng = np.random.default_rng(0)
-    n = 600
-    data = tmp_path / "data"
-    data.mkdir()
-    pl.DataFrame({"user_id": rng.integers(0, 40, n).astype(str),
-                  "item_id": rng.zipf(1.5, n).clip(max=60).astype(str),
-                  "timestamp": rng.integers(0, 1000, n), "event": ["view"] * n}).write_csv(data / "interactions.csv")
-    out = tmp_path / "results"
-    assert bench.main(["--data", str(data), "--out", str(out), "--only", "popularity,knn", "--n-boot", "50"]) == 0
-    payload = json.loads((out / "peers.json").read_text())
-    assert [r["model"] for r in payload["rows"]] == ["popularity", "item-kNN"]
-    # The bench's figures are the library's figures on the same split.
-    df = bench.load_interactions(data)
-    train, test = global_temporal_split(df, 0.2)
-    users = test["user_id"].unique().sort()
-    direct = evaluate(PopularityRecommender().fit(train).recommend(users, 20), test, train, ks=(10, 20))
-    assert payload["rows"][0]["ndcg@10"] == pytest.approx(direct.metrics["ndcg@10"])
-    assert payload["rows"][0]["ndcg@10_ci_low"] <= direct.metrics["ndcg@10"] <= payload["rows"][0]["ndcg@10_ci_high"]
-    assert "d_ndcg@10_vs_pop" in payload["rows"][1]
-    table = (out / "peers.md").read_text()
-    assert "| model | ndcg@10 |" in table and "| item-kNN |" in table
-    # A peer whose library is missing, or that lacks embeddings, is skipped with the reason.
-    monkeypatch.setitem(sys.modules, "implicit.cpu.als", None)
-    assert bench.main(["--data", str(data), "--out", str(out), "--only", "popularity,als,vbpr",
-                       "--n-boot", "10"]) == 0
-    payload = json.loads((out / "peers.json").read_text())
-    assert [r["model"] for r in payload["rows"]] == ["popularity"]
-    assert "implicit is not installed" in payload["skipped"]["implicit ALS"]
-    assert "no item image embeddings" in payload["skipped"]["Cornac VBPR"]
-    assert "Skipped implicit ALS: implicit is not installed" in (out / "peers.md").read_text()
+    rows = [(f"u{u}", f"i{i}", t, float(rng.integers(1, 6))) for u in range(30)
+            for t, i in enumerate(rng.choice(40, 12, replace=False))]
+    inter = pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp", "value"], orient="row")
+    train, test = bench.split("movielens", inter)
+    items = np.array(sorted({f"i{i}" for i in range(40)}), dtype=object)
+    task = bench.Task(train, test, items, 4.0)
+    assert task.users and task.truth_matrix.sum() == task.truth.height
+    scores = rng.normal(size=(len(task.users), len(items))).astype(np.float32)
+    from_matrix = task.per_user(scores)
+    masked = np.where(task.blocked, -np.inf, scores)
+    order = np.argsort(-masked, axis=1, kind="stable")[:, :10]
+    top = pl.DataFrame({"user_id": np.repeat(task.users, 10), "item_id": items[order].ravel(),
+                        "rank": np.tile(np.arange(1, 11), len(task.users))})
+    from_lists = task.per_user(task.lists(top))
+    from_frame = bench.frame_ndcg(top, task.truth, task.users)
+    library = ranking_metrics(top, task.truth, ks=(10,)).sort("user_id")
+    lib = dict(zip(library["user_id"].to_list(), library["ndcg@10"].to_list()))
+    assert np.allclose(from_matrix, from_lists) and np.allclose(from_matrix, from_frame)
+    assert np.allclose(from_matrix, [lib[u] for u in task.users])
+    mean, lo, hi = bench.interval(from_matrix)
+    assert lo <= mean <= hi
+

@@ -15,12 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusionrec.jobs import run_nightly
+from fusionrec.jobs import run_index, run_nightly
 from fusionrec.pipeline.config import load_config
 from fusionrec.pipeline.io.manifest import read_manifest
 from fusionrec.pipeline.retrieval.candidates import CandidateModel, label_split
 from fusionrec.pipeline.retrieval.stage import Catalog
 from fusionrec.ranker.serving.recommender import Recommender
+from fusionrec.ranker import training
 from fusionrec.ranker.training import guard_ranker, pair_features
 
 QUIET = ["sources.names=['itemknn','recent_itemknn','popular','segment_popular']", "ranker.n_estimators=60"]
@@ -130,11 +131,21 @@ def test_the_guard_ships_a_ranker_that_beats_retrieval_order() -> None:
     assert guard["ndcg@10"]["ranker"] > guard["ndcg@10"]["retrieval"] + 0.2
 
 
-def test_a_worse_ranker_is_not_shipped_by_the_nightly_job(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A ranker crippled to a single one-leaf round can only tie retrieval order: the job ships retrieval."""
+def test_a_worse_ranker_is_not_shipped_by_the_nightly_job(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the guard finds the ranker worse (the decision itself is tested above on rows where
+    it is), the night exports the retrieval order and says so in the log, guard.json and the manifest."""
+    real = training.guard_ranker
+
+    def losing(rows: pl.DataFrame, config: object) -> dict:
+        result = real(rows, config)
+        return {**result, "ndcg@10": {"ranker": 0.1, "retrieval": 0.2}, "difference": -0.1,
+                "interval": [-0.12, -0.08], "ships": False}
+
+    monkeypatch.setattr(training, "guard_ranker", losing)
     data = make_catalog(tmp_path / "data")
     art = tmp_path / "art"
-    nightly(data, art, "ranker.n_estimators=1", "ranker.num_leaves=2")
+    nightly(data, art)
     guard = json.loads((art / "ranker" / "guard.json").read_text())
     assert guard["order"] == "retrieval" and guard["guard"]["ships"] is False
     assert "retrieval order is exported" in caplog.text
@@ -148,6 +159,13 @@ def test_a_worse_ranker_is_not_shipped_by_the_nightly_job(tmp_path: Path, caplog
     assert got["item_id"].to_list() != [] and len(got) == len(expected)
     runs = read_manifest(art)["runs"]
     assert next(r for r in runs if r["command"] == "train")["models"]["order"] == "retrieval"
+    # --explain on the retrieval order: each source's weight times its z-score, summing to the score.
+    explained = rec.recommend(["u001", "u002"], 5, explain=True)
+    contrib = [c for c in explained.columns if c.startswith("contrib_")]
+    assert contrib and explained.height == 10
+    total = explained.select(pl.sum_horizontal(*contrib).alias("t"))["t"]
+    assert np.allclose(total.to_numpy(), explained["score"].to_numpy(), atol=1e-4)
+    assert explained["top_features"].list.len().min() >= 1
 
 
 def test_user_attributes_reach_the_model(tmp_path: Path) -> None:
@@ -159,7 +177,18 @@ def test_user_attributes_reach_the_model(tmp_path: Path) -> None:
     assert "user_attr_segment" in json.dumps(names) and "user_attr_age" in json.dumps(names)
     rec = Recommender(art)
     assert rec.order_ == "ranker"
-    assert rec.sources_.segment_names_ == ["segment", "age"] or set(rec.sources_.segment_names_) == {"segment", "age"}
+    assert set(rec.sources_.segment_names_) == {"segment", "age"}
+
+
+def test_a_ranker_trained_on_an_older_index_is_not_served(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = make_catalog(tmp_path / "data", n_users=60)
+    art = tmp_path / "art"
+    nightly(data, art, "ranker.guard=false")
+    assert Recommender(art).order_ == "ranker"
+    run_index(data, art, load_config(None, [*QUIET, "index.n_candidates=40"]))  # the index changes, train does not
+    rec = Recommender(art)
+    assert rec.order_ == "retrieval"
+    assert "trained on an older index" in caplog.text
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

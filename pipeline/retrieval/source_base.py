@@ -1,0 +1,65 @@
+"""What every candidate source shares: the user x item log it learns from and the `Source` interface.
+
+Kept apart from `sources.py` so that sources in their own modules (`sequence_model.py`) can
+subclass `Source` while `sources.py` imports them for `make_source` (no import cycle);
+`sources.py` re-exports these names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+
+@dataclass(frozen=True)
+class UserItemLog:
+    """Positive evidence as a users x items matrix, plus each user's recency-weighted recent items.
+
+    `matrix[u, i]` is 1 where user u showed positive evidence for item i (a rating at or
+    above the relevance threshold, or any event where there are no ratings); `recent[u, i]`
+    weighs the user's last `recent_items` items (any rating) by 0.5 ** (age rank / half-life).
+    """
+
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    matrix: sp.csr_matrix
+    recent: sp.csr_matrix
+    seen: sp.csr_matrix  # every interaction, negative ones included (excluded from lists)
+    sequence: np.ndarray  # (n, 2) user row, item column of every user's items in time order
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+
+def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    return sp.csr_matrix((vals, (rows.astype(np.int64), cols.astype(np.int64))), shape=shape, dtype=np.float32)
+
+
+class Source:
+    """One candidate source: `fit` on a log, `score` users (rows of that log) against every item."""
+
+    name: str = ""
+
+    def fit(self, log: UserItemLog) -> Source:
+        raise NotImplementedError
+
+    def score(self, log: UserItemLog, users: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays that, with `params`, restore the fitted source (`restore`)."""
+        return {}
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> Source:
+        return self

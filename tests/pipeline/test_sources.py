@@ -1,0 +1,142 @@
+"""The candidate sources: one contract every source meets, and what each one is for."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from fusionrec.pipeline.retrieval.candidates import (
+    CandidateModel,
+    label_split,
+    ndcg_at,
+    search_weights,
+    truth_pairs,
+    zscore,
+)
+from fusionrec.pipeline.retrieval.sources import SOURCE_NAMES, als_available, build_log, make_source, user_segments
+
+ITEMS = np.array([f"i{j}" for j in range(12)], dtype=object)
+
+
+def pairs_log(seed: int = 0, n_users: int = 40) -> pl.DataFrame:
+    """Users of two tastes: items 0-5 or 6-11, each user 5 of them in time order, rated 5 (one 2)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        base = 0 if u % 2 == 0 else 6
+        picks = rng.permutation(6)[:5] + base
+        for t, j in enumerate(picks):
+            rows.append((f"u{u:02d}", f"i{j}", 1_000 + 10 * t + u, 2.0 if t == 0 else 5.0))
+    return pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp", "value"], orient="row")
+
+
+def fitted(name: str, log_frame: pl.DataFrame):
+    users = np.array(sorted(set(log_frame["user_id"].to_list())), dtype=object)
+    log = build_log(log_frame, users, ITEMS, threshold=4.0, recent_items=3, half_life=2.0)
+    segments = np.array([[j % 2] for j in range(len(users))], np.int64)
+    content = np.vstack([np.r_[np.ones(4), np.zeros(4)] if j < 6 else np.r_[np.zeros(4), np.ones(4)]
+                         for j in range(len(ITEMS))]).astype(np.float32)
+    content += 0.01 * np.arange(len(ITEMS))[:, None]
+    params = {"factors": 4, "regularization": 0.1, "iterations": 30} if name == "als" else {}  # a 12-item toy
+    return log, make_source(name, params, segments=segments, seed=0, content=content)
+
+
+CONTRACT = [n for n in SOURCE_NAMES if n != "als" or als_available()]
+
+
+@pytest.mark.parametrize("name", CONTRACT)
+def test_every_source_scores_every_item_deterministically_and_restores_without_refit(name: str) -> None:
+    frame = pairs_log()
+    log, source = fitted(name, frame)
+    source.fit(log)
+    rows = np.arange(log.n_users)
+    scores = source.score(log, rows)
+    assert scores.shape == (log.n_users, len(ITEMS)) and scores.dtype == np.float32
+    assert np.isfinite(scores).all()
+    _, again = fitted(name, frame)
+    assert np.array_equal(again.fit(log).score(log, rows), scores)  # same seed, same scores
+    _, restored = fitted(name, frame)
+    restored = restored.restore({k: v.copy() for k, v in source.state().items()})
+    assert np.allclose(restored.score(log, rows), scores)
+
+
+@pytest.mark.parametrize("name", [n for n in CONTRACT if n not in ("popular", "segment_popular")])
+def test_personal_sources_recommend_the_users_own_taste(name: str) -> None:
+    """Unseen items of the user's own half outscore the other half for most users."""
+    frame = pairs_log()
+    log, source = fitted(name, frame)
+    scores = source.fit(log).score(log, np.arange(log.n_users))
+    seen = log.seen.toarray() > 0
+    own = np.array([np.arange(12) < 6 if u % 2 == 0 else np.arange(12) >= 6 for u in range(log.n_users)])
+    masked = np.where(seen, -np.inf, scores)
+    best = masked.argmax(axis=1)
+    assert own[np.arange(log.n_users), best].mean() >= 0.9
+
+
+def test_low_ratings_are_not_likes() -> None:
+    frame = pairs_log()
+    log, _ = fitted("popular", frame)
+    first = frame.sort("timestamp").group_by("user_id", maintain_order=True).first()  # the 2-star ratings
+    u = {x: j for j, x in enumerate(log.user_ids)}
+    i = {x: j for j, x in enumerate(log.item_ids)}
+    m = log.matrix.toarray()
+    assert all(m[u[a], i[b]] == 0 for a, b in first.select("user_id", "item_id").iter_rows())
+    assert all(log.seen.toarray()[u[a], i[b]] == 1 for a, b in first.select("user_id", "item_id").iter_rows())
+
+
+def test_segment_popularity_follows_the_segment() -> None:
+    users = pl.DataFrame({"user_id": [f"u{u:02d}" for u in range(40)], "side": ["even", "odd"] * 20})
+    codes, names = user_segments(users, np.array(users["user_id"].to_list(), dtype=object))
+    assert names == ["side"] and codes[:4, 0].tolist() == [0, 1, 0, 1]
+    frame = pairs_log()
+    log = build_log(frame, np.array(users["user_id"].to_list(), dtype=object), ITEMS, threshold=4.0)
+    seg = make_source("segment_popular", {}, segments=codes).fit(log)
+    scores = seg.score(log, np.arange(40))
+    assert scores[0, :6].min() > scores[0, 6:].max() and scores[1, 6:].min() > scores[1, :6].max()
+
+
+def test_zscore_ignores_seen_items_and_constant_rows_score_zero() -> None:
+    scores = np.array([[10.0, 1.0, 2.0, 3.0], [5.0, 5.0, 5.0, 5.0]], np.float32)
+    seen = np.array([[True, False, False, False], [False, False, False, False]])
+    z = zscore(scores, seen)
+    assert np.allclose(z[0, 1:].mean(), 0.0, atol=1e-6) and np.allclose(z[0, 1:].std(), 1.0, atol=1e-5)
+    assert np.allclose(z[1], 0.0)
+
+
+def test_ndcg_at_matches_a_hand_computed_value() -> None:
+    scores = np.array([[3.0, 2.0, 1.0, 0.0]])
+    truth = np.array([[False, True, False, True]])
+    expected = (1 / np.log2(3) + 1 / np.log2(5)) / (1 + 1 / np.log2(3))
+    assert np.isclose(ndcg_at(scores, truth, k=10)[0], expected)
+
+
+def test_blend_search_puts_weight_on_the_source_that_finds_the_labels() -> None:
+    rng = np.random.default_rng(0)
+    truth = rng.random((50, 30)) < 0.1
+    good = truth + 0.1 * rng.normal(size=truth.shape)
+    noise = rng.normal(size=truth.shape)
+    weights = search_weights({"good": zscore(good), "noise": zscore(noise)}, truth, np.zeros_like(truth))
+    assert weights["good"] > 0 and weights["noise"] == 0
+
+
+def test_users_without_history_get_popular_items_of_their_segment() -> None:
+    frame = pairs_log()
+    users = pl.DataFrame({"user_id": [f"u{u:02d}" for u in range(42)], "side": ["even", "odd"] * 21})
+    model = CandidateModel(n_candidates=5, threshold=4.0, params={"itemknn": {}, "popular": {}, "segment_popular": {}},
+                           weights={"itemknn": 1.0}).fit(frame, ITEMS, users, None)
+    cands = model.candidates(["u40", "u41"])  # in the users table, no interactions
+    top = cands.filter(pl.col("retrieval_rank") <= 3)
+    first_half = {f"i{j}" for j in range(6)}
+    assert set(top.filter(pl.col("user_id") == "u40")["item_id"].to_list()) <= first_half
+    assert not set(top.filter(pl.col("user_id") == "u41")["item_id"].to_list()) & first_half
+
+
+def test_label_split_auto_takes_the_protocol_with_more_labelled_users() -> None:
+    frame = pairs_log()  # one short burst per user: the last 14 days hold every user
+    split = label_split(frame, "auto", fraction=0.2, window_days=14, threshold=4.0, min_users=1)
+    assert split is not None and split.protocol in ("per_user", "window")
+    per_user = label_split(frame, "per_user", fraction=0.2, window_days=14, threshold=4.0, min_users=1)
+    assert per_user is not None and per_user.users == truth_pairs(per_user.fit, per_user.held, 4.0)[
+        "user_id"].n_unique()
+    assert label_split(frame.head(3), "auto", fraction=0.2, window_days=14, threshold=4.0) is None
