@@ -606,3 +606,46 @@ def test_precomputed_embedding_probes(base: Base, tmp_path: Path, reliability, n
         from fusionrec.pipeline.embedding.job import read_artifact_table
 
         assert sorted(read_artifact_table(art / "embeddings" / "item_text.parquet")[0]) == sorted(ids)
+
+
+# --------------------------------------------------------------------------- config abuse (values: pipeline/config.py)
+
+
+CONFIG_PROBES = [
+    ("index.n_candidates=0", ["--set", "index.n_candidates=0"], r"index\.n_candidates"),
+    ("export.k=0", ["--set", "export.k=0"], r"export\.k"),
+    ("fusion.method=bogus", ["--set", "fusion.method=bogus"], r"fusion\.method"),
+    ("ranker.objective=bogus", ["--set", "ranker.objective=bogus"], r"ranker\.objective"),
+    ("index.factory=NotAFactory", ["--set", "index.factory=NotAFactory"], r"index\.factory"),
+    ("embed.text.batch_size=0", ["--set", "embed.text.batch_size=0"], r"embed\.text\.batch_size"),
+    ("a --config that is a directory", ["--config", "{dir}"], r"config"),
+    ("a --config with invalid UTF-8", ["--config", "{latin1}"], r"config|UTF-8"),
+    ("an unknown key", ["--set", "embed.txet.model=x"], r"embed\.txet"),
+]
+
+
+@pytest.mark.parametrize(("name", "args", "pattern"), CONFIG_PROBES, ids=[c[0] for c in CONFIG_PROBES])
+def test_config_abuse_is_exit_2_before_any_stage(base: Base, tmp_path: Path, reliability, name: str,
+                                                  args: list[str], pattern: str) -> None:
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "latin1.toml").write_bytes(b"[embed.text]\nmodel = \"caf\xe9\"\n")
+    args = [a.replace("{dir}", str(tmp_path / "conf.d")).replace("{latin1}", str(tmp_path / "latin1.toml"))
+            for a in args]
+    art = base.fresh(tmp_path)
+    before = digests(art)
+    result = invoke("run", "--data", base.data, "--out", art, *args, "-q")
+    probe(reliability, f"config: {name}", result, 2, pattern, damaged=changed(before, digests(art)))
+    assert digests(art) == before
+
+
+def test_two_writers_one_waits_out(base: Base, tmp_path: Path, reliability) -> None:
+    art = base.fresh(tmp_path)
+    writer = ArtifactLock(art).acquire()
+    before = digests(art)
+    try:
+        result = invoke("embed", "--data", base.data, "--out", art, *base.opts(), env={"FUSIONREC_LOCK_WAIT": "0"})
+        probe(reliability, "embed during another writer", result, 1, r"another fusionrec job \(pid \d+",
+              damaged=changed(before, digests(art)))
+        assert digests(art) == before
+    finally:
+        writer.release()

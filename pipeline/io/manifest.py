@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from fusionrec.pipeline.io.storage import ArtifactLock, ReadLock, sha256_file, write_json
+from fusionrec.pipeline.io.storage import ArtifactLock, ReadLock, hold_flock, lock_file, sha256_file, write_json
 
 log = logging.getLogger("fusionrec.manifest")
 LIBRARIES = ("fusionrec", "torch", "transformers", "timm", "librosa", "numpy", "pyarrow", "polars",
@@ -147,15 +147,12 @@ def salvage_runs(raw: bytes) -> list[dict[str, Any]]:
 
 
 def append_run(art_dir: Path, record: dict[str, Any]) -> None:
-    """Add one run record. Appends are serialised by an flock on the artifacts directory, so
-    two commands finishing at once (a writer and readers) both keep their record."""
-    import fcntl
-
+    """Add one run record. Appends are serialised by an flock (outside ART), so commands
+    finishing at once (readers side by side) each keep their record."""
     art_dir = Path(art_dir)
     art_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(art_dir, os.O_RDONLY)
+    fd = hold_flock(lock_file(art_dir, "manifest"), exclusive=True)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         manifest = read_manifest(art_dir)
         if manifest.pop("recovered", False):
             with contextlib.suppress(OSError):
@@ -165,7 +162,8 @@ def append_run(art_dir: Path, record: dict[str, Any]) -> None:
         manifest["latest"] = {**(latest if isinstance(latest, dict) else {}), record["command"]: record["run_id"]}
         write_json(manifest, art_dir / "manifest.json")
     finally:
-        os.close(fd)  # closing releases the flock
+        if fd is not None:
+            os.close(fd)  # closing releases the flock
 
 
 def latest_run(art_dir: Path, command: str) -> dict[str, Any] | None:

@@ -333,8 +333,60 @@ class ArtifactLock:
 
 # --------------------------------------------------------------------------- readers and writers
 
-RW_LOCK = ".rwlock"  # flock: shared by readers (recommend, score, evaluate), exclusive by writers
 LOCK_WAIT_ENV = "FUSIONREC_LOCK_WAIT"  # seconds a job waits for the other side (default 10)
+LOCK_DIR_ENV = "FUSIONREC_LOCK_DIR"  # where the flock files live (default: <tmp>/fusionrec-locks)
+
+
+def lock_file(art_dir: Path | str, kind: str) -> Path | None:
+    """The flock file of one artifacts directory, outside it (ART holds artifacts only), named
+    by the directory's device and inode: `rw` (shared by readers, exclusive by writers) or
+    `manifest` (run record appends). None when ART does not exist yet."""
+    import tempfile
+
+    try:
+        st = os.stat(art_dir)
+    except OSError:
+        return None
+    folder = Path(os.environ.get(LOCK_DIR_ENV) or Path(tempfile.gettempdir()) / "fusionrec-locks")
+    try:
+        folder.mkdir(mode=0o1777, parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return folder / f"{st.st_dev}-{st.st_ino}.{kind}"
+
+
+def hold_flock(path: Path | None, *, exclusive: bool, wait: float | None = None) -> int | None:
+    """An open fd holding an flock on `path` (closing it releases the lock); None when the
+    file cannot be opened or the filesystem has no flock. `wait`: seconds before BlockingIOError
+    (None: wait as long as it takes)."""
+    import fcntl
+
+    if path is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        return None
+    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    try:
+        if wait is None:
+            fcntl.flock(fd, mode)
+            return fd
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:
+        os.close(fd)
+        return None
 
 
 def _lock_wait() -> float:
@@ -345,35 +397,15 @@ def _lock_wait() -> float:
 
 
 def _flock(art_dir: Path, *, exclusive: bool) -> int | None:
-    """An flock on ART/.rwlock (an open fd; closing it releases the lock), waiting up to
-    FUSIONREC_LOCK_WAIT seconds. None where the file cannot be made (a read-only ART: then
-    no writer can change it either). The kernel drops the lock of a killed job by itself."""
-    import fcntl
-
-    path = Path(art_dir) / RW_LOCK
+    """The readers/writers flock of `art_dir` (an open fd; closing it releases the lock),
+    waiting up to FUSIONREC_LOCK_WAIT seconds. None where no lock file can be made. The
+    kernel drops the lock of a killed job by itself."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            return None
-    deadline = time.monotonic() + _lock_wait()
-    mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
-    while True:
-        try:
-            fcntl.flock(fd, mode)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                who = ("a command that reads them (recommend, score or evaluate)" if exclusive
-                       else "a job that writes them (run, embed, index or train)")
-                raise LockError(f"{art_dir} is in use by {who}; wait for it to finish or use another --out") from None
-            time.sleep(0.05)
-        except OSError:
-            os.close(fd)
-            return None  # a filesystem without flock
+        return hold_flock(lock_file(art_dir, "rw"), exclusive=exclusive, wait=_lock_wait())
+    except BlockingIOError:
+        who = ("a command that reads them (recommend, score or evaluate)" if exclusive
+               else "a job that writes them (run, embed, index or train)")
+        raise LockError(f"{art_dir} is in use by {who}; wait for it to finish or use another --out") from None
 
 
 class ReadLock:
