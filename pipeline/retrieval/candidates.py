@@ -67,16 +67,25 @@ def label_split(interactions: pl.DataFrame, protocol: str, *, fraction: float, w
     if protocol in ("auto", "window"):
         end = int(interactions["timestamp"].max()) + 1
         start = end - int(window_days * DAY)
+        if start <= int(interactions["timestamp"].min()):
+            # The whole log fits in one window (a fixed split carried in `timestamp`, such as
+            # Last.fm's 0/1/2): the latest distinct timestamp is the window.
+            start = end - 1
         fit = interactions.filter(pl.col("timestamp") < start)
         held = interactions.filter(pl.col("timestamp") >= start)
         if fit.height and held.height:
             options["window"] = (fit, held)
-    best: LabelSplit | None = None
-    for name, (fit, held) in options.items():
-        users = _labelled_users(fit, held, threshold).height
-        if users >= min_users and (best is None or users > best.users):
-            best = LabelSplit(name, fit, held, users)
-    return best
+    found = {name: LabelSplit(name, fit, held, _labelled_users(fit, held, threshold).height)
+             for name, (fit, held) in options.items()}
+    found = {name: split for name, split in found.items() if split.users >= min_users}
+    if not found:
+        return None
+    # A window of the log's latest interactions is what the nightly job faces (the next
+    # period, for everyone): auto takes it while it labels at least half as many users as
+    # holding out each user's latest interactions does.
+    if "window" in found and ("per_user" not in found or found["window"].users >= 0.5 * found["per_user"].users):
+        return found["window"]
+    return found.get("per_user") or found["window"]
 
 
 def _labelled_users(fit: pl.DataFrame, held: pl.DataFrame, threshold: float | None) -> pl.DataFrame:
