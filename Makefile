@@ -43,7 +43,8 @@ bench: install
 bench-full: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/retrieval.py --n 1000000
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/quality.py
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/peers.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/peers.py --dataset movielens
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/peers.py --dataset lastfm
 
 clean:
 	rm -rf artifacts .pytest_cache

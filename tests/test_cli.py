@@ -50,10 +50,16 @@ def test_run_writes_every_artifact_and_a_manifest(art: Path) -> None:
     assert top.group_by("user_id").len()["len"].max() == 10
 
 
-def test_ranker_beats_retrieval_alone_on_the_validation_window(art: Path) -> None:
-    train = next(r for r in read_manifest(art)["runs"] if r["command"] == "train")
-    ndcg = train["training"]["valid_ndcg@10"]
-    assert ndcg["ranker"] > ndcg["retrieval"]
+def test_the_shipped_order_is_the_one_that_won_on_validation(art: Path) -> None:
+    train = next(r for r in read_manifest(art)["runs"] if r["command"] == "train")["training"]
+    guard = train["guard"]
+    ndcg = train["valid_ndcg@10"]
+    assert guard["users"] >= 20 and set(ndcg) == {"ranker", "retrieval"}
+    if train["order"] == "ranker":
+        assert guard["ships"] and guard["interval"][0] > 0 and ndcg["ranker"] > ndcg["retrieval"]
+    else:
+        assert not guard["ships"] and guard["interval"][0] <= 0
+    assert json.loads((art / "ranker" / "guard.json").read_text())["order"] == train["order"]
 
 
 def test_recommendations_follow_each_users_themes(art: Path, tmp_path: Path, themes: dict) -> None:
