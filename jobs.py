@@ -18,8 +18,8 @@ from fusionrec.pipeline.config import Config
 from fusionrec.pipeline.embedding.job import EmbedReport, run_embed
 from fusionrec.pipeline.errors import ConfigError, FusionrecError
 from fusionrec.pipeline.io.manifest import stage_run
-from fusionrec.pipeline.io.tracking import check_tracking, log_nightly
 from fusionrec.pipeline.io.storage import ArtifactLock, check_separate_dirs, clean_stale_exports
+from fusionrec.pipeline.io.tracking import check_tracking, log_nightly
 from fusionrec.pipeline.retrieval.stage import load_catalog
 from fusionrec.pipeline.retrieval.stage import run_index as _run_index
 from fusionrec.ranker.serving.export import check_export_target, read_pairs, write_topk

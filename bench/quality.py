@@ -30,8 +30,18 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (DATASETS, RESULTS, environment, global_temporal_split, load_interactions,  # noqa: E402
-                          popularity_candidates, print_table, ranking_metrics, test_targets, write_json)
+from bench.common import (  # noqa: E402
+    DATASETS,
+    RESULTS,
+    environment,
+    global_temporal_split,
+    load_interactions,
+    popularity_candidates,
+    print_table,
+    ranking_metrics,
+    test_targets,
+    write_json,
+)
 from fusionrec.pipeline.retrieval import faiss_index as fidx  # noqa: E402
 from fusionrec.pipeline.retrieval.fusion import load_modalities  # noqa: E402
 from fusionrec.pipeline.retrieval.retriever import Retriever  # noqa: E402

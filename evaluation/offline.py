@@ -11,19 +11,19 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import polars as pl
-
-from fusionrec.pipeline.errors import FusionrecError, InputError
-from fusionrec.pipeline.retrieval.fusion import load_modalities
-from fusionrec.pipeline.io.manifest import RunRecord, library_versions, read_manifest
-from fusionrec.pipeline.io.tables import read_interactions
 
 from fusionrec.evaluation import metrics as M
 from fusionrec.evaluation.baselines import ItemKNNRecommender, PopularityRecommender
 from fusionrec.evaluation.report import write_report
 from fusionrec.evaluation.results import EvaluationResult, bootstrap_ci, evaluate, paired_comparison, relevant_truth
+from fusionrec.pipeline.errors import FusionrecError, InputError
+from fusionrec.pipeline.io.manifest import RunRecord, library_versions, read_manifest
+from fusionrec.pipeline.io.tables import read_interactions
+from fusionrec.pipeline.retrieval.fusion import load_modalities
 from fusionrec.ranker.serving.recommender import Recommender
 
 log = logging.getLogger("fusionrec.evaluate")
@@ -94,7 +94,7 @@ def run_evaluate(art_dir: Path, test_path: Path, ks: tuple[int, ...] = (10, 20),
     test = read_interactions(Path(test_path), rec.catalog_.items)
     train = rec.catalog_.interactions
     users = scorable_users(test, train, test_path, relevance)
-    item_vectors = load_modalities(art_dir / "embeddings", "item").get("text")
+    item_vectors = cast("M.ItemVectors | None", load_modalities(art_dir / "embeddings", "item").get("text"))
     runs = recommendation_runs(rec, users, max(*ks, CURVE_MIN_LENGTH if report is not None else 1), baselines)
     results = {name: evaluate(recs, test, train, ks, item_vectors=item_vectors, relevance_threshold=relevance,
                               n_items=rec.catalog_.items.height) for name, recs in runs.items()}
@@ -129,7 +129,7 @@ def metric_curves(runs: dict[str, pl.DataFrame], truth: pl.DataFrame, n_boot: in
     """run -> metric -> ``{k, mean, ci_low, ci_high}`` over the cut-offs the lists are long enough for."""
     out: dict[str, dict[str, list[dict]]] = {}
     for name, recs in runs.items():
-        longest = int(M.ranked_lists(recs)["pos"].max() or 0) if recs.height else 0
+        longest = int(cast(int, M.ranked_lists(recs)["pos"].max() or 0)) if recs.height else 0
         usable = tuple(k for k in ks if k <= max(longest, 1))
         per_user = M.ranking_metrics(recs, truth, usable)
         out[name] = {m: [{"k": k, **bootstrap_ci(per_user, f"{m}@{k}", n_boot=n_boot)} for k in usable]

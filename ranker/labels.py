@@ -6,7 +6,7 @@ Features use interactions before `start` (the cutoff); labels use only [start, e
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, cast
 
 import polars as pl
 
@@ -29,7 +29,7 @@ def infer_rating_scale(interactions: pl.DataFrame, max_levels: int = 10) -> tupl
         return None
     if not bool((values == values.round()).all()):
         return None
-    lo, hi = int(values.min()), int(values.max())
+    lo, hi = int(cast(int, values.min())), int(cast(int, values.max()))
     if hi <= lo or hi - lo + 1 > max_levels:
         return None
     return lo, hi

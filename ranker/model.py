@@ -11,7 +11,7 @@ import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightgbm as lgb
 import numpy as np
@@ -20,7 +20,6 @@ import pyarrow as pa
 
 from fusionrec.pipeline.errors import FusionrecError
 from fusionrec.pipeline.io.storage import sha256_bytes, write_json, write_text
-
 from fusionrec.ranker.features import feature_columns, feature_group
 
 MODEL_FILE = "model.txt"
@@ -73,7 +72,7 @@ class Ranker:
         return params
 
     def fit(self, X: pl.DataFrame, y: Any, group_ids: Any = None,
-            eval_set: tuple | None = None) -> "Ranker":
+            eval_set: tuple | None = None) -> Ranker:
         """Fit on the feature columns of `X` (all of `feature_columns(X)` unless `features` was given).
 
         group_ids: one id per row (the user), required for lambdarank; rows need not be
@@ -87,7 +86,7 @@ class Ranker:
         self.feature_groups_ = {n: feature_group(n) or "other" for n in names}
         y_train = _as_array(y)
         has_val = eval_set is not None
-        y_val = _as_array(eval_set[1]) if has_val else None
+        y_val = _as_array(eval_set[1]) if eval_set is not None else None
         max_label = None
         if self.objective == "lambdarank":
             labels = y_train if y_val is None else np.concatenate([y_train, y_val])
@@ -97,8 +96,10 @@ class Ranker:
         params = self._lgb_params(max_label)
 
         train = self._dataset(X, y_train, group_ids, None)
-        valid_sets, callbacks, history = [], [], {}
+        valid_sets, callbacks = [], []
+        history: dict[str, dict[str, list[Any]]] = {}
         if has_val:
+            assert eval_set is not None and y_val is not None
             val_groups = eval_set[2] if len(eval_set) > 2 else None
             valid_sets.append(self._dataset(eval_set[0], y_val, val_groups, train))
             callbacks.append(lgb.record_evaluation(history))
@@ -196,7 +197,7 @@ class Ranker:
              pa.array(picked_c, pa.float64())],
             names=["feature", "value", "contribution"])
         offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
-        top_col = pl.from_arrow(pa.ListArray.from_arrays(offsets, structs)).alias("top_features")
+        top_col = cast(pl.Series, pl.from_arrow(pa.ListArray.from_arrays(offsets, structs))).alias("top_features")
 
         groups = self.groups_
         member = np.array([[self.feature_groups_[f] == g for f in names] for g in groups], dtype=np.float64)
@@ -250,7 +251,7 @@ class Ranker:
         return directory
 
     @classmethod
-    def load(cls, directory: Path | str) -> "Ranker":
+    def load(cls, directory: Path | str) -> Ranker:
         directory = Path(directory)
         try:
             meta = json.loads((directory / META_FILE).read_text())

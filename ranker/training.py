@@ -25,7 +25,7 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
@@ -35,8 +35,8 @@ from fusionrec.pipeline.config import Config
 from fusionrec.pipeline.io.manifest import stage_run
 from fusionrec.pipeline.io.storage import sha256_file, write_json
 from fusionrec.pipeline.retrieval.candidates import LabelSplit
-from fusionrec.pipeline.retrieval.stage import Catalog, candidate_split, label_windows, load_snapshot
 from fusionrec.pipeline.retrieval.sources import positive_mask
+from fusionrec.pipeline.retrieval.stage import Catalog, candidate_split, label_windows, load_snapshot
 from fusionrec.ranker.features import behaviour_features, user_attribute_features
 from fusionrec.ranker.labels import DEFAULT_EVENT_GAIN, infer_rating_scale
 from fusionrec.ranker.model import Ranker
@@ -52,7 +52,7 @@ def pair_features(pairs: pl.DataFrame, catalog: Catalog, history: pl.DataFrame) 
     Raw source scores are dropped: their scale differs between users and between label
     windows; per-user z-scores and ranks carry them.
     """
-    cutoff = int(history["timestamp"].max()) + 1 if history.height else 0
+    cutoff = int(cast(int, history["timestamp"].max())) + 1 if history.height else 0
     raw = [c for c in pairs.columns if c.startswith("src_") and not c.endswith(("_z", "_rank"))
            and c not in ("src_z_mean", "src_z_max", "src_top10_count")]
     feats = behaviour_features(pairs.drop(raw), history, catalog.items, cutoff)

@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
@@ -29,12 +29,10 @@ from fusionrec.pipeline.retrieval.retriever import Retriever
 from fusionrec.pipeline.retrieval.sources import (
     SEARCH_GRID,
     Source,
-    UserItemLog,
     als_available,
     build_log,
     make_source,
     positive_mask,
-    relevance_threshold,
     user_segments,
 )
 
@@ -65,9 +63,9 @@ def label_split(interactions: pl.DataFrame, protocol: str, *, fraction: float, w
         fit, held = per_user_temporal_split(interactions, fraction, min_train=1, seed=seed)
         options["per_user"] = (fit, held)
     if protocol in ("auto", "window"):
-        end = int(interactions["timestamp"].max()) + 1
+        end = int(cast(int, interactions["timestamp"].max())) + 1
         start = end - int(window_days * DAY)
-        if start <= int(interactions["timestamp"].min()):
+        if start <= int(cast(int, interactions["timestamp"].min())):
             # The whole log fits in one window (a fixed split carried in `timestamp`, such as
             # Last.fm's 0/1/2): the latest distinct timestamp is the window.
             start = end - 1

@@ -13,13 +13,14 @@ items x items matrix: `sources.ease_max_items`), which is what `scale` is about.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
 from fusionrec.pipeline.retrieval.sequence_model import GRUSequence
+
 # Source, UserItemLog and _csr live in source_base (no cycle with sequence_model); re-exported here.
 from fusionrec.pipeline.retrieval.source_base import Source, UserItemLog, _csr
 
@@ -40,7 +41,7 @@ def relevance_threshold(interactions: pl.DataFrame, setting: float) -> float | N
     values = interactions["value"].drop_nulls()
     if values.len() == 0 or not bool((values == values.round()).all()):
         return None
-    lo, hi = float(values.min()), float(values.max())
+    lo, hi = float(cast(float, values.min())), float(cast(float, values.max()))
     if hi <= lo or hi - lo + 1 > 10:
         return None
     if setting > 0:
@@ -258,7 +259,7 @@ class Content(Source):
         self.neighbours = int(neighbours)
 
     def fit(self, log: UserItemLog) -> Content:
-        v = np.zeros((log.n_items, 1), np.float32) if self.vectors is None else self.vectors.astype(np.float32)
+        v: np.ndarray = np.zeros((log.n_items, 1), np.float32) if self.vectors is None else self.vectors.astype(np.float32)
         present = np.abs(v).sum(axis=1) > 0
         if present.any():
             v = np.where(present[:, None], v - v[present].mean(axis=0), 0.0)  # centred: cosines mean something

@@ -12,28 +12,29 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
 from fusionrec.pipeline.config import Config
 from fusionrec.pipeline.errors import FusionrecError
-from fusionrec.pipeline.retrieval.fusion import load_modalities
+from fusionrec.pipeline.io.manifest import hash_inputs, stage_run
+from fusionrec.pipeline.io.storage import clean_temporaries, write_parquet
+from fusionrec.pipeline.io.tables import load_interactions, load_items, load_users
 from fusionrec.pipeline.retrieval.candidates import (
     FUSED,
     CandidateModel,
     LabelSplit,
-    content_vectors,
     Tuning,
+    content_vectors,
     default_sources,
     label_split,
     truth_pairs,
     tune,
 )
-from fusionrec.pipeline.retrieval.sources import SEARCH_GRID, als_available, relevance_threshold
-from fusionrec.pipeline.io.manifest import hash_inputs, stage_run
+from fusionrec.pipeline.retrieval.fusion import load_modalities
 from fusionrec.pipeline.retrieval.retriever import Retriever
-from fusionrec.pipeline.io.storage import clean_temporaries, write_parquet
-from fusionrec.pipeline.io.tables import load_interactions, load_items, load_users
+from fusionrec.pipeline.retrieval.sources import SEARCH_GRID, als_available, relevance_threshold
 
 log = logging.getLogger("fusionrec.index")
 
@@ -111,7 +112,7 @@ def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, retr
     split, threshold = candidate_split(inter, config)
     sc = config.sources
     content = content_vectors(item_mods, item_ids) if "content" in names else None
-    common = {"n_candidates": config.index.n_candidates, "threshold": threshold, "recent_items": sc.recent_items,
+    common: dict[str, Any] = {"n_candidates": config.index.n_candidates, "threshold": threshold, "recent_items": sc.recent_items,
               "half_life": sc.recent_half_life, "seed": config.ranker.seed, "content": content}
     if split is None:
         log.warning("the log is too short for a validation split: candidate sources keep default settings and "

@@ -72,7 +72,7 @@ def topk(scored: pl.DataFrame, k: int, *, columns: list[str] | None = None) -> p
         *[c for c in columns if c not in TOPK_SCHEMA])
 
 
-def recommend(model: "Ranker", features: pl.DataFrame, k: int, *, explain: bool = False,
+def recommend(model: Ranker, features: pl.DataFrame, k: int, *, explain: bool = False,
               top: int = 5) -> pl.DataFrame:
     """Score every candidate, keep the `k` best per user; with `explain`, add the explanation columns.
 

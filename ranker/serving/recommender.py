@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import json
 import logging
-
 from pathlib import Path
+from typing import cast
 
 import polars as pl
 
 from fusionrec.pipeline.errors import FusionrecError
 from fusionrec.pipeline.retrieval.candidates import CandidateModel, explain_blend
+from fusionrec.pipeline.retrieval.retriever import Retriever
+from fusionrec.pipeline.retrieval.stage import load_snapshot
+from fusionrec.ranker.model import Ranker
 from fusionrec.ranker.serving.export import TOPK_SCHEMA, recommend, topk
 from fusionrec.ranker.training import GUARD_FILE, lineage, pair_features
-from fusionrec.pipeline.retrieval.stage import load_snapshot
-from fusionrec.pipeline.retrieval.retriever import Retriever
-
-from fusionrec.ranker.model import Ranker
 
 POPULAR_DAYS = 30
 log = logging.getLogger("fusionrec.serving")
@@ -31,7 +30,7 @@ log = logging.getLogger("fusionrec.serving")
 
 def popular_items(interactions: pl.DataFrame, n: int, days: int = POPULAR_DAYS) -> pl.DataFrame:
     """item_id, count: the n most interacted items of the log's last `days` (all time if those are empty)."""
-    end = int(interactions["timestamp"].max()) + 1
+    end = int(cast(int, interactions["timestamp"].max())) + 1
     recent = interactions.filter(pl.col("timestamp") >= end - days * 86_400)
     if recent.height == 0:
         recent = interactions
