@@ -157,8 +157,9 @@ def _disk_check(out_dir: Path) -> Check:
     return Check("disk", "ok", text)
 
 
-def checks(config: Config, out_dir: Path, data_dir: Path | None = None) -> list[Check]:
+def checks(config: Config, out_dir: Path | str, data_dir: Path | str | None = None) -> list[Check]:
     """Every check, in order: libraries, weights, CUDA, the data directory (when given), disk."""
+    out_dir, data_dir = Path(out_dir), (Path(data_dir) if data_dir is not None else None)
     out = [_import_check(module, dist) for module, dist in LIBRARIES]
     out += _weights_checks(config)
     out.append(_cuda_check(config))
@@ -168,8 +169,9 @@ def checks(config: Config, out_dir: Path, data_dir: Path | None = None) -> list[
     return out
 
 
-def plan(config: Config, out_dir: Path, data_dir: Path | None) -> list[str]:
+def plan(config: Config, out_dir: Path | str, data_dir: Path | str | None = None) -> list[str]:
     """What `fusionrec run` with this config would do, one line a stage."""
+    out_dir = Path(out_dir)
     mods = [m for m in ("text", "image", "audio") if getattr(config.embed, m).enabled]
     data = str(data_dir) if data_dir is not None else "DATA"
     return [
