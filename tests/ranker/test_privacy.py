@@ -92,7 +92,15 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     d.run("score", "--out", d.art, "--candidates", pairs, "--export", exports / "scored.jsonl", "--explain")
     d.run("recommend", "--out", d.art, "--users", users, "--export", exports / "some.csv")
     test = d.work / "test.csv"
-    pl.read_csv(d.data / "interactions.csv").tail(100).write_csv(test)
+    # Held-out rows must be new to training (evaluate refuses rows already trained on): each
+    # user's later interaction with items they never had.
+    seen = pl.read_csv(d.data / "interactions.csv", schema_overrides={"user_id": pl.String, "item_id": pl.String})
+    items = pl.read_csv(d.data / "items.csv", schema_overrides={"item_id": pl.String}).select("item_id")
+    later = int(seen["timestamp"].max()) + 1
+    (seen.select("user_id").unique().sort("user_id").head(30).join(items, how="cross")
+     .join(seen.select("user_id", "item_id"), on=["user_id", "item_id"], how="anti")
+     .group_by("user_id", maintain_order=True).head(3)
+     .with_columns(pl.lit(later).alias("timestamp")).write_csv(test))
     d.run("evaluate", "--out", d.art, "--test", test, "--k", "5", "--no-baselines", "--report",
           exports / "report.html")
     return d

@@ -20,8 +20,8 @@ from fusionrec.pipeline.config import load_config
 from fusionrec.pipeline.io.manifest import read_manifest
 from fusionrec.pipeline.retrieval.candidates import CandidateModel, label_split
 from fusionrec.pipeline.retrieval.stage import Catalog
-from fusionrec.ranker.serving.recommender import Recommender
 from fusionrec.ranker import training
+from fusionrec.ranker.serving.recommender import Recommender
 from fusionrec.ranker.training import guard_ranker, pair_features
 
 QUIET = ["sources.names=['itemknn','recent_itemknn','popular','segment_popular']", "ranker.n_estimators=60"]
