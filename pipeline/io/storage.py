@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fusionrec.pipeline.errors import FusionrecError, LockError
+from fusionrec.pipeline.errors import ConfigError, FusionrecError, LockError
 
 TMP_PREFIX = ".tmp-"
 FAULT_ENV = "FUSIONREC_FAULT"  # test hook, e.g. "write:3" (kill -9) or "write:3=enospc"
@@ -448,8 +448,6 @@ def clean_stale_exports(directory: Path, name: str, older_than_s: float = 600.0)
 def check_separate_dirs(data_dir: Path | str, art_dir: Path | str) -> None:
     """Refuse an artifacts directory that is, contains or sits inside the data directory (a
     job would overwrite the user's input, or read its own output as input)."""
-    from fusionrec.pipeline.errors import ConfigError
-
     data, art = Path(data_dir).resolve(), Path(art_dir).resolve()
     if data == art:
         raise ConfigError(f"--out {art_dir} is the data directory: the job would overwrite its own input; "
