@@ -379,7 +379,8 @@ def item_vectors(art: Path, source: Path) -> tuple[list[str], np.ndarray] | None
         if path.is_file():
             df = pl.read_parquet(path)
             dim = len(df["vector"][0])
-            return df["item_id"].cast(pl.String).to_list(), \
+            id_column = "item_id" if "item_id" in df.columns else "id"  # ART's tables name it id
+            return df[id_column].cast(pl.String).to_list(), \
                 df["vector"].cast(pl.Array(pl.Float32, dim)).to_numpy().astype(np.float32)
     return None
 
