@@ -48,7 +48,7 @@ def stage_of(path: str, previous: str) -> str:
     rel = path.replace("\\", "/")
     if "/embeddings/" in rel:
         return "embed"
-    if "/data/" in rel or "/index/" in rel or rel.endswith("/candidates.parquet"):
+    if "/data/" in rel or "/index/" in rel or "/sources/" in rel or rel.endswith("/candidates.parquet"):
         return "index"
     if "/ranker/" in rel:
         return "train"

@@ -176,7 +176,8 @@ class CandidateModel:
     seed: int = 0
     params: dict[str, dict[str, Any]] = field(default_factory=dict)  # source name -> setting
     weights: dict[str, float] = field(default_factory=dict)  # source name -> blend weight
-    content: np.ndarray | None = None  # (n_items, d) item content vectors for the content source
+    content: np.ndarray | None = None  # (n_items, d) item content vectors (content source, new users)
+    user_content: dict[str, np.ndarray] | None = None  # user id -> the user's own vector, same modality
 
     def fit(self, interactions: pl.DataFrame, item_ids: np.ndarray, users: pl.DataFrame | None,
             retriever: Retriever | None) -> CandidateModel:
@@ -198,7 +199,31 @@ class CandidateModel:
                                               content=self.content).fit(self.log_)
         self.retriever_ = retriever
         self._index = {u: j for j, u in enumerate(self.user_ids_)}
+        self.cold_profile_ = self._cold_profiles()
         return self
+
+    def _cold_profiles(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(user vectors, item vectors), centred and unit length, for serving users by their own content."""
+        if self.content is None or not self.user_content:
+            return None
+        items = self.content.astype(np.float32)
+        present = np.abs(items).sum(axis=1) > 0
+        if not present.any():
+            return None
+        mean = items[present].mean(axis=0)
+        items = np.where(present[:, None], items - mean, 0.0)
+        users = np.zeros((len(self.user_ids_), items.shape[1]), np.float32)
+        for user, vector in self.user_content.items():
+            j = self._index.get(str(user))
+            if j is not None and len(vector) == items.shape[1]:
+                users[j] = np.asarray(vector, np.float32) - mean
+        users[np.abs(users).sum(axis=1) == 0] = 0.0
+
+        def unit(x: np.ndarray) -> np.ndarray:
+            norms = np.linalg.norm(x, axis=1, keepdims=True)
+            return (x / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+        return unit(users), unit(items)
 
     # -- scoring --------------------------------------------------------------------------
 
@@ -261,10 +286,21 @@ class CandidateModel:
         # served from popularity in their segment (users table) and their own content.
         cold = self.history_counts(rows) == 0
         if cold.any():
-            cold_blend = np.zeros((int(cold.sum()), blocked.shape[1]), np.float32)
-            for name in ("segment_popular", "popular", FUSED):
-                if name in z:
-                    cold_blend += z[name][cold]
+            popular = next((z[n][cold] for n in ("segment_popular", "popular") if n in z),
+                           np.zeros((int(cold.sum()), blocked.shape[1]), np.float32))
+            cold_blend = popular
+            # A user with content of their own (profile text, avatar, voice) is placed by it:
+            # the cosine of their vector with the items' (the fused retrieval where that is all
+            # there is); popularity in their segment only breaks ties. Without content: popularity.
+            own = np.zeros_like(popular)
+            if self.cold_profile_ is not None:
+                user_vecs, item_vecs = self.cold_profile_
+                known = rows[cold] >= 0
+                own[known] = user_vecs[rows[cold][known]] @ item_vecs.T
+            elif FUSED in z:
+                own = z[FUSED][cold]
+            has_content = own.std(axis=1) > 0
+            cold_blend = np.where(has_content[:, None], zscore(own) + 0.01 * popular, popular)
             blend[cold] = cold_blend
         blend = np.where(blocked, -np.inf, blend).astype(np.float32)
         ranks: dict[str, np.ndarray] = {}
@@ -342,12 +378,13 @@ class CandidateModel:
 
     @classmethod
     def load(cls, directory: Path, interactions: pl.DataFrame, item_ids: np.ndarray, users: pl.DataFrame | None,
-             retriever: Retriever | None) -> CandidateModel:
+             retriever: Retriever | None, *, content: np.ndarray | None = None,
+             user_content: dict[str, np.ndarray] | None = None) -> CandidateModel:
         """The saved settings and fitted sources, over the logged interactions of the snapshot."""
         meta = json.loads((Path(directory) / "sources.json").read_text())
         model = cls(n_candidates=meta["n_candidates"], threshold=meta["threshold"],
                     recent_items=meta["recent_items"], half_life=meta["half_life"], seed=meta["seed"],
-                    params=meta["params"], weights=meta["weights"])
+                    params=meta["params"], weights=meta["weights"], content=content, user_content=user_content)
         saved = load_file(str(Path(directory) / "sources.safetensors"))
         # The log is cheap to rebuild; the fitted sources come from the file, not a refit.
         model.params = {}
@@ -402,14 +439,16 @@ class Tuning:
 
 def tune(split: LabelSplit, item_ids: np.ndarray, users: pl.DataFrame | None, fused: Retriever | None,
          names: list[str], *, n_candidates: int, threshold: float | None, recent_items: int, half_life: float,
-         seed: int, max_users: int = 3000, content: np.ndarray | None = None) -> Tuning:
+         seed: int, max_users: int = 3000, content: np.ndarray | None = None,
+         user_content: dict[str, np.ndarray] | None = None) -> Tuning:
     """Choose each source's setting (the same grid budget for each) and the blend weights on `split`."""
     truth_frame = truth_pairs(split.fit, split.held, threshold)
     val_users = sorted(truth_frame["user_id"].unique().to_list())
     if len(val_users) > max_users:  # a seeded sample bounds the dense validation matrices
         rng = np.random.default_rng(seed)
         val_users = sorted(rng.choice(np.array(val_users, dtype=object), max_users, replace=False).tolist())
-    base = CandidateModel(n_candidates, threshold, recent_items, half_life, seed, params={}, content=content).fit(
+    base = CandidateModel(n_candidates, threshold, recent_items, half_life, seed, params={}, content=content,
+                          user_content=user_content).fit(
         split.fit, item_ids, users, fused)
     rows = base.user_rows(val_users)
     col = {str(i): j for j, i in enumerate(item_ids)}
@@ -474,13 +513,29 @@ def default_sources(n_items: int, ease_max_items: int) -> list[str]:
 
 
 
+def content_modality(item_mods: dict[str, tuple[np.ndarray, np.ndarray]], prefer: str = "text") -> str | None:
+    """The item modality content-based scoring uses: `prefer` if present, else the one covering most items."""
+    if not item_mods:
+        return None
+    return prefer if prefer in item_mods else max(item_mods, key=lambda m: len(item_mods[m][0]))
+
+
+def user_content_vectors(user_mods: dict[str, tuple[np.ndarray, np.ndarray]], modality: str | None
+                         ) -> dict[str, np.ndarray] | None:
+    """user id -> the user's own vector of `modality` (profile text, avatar, voice), if any."""
+    if modality is None or modality not in user_mods:
+        return None
+    ids, matrix = user_mods[modality]
+    return {str(u): matrix[j] for j, u in enumerate(ids)}
+
+
 def content_vectors(item_mods: dict[str, tuple[np.ndarray, np.ndarray]], item_ids: np.ndarray,
                     prefer: str = "text") -> np.ndarray | None:
     """One item modality's vectors aligned to `item_ids` (zero rows where missing): `prefer` if
     present, else the modality covering most items."""
-    if not item_mods:
+    name = content_modality(item_mods, prefer)
+    if name is None:
         return None
-    name = prefer if prefer in item_mods else max(item_mods, key=lambda m: len(item_mods[m][0]))
     ids, matrix = item_mods[name]
     index = {str(i): j for j, i in enumerate(ids)}
     rows = np.array([index.get(str(i), -1) for i in item_ids], np.int64)
@@ -489,18 +544,25 @@ def content_vectors(item_mods: dict[str, tuple[np.ndarray, np.ndarray]], item_id
     return out
 
 
-def explain_blend(rows: pl.DataFrame, weights: dict[str, float], top: int = 5) -> pl.DataFrame:
+def explain_blend(rows: pl.DataFrame, weights: dict[str, float], cold: np.ndarray | None = None,
+                  top: int = 5) -> pl.DataFrame:
     """Per candidate row: what each source added to the blend (`weight * z-score`).
 
     Columns as the ranker's explanations: `top_features` list[struct{feature, value,
     contribution}] by |contribution| (feature = `src_<name>_z`, value = the z-score),
-    `explain_bias` (0: the blend has none), `contrib_<source>` and `share_<source>`.
+    `explain_bias` (0: the blend has none), `contrib_<source>` and `share_<source>`. Rows of
+    users without history (`cold`) were scored by their own content or popularity: their whole
+    score is `contrib_cold_start`.
     """
     names = [n for n, w in weights.items() if w and f"src_{n}_z" in rows.columns]
-    if not names:
-        return pl.DataFrame({"top_features": [[] for _ in range(rows.height)], "explain_bias": [0.0] * rows.height})
-    z = np.column_stack([rows[f"src_{n}_z"].fill_null(0.0).to_numpy().astype(np.float64) for n in names])
-    contrib = z * np.array([weights[n] for n in names])[None, :]
+    cold = np.zeros(rows.height, bool) if cold is None else cold
+    z = np.column_stack([rows[f"src_{n}_z"].fill_null(0.0).to_numpy().astype(np.float64) for n in names]
+                        + [np.zeros(rows.height)])
+    contrib = z * np.array([weights[n] for n in names] + [0.0])[None, :]
+    names = [*names, "cold_start"]
+    contrib[cold] = 0.0
+    contrib[cold, -1] = rows["score"].to_numpy()[cold] if "score" in rows.columns else 0.0
+    z[cold, -1] = contrib[cold, -1]
     k = min(top, len(names))
     idx = np.argsort(-np.abs(contrib), axis=1, kind="stable")[:, :k]
     top_features = [[{"feature": f"src_{names[j]}_z", "value": float(z[r, j]), "contribution": float(contrib[r, j])}

@@ -481,7 +481,7 @@ def make_source(name: str, params: dict[str, Any] | None = None, *, segments: np
     if name == "als":
         return ALS(factors=params.get("factors", 64), regularization=params.get("regularization", 0.05),
                    iterations=params.get("iterations", 15), alpha=params.get("alpha", 10.0), seed=seed,
-                   seeds=params.get("seeds", 3))
+                   seeds=params.get("seeds", 3), threads=1)  # one thread: multi-threaded ALS is not reproducible
     if name == "rp3beta":
         return RP3beta(alpha=params.get("alpha", 1.0), beta=params.get("beta", 0.5),
                        neighbours=params.get("neighbours", 200))

@@ -26,11 +26,13 @@ from fusionrec.pipeline.retrieval.candidates import (
     CandidateModel,
     LabelSplit,
     Tuning,
+    content_modality,
     content_vectors,
     default_sources,
     label_split,
     truth_pairs,
     tune,
+    user_content_vectors,
 )
 from fusionrec.pipeline.retrieval.fusion import load_modalities
 from fusionrec.pipeline.retrieval.retriever import Retriever
@@ -111,9 +113,10 @@ def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, retr
     names = source_names(config, len(item_ids))
     split, threshold = candidate_split(inter, config)
     sc = config.sources
-    content = content_vectors(item_mods, item_ids) if "content" in names else None
+    content = content_vectors(item_mods, item_ids)
+    user_content = user_content_vectors(user_mods, content_modality(item_mods))
     common: dict[str, Any] = {"n_candidates": config.index.n_candidates, "threshold": threshold, "recent_items": sc.recent_items,
-              "half_life": sc.recent_half_life, "seed": config.ranker.seed, "content": content}
+              "half_life": sc.recent_half_life, "seed": config.ranker.seed, "content": content, "user_content": user_content}
     if split is None:
         log.warning("the log is too short for a validation split: candidate sources keep default settings and "
                     "equal weights, and no ranker will be trained")

@@ -17,9 +17,15 @@ from typing import cast
 import polars as pl
 
 from fusionrec.pipeline.errors import FusionrecError
-from fusionrec.pipeline.retrieval.candidates import CandidateModel, explain_blend
+from fusionrec.pipeline.retrieval.candidates import (
+    CandidateModel,
+    content_modality,
+    content_vectors,
+    explain_blend,
+    user_content_vectors,
+)
 from fusionrec.pipeline.retrieval.retriever import Retriever
-from fusionrec.pipeline.retrieval.stage import load_snapshot
+from fusionrec.pipeline.retrieval.stage import embeddings, load_snapshot
 from fusionrec.ranker.model import Ranker
 from fusionrec.ranker.serving.export import TOPK_SCHEMA, recommend, topk
 from fusionrec.ranker.training import GUARD_FILE, lineage, pair_features
@@ -53,8 +59,11 @@ class Recommender:
         if not (index_dir / "retriever.json").is_file() or not (self.art_dir / "sources" / "sources.json").is_file():
             raise FusionrecError(f"{self.art_dir} has no index: run `fusionrec index` (or `fusionrec run`) first")
         self.retriever_ = Retriever.load(index_dir)
-        self.sources_ = CandidateModel.load(self.art_dir / "sources", self.catalog_.interactions,
-                                            self.retriever_.item_ids_, self.catalog_.users, self.retriever_)
+        item_mods, user_mods = embeddings(self.art_dir)
+        self.sources_ = CandidateModel.load(
+            self.art_dir / "sources", self.catalog_.interactions, self.retriever_.item_ids_, self.catalog_.users,
+            self.retriever_, content=content_vectors(item_mods, self.retriever_.item_ids_),
+            user_content=user_content_vectors(user_mods, content_modality(item_mods)))
         guard_path = self.art_dir / "ranker" / GUARD_FILE
         if not guard_path.is_file():
             raise FusionrecError(f"{self.art_dir} has no ranker: run `fusionrec train` (or `fusionrec run`) first")
@@ -93,7 +102,9 @@ class Recommender:
             if not explain:
                 return best.select(list(TOPK_SCHEMA))
             # The blend explains itself: each source's weight times its z-score.
-            return pl.concat([best.select(list(TOPK_SCHEMA)), explain_blend(best, self.sources_.weights)],
+            users = best["user_id"].to_list()
+            cold = self.sources_.history_counts(self.sources_.user_rows(users)) == 0
+            return pl.concat([best.select(list(TOPK_SCHEMA)), explain_blend(best, self.sources_.weights, cold)],
                              how="horizontal")
         # Explanations cost about a millisecond a row: only the kept top-k rows are explained.
         return recommend(self.ranker_, self._features(cands), k, explain=explain)
