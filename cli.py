@@ -12,7 +12,7 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, cast
 
 import typer
 import typer.core
@@ -33,12 +33,16 @@ app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_e
                   help="Offline two-stage multimodal recommender: embed, fuse and index, rank, export.")
 log = logging.getLogger("fusionrec")
 
+# typer: an option whose default is `...` (Ellipsis) is required; typed as a Path for mypy.
+_REQUIRED = cast(Path, ...)
+
 # Flags read `--explain / --no-explain`, not `--explain <bool>`: no type shown for flags and counts.
 _display_type_rich = getattr(typer.core.TyperOption, "display_type_rich", None)
 if _display_type_rich is not None:
     def _flag_display(self: typer.core.TyperOption, ctx: object) -> str | None:
         if getattr(self, "is_flag", False) or getattr(self, "count", False):
             return ""
+        assert _display_type_rich is not None  # defined only when it is
         return _display_type_rich(self, ctx)
 
     typer.core.TyperOption.display_type_rich = _flag_display  # type: ignore[method-assign]
@@ -245,7 +249,7 @@ def recommend(out: OutOpt = Path("artifacts"),
         wanted = read_users(users) if users is not None else None
         target = export if export is not None else out / "exports" / "topk.parquet"
         recs, path = jobs.run_recommend(out, target, cfg, users=wanted, k=k, explain=explain,
-                                        include_seen=include_seen, pseudonymise_ids=pseudonymise)
+                                        exclude_seen=not include_seen, pseudonymise_ids=pseudonymise)
     except FusionrecError as exc:
         _fail(exc)
     log.info("wrote %d rows for %d users to %s", recs.height, recs["user_id"].n_unique(), path)
@@ -253,8 +257,8 @@ def recommend(out: OutOpt = Path("artifacts"),
 
 @app.command()
 def score(out: OutOpt = Path("artifacts"),
-          candidates: Annotated[Path, typer.Option("--candidates", help="File with user_id, item_id pairs.")] = ...,
-          export: Annotated[Path, typer.Option("--export", help="Output file: .parquet, .csv or .jsonl.")] = ...,
+          candidates: Annotated[Path, typer.Option("--candidates", help="File with user_id, item_id pairs.")] = _REQUIRED,
+          export: Annotated[Path, typer.Option("--export", help="Output file: .parquet, .csv or .jsonl.")] = _REQUIRED,
           explain: Annotated[bool, typer.Option("--explain/--no-explain", help="Add top features and each modality's share.")] = False,
           pseudonymise: PseudoOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
           quiet: QuietOpt = False, verbose: VerboseOpt = 0) -> None:
@@ -270,7 +274,7 @@ def score(out: OutOpt = Path("artifacts"),
 
 @app.command()
 def evaluate(out: OutOpt = Path("artifacts"),
-             test: Annotated[Path, typer.Option("--test", help="Held-out interactions (interactions format).")] = ...,
+             test: Annotated[Path, typer.Option("--test", help="Held-out interactions (interactions format).")] = _REQUIRED,
              k: Annotated[str, typer.Option("--k", help="Cut-offs, comma-separated.")] = "10,20",
              report: Annotated[Optional[Path], typer.Option("--report", help="Write an HTML report here.")] = None,
              baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Also evaluate popularity, item-kNN and retrieval alone.")] = True,

@@ -149,7 +149,7 @@ def run_score(art_dir: Path, candidates: Path, export: Path, config: Config | No
 
 
 def run_recommend(art_dir: Path, export: Path, config: Config | None = None, *, users: list[str] | None = None,
-                  k: int | None = None, explain: bool = False, include_seen: bool = False,
+                  k: int | None = None, explain: bool = False, exclude_seen: bool = True,
                   pseudonymise_ids: bool | None = None, data_dir: Path | None = None,
                   lock: bool = True) -> tuple[pl.DataFrame, Path]:
     """The recommend stage: top-k per user exported to `export`; returns the rows and the path.
@@ -164,15 +164,15 @@ def run_recommend(art_dir: Path, export: Path, config: Config | None = None, *, 
     check_export_target(export, art_dir)
     clean_stale_exports(Path(export).parent, Path(export).name)
     with stage_run("recommend", art_dir, data_dir, config.to_dict(), lock=lock, shared=True) as record:
-        recs = recommend_lists(art_dir, users, k, config, include_seen=include_seen, explain=explain)
+        recs = recommend_lists(art_dir, users, k, config, exclude_seen=exclude_seen, explain=explain)
         if recs.height == 0 and users is None:
             raise FusionrecError(f"no recommendation for any user from {art_dir} (an empty night): check "
                                  "index.n_candidates and export.k, then rerun `fusionrec run`")
         path = export_topk(recs, Path(export), art_dir, config, pseudonymise_ids)
         record.counts = {"users": recs["user_id"].n_unique(), "rows": recs.height}
         record.extra = {"export": str(path), "k": k}
-        if explain or include_seen or users is not None:
-            record.extra |= {"explain": explain, "include_seen": include_seen}
+        if explain or not exclude_seen or users is not None:
+            record.extra |= {"explain": explain, "exclude_seen": exclude_seen}
         record.finish("ok")
     return recs, path
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import polars as pl
 import pyarrow as pa
@@ -34,7 +35,7 @@ def known_users(art_dir: Path | str) -> list[str]:
     return sorted(str(u) for u in pq.read_table(path, columns=["user_id"]).column("user_id").to_pylist())
 
 
-def score_users(rec: Recommender, users: list[str], k: int, *, include_seen: bool = False, explain: bool = False,
+def score_users(rec: Recommender, users: list[str], k: int, *, exclude_seen: bool = True, explain: bool = False,
                 use_ranker: bool = True, fallback: bool = True) -> pl.DataFrame:
     """`rec.recommend(users, k)` for one batch.
 
@@ -42,7 +43,7 @@ def score_users(rec: Recommender, users: list[str], k: int, *, include_seen: boo
     popularity sources' list. fallback=False: as `recommend(None)` restricted to these
     users, which serves only the users the artifacts know.
     """
-    ranked = rec.recommend(users, k, include_seen=include_seen, explain=explain, use_ranker=use_ranker)
+    ranked = rec.recommend(users, k, exclude_seen=exclude_seen, explain=explain, use_ranker=use_ranker)
     if fallback:
         return ranked
     return ranked.filter(pl.col("user_id").is_in(rec.known_users_))
@@ -51,10 +52,10 @@ def score_users(rec: Recommender, users: list[str], k: int, *, include_seen: boo
 class ScoreActor:
     """One Ray actor: the artifacts loaded once, then `score_users` on batches of user ids."""
 
-    def __init__(self, art_dir: str, k: int, include_seen: bool, explain: bool, use_ranker: bool,
+    def __init__(self, art_dir: str, k: int, exclude_seen: bool, explain: bool, use_ranker: bool,
                  fallback: bool) -> None:
         self.rec = Recommender(art_dir, use_ranker=use_ranker)
-        self.options = {"include_seen": include_seen, "explain": explain, "use_ranker": use_ranker,
+        self.options = {"exclude_seen": exclude_seen, "explain": explain, "use_ranker": use_ranker,
                         "fallback": fallback}
         self.k = k
 
@@ -64,7 +65,7 @@ class ScoreActor:
 
 
 def iter_recommendations(art_dir: Path | str, k: int = 10, ray_config: RayConfig | None = None, *,
-                         user_ids: list[str] | None = None, include_seen: bool = False, explain: bool = False,
+                         user_ids: list[str] | None = None, exclude_seen: bool = True, explain: bool = False,
                          use_ranker: bool = True) -> Iterator[pl.DataFrame]:
     """Top-k frames, one per batch of `ray.scoring_batch_users` users, in user_id order.
 
@@ -86,14 +87,14 @@ def iter_recommendations(art_dir: Path | str, k: int = 10, ray_config: RayConfig
     # A Dataset copies the DataContext when it is created: set the options first.
     with ray_runtime(rc) as ray, data_context(preserve_order=True):  # batches come back in user order
         ds = ray.data.from_arrow(blocks).map_batches(
-            ScoreActor, fn_constructor_kwargs={"art_dir": str(art_dir), "k": k, "include_seen": include_seen,
+            ScoreActor, fn_constructor_kwargs={"art_dir": str(art_dir), "k": k, "exclude_seen": exclude_seen,
                                                "explain": explain, "use_ranker": use_ranker,
                                                "fallback": user_ids is not None},
             batch_size=per, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
         try:
             for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 if out.num_rows:
-                    yield pl.from_arrow(out)
+                    yield cast(pl.DataFrame, pl.from_arrow(out))
         except FusionrecError:
             raise
         except Exception as exc:  # noqa: BLE001 - Ray wraps the actor's error; report its cause
@@ -101,10 +102,10 @@ def iter_recommendations(art_dir: Path | str, k: int = 10, ray_config: RayConfig
 
 
 def recommend_all(art_dir: Path | str, k: int = 10, ray_config: RayConfig | None = None, *,
-                  user_ids: list[str] | None = None, include_seen: bool = False, explain: bool = False,
+                  user_ids: list[str] | None = None, exclude_seen: bool = True, explain: bool = False,
                   use_ranker: bool = True) -> pl.DataFrame:
     """`Recommender(art_dir).recommend(user_ids, k)` computed on Ray, as one frame."""
-    frames = list(iter_recommendations(art_dir, k, ray_config, user_ids=user_ids, include_seen=include_seen,
+    frames = list(iter_recommendations(art_dir, k, ray_config, user_ids=user_ids, exclude_seen=exclude_seen,
                                        explain=explain, use_ranker=use_ranker))
     if not frames:  # nobody to score
         return pl.DataFrame(schema=TOPK_SCHEMA)
@@ -112,7 +113,7 @@ def recommend_all(art_dir: Path | str, k: int = 10, ray_config: RayConfig | None
 
 
 def write_all(art_dir: Path | str, path: Path | str, k: int = 10, ray_config: RayConfig | None = None, *,
-              key: bytes | None = None, include_seen: bool = False, use_ranker: bool = True) -> dict[str, int]:
+              key: bytes | None = None, exclude_seen: bool = True, use_ranker: bool = True) -> dict[str, int]:
     """Stream every user's top-k to one Parquet file (atomic), never holding all of it.
 
     key: pseudonymise user ids with this export key (ranker.privacy), as exports do.
@@ -125,7 +126,7 @@ def write_all(art_dir: Path | str, path: Path | str, k: int = 10, ray_config: Ra
     writer: pq.ParquetWriter | None = None
     with atomic_path(path) as tmp:
         try:
-            for frame in iter_recommendations(art_dir, k, ray_config, include_seen=include_seen,
+            for frame in iter_recommendations(art_dir, k, ray_config, exclude_seen=exclude_seen,
                                               use_ranker=use_ranker):
                 users += frame["user_id"].n_unique()
                 rows += frame.height

@@ -91,10 +91,10 @@ class Recommender:
     def _features(self, stage1: pl.DataFrame) -> pl.DataFrame:
         return pair_features(stage1, self.catalog_, self.catalog_.interactions)
 
-    def recommend(self, user_ids: list[str] | None = None, k: int = 10, *, include_seen: bool = False,
+    def recommend(self, user_ids: list[str] | None = None, k: int = 10, *, exclude_seen: bool = True,
                   explain: bool = False, use_ranker: bool = True) -> pl.DataFrame:
         """Top-k per user; `use_ranker=False` keeps the retrieval (blend) order."""
-        cands = self.sources_.candidates(user_ids, exclude_seen=not include_seen)
+        cands = self.sources_.candidates(user_ids, exclude_seen=exclude_seen)
         if not use_ranker or self.order_ != "ranker" or self.ranker_ is None:
             z_columns = [c for c in cands.columns if c.startswith("src_") and c.endswith("_z")]
             best = topk(cands.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score")), k,
