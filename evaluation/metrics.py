@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import cast
 
 import numpy as np
 import polars as pl
@@ -209,7 +210,7 @@ def novelty(recs: pl.DataFrame, train: pl.DataFrame, k: int | None = None) -> fl
         .with_columns(info=-(pl.col("popularity").fill_null(1).clip(lower_bound=1) / n_users).log(2))
         .group_by("user_id").agg(pl.col("info").mean())
     )
-    return float(info["info"].mean())
+    return float(cast(float, info["info"].mean()))
 
 
 def _vector_table(item_vectors: ItemVectors) -> tuple[pl.DataFrame, np.ndarray]:
@@ -260,7 +261,7 @@ def intra_list_diversity_per_user(recs: pl.DataFrame, item_vectors: ItemVectors,
 def intra_list_diversity(recs: pl.DataFrame, item_vectors: ItemVectors, k: int | None = None) -> float:
     """Mean over users (with at least two embedded items) of :func:`intra_list_diversity_per_user`."""
     ild = intra_list_diversity_per_user(recs, item_vectors, k)["ild"].drop_nulls()
-    return float(ild.mean()) if ild.len() else math.nan
+    return float(cast(float, ild.mean())) if ild.len() else math.nan
 
 
 def exposure_counts(recs: pl.DataFrame, n_items: int | None = None, k: int | None = None) -> np.ndarray:
@@ -314,7 +315,7 @@ def popularity_bias(recs: pl.DataFrame, train: pl.DataFrame, k: int | None = Non
     in_head = slots.join(head, on="item_id", how="semi").height
     return {
         "gini": gini(exposure_counts(recs, catalog, k)),
-        "mean_popularity": float(slots["popularity"].mean()),
+        "mean_popularity": float(cast(float, slots["popularity"].mean())),
         "long_tail_share": 1.0 - in_head / slots.height,
     }
 

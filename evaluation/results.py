@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
@@ -66,8 +66,8 @@ def user_segments(users: pl.DataFrame, train: pl.DataFrame,
     activity = _pairs(train).group_by("user_id").agg(pl.len().cast(pl.Int64).alias("n_train"))
     lo, hi = activity_quantiles
     if activity.height:
-        q_lo = float(activity["n_train"].quantile(lo, "linear"))
-        q_hi = float(activity["n_train"].quantile(hi, "linear"))
+        q_lo = float(cast(float, activity["n_train"].quantile(lo, "linear")))
+        q_hi = float(cast(float, activity["n_train"].quantile(hi, "linear")))
     else:
         q_lo = q_hi = math.inf
     n = pl.col("n_train")
@@ -158,7 +158,7 @@ def _boot_means(values: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
 
 
 def bootstrap_ci(per_user: pl.DataFrame, metric: str, n_boot: int = 1000, alpha: float = 0.05,
-                 seed: int = 0) -> dict[str, float]:
+                 seed: int = 0) -> dict[str, Any]:
     """Percentile bootstrap interval over users of the mean of ``metric``.
 
     Returns ``metric, mean, ci_low, ci_high, n_users, n_boot, alpha``; users whose value is
@@ -175,7 +175,7 @@ def bootstrap_ci(per_user: pl.DataFrame, metric: str, n_boot: int = 1000, alpha:
 
 
 def paired_comparison(per_user_a: pl.DataFrame, per_user_b: pl.DataFrame, metric: str,
-                      n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict[str, float]:
+                      n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict[str, Any]:
     """Offline A/B test: ``diff = mean(b) - mean(a)`` over the users both runs evaluated.
 
     Each bootstrap resample draws the same users for both runs (so their shared per-user
@@ -189,13 +189,14 @@ def paired_comparison(per_user_a: pl.DataFrame, per_user_b: pl.DataFrame, metric
     both = a.join(b, on="user_id", how="inner").with_columns(pl.col("a", "b").fill_nan(None)).drop_nulls()
     only_a = a.join(b, on="user_id", how="anti").height
     only_b = b.join(a, on="user_id", how="anti").height
-    base = {"metric": metric, "n_users": both.height, "n_only_a": only_a, "n_only_b": only_b,
+    base: dict[str, Any] = {"metric": metric, "n_users": both.height, "n_only_a": only_a, "n_only_b": only_b,
             "n_boot": n_boot, "alpha": alpha}
     if both.height == 0:
         return {**base, "mean_a": math.nan, "mean_b": math.nan, "diff": math.nan, "rel_diff": math.nan,
                 "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan, "share_b_better": math.nan}
     d = (both["b"] - both["a"]).to_numpy()
-    mean_a, mean_b, diff = float(both["a"].mean()), float(both["b"].mean()), float(d.mean())
+    mean_a, mean_b = float(cast(float, both["a"].mean())), float(cast(float, both["b"].mean()))
+    diff = float(d.mean())
     boots = _boot_means(d, n_boot, seed)
     lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
     centred = boots - diff

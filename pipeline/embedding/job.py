@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
@@ -133,6 +133,7 @@ def modality_contents(frame: pl.DataFrame, kind: str) -> dict[str, pl.DataFrame]
     id_column = f"{kind}_id"
     out: dict[str, pl.DataFrame] = {}
     for modality in table_modalities(kind, frame.columns):
+        content: pl.Expr | pl.Series
         if modality != "text":
             content = pl.col(modality)
         elif kind == "item":
@@ -474,7 +475,7 @@ def _ids_missing_from(final: Path, plan_path: Path) -> int:
     """How many ids of the previous table are not in the plan (by 64-bit id hashes)."""
     def id_hashes(path: Path) -> Iterator[np.ndarray]:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=65_536, columns=["id"]):
-            yield pl.from_arrow(batch.column("id")).hash(seed=0).to_numpy()
+            yield cast(pl.Series, pl.from_arrow(batch.column("id"))).hash(seed=0).to_numpy()
 
     current = np.sort(np.concatenate([np.zeros(0, np.uint64), *id_hashes(plan_path)]))
     missing = 0
@@ -606,7 +607,7 @@ def _embed_all(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
             kind_plans, known_ids[kind] = write_plans(
                 path, kind, data_dir, {m: encoders[m] for m in wanted[kind] if m in encoders}, work_dir,
                 keep_ids=any(k == kind for k, _ in precomputed), batch_rows=config.embed.batch_rows,
-                advance=(lambda n, task=task: bar.advance(task, n)) if bar else None)
+                advance=cast("Callable[[int], None]", lambda n, task=task: bar.advance(task, n)) if bar else None)
             plans.extend(kind_plans)
 
         # Every precomputed table is read and validated before any of them replaces a table in ART.
@@ -634,7 +635,8 @@ def _embed_all(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
             task = bar.add_task(f"{plan.kind} {plan.modality}", total=plan.rows) if bar else None
             counts, failures = embed_modality(
                 plan, encoders[plan.modality], art_dir, config.embed,
-                progress=(lambda n, task=task: bar.advance(task, n)) if bar else None, encode_rows=encode_rows,
+                progress=cast("Callable[[int], None]", lambda n, task=task: bar.advance(task, n)) if bar else None,
+                encode_rows=encode_rows,
                 batch_rows=config.embed.batch_rows)
             report.counts[f"{plan.kind}_{plan.modality}"] = counts
             report.failures.extend(failures)

@@ -202,7 +202,8 @@ class RayEncodeRows:
                       batch_size=block_rows(todo.rows, rc.batch_size, actors))]
         # A Dataset copies the DataContext when it is created: set the options first.
         with data_context(preserve_order=False):
-            ds = ray.data.from_arrow_refs(blocks).map_batches(
+            # ray's annotations: ray.put returns includes.object_ref.ObjectRef, from_arrow_refs wants types.ObjectRef
+            ds = ray.data.from_arrow_refs(blocks).map_batches(  # type: ignore[arg-type]
                 EncodeActor, fn_constructor_kwargs={"source": source, "model_id": enc.model_id, "dim": enc.dim,
                                                     "decode_workers": cfg.decode_workers if media else 1},
                 batch_size=rc.batch_size, batch_format="numpy", zero_copy_batch=True,

@@ -14,6 +14,7 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +42,7 @@ def _looks_like_text(head: bytes) -> bool:
 def _describe(exc: BaseException) -> str:
     """First informative message in the chain (audioread's fallback error is often empty
     while the soundfile error it replaced says what is wrong)."""
-    seen = exc
+    seen: BaseException | None = exc
     while seen is not None:
         text = str(seen).strip()
         if text:
@@ -130,8 +131,8 @@ class AudioEncoder:
         self.sample_rate = sample_rate
         self.chunk_seconds = chunk_seconds
         self._is_whisper = model == "default"
-        self._model = None
-        self._extractor = None
+        self._model: Any = None  # loaded on first use (transformers)
+        self._extractor: Any = None
         if self._is_whisper:
             if sample_rate != WHISPER_SAMPLE_RATE:
                 raise ValueError(f"the Whisper encoder needs sample_rate=16000, got {sample_rate}")
@@ -152,6 +153,7 @@ class AudioEncoder:
 
         if self._model is not None:
             return
+        extractor: Any
         if self._is_whisper:
             from transformers import WhisperFeatureExtractor
 

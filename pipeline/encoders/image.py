@@ -12,7 +12,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -79,6 +79,7 @@ def torchvision_mobilenet_v2_to_timm(state_dict: dict[str, torch.Tensor]) -> dic
         m = pat.match(key)
         idx = int(m.group(1)) if m else -1
         if idx in block_prefix:
+            assert m is not None  # block_prefix has no -1
             table = first_block if idx == 1 else inverted
             sub = m.group(2)
             if sub in table:
@@ -187,7 +188,7 @@ class ImageEncoder:
                 except (OSError, ValueError) as e:  # hub unreachable / not cached (HF_HUB_OFFLINE)
                     raise FusionrecError(f"could not load hub weights for timm model '{model}' "
                                          f"(no network or mirror?): {type(e).__name__}") from e
-                tag = net.pretrained_cfg.get("tag") or "default"
+                tag = cast(dict[str, Any], net.pretrained_cfg).get("tag") or "default"
                 self.model_id = f"timm:{model}.{tag}"
             elif weights == "none":
                 # Seeded so two "none" encoders agree (deterministic tests, stable model_id).
@@ -215,7 +216,7 @@ class ImageEncoder:
                         sd = torchvision_mobilenet_v2_to_timm(sd)
                     self.model_id = f"timm:{model}+file:{_file_sha256(path)[:12]}"
                 # Drop the classifier: the encoder returns pooled pre-logit features.
-                head = net.pretrained_cfg.get("classifier", "classifier")
+                head = cast(dict[str, Any], net.pretrained_cfg).get("classifier", "classifier")
                 sd = {k: v for k, v in sd.items() if not k.startswith(head + ".")}
                 _load_strict(net, sd, model, weights)
         except RuntimeError as e:
@@ -229,7 +230,7 @@ class ImageEncoder:
         if device.startswith("cuda"):
             net = net.to(memory_format=torch.channels_last)
         self.net_ = net
-        self.dim = int(net.num_features)
+        self.dim = int(cast(int, net.num_features))
         self.data_config_ = resolve_data_config(args=data_args, model=net)
         self.transform_ = create_transform(**self.data_config_)
 

