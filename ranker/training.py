@@ -142,7 +142,7 @@ def ndcg_rows(user: np.ndarray, score: np.ndarray, label: np.ndarray, k: int = 1
     return np.where(n_rel > 0, dcg / np.where(n_rel > 0, disc[n_rel], 1.0), 0.0)
 
 
-def blend_weights(rows: pl.DataFrame, columns: list[str], steps: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0),
+def blend_weights(rows: pl.DataFrame, columns: list[str], steps: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0),
                   rounds: int = 2) -> dict[str, float]:
     """Blend weights over the candidate rows' z-scores by coordinate ascent of NDCG@10."""
     user = rows["user_id"].rank("dense").cast(pl.Int64).to_numpy()

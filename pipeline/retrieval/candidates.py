@@ -135,7 +135,7 @@ def recall_at(scores: np.ndarray, truth: np.ndarray, n: int) -> float:
 
 
 def search_weights(z: dict[str, np.ndarray], truth: np.ndarray, blocked: np.ndarray, *,
-                   steps: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0), rounds: int = 3) -> dict[str, float]:
+                   steps: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0), rounds: int = 3) -> dict[str, float]:
     """Blend weights by coordinate ascent of validation NDCG@10, from the best single source."""
     names = list(z)
 
