@@ -164,9 +164,14 @@ def test_an_actor_decodes_and_encodes_a_batch_like_the_local_engine(tmp_path: Pa
 def test_unknown_engine_is_a_config_error(tmp_path: Path, tiny_model: Path) -> None:
     from fusionrec.pipeline.errors import ConfigError
 
-    data = tiny_catalog(tmp_path)
-    with pytest.raises(ConfigError, match="engine"):
-        run_embed(data, tmp_path / "art", embed_config("spark", tiny_model), show_progress=False)
+    from fusionrec.pipeline.config import load_config
+
+    # The typed config refuses it before any stage runs, naming the key and the choices.
+    with pytest.raises(ConfigError, match=r"engine.*local.*ray|engine.*ray.*local"):
+        load_config(None, ["engine=spark"])
+    with pytest.raises(ValueError, match="engine"):
+        embed_config("spark", tiny_model)
+    assert not (tmp_path / "art").exists()
 
 
 def test_engine_ray_without_ray_installed_says_how_to_install_it(tmp_path: Path, tiny_model: Path,

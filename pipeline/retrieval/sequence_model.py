@@ -70,7 +70,8 @@ class GRUSequence(Source):
         previous = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            return self._fit(torch, log)
+            with torch.enable_grad():  # a caller (an encoder) may have turned gradients off process-wide
+                return self._fit(torch, log)
         finally:
             torch.set_num_threads(previous)
 
