@@ -278,7 +278,8 @@ def run_train(art_dir: Path, config: Config | None = None, *, lock: bool = True)
 def lineage(art_dir: Path) -> dict[str, str]:
     """sha256 of the stage-1 artifacts a ranker is trained on (serving checks they still match)."""
     out = {}
-    for rel in ("sources/sources.json", "index/retriever.json"):
+    # Content files only: retriever.json also holds timings, which differ between identical runs.
+    for rel in ("sources/sources.json", "sources/sources.safetensors", "index/index.faiss", "index/items.parquet"):
         path = Path(art_dir) / rel
         if path.is_file():
             out[rel] = sha256_file(path)
