@@ -105,6 +105,10 @@ def incomplete(path: Path) -> str | None:
             lightgbm.Booster(model_file=str(path))
         elif path.name == "export.key":
             assert re.fullmatch(r"[0-9a-f]{64}", path.read_text().strip())
+        elif path.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            load_file(str(path))
         else:
             return f"unknown artifact type: {path}"
     except Exception as exc:  # noqa: BLE001 - any failure to read back is an incomplete file
@@ -434,7 +438,7 @@ def test_writers_that_hit_a_file_size_limit_fail_clearly(nights: Nights, reliabi
         (("recommend", "--out", art, "--export", nights.work / "fsize.parquet", "-q"), 4096, "fsize.parquet"),
         (("recommend", "--out", art, "--export", nights.work / "fsize.csv", "-q"), 4096, "fsize.csv"),
         (("index", "--data", nights.night1, "--out", art, "--set", "index.n_candidates=10", "-q"), 60_000,
-         "index/index.faiss"),
+         "sources/sources.safetensors"),  # the index stage's first file over 60 kB
     ]
     for args, limit, target in cases:
         result = nights.job(*args, fsize=limit)
