@@ -9,7 +9,7 @@ the labelled users' candidates (`ART/sources/validation.parquet`). Here:
    attributes, all computed from the interactions before the labels (the label rows are
    removed from the log the features see, so no feature can see a label).
 2. Labels: graded gain of the held-out positive interactions (low ratings count 0).
-3. The guard: two-fold cross-fitting over users gives every labelled user an order from
+3. The guard: four-fold cross-fitting over users gives every labelled user an order from
    a ranker that never saw them; the ranker's order ships only if its NDCG@10 beats the
    retrieval (blend) order with a paired bootstrap interval above 0. Otherwise the
    retrieval order is exported, and the summary, the manifest and a warning say so.
@@ -44,6 +44,7 @@ from fusionrec.ranker.model import Ranker
 log = logging.getLogger("fusionrec.train")
 DAY = 86_400
 GUARD_FILE = "guard.json"
+GUARD_FOLDS = 4  # each fold's ranker learns from three quarters of the users
 
 
 def pair_features(pairs: pl.DataFrame, catalog: Catalog, history: pl.DataFrame) -> pl.DataFrame:
@@ -174,19 +175,19 @@ def blend_weights(rows: pl.DataFrame, columns: list[str], steps: tuple[float, ..
 def guard_ranker(rows: pl.DataFrame, config: Config) -> dict[str, Any]:
     """Out-of-fold ranker order against an out-of-fold blend on the latest labels (window 0).
 
-    Users are split in two folds. For each fold, the ranker trains on the other fold's
+    Users are split in four folds. For each fold, the ranker trains on the other folds'
     window-0 rows and on every user's earlier window (labels that lie inside the features of
-    window 0, never the labels scored); the blend's weights are chosen on the other fold too.
+    window 0, never the labels scored); the blend's weights are chosen on the other folds too.
     So both orders are judged on users neither was chosen on.
     """
     if "label_window" not in rows.columns:
         rows = rows.with_columns(pl.lit(0, pl.Int8).alias("label_window"))
     latest = rows.filter(pl.col("label_window") == 0)
     earlier = rows.filter(pl.col("label_window") != 0)
-    fold = user_fold(latest["user_id"], config.ranker.seed)
+    fold = user_fold(latest["user_id"], config.ranker.seed, folds=GUARD_FOLDS)
     columns = source_columns(rows)
     scored, iterations, blend_weights_used = [], [], []
-    for f in (0, 1):
+    for f in range(GUARD_FOLDS):
         other = latest.filter(pl.Series(fold != f))
         train = pl.concat([other, earlier], how="diagonal_relaxed") if earlier.height else other
         model = _fit(train, config)
