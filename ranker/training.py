@@ -110,7 +110,11 @@ def new_ranker(config: Config, rows: int, n_estimators: int | None = None, early
 
 
 def _fit(rows: pl.DataFrame, config: Config) -> Ranker:
-    """Fit with early stopping on a seeded fifth of the users."""
+    """Fit `n_estimators` rounds, or with early stopping on a seeded fifth of the users when
+    `ranker.early_stopping_rounds` > 0."""
+    if not config.ranker.early_stopping_rounds:
+        return new_ranker(config, rows.height, early_stopping=False).fit(rows, targets(rows, config),
+                                                                       rows["user_id"].to_numpy())
     stop = user_fold(rows["user_id"], config.ranker.seed + 1, folds=5) == 0
     train, valid = rows.filter(pl.Series(~stop)), rows.filter(pl.Series(stop))
     eval_set = (valid, targets(valid, config), valid["user_id"].to_numpy()) if valid.height else None
