@@ -162,9 +162,8 @@ def test_an_actor_decodes_and_encodes_a_batch_like_the_local_engine(tmp_path: Pa
 
 
 def test_unknown_engine_is_a_config_error(tmp_path: Path, tiny_model: Path) -> None:
-    from fusionrec.pipeline.errors import ConfigError
-
     from fusionrec.pipeline.config import load_config
+    from fusionrec.pipeline.errors import ConfigError
 
     # The typed config refuses it before any stage runs, naming the key and the choices.
     with pytest.raises(ConfigError, match=r"engine.*local.*ray|engine.*ray.*local"):
