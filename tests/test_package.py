@@ -22,9 +22,7 @@ NOT_PACKAGE = {"tests", "bench", "data", "docs", "build", "artifacts"}  # top-le
 # Files still allowed a function-level import of a fusionrec module, each with its reason.
 # Empty when the package is clean; `test_allowlist_is_not_stale` fails once a file is fixed,
 # so an entry cannot outlive its reason.
-LAZY_IMPORT_ALLOWLIST: dict[str, str] = {
-    "ranker/serving/recommender.py": "reserved (lead rewriting): imports ranker.serving.export in functions",
-}
+LAZY_IMPORT_ALLOWLIST: dict[str, str] = {}
 
 HEAVY = ("torch", "transformers", "timm", "librosa")
 

@@ -27,7 +27,7 @@ from fusionrec.pipeline.retrieval.candidates import (
 from fusionrec.pipeline.retrieval.retriever import Retriever
 from fusionrec.pipeline.retrieval.stage import embeddings, load_snapshot
 from fusionrec.ranker.model import Ranker
-from fusionrec.ranker.serving.export import TOPK_SCHEMA, recommend, topk
+from fusionrec.ranker.serving.export import TOPK_SCHEMA, read_id_table, recommend, topk
 from fusionrec.ranker.training import GUARD_FILE, lineage, pair_features
 
 POPULAR_DAYS = 30
@@ -119,7 +119,5 @@ class Recommender:
 
 def read_users(path: Path | str) -> list[str]:
     """The user ids of a `--users` file (.parquet, .csv or .jsonl with a user_id column)."""
-    from fusionrec.ranker.serving.export import read_id_table
-
     frame = read_id_table(path, ("user_id",))
     return frame["user_id"].drop_nulls().cast(pl.String).unique(maintain_order=True).to_list()
