@@ -8,6 +8,7 @@ validated snapshot of the interactions and items under `ART/data/` so that later
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import polars as pl
 from fusionrec.pipeline.config import Config
 from fusionrec.pipeline.errors import FusionrecError
 from fusionrec.pipeline.io.manifest import hash_inputs, stage_run
-from fusionrec.pipeline.io.storage import clean_temporaries, write_parquet
+from fusionrec.pipeline.io.storage import clean_temporaries, sha256_file, write_json, write_parquet
 from fusionrec.pipeline.io.tables import load_interactions, load_items, load_users
 from fusionrec.pipeline.retrieval.candidates import (
     FUSED,
@@ -55,18 +56,35 @@ def load_catalog(data_dir: Path) -> Catalog:
     return Catalog(items, load_users(data_dir), load_interactions(data_dir, items))
 
 
+SNAPSHOT_SUMS = "snapshot.json"
+
+
 def save_snapshot(catalog: Catalog, art_dir: Path) -> None:
+    """The validated tables under ART/data/, with their sha256 in ART/data/snapshot.json."""
     out = Path(art_dir) / "data"
     write_parquet(catalog.items.to_arrow(), out / "items.parquet")
     write_parquet(catalog.interactions.to_arrow(), out / "interactions.parquet")
+    names = ["items.parquet", "interactions.parquet"]
     if catalog.users is not None:
         write_parquet(catalog.users.to_arrow(), out / "users.parquet")
+        names.append("users.parquet")
+    write_json({name: sha256_file(out / name) for name in names}, out / SNAPSHOT_SUMS)
 
 
 def load_snapshot(art_dir: Path) -> Catalog:
     out = Path(art_dir) / "data"
     if not (out / "interactions.parquet").is_file():
         raise FusionrecError(f"{art_dir} has no index yet: run `fusionrec index` (or `fusionrec run`) first")
+    if (out / SNAPSHOT_SUMS).is_file():  # artifacts from before checksums have none to check
+        try:
+            sums = json.loads((out / SNAPSHOT_SUMS).read_text())
+        except (OSError, ValueError) as exc:
+            raise FusionrecError(f"{out / SNAPSHOT_SUMS} cannot be read ({exc}): rerun `fusionrec index`") from exc
+        for name, digest in sums.items():
+            path = out / str(name)
+            if not path.is_file() or sha256_file(path) != digest:
+                raise FusionrecError(f"{path} does not match the checksum recorded when it was written (changed or "
+                                     "damaged since): rerun `fusionrec index` (or `fusionrec run`)")
     users = pl.read_parquet(out / "users.parquet") if (out / "users.parquet").is_file() else None
     return Catalog(pl.read_parquet(out / "items.parquet"), users, pl.read_parquet(out / "interactions.parquet"))
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from fusionrec.jobs import run_index, run_nightly
 from fusionrec.pipeline.config import load_config
+from fusionrec.pipeline.errors import FusionrecError
 from fusionrec.pipeline.io.manifest import read_manifest
 from fusionrec.pipeline.retrieval.candidates import CandidateModel, label_split
 from fusionrec.pipeline.retrieval.stage import Catalog
@@ -221,3 +222,14 @@ def test_per_user_labels_never_leak_into_features(tmp_path: Path, seed: int, shi
     a, b = features(inter, split.fit), features(other, split2.fit)
     assert a.equals(b)
     assert not any(c == "label" for c in a.columns)
+
+
+def test_a_swapped_data_snapshot_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """A valid Parquet file with other content put in place of ART/data/interactions.parquet is not served."""
+    data = make_catalog(tmp_path / "data", n_users=30)
+    art = tmp_path / "art"
+    nightly(data, art)
+    snapshot = art / "data" / "interactions.parquet"
+    pl.read_parquet(snapshot).head(10).write_parquet(snapshot)
+    with pytest.raises(FusionrecError, match=r"interactions\.parquet does not match the checksum.*fusionrec index"):
+        Recommender(art)
