@@ -34,7 +34,7 @@ from fusionrec.evaluation.metrics import ranking_metrics
 from fusionrec.pipeline.config import Config
 from fusionrec.pipeline.io.manifest import stage_run
 from fusionrec.pipeline.io.storage import sha256_file, write_json
-from fusionrec.pipeline.retrieval.candidates import LabelSplit
+from fusionrec.pipeline.retrieval.candidates import BLEND_STEPS, LabelSplit, coordinate_ascent
 from fusionrec.pipeline.retrieval.sources import positive_mask
 from fusionrec.pipeline.retrieval.stage import Catalog, candidate_split, label_windows, load_snapshot
 from fusionrec.ranker.features import behaviour_features, user_attribute_features
@@ -147,7 +147,7 @@ def ndcg_rows(user: np.ndarray, score: np.ndarray, label: np.ndarray, k: int = 1
     return np.where(n_rel > 0, dcg / np.where(n_rel > 0, disc[n_rel], 1.0), 0.0)
 
 
-def blend_weights(rows: pl.DataFrame, columns: list[str], steps: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0),
+def blend_weights(rows: pl.DataFrame, columns: list[str], steps: tuple[float, ...] = BLEND_STEPS,
                   rounds: int = 2) -> dict[str, float]:
     """Blend weights over the candidate rows' z-scores by coordinate ascent of NDCG@10."""
     user = rows["user_id"].rank("dense").cast(pl.Int64).to_numpy()
@@ -158,23 +158,7 @@ def blend_weights(rows: pl.DataFrame, columns: list[str], steps: tuple[float, ..
         score = sum((w[c] * z[c] for c in columns if w[c]), np.zeros(rows.height))
         return float(ndcg_rows(user, score, label).mean())
 
-    singles = {c: value({d: float(d == c) for d in columns}) for c in columns}
-    weights = {c: float(c == max(singles, key=singles.__getitem__)) for c in columns}
-    best = value(weights)
-    for _ in range(rounds):
-        improved = False
-        for c in columns:
-            for step in steps:
-                trial = {**weights, c: step}
-                if step == weights[c] or not any(trial.values()):
-                    continue
-                v = value(trial)
-                if v > best + 1e-6:
-                    best, weights, improved = v, trial, True
-        if not improved:
-            break
-    return weights
-
+    return coordinate_ascent(columns, value, steps=steps, rounds=rounds)
 
 def guard_ranker(rows: pl.DataFrame, config: Config) -> dict[str, Any]:
     """Out-of-fold ranker order against an out-of-fold blend on the latest labels (window 0).

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -134,8 +135,33 @@ def recall_at(scores: np.ndarray, truth: np.ndarray, n: int) -> float:
     return float(hits.sum() / max(truth.sum(), 1))
 
 
+BLEND_STEPS = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def coordinate_ascent(names: list[str], value: Callable[[dict[str, float]], float], *,
+                      steps: tuple[float, ...] = BLEND_STEPS, rounds: int = 3) -> dict[str, float]:
+    """Non-negative weights maximising `value`, one name at a time over `steps`, from the best
+    single name (weight 1, the others 0); stops after `rounds` or a round without a gain."""
+    singles = {n: value({m: float(m == n) for m in names}) for n in names}
+    weights = {n: float(n == max(singles, key=singles.__getitem__)) for n in names}
+    best = value(weights)
+    for _ in range(rounds):
+        improved = False
+        for n in names:
+            for step in steps:
+                trial = {**weights, n: step}
+                if step == weights[n] or not any(trial.values()):
+                    continue
+                v = value(trial)
+                if v > best + 1e-6:
+                    best, weights, improved = v, trial, True
+        if not improved:
+            break
+    return weights
+
+
 def search_weights(z: dict[str, np.ndarray], truth: np.ndarray, blocked: np.ndarray, *,
-                   steps: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0), rounds: int = 3) -> dict[str, float]:
+                   steps: tuple[float, ...] = BLEND_STEPS, rounds: int = 3) -> dict[str, float]:
     """Blend weights by coordinate ascent of validation NDCG@10, from the best single source."""
     names = list(z)
 
@@ -145,24 +171,7 @@ def search_weights(z: dict[str, np.ndarray], truth: np.ndarray, blocked: np.ndar
             return 0.0
         return float(ndcg_at(np.where(blocked, -np.inf, total), truth).mean())
 
-    singles = {n: value({m: float(m == n) for m in names}) for n in names}
-    weights = {n: float(n == max(singles, key=singles.__getitem__)) for n in names}
-    best = value(weights)
-    for _ in range(rounds):
-        improved = False
-        for n in names:
-            for step in steps:
-                if step == weights[n]:
-                    continue
-                trial = {**weights, n: step}
-                if not any(trial.values()):
-                    continue
-                v = value(trial)
-                if v > best + 1e-6:
-                    best, weights, improved = v, trial, True
-        if not improved:
-            break
-    return weights
+    return coordinate_ascent(names, value, steps=steps, rounds=rounds)
 
 
 @dataclass
