@@ -33,15 +33,7 @@ def export_key(cfg: ExportConfig, art_dir: Path) -> bytes:
             raise FusionrecError(f"the export key in ${cfg.key_env} holds fewer than {MIN_KEY_BYTES} bytes")
         return env.encode()
     if cfg.key_file:
-        path = Path(cfg.key_file)
-        warn_if_readable(path)
-        try:
-            key = path.read_bytes().strip()
-        except OSError as exc:
-            raise FusionrecError(f"cannot read export key file {path}: {exc.strerror or exc}") from None
-        if len(key) < MIN_KEY_BYTES:
-            raise FusionrecError(f"export key file {path} holds fewer than {MIN_KEY_BYTES} bytes")
-        return key
+        return read_key_file(Path(cfg.key_file))
     path = Path(art_dir) / KEY_FILE
     if path.is_symlink() and not path.exists():
         # A linked key is someone's secret kept elsewhere: replacing it would change every pseudonym.
@@ -55,15 +47,7 @@ def export_key(cfg: ExportConfig, art_dir: Path) -> bytes:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_hex(32) + "\n")
-    warn_if_readable(path)
-    try:
-        key = path.read_bytes().strip()
-    except OSError as exc:
-        raise FusionrecError(f"cannot read export key file {path}: {exc.strerror or exc}") from None
-    if len(key) < MIN_KEY_BYTES:
-        raise FusionrecError(f"export key file {path} holds fewer than {MIN_KEY_BYTES} bytes; remove it to make a new "
-                             "key (pseudonyms will change) or restore it")
-    return key
+    return read_key_file(path, "; remove it to make a new key (pseudonyms will change) or restore it")
 
 
 def warn_if_readable(path: Path) -> None:
@@ -88,3 +72,15 @@ def pseudonymise(frame: pl.DataFrame, key: bytes, column: str = "user_id") -> pl
                                .alias("__pseudonym"))
     return (frame.join(mapping, on=column, how="left", maintain_order="left")
             .with_columns(pl.col("__pseudonym").alias(column)).drop("__pseudonym"))
+
+
+def read_key_file(path: Path, hint: str = "") -> bytes:
+    """The key in `path` (warning when others may read it); `hint` ends the too-short message."""
+    warn_if_readable(path)
+    try:
+        key = path.read_bytes().strip()
+    except OSError as exc:
+        raise FusionrecError(f"cannot read export key file {path}: {exc.strerror or exc}") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise FusionrecError(f"export key file {path} holds fewer than {MIN_KEY_BYTES} bytes{hint}")
+    return key
