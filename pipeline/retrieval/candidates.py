@@ -262,6 +262,25 @@ class CandidateModel:
             counts[known] = np.diff(self.log_.seen.indptr)[rows[known]]
         return counts
 
+    def cold_start(self, user_ids: list[str]) -> np.ndarray:
+        """Per user, how the blend serves them (read-only; `_block` decides the same way):
+        "" (history: the blended sources), "content" (no history, placed by their own content)
+        or "popular" (no history and no content: popularity)."""
+        rows = self.user_rows(user_ids)
+        out = np.full(len(rows), "", dtype=object)
+        cold = np.flatnonzero(self.history_counts(rows) == 0)
+        if not len(cold):
+            return out
+        own = np.zeros((len(cold), len(self.item_ids_)), np.float32)
+        if self.cold_profile_ is not None:
+            user_vecs, item_vecs = self.cold_profile_
+            known = rows[cold] >= 0
+            own[known] = user_vecs[rows[cold][known]] @ item_vecs.T
+        elif self.retriever_ is not None and FUSED in self.params:
+            own = fused_scores(self.retriever_, [str(user_ids[j]) for j in cold], self.item_ids_, self.n_candidates)
+        out[cold] = np.where(own.std(axis=1) > 0, "content", "popular")
+        return out
+
     def blocked(self, rows: np.ndarray) -> np.ndarray:
         """Items each user has already (seen items never return)."""
         out = np.zeros((len(rows), len(self.item_ids_)), bool)

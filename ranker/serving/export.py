@@ -24,8 +24,11 @@ if TYPE_CHECKING:
 FORMATS = (".parquet", ".csv", ".jsonl")
 TOPK_SCHEMA: dict[str, pl.DataType] = {
     "user_id": pl.String(), "rank": pl.Int32(), "item_id": pl.String(),
-    "score": pl.Float64(), "retrieval_score": pl.Float32(),
+    "score": pl.Float64(), "retrieval_score": pl.Float32(), "source": pl.String(),
 }
+# Which list a row's `score` comes from (the `source` column): the ranker's order, the blend of
+# the candidate sources, a user without history placed by their own content, or popularity.
+SOURCES = ("ranker", "retrieval", "content", "popular")
 TOP_FEATURES_DTYPE = pl.List(pl.Struct({"feature": pl.String, "value": pl.Float64, "contribution": pl.Float64}))
 # Columns whose type is known when read back from text formats.
 KNOWN_DTYPES: dict[str, pl.DataType] = {**TOPK_SCHEMA, "top_features": TOP_FEATURES_DTYPE,
@@ -45,11 +48,11 @@ def _format(path: Path) -> str:
 
 
 def topk(scored: pl.DataFrame, k: int, *, columns: list[str] | None = None) -> pl.DataFrame:
-    """The `k` best rows per user: user_id, rank (1-based), item_id, score, retrieval_score, extras.
+    """The `k` best rows per user: user_id, rank (1-based), item_id, score, retrieval_score, source, extras.
 
     Order: score descending (nulls last), ties by retrieval_score descending, then item_id
     ascending, so the output does not depend on the input order. Users come sorted by user_id. `columns`: extra columns
-    to keep (default: the explanation columns present).
+    to keep (default: the explanation columns present). `source` is null where `scored` has none.
     """
     if k < 1:
         raise InputError(f"k must be at least 1, not {k}", field="k")
@@ -62,13 +65,15 @@ def topk(scored: pl.DataFrame, k: int, *, columns: list[str] | None = None) -> p
     frame = scored
     if "retrieval_score" not in frame.columns:
         frame = frame.with_columns(pl.lit(None, pl.Float32).alias("retrieval_score"))
+    if "source" not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, pl.String).alias("source"))
     ranked = frame.sort(["user_id", "score", "retrieval_score", "item_id"], descending=[False, True, True, False],
                         nulls_last=True) \
         .with_columns((pl.int_range(pl.len()).over("user_id") + 1).cast(pl.Int32).alias("rank")) \
         .filter(pl.col("rank") <= k)
     return ranked.select(
         pl.col("user_id").cast(pl.String), "rank", pl.col("item_id").cast(pl.String),
-        pl.col("score").cast(pl.Float64), pl.col("retrieval_score").cast(pl.Float32),
+        pl.col("score").cast(pl.Float64), pl.col("retrieval_score").cast(pl.Float32), pl.col("source").cast(pl.String),
         *[c for c in columns if c not in TOPK_SCHEMA])
 
 
@@ -79,7 +84,7 @@ def recommend(model: Ranker, features: pl.DataFrame, k: int, *, explain: bool = 
     Explanations (TreeSHAP, about a millisecond per row for 300 trees) are computed for
     the kept rows only, never for every candidate.
     """
-    scored = model.score(features)
+    scored = model.score(features).with_columns(pl.lit("ranker").alias("source"))
     kept = [c for c in model.feature_names_ if c in scored.columns and c not in TOPK_SCHEMA]
     best = topk(scored, k, columns=kept)
     if not explain:

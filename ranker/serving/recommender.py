@@ -49,7 +49,9 @@ class Recommender:
 
     Candidates come from the blended sources (`ART/sources/`); the ranker's order is used
     when the train stage's guard shipped it (`ART/ranker/guard.json`), else the retrieval
-    (blend) order. `order_` says which.
+    (blend) order. `order_` says which; each row's `source` says which list its `score` is
+    from: "ranker" (every user, cold ones included, when the ranker's order ships), else
+    "retrieval" (the blend), "content" or "popular" (users without history).
     """
 
     def __init__(self, art_dir: Path | str, *, use_ranker: bool = True) -> None:
@@ -97,13 +99,12 @@ class Recommender:
         cands = self.sources_.candidates(user_ids, exclude_seen=exclude_seen)
         if not use_ranker or self.order_ != "ranker" or self.ranker_ is None:
             z_columns = [c for c in cands.columns if c.startswith("src_") and c.endswith("_z")]
-            best = topk(cands.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score")), k,
-                        columns=z_columns)
+            best = topk(self._blend_source(cands.with_columns(pl.col("retrieval_score").cast(pl.Float64)
+                                                              .alias("score"))), k, columns=z_columns)
             if not explain:
                 return best.select(list(TOPK_SCHEMA))
             # The blend explains itself: each source's weight times its z-score.
-            users = best["user_id"].to_list()
-            cold = self.sources_.history_counts(self.sources_.user_rows(users)) == 0
+            cold = best["source"].is_in(["content", "popular"]).to_numpy()
             return pl.concat([best.select(list(TOPK_SCHEMA)), explain_blend(best, self.sources_.weights, cold)],
                              how="horizontal")
         # Explanations cost about a millisecond a row: only the kept top-k rows are explained.
@@ -113,8 +114,18 @@ class Recommender:
         """`pairs` (user_id, item_id, other columns kept) plus stage-1 columns and `score`."""
         stage1 = self.sources_.score_pairs(pairs)
         if self.order_ != "ranker" or self.ranker_ is None:
-            return stage1.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score"))
-        return self.ranker_.score(self._features(stage1), explain=explain)
+            return self._blend_source(stage1.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score")))
+        return self.ranker_.score(self._features(stage1), explain=explain).with_columns(
+            pl.lit("ranker").alias("source"))
+
+    def _blend_source(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """`frame` plus `source`: which list a blend-ordered row's score comes from, per user
+        ("retrieval" for users with history, "content" or "popular" for users without)."""
+        users = frame["user_id"].cast(pl.String).unique(maintain_order=True).to_list()
+        kinds = self.sources_.cold_start(users)
+        table = pl.DataFrame({"user_id": users, "source": [str(x) or "retrieval" for x in kinds]},
+                             schema={"user_id": pl.String, "source": pl.String})
+        return frame.drop("source", strict=False).join(table, on="user_id", how="left", maintain_order="left")
 
 
 def read_users(path: Path | str) -> list[str]:

@@ -187,6 +187,8 @@ def topk_frames(draw) -> pl.DataFrame:
         "score": draw(st.lists(finite, min_size=n, max_size=n)),
         "retrieval_score": draw(st.lists(st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False, width=32)),
                                          min_size=n, max_size=n)),
+        "source": draw(st.lists(st.one_of(st.none(), st.sampled_from(["ranker", "retrieval", "content", "popular"])),
+                                min_size=n, max_size=n)),
     }, schema=TOPK_SCHEMA)
 
 
@@ -225,8 +227,8 @@ def test_read_pairs_raises_nothing_but_input_error(tally, raw: bytes, suffix: st
 def test_scores_that_are_not_finite(tmp_path: Path) -> None:
     """Parquet and CSV keep inf and NaN; JSON has no such numbers, so JSONL holds null (documented)."""
     frame = pl.DataFrame({"user_id": ["u"] * 3, "rank": [1, 2, 3], "item_id": ["a", "b", "c"],
-                          "score": [math.inf, -math.inf, math.nan], "retrieval_score": [None, 0.5, None]},
-                         schema=TOPK_SCHEMA)
+                          "score": [math.inf, -math.inf, math.nan], "retrieval_score": [None, 0.5, None],
+                          "source": ["ranker", None, "popular"]}, schema=TOPK_SCHEMA)
     for suffix in (".parquet", ".csv"):
         back = read_topk(write_topk(frame, tmp_path / f"x{suffix}"))
         assert back["score"].to_list()[:2] == [math.inf, -math.inf] and math.isnan(back["score"][2]), suffix

@@ -29,7 +29,9 @@ def scored_rows() -> pl.DataFrame:
 
 def test_topk_ranks_by_score_then_item_id():
     out = topk(scored_rows(), 2)
-    assert out.columns == ["user_id", "rank", "item_id", "score", "retrieval_score"]
+    assert out.columns == ["user_id", "rank", "item_id", "score", "retrieval_score", "source"]
+    assert out["source"].null_count() == out.height  # the scored rows say nothing of their list
+    out = out.drop("source")
     assert out.schema["rank"] == pl.Int32 and out.schema["retrieval_score"] == pl.Float32
     assert out.rows() == [
         ("007", 1, "é", 0.1, pytest.approx(0.2)),
@@ -181,7 +183,8 @@ def test_recommend_explains_only_the_kept_rows(pipeline_run):
     model, feats = pipeline_run["model"], pipeline_run["feats"]
     plain = recommend(model, feats, 4)
     explained = recommend(model, feats, 4, explain=True, top=2)
-    assert plain.columns == ["user_id", "rank", "item_id", "score", "retrieval_score"]
+    assert plain.columns == ["user_id", "rank", "item_id", "score", "retrieval_score", "source"]
+    assert plain["source"].unique().to_list() == ["ranker"]
     assert_frame_equal(explained.select(plain.columns), plain)
     assert explained.height == 30 * 4
     # The explanation of a kept row is the one of that candidate row, and adds up to its score.

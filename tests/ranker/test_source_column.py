@@ -1,0 +1,87 @@
+"""The `source` column of `recommend` and `score`: which list each row's `score` comes from.
+
+One small nightly run (synthetic catalog with precomputed item vectors, no encoder) with two
+users without history: one with a profile vector of their own (served from content), one
+with nothing (served from popularity).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from fusionrec.jobs import run_nightly
+from fusionrec.pipeline.config import load_config
+from fusionrec.ranker.serving.export import SOURCES, TOPK_SCHEMA, read_topk, write_topk
+from fusionrec.ranker.serving.recommender import Recommender
+from tests.ranker.test_training import QUIET, make_catalog
+
+COLD_CONTENT, COLD_NOTHING = "zz_content", "zz_nothing"
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("source")
+    data = make_catalog(root / "data", n_users=60)
+    users = pl.read_csv(data / "users.csv")
+    extra = pl.DataFrame({"user_id": [COLD_CONTENT, COLD_NOTHING], "segment": ["s0", "s1"], "age": [30, 40]})
+    pl.concat([users, extra.cast(users.schema)]).write_csv(data / "users.csv")
+    vector = np.random.default_rng(1).normal(size=8).astype(np.float32)
+    pl.DataFrame({"user_id": [COLD_CONTENT], "vector": [vector.tolist()]}).write_parquet(
+        data / "embeddings" / "user_text.parquet")
+    out = root / "art"
+    # guard off: the ranker's order ships whatever validation says, so both orders can be tested.
+    run_nightly(data, out, load_config(None, [*QUIET, "ranker.guard=false"]), show_progress=False)
+    return out
+
+
+def expected_source(user: str, order: str) -> str:
+    if order == "ranker":
+        return "ranker"  # the ranker scores every user's candidates, cold ones included
+    return {COLD_CONTENT: "content", COLD_NOTHING: "popular"}.get(user, "retrieval")
+
+
+@pytest.mark.parametrize("use_ranker", [True, False])
+def test_recommend_labels_every_row_with_the_list_its_score_comes_from(art: Path, use_ranker: bool) -> None:
+    rec = Recommender(art, use_ranker=use_ranker)
+    assert rec.order_ == ("ranker" if use_ranker else "retrieval")
+    top = rec.recommend(None, k=5)
+    assert top.columns == list(TOPK_SCHEMA) and top.schema["source"] == pl.String
+    assert {COLD_CONTENT, COLD_NOTHING} <= set(top["user_id"].to_list())
+    want = [expected_source(u, rec.order_) for u in top["user_id"].to_list()]
+    assert top["source"].to_list() == want
+    assert set(want) <= set(SOURCES)
+    if not use_ranker:
+        assert set(want) == {"retrieval", "content", "popular"}
+    explained = rec.recommend([COLD_CONTENT, "u001"], k=3, explain=True)
+    assert explained["source"].to_list() == [expected_source(u, rec.order_) for u in explained["user_id"].to_list()]
+
+
+@pytest.mark.parametrize("use_ranker", [True, False])
+def test_score_labels_given_pairs_the_same_way(art: Path, use_ranker: bool) -> None:
+    rec = Recommender(art, use_ranker=use_ranker)
+    pairs = pl.DataFrame({"user_id": ["u001", COLD_CONTENT, COLD_NOTHING, "someone-new"],
+                          "item_id": ["i001", "i002", "i003", "i004"]})
+    scored = rec.score(pairs)
+    assert scored["user_id"].to_list() == pairs["user_id"].to_list()
+    want = [expected_source(u, rec.order_) for u in pairs["user_id"].to_list()]
+    if rec.order_ == "retrieval":
+        want[-1] = "popular"  # a user nobody knows has neither history nor content
+    assert scored["source"].to_list() == want
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".jsonl"])
+def test_the_source_column_reads_back_from_every_format(art: Path, tmp_path: Path, suffix: str) -> None:
+    top = Recommender(art, use_ranker=False).recommend([COLD_CONTENT, COLD_NOTHING, "u002"], k=3)
+    back = read_topk(write_topk(top, tmp_path / f"top{suffix}"))
+    assert_frame_equal(back, top)
+    assert back["source"].to_list() == ["retrieval"] * 3 + ["content"] * 3 + ["popular"] * 3
+
+
+def test_the_nightly_export_carries_the_shipped_order_as_source(art: Path) -> None:
+    top = pl.read_parquet(art / "exports" / "topk.parquet")
+    assert top["source"].unique().to_list() == ["ranker"]
