@@ -97,7 +97,7 @@ def test_a_log_too_short_for_labels_trains_nothing_and_exports_retrieval_order(t
     assert Recommender(art).order_ == "retrieval"
 
 
-def _rows(n_users: int, informative: str, seed: int = 0) -> pl.DataFrame:
+def _rows(n_users: int, informative: str, seed: int = 0, window: int = 0) -> pl.DataFrame:
     """Candidate rows where either retrieval order or a feature (`item_signal`) finds the labels."""
     rng = np.random.default_rng(seed)
     frames = []
@@ -113,23 +113,51 @@ def _rows(n_users: int, informative: str, seed: int = 0) -> pl.DataFrame:
             rank = rng.permutation(n) + 1
         frames.append(pl.DataFrame({"user_id": f"u{u}", "item_id": [f"i{j}" for j in range(n)],
                                     "retrieval_rank": rank.astype(np.int32), "retrieval_score": -rank.astype(np.float32),
-                                    "item_signal": signal.astype(np.float32), "label": label}))
+                                    "item_signal": signal.astype(np.float32), "label": label,
+                                    "label_window": np.full(n, window, np.int8)}))
     return pl.concat(frames)
+
+
+def _two_windows(latest: str, earlier: str, n_users: int = 120) -> pl.DataFrame:
+    return pl.concat([_rows(n_users, latest, seed=0, window=0), _rows(n_users, earlier, seed=1, window=1)])
 
 
 def test_the_guard_keeps_retrieval_order_when_the_ranker_is_not_better() -> None:
     cfg = load_config(None, ["ranker.n_estimators=50"])
-    guard = guard_ranker(_rows(120, "retrieval"), cfg)
+    guard = guard_ranker(_two_windows("retrieval", "retrieval"), cfg)
     assert guard["ships"] is False
     assert guard["ndcg@10"]["retrieval"] >= guard["ndcg@10"]["ranker"] - 1e-9
     assert guard["interval"][0] <= 0
+    assert guard["reason"] == "the ranker did not beat the retrieval order on held-out users"
 
 
-def test_the_guard_ships_a_ranker_that_beats_retrieval_order() -> None:
+def test_the_guard_ships_a_ranker_that_beats_retrieval_order_across_users_and_forward() -> None:
+    cfg = load_config(None, ["ranker.n_estimators=50"])
+    guard = guard_ranker(_two_windows("feature", "feature"), cfg)
+    assert guard["ships"] is True and guard["interval"][0] > 0 and guard["reason"] == ""
+    assert guard["ndcg@10"]["ranker"] > guard["ndcg@10"]["retrieval"] + 0.2
+    forward = guard["forward"]
+    assert forward["wins"] is True and forward["interval"][0] > 0
+    assert forward["users"] == 120  # every window-0 user, scored by a ranker that saw window 1 only
+
+
+def test_a_ranker_that_wins_only_within_one_window_does_not_ship() -> None:
+    """The feature finds the latest labels but not the earlier ones: across users (folds of the
+    latest window) the ranker wins; learned on the earlier window alone it does not."""
+    cfg = load_config(None, ["ranker.n_estimators=50"])
+    guard = guard_ranker(_two_windows("feature", "retrieval"), cfg)
+    assert guard["interval"][0] > 0  # across users it wins
+    assert guard["forward"]["wins"] is False
+    assert guard["ships"] is False
+    assert "earlier label window did not beat" in guard["reason"]
+
+
+def test_a_single_label_window_cannot_ship_a_ranker() -> None:
+    """Last.fm's fixed split leaves one label window: nothing later than the labels to check on."""
     cfg = load_config(None, ["ranker.n_estimators=50"])
     guard = guard_ranker(_rows(120, "feature"), cfg)
-    assert guard["ships"] is True and guard["interval"][0] > 0
-    assert guard["ndcg@10"]["ranker"] > guard["ndcg@10"]["retrieval"] + 0.2
+    assert guard["interval"][0] > 0 and guard["forward"] is None
+    assert guard["ships"] is False and "one label window only" in guard["reason"]
 
 
 def test_a_worse_ranker_is_not_shipped_by_the_nightly_job(tmp_path: Path, caplog: pytest.LogCaptureFixture,
