@@ -55,6 +55,7 @@ from fusionrec.pipeline.retrieval.candidates import ndcg_at, truth_pairs  # noqa
 from fusionrec.pipeline.retrieval.sources import (  # noqa: E402
     ALS,
     EASE,
+    SEARCH_GRID,
     ItemKNN,
     Popular,
     UserItemLog,
@@ -188,6 +189,12 @@ def vbpr(vectors: tuple[list[str], np.ndarray] | None, params: dict[str, Any]) -
     return fit
 
 
+# The peers' ALS searches fusionrec's own ALS grid and five more settings around it (10 in
+# all), so the peer is at least as well tuned as the source it is compared with.
+ALS_SETTINGS = [(int(p["factors"]), float(p["regularization"]), float(p["alpha"])) for p in SEARCH_GRID["als"]] + [
+    (32, 0.5, 10.0), (64, 0.5, 10.0), (64, 5.0, 10.0), (128, 5.0, 10.0), (16, 5.0, 10.0)]
+
+
 def peer_grid(vectors: tuple[list[str], np.ndarray] | None) -> dict[str, list[tuple[dict[str, Any], Any]]]:
     """Each peer's settings (at most 10): (setting, fit function taking a log)."""
     grid: dict[str, list[tuple[dict[str, Any], Any]]] = {
@@ -196,14 +203,14 @@ def peer_grid(vectors: tuple[list[str], np.ndarray] | None) -> dict[str, list[tu
                      for n in (20, 50, 100, 200, 400)],
         "EASE": [({"lambda": lam, "input": which}, source_peer(lambda lam=lam: EASE(lam=lam)))
                  for lam in (50.0, 100.0, 200.0, 500.0, 1000.0) for which in ("positives", "all")],
-        "implicit ALS": [({"factors": f, "regularization": r}, source_peer(
-            lambda f=f, r=r: ALS(factors=f, regularization=r, threads=1, seeds=1)))
-            for f in (32, 64, 128) for r in (0.05, 0.5, 5.0)],
+        "implicit ALS": [({"factors": f, "regularization": r, "alpha": a}, source_peer(
+            lambda f=f, r=r, a=a: ALS(factors=f, regularization=r, alpha=a, threads=1, seeds=1)))
+            for f, r, a in ALS_SETTINGS],
         # Not a library's own model: three seeded ALS fits averaged, as fusionrec's ALS source does.
         # Reported beside the peers so the margin over an ensemble is known too.
-        ENSEMBLE: [({"factors": f, "regularization": r, "seeds": 3}, source_peer(
-            lambda f=f, r=r: ALS(factors=f, regularization=r, threads=1, seeds=3)))
-            for f in (32, 64, 128) for r in (0.05, 0.5, 5.0)],
+        ENSEMBLE: [({"factors": f, "regularization": r, "alpha": a, "seeds": 3}, source_peer(
+            lambda f=f, r=r, a=a: ALS(factors=f, regularization=r, alpha=a, threads=1, seeds=3)))
+            for f, r, a in ALS_SETTINGS],
         "implicit BPR": [({"factors": f, "learning_rate": lr, "regularization": 0.01},
                           bpr({"factors": f, "learning_rate": lr, "regularization": 0.01}))
                          for f in (32, 64) for lr in (0.005, 0.01, 0.05)],

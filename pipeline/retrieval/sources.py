@@ -504,8 +504,10 @@ SEARCH_GRID: dict[str, list[dict[str, Any]]] = {
     "recent_ease": [{"lam": v} for v in (50.0, 100.0, 200.0, 500.0, 1000.0)],
     "itemknn": [{"neighbours": n, "shrink": 10.0} for n in (20, 50, 100, 200, 400)],
     "recent_itemknn": [{"neighbours": n, "shrink": 10.0} for n in (20, 50, 100, 200, 400)],
+    # Confidence weighting (alpha) and regularisation matter more than the factor count on
+    # sparse logs: from light to heavy regularisation, two confidence levels.
     "als": [{"factors": f, "regularization": r, "alpha": a} for f, r, a in
-            ((32, 0.5, 10.0), (64, 0.05, 10.0), (64, 0.5, 1.0), (128, 0.5, 10.0), (32, 0.05, 1.0))],
+            ((32, 0.05, 1.0), (32, 5.0, 1.0), (32, 5.0, 10.0), (64, 20.0, 10.0), (32, 50.0, 20.0))],
     "rp3beta": [{"alpha": a, "beta": b} for a, b in ((1.0, 0.3), (1.0, 0.5), (0.8, 0.5), (1.0, 0.7), (0.6, 0.3))],
     "content": [{"neighbours": n} for n in (20, 50, 100, 200, 400)],
     "sequence": [{"window": w, "decay": d} for w in (3, 10) for d in (0.5, 0.8)],
