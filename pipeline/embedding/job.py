@@ -608,6 +608,8 @@ def _embed_all(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
                 path, kind, data_dir, {m: encoders[m] for m in wanted[kind] if m in encoders}, work_dir,
                 keep_ids=any(k == kind for k, _ in precomputed), batch_rows=config.embed.batch_rows,
                 advance=cast("Callable[[int], None]", lambda n, task=task: bar.advance(task, n)) if bar else None)
+            if bar:
+                bar.stop_task(task)  # its timer ends with the step, not with the job
             plans.extend(kind_plans)
 
         # Every precomputed table is read and validated before any of them replaces a table in ART.
@@ -638,6 +640,8 @@ def _embed_all(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
                 progress=cast("Callable[[int], None]", lambda n, task=task: bar.advance(task, n)) if bar else None,
                 encode_rows=encode_rows,
                 batch_rows=config.embed.batch_rows)
+            if bar:
+                bar.stop_task(task)
             report.counts[f"{plan.kind}_{plan.modality}"] = counts
             report.failures.extend(failures)
 

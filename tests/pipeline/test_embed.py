@@ -273,3 +273,31 @@ def test_killed_run_resumes_and_gives_the_same_tables(tmp_path: Path) -> None:
     assert a.equals(b)
     leftovers = [p for p in killed.rglob("*") if p.name.startswith(".tmp-") or p.name == ".shards"]
     assert leftovers == []
+
+
+def test_each_progress_timer_stops_when_its_step_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """'read items 10/10 0:00:01' must not keep counting while the encoders run."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from fusionrec.pipeline.embedding import job
+
+    bars: list[Progress] = []
+
+    def recording(show: bool) -> Progress:
+        bar = Progress(console=Console(file=io.StringIO()))
+        bars.append(bar)
+        return bar
+
+    monkeypatch.setattr(job, "_progress", recording)
+    write_catalog(tmp_path / "data")
+    encoders, _ = fake_encoders()
+    run_embed(tmp_path / "data", tmp_path / "art", encoders=encoders, show_progress=True)
+    tasks = bars[0].tasks
+    assert [t.description for t in tasks] == ["read items", "item text", "item image"]
+    assert all(t.stop_time is not None for t in tasks)
+    assert all(t.completed == 10 for t in tasks)
+    # The read step's timer stopped before the encoders' steps began.
+    assert tasks[0].stop_time <= tasks[1].start_time
