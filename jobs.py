@@ -46,6 +46,10 @@ def run_index(data_dir: Path, art_dir: Path, config: Config | None = None, **opt
 def check_engine(config: Config) -> None:
     if config.engine not in ("local", "ray"):
         raise ConfigError(f"engine must be 'local' or 'ray', not {config.engine!r}")
+    if config.engine == "ray" and config.rerank.active:
+        # The exposure cap is over every list at once; Ray scores batches of users apart.
+        raise ConfigError("the [rerank] step runs on the local engine only: set engine = \"local\" or turn the "
+                          "rerank options off")
 
 
 # Which command rebuilds a damaged artifact, by its first folder under ART.
@@ -110,13 +114,14 @@ def artifact_failure(art_dir: Path, exc: BaseException) -> FusionrecError:
 def recommend_lists(art_dir: Path, users: list[str] | None, k: int, config: Config, **options: Any) -> pl.DataFrame:
     """Top-k from the artifacts, on Ray when the engine says so (same rows as local)."""
     if config.engine == "ray":
+        check_engine(config)
         try:
             return recommend_all(art_dir, k, config.ray, user_ids=users, **options)
         except (FusionrecError, MemoryError):
             raise
         except Exception as exc:  # noqa: BLE001 - see open_recommender
             raise artifact_failure(Path(art_dir), exc) from exc
-    return open_recommender(art_dir).recommend(users, k, **options)
+    return open_recommender(art_dir).recommend(users, k, rerank=config.rerank, **options)
 
 
 def export_topk(frame: pl.DataFrame, path: Path, art_dir: Path, config: Config, pseudonymise_ids: bool | None,
@@ -173,6 +178,8 @@ def run_recommend(art_dir: Path, export: Path, config: Config | None = None, *, 
         record.extra = {"export": str(path), "k": k}
         if explain or not exclude_seen or users is not None:
             record.extra |= {"explain": explain, "exclude_seen": exclude_seen}
+        if config.rerank.active:
+            record.counts["reranked_rows"] = recs.filter(pl.col("rerank").is_not_null()).height
         record.finish("ok")
     return recs, path
 

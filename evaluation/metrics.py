@@ -320,6 +320,48 @@ def popularity_bias(recs: pl.DataFrame, train: pl.DataFrame, k: int | None = Non
     }
 
 
+def _label_mix(pairs: pl.DataFrame, items: pl.DataFrame, field: str) -> pl.DataFrame:
+    """``user_id, label, share``: the mean over each user's labelled items of 1/|labels| per label."""
+    labels = (items.select(pl.col("item_id").cast(pl.String), pl.col(field).cast(pl.String).str.split("|")
+                           .list.eval(pl.element().str.strip_chars()).list.eval(pl.element().filter(pl.element() != ""))
+                           .list.unique().alias("label"))
+              .filter(pl.col("label").list.len() > 0)
+              .with_columns((1.0 / pl.col("label").list.len()).alias("w")).explode("label"))
+    rows = pairs.join(labels, on="item_id", how="inner")
+    n = rows.select("user_id", "item_id").unique().group_by("user_id").agg(pl.len().alias("n"))
+    return rows.group_by("user_id", "label").agg(pl.col("w").sum()).join(n, on="user_id") \
+        .select("user_id", "label", (pl.col("w") / pl.col("n")).alias("share"))
+
+
+def calibration_kl_per_user(recs: pl.DataFrame, history: pl.DataFrame, items: pl.DataFrame, field: str = "tags",
+                            k: int | None = None, alpha: float = 0.01) -> pl.DataFrame:
+    """``user_id, calibration_kl``: Steck's (2018) miscalibration of each top-``k`` list.
+
+    ``KL(p || q~)`` with p the genre/tag mix of the user's ``history`` and q the list's (each
+    item's ``|``-separated ``field`` labels weighing 1/|labels|, averaged over labelled items),
+    ``q~ = (1 - alpha) q + alpha p``. 0 is a list whose mix is the history's; users without a
+    labelled history item are left out; a list without a labelled item scores ``log(1/alpha)``.
+    """
+    lists = ranked_lists(recs, k).select("user_id", "item_id")
+    hist = relevant_pairs(history)
+    p = _label_mix(hist, items, field)
+    q = _label_mix(lists, items, field).rename({"share": "q"})
+    users = lists.select("user_id").unique().join(p.select("user_id").unique(), on="user_id", how="semi")
+    joined = p.join(users, on="user_id", how="semi").join(q, on=["user_id", "label"], how="left") \
+        .with_columns(pl.col("q").fill_null(0.0))
+    kl = joined.group_by("user_id").agg(
+        (pl.col("share") * (pl.col("share") / ((1 - alpha) * pl.col("q") + alpha * pl.col("share"))).log())
+        .sum().alias("calibration_kl"))
+    return kl.sort("user_id")
+
+
+def calibration_kl(recs: pl.DataFrame, history: pl.DataFrame, items: pl.DataFrame, field: str = "tags",
+                   k: int | None = None, alpha: float = 0.01) -> float:
+    """Mean over users of :func:`calibration_kl_per_user` (NaN without a user to score)."""
+    kl = calibration_kl_per_user(recs, history, items, field, k, alpha)["calibration_kl"]
+    return float(cast(float, kl.mean())) if kl.len() else math.nan
+
+
 def rmse(pred: pl.DataFrame, truth: pl.DataFrame, column: str = "score") -> float:
     """Root mean squared error of ``pred[column]`` against ``truth.value`` on shared pairs.
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tomllib
-from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.dataclasses import dataclass
 
 from fusionrec.pipeline.errors import ConfigError
@@ -164,6 +164,43 @@ class RankerConfig:
 
 
 @dataclass(frozen=True, config=_STRICT_FLOATS)
+class RerankConfig:
+    """The post-ranking step (`ranker.rerank`): after the shipped order, before the export.
+
+    Every option is off by default; with all off the lists are the shipped order, unchanged.
+    """
+
+    candidates: PosInt = 100  # ranked candidates per user the step draws its k from
+    mmr_lambda: Share = 0.0  # diversity (MMR): weight of the similarity to items already listed; 0 = off
+    mmr_modality: str = "fused"  # item vectors for MMR: fused (the content modalities, fusion weights) or one modality
+    calibration_lambda: Share = 0.0  # calibration (Steck 2018): weight of the KL(history mix || list mix) penalty
+    calibration_field: str = "tags"  # items column with the |-separated genres or tags calibrated
+    attribute_field: str = ""  # items column (brand, artist, director) capped within each list
+    attribute_cap: NonNegInt = 0  # at most this many items per value of attribute_field in a list; 0 = off
+    min_long_tail_share: Share = 0.0  # each list holds at least this share of long-tail items (when it can)
+    head_share: OpenFraction = 0.2  # the head: this share of the catalog, most popular first (distinct users)
+    max_item_share: Annotated[float, Field(gt=0, le=1)] = 1.0  # an item enters at most this share of the lists
+    exclude_field: str = ""  # items column: items whose value is one of exclude_values are left out
+    exclude_values: list[str] = field(default_factory=list)
+    rules_file: str = ""  # .csv or .parquet: item_id, action (exclude | pin | boost), value (boost), position (pin)
+
+    @field_validator("calibration_lambda")
+    @classmethod
+    def _one_budget(cls, value: float, info: ValidationInfo) -> float:
+        mmr = float(info.data.get("mmr_lambda", 0.0))
+        if mmr + value > 1:
+            raise ValueError(f"mmr_lambda + calibration_lambda must be at most 1 (the ranker's score weighs the "
+                             f"rest); mmr_lambda is {mmr}")
+        return value
+
+    @property
+    def active(self) -> bool:
+        """Whether any option is on (else the step leaves the lists as they are)."""
+        return bool(self.mmr_lambda or self.calibration_lambda or self.attribute_cap or self.min_long_tail_share
+                    or self.max_item_share < 1 or self.exclude_values or self.rules_file)
+
+
+@dataclass(frozen=True, config=_STRICT_FLOATS)
 class ExportConfig:
     k: PosInt = 10
     pseudonymise: bool = True  # replace user ids with a keyed hash in exports
@@ -197,6 +234,7 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     sources: SourcesConfig = field(default_factory=SourcesConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 

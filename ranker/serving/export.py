@@ -32,7 +32,7 @@ SOURCES = ("ranker", "retrieval", "content", "popular")
 TOP_FEATURES_DTYPE = pl.List(pl.Struct({"feature": pl.String, "value": pl.Float64, "contribution": pl.Float64}))
 # Columns whose type is known when read back from text formats.
 KNOWN_DTYPES: dict[str, pl.DataType] = {**TOPK_SCHEMA, "top_features": TOP_FEATURES_DTYPE,
-                                        "explain_bias": pl.Float64()}
+                                        "explain_bias": pl.Float64(), "rerank": pl.String()}
 EXPLAIN_PREFIXES = ("contrib_", "share_")
 # Nested columns `read_topk` decodes from CSV JSON text (a CSV cell carries no type, so
 # only columns of known type are decoded; any other nested column reads back as JSON text).
@@ -84,12 +84,17 @@ def recommend(model: Ranker, features: pl.DataFrame, k: int, *, explain: bool = 
     Explanations (TreeSHAP, about a millisecond per row for 300 trees) are computed for
     the kept rows only, never for every candidate.
     """
-    scored = model.score(features).with_columns(pl.lit("ranker").alias("source"))
-    kept = [c for c in model.feature_names_ if c in scored.columns and c not in TOPK_SCHEMA]
-    best = topk(scored, k, columns=kept)
+    best = topk_scored(model, features, k)
     if not explain:
         return best.select(list(TOPK_SCHEMA))
     return pl.concat([best.select(list(TOPK_SCHEMA)), model.explain(best, top=top)], how="horizontal")
+
+
+def topk_scored(model: Ranker, features: pl.DataFrame, k: int) -> pl.DataFrame:
+    """The ranker's `k` best rows per user, their features kept (for explanations), `source` "ranker"."""
+    scored = model.score(features).with_columns(pl.lit("ranker").alias("source"))
+    kept = [c for c in model.feature_names_ if c in scored.columns and c not in TOPK_SCHEMA]
+    return topk(scored, k, columns=kept)
 
 
 # Spreadsheets run a cell that begins with one of these as a formula (OWASP, CSV injection).

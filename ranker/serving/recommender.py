@@ -14,9 +14,11 @@ import logging
 from pathlib import Path
 from typing import cast
 
+import numpy as np
 import polars as pl
 
-from fusionrec.pipeline.errors import FusionrecError
+from fusionrec.pipeline.config import RerankConfig
+from fusionrec.pipeline.errors import ConfigError, FusionrecError
 from fusionrec.pipeline.retrieval.candidates import (
     CandidateModel,
     content_modality,
@@ -27,7 +29,9 @@ from fusionrec.pipeline.retrieval.candidates import (
 from fusionrec.pipeline.retrieval.retriever import Retriever
 from fusionrec.pipeline.retrieval.stage import embeddings, load_snapshot
 from fusionrec.ranker.model import Ranker
-from fusionrec.ranker.serving.export import TOPK_SCHEMA, read_id_table, recommend, topk
+from fusionrec.ranker.rerank import RerankInputs, read_rules
+from fusionrec.ranker.rerank import rerank as rerank_lists
+from fusionrec.ranker.serving.export import TOPK_SCHEMA, read_id_table, recommend, topk, topk_scored
 from fusionrec.ranker.training import GUARD_FILE, lineage, pair_features
 
 POPULAR_DAYS = 30
@@ -94,21 +98,51 @@ class Recommender:
         return pair_features(stage1, self.catalog_, self.catalog_.interactions)
 
     def recommend(self, user_ids: list[str] | None = None, k: int = 10, *, exclude_seen: bool = True,
-                  explain: bool = False, use_ranker: bool = True) -> pl.DataFrame:
-        """Top-k per user; `use_ranker=False` keeps the retrieval (blend) order."""
+                  explain: bool = False, use_ranker: bool = True, rerank: RerankConfig | None = None) -> pl.DataFrame:
+        """Top-k per user; `use_ranker=False` keeps the retrieval (blend) order.
+
+        `rerank` (active options only): the post-ranking step (`ranker.rerank`) draws the k
+        from the shipped order's first `rerank.candidates`, and the rows gain a `rerank` column.
+        """
+        steps = rerank if rerank is not None and rerank.active else None
+        depth = k if steps is None else max(k, steps.candidates)
         cands = self.sources_.candidates(user_ids, exclude_seen=exclude_seen)
         if not use_ranker or self.order_ != "ranker" or self.ranker_ is None:
             z_columns = [c for c in cands.columns if c.startswith("src_") and c.endswith("_z")]
             best = topk(self._blend_source(cands.with_columns(pl.col("retrieval_score").cast(pl.Float64)
-                                                              .alias("score"))), k, columns=z_columns)
+                                                              .alias("score"))), depth, columns=z_columns)
+            columns = list(TOPK_SCHEMA)
+            if steps is not None:
+                best = rerank_lists(best, k, steps, self.rerank_inputs(steps, exclude_seen=exclude_seen))
+                columns.append("rerank")
             if not explain:
-                return best.select(list(TOPK_SCHEMA))
+                return best.select(columns)
             # The blend explains itself: each source's weight times its z-score.
             cold = best["source"].is_in(["content", "popular"]).to_numpy()
-            return pl.concat([best.select(list(TOPK_SCHEMA)), explain_blend(best, self.sources_.weights, cold)],
+            return pl.concat([best.select(columns), explain_blend(best, self.sources_.weights, cold)],
                              how="horizontal")
         # Explanations cost about a millisecond a row: only the kept top-k rows are explained.
-        return recommend(self.ranker_, self._features(cands), k, explain=explain)
+        if steps is None:
+            return recommend(self.ranker_, self._features(cands), k, explain=explain)
+        best = topk_scored(self.ranker_, self._features(cands), depth)
+        best = rerank_lists(best, k, steps, self.rerank_inputs(steps, exclude_seen=exclude_seen))
+        listed = best.select([*TOPK_SCHEMA, "rerank"])
+        return pl.concat([listed, self.ranker_.explain(best)], how="horizontal") if explain else listed
+
+    def rerank_inputs(self, config: RerankConfig, *, exclude_seen: bool = True) -> RerankInputs:
+        """What the post-ranking step reads: the items table, the log, the rules file and, for
+        MMR, the item vectors of `config.mmr_modality` (loaded once per modality)."""
+        vectors = None
+        if config.mmr_lambda:
+            cache: dict[str, tuple[np.ndarray, np.ndarray]] = self.__dict__.setdefault("_rerank_vectors", {})
+            if config.mmr_modality not in cache:
+                cache[config.mmr_modality] = item_vectors(self.art_dir, config.mmr_modality, self.retriever_)
+            vectors = cache[config.mmr_modality]
+        log = self.catalog_.interactions.select(pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String))
+        return RerankInputs(items=self.catalog_.items, vectors=vectors, history=log,
+                            n_items=len(self.retriever_.item_ids_),
+                            rules=read_rules(config.rules_file) if config.rules_file else None,
+                            seen=log if exclude_seen else None)
 
     def score(self, pairs: pl.DataFrame, *, explain: bool = False) -> pl.DataFrame:
         """`pairs` (user_id, item_id, other columns kept) plus stage-1 columns and `score`."""
@@ -126,6 +160,35 @@ class Recommender:
         table = pl.DataFrame({"user_id": users, "source": [str(x) or "retrieval" for x in kinds]},
                              schema={"user_id": pl.String, "source": pl.String})
         return frame.drop("source", strict=False).join(table, on="user_id", how="left", maintain_order="left")
+
+
+def item_vectors(art_dir: Path, modality: str, retriever: Retriever) -> tuple[np.ndarray, np.ndarray]:
+    """(item ids, vectors) for MMR: one item modality of ART/embeddings, or "fused": every content
+    modality centred, unit length and weighted by the square root of its fusion weight (equal
+    weights where the fusion gives the content modalities none), so the cosine of two items
+    is the weighted mean of their per-modality cosines."""
+    item_mods, _ = embeddings(art_dir)
+    if modality != "fused" and modality not in item_mods:
+        raise ConfigError(f"config key 'rerank.mmr_modality': no item modality {modality!r} in {art_dir} "
+                          f"(have: fused, {', '.join(sorted(item_mods))})")
+    names = sorted(item_mods) if modality == "fused" else [modality]
+    ids = np.asarray(retriever.item_ids_, dtype=object)
+    weights = {m: float(retriever.weights_.get(m, 0.0)) for m in names}
+    if not sum(weights.values()):
+        weights = dict.fromkeys(names, 1.0)
+    total = sum(weights.values())
+    blocks = []
+    for m in names:
+        if not weights[m]:
+            continue
+        block = content_vectors({m: item_mods[m]}, ids, prefer=m)
+        assert block is not None
+        present = np.abs(block).sum(axis=1) > 0
+        if present.any():
+            block = np.where(present[:, None], block - block[present].mean(axis=0), 0.0)
+        norms = np.linalg.norm(block, axis=1, keepdims=True)
+        blocks.append(block / np.where(norms > 0, norms, 1.0) * np.sqrt(weights[m] / total))
+    return ids.astype(str), np.concatenate(blocks, axis=1).astype(np.float32)
 
 
 def read_users(path: Path | str) -> list[str]:

@@ -1,0 +1,274 @@
+"""The post-ranking step (`ranker.rerank`): each option does what it says, exactly, and
+the step is deterministic; off, it leaves the lists byte for byte as they were."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from fusionrec.evaluation.metrics import calibration_kl, intra_list_diversity, popularity_bias
+from fusionrec.jobs import check_engine, run_nightly, run_recommend
+from fusionrec.pipeline.config import RerankConfig, load_config
+from fusionrec.pipeline.errors import ConfigError, InputError
+from fusionrec.ranker.rerank import head_items, read_rules, rerank
+from fusionrec.ranker.serving.export import TOPK_SCHEMA, read_topk, topk, write_topk
+from fusionrec.ranker.serving.recommender import Recommender
+from tests.ranker.rerank_data import make_case
+from tests.ranker.test_training import QUIET, make_catalog
+
+K = 10
+
+
+@pytest.fixture(scope="module")
+def case():
+    return make_case()
+
+
+def order_of(frame: pl.DataFrame) -> list[tuple[str, str]]:
+    return frame.sort("user_id", "rank").select("user_id", "item_id").rows()
+
+
+def parquet_bytes(frame: pl.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    return buffer.getvalue()
+
+
+def test_with_every_option_off_the_lists_are_the_shipped_order(case) -> None:
+    cands, inputs = case
+    out = rerank(cands, K, RerankConfig(), inputs)
+    assert order_of(out) == order_of(topk(cands, K))
+    assert out["rerank"].null_count() == out.height
+    assert out.columns == ["user_id", "rank", "item_id", "score", "retrieval_score", "rerank"]
+
+
+@pytest.mark.parametrize("modality_vectors", ["given", "none needed"])
+def test_mmr_with_tradeoff_0_returns_the_rankers_order(case, modality_vectors: str) -> None:
+    cands, inputs = case
+    if modality_vectors == "none needed":
+        inputs = type(inputs)(items=inputs.items, history=inputs.history, n_items=inputs.n_items)
+    out = rerank(cands, K, RerankConfig(mmr_lambda=0.0, mmr_modality="text"), inputs)
+    assert order_of(out) == order_of(topk(cands, K))
+
+
+def test_mmr_diversifies_and_labels_what_it_moved(case) -> None:
+    cands, inputs = case
+    base = rerank(cands, K, RerankConfig(), inputs)
+    ild = [intra_list_diversity(rerank(cands, K, RerankConfig(mmr_lambda=lm), inputs), inputs.vectors)
+           for lm in (0.0, 0.3, 0.6)]
+    assert ild[0] == pytest.approx(intra_list_diversity(base, inputs.vectors))
+    assert ild[0] < ild[1] < ild[2]
+    out = rerank(cands, K, RerankConfig(mmr_lambda=0.6), inputs)
+    assert set(out["rerank"].drop_nulls().unique().to_list()) == {"mmr"}
+    # The score column is the ranker's, untouched: every row's score is its candidate's.
+    joined = out.join(cands, on=["user_id", "item_id"], suffix="_in")
+    assert joined.height == out.height and (joined["score"] == joined["score_in"]).all()
+    # A row labelled mmr sits above a row that the ranker put first; an unlabelled one does not.
+    for user, rows in out.group_by("user_id"):
+        ranks = dict(cands.filter(pl.col("user_id") == user[0]).select("item_id", "rank").iter_rows())
+        listed = rows.sort("rank")
+        original = [ranks[i] for i in listed["item_id"]]
+        for j, label in enumerate(listed["rerank"].to_list()):
+            promoted = original[j] > K or any(o < original[j] for o in original[j + 1:])
+            assert (label == "mmr") == promoted
+
+
+def test_calibration_brings_the_lists_mix_towards_the_history(case) -> None:
+    cands, inputs = case
+    kl = [calibration_kl(rerank(cands, K, RerankConfig(calibration_lambda=lc), inputs), inputs.history,
+                         inputs.items, "tags") for lc in (0.0, 0.3, 0.9)]
+    assert kl[0] > kl[1] > kl[2]
+    out = rerank(cands, K, RerankConfig(calibration_lambda=0.5, mmr_lambda=0.3), inputs)
+    assert set(out["rerank"].drop_nulls().unique().to_list()) == {"mmr", "calibration"}
+
+
+@pytest.mark.parametrize("share", [0.05, 0.1, 0.25, 0.5])
+def test_the_exposure_cap_holds_exactly(case, share: float) -> None:
+    cands, inputs = case
+    n_users = cands["user_id"].n_unique()
+    cap = max(1, math.floor(share * n_users))
+    out = rerank(cands, K, RerankConfig(max_item_share=share), inputs)
+    counts = out.group_by("item_id").len()
+    assert counts["len"].max() <= cap
+    # A list shorter than k only when every candidate left out is at the cap.
+    full = dict(counts.iter_rows())
+    for user, rows in out.group_by("user_id"):
+        if rows.height < K:
+            left = cands.filter((pl.col("user_id") == user[0]) & ~pl.col("item_id").is_in(rows["item_id"].implode()))
+            assert all(full.get(i, 0) >= cap for i in left["item_id"])
+    if share >= 0.25:
+        assert out.height == n_users * K  # enough room: every list is full
+
+
+@pytest.mark.parametrize("share", [0.3, 0.6, 1.0])
+def test_the_long_tail_share_reaches_its_minimum_whenever_the_candidates_allow(case, share: float) -> None:
+    cands, inputs = case
+    config = RerankConfig(min_long_tail_share=share)
+    out = rerank(cands, K, config, inputs)
+    head = set(head_items(inputs.history, inputs.n_items, config.head_share).to_list())
+    need = math.ceil(share * K)
+    for user, rows in out.group_by("user_id"):
+        available = cands.filter((pl.col("user_id") == user[0]) & ~pl.col("item_id").is_in(list(head))).height
+        tail = rows.filter(~pl.col("item_id").is_in(list(head))).height
+        assert tail >= min(need, available)
+        assert rows.height == K
+    assert share < 0.5 or "long_tail" in out["rerank"].to_list()
+    # The bench's metric counts the head the same way.
+    got = popularity_bias(out, inputs.history, n_items=inputs.n_items, head_fraction=config.head_share)
+    assert got["long_tail_share"] >= popularity_bias(topk(cands, K), inputs.history, n_items=inputs.n_items,
+                                                     head_fraction=config.head_share)["long_tail_share"]
+
+
+def test_long_tail_and_exposure_cap_together_keep_both(case) -> None:
+    cands, inputs = case
+    config = RerankConfig(min_long_tail_share=0.5, max_item_share=0.25)
+    out = rerank(cands, K, config, inputs)
+    assert out.group_by("item_id").len()["len"].max() <= math.floor(0.25 * cands["user_id"].n_unique())
+    head = set(head_items(inputs.history, inputs.n_items, config.head_share).to_list())
+    tails = out.with_columns(pl.col("item_id").is_in(list(head)).not_().alias("tail")).group_by("user_id") \
+        .agg(pl.col("tail").sum())
+    assert tails["tail"].min() >= 5
+
+
+def test_the_attribute_cap_holds_within_each_list(case) -> None:
+    cands, inputs = case
+    out = rerank(cands, K, RerankConfig(attribute_field="brand", attribute_cap=2), inputs)
+    per = out.join(inputs.items.select("item_id", "brand"), on="item_id").group_by("user_id", "brand").len()
+    assert per["len"].max() <= 2
+    assert "attribute_cap" in out["rerank"].to_list()
+
+
+def write_rules(path: Path, rows: list[dict]) -> Path:
+    pl.DataFrame(rows).write_csv(path)
+    return path
+
+
+def test_business_rules_exclude_pin_and_boost_as_written(case, tmp_path: Path) -> None:
+    cands, inputs = case
+    top_item = cands.filter(pl.col("rank") == 1)["item_id"][0]
+    rules = read_rules(write_rules(tmp_path / "rules.csv", [
+        {"item_id": top_item, "action": "exclude", "value": None, "position": None},
+        {"item_id": "i079", "action": "pin", "value": None, "position": 3},
+        {"item_id": "i078", "action": "pin", "value": None, "position": None},  # position 1
+        {"item_id": "i050", "action": "boost", "value": 0.5, "position": None},
+    ]))
+    history = inputs.history.filter(pl.col("item_id") != "i079")
+    seen = pl.DataFrame({"user_id": ["u03"], "item_id": ["i079"]})
+    inputs = type(inputs)(items=inputs.items, vectors=inputs.vectors, history=history, n_items=inputs.n_items,
+                          rules=rules, seen=seen)
+    out = rerank(cands, K, RerankConfig(exclude_field="in_stock", exclude_values=["false"]), inputs)
+    out_of_stock = inputs.items.filter(~pl.col("in_stock"))["item_id"].to_list()
+    assert top_item not in out["item_id"].to_list()
+    assert not set(out_of_stock) & set(out["item_id"].to_list())
+    for user, rows in out.group_by("user_id"):
+        rows = rows.sort("rank")
+        assert rows.height == K
+        assert rows["item_id"][0] == "i078" and rows["rerank"][0] == "pinned"
+        if user[0] == "u03":  # already has i079: not pinned to them
+            assert "i079" not in rows["item_id"].to_list()
+        else:
+            assert rows["item_id"][2] == "i079" and rows["rerank"][2] == "pinned"
+    # The boosted item climbs wherever it was a candidate just below the cut.
+    boosted = out.filter(pl.col("item_id") == "i050")
+    assert boosted.height >= cands.filter((pl.col("item_id") == "i050") & (pl.col("rank") <= K)).height
+    assert set(boosted["rerank"].drop_nulls().to_list()) <= {"boosted"}
+    assert "boosted" in boosted["rerank"].to_list()
+
+
+def test_a_bad_rules_file_is_refused_naming_the_row_and_field(tmp_path: Path) -> None:
+    path = write_rules(tmp_path / "bad.csv", [{"item_id": "i1", "action": "pin"}, {"item_id": "i2", "action": "drop"}])
+    with pytest.raises(InputError, match="row 2, field 'action'"):
+        read_rules(path)
+    with pytest.raises(InputError, match="no such file"):
+        read_rules(tmp_path / "absent.csv")
+
+
+def test_options_name_what_they_need(case) -> None:
+    cands, inputs = case
+    with pytest.raises(ConfigError, match="rerank.calibration_field"):
+        rerank(cands, K, RerankConfig(calibration_lambda=0.3, calibration_field="nope"), inputs)
+    with pytest.raises(ConfigError, match="rerank.attribute_cap"):
+        rerank(cands, K, RerankConfig(attribute_cap=2), inputs)
+    with pytest.raises(ConfigError, match="mmr_lambda \\+ calibration_lambda"):
+        load_config(None, ["rerank.mmr_lambda=0.6", "rerank.calibration_lambda=0.6"])
+
+
+def test_same_input_same_bytes_whatever_the_row_or_option_order(case, tmp_path: Path) -> None:
+    cands, inputs = case
+    a = load_config(None, ["rerank.mmr_lambda=0.3", "rerank.calibration_lambda=0.2", "rerank.max_item_share=0.2",
+                           "rerank.min_long_tail_share=0.3", "rerank.attribute_field=brand", "rerank.attribute_cap=3"])
+    b = load_config(None, ["rerank.attribute_cap=3", "rerank.attribute_field=brand", "rerank.min_long_tail_share=0.3",
+                           "rerank.max_item_share=0.2", "rerank.calibration_lambda=0.2", "rerank.mmr_lambda=0.3"])
+    first = rerank(cands, K, a.rerank, inputs)
+    again = rerank(cands.sample(fraction=1.0, shuffle=True, seed=3), K, b.rerank, inputs)
+    assert parquet_bytes(first) == parquet_bytes(again)
+    assert set(first["rerank"].drop_nulls().unique().to_list()) >= {"mmr", "exposure_cap"}
+
+
+# -- served: Recommender.recommend and the recommend stage ----------------------------------
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("rerank")
+    data = make_catalog(root / "data", n_users=60)
+    out = root / "art"
+    run_nightly(data, out, load_config(None, [*QUIET, "ranker.guard=false"]), show_progress=False)
+    return out
+
+
+@pytest.mark.parametrize("use_ranker", [True, False])
+def test_with_rerank_off_the_served_lists_are_byte_identical(art: Path, use_ranker: bool) -> None:
+    rec = Recommender(art, use_ranker=use_ranker)
+    plain = rec.recommend(None, K)
+    for off in (RerankConfig(), RerankConfig(mmr_modality="text", calibration_field="genre", candidates=50)):
+        assert parquet_bytes(rec.recommend(None, K, rerank=off)) == parquet_bytes(plain)
+
+
+@pytest.mark.parametrize("use_ranker", [True, False])
+def test_served_lists_rerank_and_explain_the_moves(art: Path, use_ranker: bool) -> None:
+    rec = Recommender(art, use_ranker=use_ranker)
+    config = RerankConfig(mmr_lambda=0.4, calibration_lambda=0.2, calibration_field="genre", max_item_share=0.3)
+    out = rec.recommend(None, K, rerank=config)
+    assert out.columns == [*TOPK_SCHEMA, "rerank"]
+    assert out.group_by("item_id").len()["len"].max() <= math.floor(0.3 * out["user_id"].n_unique())
+    assert out["rerank"].drop_nulls().len() > 0
+    explained = rec.recommend(None, K, rerank=config, explain=True)
+    assert_frame_equal(explained.select(out.columns), out)
+    assert "top_features" in explained.columns
+    # The score is the shipped order's, unchanged: the same as the candidate row's.
+    wide = rec.recommend(None, 100)
+    joined = out.join(wide, on=["user_id", "item_id"], suffix="_shipped")
+    assert joined.height == out.height and (joined["score"] == joined["score_shipped"]).all()
+
+
+def test_the_recommend_stage_exports_the_rerank_column_and_ray_is_refused(art: Path, tmp_path: Path) -> None:
+    config = load_config(None, ["rerank.mmr_lambda=0.3", "rerank.mmr_modality=text"])
+    recs, path = run_recommend(art, tmp_path / "top.csv", config, pseudonymise_ids=False)
+    back = read_topk(path)
+    assert back.schema["rerank"] == pl.String
+    assert_frame_equal(back, read_topk(write_topk(recs, tmp_path / "again.csv")))
+    plain, plain_path = run_recommend(art, tmp_path / "plain.parquet", load_config(None, []), pseudonymise_ids=False)
+    assert "rerank" not in plain.columns
+    with pytest.raises(ConfigError, match="local engine"):
+        check_engine(load_config(None, ["engine=ray", "rerank.max_item_share=0.5"]))
+    with pytest.raises(ConfigError, match="rerank.mmr_modality"):
+        Recommender(art).recommend(None, K, rerank=RerankConfig(mmr_lambda=0.3, mmr_modality="smell"))
+
+
+def test_pins_skip_users_who_have_the_item(art: Path, tmp_path: Path) -> None:
+    rec = Recommender(art)
+    log = rec.catalog_.interactions
+    item = log.group_by("item_id").len().sort("len", "item_id", descending=[True, False])["item_id"][0]
+    rules = write_rules(tmp_path / "rules.csv", [{"item_id": item, "action": "pin", "position": 2}])
+    out = rec.recommend(None, K, rerank=RerankConfig(rules_file=str(rules)))
+    had = set(log.filter(pl.col("item_id") == item)["user_id"].cast(pl.String).to_list())
+    pinned = out.filter(pl.col("item_id") == item)
+    assert set(pinned["user_id"].to_list()) == set(out["user_id"].to_list()) - had
+    assert (pinned["rank"] == 2).all() and (pinned["rerank"] == "pinned").all()
+    assert np.isin(out.group_by("user_id").len()["len"].to_numpy(), [K]).all()
