@@ -6,7 +6,7 @@ in a browser without a network. Every section is optional: pass what you have.
 
 Plots carry ``data-plot="<name>"`` so tests and readers can find them: ``metrics_vs_k``,
 ``metric_curves`` (metric against k with bootstrap bands), ``slices``, ``peers``, ``ablations``,
-``feature_importance``, ``modality_weights``, ``user_attention``, ``popularity_lorenz``.
+``feature_importance``, ``modality_weights``, ``user_attention``, ``popularity_lorenz``, ``tradeoff``.
 
 The page is rendered by a Jinja2 template (autoescaped; section bodies built here are the
 only trusted HTML). Every figure is formatted by one function (``_fmt``: 4 decimals, counts
@@ -374,6 +374,61 @@ def section_slices(rows: Sequence[Mapping[str, Any]], metric: str) -> Section | 
     return section_table_with_bars(df, "Slices", "slices", [metric], label_cols=("slice",))
 
 
+TRADEOFF_METRICS = (("coverage", "catalog coverage"), ("gini", "Gini of exposure (lower: flatter)"),
+                    ("long_tail_share", "long-tail share"), ("ild", "intra-list diversity"),
+                    ("calibration_kl", "calibration KL (lower: calibrated)"))
+
+
+def section_tradeoff(points: Sequence[Mapping[str, Any]]) -> Section | None:
+    """NDCG@10 against each beyond-accuracy metric, one curve per rerank option over its
+    parameter, whiskers its paired 95% interval against the unreranked lists (the star).
+
+    ``points``: dicts ``option, value, ndcg@10, ndcg@10_diff, ndcg@10_ci`` (``[low, high]``, the
+    difference's interval) and the metrics of ``TRADEOFF_METRICS``; the point without
+    ``ndcg@10_diff`` is the unreranked lists.
+    """
+    if not points:
+        return None
+    base = next((p for p in points if "ndcg@10_diff" not in p), None)
+    options = list(dict.fromkeys(str(p["option"]) for p in points if "ndcg@10_diff" in p))
+    fig = Figure(figsize=(4.2 * 3, 3.2 * 2))
+    for i, (metric, label) in enumerate(TRADEOFF_METRICS):
+        ax = fig.add_subplot(2, 3, i + 1)
+        for option in options:
+            pts = [p for p in points if p["option"] == option]
+            if base is not None:
+                pts = [base, *pts]
+            x = [float(p[metric]) for p in pts]
+            y = [float(p["ndcg@10"]) for p in pts]
+            # Whiskers: the paired interval of the difference, drawn around the point.
+            err = np.array([[float(p["ndcg@10_diff"]) - float(p["ndcg@10_ci"][0]) if "ndcg@10_ci" in p else 0.0
+                             for p in pts],
+                            [float(p["ndcg@10_ci"][1]) - float(p["ndcg@10_diff"]) if "ndcg@10_ci" in p else 0.0
+                             for p in pts]]).clip(min=0.0)
+            ax.errorbar(x, y, yerr=err, marker="o", markersize=3, capsize=2, linewidth=1, label=option)
+        if base is not None:
+            ax.plot([float(base[metric])], [float(base["ndcg@10"])], marker="*", markersize=11, color="black",
+                    linestyle="none", label="shipped order")
+        ax.set_xlabel(label)
+        ax.set_ylabel("NDCG@10")
+        ax.grid(alpha=0.3)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    legend_ax = fig.add_subplot(2, 3, 6)
+    legend_ax.axis("off")
+    legend_ax.legend(handles, labels, loc="center", fontsize=8)
+    fig.tight_layout()
+    rows = [{"option": p["option"], "value": p.get("value"), "ndcg@10": p["ndcg@10"],
+             "difference": p.get("ndcg@10_diff"),
+             "ci_low": (p.get("ndcg@10_ci") or [None, None])[0], "ci_high": (p.get("ndcg@10_ci") or [None, None])[1],
+             **{m: p[m] for m, _ in TRADEOFF_METRICS}} for p in points]
+    note = ('<p class="note">Each option swept over its parameter, the others off; whiskers: the 95% paired '
+            'bootstrap interval over users of the NDCG@10 difference against the shipped order\'s lists (the '
+            'star).</p>')
+    return Section("Beyond accuracy: rerank trade-offs",
+                   figure_to_img(fig, "tradeoff", "NDCG@10 against coverage, Gini, long-tail share, ILD and "
+                                                  "calibration KL per rerank option") + note + table_html(rows))
+
+
 # ----------------------------------------------------------------------------- the page
 
 _TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string("""\
@@ -409,7 +464,7 @@ def render_report(*, title: str = "fusionrec evaluation", meta: Mapping[str, Any
                   curves: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]] | None = None,
                   slice_intervals: Sequence[Mapping[str, Any]] | None = None, slice_metric: str | None = None,
                   importance_type: str | None = None, run_metadata: Mapping[str, Any] | None = None,
-                  config: str | None = None) -> str:
+                  config: str | None = None, tradeoff: Sequence[Mapping[str, Any]] | None = None) -> str:
     """The report as an HTML string; sections whose input is None or empty are left out.
 
     ``runs``: name -> metrics dict (or an ``EvaluationResult``) for the metrics-vs-cut-off
@@ -420,7 +475,8 @@ def render_report(*, title: str = "fusionrec evaluation", meta: Mapping[str, Any
     (drawn with bands, in place of the plain metric-vs-k plot); ``slice_intervals``: rows
     ``slice, <slice_metric>, <slice_metric>_ci_low/_ci_high, users`` (bars with whiskers, in
     place of the plain slices table); ``run_metadata``: name -> value (data hash, versions);
-    ``config``: the run's config as text.
+    ``config``: the run's config as text; ``tradeoff``: rerank sweep points (`section_tradeoff`,
+    as `bench/tradeoff.py` writes them).
     """
     blocks: list[Section | None] = []
     if headline:
@@ -446,6 +502,8 @@ def render_report(*, title: str = "fusionrec evaluation", meta: Mapping[str, Any
     blocks.append(section_modality_weights(modality_weights, user_attention))
     if exposure:
         blocks.append(section_popularity(exposure, n_items, exposure_k))
+    if tradeoff:
+        blocks.append(section_tradeoff(tradeoff))
     blocks.extend(sections)
     shown = [Section(b.title, Markup(b.html)) for b in blocks if b]  # section bodies are built (escaped) here
     return _TEMPLATE.render(title=title, css=_CSS, meta=dict(meta or {}), sections=shown,

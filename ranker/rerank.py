@@ -322,33 +322,44 @@ def _greedy_list(order: np.ndarray, rel: np.ndarray, depth: int, lm: float, lc: 
                  p: np.ndarray | None, item_labels: list[list[int]]) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     n = len(order)
     sim = vectors[order] @ vectors[order].T if vectors is not None else None
-    if p is not None and lc:
+    calibrate = p is not None and lc > 0
+    if calibrate:
+        assert p is not None
         cols = np.flatnonzero(p > 0)
         p_u = p[cols]
+        entropy = float((p_u * np.log(p_u)).sum())
         col_of = {int(c): j for j, c in enumerate(cols)}
-        mat = np.zeros((n, len(cols)))
-        has = np.zeros(n)
+        # The candidates' label weights on the user's labels, as (row, column, weight) entries.
+        e_row, e_col, e_w = [], [], []
+        has = np.zeros(n, bool)
         for r, i in enumerate(order):
             lab = item_labels[int(i)]
-            if lab:
-                has[r] = 1.0
-                for t in lab:
-                    if t in col_of:
-                        mat[r, col_of[t]] += 1.0 / len(lab)
-        acc, n_lab = np.zeros(len(cols)), 0.0
+            has[r] = bool(lab)
+            for t in lab:
+                if t in col_of:
+                    e_row.append(r)
+                    e_col.append(col_of[t])
+                    e_w.append(1.0 / len(lab))
+        rows_e, cols_e, w_e = np.array(e_row, np.int64), np.array(e_col, np.int64), np.array(e_w)
+        acc, n_lab = np.zeros(len(cols)), 0
     remaining = np.ones(n, bool)
     maxsim = np.zeros(n)
     kl = np.zeros(n)
     picked: list[int] = []
     reasons: dict[int, str] = {}
+    a = CALIBRATION_ALPHA
     for _ in range(depth):
         obj = (1.0 - lm - lc) * rel
         if sim is not None and picked:
             obj = obj - lm * maxsim
-        if p is not None and lc:
-            q = (acc[None, :] + mat) / np.maximum(n_lab + has, 1.0)[:, None]
-            q = (1 - CALIBRATION_ALPHA) * q + CALIBRATION_ALPHA * p_u[None, :]
-            kl = (p_u[None, :] * np.log(p_u[None, :] / q)).sum(axis=1)
+        if calibrate:
+            # KL(p || q~) of the list plus each candidate, from the terms its labels change.
+            m = n_lab + 1
+            base = p_u * np.log((1 - a) * acc / m + a * p_u)
+            changed = p_u[cols_e] * np.log((1 - a) * (acc[cols_e] + w_e) / m + a * p_u[cols_e]) - base[cols_e]
+            with_labels = entropy - (base.sum() + np.bincount(rows_e, changed, minlength=n))
+            without = entropy - (p_u * np.log((1 - a) * acc / max(n_lab, 1) + a * p_u)).sum()
+            kl = np.where(has, with_labels, without)
             obj = obj - lc * kl
         pick = int(np.argmax(np.where(remaining, obj, -np.inf)))
         first = int(np.argmax(remaining))
@@ -360,8 +371,9 @@ def _greedy_list(order: np.ndarray, rel: np.ndarray, depth: int, lm: float, lc: 
         remaining[pick] = False
         if sim is not None:
             maxsim = np.maximum(maxsim, sim[pick])
-        if p is not None and lc:
-            acc, n_lab = acc + mat[pick], n_lab + has[pick]
+        if calibrate:
+            np.add.at(acc, cols_e[rows_e == pick], w_e[rows_e == pick])
+            n_lab += int(has[pick])
     new = np.concatenate([np.array(picked, np.int64), np.flatnonzero(remaining)])
     return order[new], rel[new], reasons
 
