@@ -112,10 +112,28 @@ class Retriever:
     def get_params(self) -> dict[str, Any]:
         return self.params.as_dict()
 
+    def with_chosen_weights(self) -> Retriever:
+        """An unfitted Retriever that keeps this one's chosen weights and attention beta (no search)."""
+        chosen = dataclasses.replace(self.params, weights=dict(self.weights_), attention_beta=self.attention_beta_,
+                                     validation_fraction=0.0)
+        out = type(self)(chosen)
+        out.weights_searched_ = self._weights_source() == "validation_search"
+        return out
+
+    def _weights_source(self) -> str:
+        if self.__dict__.get("weights_searched_"):
+            return "validation_search"  # searched by the Retriever these weights were taken from
+        p = self.params
+        return "fixed" if (p.weights is not None or p.fusion == "concat") else "validation_search"
+
     # ------------------------------------------------------------------ fitting
     def fit(self, item_modalities: MODALITIES, interactions: pl.DataFrame,
-            user_modalities: MODALITIES | None = None) -> Retriever:
-        """Learn weights on a temporal hold-out, then profiles and the index on all interactions."""
+            user_modalities: MODALITIES | None = None, *, held_out: pl.DataFrame | None = None) -> Retriever:
+        """Learn weights on a hold-out, then profiles and the index on all `interactions`.
+
+        held_out: later interactions to choose the weights on (the ranker's label split);
+        None carves a temporal hold-out of `validation_fraction` from `interactions`.
+        """
         p = self.params
         if p.fusion not in FUSIONS:
             raise ValueError(f"fusion must be 'weighted', 'attention' or 'concat', not {p.fusion!r}")
@@ -155,7 +173,7 @@ class Retriever:
         # (2) weights on the temporal hold-out
         t1 = time.perf_counter()
         choice = WeightSearch(p, self.modalities_, self.item_ids_, self.modality_means_).choose(
-            cblocks, inter_known, user_content)
+            cblocks, inter_known, user_content, held_out=None if held_out is None else as_interactions(held_out))
         self.weights_, self.attention_beta_ = choice.weights, choice.attention_beta
         self.validation_recall_, self.validation_ = choice.validation_recall, choice.record
         timings["weight_search_s"] = time.perf_counter() - t1
@@ -310,7 +328,7 @@ class Retriever:
         beh = mods.index(BEHAVIOUR) if BEHAVIOUR in mods else None
         return {
             "fusion": p.fusion, "modalities": list(mods), "weights": self.weights_,
-            "weights_source": "fixed" if (p.weights is not None or p.fusion == "concat") else "validation_search",
+            "weights_source": self._weights_source(),
             "attention_beta": self.attention_beta_ if p.fusion == "attention" else None,
             "user_modality_weights": attn, "validation": self.validation_,
             "validation_recall": self.validation_recall_,

@@ -1,8 +1,9 @@
 """The index stage (`fusionrec index`): fusion, user vectors, the FAISS index, candidates.
 
 Reads the embedding tables the embedding job wrote, fits a `Retriever` on all
-interactions, saves it under `ART/index/`, writes `ART/candidates.parquet`, and keeps a
-validated snapshot of the interactions and items under `ART/data/` so that later stages
+interactions (its fusion weights chosen on the ranker's label split) and the candidate
+sources, saves them under `ART/index/` and `ART/sources/`, writes `ART/candidates.parquet`,
+and keeps a validated snapshot of the interactions and items under `ART/data/` so that later stages
 (train, recommend, score, evaluate) need only the artifacts directory.
 """
 
@@ -118,18 +119,28 @@ def label_windows(split: LabelSplit, config: Config, threshold: float | None) ->
     return [split] if earlier is None else [split, earlier]
 
 
-def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, retriever: Retriever, config: Config
-                        ) -> tuple[CandidateModel, Tuning | None, pl.DataFrame | None]:
-    """Sources tuned and blended on the validation split, then refitted on the whole log.
+def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, config: Config
+                        ) -> tuple[CandidateModel, Tuning | None, pl.DataFrame | None, Retriever]:
+    """The fused retriever and the sources, tuned and blended on the validation split, then
+    refitted on the whole log.
 
-    Returns the model, what validation chose, and the validation users' candidates from
-    sources fitted before their labels (the ranker's training rows), or None for a log too
-    short to split.
+    Returns the model, what validation chose, the validation users' candidates from sources
+    fitted before their labels (the ranker's training rows; None for a log too short to
+    split), and the Retriever fitted on the whole log.
     """
     inter = catalog.interactions
+    split, threshold = candidate_split(inter, config)
+    if split is None:
+        retriever = retriever_from_config(config).fit(item_mods, inter, user_mods)  # its own temporal hold-out
+    else:
+        # Fusion weights are chosen on the label split itself (the protocol the sources, the
+        # blend and the ranker's labels share), then kept by the retrievers fitted on more of
+        # the log: one weight search instead of one per fit.
+        fused_fit = retriever_from_config(config).fit(item_mods, split.fit, user_mods, held_out=split.held)
+        retriever = fused_fit.with_chosen_weights().fit(item_mods, inter, user_mods)
+        retriever.validation_, retriever.validation_recall_ = fused_fit.validation_, fused_fit.validation_recall_
     item_ids = retriever.item_ids_
     names = source_names(config, len(item_ids))
-    split, threshold = candidate_split(inter, config)
     sc = config.sources
     content = content_vectors(item_mods, item_ids)
     user_content = user_content_vectors(user_mods, content_modality(item_mods))
@@ -144,16 +155,16 @@ def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, retr
             params[FUSED] = {}
         weights = {n: 1.0 for n in params if n not in ("popular", "segment_popular")} or {n: 1.0 for n in params}
         model = CandidateModel(**common, params=params, weights=weights).fit(inter, item_ids, catalog.users, retriever)
-        return model, None, None
-    fused_fit = retriever_from_config(config).fit(item_mods, split.fit, user_mods) if FUSED in names else None
-    tuning = tune(split, item_ids, catalog.users, fused_fit, [n for n in names if n != FUSED], **common,
+        return model, None, None, retriever
+    fused_source = fused_fit if FUSED in names else None
+    tuning = tune(split, item_ids, catalog.users, fused_source, [n for n in names if n != FUSED], **common,
                   max_users=sc.validation_users)
     frames = []
     # Window 0 holds the labels the sources were tuned on; window 1, one step earlier (the
     # same protocol applied to window 0's feature part), doubles the ranker's examples.
     for window, part in enumerate(label_windows(split, config, threshold)):
-        fused_part = fused_fit if window == 0 else (
-            retriever_from_config(config).fit(item_mods, part.fit, user_mods) if FUSED in names else None)
+        fused_part = fused_source if window == 0 or fused_source is None else (
+            fused_fit.with_chosen_weights().fit(item_mods, part.fit, user_mods))
         held_model = CandidateModel(**common, params=tuning.params, weights=tuning.weights).fit(
             part.fit, item_ids, catalog.users, fused_part)
         labelled = truth_pairs(part.fit, part.held, threshold)["user_id"].unique().sort().to_list()
@@ -162,7 +173,7 @@ def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, retr
     validation = pl.concat(frames)
     model = CandidateModel(**common, params=tuning.params, weights=tuning.weights).fit(
         inter, item_ids, catalog.users, retriever)
-    return model, tuning, validation
+    return model, tuning, validation, retriever
 
 
 def embeddings(art_dir: Path) -> tuple[dict, dict]:
@@ -185,11 +196,9 @@ def run_index(data_dir: Path, art_dir: Path, config: Config | None = None, *, lo
         record.timings["load"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        retriever = retriever_from_config(config).fit(item_mods, catalog.interactions, user_mods)
-        record.timings["fit"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        model, tuning, validation = fit_candidate_model(catalog, item_mods, user_mods, retriever, config)
-        record.timings["sources"] = time.perf_counter() - t0
+        model, tuning, validation, retriever = fit_candidate_model(catalog, item_mods, user_mods, config)
+        record.timings["fit"] = retriever.timings_.get("fit_s", 0.0)  # the whole-log retriever
+        record.timings["sources"] = time.perf_counter() - t0 - record.timings["fit"]
         t0 = time.perf_counter()
         candidates = model.candidates(exclude_seen=True)
         record.timings["candidates"] = time.perf_counter() - t0

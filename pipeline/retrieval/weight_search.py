@@ -93,14 +93,24 @@ class WeightSearch:
         self.item_ids = item_ids
         self.modality_means = modality_means
 
-    def choose(self, cblocks: Blocks, inter: pl.DataFrame, user_content: MODALITIES) -> WeightChoice:
-        """Weights and attention beta, searched on the hold-out where the parameters leave them open."""
+    def choose(self, cblocks: Blocks, inter: pl.DataFrame, user_content: MODALITIES, *,
+               held_out: pl.DataFrame | None = None) -> WeightChoice:
+        """Weights and attention beta, searched on the hold-out where the parameters leave them open.
+
+        held_out: the later interactions to score on (`inter` is then the training part);
+        None carves the temporal hold-out of `validation_fraction` from `inter`.
+        """
         p, names = self.params, self.modalities
         fixed = fixed_weights(p, names)
         need_beta = p.fusion == "attention" and p.attention_beta is None
         beta = float(p.attention_beta) if p.attention_beta is not None else 0.0
-        record: dict[str, Any] = {"fraction": p.validation_fraction}
-        train, valid = validation_split(inter, p.validation_fraction, p.seed)
+        if held_out is None:
+            record: dict[str, Any] = {"fraction": p.validation_fraction}
+            train, valid = validation_split(inter, p.validation_fraction, p.seed)
+        else:
+            record = {"hold_out": "given (the ranker's label split)"}
+            known = pl.Series(self.item_ids.astype(str)).implode()
+            train, valid = inter, held_out.filter(pl.col("item_id").is_in(known))
         ev = self._hold_out(cblocks, train, valid, user_content) if valid.height and train.height else None
         if ev is None:
             record["skipped"] = "no temporal hold-out with users seen before it"
