@@ -70,6 +70,7 @@ class Retriever:
     """
 
     params: RetrieverParams
+    weights_searched_: bool = False  # True when the weights came from another Retriever's search
     # fitted
     modalities_: tuple[str, ...]
     item_ids_: np.ndarray
@@ -121,7 +122,7 @@ class Retriever:
         return out
 
     def _weights_source(self) -> str:
-        if self.__dict__.get("weights_searched_"):
+        if self.weights_searched_:
             return "validation_search"  # searched by the Retriever these weights were taken from
         p = self.params
         return "fixed" if (p.weights is not None or p.fusion == "concat") else "validation_search"
