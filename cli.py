@@ -67,6 +67,9 @@ class LogFormat(str, Enum):
     json = "json"
 
 
+VerifyOpt = Annotated[bool, typer.Option(
+    "--verify", help="Hash every media, table and model file again instead of trusting ART/cache/file_hashes.parquet "
+                     "(remembered by path, size, mtime and inode), and load every encoder.")]
 EngineOpt = Annotated[Optional[Engine], typer.Option("--engine", case_sensitive=False,
                                                      help="Where to run (default: the config's engine).")]
 # Set by the root options (`fusionrec -v --log-format json run ...`); commands add their own -v/-q.
@@ -171,12 +174,13 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 @app.command()
 def embed(data: Annotated[Path, typer.Option("--data", help="Data directory.")],
           out: OutOpt = Path("artifacts"), config: ConfigOpt = None, set_: SetOpt = None,
-          engine: EngineOpt = None, quiet: QuietOpt = False, verbose: VerboseOpt = 0) -> None:
+          engine: EngineOpt = None, verify: VerifyOpt = False, quiet: QuietOpt = False,
+          verbose: VerboseOpt = 0) -> None:
     """The embedding job alone: frozen per-modality embeddings into ART/embeddings/ (incremental)."""
     _setup_logging(quiet, verbose)
     try:
         cfg = _config(config, set_, engine)
-        report = jobs.run_embed(_data_dir(data), out, cfg, show_progress=not quiet)
+        report = jobs.run_embed(_data_dir(data), out, cfg, show_progress=not quiet, verify=verify)
     except FusionrecError as exc:
         _fail(exc)
     _print_table("embeddings", summary_rows(report),
@@ -300,12 +304,12 @@ def evaluate(out: OutOpt = Path("artifacts"),
 
 @app.command()
 def run(data: DataOpt = None, out: OutOpt = Path("artifacts"), config: ConfigOpt = None, set_: SetOpt = None,
-        engine: EngineOpt = None, quiet: QuietOpt = False, verbose: VerboseOpt = 0) -> None:
+        engine: EngineOpt = None, verify: VerifyOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = 0) -> None:
     """The whole nightly job: embed, index, train, recommend for every user, export ART/exports/topk.parquet."""
     _setup_logging(quiet, verbose)
     try:
         cfg = _config(config, set_, engine)
-        night = jobs.run_nightly(_data_dir(data), out, cfg, show_progress=not quiet)
+        night = jobs.run_nightly(_data_dir(data), out, cfg, show_progress=not quiet, verify=verify)
     except FusionrecError as exc:
         _fail(exc)
     _print_table("embeddings", summary_rows(night.embed),

@@ -198,8 +198,10 @@ class NightlyReport:
 
 
 def run_nightly(data_dir: Path, art_dir: Path, config: Config | None = None, *,
-                show_progress: bool = True) -> NightlyReport:
-    """The whole nightly job: embed, index, train, recommend for every user, export ART/exports/topk.parquet."""
+                show_progress: bool = True, verify: bool = False) -> NightlyReport:
+    """The whole nightly job: embed, index, train, recommend for every user, export ART/exports/topk.parquet.
+
+    verify: the embedding job hashes every file again (`run_embed(verify=True)`)."""
     config = config or Config()
     check_engine(config)
     check_tracking(config)  # tracking.mlflow_uri set without MLflow: exit 2 before any stage
@@ -209,7 +211,7 @@ def run_nightly(data_dir: Path, art_dir: Path, config: Config | None = None, *,
     load_catalog(data_dir)  # every table validated before hours of encoding, not after
     with ArtifactLock(art_dir), stage_run("run", art_dir, data_dir, config.to_dict(), lock=False) as total:
         t0 = time.perf_counter()
-        embedded = run_embed(data_dir, art_dir, config, show_progress=show_progress, lock=False)
+        embedded = run_embed(data_dir, art_dir, config, show_progress=show_progress, lock=False, verify=verify)
         timings["embed"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         indexed = run_index(data_dir, art_dir, config, lock=False)

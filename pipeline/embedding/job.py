@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import contextlib
+import hashlib
 import logging
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -39,6 +40,8 @@ from fusionrec.pipeline.embedding.encoding import (
     TodoRows,
     build_encoders,
     prepare_one,
+    read_identities,
+    save_identities,
 )
 from fusionrec.pipeline.embedding.ray_engine import import_ray, ray_encode_rows
 from fusionrec.pipeline.embedding.vector_files import HashIndex, VectorReader, hash_keys
@@ -47,6 +50,7 @@ from fusionrec.pipeline.encoders.text import ITEM_TEXT_FIELDS, clean_text, item_
 from fusionrec.pipeline.errors import ConfigError, FusionrecError, InputError, MediaError
 from fusionrec.pipeline.io.manifest import RunRecord, hash_inputs, stage_run
 from fusionrec.pipeline.io.storage import (
+    FileHashes,
     check_separate_dirs,
     clean_temporaries,
     sha256_bytes,
@@ -94,6 +98,7 @@ class EmbedReport:
     counts: dict[str, ModalityCounts] = field(default_factory=dict)
     failures: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    files_hashed: int = 0  # files read to hash them (the others' sha256 came from ART/cache/file_hashes.parquet)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -145,8 +150,8 @@ def modality_contents(frame: pl.DataFrame, kind: str) -> dict[str, pl.DataFrame]
 
 
 def write_plans(path: Path, kind: str, data_dir: Path, encoders: dict[str, ModalityEncoder], work_dir: Path, *,
-                keep_ids: bool = False, batch_rows: int = 16_384,
-                advance: Callable[[int], None] | None = None) -> tuple[list[ModalityPlan], Path | None]:
+                keep_ids: bool = False, batch_rows: int = 16_384, advance: Callable[[int], None] | None = None,
+                file_hashes: FileHashes | None = None) -> tuple[list[ModalityPlan], Path | None]:
     """Read and validate the items or users table (`path`) in batches and write, for each
     modality in `encoders`, its plan: every row's content, content hash and input, or why it
     cannot be used.
@@ -167,7 +172,7 @@ def write_plans(path: Path, kind: str, data_dir: Path, encoders: dict[str, Modal
                 if modality not in sinks or not rows.height:
                     continue
                 contents = rows["content"].to_list()
-                hashes, paths, errors = content_hashes(modality, contents, encoders[modality], data_dir)
+                hashes, paths, errors = content_hashes(modality, contents, encoders[modality], data_dir, file_hashes)
                 inputs = contents if modality == "text" else [str(p) if p is not None else None for p in paths]
                 first = sinks[modality].rows
                 sinks[modality].write(pa.table({
@@ -195,7 +200,8 @@ def precomputed_tables(data_dir: Path) -> dict[tuple[str, str], Path]:
     return out
 
 
-def read_precomputed(path: Path, kind: str, known_ids: pl.Series) -> tuple[pa.Table, int]:
+def read_precomputed(path: Path, kind: str, known_ids: pl.Series,
+                     file_hashes: FileHashes | None = None) -> tuple[pa.Table, int]:
     """A precomputed embeddings table as the job's own table format; returns (table, dropped ids).
 
     Validated by `pipeline.io.vectors.read_vectors` (fusion's reader uses the same); ids not
@@ -213,7 +219,7 @@ def read_precomputed(path: Path, kind: str, known_ids: pl.Series) -> tuple[pa.Ta
     kept = ids.filter(pl.Series(keep)).to_list()
     matrix = l2_normalise(matrix[keep])
     hashes = [sha256_bytes(row.tobytes()) for row in matrix]
-    model = f"precomputed:{path.name}:{sha256_file(path)[:16]}"
+    model = f"precomputed:{path.name}:{(sha256_file if file_hashes is None else file_hashes.sha256)(path)[:16]}"
     return embedding_table(kept, hashes, [model] * len(kept), matrix), dropped
 
 
@@ -280,25 +286,28 @@ def table_path(art_dir: Path, kind: str, modality: str) -> Path:
 # --------------------------------------------------------------------------- hashing
 
 
-def content_hashes(modality: str, contents: list[str], enc: ModalityEncoder, data_dir: Path
-                   ) -> tuple[list[str], list[Path | None], dict[int, str]]:
+def content_hashes(modality: str, contents: list[str], enc: ModalityEncoder, data_dir: Path,
+                   file_hashes: FileHashes | None = None) -> tuple[list[str], list[Path | None], dict[int, str]]:
     """Hash each row's raw content with the model id and preprocessing config.
 
-    Media rows hash the file's bytes; a path that is missing or refused gets a hash of its
-    error, and the error is returned so the row lands in failures.
+    Media rows hash the file's bytes (through `file_hashes`, which remembers them between
+    runs, when given); a path that is missing or refused gets a hash of its error, and the
+    error is returned so the row lands in failures.
     """
+    digest_of = sha256_file if file_hashes is None else file_hashes.sha256
     salt = f"{enc.model_id}\x00{enc.preprocess_id}\x00".encode()
     hashes: list[str] = []
     paths: list[Path | None] = []
     errors: dict[int, str] = {}
     if modality not in MEDIA_MODALITIES:
         return [sha256_bytes(salt + c.encode("utf-8")) for c in contents], [None] * len(contents), errors
+    root = Path(data_dir).resolve()
     for i, rel in enumerate(contents):
         try:
-            path = resolve_media(data_dir, rel)
+            path = resolve_media(data_dir, rel, root=root)
             if not path.is_file():
                 raise MediaError("not a regular file" if path.exists() else "file not found")
-            digest = sha256_file(path)
+            digest = digest_of(path)
         except MediaError as exc:
             errors[i] = str(exc)
             path, digest = None, sha256_bytes(salt + f"error:{rel}".encode())
@@ -448,13 +457,27 @@ def embed_modality(plan: ModalityPlan, enc: ModalityEncoder, art_dir: Path, cfg:
                 progress(shard.handled)
         index.add(written)
 
-    # (3) The final table, in plan order.
+    # (3) The final table, in plan order (kept as it is when it already holds exactly these rows).
     failed_rows = np.fromiter(errors, dtype=np.int64, count=len(errors))
+
+    def kept_batches(columns: list[str]) -> Iterator[pa.RecordBatch]:
+        for batch in plan_batches(columns):
+            yield batch.filter(pa.array(~np.isin(batch.column("row").to_numpy(), failed_rows)))
+
+    if has_final and not written and _rows_digest(
+            (b.column("id").to_pylist(), b.column("content_hash").to_pylist(), [enc.model_id] * b.num_rows)
+            for b in kept_batches(["row", "id", "content_hash"])) == _rows_digest(
+            (b.column("id").to_pylist(), b.column("content_hash").to_pylist(), b.column("model").to_pylist())
+            for b in pq.ParquetFile(final).iter_batches(batch_size=batch_rows, columns=["id", "content_hash", "model"])):
+        failures = _failure_records(plan, errors)
+        counts.failed = len(errors)
+        cache.clear()
+        counts.seconds = time.perf_counter() - t0
+        return counts, failures
     reader = VectorReader(index.files_, enc.dim)
     schema = embedding_table([], [], [], np.zeros((0, enc.dim), np.float32)).schema
     with ParquetSink(final, schema, row_group_rows=vector_row_group_rows(enc.dim)) as sink:
-        for batch in plan_batches(["row", "id", "content_hash"]):
-            batch = batch.filter(pa.array(~np.isin(batch.column("row").to_numpy(), failed_rows)))
+        for batch in kept_batches(["row", "id", "content_hash"]):
             hashes = batch.column("content_hash").to_pylist()  # once: keys, check and table
             found, file, row = index.lookup(hash_keys(hashes))
             if not found.all():
@@ -469,6 +492,16 @@ def embed_modality(plan: ModalityPlan, enc: ModalityEncoder, art_dir: Path, cfg:
     cache.clear()
     counts.seconds = time.perf_counter() - t0
     return counts, failures
+
+
+def _rows_digest(batches: Iterable[tuple[list[str], list[str], list[str]]]) -> tuple[int, str]:
+    """(rows, sha256) over (id, content hash, model) of each row in order, streamed batch by batch."""
+    digest, rows = hashlib.sha256(), 0
+    for ids, hashes, models in batches:
+        rows += len(ids)
+        digest.update("".join(f"{i}\x00{h}\x00{m}\n" for i, h, m in zip(ids, hashes, models, strict=True))
+                      .encode("utf-8", "surrogatepass"))
+    return rows, digest.hexdigest()
 
 
 def _ids_missing_from(final: Path, plan_path: Path) -> int:
@@ -522,20 +555,32 @@ def _redact(text: str, paths: list[Any]) -> str:
 
 def run_embed(data_dir: Path, art_dir: Path, config: Config | None = None, *,
               encoders: dict[str, ModalityEncoder] | None = None, show_progress: bool = True,
-              lock: bool = True, command: str = "embed") -> EmbedReport:
-    """The embedding job (`fusionrec embed`)."""
+              lock: bool = True, command: str = "embed", verify: bool = False) -> EmbedReport:
+    """The embedding job (`fusionrec embed`).
+
+    The sha256 of input tables, media and model files are remembered by (path, size, mtime,
+    inode) in `ART/cache/file_hashes.parquet`, and each encoder's identity in
+    `ART/cache/encoders.json`, so a rerun reads only the files that changed and loads no model
+    when nothing needs encoding. `verify=True` hashes every file again and loads every encoder.
+    """
     config = config or Config()
     data_dir, art_dir = Path(data_dir), Path(art_dir)
     check_separate_dirs(data_dir, art_dir)
     with stage_run(command, art_dir, data_dir, config.to_dict(), lock=lock) as record:
-        return _run_embed(data_dir, art_dir, config, encoders, show_progress, record)
+        return _run_embed(data_dir, art_dir, config, encoders, show_progress, record, verify)
+
+
+CACHE_DIR = "cache"  # ART/cache/: what lets a rerun skip work (file hashes, encoder identities); never needed
+FILE_HASHES = "file_hashes.parquet"
+ENCODER_IDENTITIES = "encoders.json"
 
 
 def _run_embed(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str, ModalityEncoder] | None,
-               show_progress: bool, record: RunRecord) -> EmbedReport:
+               show_progress: bool, record: RunRecord, verify: bool = False) -> EmbedReport:
     t0 = time.perf_counter()
     engine = _engine(config, data_dir, explicit=encoders is not None)  # checked before any work
-    record.inputs = hash_inputs(data_dir)
+    file_hashes = FileHashes(art_dir / CACHE_DIR / FILE_HASHES, verify=verify)
+    record.inputs = hash_inputs(data_dir, file_hashes)
     emb_dir = art_dir / "embeddings"
     emb_dir.mkdir(parents=True, exist_ok=True)
     stale = clean_temporaries(emb_dir)
@@ -549,13 +594,15 @@ def _run_embed(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
     wanted = {kind: [m for m in table_modalities(kind, table_columns(path)) if (kind, m) not in precomputed]
               for kind, path in tables.items() if path is not None}
     if encoders is None:
-        encoders = build_encoders(config.embed, {m for mods in wanted.values() for m in mods})
+        identities = art_dir / CACHE_DIR / ENCODER_IDENTITIES
+        encoders = build_encoders(config.embed, {m for mods in wanted.values() for m in mods}, hashes=file_hashes,
+                                  known=None if verify else read_identities(identities))
 
     report = EmbedReport()
     work_dir = emb_dir / ".shards"
     try:
         _embed_all(data_dir, art_dir, config, encoders, tables, wanted, precomputed, work_dir, engine,
-                   show_progress, report)
+                   show_progress, report, file_hashes)
     except BaseException:
         _discard_plans(work_dir)  # a failed run leaves only its finished shards (resumable work)
         raise
@@ -571,6 +618,9 @@ def _run_embed(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
 
     failures = pa.Table.from_pylist(report.failures, schema=FAILURE_SCHEMA)
     write_parquet(failures, emb_dir / "failures.parquet")
+    file_hashes.save()
+    save_identities(art_dir / CACHE_DIR / ENCODER_IDENTITIES, encoders)
+    report.files_hashed = file_hashes.hashed
     report.seconds = time.perf_counter() - t0
 
     record.models = {name: enc.model_id for name, enc in encoders.items()}
@@ -594,7 +644,7 @@ def _run_embed(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
 def _embed_all(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str, ModalityEncoder],
                tables: dict[str, Path | None], wanted: dict[str, list[str]],
                precomputed: dict[tuple[str, str], Path], work_dir: Path, engine, show_progress: bool,
-               report: EmbedReport) -> None:
+               report: EmbedReport, file_hashes: FileHashes | None = None) -> None:
     """Plans for both tables (read and validated before any final table changes), then the
     precomputed tables, then each modality; counts and failures go into `report`."""
     with engine as encode_rows, _progress(show_progress) as bar:
@@ -607,7 +657,8 @@ def _embed_all(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
             kind_plans, known_ids[kind] = write_plans(
                 path, kind, data_dir, {m: encoders[m] for m in wanted[kind] if m in encoders}, work_dir,
                 keep_ids=any(k == kind for k, _ in precomputed), batch_rows=config.embed.batch_rows,
-                advance=cast("Callable[[int], None]", lambda n, task=task: bar.advance(task, n)) if bar else None)
+                advance=cast("Callable[[int], None]", lambda n, task=task: bar.advance(task, n)) if bar else None,
+                file_hashes=file_hashes)
             if bar:
                 bar.stop_task(task)  # its timer ends with the step, not with the job
             plans.extend(kind_plans)
@@ -618,7 +669,7 @@ def _embed_all(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
             ids_path = known_ids.get(kind)
             known = pl.read_parquet(ids_path)["id"] if ids_path else pl.Series([], dtype=pl.String)
             started = time.perf_counter()
-            table, dropped = read_precomputed(path, kind, known)
+            table, dropped = read_precomputed(path, kind, known, file_hashes)
             ready.append((kind, modality, path, table, dropped, time.perf_counter() - started))
         for kind, modality, path, table, dropped, seconds in ready:
             started = time.perf_counter() - seconds

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fusionrec.pipeline.config import EmbedConfig
 from fusionrec.pipeline.encoders import image, text, whisper_ct2
-from fusionrec.pipeline.io.storage import sha256_file
+from fusionrec.pipeline.io.storage import FileHashes, sha256_file
 
 # Files of a model folder that decide its output: the weights, the config, the tokenizer.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack", ".gguf")
@@ -60,8 +60,10 @@ def encoder_files(modality: str, cfg: EmbedConfig) -> dict[str, Path]:
     return {}
 
 
-def file_hashes(files: dict[str, Path]) -> dict[str, str]:
-    return {name: sha256_file(path) for name, path in sorted(files.items())}
+def file_hashes(files: dict[str, Path], hashes: FileHashes | None = None) -> dict[str, str]:
+    """sha256 of each file by name (through `hashes`, which remembers them between runs, when given)."""
+    digest_of = sha256_file if hashes is None else hashes.sha256
+    return {name: digest_of(path) for name, path in sorted(files.items())}
 
 
 def digest(hashes: dict[str, str]) -> str:

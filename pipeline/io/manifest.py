@@ -18,7 +18,15 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from fusionrec.pipeline.io.storage import ArtifactLock, ReadLock, hold_flock, lock_file, sha256_file, write_json
+from fusionrec.pipeline.io.storage import (
+    ArtifactLock,
+    FileHashes,
+    ReadLock,
+    hold_flock,
+    lock_file,
+    sha256_file,
+    write_json,
+)
 
 log = logging.getLogger("fusionrec.manifest")
 LIBRARIES = ("fusionrec", "torch", "transformers", "timm", "librosa", "numpy", "pyarrow", "polars",
@@ -35,20 +43,22 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def hash_inputs(data_dir: Path) -> dict[str, str]:
-    """sha256 of each input table (media hashes live in the embedding tables' content_hash)."""
+def hash_inputs(data_dir: Path, hashes: FileHashes | None = None) -> dict[str, str]:
+    """sha256 of each input table (media hashes live in the embedding tables' content_hash);
+    through `hashes`, which remembers them between runs, when given."""
+    digest_of = sha256_file if hashes is None else hashes.sha256
     out: dict[str, str] = {}
     data_dir = Path(data_dir)
     for name in ("items", "users", "interactions"):
         for suffix in (".parquet", ".csv"):
             path = data_dir / f"{name}{suffix}"
             if path.is_file():
-                out[path.name] = sha256_file(path)
+                out[path.name] = digest_of(path)
     emb = data_dir / "embeddings"
     if emb.is_dir():
         for path in sorted(emb.glob("*.parquet")):
             if path.is_file():  # a directory of that name is refused by the embedding job, naming it
-                out[f"embeddings/{path.name}"] = sha256_file(path)
+                out[f"embeddings/{path.name}"] = digest_of(path)
     return out
 
 

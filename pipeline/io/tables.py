@@ -367,13 +367,15 @@ def read_interactions(path: Path, items: pl.DataFrame | None = None) -> pl.DataF
     return df.select("user_id", "item_id", "timestamp", "event", "value")
 
 
-def resolve_media(data_dir: Path, relative: str) -> Path:
-    """The media file for a table path; refuses paths (and symlinks) that leave the data directory."""
+def resolve_media(data_dir: Path, relative: str, *, root: Path | None = None) -> Path:
+    """The media file for a table path; refuses paths (and symlinks) that leave the data directory.
+
+    root: `data_dir` already resolved (callers resolving many paths pass it once)."""
     if "\x00" in relative:
         raise MediaError("the path holds a NUL byte")
     if "://" in relative or relative.lower().startswith(("http:", "https:", "ftp:", "s3:", "gs:", "data:")):
         raise MediaError("URLs are not fetched: media paths must be files relative to the data directory")
-    root = Path(data_dir).resolve()
+    root = Path(data_dir).resolve() if root is None else root
     candidate = Path(relative)
     if candidate.is_absolute():
         raise MediaError("absolute path refused: media paths must be relative to the data directory")
