@@ -23,18 +23,19 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
 import numpy as np
 import polars as pl
-from markupsafe import Markup
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from fusionrec.evaluation import metrics as M
 from fusionrec.pipeline.io.storage import atomic_path
+
+if TYPE_CHECKING:  # matplotlib and Jinja2 load when a report is drawn, not with `fusionrec evaluate`
+    import jinja2
+    from matplotlib.figure import Figure
 
 _METRIC_KEY = re.compile(r"^(?P<name>[a-z_]+)@(?P<k>\d+)$")
 _PREFERRED = ("ndcg@10", "recall@10", "map@10", "hit_rate@10", "precision@10", "mrr@10")
@@ -61,8 +62,17 @@ class Section:
 
 # ----------------------------------------------------------------------------- building blocks
 
+def new_figure(*args: Any, **kwargs: Any) -> Figure:
+    """A matplotlib `Figure` (matplotlib is imported here, on the first plot)."""
+    from matplotlib.figure import Figure
+
+    return Figure(*args, **kwargs)
+
+
 def figure_to_img(fig: Figure, name: str, alt: str) -> str:
     """PNG ``<img>`` with a data URI (no metadata: the PNG carries no URL)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     buf = io.BytesIO()
     FigureCanvasAgg(fig)
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
@@ -153,7 +163,7 @@ def section_metrics_vs_k(runs: Mapping[str, Any]) -> Section | None:
     names = [n for n in M.RANKING_METRICS if n in series]
     ncols = min(3, len(names))
     nrows = math.ceil(len(names) / ncols)
-    fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows))
+    fig = new_figure(figsize=(4.2 * ncols, 3.0 * nrows))
     for i, name in enumerate(names):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         for run, pts in series[name].items():
@@ -173,7 +183,7 @@ def section_metrics_vs_k(runs: Mapping[str, Any]) -> Section | None:
 
 def _bars(df: pl.DataFrame, label_col: str, metrics: list[str], name: str, title: str) -> str:
     labels = [str(v) for v in df[label_col].to_list()]
-    fig = Figure(figsize=(max(6.0, 0.9 * len(labels) * max(1, len(metrics)) * 0.5 + 3), 3.6))
+    fig = new_figure(figsize=(max(6.0, 0.9 * len(labels) * max(1, len(metrics)) * 0.5 + 3), 3.6))
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / len(metrics)
     x = np.arange(len(labels))
@@ -233,7 +243,7 @@ def section_feature_importance(importance: pl.DataFrame, top: int = 25,
         raise ValueError(f"feature importance needs a numeric column; has {', '.join(importance.columns)}")
     val_col = numeric[0]
     df = importance.sort(val_col, descending=True).head(top)
-    fig = Figure(figsize=(7, 0.28 * df.height + 1.2))
+    fig = new_figure(figsize=(7, 0.28 * df.height + 1.2))
     ax = fig.add_subplot(1, 1, 1)
     ax.barh(np.arange(df.height)[::-1], df[val_col].cast(pl.Float64).to_numpy(), color="#4c72b0")
     ax.set_yticks(np.arange(df.height)[::-1])
@@ -260,7 +270,7 @@ def section_modality_weights(weights: Mapping[str, float] | pl.DataFrame | None,
         if isinstance(weights, pl.DataFrame):
             weights = dict(zip(weights[_label_column(weights, ("modality",))].to_list(),
                                weights["weight"].to_list()))
-        fig = Figure(figsize=(5, 3))
+        fig = new_figure(figsize=(5, 3))
         ax = fig.add_subplot(1, 1, 1)
         ax.bar(list(map(str, weights)), [float(v) for v in weights.values()], color="#55a868")
         ax.set_ylabel("weight")
@@ -275,7 +285,7 @@ def section_modality_weights(weights: Mapping[str, float] | pl.DataFrame | None,
             num = [c for c in user_attention.columns if c != "user_id" and user_attention.schema[c].is_numeric()]
             long = user_attention.unpivot(on=num, variable_name="modality", value_name="weight")
         mods = long["modality"].unique().sort().to_list()
-        fig = Figure(figsize=(3.4 * len(mods), 2.8))
+        fig = new_figure(figsize=(3.4 * len(mods), 2.8))
         for i, mod in enumerate(mods):
             ax = fig.add_subplot(1, len(mods), i + 1)
             vals = long.filter(pl.col("modality") == mod)["weight"].drop_nulls().to_numpy()
@@ -293,7 +303,7 @@ def section_popularity(exposure: Mapping[str, Any], n_items: int | None = None, 
     """Lorenz curves of exposure (recs frames or exposure-count arrays), Gini in the legend."""
     if not exposure:
         return None
-    fig = Figure(figsize=(5.5, 4.5))
+    fig = new_figure(figsize=(5.5, 4.5))
     ax = fig.add_subplot(1, 1, 1)
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="equal exposure")
     rows = []
@@ -342,7 +352,7 @@ def section_metric_curves(curves: Mapping[str, Mapping[str, Sequence[Mapping[str
         return None
     ncols = min(3, len(metrics))
     nrows = math.ceil(len(metrics) / ncols)
-    fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows))
+    fig = new_figure(figsize=(4.2 * ncols, 3.0 * nrows))
     ks: set[int] = set()
     for i, metric in enumerate(metrics):
         ax = fig.add_subplot(nrows, ncols, i + 1)
@@ -391,7 +401,7 @@ def section_tradeoff(points: Sequence[Mapping[str, Any]]) -> Section | None:
         return None
     base = next((p for p in points if "ndcg@10_diff" not in p), None)
     options = list(dict.fromkeys(str(p["option"]) for p in points if "ndcg@10_diff" in p))
-    fig = Figure(figsize=(4.2 * 3, 3.2 * 2))
+    fig = new_figure(figsize=(4.2 * 3, 3.2 * 2))
     for i, (metric, label) in enumerate(TRADEOFF_METRICS):
         ax = fig.add_subplot(2, 3, i + 1)
         for option in options:
@@ -431,7 +441,14 @@ def section_tradeoff(points: Sequence[Mapping[str, Any]]) -> Section | None:
 
 # ----------------------------------------------------------------------------- the page
 
-_TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string("""\
+@cache
+def _template() -> jinja2.Template:
+    import jinja2
+
+    return jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(_PAGE)
+
+
+_PAGE = """\
 <!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -447,7 +464,8 @@ _TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined
 {% if config %}<details><summary>config</summary><pre>{{ config }}</pre></details>{% endif %}
 </section>{% endif %}
 </body></html>
-""")
+"""
+
 
 def render_report(*, title: str = "fusionrec evaluation", meta: Mapping[str, Any] | None = None,
                   summary: Mapping[str, float] | None = None, runs: Mapping[str, Any] | None = None,
@@ -505,8 +523,10 @@ def render_report(*, title: str = "fusionrec evaluation", meta: Mapping[str, Any
     if tradeoff:
         blocks.append(section_tradeoff(tradeoff))
     blocks.extend(sections)
+    from markupsafe import Markup
+
     shown = [Section(b.title, Markup(b.html)) for b in blocks if b]  # section bodies are built (escaped) here
-    return _TEMPLATE.render(title=title, css=_CSS, meta=dict(meta or {}), sections=shown,
+    return _template().render(title=title, css=_CSS, meta=dict(meta or {}), sections=shown,
                             run_metadata=dict(run_metadata or {}), config=config or "")
 
 

@@ -11,9 +11,8 @@ import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
-import lightgbm as lgb
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -22,11 +21,22 @@ from fusionrec.pipeline.errors import FusionrecError
 from fusionrec.pipeline.io.storage import sha256_bytes, write_json, write_text
 from fusionrec.ranker.features import feature_columns, feature_group
 
+if TYPE_CHECKING:
+    import lightgbm as lgb
+
 MODEL_FILE = "model.txt"
 META_FILE = "features.json"
 FORMAT_VERSION = 1
 _METRICS = {"lambdarank": "ndcg", "regression": "rmse", "binary": ["auc", "binary_logloss"]}
 Objective = Literal["lambdarank", "regression", "binary"]
+
+
+def _lightgbm() -> Any:
+    """lightgbm, imported on first use: it imports scikit-learn, SciPy and pandas when they are
+    installed (seconds), which commands that never fit or load a ranker (embed, index) skip."""
+    import lightgbm
+
+    return lightgbm
 
 
 class Ranker:
@@ -102,11 +112,11 @@ class Ranker:
             assert eval_set is not None and y_val is not None
             val_groups = eval_set[2] if len(eval_set) > 2 else None
             valid_sets.append(self._dataset(eval_set[0], y_val, val_groups, train))
-            callbacks.append(lgb.record_evaluation(history))
+            callbacks.append(_lightgbm().record_evaluation(history))
             if self.early_stopping_rounds:
-                callbacks.append(lgb.early_stopping(self.early_stopping_rounds, first_metric_only=True,
+                callbacks.append(_lightgbm().early_stopping(self.early_stopping_rounds, first_metric_only=True,
                                                     verbose=False))
-        booster = lgb.train(params, train, num_boost_round=self.n_estimators, valid_sets=valid_sets,
+        booster = _lightgbm().train(params, train, num_boost_round=self.n_estimators, valid_sets=valid_sets,
                             valid_names=["valid"] * len(valid_sets), callbacks=callbacks)
         self.booster_ = booster
         self.params_ = params
@@ -131,7 +141,7 @@ class Ranker:
             _, codes = np.unique(np.asarray(_as_array(group_ids), dtype=str), return_inverse=True)
             order = np.argsort(codes, kind="stable")
             matrix, y, group = matrix[order], y[order], np.bincount(codes)
-        return lgb.Dataset(matrix, label=y, group=group, feature_name=self.feature_names_,
+        return _lightgbm().Dataset(matrix, label=y, group=group, feature_name=self.feature_names_,
                            reference=reference, free_raw_data=True,
                            params={"feature_pre_filter": False, "verbosity": -1})
 
@@ -243,7 +253,7 @@ class Ranker:
             "config": self.get_params(),
             "best_iteration": self.best_iteration_,
             "eval_metrics": self.eval_metrics_,
-            "lightgbm_version": lgb.__version__,
+            "lightgbm_version": _lightgbm().__version__,
             "model_sha256": sha256_bytes(text.encode()),
         }
         write_text(text, directory / MODEL_FILE)
@@ -262,7 +272,7 @@ class Ranker:
             raise FusionrecError(f"{directory / MODEL_FILE} does not match {directory / META_FILE} "
                                  "(interrupted write?); train again")
         ranker = cls(**meta["config"])
-        ranker.booster_ = lgb.Booster(model_str=text)
+        ranker.booster_ = _lightgbm().Booster(model_str=text)
         ranker.feature_names_ = list(meta["features"])
         if ranker.booster_.feature_name() != ranker.feature_names_:
             raise FusionrecError(f"{directory / MODEL_FILE}: feature names differ from {META_FILE}")

@@ -188,3 +188,29 @@ def test_serving_and_evaluation_imports_load_no_deep_learning_library(tmp_path: 
     result = _run(code, tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"importing fusionrec loads {result.stdout.strip()}"
+
+
+# Libraries serving (`recommend`, `score`, `evaluate`) must not load: deep learning, and what
+# only other commands need (Ray, implicit, MLflow; matplotlib and Jinja2 draw `--report`).
+NOT_SERVING = (*HEAVY, "ray", "implicit", "mlflow", "matplotlib", "jinja2")
+
+
+def test_the_command_line_and_its_serving_commands_load_no_deep_learning_library(tmp_path: Path) -> None:
+    """`fusionrec recommend|score|evaluate` as the entry point runs them (here on an empty
+    artifacts directory: they stop at the first artifact, after loading what they need);
+    tests/test_cli.py checks the same on trained artifacts."""
+    code = ("import sys\n"
+            "from fusionrec.cli import main\n"
+            f"out = {str(tmp_path / 'art')!r}\n"
+            "for args in (['recommend', '--out', out, '-q'],\n"
+            "             ['score', '--out', out, '--candidates', out + '.csv', '--export', out + '.parquet', '-q'],\n"
+            "             ['evaluate', '--out', out, '--test', out + '.csv', '-q']):\n"
+            "    try:\n"
+            "        main(args)\n"
+            "    except SystemExit as exc:\n"
+            "        assert exc.code not in (0, None), args\n"
+            f"print(' '.join(m for m in {NOT_SERVING!r} if m in sys.modules))\n")
+    (tmp_path / "art.csv").write_text("user_id,item_id,timestamp\nu1,i1,1\n")
+    result = _run(code, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"the serving commands load {result.stdout.strip()}"
