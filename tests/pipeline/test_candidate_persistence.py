@@ -1,0 +1,41 @@
+"""The candidate model as serving loads it (`CandidateModel.load`) scores exactly as the fitted one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from polars.testing import assert_frame_equal
+
+from fusionrec.pipeline.retrieval.candidates import CandidateModel
+from fusionrec.pipeline.retrieval.sources import als_available
+from tests.pipeline.test_sources import ITEMS, pairs_log
+
+
+def test_a_loaded_candidate_model_scores_as_the_fitted_one(tmp_path: Path) -> None:
+    frame = pairs_log(n_users=30)
+    users = pl.DataFrame({"user_id": [f"u{u:02d}" for u in range(32)], "side": ["even", "odd"] * 16,
+                          "text": [None] * 32})
+    rng = np.random.default_rng(0)
+    content = rng.normal(size=(len(ITEMS), 6)).astype(np.float32)
+    user_content = {"u31": rng.normal(size=6).astype(np.float32)}  # a user without history, with content
+    names = ["ease", "recent_ease", "itemknn", "recent_itemknn", "sequence", "rp3beta", "content", "popular",
+             "segment_popular", *(["als"] if als_available() else [])]
+    params = {n: ({"factors": 4, "iterations": 3, "seeds": 2} if n == "als" else {}) for n in names}
+    weights = {n: float(w) for n, w in zip(names, rng.uniform(0.1, 2.0, len(names)), strict=False)}
+    fitted = CandidateModel(n_candidates=6, threshold=4.0, params=params, weights=weights, content=content,
+                            user_content=user_content).fit(frame, ITEMS, users, None)
+    fitted.save(tmp_path / "sources")
+    loaded = CandidateModel.load(tmp_path / "sources", frame, ITEMS, users, None, content=content,
+                                 user_content=user_content)
+
+    wanted = [f"u{u:02d}" for u in range(32)] + ["nobody"]
+    assert_frame_equal(loaded.candidates(wanted), fitted.candidates(wanted), check_exact=False, rel_tol=0,
+                       abs_tol=1e-6)
+    assert_frame_equal(loaded.candidates(wanted, exclude_seen=False), fitted.candidates(wanted, exclude_seen=False),
+                       check_exact=False, rel_tol=0, abs_tol=1e-6)
+    pairs = pl.DataFrame({"user_id": ["u00", "u01", "u31", "nobody", "u05"],
+                          "item_id": ["i1", "i7", "i3", "i2", "not-an-item"], "extra": [1, 2, 3, 4, 5]})
+    assert_frame_equal(loaded.score_pairs(pairs), fitted.score_pairs(pairs), check_exact=False, rel_tol=0,
+                       abs_tol=1e-6)
