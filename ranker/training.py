@@ -19,6 +19,8 @@ the labelled users' candidates (`ART/sources/validation.parquet`). Here:
    iteration.
 
 A log too short for any label split trains nothing: the night exports the retrieval order.
+So does a log with a single label window (a fixed split such as Last.fm's 0/1/2), since the
+forward check needs an earlier one.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ log = logging.getLogger("fusionrec.train")
 DAY = 86_400
 GUARD_FILE = "guard.json"
 GUARD_FOLDS = 4  # each fold's ranker learns from three quarters of the users
+SINGLE_WINDOW = ("the log holds one label window only, so a ranker could not be checked on labels later than "
+                 "those it learned from")
 
 
 def pair_features(pairs: pl.DataFrame, catalog: Catalog, history: pl.DataFrame) -> pl.DataFrame:
@@ -234,8 +238,7 @@ def guard_ranker(rows: pl.DataFrame, config: Config) -> dict[str, Any]:
     if not across["wins"]:
         reason = "the ranker did not beat the retrieval order on held-out users"
     elif forward is None:
-        reason = ("the log holds one label window only, so the ranker could not be checked on labels later "
-                  "than those it learned from")
+        reason = SINGLE_WINDOW
     elif not forward["wins"]:
         reason = "the ranker learned on the earlier label window did not beat the retrieval order on the latest"
     else:
@@ -277,6 +280,10 @@ def run_train(art_dir: Path, config: Config | None = None, *, lock: bool = True)
         if rows["user_id"].n_unique() < 20:
             return _no_ranker(art_dir, record, f"only {rows['user_id'].n_unique()} users have held-out positives "
                                                "among their candidates: too few to train and check a ranker")
+        if config.ranker.guard and rows["label_window"].n_unique() < 2:
+            # The guard's forward check needs an earlier window; without it the ranker could not
+            # ship, so none is trained (ranker.guard = false trains and ships one anyway).
+            return _no_ranker(art_dir, record, SINGLE_WINDOW)
         t0 = time.perf_counter()
         guard = guard_ranker(rows, config)
         record.timings["guard"] = time.perf_counter() - t0

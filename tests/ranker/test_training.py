@@ -81,6 +81,23 @@ def test_a_log_with_one_or_two_distinct_timestamps_exports_with_exit_0(tmp_path:
     train = next(r for r in read_manifest(art)["runs"] if r["command"] == "train")
     assert train["training"]["order"] in ("ranker", "retrieval")
     assert train["status"] == "ok"
+    guard = json.loads((art / "ranker" / "guard.json").read_text())
+    assert guard["order"] == "ranker" or guard["reason"]  # retrieval order always says why
+
+
+def test_a_fixed_split_with_one_label_window_trains_no_ranker(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                                              ) -> None:
+    """Two timestamp values held as a fixed split (Last.fm's 0/1): labels at 1, features at 0 and
+    nothing earlier, so the forward check is impossible and no ranker is trained."""
+    data = make_catalog(tmp_path / "data", timestamps="two")
+    art = tmp_path / "art"
+    nightly(data, art, "ranker.labels=window")
+    guard = json.loads((art / "ranker" / "guard.json").read_text())
+    assert guard == {"order": "retrieval", "reason": training.SINGLE_WINDOW}
+    assert not (art / "ranker" / "model.txt").exists()
+    assert "one label window only" in caplog.text and "retrieval order is exported" in caplog.text
+    assert Recommender(art).order_ == "retrieval"
+    assert pl.read_parquet(art / "exports" / "topk.parquet")["user_id"].n_unique() == 90
 
 
 def test_a_log_too_short_for_labels_trains_nothing_and_exports_retrieval_order(tmp_path: Path,
