@@ -14,9 +14,10 @@ from importlib import metadata
 from pathlib import Path
 
 from fusionrec.pipeline.config import Config
-from fusionrec.pipeline.embedding.job import table_modalities
+from fusionrec.pipeline.embedding.job import precomputed_tables, table_modalities
 from fusionrec.pipeline.encoders.model_files import encoder_files, file_hashes, is_weights
 from fusionrec.pipeline.errors import FusionrecError
+from fusionrec.pipeline.io.streaming import table_columns
 from fusionrec.pipeline.io.tables import find_table, load_interactions, load_items, load_users
 
 __all__ = ["Check", "KNOWN_WEIGHTS_SHA256", "MIN_FREE_BYTES", "checks", "plan", "versions"]
@@ -137,13 +138,19 @@ def _data_checks(data_dir: Path) -> list[Check]:
                          f"{inter['item_id'].n_unique()} items"))
     except FusionrecError as exc:
         out.append(Check("interactions", "fail", str(exc)))
-    try:
-        mods = table_modalities("item", items.columns)
-        out.append(Check("item modalities", "ok" if mods else "fail",
-                         ", ".join(mods) if mods else "no text, image or audio column in items"))
-    except Exception as exc:  # informative only
-        out.append(Check("modalities", "warn", str(exc)))
+    encoded, given = item_modalities(data_dir, items.columns)
+    parts = [f"{m} (encoded)" for m in encoded] + [f"{m} (precomputed)" for m in given]
+    out.append(Check("item modalities", "ok" if parts else "fail",
+                     ", ".join(parts) if parts else "no text, image or audio column in items and no "
+                                                    "precomputed item embeddings"))
     return out
+
+
+def item_modalities(data_dir: Path, columns: list[str]) -> tuple[list[str], list[str]]:
+    """(modalities the job would encode from the items table's columns, modalities taken as
+    they are from DIR/embeddings/item_<modality>.parquet), as the embedding job decides."""
+    given = sorted(m for kind, m in precomputed_tables(data_dir) if kind == "item")
+    return [m for m in table_modalities("item", columns) if m not in given], given
 
 
 def _disk_check(out_dir: Path) -> Check:
@@ -174,9 +181,18 @@ def plan(config: Config, out_dir: Path | str, data_dir: Path | str | None = None
     out_dir = Path(out_dir)
     mods = [m for m in ("text", "image", "audio") if getattr(config.embed, m).enabled]
     data = str(data_dir) if data_dir is not None else "DATA"
+    given: list[str] = []
+    if data_dir is not None and Path(data_dir).is_dir():
+        try:
+            encoded, given = item_modalities(Path(data_dir), table_columns(find_table(Path(data_dir), "items")))
+            mods = [m for m in mods if m in encoded]
+        except (FusionrecError, OSError):
+            pass  # the data checks above say what is wrong with the tables
+    embed = (f"embed: {'encode ' + ', '.join(mods) if mods else 'encode nothing'} from the items of {data} "
+             f"on {config.embed.device} ({config.engine} engine) into {out_dir / 'embeddings'} (cached vectors "
+             "reused)" + (f"; take the precomputed {', '.join(given)} vectors as they are" if given else ""))
     return [
-        f"embed: {', '.join(mods) or 'no'} modalities of {data} on {config.embed.device} "
-        f"({config.engine} engine) into {out_dir / 'embeddings'} (cached vectors reused)",
+        embed,
         f"index: {config.fusion.method} fusion, FAISS index {config.index.factory!r}, "
         f"{config.index.n_candidates} candidates a user from sources {', '.join(config.sources.names)}",
         f"train: LightGBM {config.ranker.objective}, {config.ranker.n_estimators} trees, labels "

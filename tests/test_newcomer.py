@@ -294,6 +294,29 @@ def test_doctor_checks_the_install_and_the_data(tmp_path: Path, sample_data: Pat
     assert result.exit_code == 1 and "duplicate id 'a'" in " ".join(result.output.split())
 
 
+def test_doctor_says_which_modalities_are_encoded_and_which_are_taken_as_given(tmp_path: Path) -> None:
+    """Last.fm's layout: titles and tags in items, text and audio vectors in DIR/embeddings/."""
+    from fusionrec.doctor import checks, plan
+    from fusionrec.pipeline.config import Config
+
+    data = tmp_path / "data"
+    (data / "embeddings").mkdir(parents=True)
+    pl.DataFrame({"item_id": ["a", "b"], "title": ["x", "y"], "tags": ["t", "u"]}).write_csv(data / "items.csv")
+    pl.DataFrame({"user_id": ["u", "u"], "item_id": ["a", "b"], "timestamp": [0, 1]}).write_csv(
+        data / "interactions.csv")
+    for name in ("item_text", "item_audio"):
+        pl.DataFrame({"item_id": ["a", "b"], "vector": [[1.0, 0.0], [0.0, 1.0]]}).write_parquet(
+            data / "embeddings" / f"{name}.parquet")
+    lines = plan(Config(), tmp_path / "art", data)
+    assert lines[0].startswith(f"embed: encode nothing from the items of {data}")
+    assert lines[0].endswith("take the precomputed audio, text vectors as they are")
+    found = {c.name: c for c in checks(Config(), tmp_path / "art", data)}
+    assert found["item modalities"].detail == "audio (precomputed), text (precomputed)"
+    (data / "embeddings" / "item_text.parquet").unlink()
+    assert plan(Config(), tmp_path / "art", data)[0].startswith(f"embed: encode text from the items of {data}")
+    assert found["item modalities"].status == "ok"
+
+
 # ----------------------------------------------------------------------------- MLflow tracking
 
 def _mlflow_client(uri: str):
