@@ -46,6 +46,7 @@ import polars as pl
 
 from fusionrec.pipeline.config import RerankConfig
 from fusionrec.pipeline.errors import ConfigError, InputError
+from fusionrec.ranker.serving.export import read_id_table
 
 RULES = ("boosted", "mmr", "calibration", "attribute_cap", "long_tail", "exposure_cap", "pinned")
 ACTIONS = ("exclude", "pin", "boost")
@@ -73,8 +74,6 @@ class RerankInputs:
 def read_rules(path: Path | str) -> pl.DataFrame:
     """The rules file (.csv, .parquet or .jsonl): item_id, action (exclude | pin | boost),
     optional value (a boost, default 1.0) and position (a pin, 1-based, default 1)."""
-    from fusionrec.ranker.serving.export import read_id_table
-
     frame = read_id_table(path, ("item_id", "action"))
     frame = frame.with_columns(pl.col("item_id").cast(pl.String).str.strip_chars(),
                                pl.col("action").cast(pl.String).str.strip_chars().str.to_lowercase())
