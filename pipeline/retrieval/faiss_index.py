@@ -12,8 +12,12 @@ to the smallest value that still does.
 from __future__ import annotations
 
 import math
+import re
 import time
+import weakref
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -22,6 +26,8 @@ from fusionrec.pipeline.io.storage import atomic_path
 
 EXACT_MAX_ITEMS = 20_000
 DEFAULT_MEMORY_BUDGET = 4 << 30
+# build_index('auto') records the family choice of each index it builds here (see describe)
+_CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def set_threads(n_threads: int | None) -> None:
@@ -82,13 +88,33 @@ def new_index(d: int, factory: str, *, seed: int = 0, niter: int | None = None):
 
 def build_index(x: np.ndarray, factory: str = "auto", *, seed: int = 0, train_size: int | None = None,
                 exact_max: int = EXACT_MAX_ITEMS, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                add_batch: int = 262_144) -> faiss.Index:
-    """Train (on a seeded sample) and fill an inner-product index with the rows of x."""
+                add_batch: int = 262_144, tune_queries: np.ndarray | None = None, k: int = 100,
+                target_recall: float = 0.95, n_tune_queries: int = 500, centroids: np.ndarray | None = None,
+                **choice: Any) -> faiss.Index:
+    """Train (on a seeded sample) and fill an inner-product index with the rows of x.
+
+    factory "auto": exact search (`Flat`) up to exact_max rows; above it, while the float
+    vectors fit memory_budget, `choose_index` picks the fastest family reaching
+    target_recall of the exact top-k on `tune_queries` (default: n_tune_queries sums of two
+    random rows of x, like a profile of two items; further keyword arguments go to
+    choose_index), its record kept for `describe`; beyond the budget `choose_factory`'s IVF-PQ.
+    centroids: trained coarse centroids for an IVF factory with as many lists (k-means is skipped).
+    """
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     if factory in (None, "", "auto"):
         factory = choose_factory(n, d, exact_max=exact_max, memory_budget=memory_budget)
+        if n > exact_max and n * d * 4 <= memory_budget:
+            if tune_queries is None:
+                rng = np.random.default_rng(seed + 1)
+                tune_queries = x[rng.integers(0, n, n_tune_queries)] + x[rng.integers(0, n, n_tune_queries)]
+            index, record = choose_index(x, tune_queries, k, target_recall, memory_budget=memory_budget, seed=seed,
+                                         **choice)
+            _CHOICES[index] = record
+            return index
     index, ivf = new_index(d, factory, seed=seed)
+    if ivf is not None and centroids is not None and len(centroids) == ivf.nlist:
+        ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))  # IVF training keeps a full quantizer
     if not index.is_trained:
         # 50 points per list is enough for the coarse centroids; k-means cost grows with it
         want = train_size or (max(ivf.nlist * 50, 10_000) if ivf is not None else 100_000)
@@ -240,10 +266,183 @@ def tune_search_params(index: faiss.Index, queries: np.ndarray, k: int, target_r
                 lo = mid
         value = hi
     set_search_params(index, {name: value})
-    return {"params": {name: value}, "recall": trials[value]["recall"],
+    params = {name: value}
+    outer = faiss.downcast_index(index)
+    if isinstance(outer, faiss.IndexRefine):  # the re-scoring depth, so that saved params restore it
+        params["k_factor_rf"] = int(outer.k_factor)
+    return {"params": params, "recall": trials[value]["recall"],
             "recall_lower_bound": trials[value]["recall_lower_bound"], "k": k,
             "n_queries": int(len(queries)), "trials": [trials[v] for v in sorted(trials)],
             "reached": bool(reached)}
+
+
+# --------------------------------------------------------------------------- choice among index families
+
+GRAPH_M = 32
+REFINE_K_FACTOR = 4
+DEFAULT_BUILD_BUDGET_S = 600.0
+
+
+def default_candidates(n: int, d: int) -> list[str]:
+    """The index families `choose_index` tries for n vectors of dimension d.
+
+    IVF with about 2 sqrt(n) lists and with twice as many (flat codes; the larger one also
+    with an HNSW coarse quantizer, and with SQ8 or fp16 codes re-scored exactly: `RFlat`
+    keeps the float vectors and re-ranks REFINE_K_FACTOR * k candidates by their exact
+    inner product), and HNSW graphs (float, and SQ8 re-scored)."""
+    nl = default_nlist(n)
+    nl2 = int(max(1, min(2 * nl, n // 39)))
+    return [f"IVF{nl},Flat", f"IVF{nl2},Flat", f"IVF{nl2}_HNSW{GRAPH_M},Flat", f"IVF{nl},SQ8,RFlat",
+            f"IVF{nl2},SQ8,RFlat", f"IVF{nl2},SQfp16,RFlat", f"HNSW{GRAPH_M},Flat", f"HNSW{GRAPH_M},SQ8,RFlat"]
+
+
+def estimate_memory_bytes(factory: str, n: int, d: int) -> int:
+    """Bytes an index from `factory` will hold for n vectors of dimension d, from its
+    components (IVF lists: 8-byte ids and centroids; HNSW: 2M level-0 links of 4 bytes;
+    Flat 4d, SQfp16 2d, SQ8 d, SQ4 d/2, PQm[xb] m*b/8 bytes a vector; RFlat: 4d more).
+    Components it does not know count 0: the built index is measured again."""
+    total = 0.0
+    for part in factory.replace("_", ",").split(","):
+        if m := re.fullmatch(r"IVF(\d+)", part):
+            total += n * 8 + int(m[1]) * d * 4
+        elif m := re.fullmatch(r"HNSW(\d+)", part):
+            total += n * (2 * int(m[1]) * 4 + 16) * 1.05 if part == factory.split(",")[0] \
+                else 0  # a coarse quantizer's graph is over the centroids: small
+        elif part in ("Flat", "RFlat"):
+            total += n * d * 4
+        elif part == "SQfp16":
+            total += n * d * 2
+        elif m := re.fullmatch(r"SQ(\d)", part):
+            total += n * d * int(m[1]) / 8
+        elif m := re.fullmatch(r"PQ(\d+)(?:x(\d+))?(?:fs)?", part):
+            total += n * int(m[1]) * int(m[2] or 8) / 8
+    return int(total)
+
+
+def _nlist(factory: str) -> int | None:
+    m = re.match(r"(?:[^,]*,)?IVF(\d+)", factory)
+    return int(m[1]) if m else None
+
+
+def _time_search(index: faiss.Index, queries: np.ndarray, k: int, rounds: int = 3) -> float:
+    """Best ms/query over `rounds` searches of all queries (the least disturbed by other load)."""
+    best = math.inf
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        search(index, queries, k)
+        best = min(best, time.perf_counter() - t0)
+    return 1000 * best / max(len(queries), 1)
+
+
+def _estimate_graph_build_s(x: np.ndarray, factory: str, sample: int, seed: int) -> float:
+    """Seconds to build `factory` (an HNSW graph) on all of x, from a build on `sample` rows
+    scaled by n log n (each insertion searches the graph built so far)."""
+    n = len(x)
+    m = min(n, sample)
+    rng = np.random.default_rng(seed)
+    xs = x[np.sort(rng.choice(n, m, replace=False))] if m < n else x
+    t0 = time.perf_counter()
+    build_index(xs, factory, seed=seed)
+    took = time.perf_counter() - t0
+    return took * (n / m) * math.log(max(n, 2)) / math.log(max(m, 2))
+
+
+def choose_index(x: np.ndarray, queries: np.ndarray, k: int, target_recall: float, *,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET, candidates: list[str] | None = None,
+                 build_budget_s: float | None = DEFAULT_BUILD_BUDGET_S, refine_k_factor: int = REFINE_K_FACTOR,
+                 graph_sample: int = 20_000, timing_rounds: int = 3, seed: int = 0, z: float = 1.645,
+                 inspect: Callable[[faiss.Index, dict], None] | None = None) -> tuple[faiss.Index, dict]:
+    """The fastest index family that reaches target_recall of the exact top-k within the
+    memory budget, with its search parameter tuned; and the record of every family tried.
+
+    For each factory in `candidates` (default: `default_candidates`): skip it when its
+    estimated memory is over `memory_budget`, or (HNSW graphs, whose build is the slowest)
+    when the build time extrapolated from a `graph_sample`-row build is over `build_budget_s`;
+    else build it on x (families with the same number of lists share one k-means), measure its memory (over the budget: dropped), tune nprobe / efSearch
+    on `queries` with `tune_search_params` (re-scored families fetch refine_k_factor * k
+    candidates and re-score them exactly), and time the search at the tuned value. The
+    fastest family so far and the new one are timed again one after the other (best of
+    `timing_rounds`), so a load that comes and goes on the machine does not decide.
+    Returns (index, record): record["families"] holds each family's status, tuned params,
+    recall, ms/query, memory, build and tuning seconds and the curve of its tuning trials.
+    When no family reaches the target the one with the highest recall is kept.
+    inspect(index, row), when given, sees each tuned family before it is compared (benchmarks).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    n, d = x.shape
+    k = int(min(k, n))
+    candidates = list(candidates) if candidates is not None else default_candidates(n, d)
+    t_ex = time.perf_counter()
+    exact = exact_search(x, queries, k)
+    exact_ms = 1000 * (time.perf_counter() - t_ex) / max(len(queries), 1)
+    families: list[dict] = []
+    trained: dict[int, np.ndarray] = {}
+    best: tuple[faiss.Index, dict] | None = None
+    fallback: tuple[faiss.Index, dict] | None = None
+    for factory in candidates:
+        row: dict[str, Any] = {"factory": factory, "estimated_memory_bytes": estimate_memory_bytes(factory, n, d)}
+        families.append(row)
+        if row["estimated_memory_bytes"] > memory_budget:
+            row["status"] = "over_memory_budget"
+            continue
+        if build_budget_s is not None and factory.startswith("HNSW"):
+            row["estimated_build_s"] = _estimate_graph_build_s(x, factory, graph_sample, seed)
+            if row["estimated_build_s"] > build_budget_s:
+                row["status"] = "over_build_budget"
+                continue
+        t0 = time.perf_counter()
+        index = build_index(x, factory, seed=seed, centroids=trained.get(_nlist(factory) or -1))
+        row["build_s"] = time.perf_counter() - t0
+        try:  # families with as many lists share the k-means of the first one
+            ivf = faiss.extract_index_ivf(index)
+            if ivf.nlist not in trained:
+                trained[ivf.nlist] = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+        except RuntimeError:
+            pass
+        row["memory_bytes"] = index_memory_bytes(index)
+        if row["memory_bytes"] > memory_budget:
+            row["status"] = "over_memory_budget"
+            del index
+            continue
+        if isinstance(faiss.downcast_index(index), faiss.IndexRefine):
+            set_search_params(index, {"k_factor_rf": refine_k_factor})
+        t0 = time.perf_counter()
+        tuned = tune_search_params(index, queries, k, target_recall, base=x, exact=exact, z=z)
+        row["tune_s"] = time.perf_counter() - t0
+        row.update(params=tuned["params"], recall=tuned["recall"],
+                   recall_lower_bound=tuned["recall_lower_bound"], reached=tuned["reached"], trials=tuned["trials"])
+        if inspect is not None:
+            inspect(index, row)
+        if not tuned["reached"]:
+            row["status"] = "target_not_reached"
+            if best is None and (fallback is None or row["recall"] > fallback[1]["recall"]):
+                fallback = (index, row)
+            continue
+        row["ms_per_query"] = _time_search(index, queries, k, timing_rounds)
+        if best is not None:  # time the fastest so far again, next to this one
+            best[1]["ms_per_query"] = min(best[1]["ms_per_query"], _time_search(best[0], queries, k, timing_rounds))
+            row["ms_per_query"] = min(row["ms_per_query"], _time_search(index, queries, k, timing_rounds))
+        if best is None or row["ms_per_query"] < best[1]["ms_per_query"]:
+            if best is not None:
+                best[1]["status"] = "slower"
+            best = (index, row)
+            row["status"] = "fastest"
+        else:
+            row["status"] = "slower"
+        fallback = None  # a family reached the target: those that did not are not kept
+    chosen = best or fallback
+    if chosen is None:
+        raise ValueError(f"no index family fits memory_budget={memory_budget} bytes: {candidates}")
+    index, row = chosen
+    row["status"] = "chosen"
+    set_search_params(index, row["params"])
+    record = {"chosen": row["factory"], "params": dict(row["params"]), "recall": row["recall"],
+              "recall_lower_bound": row["recall_lower_bound"], "reached": row["reached"],
+              "ms_per_query": row.get("ms_per_query"), "exact_ms_per_query": exact_ms, "k": k,
+              "target_recall": target_recall, "n_queries": int(len(queries)), "memory_budget": int(memory_budget),
+              "build_budget_s": build_budget_s, "families": families}
+    return index, record
 
 
 def index_memory_bytes(index: faiss.Index) -> int:
@@ -251,6 +450,8 @@ def index_memory_bytes(index: faiss.Index) -> int:
     inner = faiss.downcast_index(index)
     if isinstance(inner, faiss.IndexPreTransform):
         return index_memory_bytes(inner.index) + inner.d * inner.d * 4
+    if isinstance(inner, faiss.IndexRefine):  # compressed codes plus the vectors they are re-scored with
+        return index_memory_bytes(inner.base_index) + index_memory_bytes(inner.refine_index)
     try:
         ivf = faiss.extract_index_ivf(inner)
         lists = ivf.invlists
@@ -278,6 +479,8 @@ def describe(index: faiss.Index) -> dict:
         out["nlist"] = int(faiss.extract_index_ivf(index).nlist)
     except RuntimeError:
         pass
+    if index in _CHOICES:
+        out["choice"] = _CHOICES[index]
     return out
 
 

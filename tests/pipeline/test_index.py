@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -108,3 +109,112 @@ def test_index_memory_estimates(data):
     assert pq == n * (4 + 8) + 16 * d * 4
     info = fidx.describe(fidx.build_index(base, "HNSW16,Flat"))
     assert info["type"] == "IndexHNSWFlat" and info["memory_bytes"] > n * d * 4
+
+
+# ----------------------------------------------------------------- choice among index families
+
+@pytest.fixture(scope="module")
+def larger():
+    return clustered(20_000, 32, seed=3, n_clusters=200), clustered(300, 32, seed=4, n_clusters=200)
+
+
+def test_choose_index_keeps_the_fastest_family_that_reaches_the_target(larger):
+    base, queries = larger
+    # PQ4 codes without re-scoring cannot reach 0.95 of the exact top 10, however many lists are probed
+    candidates = ["IVF64,PQ4", "IVF64,Flat", "IVF128,SQ8,RFlat", "HNSW16,Flat"]
+    index, record = fidx.choose_index(base, queries, 10, 0.95, candidates=candidates)
+    rows = {r["factory"]: r for r in record["families"]}
+    assert [r["factory"] for r in record["families"]] == candidates
+    assert rows["IVF64,PQ4"]["status"] == "target_not_reached"
+    reached = [r for r in record["families"] if r.get("reached")]
+    assert len(reached) == 3
+    fastest = min(reached, key=lambda r: r["ms_per_query"])
+    assert record["chosen"] == fastest["factory"] and fastest["status"] == "chosen"
+    assert all(r["status"] == "slower" for r in reached if r is not fastest)
+    assert record["recall_lower_bound"] >= 0.95 and record["params"] == fastest["params"]
+    for r in reached:  # each family's curve: the trials it saw, the tuned value among them
+        assert r["trials"] and all({"value", "recall", "ms_per_query"} <= set(t) for t in r["trials"])
+        assert r["memory_bytes"] > 0 and r["build_s"] >= 0
+    # the index comes back set to the chosen parameters and reaches the target on these queries
+    ex_scores, ex_ids = fidx.exact_search(base, queries, 10)
+    _, ids = fidx.search(index, queries, 10)
+    assert fidx.recall_at_k(ids, ex_ids, exact_scores=ex_scores,
+                            approx_true_scores=fidx.true_scores(queries, base, ids)) >= 0.95
+
+
+def test_choose_index_never_picks_a_family_over_the_memory_budget(larger):
+    base, queries = larger
+    n, d = base.shape
+    flat = fidx.estimate_memory_bytes("IVF64,Flat", n, d)
+    sq8 = fidx.estimate_memory_bytes("IVF64,SQ8", n, d)
+    assert sq8 < flat
+    index, record = fidx.choose_index(base, queries, 10, 0.9, candidates=["IVF64,Flat", "HNSW16,Flat", "IVF64,SQ8"],
+                                      memory_budget=(sq8 + flat) // 2)
+    status = {r["factory"]: r["status"] for r in record["families"]}
+    assert status == {"IVF64,Flat": "over_memory_budget", "HNSW16,Flat": "over_memory_budget", "IVF64,SQ8": "chosen"}
+    assert fidx.index_memory_bytes(index) <= (sq8 + flat) // 2
+    with pytest.raises(ValueError, match="memory_budget"):
+        fidx.choose_index(base, queries, 10, 0.9, candidates=["IVF64,Flat"], memory_budget=1 << 20)
+
+
+def test_graph_families_over_the_build_budget_are_skipped(larger):
+    base, queries = larger
+    _, record = fidx.choose_index(base, queries, 10, 0.9, candidates=["HNSW16,Flat", "IVF64,Flat"],
+                                  build_budget_s=0.0, graph_sample=2000)
+    rows = {r["factory"]: r for r in record["families"]}
+    assert rows["HNSW16,Flat"]["status"] == "over_build_budget" and rows["HNSW16,Flat"]["estimated_build_s"] > 0
+    assert record["chosen"] == "IVF64,Flat"
+
+
+def test_auto_above_the_exact_threshold_chooses_a_family_and_describe_records_it(data):
+    base, _ = data
+    index = fidx.build_index(base, "auto", exact_max=1000, k=10, candidates=["IVF16,Flat", "IVF16,SQ8,RFlat"])
+    choice = fidx.describe(index)["choice"]
+    assert choice["chosen"] in ("IVF16,Flat", "IVF16,SQ8,RFlat") and choice["k"] == 10
+    assert {r["factory"] for r in choice["families"]} == {"IVF16,Flat", "IVF16,SQ8,RFlat"}
+    assert "choice" not in fidx.describe(fidx.build_index(base, "auto"))  # exact search below the threshold
+
+
+@pytest.mark.parametrize("factory", ["IVF16,SQ8,RFlat", "IVF16,SQfp16,RFlat", "IVF16,PQ8,RFlat", "HNSW16,SQ8,RFlat"])
+def test_rescored_results_are_exact_inner_products_and_equal_across_index_choices(data, factory):
+    base, queries = data
+    index = fidx.build_index(base, factory)
+    ex_scores, ex_ids = brute_force(base, queries, 10)
+    # every list probed (a wide graph search) and a deep re-scoring: for IVF the exact top 10 itself,
+    # whatever the codes; a graph search stays approximate, but its scores are exact ones
+    ivf = factory.startswith("IVF")
+    fidx.set_search_params(index, {"nprobe": 16} if ivf else {"efSearch": 512})
+    fidx.set_search_params(index, {"k_factor_rf": 50})
+    scores, ids = fidx.search(index, queries, 10)
+    np.testing.assert_allclose(scores, fidx.true_scores(queries, base, ids), atol=1e-5)
+    if ivf:
+        np.testing.assert_allclose(scores, ex_scores, atol=1e-5)
+        assert fidx.recall_at_k(ids, ex_ids, exact_scores=ex_scores,
+                                approx_true_scores=fidx.true_scores(queries, base, ids)) == 1.0
+    # at the default depth the returned scores are still the exact ones of the ids returned
+    fidx.set_search_params(index, {"k_factor_rf": fidx.REFINE_K_FACTOR})
+    scores, ids = fidx.search(index, queries, 10)
+    np.testing.assert_allclose(scores, fidx.true_scores(queries, base, ids), atol=1e-5)
+    assert (np.diff(scores, axis=1) <= 1e-6).all()
+    tuned = fidx.tune_search_params(index, queries, 10, 0.9, base=base)
+    assert tuned["params"]["k_factor_rf"] == fidx.REFINE_K_FACTOR
+
+
+def test_memory_estimates_of_the_factories_match_the_built_indexes(data):
+    base, _ = data
+    n, d = base.shape
+    for factory in ("IVF16,Flat", "IVF16,SQ8,RFlat", "IVF16,SQfp16,RFlat", "IVF16,PQ8,RFlat", "Flat"):
+        assert fidx.estimate_memory_bytes(factory, n, d) == fidx.index_memory_bytes(fidx.build_index(base, factory))
+    hnsw = fidx.index_memory_bytes(fidx.build_index(base, "HNSW16,Flat"))
+    assert abs(fidx.estimate_memory_bytes("HNSW16,Flat", n, d) - hnsw) < 0.1 * hnsw
+
+
+def test_given_centroids_skip_kmeans(data):
+    base, queries = data
+    first = fidx.build_index(base, "IVF16,Flat")
+    cents = faiss.extract_index_ivf(first).quantizer.reconstruct_n(0, 16)
+    second = fidx.build_index(base, "IVF16,SQ8,RFlat", seed=7, centroids=cents)
+    np.testing.assert_array_equal(faiss.extract_index_ivf(second).quantizer.reconstruct_n(0, 16), cents)
+    fidx.set_search_params(first, {"nprobe": 3})
+    fidx.set_search_params(second, {"nprobe": 3, "k_factor_rf": 50})
+    np.testing.assert_array_equal(fidx.search(first, queries, 10)[1], fidx.search(second, queries, 10)[1])
