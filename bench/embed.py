@@ -9,6 +9,17 @@ Side by side in one run, with the same encoders (loaded once, warmed up) on the 
 Ratio = raw seconds / job seconds (the job's throughput as a share of the raw pass; goal >= 0.90).
 Then 1% of the items get a new title and the job runs again: rerun seconds / full-run seconds
 (goal <= 0.05). Results go to bench/results/embed.json.
+
+    .venv/bin/python bench/embed.py --rerun [--data DIR] [--repeat 3]
+
+`--rerun`: the whole `fusionrec embed` command, each run a fresh process, on a real data set
+(default MovieLens-100K from ../shared/datasets): a cold run into an empty artifacts directory,
+then `--repeat` reruns with nothing changed, then one `fusionrec embed --verify` (every file
+hashed again, every encoder loaded). Ratio = median no-change rerun seconds / cold seconds
+(goal <= 0.01). Python keeps compiled bytecode (bench/results/pycache, as an installed package
+has it), warmed up before the cold run. `--before DIR` (a checkout of an earlier commit) also
+times the same no-change rerun with that code, after this code's. Results go to
+bench/results/embed_rerun.json.
 """
 
 from __future__ import annotations
@@ -17,6 +28,8 @@ import argparse
 import json
 import os
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,12 +70,82 @@ def raw_pass(inputs: dict[tuple[str, str], list[str]], encoders, data_dir: Path)
     return out
 
 
+def rerun_bench(data: Path, repeat: int, out: Path, before: Path | None = None) -> None:
+    """Cold `fusionrec embed`, then reruns with nothing changed and one --verify, each a fresh process."""
+    work = ROOT / "bench" / "results" / "embed_rerun" / "bench"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    art = work / "art"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPYCACHEPREFIX=str(ROOT / "bench" / "results" / "pycache"))
+    fusionrec = str(Path(sys.executable).with_name("fusionrec"))
+    # Bytecode of everything the cold run imports, compiled before any timing.
+    subprocess.run([sys.executable, "-c", "import fusionrec.cli, torch, transformers, timm, librosa"], env=env,
+                   check=True)
+
+    def embed(*extra: str, run_env: dict[str, str] = env) -> float:
+        t0 = time.perf_counter()
+        subprocess.run([fusionrec, "embed", "--data", str(data), "--out", str(art), "-q", *extra], env=run_env,
+                       check=True, stdout=subprocess.DEVNULL)
+        return time.perf_counter() - t0
+
+    def encoded() -> dict[str, int]:
+        run = json.loads((art / "manifest.json").read_text())["runs"][-1]
+        return {k: v["encoded"] for k, v in run["counts"].items() if isinstance(v, dict)}
+
+    cold = embed()
+    cold_encoded = encoded()
+    reruns = [embed() for _ in range(repeat)]
+    rerun_encoded = encoded()
+    verify = embed("--verify")
+    verify_encoded = encoded()
+    before_runs: list[float] = []
+    if before is not None:
+        shim = work / "before_path"  # `fusionrec` resolved in the earlier checkout (PYTHONPATH first)
+        shim.mkdir()
+        (shim / "fusionrec").symlink_to(before.resolve())
+        before_env = {**env, "PYTHONPATH": str(shim)}
+        subprocess.run([sys.executable, "-c", "import fusionrec.cli"], env=before_env, check=True)
+        before_runs = [embed(run_env=before_env) for _ in range(repeat)]
+    rerun = statistics.median(reruns)
+    load = os.getloadavg()
+    result = {"data": str(data), "cold_s": round(cold, 2), "cold_encoded": cold_encoded,
+              "rerun_s": [round(x, 3) for x in reruns], "rerun_median_s": round(rerun, 3),
+              "rerun_encoded": rerun_encoded, "ratio": round(rerun / cold, 5), "verify_s": round(verify, 2),
+              "verify_encoded": verify_encoded, "verify_ratio": round(verify / cold, 4),
+              "before": str(before) if before else None, "before_rerun_s": [round(x, 3) for x in before_runs],
+              "before_ratio": round(statistics.median(before_runs) / cold, 4) if before_runs else None,
+              "load_average": [round(x, 2) for x in load], "cpus": os.cpu_count()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"cold `fusionrec embed`: {cold:.1f} s (encoded {cold_encoded})")
+    print(f"no-change rerun (median of {repeat}): {rerun:.2f} s (runs {', '.join(f'{x:.2f}' for x in reruns)}; "
+          f"encoded {rerun_encoded})")
+    print(f"rerun / cold: {rerun / cold:.4f} (goal <= 0.01)")
+    print(f"rerun with --verify: {verify:.1f} s ({verify / cold:.3f} of cold; encoded {verify_encoded})")
+    if before_runs:
+        print(f"no-change rerun with {before}: {statistics.median(before_runs):.2f} s "
+              f"({statistics.median(before_runs) / cold:.4f} of cold)")
+    print(f"(load average {load[0]:.1f} on {os.cpu_count()} CPUs)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=ROOT / "data")
+    parser.add_argument("--data", type=Path, default=None, help="data directory (default: data/, or MovieLens-100K "
+                                                                "with --rerun)")
     parser.add_argument("--changed", type=float, default=0.01, help="share of items changed before the rerun")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "embed.json")
+    parser.add_argument("--rerun", action="store_true", help="cold vs no-change rerun of `fusionrec embed`")
+    parser.add_argument("--repeat", type=int, default=3, help="no-change reruns (--rerun)")
+    parser.add_argument("--before", type=Path, default=None, help="an earlier checkout to time beside (--rerun)")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    results = ROOT / "bench" / "results"
+    if args.rerun:
+        rerun_bench(args.data or ROOT.parent / "shared" / "datasets" / "movielens-100k" / "fusionrec", args.repeat,
+                    args.out or results / "embed_rerun.json", args.before)
+        return
+    args.data = args.data or ROOT / "data"
+    args.out = args.out or results / "embed.json"
 
     cfg = load_config()
     items, users = load_items(args.data), load_users(args.data)
