@@ -203,3 +203,37 @@ def test_every_command_has_help() -> None:
     for command in ("run", "embed", "index", "train", "recommend", "score", "evaluate", "doctor"):
         result = invoke(command, "--help")
         assert result.exit_code == 0 and "Usage" in result.output and "--out" in result.output
+
+
+SERVING_SCRIPT = """
+import sys
+from fusionrec.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    assert exc.code in (0, None), exc.code
+print('loaded:', *(m for m in ('torch', 'transformers', 'timm', 'librosa', 'ray', 'implicit', 'mlflow', 'matplotlib',
+                                 'jinja2') if m in sys.modules))
+"""
+
+
+def test_serving_commands_load_no_deep_learning_library(art: Path, tmp_path: Path, sample_data: Path) -> None:
+    import subprocess
+    import sys
+
+    pairs = tmp_path / "pairs.csv"
+    pl.read_parquet(art / "candidates.parquet", columns=["user_id", "item_id"]).head(50).write_csv(pairs)
+    unseen = tmp_path / "unseen.csv"
+    seen = pl.read_csv(sample_data / "interactions.csv").select("user_id", "item_id")
+    items = pl.read_csv(sample_data / "items.csv").select("item_id")
+    fresh = seen.select("user_id").unique().sort("user_id").head(10).join(items, how="cross").join(
+        seen, on=["user_id", "item_id"], how="anti").head(100)
+    fresh.with_columns(pl.lit(int(pl.read_csv(sample_data / "interactions.csv")["timestamp"].max()) + 60)
+                       .alias("timestamp")).write_csv(unseen)
+    for args in (["recommend", "--out", str(art), "--export", str(tmp_path / "recs.parquet"), "-q"],
+                 ["score", "--out", str(art), "--candidates", str(pairs), "--export", str(tmp_path / "s.csv"), "-q"],
+                 ["evaluate", "--out", str(art), "--test", str(unseen), "-q"]):
+        result = subprocess.run([sys.executable, "-c", SERVING_SCRIPT, *args], capture_output=True, text=True,
+                                timeout=600, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.splitlines()[-1] == "loaded:", f"{args[0]} {result.stdout.splitlines()[-1]}"
