@@ -61,7 +61,7 @@ def build_encoders(cfg: EmbedConfig, needed: set[str], *, hashes: FileHashes | N
     files = {m: file_hashes(encoder_files(m, cfg), hashes) for m in wanted}
     keys = {m: identity_key(m, cfg, files[m]) for m in wanted}
     known = known or {}
-    lazy = {m for m in wanted if known.get(m, {}).get("key") == keys[m]}
+    lazy = {m for m in wanted if _usable_identity(known.get(m), keys[m])}
     built = _with_file_hashes(_load_encoders(cfg, set(wanted) - lazy), cfg, files)
     out: dict[str, ModalityEncoder] = {}
     for m in wanted:
@@ -135,6 +135,12 @@ def identity_key(modality: str, cfg: EmbedConfig, files: dict[str, str]) -> str:
     parts = {"modality": modality, "config": jsonable(dataclasses.asdict(getattr(cfg, modality))), "files": files,
              "versions": versions, "code": code}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _usable_identity(entry: Any, key: str) -> bool:
+    """A remembered identity that matches `key` and has every field (a damaged file is ignored)."""
+    return (isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("model_id"), str)
+            and isinstance(entry.get("dim"), int) and isinstance(entry.get("preprocess_id"), str))
 
 
 def read_identities(path: Path) -> dict[str, dict[str, Any]]:

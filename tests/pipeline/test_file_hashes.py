@@ -207,6 +207,9 @@ def test_a_known_encoder_loads_only_when_it_encodes(tmp_path: Path, monkeypatch:
     other = load_config(overrides=[f"embed.text.model={model}", "embed.device=cpu", "embed.text.max_length=8"]).embed
     encoding.build_encoders(other, {"text"}, known=known)
     assert built == ["text", "text"]
+    # A damaged entry (a field missing) is no identity: loaded at once.
+    encoding.build_encoders(cfg, {"text"}, known={"text": {"key": eager.identity_key, "dim": "16"}})
+    assert built == ["text", "text", "text"]
 
 
 RERUN_SCRIPT = r"""
