@@ -225,8 +225,11 @@ def guard_ranker(rows: pl.DataFrame, config: Config) -> dict[str, Any]:
     for f in range(GUARD_FOLDS):
         other = latest.filter(pl.Series(fold != f))
         train = pl.concat([other, earlier], how="diagonal_relaxed") if earlier.height else other
+        started = time.perf_counter()
         model = _fit(train, config)
         iterations.append(model.best_iteration_)
+        log.info("guard: fold %d/%d ranker fitted on %d rows (%.0f s)", f + 1, GUARD_FOLDS, train.height,
+                 time.perf_counter() - started)
         part = latest.filter(pl.Series(fold == f))
         weights = blend_weights(other, columns) if columns else {}
         blend_weights_used.append(weights)
@@ -234,7 +237,11 @@ def guard_ranker(rows: pl.DataFrame, config: Config) -> dict[str, Any]:
                                         pl.Series("blend_score", _blend_scores(part, weights))))
     oof = pl.concat(scored)
     across = _compare(oof, oof["ranker_score"].to_numpy(), oof["blend_score"].to_numpy(), config.ranker.seed)
+    started = time.perf_counter()
     forward = forward_check(latest, earlier, config) if earlier.height else None
+    if forward is not None:
+        log.info("guard: forward check fitted on the earlier window's %d rows (%.0f s)", earlier.height,
+                 time.perf_counter() - started)
     if not across["wins"]:
         reason = "the ranker did not beat the retrieval order on held-out users"
     elif forward is None:
@@ -285,6 +292,8 @@ def run_train(art_dir: Path, config: Config | None = None, *, lock: bool = True)
             # ship, so none is trained (ranker.guard = false trains and ships one anyway).
             return _no_ranker(art_dir, record, SINGLE_WINDOW)
         t0 = time.perf_counter()
+        log.info("train: %d candidate rows of %d users; checking the ranker against the retrieval order "
+                 "(4 folds and a forward check, then one final fit)", rows.height, rows["user_id"].n_unique())
         guard = guard_ranker(rows, config)
         record.timings["guard"] = time.perf_counter() - t0
         ships = guard["ships"] or not config.ranker.guard
