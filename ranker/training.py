@@ -293,7 +293,8 @@ def run_train(art_dir: Path, config: Config | None = None, *, lock: bool = True)
             return _no_ranker(art_dir, record, SINGLE_WINDOW)
         t0 = time.perf_counter()
         log.info("train: %d candidate rows of %d users; checking the ranker against the retrieval order "
-                 "(4 folds and a forward check, then one final fit)", rows.height, rows["user_id"].n_unique())
+                 "(%d folds and a forward check, then one final fit)", rows.height, rows["user_id"].n_unique(),
+                 GUARD_FOLDS)
         guard = guard_ranker(rows, config)
         record.timings["guard"] = time.perf_counter() - t0
         ships = guard["ships"] or not config.ranker.guard
