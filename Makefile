@@ -39,10 +39,12 @@ bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/embed.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/retrieval.py --n 200000
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/scoring.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/startup.py
 
 bench-full: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/retrieval.py --n 1000000
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/quality.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/embed.py --rerun
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/peers.py --dataset movielens
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/peers.py --dataset lastfm
 
