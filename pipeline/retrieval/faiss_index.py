@@ -1,10 +1,13 @@
 """FAISS inner-product index: choice by catalogue size, build, search-parameter tuning, persistence.
 
 All indexes use METRIC_INNER_PRODUCT on the fused vectors (see pipeline.fusion): a higher
-score is a better match. `choose_factory` picks exact search (`Flat`) for small catalogues,
-IVF with flat codes while the vectors fit the memory budget and IVF-PQ beyond it; any
-faiss index-factory string (`HNSW32,Flat`, `IVF4096,PQ64`, `OPQ32,IVF1024,PQ32`, ...) can
-be given instead. `tune_search_params` raises nprobe (IVF) or efSearch (HNSW) until the
+score is a better match. `build_index(x, "auto")` keeps exact search (`Flat`) for small
+catalogues; above EXACT_MAX_ITEMS, while the float vectors fit the memory budget,
+`choose_index` builds each candidate family (IVF with more or fewer lists, an HNSW coarse
+quantizer, SQ8/fp16 codes re-scored exactly from the float vectors, HNSW graphs), tunes
+it to the target recall and keeps the fastest at that recall; beyond the budget
+`choose_factory` gives IVF-PQ. Any faiss index-factory string (`HNSW32,Flat`,
+`IVF4096,SQ8,RFlat`, `OPQ32,IVF1024,PQ32`, ...) can be given instead. `tune_search_params` raises nprobe (IVF) or efSearch (HNSW) until the
 recall of the exact search on a sample of queries reaches the target, then bisects down
 to the smallest value that still does.
 """
@@ -348,14 +351,17 @@ def _estimate_graph_build_s(x: np.ndarray, factory: str, sample: int, seed: int)
 
 
 def choose_index(x: np.ndarray, queries: np.ndarray, k: int, target_recall: float, *,
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET, candidates: list[str] | None = None,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                 candidates: list[str | tuple[str, dict[str, int]]] | None = None,
                  build_budget_s: float | None = DEFAULT_BUILD_BUDGET_S, refine_k_factor: int = REFINE_K_FACTOR,
                  graph_sample: int = 20_000, timing_rounds: int = 3, seed: int = 0, z: float = 1.645,
                  inspect: Callable[[faiss.Index, dict], None] | None = None) -> tuple[faiss.Index, dict]:
     """The fastest index family that reaches target_recall of the exact top-k within the
     memory budget, with its search parameter tuned; and the record of every family tried.
 
-    For each factory in `candidates` (default: `default_candidates`): skip it when its
+    For each factory in `candidates` (default: `default_candidates`; a (factory, {param:
+    value}) pair fixes search parameters other than the tuned one, e.g. a deeper k_factor_rf
+    for coarser codes): skip it when its
     estimated memory is over `memory_budget`, or (HNSW graphs, whose build is the slowest)
     when the build time extrapolated from a `graph_sample`-row build is over `build_budget_s`;
     else build it on x (families with the same number of lists share one k-means), measure its memory (over the budget: dropped), tune nprobe / efSearch
@@ -372,7 +378,8 @@ def choose_index(x: np.ndarray, queries: np.ndarray, k: int, target_recall: floa
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     n, d = x.shape
     k = int(min(k, n))
-    candidates = list(candidates) if candidates is not None else default_candidates(n, d)
+    cands = [(c, {}) if isinstance(c, str) else (c[0], dict(c[1]))
+             for c in (candidates if candidates is not None else default_candidates(n, d))]
     t_ex = time.perf_counter()
     exact = exact_search(x, queries, k)
     exact_ms = 1000 * (time.perf_counter() - t_ex) / max(len(queries), 1)
@@ -380,8 +387,10 @@ def choose_index(x: np.ndarray, queries: np.ndarray, k: int, target_recall: floa
     trained: dict[int, np.ndarray] = {}
     best: tuple[faiss.Index, dict] | None = None
     fallback: tuple[faiss.Index, dict] | None = None
-    for factory in candidates:
+    for factory, fixed in cands:
         row: dict[str, Any] = {"factory": factory, "estimated_memory_bytes": estimate_memory_bytes(factory, n, d)}
+        if fixed:
+            row["fixed_params"] = fixed
         families.append(row)
         if row["estimated_memory_bytes"] > memory_budget:
             row["status"] = "over_memory_budget"
@@ -407,10 +416,11 @@ def choose_index(x: np.ndarray, queries: np.ndarray, k: int, target_recall: floa
             continue
         if isinstance(faiss.downcast_index(index), faiss.IndexRefine):
             set_search_params(index, {"k_factor_rf": refine_k_factor})
+        set_search_params(index, fixed)
         t0 = time.perf_counter()
         tuned = tune_search_params(index, queries, k, target_recall, base=x, exact=exact, z=z)
         row["tune_s"] = time.perf_counter() - t0
-        row.update(params=tuned["params"], recall=tuned["recall"],
+        row.update(params={**fixed, **tuned["params"]}, recall=tuned["recall"],
                    recall_lower_bound=tuned["recall_lower_bound"], reached=tuned["reached"], trials=tuned["trials"])
         if inspect is not None:
             inspect(index, row)
@@ -433,7 +443,7 @@ def choose_index(x: np.ndarray, queries: np.ndarray, k: int, target_recall: floa
         fallback = None  # a family reached the target: those that did not are not kept
     chosen = best or fallback
     if chosen is None:
-        raise ValueError(f"no index family fits memory_budget={memory_budget} bytes: {candidates}")
+        raise ValueError(f"no index family fits memory_budget={memory_budget} bytes: {[c for c, _ in cands]}")
     index, row = chosen
     row["status"] = "chosen"
     set_search_params(index, row["params"])
@@ -457,7 +467,8 @@ def index_memory_bytes(index: faiss.Index) -> int:
         lists = ivf.invlists
         if lists is not None:
             n = sum(int(lists.list_size(i)) for i in range(ivf.nlist))
-            return int(n * (lists.code_size + 8) + index_memory_bytes(ivf.quantizer))
+            # ivf.code_size: fast-scan lists pack their codes in blocks and report no per-vector size
+            return int(n * (ivf.code_size + 8) + index_memory_bytes(ivf.quantizer))
     except RuntimeError:
         pass
     if isinstance(inner, faiss.IndexHNSW):

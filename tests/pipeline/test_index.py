@@ -218,3 +218,12 @@ def test_given_centroids_skip_kmeans(data):
     fidx.set_search_params(first, {"nprobe": 3})
     fidx.set_search_params(second, {"nprobe": 3, "k_factor_rf": 50})
     np.testing.assert_array_equal(fidx.search(first, queries, 10)[1], fidx.search(second, queries, 10)[1])
+
+
+def test_a_candidate_can_fix_its_rescoring_depth(data):
+    base, queries = data
+    index, record = fidx.choose_index(base, queries, 10, 0.9, candidates=[("IVF16,PQ8x4fs,RFlat", {"k_factor_rf": 16})])
+    assert record["params"]["k_factor_rf"] == 16 and record["families"][0]["fixed_params"] == {"k_factor_rf": 16}
+    assert faiss.downcast_index(index).k_factor == 16
+    scores, ids = fidx.search(index, queries, 10)
+    np.testing.assert_allclose(scores, fidx.true_scores(queries, base, ids), atol=1e-5)
