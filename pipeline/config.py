@@ -160,6 +160,7 @@ class RankerConfig:
     label_fraction: OpenFraction = 0.2  # per_user: each user's latest share of interactions are labels
     label_window_days: PosFloat = 14.0  # window: labels come from this last window of the log
     guard: bool = True  # ship the ranker's order only if it beats retrieval order on validation
+    depth: NonNegInt = 100  # the ranker reorders each user's first `depth` candidates of the retrieval order (0: all)
     seed: int = 0
 
 

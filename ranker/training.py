@@ -260,6 +260,8 @@ def training_rows(catalog: Catalog, cands: pl.DataFrame, split: LabelSplit, thre
                   config: Config) -> pl.DataFrame:
     """Labelled candidate rows of every label window, features from before each window's labels."""
     parts = []
+    if config.ranker.depth:  # the rows the ranker will reorder at serving time, no others
+        cands = cands.filter(pl.col("retrieval_rank") <= config.ranker.depth)
     for window, part in enumerate(label_windows(split, config, threshold)):
         rows_w = cands.filter(pl.col("label_window") == window)
         parts.append(gain_labels(pair_features(rows_w, catalog, part.fit), part.held, threshold))
@@ -306,8 +308,8 @@ def run_train(art_dir: Path, config: Config | None = None, *, lock: bool = True)
         ranker.save(ranker_dir)
         order = "ranker" if ships else "retrieval"
         reason = "" if ships else guard.get("reason") or "the ranker did not beat the retrieval order on validation"
-        write_json({"order": order, "reason": reason, "guard": guard, "protocol": split.protocol,
-                    "built_from": lineage(art_dir)},
+        write_json({"order": order, "reason": reason, "depth": config.ranker.depth, "guard": guard,
+                    "protocol": split.protocol, "built_from": lineage(art_dir)},
                    ranker_dir / GUARD_FILE)
         if not ships:
             checked = guard["forward"] if guard["forward"] and guard["interval"][0] > 0 else guard

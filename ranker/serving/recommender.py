@@ -121,6 +121,9 @@ class Recommender:
             cold = best["source"].is_in(["content", "popular"]).to_numpy()
             return pl.concat([best.select(columns), explain_blend(best, self.sources_.weights, cold)],
                              how="horizontal")
+        trained_depth = int(self.guard_.get("depth") or 0)
+        if trained_depth:  # the ranker reorders the retrieval order's first `depth` candidates, as trained
+            cands = cands.filter(pl.col("retrieval_rank") <= max(trained_depth, k))
         # Explanations cost about a millisecond a row: only the kept top-k rows are explained.
         if steps is None:
             return recommend(self.ranker_, self._features(cands), k, explain=explain)

@@ -226,6 +226,32 @@ def test_user_attributes_reach_the_model(tmp_path: Path) -> None:
     assert set(rec.sources_.segment_names_) == {"segment", "age"}
 
 
+def test_the_ranker_reorders_the_first_depth_candidates_it_was_trained_on(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_catalog(tmp_path / "data", n_users=60)
+    art = tmp_path / "art"
+    seen: list[int] = []
+    real = training.guard_ranker
+
+    def spy(rows: pl.DataFrame, config: object) -> dict:
+        seen.append(int(rows["retrieval_rank"].max()))
+        return real(rows, config)
+
+    monkeypatch.setattr(training, "guard_ranker", spy)
+    nightly(data, art, "ranker.guard=false", "ranker.depth=15")
+    assert seen == [15]  # training rows: the first 15 of each user's retrieval order only
+    assert json.loads((art / "ranker" / "guard.json").read_text())["depth"] == 15
+    rec = Recommender(art)
+    assert rec.order_ == "ranker"
+    users = rec.known_users_[:5]
+    top = rec.recommend(users, 10)
+    blend = rec.sources_.candidates(users).select("user_id", "item_id", "retrieval_rank")
+    ranks = top.join(blend, on=["user_id", "item_id"], how="left")["retrieval_rank"]
+    assert ranks.max() <= 15 and top.height == 50
+    # Asked for more than the depth, the ranker orders the first k.
+    assert rec.recommend(users, 20).group_by("user_id").len()["len"].min() == 20
+
+
 def test_a_ranker_trained_on_an_older_index_is_not_served(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     data = make_catalog(tmp_path / "data", n_users=60)
     art = tmp_path / "art"
