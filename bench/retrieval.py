@@ -2,10 +2,13 @@
 
 Part 1, synthetic: --n vectors of dimension --d drawn around --clusters random centres
 (unit vectors plus Gaussian noise of --noise times their norm), and --queries fresh queries from the
-same mixture. The index (default: pipeline.index.choose_factory, i.e. IVF-Flat for 1M x 384)
-is built, its nprobe/efSearch tuned on --tune-queries separate queries to reach
---target-recall of the exact top-k, then exact and approximate search are timed on the
-same evaluation queries with the same threads: recall@k and speed-up come from one run.
+same mixture. `faiss_index.choose_index` (what `auto` does above 20,000 items) builds each
+candidate family (--families, default `default_candidates`: IVF with 2 and 4 sqrt(n) lists,
+an HNSW coarse quantizer, SQ8/fp16 codes re-scored exactly, HNSW graphs), tunes its
+nprobe/efSearch on --tune-queries separate queries to reach --target-recall of the exact
+top-k, and keeps the fastest within the memory budget. For every family the benchmark then
+times exact and approximate search on the same evaluation queries, one after the other, with
+the same threads (best of --repeats each): recall@k and speed-up come from one run.
 
 Part 2, the real catalogue: the item embeddings of a data set (MovieLens from --art when
 given, else the Last.fm precomputed ones), each table as its own index, same procedure.
@@ -16,7 +19,7 @@ top k among the first 100 results, which the retriever re-scores exactly (what r
 the ranker; compressed codes rank poorly on their own but keep the true top k among them).
 
 Usage: .venv/bin/python bench/retrieval.py [--n 1000000] [--d 384] [--threads 2]
-       [--factory "auto;IVF2048,PQ48"]
+       [--families "IVF4096,SQ8,RFlat;HNSW32,Flat"] [--build-budget 600]
 Writes bench/results/retrieval.json and prints a table.
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import sys
 import time
 from pathlib import Path
@@ -99,6 +103,62 @@ def measure(name: str, base: np.ndarray, queries: np.ndarray, tune_q: np.ndarray
     return row
 
 
+def best_time(fn, repeats: int) -> tuple[float, tuple]:
+    times, out = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return min(times), out
+
+
+def families(base: np.ndarray, queries: np.ndarray, tune_q: np.ndarray, k: int, target: float,
+             candidates: list[str | tuple[str, dict[str, int]]] | None, build_budget: float, repeats: int) -> tuple[list[dict], dict]:
+    """choose_index on the synthetic set; each tuned family timed against exact search."""
+    exact_ref = fidx.exact_search(base, queries, k)
+    rows: list[dict] = []
+
+    def inspect(index, fam: dict) -> None:
+        ann_s = exact_s = math.inf
+        ids = None
+        for _ in range(repeats):  # interleaved: both see the same load
+            e, _ = best_time(lambda: fidx.exact_search(base, queries, k), 1)
+            a, (_, ids) = best_time(lambda: fidx.search(index, queries, k), 1)
+            exact_s, ann_s = min(exact_s, e), min(ann_s, a)
+        ex_scores, ex_ids = exact_ref
+        true = fidx.true_scores(queries, base, ids)
+        rows.append({"set": "synthetic-clustered", "n": int(len(base)), "d": int(base.shape[1]),
+                     "factory": fam["factory"], "params": dict(fam["params"]), "tune_recall": fam["recall"],
+                     "tune_recall_lower_bound": fam["recall_lower_bound"], "tune_reached": fam["reached"],
+                     f"recall@{k}": fidx.recall_at_k(ids, ex_ids, exact_scores=ex_scores, approx_true_scores=true),
+                     f"recall@{k}_ids": fidx.recall_at_k(ids, ex_ids),
+                     "exact_ms_per_query": 1000 * exact_s / len(queries),
+                     "ann_ms_per_query": 1000 * ann_s / len(queries), "speedup": exact_s / ann_s,
+                     "build_s": fam["build_s"], "tune_s": fam["tune_s"],
+                     "index_mb": fam["memory_bytes"] / 2**20, "bytes_per_vector": fam["memory_bytes"] / len(base),
+                     "vectors_mb": base.nbytes / 2**20, "tune_trials": fam["trials"]})
+        print(f"  {fam['factory']}: {fam['params']} recall {rows[-1][f'recall@{k}']:.3f} "
+              f"{rows[-1]['ann_ms_per_query']:.3f} vs {rows[-1]['exact_ms_per_query']:.2f} ms/query "
+              f"({rows[-1]['speedup']:.1f}x), build {fam['build_s']:.0f}s", flush=True)
+
+    t0 = time.perf_counter()
+    index, record = fidx.choose_index(base, tune_q, k, target, candidates=candidates, build_budget_s=build_budget,
+                                      inspect=inspect)
+    record["choose_s"] = time.perf_counter() - t0
+    status = {f["factory"]: f["status"] for f in record["families"]}
+    for r in rows:
+        r["status"] = status[r["factory"]]
+    for f in record["families"]:
+        if "trials" not in f:  # skipped before building: no row to time
+            rows.append({"set": "synthetic-clustered", "n": int(len(base)), "d": int(base.shape[1]),
+                         "factory": f["factory"], "params": {}, "status": f["status"],
+                         "estimated_build_s": f.get("estimated_build_s"),
+                         "index_mb": f["estimated_memory_bytes"] / 2**20})
+    del index
+    gc.collect()
+    return rows, record
+
+
 def real_catalogue(art: Path | None) -> tuple[str, dict]:
     if art is not None:
         mods = load_modalities(Path(art) / "embeddings", "item")
@@ -114,11 +174,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--d", type=int, default=384)
     ap.add_argument("--clusters", type=int, default=10_000)
     ap.add_argument("--noise", type=float, default=1.5)
-    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--tune-queries", type=int, default=500)
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--factory", default="auto",
-                    help="FAISS index-factory string or auto; ';' separates several, measured side by side")
+    ap.add_argument("--families", default="",
+                    help="FAISS index-factory strings, ';'-separated, for the tuner to choose from "
+                         "(default: faiss_index.default_candidates); 'factory|k_factor_rf=16' fixes a parameter")
+    ap.add_argument("--build-budget", type=float, default=fidx.DEFAULT_BUILD_BUDGET_S,
+                    help="skip graph families whose build is estimated longer (seconds)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed searches of each kind per family (best kept)")
     ap.add_argument("--target-recall", type=float, default=0.95)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--art", type=Path, default=None, help="artifacts dir with item embeddings (real catalogue)")
@@ -128,16 +192,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=RESULTS / "retrieval.json")
     args = ap.parse_args(argv)
     fidx.set_threads(args.threads)
-    rows = []
+    rows: list[dict] = []
+    choice: dict | None = None
     t_all = time.perf_counter()
     if not args.skip_synthetic:
         t0 = time.perf_counter()
         base = clustered(args.n, args.d, args.clusters, seed=1, noise=args.noise)
         queries = clustered(args.queries + args.tune_queries, args.d, args.clusters, seed=2, noise=args.noise)
         print(f"generated {args.n:,} x {args.d} in {time.perf_counter() - t0:.1f}s", flush=True)
-        for factory in [f for f in args.factory.split(";") if f]:
-            rows.append(measure("synthetic-clustered", base, queries[:args.queries], queries[args.queries:],
-                                args.k, factory, args.target_recall))
+        # "factory" or "factory|param=value,...": parameters fixed for that family (k_factor_rf=16)
+        cands: list[str | tuple[str, dict[str, int]]] = []
+        for f in filter(None, args.families.split(";")):
+            fac, _, fixed = f.partition("|")
+            cands.append((fac, {a: int(b) for a, b in (kv.split("=") for kv in fixed.split(",") if kv)}))
+        fam_rows, choice = families(base, queries[:args.queries], queries[args.queries:], args.k,
+                                    args.target_recall, cands or None, args.build_budget, args.repeats)
+        rows += fam_rows
+        print(f"chosen: {choice['chosen']} {choice['params']} ({choice['choose_s']:.0f}s for the choice)", flush=True)
         del base, queries
         gc.collect()
     name, mods = real_catalogue(args.art)
@@ -152,12 +223,11 @@ def main(argv: list[str] | None = None) -> dict:
                                 args.target_recall))
     k = args.k
     print_table([{**r, "params": ",".join(f"{a}={b}" for a, b in r["params"].items()) or "-"} for r in rows],
-                ["set", "n", "d", "factory", "params", f"recall@{k}", f"recall@{k}_in_100", "exact_ms_per_query",
-                 "ann_ms_per_query",
-                 "speedup", "build_s", "index_mb", "bytes_per_vector"],
+                ["set", "n", "factory", "status", "params", f"recall@{k}", f"recall@{k}_in_100", "exact_ms_per_query",
+                 "ann_ms_per_query", "speedup", "build_s", "index_mb", "bytes_per_vector"],
                 title=f"recall@{k} of the exact top-{k} and speed-up over exact search ({args.threads} threads)")
     result = {"args": {a: (str(v) if isinstance(v, Path) else v) for a, v in vars(args).items()},
-              "environment": environment(), "rows": rows, "total_s": time.perf_counter() - t_all}
+              "environment": environment(), "rows": rows, "choice": choice, "total_s": time.perf_counter() - t_all}
     write_json(result, args.out)
     print(f"\nwrote {args.out} ({result['total_s']:.0f}s total)")
     return result
