@@ -559,7 +559,7 @@ def run_embed(data_dir: Path, art_dir: Path, config: Config | None = None, *,
     """The embedding job (`fusionrec embed`).
 
     The sha256 of input tables, media and model files are remembered by (path, size, mtime,
-    inode) in `ART/cache/file_hashes.parquet`, and each encoder's identity in
+    ctime, inode) in `ART/cache/file_hashes.parquet`, and each encoder's identity in
     `ART/cache/encoders.json`, so a rerun reads only the files that changed and loads no model
     when nothing needs encoding. `verify=True` hashes every file again and loads every encoder.
     """

@@ -168,15 +168,17 @@ def sha256_fileobj(fh: Any, chunk: int = 1 << 20) -> str:
 
 
 HASH_CACHE_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
-                               ("inode", pa.int64()), ("sha256", pa.string())])
+                               ("ctime_ns", pa.int64()), ("inode", pa.int64()), ("sha256", pa.string())])
 RACY_NS = 2_000_000_000  # a file modified this close to its hashing is hashed again next time
 
 
 class FileHashes:
-    """sha256 of files, remembered by (path, size, modification time, inode) in a Parquet file.
+    """sha256 of files, remembered by (path, size, modification time, change time, inode) in a
+    Parquet file.
 
-    A file whose absolute path, size, mtime and inode all match the remembered entry is not
-    read again; any other file (new, rewritten, or replaced by another file with the same size
+    A file whose absolute path, size, mtime, ctime and inode all match the remembered entry is
+    not read again (ctime, as git does: a rewrite that puts the mtime back, such as
+    `cp -p` or `rsync --inplace -t`, still changes it); any other file (new, rewritten, or replaced by another file with the same size
     and mtime) is hashed. `verify=True` hashes every file again. Entries are taken from an
     `os.fstat` of the open file being hashed, so they describe exactly the bytes read; a file
     modified within `RACY_NS` of its hashing is not remembered (a later write in the same
@@ -187,41 +189,43 @@ class FileHashes:
         self.store = None if store is None else Path(store)
         self.verify = verify
         self.hashed = 0  # files read (hashed) by this object
-        self._known: dict[str, tuple[int, int, int, str]] | None = None
-        self._used: dict[str, tuple[int, int, int, str]] = {}
+        self._known: dict[str, tuple[int, int, int, int, str]] | None = None
+        self._used: dict[str, tuple[int, int, int, int, str]] = {}
 
-    def _load(self) -> dict[str, tuple[int, int, int, str]]:
+    def _load(self) -> dict[str, tuple[int, int, int, int, str]]:
         if self._known is None:
             self._known = {}
             if self.store is not None and self.store.is_file():
                 try:
                     # ParquetFile, not read_table: the latter imports pyarrow.dataset (0.3 s).
                     cols = pq.ParquetFile(self.store).read().cast(HASH_CACHE_SCHEMA).to_pydict()
-                    self._known = {p: (s, m, i, h) for p, s, m, i, h in zip(
-                        cols["path"], cols["size"], cols["mtime_ns"], cols["inode"], cols["sha256"], strict=True)}
+                    self._known = {p: (s, m, c, i, h) for p, s, m, c, i, h in zip(
+                        cols["path"], cols["size"], cols["mtime_ns"], cols["ctime_ns"], cols["inode"],
+                        cols["sha256"], strict=True)}
                 except (OSError, ValueError, pa.ArrowException) as exc:  # a damaged cache is only a cache
                     log.warning("ignoring the file hash cache %s (%s): every file is hashed again", self.store,
                                 exc)
         return self._known
 
     def sha256(self, path: Path | str) -> str:
-        """The file's sha256, from the cache when its path, size, mtime and inode are unchanged."""
+        """The file's sha256, from the cache when its path, size, mtime, ctime and inode are unchanged."""
         key = os.path.abspath(path)
         if not self.verify:
             known = self._load().get(key)
             if known is not None:
                 st = os.stat(key)
-                if (st.st_size, st.st_mtime_ns, st.st_ino) == known[:3]:
+                if (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) == known[:4]:
                     self._used[key] = known
-                    return known[3]
+                    return known[4]
         started = time.time_ns()
         with open(key, "rb") as fh:
             before = os.fstat(fh.fileno())
             digest = sha256_fileobj(fh)
             after = os.fstat(fh.fileno())
         self.hashed += 1
-        stat = (before.st_size, before.st_mtime_ns, before.st_ino)
-        if stat == (after.st_size, after.st_mtime_ns, after.st_ino) and before.st_mtime_ns < started - RACY_NS:
+        stat = (before.st_size, before.st_mtime_ns, before.st_ctime_ns, before.st_ino)
+        if stat == (after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino) \
+                and before.st_mtime_ns < started - RACY_NS:
             self._used[key] = (*stat, digest)
         else:
             self._used.pop(key, None)
@@ -233,8 +237,9 @@ class FileHashes:
             return
         rows = sorted(self._used.items())
         table = pa.table({"path": [p for p, _ in rows], "size": [e[0] for _, e in rows],
-                          "mtime_ns": [e[1] for _, e in rows], "inode": [e[2] for _, e in rows],
-                          "sha256": [e[3] for _, e in rows]}, schema=HASH_CACHE_SCHEMA)
+                          "mtime_ns": [e[1] for _, e in rows], "ctime_ns": [e[2] for _, e in rows],
+                          "inode": [e[3] for _, e in rows], "sha256": [e[4] for _, e in rows]},
+                         schema=HASH_CACHE_SCHEMA)
         write_parquet(table, self.store)
         self._known = dict(self._used)
 

@@ -1,4 +1,4 @@
-"""File hashes remembered by (path, size, mtime, inode): what a rerun reads again, and --verify."""
+"""File hashes remembered by (path, size, mtime, ctime, inode): what a rerun reads again, and --verify."""
 
 from __future__ import annotations
 
@@ -94,6 +94,28 @@ def test_changed_replaced_and_verified_files_are_read_again(tmp_path: Path, hash
     for f in (a, b, c):
         verify.sha256(f)
     assert sorted(hashed) == ["a.bin", "b.bin", "c.bin"] and verify.hashed == 3
+
+
+def test_an_in_place_rewrite_that_puts_the_mtime_back_is_read_again(tmp_path: Path, hashed: list[str]) -> None:
+    """`cp -p` onto an existing file or `rsync --inplace -t`: same path, size, mtime and inode;
+    only the change time (ctime) tells."""
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"version 1 of the weights")
+    backdate(f)
+    store = tmp_path / "hashes.parquet"
+    cache = FileHashes(store)
+    old = cache.sha256(f)
+    cache.save()
+    st = f.stat()
+    time.sleep(0.01)
+    with open(f, "r+b") as fh:  # the same inode, the same size
+        fh.write(b"version 2")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = f.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+    hashed.clear()
+    new = FileHashes(store).sha256(f)
+    assert hashed == ["weights.bin"] and new == sha256_file(f) != old
 
 
 def test_a_file_written_just_now_is_not_remembered(tmp_path: Path, hashed: list[str]) -> None:
