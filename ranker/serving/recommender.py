@@ -118,7 +118,7 @@ class Recommender:
             if not explain:
                 return best.select(columns)
             # The blend explains itself: each source's weight times its z-score.
-            cold = best["source"].is_in(["content", "popular"]).to_numpy()
+            cold = best["source"].is_in(["content", "popular"]).fill_null(False).to_numpy()
             return pl.concat([best.select(columns), explain_blend(best, self.sources_.weights, cold)],
                              how="horizontal")
         trained_depth = int(self.guard_.get("depth") or 0)
