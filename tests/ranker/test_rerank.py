@@ -272,3 +272,15 @@ def test_pins_skip_users_who_have_the_item(art: Path, tmp_path: Path) -> None:
     assert set(pinned["user_id"].to_list()) == set(out["user_id"].to_list()) - had
     assert (pinned["rank"] == 2).all() and (pinned["rerank"] == "pinned").all()
     assert np.isin(out.group_by("user_id").len()["len"].to_numpy(), [K]).all()
+
+
+def test_a_pin_outside_the_candidates_explains_on_the_retrieval_order(art: Path, tmp_path: Path) -> None:
+    """The pinned row comes from no candidate list (no source, no score); --explain still works."""
+    rec = Recommender(art, use_ranker=False)
+    users = rec.known_users_[:3]
+    deep = rec.sources_.candidates(users).filter(pl.col("retrieval_rank") > 30)["item_id"][0]
+    rules = write_rules(tmp_path / "pin.csv", [{"item_id": deep, "action": "pin", "position": 1}])
+    out = rec.recommend(users, 5, rerank=RerankConfig(rules_file=str(rules), candidates=5), explain=True)
+    first = out.filter(pl.col("rank") == 1)
+    assert first["item_id"].to_list() == [deep] * first.height and (first["rerank"] == "pinned").all()
+    assert out.group_by("user_id").len()["len"].to_list() == [5] * out["user_id"].n_unique()
