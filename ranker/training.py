@@ -49,6 +49,7 @@ log = logging.getLogger("fusionrec.train")
 DAY = 86_400
 GUARD_FILE = "guard.json"
 GUARD_FOLDS = 4  # each fold's ranker learns from three quarters of the users
+MIN_FORWARD_USERS = 20  # fewer labelled users in the earlier window make the forward check meaningless
 SINGLE_WINDOW = ("the log holds one label window only, so a ranker could not be checked on labels later than "
                  "those it learned from")
 
@@ -259,7 +260,8 @@ def guard_ranker(rows: pl.DataFrame, config: Config) -> dict[str, Any]:
     oof = pl.concat(scored)
     across = _compare(oof, oof["ranker_score"].to_numpy(), oof["blend_score"].to_numpy(), config.ranker.seed)
     started = time.perf_counter()
-    forward = forward_check(latest, earlier, config) if earlier.height else None
+    enough = earlier["user_id"].n_unique() >= MIN_FORWARD_USERS if earlier.height else False
+    forward = forward_check(latest, earlier, config) if enough else None
     if forward is not None:
         log.info("guard: forward check fitted on the earlier window's %d rows (%.0f s)", earlier.height,
                  time.perf_counter() - started)
@@ -311,10 +313,14 @@ def run_train(art_dir: Path, config: Config | None = None, *, lock: bool = True)
         if rows["user_id"].n_unique() < 20:
             return _no_ranker(art_dir, record, f"only {rows['user_id'].n_unique()} users have held-out positives "
                                                "among their candidates: too few to train and check a ranker")
-        if config.ranker.guard and rows["label_window"].n_unique() < 2:
+        earlier_users = rows.filter(pl.col("label_window") != 0)["user_id"].n_unique()
+        if config.ranker.guard and earlier_users < MIN_FORWARD_USERS:
             # The guard's forward check needs an earlier window; without it the ranker could not
             # ship, so none is trained (ranker.guard = false trains and ships one anyway).
-            return _no_ranker(art_dir, record, SINGLE_WINDOW)
+            single = rows["label_window"].n_unique() < 2 and len(label_windows(split, config, threshold)) < 2
+            return _no_ranker(art_dir, record, SINGLE_WINDOW if single else (
+                f"only {earlier_users} users of the earlier label window have a held-out positive among their "
+                f"first {config.ranker.depth or 'all'} candidates: too few to check the ranker forward in time"))
         t0 = time.perf_counter()
         log.info("train: %d candidate rows of %d users; checking the ranker against the retrieval order "
                  "(%d folds and a forward check, then one final fit)", rows.height, rows["user_id"].n_unique(),
