@@ -134,8 +134,11 @@ def rerank(candidates: pl.DataFrame, k: int, config: RerankConfig, inputs: Reran
     inputs = inputs or RerankInputs()
     if k < 1:
         raise InputError(f"k must be at least 1, not {k}", field="k")
-    cands = _exclude(_ordered(candidates), config, inputs)
-    users = cands["user_id"].unique().sort().to_list()
+    ordered = _ordered(candidates)
+    # Users are taken before exclusion: one whose every candidate is excluded keeps a list
+    # (their pins, or an empty list), never vanishes from the export.
+    users = ordered["user_id"].unique().sort().to_list()
+    cands = _exclude(ordered, config, inputs)
     pins = _pins(users, config, inputs)
     item_ids = sorted(set(cands["item_id"].to_list()) | {i for pinned in pins.values() for i, _ in pinned})
     code = {i: j for j, i in enumerate(item_ids)}
@@ -152,6 +155,9 @@ def rerank(candidates: pl.DataFrame, k: int, config: RerankConfig, inputs: Reran
         keep = np.array([i not in pinned for i in order], bool)
         state.order[user], state.rel[user] = order[keep], r[keep]
         state.target[user] = max(0, k - len(pins.get(user, [])))
+    for user in set(users) - set(state.order):
+        state.order[user], state.rel[user] = np.zeros(0, np.int64), np.zeros(0, np.float64)
+        state.target[user] = 0
     _steps(state, config, inputs)
     return _frame(state, cands, pins, code, config)
 

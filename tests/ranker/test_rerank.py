@@ -284,3 +284,20 @@ def test_a_pin_outside_the_candidates_explains_on_the_retrieval_order(art: Path,
     first = out.filter(pl.col("rank") == 1)
     assert first["item_id"].to_list() == [deep] * first.height and (first["rerank"] == "pinned").all()
     assert out.group_by("user_id").len()["len"].to_list() == [5] * out["user_id"].n_unique()
+
+
+def test_a_user_whose_every_candidate_is_excluded_keeps_their_pins(case, tmp_path: Path) -> None:
+    cands, inputs = case
+    user = cands["user_id"].unique().sort()[0]
+    theirs = cands.filter(pl.col("user_id") == user)["item_id"].to_list()
+    had = set(inputs.history.filter(pl.col("user_id") == user)["item_id"].to_list())
+    pin = next(i for i in inputs.items["item_id"].sort().to_list() if i not in theirs and i not in had)
+    rules = read_rules(write_rules(tmp_path / "rules.csv", [
+        *({"item_id": i, "action": "exclude", "value": None, "position": None} for i in theirs),
+        {"item_id": pin, "action": "pin", "value": None, "position": 2}]))
+    inputs = type(inputs)(items=inputs.items, vectors=inputs.vectors, history=inputs.history,
+                          n_items=inputs.n_items, rules=rules)
+    out = rerank(cands, K, RerankConfig(), inputs)
+    mine = out.filter(pl.col("user_id") == user)
+    assert mine["item_id"].to_list() == [pin] and mine["rerank"].to_list() == ["pinned"]
+    assert out["user_id"].n_unique() == cands["user_id"].n_unique()
