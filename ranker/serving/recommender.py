@@ -102,7 +102,8 @@ class Recommender:
         """Top-k per user; `use_ranker=False` keeps the retrieval (blend) order.
 
         `rerank` (active options only): the post-ranking step (`ranker.rerank`) draws the k
-        from the shipped order's first `rerank.candidates`, and the rows gain a `rerank` column.
+        from the shipped order's first `rerank.candidates` (with the ranker's order, at most
+        the `ranker.depth` candidates it reorders), and the rows gain a `rerank` column.
         """
         steps = rerank if rerank is not None and rerank.active else None
         depth = k if steps is None else max(k, steps.candidates)
