@@ -197,8 +197,11 @@ class Retriever:
         # (4) index and tuned search parameters
         t3 = time.perf_counter()
         xb = item_matrix(self.item_blocks_, self._weight_vector())
+        # The family is chosen for the configured depth and recall (nprobe is tuned again below
+        # on the users' own queries).
         self.index_ = fidx.build_index(xb, p.index_factory, seed=p.seed, exact_max=p.exact_max_items,
-                                       memory_budget=int(p.index_memory_budget_gb * (1 << 30)))
+                                       memory_budget=int(p.index_memory_budget_gb * (1 << 30)),
+                                       k=p.n_candidates, target_recall=p.target_recall)
         timings["index_build_s"] = time.perf_counter() - t3
         t4 = time.perf_counter()
         active = np.flatnonzero(ub.mask.any(axis=1))
