@@ -222,11 +222,13 @@ def train(out: OutOpt = Path("artifacts"), data: DataOpt = None, config: ConfigO
 
 
 def _print_train(summary: dict) -> None:
-    rows = [{"stage": "train rows", "value": summary["train_rows"]},
-            {"stage": "validation rows", "value": summary["valid_rows"]},
-            {"stage": "best iteration", "value": summary["best_iteration"]}]
+    # Every labelled row trains the ranker and is scored out of fold by the guard: one count.
+    rows = [{"stage": "training rows (scored out of fold)", "value": summary["train_rows"]},
+            {"stage": "rounds", "value": summary["best_iteration"]}]
     for name, value in (summary.get("valid_ndcg@10") or {}).items():
         rows.append({"stage": f"validation NDCG@10, {name}", "value": value})
+    if summary.get("order"):
+        rows.append({"stage": "shipped order", "value": summary["order"]})
     if "valid_rmse" in summary:
         rows.append({"stage": "validation RMSE", "value": round(summary["valid_rmse"], 4)})
     _print_table("ranker", rows, ["stage", "value"])
