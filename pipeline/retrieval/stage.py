@@ -163,8 +163,10 @@ def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, conf
     # Window 0 holds the labels the sources were tuned on; window 1, one step earlier (the
     # same protocol applied to window 0's feature part), doubles the ranker's examples.
     for window, part in enumerate(label_windows(split, config, threshold)):
+        # An earlier window's retriever searches its own weights on its own labels: weights
+        # chosen on window 0's labels would look ahead of window 1's features.
         fused_part = fused_source if window == 0 or fused_source is None else (
-            fused_fit.with_chosen_weights().fit(item_mods, part.fit, user_mods))
+            retriever_from_config(config).fit(item_mods, part.fit, user_mods, held_out=part.held))
         held_model = CandidateModel(**common, params=tuning.params, weights=tuning.weights).fit(
             part.fit, item_ids, catalog.users, fused_part)
         labelled = truth_pairs(part.fit, part.held, threshold)["user_id"].unique().sort().to_list()
