@@ -47,6 +47,8 @@ bench-full: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/embed.py --rerun
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/peers.py --dataset movielens
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/peers.py --dataset lastfm
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/tradeoff.py --dataset movielens
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/tradeoff.py --dataset lastfm
 
 clean:
 	rm -rf artifacts .pytest_cache
