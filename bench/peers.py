@@ -44,6 +44,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -392,6 +393,32 @@ def item_vectors(art: Path, source: Path) -> tuple[list[str], np.ndarray] | None
     return None
 
 
+@dataclass(frozen=True)
+class DataSet:
+    """One shared data set, read and split as every benchmark here reads it."""
+
+    source: Path  # the data directory
+    work: Path  # the benchmark's working folder
+    inter: pl.DataFrame
+    items: pl.DataFrame
+    item_ids: np.ndarray  # sorted
+    threshold: float | None  # relevance threshold of ratings (None: every interaction counts)
+    train: pl.DataFrame
+    test: pl.DataFrame
+
+
+def load_dataset(name: str, shared: Path, work: Path | None) -> DataSet:
+    source = shared / SETS[name] / "fusionrec"
+    if not source.is_dir():
+        raise SystemExit(f"data set absent at {source}")
+    inter = read(source / "interactions.csv")
+    items = pl.read_csv(source / "items.csv", schema_overrides={"item_id": pl.String}, infer_schema_length=0)
+    train, test = split(name, inter)
+    return DataSet(source, work or RESULTS / f"work_{name}", inter, items,
+                   np.array(sorted(items["item_id"].to_list()), dtype=object), relevance_threshold(inter, 0),
+                   train, test)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", choices=sorted(SETS), required=True)
@@ -400,15 +427,9 @@ def main() -> None:
     ap.add_argument("--no-vbpr", action="store_true", help="skip Cornac VBPR (minutes per fit)")
     ap.add_argument("--no-global", action="store_true", help="skip the global temporal slice table")
     args = ap.parse_args()
-    source = args.shared / SETS[args.dataset] / "fusionrec"
-    if not source.is_dir():
-        raise SystemExit(f"data set absent at {source}")
-    work = args.work or RESULTS / f"work_{args.dataset}"
-    inter = read(source / "interactions.csv")
-    items = pl.read_csv(source / "items.csv", schema_overrides={"item_id": pl.String}, infer_schema_length=0)
-    item_ids = np.array(sorted(items["item_id"].to_list()), dtype=object)
-    threshold = relevance_threshold(inter, 0)
-    train, test = split(args.dataset, inter)
+    data = load_dataset(args.dataset, args.shared, args.work)
+    source, work, inter, item_ids, threshold = data.source, data.work, data.inter, data.item_ids, data.threshold
+    train, test = data.train, data.test
     print(f"{args.dataset}: {train.height} train, {test.height} test interactions; relevance threshold {threshold}",
           flush=True)
 

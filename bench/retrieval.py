@@ -71,16 +71,8 @@ def measure(name: str, base: np.ndarray, queries: np.ndarray, tune_q: np.ndarray
     tuned = fidx.tune_search_params(index, tune_q, k, target, base=base)
     tune_s = time.perf_counter() - t0
 
-    def best_time(fn) -> tuple[float, tuple]:
-        times, out = [], None
-        for _ in range(repeats):
-            t = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - t)
-        return min(times), out
-
-    exact_s, (ex_scores, ex_ids) = best_time(lambda: fidx.exact_search(base, queries, k))
-    ann_s, (_, ids) = best_time(lambda idx=index: fidx.search(idx, queries, k))  # bound now: `index` is deleted below
+    exact_s, (ex_scores, ex_ids) = best_time(lambda: fidx.exact_search(base, queries, k), repeats)
+    ann_s, (_, ids) = best_time(lambda idx=index: fidx.search(idx, queries, k), repeats)  # bound now: `index` is deleted below
     true = fidx.true_scores(queries, base, ids)
     recall = fidx.recall_at_k(ids, ex_ids, exact_scores=ex_scores, approx_true_scores=true)
     recall_ids = fidx.recall_at_k(ids, ex_ids)

@@ -40,12 +40,11 @@ import polars as pl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_json  # noqa: E402
-from peers import SETS, SHARED, Task, data_dir, frame_ndcg, interval, read, run_fusionrec, split  # noqa: E402
+from peers import SETS, SHARED, Task, data_dir, frame_ndcg, interval, load_dataset, run_fusionrec  # noqa: E402
 
 from fusionrec.evaluation import metrics as M  # noqa: E402
 from fusionrec.evaluation.report import write_report  # noqa: E402
 from fusionrec.pipeline.config import RerankConfig  # noqa: E402
-from fusionrec.pipeline.retrieval.sources import relevance_threshold  # noqa: E402
 from fusionrec.ranker.rerank import rerank  # noqa: E402
 from fusionrec.ranker.serving.recommender import Recommender  # noqa: E402
 
@@ -111,15 +110,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="working folder (default bench/results/work_<dataset>)")
     ap.add_argument("--candidates", type=int, default=100)
     args = ap.parse_args()
-    source = args.shared / SETS[args.dataset] / "fusionrec"
-    if not source.is_dir():
-        raise SystemExit(f"data set absent at {source}")
-    work = args.work or RESULTS / f"work_{args.dataset}"
-    inter = read(source / "interactions.csv")
-    items = pl.read_csv(source / "items.csv", schema_overrides={"item_id": pl.String}, infer_schema_length=0)
-    item_ids = np.array(sorted(items["item_id"].to_list()), dtype=object)
-    threshold = relevance_threshold(inter, 0)
-    train, test = split(args.dataset, inter)
+    data = load_dataset(args.dataset, args.shared, args.work)
+    source, work, items, item_ids, threshold = data.source, data.work, data.items, data.item_ids, data.threshold
+    train, test = data.train, data.test
     art, how = reuse_or_fit(args.dataset, source, train, work)
     print(f"{args.dataset}: artifacts {art} ({how})", flush=True)
     task = Task(train, test, item_ids, threshold)
