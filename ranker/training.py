@@ -34,7 +34,6 @@ from typing import Any, cast
 import numpy as np
 import polars as pl
 
-from fusionrec.evaluation.metrics import ranking_metrics
 from fusionrec.pipeline.config import Config
 from fusionrec.pipeline.io.manifest import stage_run
 from fusionrec.pipeline.io.storage import sha256_file, write_json
@@ -89,15 +88,6 @@ def user_fold(user_ids: pl.Series, seed: int, folds: int = 2) -> np.ndarray:
                      for u in user_ids.to_list()], dtype=np.int64)
 
 
-def ndcg_per_user(frame: pl.DataFrame, score: str, k: int = 10) -> pl.DataFrame:
-    """user_id, ndcg@k when `frame` is ordered by `score` (binary relevance: label > 0)."""
-    recs = frame.sort(["user_id", score, "retrieval_rank", "item_id"], descending=[False, True, False, False]) \
-        .with_columns((pl.int_range(pl.len()).over("user_id") + 1).alias("rank")) \
-        .select("user_id", "item_id", "rank")
-    truth = frame.filter(pl.col("label") > 0).select("user_id", "item_id")
-    return ranking_metrics(recs, truth, ks=(k,)).select("user_id", f"ndcg@{k}")
-
-
 def paired_interval(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
     """Mean of a - b and its 95% paired bootstrap interval over users."""
     diff = a - b
@@ -137,8 +127,10 @@ def query_ids(rows: pl.DataFrame) -> np.ndarray:
 
 
 def query_codes(rows: pl.DataFrame) -> np.ndarray:
-    """`query_ids` as dense integer codes (for `ndcg_rows`)."""
-    return pl.Series(query_ids(rows)).rank("dense").cast(pl.Int64).to_numpy()
+    """The queries of `query_ids` as dense integer codes (for `ndcg_rows`), numbered in
+    (user_id, label_window) order, so per-query results line up with rows sorted that way."""
+    keys = ["user_id", "label_window"] if "label_window" in rows.columns else ["user_id"]
+    return rows.select(pl.struct(keys).rank("dense")).to_series().cast(pl.Int64).to_numpy()
 
 
 def targets(rows: pl.DataFrame, config: Config) -> np.ndarray:
@@ -195,7 +187,7 @@ def _compare(rows: pl.DataFrame, ranker_score: np.ndarray, blend_score: np.ndarr
     frame = rows.select("user_id", "retrieval_rank", "label", window.alias("label_window")).with_columns(
         pl.Series("ranker_score", ranker_score), pl.Series("blend_score", blend_score)) \
         .sort("user_id", "label_window", "retrieval_rank")
-    query = frame.select(pl.struct("user_id", "label_window").rank("dense")).to_series().cast(pl.Int64).to_numpy()
+    query = query_codes(frame)
     label = frame["label"].to_numpy()
     per_query = frame.select("user_id", "label_window").unique(maintain_order=True).with_columns(
         pl.Series("ranker", ndcg_rows(query, frame["ranker_score"].to_numpy(), label)),
