@@ -74,6 +74,8 @@ class Recommender:
         if not guard_path.is_file():
             raise FusionrecError(f"{self.art_dir} has no ranker: run `fusionrec train` (or `fusionrec run`) first")
         self.guard_ = json.loads(guard_path.read_text())
+        self.depth_ = int(self.guard_.get("depth") or 0)  # the ranker reorders this many candidates (0: all)
+        self._rerank_vectors: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # MMR vectors by modality, loaded once
         self.ranker_: Ranker | None = None
         if (self.art_dir / "ranker" / "model.txt").is_file():
             self.ranker_ = Ranker.load(self.art_dir / "ranker")
@@ -122,9 +124,8 @@ class Recommender:
             cold = best["source"].is_in(["content", "popular"]).fill_null(False).to_numpy()
             return pl.concat([best.select(columns), explain_blend(best, self.sources_.weights, cold)],
                              how="horizontal")
-        trained_depth = int(self.guard_.get("depth") or 0)
-        if trained_depth:  # the ranker reorders the retrieval order's first `depth` candidates, as trained
-            cands = cands.filter(pl.col("retrieval_rank") <= max(trained_depth, k))
+        if self.depth_:  # the ranker reorders the retrieval order's first `depth` candidates, as trained
+            cands = cands.filter(pl.col("retrieval_rank") <= max(self.depth_, k))
         # Explanations cost about a millisecond a row: only the kept top-k rows are explained.
         if steps is None:
             return recommend(self.ranker_, self._features(cands), k, explain=explain)
@@ -138,10 +139,10 @@ class Recommender:
         MMR, the item vectors of `config.mmr_modality` (loaded once per modality)."""
         vectors = None
         if config.mmr_lambda:
-            cache: dict[str, tuple[np.ndarray, np.ndarray]] = self.__dict__.setdefault("_rerank_vectors", {})
-            if config.mmr_modality not in cache:
-                cache[config.mmr_modality] = item_vectors(self.art_dir, config.mmr_modality, self.retriever_)
-            vectors = cache[config.mmr_modality]
+            if config.mmr_modality not in self._rerank_vectors:
+                self._rerank_vectors[config.mmr_modality] = item_vectors(self.art_dir, config.mmr_modality,
+                                                                         self.retriever_)
+            vectors = self._rerank_vectors[config.mmr_modality]
         log = self.catalog_.interactions.select(pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String))
         return RerankInputs(items=self.catalog_.items, vectors=vectors, history=log,
                             n_items=len(self.retriever_.item_ids_),
