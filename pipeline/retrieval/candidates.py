@@ -271,15 +271,25 @@ class CandidateModel:
         cold = np.flatnonzero(self.history_counts(rows) == 0)
         if not len(cold):
             return out
-        own = np.zeros((len(cold), len(self.item_ids_)), np.float32)
-        if self.cold_profile_ is not None:
-            user_vecs, item_vecs = self.cold_profile_
-            known = rows[cold] >= 0
-            own[known] = user_vecs[rows[cold][known]] @ item_vecs.T
-        elif self.retriever_ is not None and FUSED in self.params:
-            own = fused_scores(self.retriever_, [str(user_ids[j]) for j in cold], self.item_ids_, self.n_candidates)
+        fused = None
+        if self.cold_profile_ is None and self.retriever_ is not None and FUSED in self.params:
+            fused = fused_scores(self.retriever_, [str(user_ids[j]) for j in cold], self.item_ids_, self.n_candidates)
+        own = self._own_content(rows[cold], fused)
         out[cold] = np.where(own.std(axis=1) > 0, "content", "popular")
         return out
+
+    def _own_content(self, rows: np.ndarray, fused: np.ndarray | None) -> np.ndarray:
+        """Users' (rows of users without history) scores of the catalog by their own content:
+        the cosine of their vector with the items', else the fused retrieval's scores (`fused`)
+        where that is all there is; zeros for a user with no content."""
+        own = np.zeros((len(rows), len(self.item_ids_)), np.float32)
+        if self.cold_profile_ is not None:
+            user_vecs, item_vecs = self.cold_profile_
+            known = rows >= 0
+            own[known] = user_vecs[rows[known]] @ item_vecs.T
+        elif fused is not None:
+            own = fused
+        return own
 
     def blocked(self, rows: np.ndarray) -> np.ndarray:
         """Items each user has already (seen items never return)."""
@@ -320,13 +330,7 @@ class CandidateModel:
             # A user with content of their own (profile text, avatar, voice) is placed by it:
             # the cosine of their vector with the items' (the fused retrieval where that is all
             # there is); popularity in their segment only breaks ties. Without content: popularity.
-            own = np.zeros_like(popular)
-            if self.cold_profile_ is not None:
-                user_vecs, item_vecs = self.cold_profile_
-                known = rows[cold] >= 0
-                own[known] = user_vecs[rows[cold][known]] @ item_vecs.T
-            elif FUSED in z:
-                own = z[FUSED][cold]
+            own = self._own_content(rows[cold], z[FUSED][cold] if FUSED in z else None)
             has_content = own.std(axis=1) > 0
             cold_blend = np.where(has_content[:, None], zscore(own) + 0.01 * popular, popular)
             blend[cold] = cold_blend
