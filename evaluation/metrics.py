@@ -106,6 +106,13 @@ def item_popularity(train: pl.DataFrame) -> pl.DataFrame:
     return (relevant_pairs(train).group_by("item_id").agg(pl.len().cast(pl.Int64).alias("popularity")))
 
 
+def head_items(popularity: pl.DataFrame, n_items: int, share: float) -> pl.Series:
+    """The head of a catalog of ``n_items``: the ``ceil(share * n_items)`` items of
+    ``popularity`` (:func:`item_popularity`) with the most training users, ties by item id."""
+    n_head = math.ceil(share * n_items)
+    return popularity.sort(["popularity", "item_id"], descending=[True, False]).head(n_head)["item_id"]
+
+
 # ----------------------------------------------------------------------------- ranking
 
 def ranking_metrics(recs: pl.DataFrame, truth: pl.DataFrame, ks: int | Iterable[int] = (10, 20)
@@ -309,8 +316,7 @@ def popularity_bias(recs: pl.DataFrame, train: pl.DataFrame, k: int | None = Non
     catalog = n_items or pl.concat([pop["item_id"], lists["item_id"]]).n_unique()
     if lists.height == 0:
         return {"gini": math.nan, "mean_popularity": math.nan, "long_tail_share": math.nan}
-    n_head = math.ceil(head_fraction * catalog)
-    head = pop.sort(["popularity", "item_id"], descending=[True, False]).head(n_head).select("item_id")
+    head = head_items(pop, catalog, head_fraction).to_frame()
     slots = lists.join(pop, on="item_id", how="left").with_columns(pl.col("popularity").fill_null(0))
     in_head = slots.join(head, on="item_id", how="semi").height
     return {

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from fusionrec.evaluation.metrics import head_items, item_popularity
 from fusionrec.pipeline.config import RerankConfig
 from fusionrec.pipeline.errors import ConfigError, InputError
 from fusionrec.ranker.serving.export import read_id_table
@@ -98,14 +99,6 @@ def read_rules(path: Path | str) -> pl.DataFrame:
         raise InputError("a pin's position must be at least 1", file=str(path), row=int(bad.arg_true()[0]) + 1,
                          field="position")
     return frame.select("item_id", "action", "value", "position")
-
-
-def head_items(history: pl.DataFrame, n_items: int, share: float) -> pl.Series:
-    """The head: the ceil(share x n_items) items with the most distinct users (ties by item id)."""
-    n_head = math.ceil(share * n_items)
-    pop = history.select(pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String)).unique() \
-        .group_by("item_id").agg(pl.len().alias("users"))
-    return pop.sort(["users", "item_id"], descending=[True, False]).head(n_head)["item_id"]
 
 
 def label_rows(items: pl.DataFrame, field: str, ids: list[str]) -> list[list[str]]:
@@ -280,7 +273,7 @@ def _steps(state: _State, config: RerankConfig, inputs: RerankInputs) -> None:
     if config.min_long_tail_share:
         if inputs.history is None or inputs.n_items is None:
             raise ConfigError("config key 'rerank.min_long_tail_share' needs the interaction log and the catalog size")
-        head = set(head_items(inputs.history, inputs.n_items, config.head_share).to_list())
+        head = set(head_items(item_popularity(inputs.history), inputs.n_items, config.head_share).to_list())
         tail = np.array([i not in head for i in state.item_ids], bool)
         want = math.ceil(config.min_long_tail_share * state.k - 1e-9)
         for u in state.users:

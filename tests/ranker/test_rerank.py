@@ -12,11 +12,17 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from fusionrec.evaluation.metrics import calibration_kl, intra_list_diversity, popularity_bias
+from fusionrec.evaluation.metrics import (
+    calibration_kl,
+    head_items,
+    intra_list_diversity,
+    item_popularity,
+    popularity_bias,
+)
 from fusionrec.jobs import check_engine, run_nightly, run_recommend
 from fusionrec.pipeline.config import RerankConfig, load_config
 from fusionrec.pipeline.errors import ConfigError, InputError
-from fusionrec.ranker.rerank import head_items, read_rules, rerank
+from fusionrec.ranker.rerank import read_rules, rerank
 from fusionrec.ranker.serving.export import TOPK_SCHEMA, read_topk, topk, write_topk
 from fusionrec.ranker.serving.recommender import Recommender
 from tests.ranker.rerank_data import make_case
@@ -111,7 +117,7 @@ def test_the_long_tail_share_reaches_its_minimum_whenever_the_candidates_allow(c
     cands, inputs = case
     config = RerankConfig(min_long_tail_share=share)
     out = rerank(cands, K, config, inputs)
-    head = set(head_items(inputs.history, inputs.n_items, config.head_share).to_list())
+    head = set(head_items(item_popularity(inputs.history), inputs.n_items, config.head_share).to_list())
     need = math.ceil(share * K)
     for user, rows in out.group_by("user_id"):
         available = cands.filter((pl.col("user_id") == user[0]) & ~pl.col("item_id").is_in(list(head))).height
@@ -130,7 +136,7 @@ def test_long_tail_and_exposure_cap_together_keep_both(case) -> None:
     config = RerankConfig(min_long_tail_share=0.5, max_item_share=0.25)
     out = rerank(cands, K, config, inputs)
     assert out.group_by("item_id").len()["len"].max() <= math.floor(0.25 * cands["user_id"].n_unique())
-    head = set(head_items(inputs.history, inputs.n_items, config.head_share).to_list())
+    head = set(head_items(item_popularity(inputs.history), inputs.n_items, config.head_share).to_list())
     tails = out.with_columns(pl.col("item_id").is_in(list(head)).not_().alias("tail")).group_by("user_id") \
         .agg(pl.col("tail").sum())
     assert tails["tail"].min() >= 5
