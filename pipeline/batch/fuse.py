@@ -1,0 +1,275 @@
+"""Streamed fusion: per-modality vector tables to fused vectors on disk, in bounded memory.
+
+`fuse_tables(catalog, {modality: paths}, weights, out_dir)` reads the catalog's ids and
+each modality's Parquet tables in batches and writes, under out_dir:
+
+- `blocks.npy`: the unit-length per-modality blocks x_{i,m} side by side, (n, sum d_m),
+  a memory-mapped `.npy` (float32, or float16 for half the disk and page cache); rows
+  follow the catalog, absent modalities are zeros. Exact re-scoring reads rows from it.
+- `mask.npy` (n, M) bool: row has modality m; `popularity.npy` (n,) float32 (the catalog's
+  `popularity` column, 0 without one); `ids.parquet`: the ids in catalog order.
+- `fused.parquet` (items only): the index vectors v_i = concat_m(x_{i,m} / W_i) of
+  `pipeline.retrieval.fusion.item_matrix`, written batch by batch for
+  `build_index_from_parquet`.
+
+Ids are matched by a 64-bit hash (16 bytes per catalog row with the sort order), so the
+modality tables may list their rows in any order, leave rows out (that id lacks the
+modality) or hold ids the catalog does not have (counted, then skipped). The memory held is
+the batch plus those 16 bytes and the mask per row: never the vector table.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fusionrec.pipeline.encoders.base import l2_normalise
+from fusionrec.pipeline.errors import FusionrecError, InputError
+from fusionrec.pipeline.io.storage import write_json
+from fusionrec.pipeline.io.streaming import (
+    DEFAULT_BATCH_ROWS,
+    ParquetSink,
+    _check_unique_hashes,
+    iter_table,
+    iter_vectors,
+    table_columns,
+    vector_row_group_rows,
+    vector_shape,
+)
+from fusionrec.pipeline.retrieval.fusion import Blocks, item_matrix
+
+ID_COLUMNS = ("id", "item_id", "user_id")
+META_FILE = "fused.json"
+DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class FusedTable:
+    """A fused table written by `fuse_tables`: its layout, and its arrays opened read-only."""
+
+    directory: Path
+    kind: str
+    names: tuple[str, ...]
+    dims: tuple[int, ...]
+    weights: tuple[float, ...]
+    rows: int
+    dtype: str
+
+    @classmethod
+    def open(cls, directory: Path | str) -> FusedTable:
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / META_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise FusionrecError(f"{directory} holds no fused table ({META_FILE}: {exc}); run the fusion first") \
+                from None
+        return cls(directory, meta["kind"], tuple(meta["names"]), tuple(meta["dims"]), tuple(meta["weights"]),
+                   int(meta["rows"]), meta["dtype"])
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Start column of each modality's block in `blocks()`."""
+        return tuple(int(o) for o in np.cumsum((0, *self.dims))[:-1])
+
+    def blocks(self) -> np.ndarray:
+        """(rows, sum of dims) unit blocks, memory-mapped: only the rows read come into memory."""
+        return np.load(self.directory / "blocks.npy", mmap_mode="r")
+
+    def mask(self) -> np.ndarray:
+        return np.load(self.directory / "mask.npy")
+
+    def popularity(self) -> np.ndarray:
+        return np.load(self.directory / "popularity.npy")
+
+    def ids(self) -> pa.Array:
+        """The ids in row order (one string array: about 4 bytes plus the id's length per row)."""
+        return pq.read_table(self.directory / "ids.parquet", columns=["id"]).column("id").combine_chunks()
+
+    def split(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Per-modality float32 blocks of `rows` (a (r, sum dims) array read from `blocks()`)."""
+        x = np.asarray(rows, dtype=np.float32)
+        return tuple(x[:, o:o + d] for o, d in zip(self.offsets, self.dims))
+
+
+def id_column(path: Path | str) -> str:
+    """The id column of a catalog or vector table: the first of id, item_id, user_id it has."""
+    present = table_columns(path)
+    for name in ID_COLUMNS:
+        if name in present:
+            return name
+    raise InputError(f"no id column: needs one of {', '.join(ID_COLUMNS)} (columns: {', '.join(present)})",
+                     file=str(path))
+
+
+def hash_ids(ids: pl.Series | pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """64-bit hashes of ids as `pipeline.io.streaming` hashes them (strings, trimmed)."""
+    series = ids if isinstance(ids, pl.Series) else pl.Series(ids)
+    return series.cast(pl.String).str.strip_chars().hash(seed=0).to_numpy()
+
+
+class IdLookup:
+    """Row numbers of ids, by hash: 16 bytes per row (the sorted hashes and their rows)."""
+
+    def __init__(self, hashes: np.ndarray) -> None:
+        self.order = np.argsort(hashes, kind="stable")
+        self.sorted = hashes[self.order]
+
+    @classmethod
+    def of(cls, table: FusedTable) -> IdLookup:
+        return cls(hash_ids(table.ids()))
+
+    def rows(self, ids: pl.Series | pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Row of each id, -1 for ids not in the table."""
+        h = hash_ids(ids)
+        if not len(self.sorted):
+            return np.full(len(h), -1, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.sorted, h), len(self.sorted) - 1)
+        return np.where(self.sorted[pos] == h, self.order[pos], -1).astype(np.int64)
+
+
+def fusion_weights(names: Sequence[str], weights: Mapping[str, float] | None) -> np.ndarray:
+    """Non-negative weights over `names`, summing to 1 (None: equal weights)."""
+    if weights is None:
+        return np.full(len(names), 1.0 / len(names))
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise FusionrecError(f"weights for modalities that have no table: {', '.join(unknown)} "
+                             f"(modalities: {', '.join(names)})")
+    w = np.array([float(weights.get(n, 0.0)) for n in names])
+    if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+        raise FusionrecError(f"fusion weights must be non-negative with a positive sum, not {dict(weights)}")
+    return w / w.sum()
+
+
+def _paths(value: Path | str | Sequence[Path | str]) -> list[Path]:
+    return [Path(value)] if isinstance(value, (str, Path)) else [Path(p) for p in value]
+
+
+def fuse_tables(catalog: Path | str, modalities: Mapping[str, Path | str | Sequence[Path | str]],
+                out_dir: Path | str, weights: Mapping[str, float] | None = None, *, kind: str = "item",
+                dims: Mapping[str, int] | None = None, dtype: str = "float32",
+                batch_rows: int = DEFAULT_BATCH_ROWS) -> FusedTable:
+    """Fuse the modality tables of the catalog's rows into `out_dir` (see the module doc).
+
+    catalog: a Parquet or CSV table with an id column (`id`, `item_id` or `user_id`) in the
+    order the fused rows take, and optionally a numeric `popularity` column. modalities:
+    name -> one or more Parquet tables (`id`/`item_id`/`user_id`, fixed-size `vector`).
+    kind "item" also writes `fused.parquet`, the index vectors. dims: the dimension each
+    modality must have (the item side's, when fusing users). Returns the opened table.
+    """
+    if kind not in ("item", "user"):
+        raise FusionrecError(f"kind must be 'item' or 'user', not {kind!r}")
+    if dtype not in DTYPES:
+        raise FusionrecError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if not modalities:
+        raise FusionrecError("no modality tables to fuse")
+    catalog, out_dir = Path(catalog), Path(out_dir)
+    names = tuple(sorted(modalities))
+    w = fusion_weights(names, weights)
+    shapes = {}
+    for name in names:
+        paths = _paths(modalities[name])
+        _, d = vector_shape(paths)  # names the file whose dimension differs from the others'
+        want = (dims or {}).get(name)
+        if want is not None and d != want:
+            raise InputError(f"modality '{name}' has dimension {d}, the items' has {want}", file=str(paths[0]),
+                             field="vector")
+        shapes[name] = (paths, d)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # Pass 1: the catalog's ids (written out in row order), their hashes and popularity.
+    key = id_column(catalog)
+    columns = [key] + (["popularity"] if "popularity" in table_columns(catalog) else [])
+    hashes: list[np.ndarray] = []
+    popularity: list[np.ndarray] = []
+    with ParquetSink(out_dir / "ids.parquet", pa.schema([("id", pa.string())])) as sink:
+        for frame in iter_table(catalog, columns, batch_rows):
+            ids = frame[key].cast(pl.String).str.strip_chars()
+            hashes.append(hash_ids(ids))
+            pop = frame["popularity"].cast(pl.Float32, strict=False) if "popularity" in columns \
+                else pl.Series([0.0] * frame.height, dtype=pl.Float32)
+            if pop.null_count():
+                row = sink.rows + int(np.flatnonzero(pop.is_null().to_numpy())[0]) + 1
+                raise InputError("popularity must be a number", file=str(catalog), row=row, field="popularity")
+            popularity.append(pop.to_numpy())
+            sink.write(pa.table({"id": ids.to_arrow()}))
+    n = sink.rows
+    if n == 0:
+        raise InputError("the table has no rows", file=str(catalog))
+    h = np.concatenate(hashes)
+    _check_unique_hashes(h.copy(), catalog, key, batch_rows)  # names a duplicate id and its rows
+    lookup = IdLookup(h)
+    del hashes, h
+    np.save(out_dir / "popularity.npy", np.concatenate(popularity))
+    del popularity
+
+    # Pass 2: each modality's rows placed on the catalog's rows of the memory-mapped blocks.
+    total = sum(d for _, d in shapes.values())
+    blocks = np.lib.format.open_memmap(out_dir / "blocks.npy", mode="w+", dtype=np.dtype(dtype), shape=(n, total))
+    mask = np.zeros((n, len(names)), dtype=bool)
+    unmatched: dict[str, int] = {}
+    offset = 0
+    for j, name in enumerate(names):
+        paths, d = shapes[name]
+        unmatched[name] = 0
+        for path in paths:
+            col = id_column(path)
+            start = 0
+            for ids, matrix in iter_vectors([path], id_column=col, batch_rows=batch_rows):
+                bad = ~np.isfinite(matrix).all(axis=1)
+                if bad.any():
+                    raise InputError("vector has NaN or infinite values", file=str(path),
+                                     row=start + int(np.flatnonzero(bad)[0]) + 1, field="vector")
+                x = l2_normalise(matrix)
+                rows = lookup.rows(cast(pa.Array, ids))
+                keep = (rows >= 0) & (np.abs(x).sum(axis=1) > 0)  # all-zero (or null) vector: modality absent
+                unmatched[name] += int((rows < 0).sum())
+                rows, x = rows[keep], x[keep]
+                seen = mask[rows, j]
+                if seen.any() or len(np.unique(rows)) < len(rows):
+                    dup = rows[seen][0] if seen.any() else np.argmax(np.bincount(rows))
+                    raise InputError(f"id '{_id_at(out_dir, int(dup))}' has more than one vector", file=str(path),
+                                     field=col)
+                order = np.argsort(rows, kind="stable")  # ascending rows: sequential writes to the file
+                blocks[rows[order], offset:offset + d] = x[order]
+                mask[rows, j] = True
+                start += len(matrix)
+        offset += d
+    blocks.flush()
+    np.save(out_dir / "mask.npy", mask)
+
+    meta = {"kind": kind, "names": list(names), "dims": [shapes[m][1] for m in names], "weights": w.tolist(),
+            "rows": n, "dtype": dtype, "catalog": str(catalog), "unmatched_ids": unmatched,
+            "rows_with_modality": dict(zip(names, mask.sum(axis=0).tolist()))}
+    table = FusedTable(out_dir, kind, names, tuple(meta["dims"]), tuple(meta["weights"]), n, dtype)
+    del blocks
+    if kind == "item":
+        write_fused(table, batch_rows=vector_row_group_rows(total))
+    write_json(meta, out_dir / META_FILE)  # last: its presence says the table is complete
+    return table
+
+
+def _id_at(directory: Path, row: int) -> str:
+    return str(pq.read_table(directory / "ids.parquet", columns=["id"]).column("id")[row])
+
+
+def write_fused(table: FusedTable, *, batch_rows: int = DEFAULT_BATCH_ROWS) -> int:
+    """`fused.parquet`: the index vectors of `fusion.item_matrix` (same weights), in row order."""
+    blocks, mask, w = table.blocks(), table.mask(), np.asarray(table.weights)
+    d = sum(table.dims)
+    schema = pa.schema([("row", pa.int64()), ("vector", pa.list_(pa.float32(), d))])
+    with ParquetSink(table.directory / "fused.parquet", schema, row_group_rows=batch_rows) as sink:
+        for s in range(0, table.rows, batch_rows):
+            e = min(s + batch_rows, table.rows)
+            v = item_matrix(Blocks(np.arange(s, e), table.names, table.split(blocks[s:e]), mask[s:e]), w)
+            sink.write(pa.table({"row": pa.array(np.arange(s, e, dtype=np.int64)),
+                                 "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), d)}))
+    return sink.rows

@@ -1,0 +1,429 @@
+"""The nightly path in bounded memory: index, ranker on a bounded sample, every user's top-k.
+
+A work directory holds the stages' outputs::
+
+    items/, users/   fused tables (`pipeline.batch.fuse.fuse_tables`): blocks.npy memory-mapped
+    index.faiss      built from items/fused.parquet (`build_item_index`)
+    ranker/          LightGBM lambdarank, trained on a bounded sample of users (`train_ranker`)
+
+`export_topk` then streams every user's top k to one Parquet file, a batch of users at a
+time: the queries q_u of `fusion.query_matrix` search the index for `depth` candidates,
+whose unit blocks are read from items/blocks.npy and scored exactly, s(u, i) of
+`fusion.fused_score`; the best `keep` get features and the ranker's score; the best `k` by
+that score are written. So whatever the index (Flat, IVF, IVF-PQ, HNSW), the scores that
+reach the ranker are exact, and only the candidate set depends on the index's recall.
+
+Memory, besides the index (IVF-PQ: m + 8 bytes per item): per item the mask (M bytes),
+popularity (4), the id (about 4 + its length) and, while labels are matched, 16 bytes of
+hash lookup; per batch of B users, the B * depth gathered rows (B * depth * D * 4 bytes:
+512 x 100 x 384 x 4 = 79 MB); and the memory-mapped rows the page cache keeps resident
+(the rows candidates hit, up to the file's size). Nothing grows with items x users.
+
+Results do not depend on the batch size: each user's candidates, scores and features are
+computed row by row (FAISS searches each query on its own; re-scoring sums each pair's
+products alone), so `batch_users` and the engine ("local" or "ray") change only speed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, cast
+
+import faiss
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from fusionrec.pipeline.batch.fuse import FusedTable, IdLookup
+from fusionrec.pipeline.config import RayConfig
+from fusionrec.pipeline.embedding.ray_engine import data_context, import_ray, ray_runtime, root_cause
+from fusionrec.pipeline.errors import FusionrecError, InputError
+from fusionrec.pipeline.io.storage import write_json
+from fusionrec.pipeline.io.streaming import ParquetSink, build_index_from_parquet, iter_table, vector_row_group_rows
+from fusionrec.pipeline.retrieval.faiss_index import (
+    choose_factory,
+    index_memory_bytes,
+    load_index,
+    save_index,
+    search,
+    search_param_name,
+    set_search_params,
+    set_threads,
+)
+from fusionrec.pipeline.retrieval.fusion import Blocks, fused_score, query_matrix
+from fusionrec.ranker.model import Ranker
+from fusionrec.ranker.serving.export import TOPK_SCHEMA
+
+INDEX_FILE = "index.faiss"
+CONFIG_FILE = "nightly.json"
+RANKER_DIR = "ranker"
+TOPK_ARROW = pl.DataFrame(schema=TOPK_SCHEMA).to_arrow().schema
+INDEX_MEMORY_BUDGET = 2 << 30  # "auto": IVF-Flat while the float vectors fit this, else IVF-PQ
+
+
+@dataclass(frozen=True)
+class NightlyConfig:
+    """Sizes of the batched path. depth: candidates fetched from the index and re-scored
+    exactly; keep: the best re-scored ones the ranker sees; k: exported per user; nprobe
+    (IVF) or ef_search (HNSW): the index's search depth."""
+
+    k: int = 10
+    depth: int = 100
+    keep: int = 50
+    nprobe: int = 32
+    ef_search: int = 128
+    batch_users: int = 512
+    train_users: int = 20_000
+    max_train_rows: int = 500_000
+    n_estimators: int = 100
+    num_leaves: int = 31
+    threads: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "seed" and (not isinstance(value, int) or value < 1):
+                raise FusionrecError(f"nightly setting {f.name} must be a positive integer, not {value!r}")
+        if not self.k <= self.keep <= self.depth:
+            raise FusionrecError(f"nightly settings need k <= keep <= depth, not {self.k}, {self.keep}, {self.depth}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> NightlyConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+# --------------------------------------------------------------------------- index
+
+
+def build_item_index(work: Path | str, factory: str = "auto", *, train_size: int | None = None, niter: int = 20,
+                     memory_budget: int = INDEX_MEMORY_BUDGET, seed: int = 0, threads: int | None = None) -> dict:
+    """`index.faiss` from items/fused.parquet, trained on a sample and filled in chunks.
+
+    factory "auto": `choose_factory` with `memory_budget` (IVF-Flat while n * D * 4 bytes
+    fit it, else IVF-PQ); or any FAISS factory string. Returns what was built.
+    """
+    work = Path(work)
+    items = FusedTable.open(work / "items")
+    d = sum(items.dims)
+    if factory in ("", "auto"):
+        factory = choose_factory(items.rows, d, memory_budget=memory_budget)
+    set_threads(threads)
+    timings: dict[str, float] = {}
+    index, _ = build_index_from_parquet(items.directory / "fused.parquet", factory, train_size=train_size, seed=seed,
+                                        niter=niter, id_column=None, batch_rows=vector_row_group_rows(d),
+                                        timings=timings)
+    save_index(index, work / INDEX_FILE)
+    return {"factory": factory, "ntotal": int(index.ntotal), "memory_bytes": index_memory_bytes(index), **timings}
+
+
+# --------------------------------------------------------------------------- one batch of users
+
+
+@dataclass
+class Candidates:
+    """The `keep` best re-scored candidates of a batch of users, (B, keep) each; item -1 and
+    score -inf where a user has fewer candidates."""
+
+    users: np.ndarray     # (B,) user rows
+    items: np.ndarray     # (B, keep) item rows
+    scores: np.ndarray    # (B, keep) exact s(u, i)
+    sims: np.ndarray      # (B, keep, M) per-modality cosines, NaN where either side lacks m
+
+
+class NightlyContext:
+    """Everything a batch needs, opened once per process (or Ray actor): the index, the
+    memory-mapped blocks, masks and popularity, the weights and the settings."""
+
+    def __init__(self, work: Path | str, config: NightlyConfig | None = None) -> None:
+        self.work = Path(work)
+        self.config = config or NightlyConfig()
+        self.items = FusedTable.open(self.work / "items")
+        self.users = FusedTable.open(self.work / "users")
+        if (self.items.names, self.items.dims) != (self.users.names, self.users.dims):
+            raise FusionrecError(f"users have modalities {dict(zip(self.users.names, self.users.dims))}, items "
+                                 f"{dict(zip(self.items.names, self.items.dims))}: fuse both with the same tables")
+        if not (self.work / INDEX_FILE).is_file():
+            raise FusionrecError(f"{self.work} has no {INDEX_FILE}: build the item index first")
+        self.index = load_index(self.work / INDEX_FILE)
+        param = search_param_name(self.index)
+        if param is not None:
+            set_search_params(self.index, {param: self.config.nprobe if param == "nprobe" else self.config.ef_search})
+        self.item_blocks, self.item_mask = self.items.blocks(), self.items.mask()
+        self.user_blocks, self.user_mask = self.users.blocks(), self.users.mask()
+        self.popularity = np.log1p(np.maximum(self.items.popularity(), 0)).astype(np.float32)
+        self.weights = np.asarray(self.items.weights)
+        self.timings: dict[str, float] = {"search": 0.0, "rescore": 0.0, "features": 0.0, "predict": 0.0}
+        self._ids: tuple[pa.Array, pa.Array] | None = None
+
+    def ids(self) -> tuple[pa.Array, pa.Array]:
+        """(user ids, item ids) in row order, read on first use."""
+        if self._ids is None:
+            self._ids = (self.users.ids(), self.items.ids())
+        return self._ids
+
+    def queries(self, users: np.ndarray) -> np.ndarray:
+        """q_u = concat_m(a_{u,m} u_{u,m}) of `fusion.query_matrix` for these user rows."""
+        mats = self.users.split(self.user_blocks[users])
+        return query_matrix(Blocks(users, self.users.names, mats, self.user_mask[users]), self.weights)
+
+    def candidates(self, users: np.ndarray) -> Candidates:
+        """Search `depth` candidates per user, re-score them exactly from the memory-mapped
+        blocks and keep the best `keep` (ties: lower item row first)."""
+        cfg = self.config
+        users = np.asarray(users, dtype=np.int64)
+        t0 = time.perf_counter()
+        _, found = search(self.index, self.queries(users), cfg.depth)
+        t1 = time.perf_counter()
+        valid = found >= 0
+        wanted = np.unique(found[valid])  # ascending rows: the memory map is read in file order
+        gathered = self.items.split(self.item_blocks[wanted])
+        where = np.searchsorted(wanted, np.where(valid, found, wanted[0] if len(wanted) else 0))
+        user_blocks = self.users.split(self.user_blocks[users])
+        sims = np.empty(found.shape + (len(user_blocks),), dtype=np.float32)
+        for m, (u, x) in enumerate(zip(user_blocks, gathered)):
+            # elementwise product then a per-pair sum: each pair's value is independent of the batch
+            sims[:, :, m] = (u[:, None, :] * x[where]).sum(axis=-1)
+        item_mask = self.item_mask[np.where(valid, found, 0)] & valid[:, :, None]
+        avail = self.user_mask[users][:, None, :] & item_mask
+        scores = fused_score(sims.astype(np.float64), avail, self.weights)
+        scores = np.where(valid & np.isfinite(scores), scores, -np.inf)
+        order = np.lexsort((np.where(valid, found, np.iinfo(np.int64).max), -scores), axis=-1)[:, :cfg.keep]
+        items = np.take_along_axis(found, order, 1)
+        scores = np.take_along_axis(scores, order, 1)
+        items = np.where(np.isfinite(scores), items, -1)
+        sims = np.where(np.take_along_axis(avail, order[:, :, None], 1), np.take_along_axis(sims, order[:, :, None], 1),
+                        np.nan)
+        self.timings["search"] += t1 - t0
+        self.timings["rescore"] += time.perf_counter() - t1
+        return Candidates(users, items, scores, sims)
+
+    def features(self, cand: Candidates) -> pl.DataFrame:
+        """One row per (user, candidate): user_row, item_row and the ranker's features."""
+        t0 = time.perf_counter()
+        b, keep = cand.items.shape
+        ok = (cand.items >= 0).ravel()
+        rank = np.broadcast_to(np.arange(1, keep + 1, dtype=np.int32), (b, keep))
+        best = cand.scores[:, :1]
+        items = cand.items.ravel()[ok]
+        columns: dict[str, Any] = {
+            "user_row": np.repeat(cand.users, keep)[ok],
+            "item_row": items,
+            "retrieval_score": cand.scores.ravel()[ok],
+            "retrieval_rank": rank.ravel()[ok],
+            "retrieval_gap": (best - cand.scores).ravel()[ok],  # how far below the user's best candidate
+            "item_popularity": self.popularity[items],
+        }
+        for m, name in enumerate(self.items.names):
+            columns[f"sim_{name}"] = cand.sims[:, :, m].ravel()[ok]
+        frame = pl.DataFrame(columns).with_columns(pl.col(f"sim_{n}").fill_nan(None) for n in self.items.names)
+        self.timings["features"] += time.perf_counter() - t0
+        return frame
+
+
+FEATURE_COLUMNS = ("retrieval_score", "retrieval_rank", "retrieval_gap", "item_popularity")
+
+
+def feature_names(ctx: NightlyContext) -> list[str]:
+    return [*FEATURE_COLUMNS, *(f"sim_{n}" for n in ctx.items.names)]
+
+
+def rank_batch(ctx: NightlyContext, ranker: Ranker, users: np.ndarray) -> pa.Table:
+    """The top k of these user rows by ranker score (ties: retrieval rank), TOPK_SCHEMA columns."""
+    feats = ctx.features(ctx.candidates(users))
+    t0 = time.perf_counter()
+    scored = feats.select("user_row", "item_row", "retrieval_score", "retrieval_rank") \
+        .with_columns(pl.Series("score", ranker.predict(feats) if feats.height else np.zeros(0), dtype=pl.Float64))
+    top = scored.sort(["user_row", "score", "retrieval_rank"], descending=[False, True, False]) \
+        .group_by("user_row", maintain_order=True).head(ctx.config.k) \
+        .with_columns((pl.col("score").cum_count().over("user_row")).cast(pl.Int32).alias("rank"))
+    user_ids, item_ids = ctx.ids()
+    table = pa.table({
+        "user_id": user_ids.take(pa.array(top["user_row"].to_numpy())),
+        "rank": top["rank"].to_arrow(),
+        "item_id": item_ids.take(pa.array(top["item_row"].to_numpy())),
+        "score": top["score"].to_arrow(),
+        "retrieval_score": top["retrieval_score"].cast(pl.Float32).to_arrow(),
+        "source": pa.array(["ranker"] * top.height, pa.string()),
+    })
+    ctx.timings["predict"] += time.perf_counter() - t0
+    return table.cast(TOPK_ARROW)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def training_users(n_users: int, size: int, seed: int = 0) -> np.ndarray:
+    """The seeded sample of user rows the ranker is trained on, ascending."""
+    if size >= n_users:
+        return np.arange(n_users, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n_users, size, replace=False)).astype(np.int64)
+
+
+def read_labels(path: Path | str, ctx: NightlyContext, users: np.ndarray, batch_rows: int = 262_144) -> pl.DataFrame:
+    """(user_row, item_row, label) of a labels table (user_id, item_id, label: a non-negative
+    integer), streamed, keeping only the rows of `users` whose item the catalog has."""
+    path = Path(path)
+    user_lookup, item_lookup = IdLookup.of(ctx.users), IdLookup.of(ctx.items)
+    kept: list[pl.DataFrame] = []
+    offset = 0
+    for frame in iter_table(path, ["user_id", "item_id", "label"], batch_rows):
+        label = frame["label"].cast(pl.Int64, strict=False)
+        bad = label.is_null() | (label < 0)
+        if bad.any():
+            raise InputError("label must be a non-negative integer", file=str(path),
+                             row=offset + int(np.flatnonzero(bad.to_numpy())[0]) + 1, field="label")
+        urow = user_lookup.rows(frame["user_id"])
+        pos = np.minimum(np.searchsorted(users, urow), len(users) - 1)
+        mine = users[pos] == urow
+        irow = item_lookup.rows(frame["item_id"].filter(pl.Series(mine)))
+        part = pl.DataFrame({"user_row": urow[mine], "item_row": irow, "label": label.filter(pl.Series(mine))})
+        kept.append(part.filter(pl.col("item_row") >= 0))
+        offset += frame.height
+    if not kept:
+        return pl.DataFrame(schema={"user_row": pl.Int64, "item_row": pl.Int64, "label": pl.Int64})
+    # one label per pair: the highest
+    return pl.concat(kept).group_by("user_row", "item_row").agg(pl.col("label").max())
+
+
+def train_ranker(work: Path | str, labels: Path | str, config: NightlyConfig | None = None) -> dict:
+    """Fit the ranker on at most `train_users` sampled users and `max_train_rows` rows.
+
+    The sample's users are retrieved and featured by the batched path itself (so training
+    sees the features serving computes); candidates without a label get 0; users with no
+    labelled candidate are left out (lambdarank learns nothing from them); users are added
+    in row order until the next would pass `max_train_rows`. Writes `ranker/` and returns
+    the sample's counts.
+    """
+    work = Path(work)
+    cfg = config or NightlyConfig()
+    set_threads(cfg.threads)
+    ctx = NightlyContext(work, cfg)
+    sample = training_users(ctx.users.rows, cfg.train_users, cfg.seed)
+    known = read_labels(labels, ctx, sample)
+    parts: list[pl.DataFrame] = []
+    rows = users_kept = 0
+    full = False
+    for s in range(0, len(sample), cfg.batch_users):
+        feats = ctx.features(ctx.candidates(sample[s:s + cfg.batch_users]))
+        feats = feats.join(known, on=["user_row", "item_row"], how="left", maintain_order="left") \
+            .with_columns(pl.col("label").fill_null(0))
+        useful = feats.group_by("user_row", maintain_order=True).agg(pl.col("label").max().alias("best"),
+                                                                     pl.len().alias("n")).filter(pl.col("best") > 0)
+        sizes = useful["n"].to_numpy()
+        room = int(np.searchsorted(np.cumsum(sizes), cfg.max_train_rows - rows, side="right"))
+        take = useful["user_row"][:room]
+        parts.append(feats.filter(pl.col("user_row").is_in(take.implode())))
+        rows += int(sizes[:room].sum())
+        users_kept += room
+        if room < len(sizes):
+            full = True
+            break
+    if rows == 0:
+        raise FusionrecError(f"none of the {len(sample)} sampled users has a labelled item among their candidates "
+                             f"({known.height} labels matched): check the labels table {labels}")
+    train = pl.concat(parts)
+    ranker = Ranker("lambdarank", n_estimators=cfg.n_estimators, num_leaves=cfg.num_leaves, seed=cfg.seed,
+                    num_threads=cfg.threads, early_stopping_rounds=None, features=feature_names(ctx))
+    t0 = time.perf_counter()
+    ranker.fit(train, train["label"], group_ids=train["user_row"])
+    fit_s = time.perf_counter() - t0
+    ranker.save(work / RANKER_DIR)
+    write_json(asdict(cfg), work / CONFIG_FILE)
+    return {"sampled_users": int(len(sample)), "labels_matched": int(known.height), "train_users": users_kept,
+            "train_rows": rows, "capped": full, "positives": int((train["label"] > 0).sum()), "fit_s": fit_s,
+            **ctx.timings}
+
+
+# --------------------------------------------------------------------------- every user's top k
+
+
+def user_batches(n_users: int, batch_users: int) -> list[tuple[int, int]]:
+    return [(s, min(s + batch_users, n_users)) for s in range(0, n_users, batch_users)]
+
+
+def iter_topk(work: Path | str, config: NightlyConfig | None = None, *, engine: str = "local",
+              ray_config: RayConfig | None = None, users: tuple[int, int] | None = None,
+              timings: dict[str, float] | None = None) -> Iterator[pa.Table]:
+    """Top-k tables, one per batch of users, in user row order. users: (first, stop) rows
+    only (default all). engine "ray": the batches on a pool of Ray actors, each opening the
+    work directory once; the same tables as "local"."""
+    work = Path(work)
+    cfg = config or NightlyConfig()
+    if engine not in ("local", "ray"):
+        raise FusionrecError(f"engine must be 'local' or 'ray', not {engine!r}")
+    n = FusedTable.open(work / "users").rows
+    first, stop = users or (0, n)
+    batches = [(s + first, e + first) for s, e in user_batches(min(stop, n) - first, cfg.batch_users)]
+    if engine == "local":
+        set_threads(cfg.threads)
+        ctx = NightlyContext(work, cfg)
+        ranker = Ranker.load(work / RANKER_DIR)
+        for s, e in batches:
+            yield rank_batch(ctx, ranker, np.arange(s, e))
+        if timings is not None:
+            timings.update(ctx.timings)
+        return
+    rc = ray_config or RayConfig()
+    import_ray()
+    blocks = [pa.table({"start": [s], "stop": [e]}) for s, e in batches]
+    if not blocks:
+        return
+    with ray_runtime(rc) as ray, data_context(preserve_order=True):  # batches come back in user order
+        ds = ray.data.from_arrow(blocks).map_batches(
+            RankActor, fn_constructor_kwargs={"work": str(work), "config": asdict(cfg)}, batch_size=1,
+            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=max(1, min(rc.num_actors, len(blocks)))),
+            num_cpus=1)
+        try:
+            for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if out.num_rows:
+                    yield cast(pa.Table, out).cast(TOPK_ARROW)
+        except FusionrecError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Ray wraps the actor's error; report its cause
+            raise FusionrecError(f"Ray nightly scoring failed: {root_cause(exc)}") from exc
+
+
+class RankActor:
+    """One Ray actor: the work directory opened once, then `rank_batch` on (start, stop) rows."""
+
+    def __init__(self, work: str, config: dict[str, Any]) -> None:
+        cfg = NightlyConfig.from_dict(config)
+        faiss.omp_set_num_threads(1)  # one CPU per actor
+        self.ctx = NightlyContext(work, cfg)
+        self.ranker = Ranker.load(Path(work) / RANKER_DIR)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        tables = [rank_batch(self.ctx, self.ranker, np.arange(s, e))
+                  for s, e in zip(batch.column("start").to_pylist(), batch.column("stop").to_pylist())]
+        return pa.concat_tables(tables) if tables else TOPK_ARROW.empty_table()
+
+
+def export_topk(work: Path | str, out: Path | str, config: NightlyConfig | None = None, *, engine: str = "local",
+                ray_config: RayConfig | None = None, users: tuple[int, int] | None = None) -> dict:
+    """Every user's top k streamed to one Parquet file (atomic), a batch of users at a time."""
+    out = Path(out)
+    if out.suffix.lower() != ".parquet":
+        raise FusionrecError(f"the nightly export is Parquet: {out} does not end in .parquet")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    users_out = 0
+    with ParquetSink(out, TOPK_ARROW) as sink:
+        for table in iter_topk(work, config, engine=engine, ray_config=ray_config, users=users, timings=timings):
+            users_out += int((table.column("rank").to_numpy() == 1).sum())
+            sink.write(table)
+    return {"rows": sink.rows, "users": users_out, "seconds": time.perf_counter() - t0, **timings}
+
+
+def read_config(work: Path | str) -> NightlyConfig:
+    """The settings the ranker was trained with (`nightly.json`), for the export to reuse."""
+    path = Path(work) / CONFIG_FILE
+    try:
+        return NightlyConfig.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError) as exc:
+        raise FusionrecError(f"cannot read {path} ({exc}): train the ranker first") from None

@@ -1,0 +1,279 @@
+"""The batched nightly path (pipeline.batch) gives what the in-memory computation gives.
+
+Small synthetic worlds: items with a text and an image modality (some items without an
+image, the image table in another order), users made from a seed item plus noise (some
+without an image), labels = each user's seed item.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fusionrec.pipeline.batch.fuse import FusedTable, fuse_tables
+from fusionrec.pipeline.batch.nightly import (
+    NightlyConfig,
+    NightlyContext,
+    build_item_index,
+    export_topk,
+    feature_names,
+    train_ranker,
+)
+from fusionrec.pipeline.config import RayConfig
+from fusionrec.pipeline.errors import FusionrecError, InputError
+from fusionrec.pipeline.retrieval.faiss_index import exact_search
+from fusionrec.pipeline.retrieval.fusion import align_blocks, fused_score, item_matrix, query_matrix
+from fusionrec.ranker.model import Ranker
+
+DIMS = {"image": 8, "text": 16}
+WEIGHTS = {"image": 0.3, "text": 0.7}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_vectors(path: Path, ids: list[str], x: np.ndarray, id_column: str = "id") -> Path:
+    pq.write_table(pa.table({id_column: ids, "vector": pa.FixedSizeListArray.from_arrays(
+        pa.array(np.asarray(x, np.float32).reshape(-1)), x.shape[1])}), path, row_group_size=97)
+    return path
+
+
+def make_world(root: Path, n_items: int = 1500, n_users: int = 240, seed: int = 0) -> dict:
+    """Catalog, modality tables, users and labels on disk; also the raw vectors for references."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    item_ids = [f"i{j}" for j in range(n_items)]
+    user_ids = [f"u{j}" for j in range(n_users)]
+    latent = rng.standard_normal((n_items, 6)).astype(np.float32)
+    items = {m: _unit(latent @ rng.standard_normal((6, d)).astype(np.float32)
+                      + 0.5 * rng.standard_normal((n_items, d)).astype(np.float32)) for m, d in DIMS.items()}
+    has_image = rng.random(n_items) > 0.1
+    seed_item = rng.integers(0, n_items, n_users)
+    users = {m: _unit(x[seed_item] + 0.4 * rng.standard_normal((n_users, x.shape[1])).astype(np.float32))
+             for m, x in items.items()}
+    user_has_image = rng.random(n_users) > 0.2
+    pl.DataFrame({"item_id": item_ids, "popularity": rng.zipf(1.5, n_items).astype(float)}) \
+        .write_parquet(root / "items.parquet")
+    pl.DataFrame({"user_id": user_ids}).write_parquet(root / "users.parquet")
+    write_vectors(root / "item_text.parquet", item_ids, items["text"], "item_id")
+    shuffled = rng.permutation(np.flatnonzero(has_image))
+    write_vectors(root / "item_image.parquet", [item_ids[j] for j in shuffled], items["image"][shuffled])
+    write_vectors(root / "user_text.parquet", user_ids, users["text"], "user_id")
+    keep = np.flatnonzero(user_has_image)
+    write_vectors(root / "user_image.parquet", [user_ids[j] for j in keep], users["image"][keep], "user_id")
+    pl.DataFrame({"user_id": user_ids, "item_id": [item_ids[j] for j in seed_item], "label": [1] * n_users}) \
+        .write_parquet(root / "labels.parquet")
+    return {"root": root, "item_ids": np.array(item_ids, dtype=object), "user_ids": np.array(user_ids, dtype=object),
+            "items": items, "users": users, "has_image": has_image, "user_has_image": user_has_image}
+
+
+def fuse_world(world: dict, work: Path, factory: str = "Flat", **index_kw) -> Path:
+    root = world["root"]
+    items = fuse_tables(root / "items.parquet", {m: root / f"item_{m}.parquet" for m in DIMS}, work / "items",
+                        WEIGHTS, batch_rows=128)
+    fuse_tables(root / "users.parquet", {m: root / f"user_{m}.parquet" for m in DIMS}, work / "users", WEIGHTS,
+                kind="user", dims=dict(zip(items.names, items.dims)), batch_rows=100)
+    build_item_index(work, factory, threads=1, **index_kw)
+    return work
+
+
+def in_memory_blocks(world: dict):
+    """The in-memory fusion's Blocks (pipeline.retrieval.fusion), for items and users."""
+    names = tuple(sorted(DIMS))
+    has = {"image": world["has_image"], "text": np.ones(len(world["item_ids"]), bool)}
+    uhas = {"image": world["user_has_image"], "text": np.ones(len(world["user_ids"]), bool)}
+    items = align_blocks({m: (world["item_ids"][has[m]], world["items"][m][has[m]]) for m in names}, names,
+                         world["item_ids"])
+    users = align_blocks({m: (world["user_ids"][uhas[m]], world["users"][m][uhas[m]]) for m in names}, names,
+                         world["user_ids"])
+    return items, users, np.array([WEIGHTS[m] for m in names])
+
+
+def reference_candidates(world: dict, keep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact top `keep` per user by s(u, i) over all items, in memory (ties: lower item row)."""
+    items, users, w = in_memory_blocks(world)
+    sims = np.stack([u @ x.T for u, x in zip(users.mats, items.mats)], axis=-1)  # (users, items, M)
+    avail = users.mask[:, None, :] & items.mask[None, :, :]
+    s = fused_score(sims.astype(np.float64), avail, w)
+    s = np.where(np.isfinite(s), s, -np.inf)
+    order = np.lexsort((np.broadcast_to(np.arange(s.shape[1]), s.shape), -s), axis=-1)[:, :keep]
+    return order, np.take_along_axis(s, order, 1), sims
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="module")
+def trained(world: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, NightlyConfig]:
+    cfg = NightlyConfig(k=5, depth=60, keep=20, nprobe=16, batch_users=64, n_estimators=20, threads=1)
+    work = fuse_world(world, tmp_path_factory.mktemp("work"), "IVF16,PQ4", train_size=1500)
+    train_ranker(work, world["root"] / "labels.parquet", cfg)
+    return work, cfg
+
+
+def test_streamed_fusion_equals_the_in_memory_fusion(world: dict, tmp_path: Path) -> None:
+    work = fuse_world(world, tmp_path)
+    items, users, w = in_memory_blocks(world)
+    table = FusedTable.open(work / "items")
+    assert table.names == ("image", "text") and table.dims == (8, 16) and table.rows == 1500
+    np.testing.assert_array_equal(table.mask(), items.mask)
+    np.testing.assert_allclose(np.asarray(table.blocks()), np.hstack(items.mats), atol=1e-7)
+    fused = pq.read_table(work / "items" / "fused.parquet")
+    assert fused.column("row").to_pylist() == list(range(1500))
+    vectors = np.stack(fused.column("vector").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(vectors, item_matrix(items, w), atol=1e-6)
+    np.testing.assert_array_equal(FusedTable.open(work / "users").mask(), users.mask)
+    assert table.ids().to_pylist() == list(world["item_ids"])
+
+
+def test_rescored_scores_are_the_exact_scores_of_the_returned_items(world: dict, trained) -> None:
+    work, cfg = trained
+    ctx = NightlyContext(work, cfg)
+    cand = ctx.candidates(np.arange(len(world["user_ids"])))
+    items, users, w = in_memory_blocks(world)
+    # Against the exact inner product <q_u, v_i> of the in-memory index vectors: equal to s(u, i)
+    # whenever the user or the item has every modality (pipeline.retrieval.fusion's identity).
+    q, v = query_matrix(users, w), item_matrix(items, w)
+    complete = users.mask.all(axis=1)[:, None] | items.mask.all(axis=1)[cand.items]
+    ok = cand.items >= 0
+    ip = np.einsum("ud,ukd->uk", q, v[cand.items])
+    assert (ok & complete).sum() > 1000
+    np.testing.assert_allclose(cand.scores[ok & complete], ip[ok & complete], atol=1e-6)
+    # And against s(u, i) computed in memory for every returned pair.
+    _, _, sims = reference_candidates(world, 1)
+    s = fused_score(sims.astype(np.float64), users.mask[:, None, :] & items.mask[None, :, :], w)
+    np.testing.assert_allclose(cand.scores[ok], np.take_along_axis(s, cand.items, 1)[ok], atol=1e-6)
+    # Scores come sorted, ties by item row.
+    assert np.all(np.diff(cand.scores, axis=1)[ok[:, 1:]] <= 0)
+    # IVF-PQ decides only which items are re-scored: against exact search on the in-memory
+    # vectors, nearly every user with every modality keeps the exact best item.
+    full = np.flatnonzero(users.mask.all(axis=1))
+    ex_scores, _ = exact_search(v, q[full], cfg.keep)
+    assert np.mean(np.abs(cand.scores[full, 0] - ex_scores[:, 0]) < 1e-6) >= 0.95
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "IVF16,PQ8", "HNSW16,Flat", "IVF16,SQ8"])
+def test_every_index_choice_gives_the_exact_top_after_rescoring(world: dict, tmp_path: Path, factory: str) -> None:
+    cfg = NightlyConfig(k=5, depth=300, keep=20, nprobe=16, ef_search=600, threads=1)
+    work = fuse_world(world, tmp_path, factory, train_size=1500)
+    cand = NightlyContext(work, cfg).candidates(np.arange(len(world["user_ids"])))
+    ref_items, ref_scores, _ = reference_candidates(world, cfg.keep)
+    np.testing.assert_array_equal(cand.items, ref_items)
+    np.testing.assert_allclose(cand.scores, ref_scores, atol=1e-6)
+
+
+def reference_topk(world: dict, work: Path, cfg: NightlyConfig) -> pl.DataFrame:
+    """The whole path unbatched in memory: exact candidates, features, the trained ranker, top k."""
+    items, users, w = in_memory_blocks(world)
+    order, scores, sims = reference_candidates(world, cfg.keep)
+    n_users = len(world["user_ids"])
+    avail = users.mask[:, None, :] & items.mask[None, :, :]
+    pop = np.log1p(pl.read_parquet(world["root"] / "items.parquet")["popularity"].to_numpy()).astype(np.float32)
+    cols = {"user_row": np.repeat(np.arange(n_users), cfg.keep), "item_row": order.ravel(),
+            "retrieval_score": scores.ravel(), "retrieval_rank": np.tile(np.arange(1, cfg.keep + 1), n_users),
+            "retrieval_gap": (scores[:, :1] - scores).ravel(), "item_popularity": pop[order.ravel()]}
+    for m, name in enumerate(items.names):
+        sim = np.take_along_axis(sims[:, :, m], order, 1)
+        cols[f"sim_{name}"] = np.where(np.take_along_axis(avail[:, :, m], order, 1), sim, np.nan).ravel()
+    frame = pl.DataFrame(cols).with_columns(pl.col(f"sim_{n}").fill_nan(None) for n in items.names)
+    frame = frame.filter(pl.col("retrieval_score").is_finite())
+    ranker = Ranker.load(work / "ranker")
+    assert ranker.feature_names_ == list(frame.select(list(ranker.feature_names_)).columns)
+    frame = frame.with_columns(pl.Series("score", ranker.predict(frame)))
+    top = frame.sort(["user_row", "score", "retrieval_rank"], descending=[False, True, False]) \
+        .group_by("user_row", maintain_order=True).head(cfg.k)
+    return top.select(pl.col("user_row").map_elements(lambda r: world["user_ids"][r], pl.String).alias("user_id"),
+                      pl.col("item_row").map_elements(lambda r: world["item_ids"][r], pl.String).alias("item_id"),
+                      "score", "retrieval_score")
+
+
+def test_batched_export_equals_the_unbatched_in_memory_path(world: dict, tmp_path: Path) -> None:
+    # A Flat index: the candidates are then the exact top `keep`, which the reference computes.
+    cfg = NightlyConfig(k=5, depth=60, keep=20, batch_users=7, n_estimators=20, threads=1)
+    work = fuse_world(world, tmp_path / "work")
+    train_ranker(work, world["root"] / "labels.parquet", cfg)
+    small = export_topk(work, tmp_path / "small.parquet", cfg)
+    whole = export_topk(work, tmp_path / "whole.parquet", NightlyConfig(**{**cfg.__dict__, "batch_users": 10_000}))
+    a, b = pl.read_parquet(tmp_path / "small.parquet"), pl.read_parquet(tmp_path / "whole.parquet")
+    assert small["rows"] == whole["rows"] == a.height == len(world["user_ids"]) * cfg.k
+    assert a.equals(b)
+    assert a["rank"].to_list() == list(range(1, cfg.k + 1)) * len(world["user_ids"])
+    ref = reference_topk(world, work, cfg)
+    assert a["user_id"].to_list() == ref["user_id"].to_list()
+    assert a["item_id"].to_list() == ref["item_id"].to_list()
+    np.testing.assert_allclose(a["score"].to_numpy(), ref["score"].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(a["retrieval_score"].to_numpy(), ref["retrieval_score"].to_numpy(), atol=1e-6)
+
+
+def test_export_is_independent_of_the_batch_size_with_ivf_pq(trained, tmp_path: Path) -> None:
+    work, cfg = trained
+    export_topk(work, tmp_path / "a.parquet", cfg)
+    export_topk(work, tmp_path / "b.parquet", NightlyConfig(**{**cfg.__dict__, "batch_users": 1}))
+    export_topk(work, tmp_path / "c.parquet", cfg, users=(30, 91))
+    a, b, c = (pl.read_parquet(tmp_path / f"{x}.parquet") for x in "abc")
+    assert a.equals(b)
+    assert c.equals(a.filter(pl.col("user_id").is_in([f"u{j}" for j in range(30, 91)])))
+
+
+def test_the_ray_engine_gives_the_local_engine_export(trained, tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'fusionrec[ray]')")
+    work, cfg = trained
+    local = export_topk(work, tmp_path / "local.parquet", cfg)
+    ray = export_topk(work, tmp_path / "ray.parquet", cfg, engine="ray", ray_config=RayConfig(num_actors=2))
+    assert local["rows"] == ray["rows"] and local["users"] == ray["users"] == 240
+    assert pl.read_parquet(tmp_path / "local.parquet").equals(pl.read_parquet(tmp_path / "ray.parquet"))
+
+
+def test_training_sample_is_bounded(world: dict, tmp_path: Path) -> None:
+    work = fuse_world(world, tmp_path)
+    cfg = NightlyConfig(k=5, depth=40, keep=20, train_users=100, max_train_rows=300, batch_users=16,
+                        n_estimators=5, threads=1)
+    info = train_ranker(work, world["root"] / "labels.parquet", cfg)
+    assert info["sampled_users"] == 100
+    assert info["labels_matched"] == 100  # one label per user, only the sampled users' kept
+    assert info["capped"] and 300 - 20 < info["train_rows"] <= 300  # whole users of 20 candidates each
+    assert info["train_users"] == info["train_rows"] // 20 <= 100
+    assert 0 < info["positives"] <= info["train_users"]
+    assert Ranker.load(work / "ranker").feature_names_ == feature_names(NightlyContext(work, cfg))
+    everyone = train_ranker(work, world["root"] / "labels.parquet",
+                            NightlyConfig(**{**cfg.__dict__, "train_users": 10_000, "max_train_rows": 10**6}))
+    assert everyone["sampled_users"] == 240 and not everyone["capped"]
+
+
+def test_a_modality_table_of_another_dimension_names_its_file(world: dict, tmp_path: Path) -> None:
+    root = world["root"]
+    other = write_vectors(tmp_path / "item_text_2.parquet", ["extra"], np.ones((1, 12), np.float32))
+    with pytest.raises(InputError, match=r"item_text_2\.parquet.*field 'vector'.*dimension 12, other tables have 16"):
+        fuse_tables(root / "items.parquet", {"text": [root / "item_text.parquet", other]}, tmp_path / "items")
+    wrong = write_vectors(tmp_path / "user_text.parquet", ["u0"], np.ones((1, 10), np.float32), "user_id")
+    with pytest.raises(InputError, match=r"user_text\.parquet.*modality 'text' has dimension 10, the items' has 16"):
+        fuse_tables(root / "users.parquet", {"text": wrong}, tmp_path / "users", kind="user", dims={"text": 16})
+
+
+def test_bad_vectors_and_labels_are_named(world: dict, tmp_path: Path) -> None:
+    root = world["root"]
+    x = np.ones((3, 16), np.float32)
+    x[2, 4] = np.nan
+    nan = write_vectors(tmp_path / "nan.parquet", ["i0", "i1", "i2"], x)
+    with pytest.raises(InputError, match=r"nan\.parquet, row 3, field 'vector': vector has NaN"):
+        fuse_tables(root / "items.parquet", {"text": nan}, tmp_path / "a")
+    dup = write_vectors(tmp_path / "dup.parquet", ["i0", "i7", "i0"], np.ones((3, 16), np.float32))
+    with pytest.raises(InputError, match=r"dup\.parquet.*id 'i0' has more than one vector"):
+        fuse_tables(root / "items.parquet", {"text": dup}, tmp_path / "b")
+    with pytest.raises(FusionrecError, match="weights for modalities that have no table: audio"):
+        fuse_tables(root / "items.parquet", {"text": root / "item_text.parquet"}, tmp_path / "c", {"audio": 1.0})
+    work = fuse_world(world, tmp_path / "work")
+    pl.DataFrame({"user_id": ["u0", "u1"], "item_id": ["i0", "i1"], "label": [1, -2]}) \
+        .write_parquet(tmp_path / "labels.parquet")
+    with pytest.raises(InputError, match=r"labels\.parquet, row 2, field 'label'"):
+        train_ranker(work, tmp_path / "labels.parquet", NightlyConfig(k=5, depth=40, keep=20, threads=1))
+    with pytest.raises(FusionrecError, match="k <= keep <= depth"):
+        NightlyConfig(k=30, keep=20)
