@@ -182,13 +182,13 @@ class NightlyContext:
         t1 = time.perf_counter()
         valid = found >= 0
         wanted = np.unique(found[valid])  # ascending rows: the memory map is read in file order
-        gathered = self.items.split(self.item_blocks[wanted])
         where = np.searchsorted(wanted, np.where(valid, found, wanted[0] if len(wanted) else 0))
-        user_blocks = self.users.split(self.user_blocks[users])
-        sims = np.empty(found.shape + (len(user_blocks),), dtype=np.float32)
-        for m, (u, x) in enumerate(zip(user_blocks, gathered)):
-            # elementwise product then a per-pair sum: each pair's value is independent of the batch
-            sims[:, :, m] = (u[:, None, :] * x[where]).sum(axis=-1)
+        pairs = np.asarray(self.item_blocks[wanted], dtype=np.float32)[where]  # (B, depth, D)
+        user_rows = np.asarray(self.user_blocks[users], dtype=np.float32)
+        sims = np.empty(found.shape + (len(self.items.dims),), dtype=np.float32)
+        for m, (o, d) in enumerate(zip(self.items.offsets, self.items.dims)):
+            # one (depth, d) x (d,) product per user: each user's values do not depend on the batch
+            sims[:, :, m] = np.matmul(pairs[:, :, o:o + d], user_rows[:, o:o + d, None])[..., 0]
         item_mask = self.item_mask[np.where(valid, found, 0)] & valid[:, :, None]
         avail = self.user_mask[users][:, None, :] & item_mask
         scores = fused_score(sims.astype(np.float64), avail, self.weights)
