@@ -135,11 +135,11 @@ def recall_at(scores: np.ndarray, truth: np.ndarray, n: int) -> float:
     return float(hits.sum() / max(truth.sum(), 1))
 
 
-BLEND_STEPS = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
+BLEND_STEPS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
 
 
 def coordinate_ascent(names: list[str], value: Callable[[dict[str, float]], float], *,
-                      steps: tuple[float, ...] = BLEND_STEPS, rounds: int = 3) -> dict[str, float]:
+                      steps: tuple[float, ...] = BLEND_STEPS, rounds: int = 4) -> dict[str, float]:
     """Non-negative weights maximising `value`, one name at a time over `steps`, from the best
     single name (weight 1, the others 0); stops after `rounds` or a round without a gain."""
     singles = {n: value({m: float(m == n) for m in names}) for n in names}
@@ -161,7 +161,7 @@ def coordinate_ascent(names: list[str], value: Callable[[dict[str, float]], floa
 
 
 def search_weights(z: dict[str, np.ndarray], truth: np.ndarray, blocked: np.ndarray, *,
-                   steps: tuple[float, ...] = BLEND_STEPS, rounds: int = 3) -> dict[str, float]:
+                   steps: tuple[float, ...] = BLEND_STEPS, rounds: int = 4) -> dict[str, float]:
     """Blend weights by coordinate ascent of validation NDCG@10, from the best single source."""
     names = list(z)
 
@@ -472,8 +472,12 @@ class Tuning:
 def tune(split: LabelSplit, item_ids: np.ndarray, users: pl.DataFrame | None, fused: Retriever | None,
          names: list[str], *, n_candidates: int, threshold: float | None, recent_items: int, half_life: float,
          seed: int, max_users: int = 3000, content: np.ndarray | None = None,
-         user_content: dict[str, np.ndarray] | None = None) -> Tuning:
-    """Choose each source's setting (the same grid budget for each) and the blend weights on `split`."""
+         user_content: dict[str, np.ndarray] | None = None) -> tuple[Tuning, CandidateModel]:
+    """Choose each source's setting (the same grid budget for each) and the blend weights on `split`.
+
+    Returns what was chosen, and the model on `split.fit` with the chosen sources as fitted
+    during the search (the label window's candidate model: no second fit of the same sources).
+    """
     truth_frame = truth_pairs(split.fit, split.held, threshold)
     val_users = sorted(truth_frame["user_id"].unique().to_list())
     if len(val_users) > max_users:  # a seeded sample bounds the dense validation matrices
@@ -502,15 +506,16 @@ def tune(split: LabelSplit, item_ids: np.ndarray, users: pl.DataFrame | None, fu
             continue
         if name == "content" and content is None:
             continue
-        best: tuple[float, dict[str, Any], np.ndarray] | None = None
+        best: tuple[float, dict[str, Any], np.ndarray, Source] | None = None
         for setting in SEARCH_GRID[name]:
             source = make_source(name, setting, segments=base.segments_, seed=seed, content=content).fit(base.log_)
             scores = source.score(base.log_, rows)
             value = float(ndcg_at(np.where(blocked, -np.inf, scores), truth).mean())
             if best is None or value > best[0] + 1e-9:
-                best = (value, setting, scores)
+                best = (value, setting, scores, source)
         assert best is not None
         ndcg[name], params[name], z[name] = best[0], best[1], zscore(best[2], blocked)
+        base.sources_[name] = best[3]
         recall[name] = recall_at(np.where(blocked, -np.inf, best[2]), truth, n_candidates)
     if fused is not None:
         scores = fused_scores(fused, val_users, np.asarray(item_ids, dtype=object), n_candidates)
@@ -533,8 +538,9 @@ def tune(split: LabelSplit, item_ids: np.ndarray, users: pl.DataFrame | None, fu
     recall["union"] = float((union & truth).sum() / max(truth.sum(), 1))
     log.info("candidate sources on validation (%s, %d users): NDCG@10 %s; blend weights %s", split.protocol,
              len(val_users), {k: round(v, 4) for k, v in ndcg.items()}, weights)
+    base.params, base.weights = params, weights
     return Tuning(split.protocol, len(val_users), params, weights, {k: round(v, 5) for k, v in ndcg.items()},
-                  {k: round(v, 4) for k, v in recall.items()})
+                  {k: round(v, 4) for k, v in recall.items()}), base
 
 
 def default_sources(n_items: int, ease_max_items: int) -> list[str]:

@@ -157,8 +157,8 @@ def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, conf
         model = CandidateModel(**common, params=params, weights=weights).fit(inter, item_ids, catalog.users, retriever)
         return model, None, None, retriever
     fused_source = fused_fit if FUSED in names else None
-    tuning = tune(split, item_ids, catalog.users, fused_source, [n for n in names if n != FUSED], **common,
-                  max_users=sc.validation_users)
+    tuning, tuned_model = tune(split, item_ids, catalog.users, fused_source, [n for n in names if n != FUSED],
+                               **common, max_users=sc.validation_users)
     frames = []
     # Window 0 holds the labels the sources were tuned on; window 1, one step earlier (the
     # same protocol applied to window 0's feature part), doubles the ranker's examples.
@@ -167,8 +167,9 @@ def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, conf
         # chosen on window 0's labels would look ahead of window 1's features.
         fused_part = fused_source if window == 0 or fused_source is None else (
             retriever_from_config(config).fit(item_mods, part.fit, user_mods, held_out=part.held))
-        held_model = CandidateModel(**common, params=tuning.params, weights=tuning.weights).fit(
-            part.fit, item_ids, catalog.users, fused_part)
+        # Window 0's sources are the ones the search fitted on the same part of the log.
+        held_model = tuned_model if window == 0 else CandidateModel(
+            **common, params=tuning.params, weights=tuning.weights).fit(part.fit, item_ids, catalog.users, fused_part)
         labelled = truth_pairs(part.fit, part.held, threshold)["user_id"].unique().sort().to_list()
         frames.append(held_model.candidates(labelled, exclude_seen=True).with_columns(
             pl.lit(window, pl.Int8).alias("label_window")))

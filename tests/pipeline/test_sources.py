@@ -12,6 +12,7 @@ from fusionrec.pipeline.retrieval.candidates import (
     ndcg_at,
     search_weights,
     truth_pairs,
+    tune,
     zscore,
 )
 from fusionrec.pipeline.retrieval.sources import SOURCE_NAMES, als_available, build_log, make_source, user_segments
@@ -140,3 +141,22 @@ def test_label_split_auto_takes_the_protocol_with_more_labelled_users() -> None:
     assert per_user is not None and per_user.users == truth_pairs(per_user.fit, per_user.held, 4.0)[
         "user_id"].n_unique()
     assert label_split(frame.head(3), "auto", fraction=0.2, window_days=14, threshold=4.0) is None
+
+
+def test_the_search_hands_back_the_label_windows_model_as_a_fresh_fit_would_make_it() -> None:
+    """The label window's candidates come from the sources the search fitted, not a second fit:
+    the same rows, ranks and scores as a model fitted anew with the chosen settings."""
+    frame = pairs_log(n_users=60)
+    split = label_split(frame, "per_user", fraction=0.2, window_days=14, threshold=4.0, min_users=1)
+    assert split is not None
+    names = ["ease", "itemknn", "recent_itemknn", "popular"] + (["als"] if als_available() else [])
+    tuning, model = tune(split, ITEMS, None, None, names, n_candidates=5, threshold=4.0, recent_items=3,
+                         half_life=2.0, seed=0)
+    assert model.params == tuning.params and model.weights == tuning.weights
+    assert set(model.sources_) == set(tuning.params)
+    fresh = CandidateModel(n_candidates=5, threshold=4.0, recent_items=3, half_life=2.0, seed=0, params=tuning.params,
+                           weights=tuning.weights).fit(split.fit, ITEMS, None, None)
+    users = sorted(split.held["user_id"].unique().to_list())
+    ours, theirs = model.candidates(users), fresh.candidates(users)
+    assert ours.height == theirs.height > 0
+    assert ours.equals(theirs)
