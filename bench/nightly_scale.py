@@ -5,7 +5,7 @@
 
 For each catalog size: synthetic inputs are written (items: a 256-d "text" and a 128-d
 "image" table, 384 dimensions fused, 10% of items without an image, the image table in
-another row order; users: the same two modalities made from a seed item drawn with Zipf
+another row order; users: the same two modalities made from a seed item drawn with power-law
 popularity, plus noise; labels: each user's seed item; popularity: how many users seeded
 on the item), then every stage of the path runs in its own subprocess, which reports its
 own peak resident memory (getrusage ru_maxrss: imports and the memory-mapped pages it
@@ -35,9 +35,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pyarrow as pa
 
@@ -56,6 +58,7 @@ from fusionrec.pipeline.batch.nightly import (  # noqa: E402
 )
 from fusionrec.pipeline.io.streaming import ParquetSink, vector_row_group_rows, write_batches  # noqa: E402
 from fusionrec.pipeline.retrieval.faiss_index import default_nlist  # noqa: E402
+from fusionrec.pipeline.retrieval.fusion import Blocks, item_matrix  # noqa: E402
 
 DIMS = {"text": 256, "image": 128}
 WEIGHTS = {"text": 0.6, "image": 0.4}
@@ -81,9 +84,13 @@ def child_generate(a: dict) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(7)
     bases = {m: vector_model(d, seed=12345 + j) for j, (m, d) in enumerate(DIMS.items())}
-    # Users pick their seed item with Zipf popularity over a random permutation of the items.
+    # Users pick their seed item by popularity rank over a random permutation of the items.
     rank_of = rng.permutation(n)
-    seed_rank = np.minimum(rng.zipf(1.3, n_users) - 1, n - 1)
+    # P(rank r) ~ r^-0.8 over the n ranks (inverse CDF of the continuous law): the top item
+    # holds about 1% of the users at 1M items, half the users seed on the top 4% of items
+    alpha = 0.8
+    u = rng.random(n_users)
+    seed_rank = np.minimum(((n ** (1 - alpha) - 1) * u + 1) ** (1 / (1 - alpha)) - 1, n - 1).astype(np.int64)
     seeds = np.argsort(rank_of)[seed_rank]  # the item holding that popularity rank
     by_seed = np.argsort(seeds, kind="stable")
     sorted_seeds = seeds[by_seed]
@@ -176,10 +183,6 @@ def child_export(a: dict) -> dict:
 def child_check(a: dict) -> dict:
     """Recall@k of the re-scored retrieval against exact search over all items, streamed
     over the memory-mapped blocks (users with every modality: s(u, i) is then <q_u, v_i>)."""
-    import faiss
-
-    from fusionrec.pipeline.retrieval.fusion import Blocks, item_matrix
-
     cfg = read_config(a["work"])
     ctx = NightlyContext(a["work"], cfg)
     full = np.flatnonzero(ctx.user_mask.all(axis=1))
@@ -217,13 +220,29 @@ CHILDREN = {"generate": child_generate, "fuse": child_fuse, "index": child_index
 
 
 def status_mb() -> dict:
-    """RssAnon / RssFile of this process now (kB -> MB): heap vs mapped file pages."""
+    """RssAnon / RssFile of this process now, in MB: heap vs mapped file pages."""
     out = {}
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("RssAnon", "RssFile", "VmHWM")):
+        if line.startswith(("RssAnon", "RssFile")):
             name, value = line.split(":")
             out[name] = round(int(value.split()[0]) / 1024, 1)
     return out
+
+
+class PeakSampler(threading.Thread):
+    """Peaks of RssAnon and RssFile, read every 50 ms. ru_maxrss counts both: the pages of a
+    memory-mapped file a process touched stay in its RSS while mapped, though the kernel can
+    drop them (clean page cache) whenever memory is short; the anonymous part cannot go."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = {"RssAnon": 0.0, "RssFile": 0.0}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.05):
+            for name, value in status_mb().items():
+                self.peak[name] = max(self.peak[name], value)
 
 
 def run_child(name: str, args: dict) -> dict:
@@ -247,9 +266,10 @@ def run_size(n: int, a: argparse.Namespace, work_root: Path) -> dict:
 
     def stage(name: str, child: str, args: dict) -> None:
         stages[name] = res = run_child(child, args)
-        print(f"{n:>10,} items  {name:<11} peak {res['peak_rss_mb']:8.0f} MB  {res['wall_seconds']:8.1f} s  "
-              + json.dumps({k: v for k, v in res.items() if k not in ("peak_rss_mb", "wall_seconds")})[:300],
-              flush=True)
+        print(f"{n:>10,} items  {name:<11} peak {res['peak_rss_mb']:7.0f} MB (anon {res['peak_sampled_mb']['RssAnon']:7.0f},"
+              f" file {res['peak_sampled_mb']['RssFile']:7.0f})  {res['wall_seconds']:7.1f} s  "
+              + json.dumps({k: v for k, v in res.items() if k not in ("peak_rss_mb", "wall_seconds",
+                                                                      "peak_sampled_mb")})[:400], flush=True)
 
     stage("generate", "generate", {"items": n, "users": a.users, "root": str(root)})
     stage("fuse_items", "fuse", {"root": str(root), "work": str(work), "kind": "item", "batch_rows": a.batch_rows})
@@ -291,9 +311,13 @@ def main() -> None:
     ap.add_argument("--keep-files", action="store_true")
     a = ap.parse_args()
     if a.child:
+        sampler = PeakSampler()
+        sampler.start()
         result = CHILDREN[a.child](json.loads(a.args))
         result["__maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        result["rss_at_end_mb"] = status_mb()
+        sampler.done.set()
+        sampler.join()
+        result["peak_sampled_mb"] = sampler.peak
         print(json.dumps(result, default=float))
         return
 

@@ -24,7 +24,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
@@ -49,6 +49,50 @@ from fusionrec.pipeline.retrieval.fusion import Blocks, item_matrix
 ID_COLUMNS = ("id", "item_id", "user_id")
 META_FILE = "fused.json"
 DTYPES = ("float32", "float16")
+REMAP_BYTES = 256 << 20
+
+
+class MappedRows:
+    """Rows of a memory-mapped `.npy` matrix, read (or written) as copies, the mapping renewed
+    after every `window` bytes. Mapped file pages a process touched count in its RSS until
+    it unmaps them, up to the whole file; renewing the mapping keeps the process's RSS near
+    `window`, while the pages themselves stay in the page cache (shared, reclaimable) and
+    written pages are written back by the kernel as usual."""
+
+    def __init__(self, path: Path, mode: str = "r", window: int = REMAP_BYTES) -> None:
+        self.path, self.mode, self.window = Path(path), mode, window
+        self._open()
+
+    def _open(self) -> None:
+        self.array = np.load(self.path, mmap_mode=cast("Any", self.mode))
+        self.row_bytes = int(self.array.dtype.itemsize * np.prod(self.array.shape[1:]))
+        self._since = 0
+
+    def _count(self, rows: int) -> None:
+        self._since += rows * self.row_bytes
+        if self._since >= self.window:
+            if self.mode != "r":
+                self.array.flush()
+            del self.array
+            self._open()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
+        out = np.array(self.array[rows])  # a copy: nothing keeps the mapping's pages alive
+        self._count(len(out))
+        return out
+
+    def write(self, rows: np.ndarray, columns: slice, values: np.ndarray) -> None:
+        self.array[rows, columns] = values
+        self._count(len(rows))
+
+    def close(self) -> None:
+        if self.mode != "r":
+            self.array.flush()
+        del self.array
 
 
 @dataclass(frozen=True)
@@ -79,9 +123,9 @@ class FusedTable:
         """Start column of each modality's block in `blocks()`."""
         return tuple(int(o) for o in np.cumsum((0, *self.dims))[:-1])
 
-    def blocks(self) -> np.ndarray:
+    def blocks(self) -> MappedRows:
         """(rows, sum of dims) unit blocks, memory-mapped: only the rows read come into memory."""
-        return np.load(self.directory / "blocks.npy", mmap_mode="r")
+        return MappedRows(self.directory / "blocks.npy")
 
     def mask(self) -> np.ndarray:
         return np.load(self.directory / "mask.npy")
@@ -213,7 +257,8 @@ def fuse_tables(catalog: Path | str, modalities: Mapping[str, Path | str | Seque
 
     # Pass 2: each modality's rows placed on the catalog's rows of the memory-mapped blocks.
     total = sum(d for _, d in shapes.values())
-    blocks = np.lib.format.open_memmap(out_dir / "blocks.npy", mode="w+", dtype=np.dtype(dtype), shape=(n, total))
+    np.lib.format.open_memmap(out_dir / "blocks.npy", mode="w+", dtype=np.dtype(dtype), shape=(n, total)).flush()
+    blocks = MappedRows(out_dir / "blocks.npy", "r+")
     mask = np.zeros((n, len(names)), dtype=bool)
     unmatched: dict[str, int] = {}
     offset = 0
@@ -239,18 +284,17 @@ def fuse_tables(catalog: Path | str, modalities: Mapping[str, Path | str | Seque
                     raise InputError(f"id '{_id_at(out_dir, int(dup))}' has more than one vector", file=str(path),
                                      field=col)
                 order = np.argsort(rows, kind="stable")  # ascending rows: sequential writes to the file
-                blocks[rows[order], offset:offset + d] = x[order]
+                blocks.write(rows[order], slice(offset, offset + d), x[order])
                 mask[rows, j] = True
                 start += len(matrix)
         offset += d
-    blocks.flush()
+    blocks.close()
     np.save(out_dir / "mask.npy", mask)
 
     meta = {"kind": kind, "names": list(names), "dims": [shapes[m][1] for m in names], "weights": w.tolist(),
             "rows": n, "dtype": dtype, "catalog": str(catalog), "unmatched_ids": unmatched,
             "rows_with_modality": dict(zip(names, mask.sum(axis=0).tolist()))}
     table = FusedTable(out_dir, kind, names, tuple(meta["dims"]), tuple(meta["weights"]), n, dtype)
-    del blocks
     if kind == "item":
         write_fused(table, batch_rows=vector_row_group_rows(total))
     write_json(meta, out_dir / META_FILE)  # last: its presence says the table is complete

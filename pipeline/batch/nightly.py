@@ -16,8 +16,9 @@ reach the ranker are exact, and only the candidate set depends on the index's re
 Memory, besides the index (IVF-PQ: m + 8 bytes per item): per item the mask (M bytes),
 popularity (4), the id (about 4 + its length) and, while labels are matched, 16 bytes of
 hash lookup; per batch of B users, the B * depth gathered rows (B * depth * D * 4 bytes:
-512 x 100 x 384 x 4 = 79 MB); and the memory-mapped rows the page cache keeps resident
-(the rows candidates hit, up to the file's size). Nothing grows with items x users.
+512 x 100 x 384 x 4 = 79 MB). The blocks are read through `fuse.MappedRows`, which renews
+its mapping every 256 MB read, so the mapped pages in the process's RSS stay bounded too;
+the page cache keeps what fits (shared, reclaimable). Nothing grows with items x users.
 
 Results do not depend on the batch size: each user's candidates, scores and features are
 computed row by row (FAISS searches each query on its own; re-scoring sums each pair's
@@ -167,9 +168,10 @@ class NightlyContext:
             self._ids = (self.users.ids(), self.items.ids())
         return self._ids
 
-    def queries(self, users: np.ndarray) -> np.ndarray:
-        """q_u = concat_m(a_{u,m} u_{u,m}) of `fusion.query_matrix` for these user rows."""
-        mats = self.users.split(self.user_blocks[users])
+    def queries(self, users: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """q_u = concat_m(a_{u,m} u_{u,m}) of `fusion.query_matrix` for these user rows
+        (`rows`: their blocks, when already read)."""
+        mats = self.users.split(self.user_blocks[users] if rows is None else rows)
         return query_matrix(Blocks(users, self.users.names, mats, self.user_mask[users]), self.weights)
 
     def candidates(self, users: np.ndarray) -> Candidates:
@@ -177,14 +179,14 @@ class NightlyContext:
         blocks and keep the best `keep` (ties: lower item row first)."""
         cfg = self.config
         users = np.asarray(users, dtype=np.int64)
+        user_rows = self.user_blocks[users].astype(np.float32, copy=False)
         t0 = time.perf_counter()
-        _, found = search(self.index, self.queries(users), cfg.depth)
+        _, found = search(self.index, self.queries(users, user_rows), cfg.depth)
         t1 = time.perf_counter()
         valid = found >= 0
         wanted = np.unique(found[valid])  # ascending rows: the memory map is read in file order
         where = np.searchsorted(wanted, np.where(valid, found, wanted[0] if len(wanted) else 0))
-        pairs = np.asarray(self.item_blocks[wanted], dtype=np.float32)[where]  # (B, depth, D)
-        user_rows = np.asarray(self.user_blocks[users], dtype=np.float32)
+        pairs = self.item_blocks[wanted].astype(np.float32, copy=False)[where]  # (B, depth, D)
         sims = np.empty(found.shape + (len(self.items.dims),), dtype=np.float32)
         for m, (o, d) in enumerate(zip(self.items.offsets, self.items.dims)):
             # one (depth, d) x (d,) product per user: each user's values do not depend on the batch

@@ -125,7 +125,7 @@ def test_streamed_fusion_equals_the_in_memory_fusion(world: dict, tmp_path: Path
     table = FusedTable.open(work / "items")
     assert table.names == ("image", "text") and table.dims == (8, 16) and table.rows == 1500
     np.testing.assert_array_equal(table.mask(), items.mask)
-    np.testing.assert_allclose(np.asarray(table.blocks()), np.hstack(items.mats), atol=1e-7)
+    np.testing.assert_allclose(table.blocks()[:], np.hstack(items.mats), atol=1e-7)
     fused = pq.read_table(work / "items" / "fused.parquet")
     assert fused.column("row").to_pylist() == list(range(1500))
     vectors = np.stack(fused.column("vector").to_numpy(zero_copy_only=False))
