@@ -301,7 +301,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=100)
     ap.add_argument("--keep", type=int, default=50)
     ap.add_argument("--batch-users", type=int, default=512)
-    ap.add_argument("--batch-rows", type=int, default=65_536)
+    ap.add_argument("--batch-rows", type=int, default=16_384, help="rows per batch of the fusion")
     ap.add_argument("--train-users", type=int, default=20_000)
     ap.add_argument("--max-train-rows", type=int, default=500_000)
     ap.add_argument("--trees", type=int, default=100)

@@ -21,6 +21,7 @@ the batch plus those 16 bytes and the mask per row: never the vector table.
 from __future__ import annotations
 
 import json
+import mmap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +55,10 @@ REMAP_BYTES = 256 << 20
 
 class MappedRows:
     """Rows of a memory-mapped `.npy` matrix, read (or written) as copies, the mapping renewed
-    after every `window` bytes. Mapped file pages a process touched count in its RSS until
-    it unmaps them, up to the whole file; renewing the mapping keeps the process's RSS near
-    `window`, while the pages themselves stay in the page cache (shared, reclaimable) and
+    after every `window` bytes of pages touched (counted as row bytes plus a page a row, as
+    for scattered rows). Mapped file pages a process touched count in its RSS until it
+    unmaps them, up to the whole file; renewing the mapping keeps that part of its RSS
+    within `window` plus one read or write, while the pages themselves stay in the page cache (shared, reclaimable) and
     written pages are written back by the kernel as usual."""
 
     def __init__(self, path: Path, mode: str = "r", window: int = REMAP_BYTES) -> None:
@@ -69,7 +71,8 @@ class MappedRows:
         self._since = 0
 
     def _count(self, rows: int) -> None:
-        self._since += rows * self.row_bytes
+        # a row touches its pages: up to row_bytes + one page when rows are scattered
+        self._since += rows * (self.row_bytes + mmap.PAGESIZE)
         if self._since >= self.window:
             if self.mode != "r":
                 self.array.flush()

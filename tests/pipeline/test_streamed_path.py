@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fusionrec.pipeline.batch.fuse import FusedTable, fuse_tables
+from fusionrec.pipeline.batch.fuse import FusedTable, MappedRows, fuse_tables
 from fusionrec.pipeline.batch.nightly import (
     NightlyConfig,
     NightlyContext,
@@ -132,6 +132,21 @@ def test_streamed_fusion_equals_the_in_memory_fusion(world: dict, tmp_path: Path
     np.testing.assert_allclose(vectors, item_matrix(items, w), atol=1e-6)
     np.testing.assert_array_equal(FusedTable.open(work / "users").mask(), users.mask)
     assert table.ids().to_pylist() == list(world["item_ids"])
+
+
+def test_mapped_rows_renewing_the_mapping_reads_and_writes_the_same_values(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).standard_normal((50, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", np.zeros_like(x))
+    out = MappedRows(tmp_path / "x.npy", "r+", window=100)  # renewed every 5 rows
+    for s in range(0, 50, 7):
+        out.write(np.arange(s, min(s + 7, 50)), slice(0, 4), x[s:s + 7, :4])
+    out.write(np.arange(50)[::-1], slice(4, 6), x[::-1, 4:])
+    out.close()
+    rows = MappedRows(tmp_path / "x.npy", window=100)
+    np.testing.assert_array_equal(rows[:], x)
+    pick = np.array([3, 17, 17, 49, 0])
+    np.testing.assert_array_equal(rows[pick], x[pick])
+    assert rows.shape == (50, 6) and rows[10:20].flags.owndata
 
 
 def test_rescored_scores_are_the_exact_scores_of_the_returned_items(world: dict, trained) -> None:
