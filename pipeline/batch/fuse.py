@@ -53,13 +53,19 @@ DTYPES = ("float32", "float16")
 REMAP_BYTES = 256 << 20
 
 
+# Linux maps up to 16 cached pages around a read fault ("fault-around"): a scattered row read
+# can bring 64 kB of the file into the process's RSS.
+FAULT_AROUND = 16 * mmap.PAGESIZE
+
+
 class MappedRows:
     """Rows of a memory-mapped `.npy` matrix, read (or written) as copies, the mapping renewed
-    after every `window` bytes of pages touched (counted as row bytes plus a page a row, as
-    for scattered rows). Mapped file pages a process touched count in its RSS until it
-    unmaps them, up to the whole file; renewing the mapping keeps that part of its RSS
-    within `window` plus one read or write, while the pages themselves stay in the page cache (shared, reclaimable) and
-    written pages are written back by the kernel as usual."""
+    after every `window` bytes of pages touched. Mapped file pages a process touched count
+    in its RSS until it unmaps them, up to the whole file (and a scattered read maps up to
+    FAULT_AROUND bytes); reading and writing scattered rows in chunks, with the mapping
+    renewed in between, keeps that part of the RSS within about `window`. The pages
+    themselves stay in the page cache (shared, reclaimable) and written pages are written
+    back by the kernel as usual."""
 
     def __init__(self, path: Path, mode: str = "r", window: int = REMAP_BYTES) -> None:
         self.path, self.mode, self.window = Path(path), mode, window
@@ -70,12 +76,11 @@ class MappedRows:
         self.row_bytes = int(self.array.dtype.itemsize * np.prod(self.array.shape[1:]))
         self._since = 0
 
-    def _count(self, rows: int) -> None:
-        # a row touches its pages: up to row_bytes + one page when rows are scattered
-        self._since += rows * (self.row_bytes + mmap.PAGESIZE)
+    def _count(self, touched: int) -> None:
+        self._since += touched
         if self._since >= self.window:
-            if self.mode != "r":
-                self.array.flush()
+            # no msync: unmapping keeps written pages in the page cache, and the kernel's own
+            # writeback writes a page once however many rows of it were written
             del self.array
             self._open()
 
@@ -84,13 +89,23 @@ class MappedRows:
         return tuple(self.array.shape)
 
     def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
-        out = np.array(self.array[rows])  # a copy: nothing keeps the mapping's pages alive
-        self._count(len(out))
+        if isinstance(rows, slice):  # consecutive rows: their own pages, and one fault-around
+            out = np.array(self.array[rows])  # a copy: nothing keeps the mapping's pages alive
+            self._count(len(out) * self.row_bytes + FAULT_AROUND)
+            return out
+        rows = np.asarray(rows)
+        out = np.empty((len(rows), *self.array.shape[1:]), dtype=self.array.dtype)
+        step = max(1, self.window // (self.row_bytes + FAULT_AROUND))
+        for s in range(0, len(rows), step):
+            out[s:s + step] = self.array[rows[s:s + step]]
+            self._count(len(rows[s:s + step]) * (self.row_bytes + FAULT_AROUND))
         return out
 
     def write(self, rows: np.ndarray, columns: slice, values: np.ndarray) -> None:
-        self.array[rows, columns] = values
-        self._count(len(rows))
+        step = max(1, self.window // (self.row_bytes + FAULT_AROUND))  # writes fault pages around too (measured)
+        for s in range(0, len(rows), step):
+            self.array[rows[s:s + step], columns] = values[s:s + step]
+            self._count(len(rows[s:s + step]) * (self.row_bytes + FAULT_AROUND))
 
     def close(self) -> None:
         if self.mode != "r":
