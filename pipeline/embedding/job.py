@@ -43,7 +43,7 @@ from fusionrec.pipeline.embedding.encoding import (
     read_identities,
     save_identities,
 )
-from fusionrec.pipeline.embedding.ray_engine import import_ray, ray_encode_rows
+from fusionrec.pipeline.embedding.ray_engine import RunOrdered, import_ray, ray_encode_rows
 from fusionrec.pipeline.embedding.vector_files import HashIndex, VectorReader, hash_keys
 from fusionrec.pipeline.encoders.base import l2_normalise
 from fusionrec.pipeline.encoders.text import ITEM_TEXT_FIELDS, clean_text, item_text
@@ -59,9 +59,16 @@ from fusionrec.pipeline.io.storage import (
 )
 from fusionrec.pipeline.io.streaming import (
     ParquetSink,
+    bare_message,
+    check_unique_ids,
+    id_hashes_of,
+    iter_table,
+    read_rows,
     table_columns,
     table_rows,
+    validate_batch,
     validated_batches,
+    validated_columns,
     vector_row_group_rows,
 )
 from fusionrec.pipeline.io.tables import find_table, resolve_media
@@ -151,7 +158,8 @@ def modality_contents(frame: pl.DataFrame, kind: str) -> dict[str, pl.DataFrame]
 
 def write_plans(path: Path, kind: str, data_dir: Path, encoders: dict[str, ModalityEncoder], work_dir: Path, *,
                 keep_ids: bool = False, batch_rows: int = 16_384, advance: Callable[[int], None] | None = None,
-                file_hashes: FileHashes | None = None) -> tuple[list[ModalityPlan], Path | None]:
+                file_hashes: FileHashes | None = None,
+                run_ordered: RunOrdered | None = None) -> tuple[list[ModalityPlan], Path | None]:
     """Read and validate the items or users table (`path`) in batches and write, for each
     modality in `encoders`, its plan: every row's content, content hash and input, or why it
     cannot be used.
@@ -159,33 +167,134 @@ def write_plans(path: Path, kind: str, data_dir: Path, encoders: dict[str, Modal
     Memory: one batch. Nothing is written under a final name, so a table that fails validation
     half-way leaves the artifacts as they were. keep_ids: also write every id of the table
     (`work_dir/{kind}_ids.parquet`, returned), to match precomputed tables against.
+    run_ordered: the Ray engine's task runner (`RayEncodeRows.ordered`): the batches are read,
+    validated, cleaned and text-hashed in Ray tasks (`plan_partition`) and written here in
+    input order, so the plans, and the errors, are the local engine's.
     """
     with contextlib.ExitStack() as stack:
         sinks = {m: stack.enter_context(ParquetSink(shard_dir(work_dir, kind, m) / "plan.parquet", PLAN_SCHEMA))
                  for m in encoders}
         ids_path = work_dir / f"{kind}_ids.parquet" if keep_ids else None
         ids_sink = stack.enter_context(ParquetSink(ids_path, pa.schema([("id", pa.string())]))) if ids_path else None
-        for frame in validated_batches(path, kind, batch_rows):
+        parts = (_local_partitions(path, kind, data_dir, encoders, batch_rows, file_hashes) if run_ordered is None
+                 else _ray_partitions(path, kind, data_dir, encoders, batch_rows, file_hashes, run_ordered))
+        for ids, tables in parts:
             if ids_sink is not None:
-                ids_sink.write(pa.table({"id": frame[f"{kind}_id"].to_arrow()}))
-            for modality, rows in modality_contents(frame, kind).items():
-                if modality not in sinks or not rows.height:
-                    continue
-                contents = rows["content"].to_list()
-                hashes, paths, errors = content_hashes(modality, contents, encoders[modality], data_dir, file_hashes)
-                inputs = contents if modality == "text" else [str(p) if p is not None else None for p in paths]
+                ids_sink.write(pa.table({"id": ids}))
+            for modality, table in tables.items():
                 first = sinks[modality].rows
-                sinks[modality].write(pa.table({
-                    "row": pa.array(np.arange(first, first + rows.height), pa.int64()),
-                    "id": rows["id"].to_arrow(), "content": pa.array(contents, pa.string()),
-                    "content_hash": pa.array(hashes, pa.string()), "input": pa.array(inputs, pa.string()),
-                    "error": pa.array([errors.get(i) for i in range(rows.height)], pa.string())}))
+                sinks[modality].write(table.add_column(
+                    0, "row", pa.array(np.arange(first, first + table.num_rows), pa.int64())))
             if advance:
-                advance(frame.height)
+                advance(len(ids))
     for sink in sinks.values():
         if not sink.rows:  # a column with no values: no table for that modality
             shutil.rmtree(sink.path.parent, ignore_errors=True)
     return [ModalityPlan(kind, m, sink.path, sink.rows) for m, sink in sinks.items() if sink.rows], ids_path
+
+
+def plan_rows(modality: str, rows: pl.DataFrame, enc: ModalityEncoder, data_dir: Path,
+              file_hashes: FileHashes | None = None) -> pa.Table:
+    """One batch's plan rows of one modality (`id, content` of `modality_contents`):
+    PLAN_SCHEMA without `row`, which the writer numbers."""
+    contents = rows["content"].to_list()
+    hashes, paths, errors = content_hashes(modality, contents, enc, data_dir, file_hashes)
+    content = rows["content"].to_arrow()
+    inputs = content if modality == "text" else pa.array([str(p) if p is not None else None for p in paths],
+                                                         pa.string())
+    return pa.table({"id": rows["id"].to_arrow(), "content": content,
+                     "content_hash": pa.array(hashes, pa.string()), "input": inputs,
+                     "error": pa.array([errors.get(i) for i in range(rows.height)], pa.string())})
+
+
+def _local_partitions(path: Path, kind: str, data_dir: Path, encoders: dict[str, ModalityEncoder], batch_rows: int,
+                      file_hashes: FileHashes | None) -> Iterator[tuple[pa.Array, dict[str, pa.Table]]]:
+    """The local engine: (ids, plan rows per modality) of each validated batch, in this process."""
+    for frame in validated_batches(path, kind, batch_rows):
+        yield frame[f"{kind}_id"].to_arrow(), {
+            modality: plan_rows(modality, rows, encoders[modality], data_dir, file_hashes)
+            for modality, rows in modality_contents(frame, kind).items() if modality in encoders and rows.height}
+
+
+@dataclass
+class PartitionPlan:
+    """What one Ray task returns for rows [start, stop) of the items or users table."""
+
+    ids: pa.Array | None = None
+    id_hashes: np.ndarray | None = None
+    tables: dict[str, pa.Table] = field(default_factory=dict)  # text: plan rows, hashed in the task
+    media: dict[str, pl.DataFrame] = field(default_factory=dict)  # id, content: hashed by the driver
+    error: tuple[str, str | None, int | None, str | None] | None = None  # an InputError's (message, file, row, field)
+
+
+def plan_partition(frame: pl.DataFrame | None, path: str, kind: str, columns: list[str], start: int, stop: int,
+                   salts: dict[str, tuple[str, int, str]]) -> PartitionPlan:
+    """A Ray task of the embedding job: rows [start, stop) of the table at `path` (read here
+    from Parquet when `frame` is None) validated, cleaned and, for text, hashed.
+
+    Media rows come back as (id, content): their files are hashed by the driver, whose
+    `ART/cache/file_hashes.parquet` remembers them between runs. A bad row comes back as the
+    InputError's parts, raised by the driver once the partitions before it are written.
+    salts: {modality: (model id, dimension, preprocess id)}, what a content hash depends on.
+    """
+    source = Path(path)
+    try:
+        if frame is None:
+            frame = read_rows(source, columns, start, stop)
+        frame = validate_batch(frame, source, kind, start)
+    except InputError as exc:
+        return PartitionPlan(error=(bare_message(exc), exc.file, exc.row, exc.field))
+    out = PartitionPlan(ids=frame[f"{kind}_id"].to_arrow(), id_hashes=id_hashes_of(frame, kind))
+    for modality, rows in modality_contents(frame, kind).items():
+        if modality not in salts or not rows.height:
+            continue
+        if modality in MEDIA_MODALITIES:
+            out.media[modality] = rows
+        else:
+            model_id, dim, preprocess_id = salts[modality]
+            out.tables[modality] = plan_rows(modality, rows, ModalityEncoder(model_id, dim, _not_here,
+                                                                             preprocess_id=preprocess_id), source)
+    return out
+
+
+def _not_here(inputs: list) -> np.ndarray:
+    raise FusionrecError("plan tasks hash contents; they do not encode")  # never called: the tasks only hash
+
+
+def _ray_partitions(path: Path, kind: str, data_dir: Path, encoders: dict[str, ModalityEncoder], batch_rows: int,
+                    file_hashes: FileHashes | None,
+                    run_ordered: RunOrdered) -> Iterator[tuple[pa.Array, dict[str, pa.Table]]]:
+    """The Ray engine: `plan_partition` for each batch of `batch_rows` rows (the local engine's
+    batches, so a bad row gives its error), results in input order. Parquet partitions are
+    read by the tasks; CSV batches are parsed here (a quoted cell may hold a newline, so byte
+    ranges are not rows) and sent to the tasks."""
+    path = Path(path)
+    columns = validated_columns(path, kind)
+    salts = {m: (enc.model_id, enc.dim, enc.preprocess_id) for m, enc in encoders.items()}
+
+    def calls() -> Iterator[tuple]:
+        if path.suffix == ".parquet":
+            n = table_rows(path) or 0
+            for start in range(0, n, batch_rows):
+                yield None, str(path), kind, columns, start, min(start + batch_rows, n), salts
+            return
+        start = 0
+        for frame in iter_table(path, columns, batch_rows):
+            yield frame, str(path), kind, columns, start, start + frame.height, salts
+            start += frame.height
+
+    id_hashes: list[np.ndarray] = []
+    for part in run_ordered(plan_partition, calls(), f"reading of {path.name}"):
+        if part.error is not None:
+            message, file, row, field_ = part.error
+            raise InputError(message, file=file, row=row, field=field_)
+        assert part.ids is not None and part.id_hashes is not None
+        id_hashes.append(part.id_hashes)
+        tables = dict(part.tables)
+        for modality, rows in part.media.items():
+            tables[modality] = plan_rows(modality, rows, encoders[modality], data_dir, file_hashes)
+        yield part.ids, tables
+    check_unique_ids(id_hashes, path, kind, batch_rows)
 
 
 def precomputed_tables(data_dir: Path) -> dict[tuple[str, str], Path]:
@@ -658,7 +767,7 @@ def _embed_all(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
                 path, kind, data_dir, {m: encoders[m] for m in wanted[kind] if m in encoders}, work_dir,
                 keep_ids=any(k == kind for k, _ in precomputed), batch_rows=config.embed.batch_rows,
                 advance=cast("Callable[[int], None]", lambda n, task=task: bar.advance(task, n)) if bar else None,
-                file_hashes=file_hashes)
+                file_hashes=file_hashes, run_ordered=encode_rows.ordered if encode_rows is not None else None)
             if bar:
                 bar.stop_task(task)  # its timer ends with the step, not with the job
             plans.extend(kind_plans)

@@ -1,8 +1,11 @@
-"""The Ray engine of the embedding job (`engine = "ray"`): encoding on a pool of Ray actors.
+"""The Ray engine of the embedding job (`engine = "ray"`): reading and encoding on Ray.
 
-Only the encoding of rows that need it moves: the driver still reads the inputs (streamed),
-hashes them, reuses known vectors, writes shards and the final tables (pipeline.embed), so
-both engines write the same tables. The todo table (the rows to encode, Parquet) is read in
+Reading: the items and users tables are read, validated, cleaned and text-hashed in Ray
+tasks, one per batch of `embed.batch_rows` rows, at most `ray.num_actors` at once
+(`ordered_tasks`, `pipeline.embedding.job.plan_partition`); the driver writes their results
+in input order. Encoding: the rows that need it go to a pool of Ray actors. The driver still
+hashes media files, reuses known vectors, writes plans, shards and the final tables
+(pipeline.embed), so both engines write the same tables. The todo table (the rows to encode, Parquet) is read in
 blocks, each put in Ray's object store as it is read (the driver holds one block), and run
 as a Ray Dataset through `map_batches` on an actor pool; each actor builds its own encoder
 once (from the config, or a copy of an encoder given in-process), decodes media itself and
@@ -20,7 +23,8 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +111,55 @@ _ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
 _RAY_WRAPPERS = {"UserCodeException", "RayTaskError", "RayActorError", "RaySystemError"}
 
 
+# `fn(*call)` for each call, results in the order of the calls (RayEncodeRows.ordered).
+RunOrdered = Callable[[Callable[..., Any], Iterable[tuple], str], Iterator[Any]]
+
+
+def ordered_tasks(ray: Any, fn: Callable[..., Any], calls: Iterable[tuple], workers: int,
+                  what: str) -> Iterator[Any]:
+    """`fn(*call)` for each call as a Ray task of one CPU, at most `workers` running, the
+    results yielded in the order of `calls` (the driver holds at most `workers` of them).
+
+    The next task is submitted before a result is yielded, so the workers compute while the
+    driver uses it. An error while producing a call (a CSV the parser refuses) is raised
+    after the results of the calls before it, as a sequential loop would; a task's own
+    error becomes a FusionrecError naming `what` and its cause.
+    """
+    remote = ray.remote(num_cpus=1)(fn)
+    it = iter(calls)
+    pending: deque[Any] = deque()
+    failure: BaseException | None = None
+
+    def submit() -> None:
+        nonlocal failure
+        if failure is not None:
+            return
+        try:
+            call = next(it)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - raised once the earlier results are out
+            failure = exc
+            return
+        pending.append(remote.remote(*call))
+
+    try:
+        for _ in range(max(1, workers)):
+            submit()
+        while pending:
+            try:
+                result = ray.get(pending.popleft())
+            except Exception as exc:  # noqa: BLE001 - Ray wraps the task's error; report its cause
+                raise FusionrecError(f"Ray {what} failed: {root_cause(exc)}") from exc
+            submit()
+            yield result
+        if failure is not None:
+            raise failure
+    finally:
+        for ref in pending:  # stopped early (a bad row, an error while writing): drop the rest
+            ray.cancel(ref)
+
+
 def block_rows(n: int, batch_size: int, actors: int) -> int:
     """Rows per input block: small catalogs get one block per batch (every actor gets work),
     large ones about 4 blocks per actor but no more than 16 batches each."""
@@ -183,12 +236,20 @@ class RayEncodeRows:
     def close(self) -> None:
         self._runtime.close()
 
-    def __call__(self, todo: TodoRows, enc: ModalityEncoder, cfg: EmbedConfig) -> Iterator[EncodedShard]:
-        if not todo.rows:
-            return
+    def _start(self) -> None:
         if not self._started:
             self._runtime.enter_context(ray_runtime(self.config.ray))
             self._started = True
+
+    def ordered(self, fn: Callable[..., Any], calls: Iterable[tuple], what: str) -> Iterator[Any]:
+        """`ordered_tasks` on this job's runtime, `ray.num_actors` tasks at once (a RunOrdered)."""
+        self._start()
+        yield from ordered_tasks(import_ray(), fn, calls, self.config.ray.num_actors, what)
+
+    def __call__(self, todo: TodoRows, enc: ModalityEncoder, cfg: EmbedConfig) -> Iterator[EncodedShard]:
+        if not todo.rows:
+            return
+        self._start()
         import pyarrow.parquet as pq
         import ray.data
 

@@ -5,7 +5,8 @@ bounded by the batch and the Parquet row group, not by the number of rows.
 
 - `iter_table`: a Parquet or CSV table as polars frames of `batch_rows` rows.
 - `validated_batches`: the items or users table, validated as `pipeline.tables` does, in
-  batches (the embedding job's input).
+  batches (the embedding job's input); its pieces (`validate_batch`, `check_unique_ids`,
+  `read_rows`) let the Ray engine validate row ranges in tasks with the same errors.
 - `ParquetSink` / `write_batches`: Parquet files written batch by batch, atomically.
 - `build_index_from_parquet`: a FAISS index trained on a seeded sample of the vectors and
   filled chunk by chunk from embedding tables, never holding all vectors; with IVF-PQ
@@ -182,32 +183,73 @@ def validated_batches(path: Path | str, kind: str, batch_rows: int = DEFAULT_BAT
     columns the embedding job reads (text and media) are read.
     """
     path = Path(path)
+    columns = validated_columns(path, kind)
+    id_hashes: list[np.ndarray] = []
+    offset = 0
+    for frame in iter_table(path, columns, batch_rows):
+        frame = validate_batch(frame, path, kind, offset)
+        id_hashes.append(id_hashes_of(frame, kind))
+        offset += frame.height
+        yield frame
+    check_unique_ids(id_hashes, path, kind, batch_rows)
+
+
+def validated_columns(path: Path, kind: str) -> list[str]:
+    """The columns `validated_batches` reads: the id, then the text columns present."""
     id_column = f"{kind}_id"
     text_columns = ITEM_TEXT_COLUMNS if kind == "item" else USER_TEXT_COLUMNS
     present = table_columns(path)
     if id_column not in present:
         raise InputError(f"required column is missing (columns: {', '.join(present)})", file=str(path),
                          field=id_column)
-    columns = [id_column] + [c for c in text_columns if c in present]
-    id_hashes: list[np.ndarray] = []
-    offset = 0
-    for frame in iter_table(path, columns, batch_rows):
-        try:
-            frame = check_text(check_ids(frame, path, id_column), path,
-                                tuple(c for c in text_columns if c in frame.columns))
-        except InputError as exc:  # rows counted from the start of the table, not of the batch
-            if exc.row is None:
-                raise
-            raise InputError(_bare_message(exc), file=str(path), row=exc.row + offset, field=exc.field) from None
-        id_hashes.append(frame[id_column].hash(seed=0).to_numpy())
-        offset += frame.height
-        yield frame
-    if offset == 0:
+    return [id_column] + [c for c in text_columns if c in present]
+
+
+def validate_batch(frame: pl.DataFrame, path: Path, kind: str, offset: int) -> pl.DataFrame:
+    """One batch's checks (ids present, text typed and bounded); `offset`: rows before the
+    batch, so errors count rows from the start of the table."""
+    text_columns = ITEM_TEXT_COLUMNS if kind == "item" else USER_TEXT_COLUMNS
+    try:
+        return check_text(check_ids(frame, path, f"{kind}_id"), path,
+                          tuple(c for c in text_columns if c in frame.columns))
+    except InputError as exc:  # rows counted from the start of the table, not of the batch
+        if exc.row is None:
+            raise
+        raise InputError(bare_message(exc), file=str(path), row=exc.row + offset, field=exc.field) from None
+
+
+def id_hashes_of(frame: pl.DataFrame, kind: str) -> np.ndarray:
+    """The 64-bit hashes of a validated batch's ids, for `check_unique_ids`."""
+    return frame[f"{kind}_id"].hash(seed=0).to_numpy()
+
+
+def check_unique_ids(id_hashes: list[np.ndarray], path: Path, kind: str, batch_rows: int) -> None:
+    """After the last batch: the table has rows, and no id twice (naming the first repeat)."""
+    if not sum(len(h) for h in id_hashes):
         raise InputError("the table has no rows", file=str(path))
-    _check_unique_hashes(np.concatenate(id_hashes), path, id_column, batch_rows)
+    _check_unique_hashes(np.concatenate(id_hashes), path, f"{kind}_id", batch_rows)
 
 
-def _bare_message(exc: InputError) -> str:
+def read_rows(path: Path, columns: Sequence[str], start: int, stop: int) -> pl.DataFrame:
+    """Rows [start, stop) of a Parquet table: only the row groups holding them are decoded."""
+    pf = _parquet(path)
+    groups, first, seen = [], None, 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if seen < stop and seen + n > start:
+            groups.append(g)
+            first = seen if first is None else first
+        seen += n
+    if not groups:
+        return cast(pl.DataFrame, pl.from_arrow(pf.schema_arrow.empty_table().select(list(columns))))
+    try:
+        table = pf.read_row_groups(groups, columns=list(columns))
+    except pa.ArrowException as exc:  # iter_table's wording for a table Arrow cannot decode
+        raise InputError(f"cannot parse the table: {str(exc).strip().splitlines()[0]}", file=str(path)) from None
+    return cast(pl.DataFrame, pl.from_arrow(table.slice(start - cast(int, first), stop - start)))
+
+
+def bare_message(exc: InputError) -> str:
     """The message of an InputError without its `file, row, field: ` prefix."""
     where = [str(v) for v in (exc.file,) if v is not None]
     where += [f"row {exc.row}"] if exc.row is not None else []
