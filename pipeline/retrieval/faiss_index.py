@@ -502,5 +502,7 @@ def save_index(index: faiss.Index, path: Path) -> None:
 
 
 def load_index(path: Path, *, mmap: bool = False) -> faiss.Index:
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    return faiss.read_index(str(path), flags)
+    """mmap: the codes stay in the file, mapped read-only, so processes that load the same file
+    share one copy in the page cache. IO_FLAG_MMAP_IFC maps Flat, IVF lists and HNSW storage
+    alike (IO_FLAG_MMAP copies a Flat index's codes into memory)."""
+    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)

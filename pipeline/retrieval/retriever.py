@@ -364,9 +364,10 @@ class Retriever:
             user_kappa=self.user_kappa_, seen=self.seen_, index=self.index_), directory)
 
     @classmethod
-    def load(cls, directory: Path) -> Retriever:
-        """A fitted Retriever from `save`'s files; the index is read, not rebuilt."""
-        s = store.load(directory)
+    def load(cls, directory: Path, *, mmap: bool = False) -> Retriever:
+        """A fitted Retriever from `save`'s files; the index is read, not rebuilt (mmap: memory-mapped,
+        shared by the processes that map the same file)."""
+        s = store.load(directory, mmap=mmap)
         self = cls(s.params)
         self.modalities_, self.weights_, self.attention_beta_ = s.modalities, s.weights, s.attention_beta
         self.modality_means_, self.mean_sq_, self.search_params_ = s.modality_means, s.mean_sq, s.search_params

@@ -82,8 +82,9 @@ def save(stored: Stored, directory: Path) -> None:
         tmp.write_text(json.dumps(state, indent=2, default=float))
 
 
-def load(directory: Path) -> Stored:
-    """`save`'s files, checked against the hashes retriever.json names; the index is read, not rebuilt."""
+def load(directory: Path, *, mmap: bool = False) -> Stored:
+    """`save`'s files, checked against the hashes retriever.json names; the index is read, not
+    rebuilt (mmap: memory-mapped, `faiss_index.load_index`)."""
     d = Path(directory)
     path = d / "retriever.json"
     if not path.exists():
@@ -100,7 +101,7 @@ def load(directory: Path) -> Stored:
     uf = pl.read_parquet(d / "users.parquet")
     user_blocks = _frame_blocks(uf, "user_id", mods)
     seen = pl.read_parquet(d / "seen.parquet")
-    index = fidx.load_index(d / "index.faiss")
+    index = fidx.load_index(d / "index.faiss", mmap=mmap)
     search_params = {k: int(v) for k, v in state["search_params"].items()}
     fidx.set_search_params(index, search_params)
     return Stored(

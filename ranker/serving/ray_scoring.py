@@ -4,8 +4,10 @@ Each actor loads the artifacts once (`Recommender`: index, ranker, snapshot) and
 same path as `Recommender.recommend` on its batches of users, so the result equals the
 local engine's. Users go out sorted by id and come back in order, so the output (like
 `recommend`'s) is sorted by user_id, then rank, and can stream to a Parquet file without
-being held in the driver. Every actor holds a full copy of the fitted model: size the
-actors by the memory of `ART/index` plus the interaction snapshot.
+being held in the driver. The FAISS index is memory-mapped (`ART/index/index.faiss`): the
+actors of one node share one copy of it in the page cache. Every actor holds its own copy
+of the rest of the fitted model: size the actors by the interaction snapshot and the
+item and user vectors of `ART/index`.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ class ScoreActor:
 
     def __init__(self, art_dir: str, k: int, exclude_seen: bool, explain: bool, use_ranker: bool,
                  fallback: bool) -> None:
-        self.rec = Recommender(art_dir, use_ranker=use_ranker)
+        # The index memory-mapped: the actors on a node share one copy of it in the page cache.
+        self.rec = Recommender(art_dir, use_ranker=use_ranker, mmap_index=True)
         self.options = {"exclude_seen": exclude_seen, "explain": explain, "use_ranker": use_ranker,
                         "fallback": fallback}
         self.k = k

@@ -58,13 +58,13 @@ class Recommender:
     "retrieval" (the blend), "content" or "popular" (users without history).
     """
 
-    def __init__(self, art_dir: Path | str, *, use_ranker: bool = True) -> None:
+    def __init__(self, art_dir: Path | str, *, use_ranker: bool = True, mmap_index: bool = False) -> None:
         self.art_dir = Path(art_dir)
         self.catalog_ = load_snapshot(self.art_dir)
         index_dir = self.art_dir / "index"
         if not (index_dir / "retriever.json").is_file() or not (self.art_dir / "sources" / "sources.json").is_file():
             raise FusionrecError(f"{self.art_dir} has no index: run `fusionrec index` (or `fusionrec run`) first")
-        self.retriever_ = Retriever.load(index_dir)
+        self.retriever_ = Retriever.load(index_dir, mmap=mmap_index)
         item_mods, user_mods = embeddings(self.art_dir)
         self.sources_ = CandidateModel.load(
             self.art_dir / "sources", self.catalog_.interactions, self.retriever_.item_ids_, self.catalog_.users,
