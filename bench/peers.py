@@ -369,7 +369,7 @@ def markdown(title: str, rows: list[dict], head: dict, extra: str = "") -> str:
     out = [f"### {title}", "", f"{head['users']} users. fusionrec's exported top-10 vs the strongest peer on test "
            f"({head['strongest_peer']}): ratio **{head['ratio']:.3f}**, paired difference {head['difference']:+.4f} "
            f"(95% interval {head['interval'][0]:+.4f} to {head['interval'][1]:+.4f})."
-           + (f" Against an ensemble of three ALS fits (not a peer library's model, a reference): ratio "
+           + (f" Against an ensemble of six ALS fits (not a peer library's model, a reference): ratio "
               f"{head['vs_als_ensemble']['ratio']:.3f}, paired difference {head['vs_als_ensemble']['difference']:+.4f} "
               f"({head['vs_als_ensemble']['interval'][0]:+.4f} to {head['vs_als_ensemble']['interval'][1]:+.4f})."
               if "vs_als_ensemble" in head else ""), "",

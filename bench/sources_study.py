@@ -1,0 +1,181 @@
+"""Candidate-source choices judged on validation only: settings and blend weights chosen on one
+half of the validation users, scored on the other half.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/sources_study.py --dataset movielens|lastfm [--repeats 3]
+
+Needs a `bench/peers.py` run of the same data set first: it reads that run's train part
+(`bench/results/work_<dataset>/train`) and item embeddings (`.../art/embeddings`), and never
+the test part.
+
+1. **Validation split**: the one `fusionrec run` uses on that train part (`ranker.labels = auto`:
+   MovieLens each user's latest 20%, Last.fm label 1 after label 0), the fused retriever
+   fitted on its feature part with its weights searched on its labels, as in the index stage.
+2. **Scores**: every source at every setting of its grid (ALS: the wider grid, six seeds each)
+   for every validation user, kept in memory.
+3. **Variants** (`VARIANTS`): which ALS grid, how many seeds, which blend steps. For each of
+   `--repeats` random halvings of the users, and each half in turn, every source's setting
+   and the blend weights are chosen on one half and NDCG@10 is scored on the other; each
+   user's score is the mean over the times they were scored.
+4. **Report**: each variant's mean NDCG@10 and its paired difference from `previous` with a
+   95% bootstrap interval over users (1,000 resamples).
+
+Results: bench/results/sources_study_<dataset>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import RESULTS, SETS  # noqa: E402
+
+from fusionrec.pipeline.config import Config  # noqa: E402
+from fusionrec.pipeline.retrieval import candidates as C  # noqa: E402
+from fusionrec.pipeline.retrieval import stage  # noqa: E402
+from fusionrec.pipeline.retrieval.sources import SEARCH_GRID, make_source  # noqa: E402
+
+# What the sources used before this study: five ALS settings, three seeds, seven blend steps.
+PREVIOUS_ALS = [{"factors": f, "regularization": r, "alpha": a} for f, r, a in
+                ((32, 0.05, 1.0), (32, 5.0, 1.0), (32, 5.0, 10.0), (64, 20.0, 10.0), (32, 50.0, 20.0))]
+PREVIOUS_STEPS = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
+MAX_SEEDS = 6
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "previous": {"als_grid": "previous", "seeds": 3, "steps": PREVIOUS_STEPS, "rounds": 3},
+    "six seeds": {"als_grid": "previous", "seeds": 6, "steps": PREVIOUS_STEPS, "rounds": 3},
+    "wide grid, six seeds": {"als_grid": "wide", "seeds": 6, "steps": PREVIOUS_STEPS, "rounds": 3},
+    "shipped: wide grid, six seeds, fine steps": {"als_grid": "wide", "seeds": 6, "steps": C.BLEND_STEPS,
+                                                  "rounds": 4},
+    "shipped + the second-best ALS setting as one more source": {"als_grid": "wide", "seeds": 6,
+                                                                 "steps": C.BLEND_STEPS, "rounds": 4, "second": True},
+}
+
+Key = tuple[str, str, int]  # source, setting, seed
+
+
+def source_scores(dataset: str) -> tuple[dict[Key, np.ndarray], np.ndarray, np.ndarray]:
+    """(source, setting, seed) -> validation scores, the truth matrix and the blocked (seen) matrix."""
+    work = RESULTS / f"work_{dataset}"
+    if not (work / "train").is_dir() or not (work / "art" / "embeddings").is_dir():
+        raise SystemExit(f"no {work}/train or {work}/art/embeddings: run bench/peers.py --dataset {dataset} first")
+    config = Config()
+    catalog = stage.load_catalog(work / "train")
+    item_mods, user_mods = stage.embeddings(work / "art")
+    split, threshold = stage.candidate_split(catalog.interactions, config)
+    if split is None:
+        raise SystemExit("the train part is too short for a validation split")
+    print(f"{dataset}: validation protocol {split.protocol}, {split.users} labelled users", file=sys.stderr)
+    fused = stage.retriever_from_config(config).fit(item_mods, split.fit, user_mods, held_out=split.held)
+    item_ids = fused.item_ids_
+    content = C.content_vectors(item_mods, item_ids)
+    truth_frame = C.truth_pairs(split.fit, split.held, threshold)
+    users = sorted(truth_frame["user_id"].unique().to_list())
+    base = C.CandidateModel(config.index.n_candidates, threshold, config.sources.recent_items,
+                            config.sources.recent_half_life, 0, params={}, content=content).fit(
+        split.fit, item_ids, catalog.users, fused)
+    rows = base.user_rows(users)
+    col = {str(i): j for j, i in enumerate(item_ids)}
+    row = {u: j for j, u in enumerate(users)}
+    truth = np.zeros((len(users), len(item_ids)), bool)
+    truth[[row[u] for u in truth_frame["user_id"].to_list()], [col[i] for i in truth_frame["item_id"].to_list()]] = True
+    scores: dict[Key, np.ndarray] = {}
+    grids = {**SEARCH_GRID, "als": SEARCH_GRID["als"] + [s for s in PREVIOUS_ALS if s not in SEARCH_GRID["als"]]}
+    for name in stage.source_names(config, len(item_ids)):
+        if name in (C.FUSED, "gru") or (name == "segment_popular" and base.segments_.shape[1] == 0):
+            continue
+        for setting in grids[name]:
+            seeds = range(MAX_SEEDS) if name == "als" else range(1)
+            for seed in seeds:
+                params = {**setting, "seeds": 1} if name == "als" else setting
+                source = make_source(name, params, segments=base.segments_, seed=seed, content=content).fit(base.log_)
+                scores[(name, json.dumps(setting, sort_keys=True), seed)] = source.score(base.log_, rows)
+        print(f"  {name}: {len(grids[name])} settings", file=sys.stderr, flush=True)
+    scores[(C.FUSED, "{}", 0)] = C.fused_scores(fused, users, np.asarray(item_ids, dtype=object),
+                                                config.index.n_candidates)
+    return scores, truth, base.blocked(rows)
+
+
+class Study:
+    def __init__(self, scores: dict[Key, np.ndarray], truth: np.ndarray, blocked: np.ndarray) -> None:
+        self.scores, self.truth, self.blocked = scores, truth, blocked
+
+    def ndcg(self, s: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return C.ndcg_at(np.where(self.blocked[rows], -np.inf, s[rows]), self.truth[rows])
+
+    def ranked(self, options: dict[str, np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
+        """The options' scores, best validation NDCG@10 on `rows` first."""
+        order = sorted(options, key=lambda k: -float(self.ndcg(options[k], rows).mean()))
+        return [options[k] for k in order]
+
+    def best(self, options: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
+        return self.ranked(options, rows)[0]
+
+    def blend_score(self, variant: dict[str, Any], choose: np.ndarray, score: np.ndarray) -> np.ndarray:
+        """Per-user NDCG@10 on `score` of the blend whose settings and weights `choose` picked."""
+        z: dict[str, np.ndarray] = {}
+        for name in sorted({k[0] for k in self.scores} - {"als"}):
+            options = {k[1]: v for k, v in self.scores.items() if k[0] == name}
+            z[name] = C.zscore(self.best(options, choose), self.blocked)
+        grid = PREVIOUS_ALS if variant["als_grid"] == "previous" else SEARCH_GRID["als"]
+        als = {json.dumps(g, sort_keys=True): np.mean([self.scores[("als", json.dumps(g, sort_keys=True), k)]
+                                                       for k in range(variant["seeds"])], axis=0) for g in grid}
+        ranked = self.ranked(als, choose)
+        z["als"] = C.zscore(ranked[0], self.blocked)
+        if variant.get("second"):
+            z["als_second"] = C.zscore(ranked[1], self.blocked)
+        weights = C.search_weights({k: v[choose] for k, v in z.items()}, self.truth[choose], self.blocked[choose],
+                                   steps=variant["steps"], rounds=variant["rounds"])
+        total = sum(weights[k] * z[k] for k in z if weights[k])
+        return self.ndcg(np.asarray(total), score)
+
+
+def cross_fit(study: Study, variants: dict[str, dict[str, Any]], repeats: int, seed: int = 1
+              ) -> dict[str, np.ndarray]:
+    n = study.truth.shape[0]
+    rng = np.random.default_rng(seed)
+    sums = {v: np.zeros(n) for v in variants}
+    times = np.zeros(n)
+    for _ in range(repeats):
+        perm = rng.permutation(n)
+        halves = (np.sort(perm[: n // 2]), np.sort(perm[n // 2:]))
+        for choose, score in (halves, halves[::-1]):
+            times[score] += 1
+            for name, variant in variants.items():
+                sums[name][score] += study.blend_score(variant, choose, score)
+    return {name: s / np.maximum(times, 1) for name, s in sums.items()}
+
+
+def paired(diff: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    rng = np.random.default_rng(seed)
+    boots = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(1000)])
+    return float(diff.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
+def main(argv: list[str] | None = None, report: Callable[[str], None] = print) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dataset", choices=sorted(SETS), required=True)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    study = Study(*source_scores(args.dataset))
+    per_user = cross_fit(study, VARIANTS, args.repeats)
+    base = per_user["previous"]
+    out: dict[str, Any] = {"dataset": args.dataset, "users": int(len(base)), "repeats": args.repeats, "variants": {}}
+    report(f"{args.dataset}: {len(base)} validation users, {args.repeats} x 2 user halves")
+    report("| variant | validation NDCG@10 | minus previous (95% CI) |\n|---|---:|---|")
+    for name, scores in per_user.items():
+        mean, lo, hi = paired(scores - base)
+        out["variants"][name] = {"ndcg@10": float(scores.mean()), "diff": mean, "ci": [lo, hi]}
+        report(f"| {name} | {scores.mean():.4f} | {mean:+.4f} ({lo:+.4f}, {hi:+.4f}) |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"sources_study_{args.dataset}.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
