@@ -218,6 +218,19 @@ def test_ray_batch_scoring_equals_recommend_for_all_users(fitted: Path, ray_loca
 # The pieces around Ray, checked without it: what one batch computes, and the streamed export.
 
 
+def test_a_recommender_on_a_memory_mapped_index_recommends_the_same(fitted: Path) -> None:
+    """What each Ray scoring actor loads (the index memory-mapped) serves what a local load does."""
+    from fusionrec.ranker.serving.recommender import Recommender
+
+    local = Recommender(fitted).recommend(None, 10)
+    mapped = Recommender(fitted, mmap_index=True)
+    assert mapped.retriever_.index_.ntotal == Recommender(fitted).retriever_.index_.ntotal > 0
+    got = mapped.recommend(None, 10)
+    assert got["user_id"].to_list() == local["user_id"].to_list()
+    assert got["item_id"].to_list() == local["item_id"].to_list()
+    np.testing.assert_allclose(got["score"].to_numpy(), local["score"].to_numpy(), rtol=0, atol=1e-6)
+
+
 def test_one_batch_scores_like_recommend(fitted: Path) -> None:
     from fusionrec.ranker.serving.ray_scoring import score_users
     from fusionrec.ranker.serving.recommender import Recommender
