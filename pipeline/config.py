@@ -212,7 +212,7 @@ class ExportConfig:
 @dataclass(frozen=True, config=_STRICT_FLOATS)
 class RayConfig:
     address: str = ""  # "" starts a local Ray runtime; "auto" or ray://host:port joins a cluster
-    num_actors: PosInt = 2  # encoder actors (one model each)
+    num_actors: PosInt = 2  # encoder / scoring actors (one model each); also the embedding job's reading tasks at once
     num_gpus_per_actor: NonNegFloat = 0.0  # set > 0 on GPU clusters
     batch_size: PosInt = 64  # rows per map_batches call
     scoring_batch_users: PosInt = 1000  # users per batch-scoring task
