@@ -314,7 +314,10 @@ def main() -> None:
         sampler = PeakSampler()
         sampler.start()
         result = CHILDREN[a.child](json.loads(a.args))
-        result["__maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        result["__maxrss_kb"] = usage.ru_maxrss
+        # CPU seconds (all threads): on a shared machine a steadier measure of the work than wall time
+        result["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 1)
         sampler.done.set()
         sampler.join()
         result["peak_sampled_mb"] = sampler.peak
@@ -327,7 +330,6 @@ def main() -> None:
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     out = RESULTS / "nightly_scale.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(out.read_text()) if out.is_file() else {}
     try:
         for n in [int(s) for s in a.items.split(",") if s]:
             load = os.getloadavg()[0]
@@ -335,6 +337,8 @@ def main() -> None:
             res = run_size(n, a, work)
             res.update(command=command, machine=machine, seconds=round(time.perf_counter() - t, 1),
                        load_average=[round(load, 2), round(os.getloadavg()[0], 2)])
+            # read again just before writing: another run (another size) may have written since
+            existing = json.loads(out.read_text()) if out.is_file() else {}
             existing[str(n)] = res
             out.write_text(json.dumps(existing, indent=2) + "\n")  # after each size: a later failure keeps it
     finally:
