@@ -18,7 +18,8 @@ touched included) and wall time:
   export       users in batches: search, exact re-scoring from the memory map, features,
                LightGBM, top k written to Parquet; --export-users N: only the first N users
   check        recall of the exported retrieval against exact search (streamed over the
-               memory map) for 300 users
+               memory map) for 300 users, at the export's nprobe and at each of --sweep
+               (recall and milliseconds per user of search + re-scoring)
 
 The vector model is bench/scale.py's (`vector_model`: a 24-d Gaussian latent with decaying
 scales mapped into each modality, plus isotropic noise). Results: bench/results/nightly_scale.json.
@@ -49,6 +50,7 @@ from scale import RESULTS, _unit, vector_model  # noqa: E402
 
 from fusionrec.pipeline.batch.fuse import FusedTable, fuse_tables  # noqa: E402
 from fusionrec.pipeline.batch.nightly import (  # noqa: E402
+    Candidates,
     NightlyConfig,
     NightlyContext,
     build_item_index,
@@ -57,7 +59,11 @@ from fusionrec.pipeline.batch.nightly import (  # noqa: E402
     train_ranker,
 )
 from fusionrec.pipeline.io.streaming import ParquetSink, vector_row_group_rows, write_batches  # noqa: E402
-from fusionrec.pipeline.retrieval.faiss_index import default_nlist  # noqa: E402
+from fusionrec.pipeline.retrieval.faiss_index import (  # noqa: E402
+    default_nlist,
+    search_param_name,
+    set_search_params,
+)
 from fusionrec.pipeline.retrieval.fusion import Blocks, item_matrix  # noqa: E402
 
 DIMS = {"text": 256, "image": 128}
@@ -204,12 +210,28 @@ def child_check(a: dict) -> dict:
         sc, ix = np.hstack([best_s, sc]), np.hstack([best_i, ix + s])
         order = np.argsort(-sc, axis=1, kind="stable")[:, :k]
         best_s, best_i = np.take_along_axis(sc, order, 1), np.take_along_axis(ix, order, 1)
-    got = cand.scores[:, :k]
-    # tie-aware: a returned item counts when its exact score reaches the exact k-th score
-    recall = float(np.mean(np.minimum((got >= best_s[:, -1:] - 1e-5).sum(axis=1), k) / k))
-    top1 = float(np.mean(np.abs(got[:, 0] - best_s[:, 0]) < 1e-5))
-    return {"seconds": time.perf_counter() - t0, "users": int(len(users)), "k": k,
-            f"retrieval_recall@{k}": round(recall, 4), "top1_exact": round(top1, 4)}
+    seconds = time.perf_counter() - t0
+
+    def recall_of(c: Candidates) -> tuple[float, float]:
+        got = c.scores[:, :k]
+        # tie-aware: a returned item counts when its exact score reaches the exact k-th score
+        return (float(np.mean(np.minimum((got >= best_s[:, -1:] - 1e-5).sum(axis=1), k) / k)),
+                float(np.mean(np.abs(got[:, 0] - best_s[:, 0]) < 1e-5)))
+
+    recall, top1 = recall_of(cand)
+    # The knob the export trades time for recall with: nprobe (same users, same depth).
+    sweep = {}
+    param = search_param_name(ctx.index)
+    for nprobe in (a.get("sweep") or []) if param == "nprobe" else []:
+        set_search_params(ctx.index, {"nprobe": nprobe})
+        t = time.perf_counter()
+        c = ctx.candidates(users)
+        ms = 1000 * (time.perf_counter() - t) / len(users)
+        r, t1 = recall_of(c)
+        sweep[str(nprobe)] = {f"recall@{k}": round(r, 4), "top1_exact": round(t1, 4),
+                              "ms_per_user_search_and_rescore": round(ms, 3)}
+    return {"seconds": seconds, "users": int(len(users)), "k": k, "nprobe": cfg.nprobe,
+            f"retrieval_recall@{k}": round(recall, 4), "top1_exact": round(top1, 4), "nprobe_sweep": sweep}
 
 
 CHILDREN = {"generate": child_generate, "fuse": child_fuse, "index": child_index, "train": child_train,
@@ -279,7 +301,8 @@ def run_size(n: int, a: argparse.Namespace, work_root: Path) -> dict:
                              "threads": a.threads})
     stage("train", "train", {"work": str(work), "root": str(root), "config": cfg.__dict__})
     stage("export", "export", {"work": str(work), "export_users": a.export_users})
-    stage("check", "check", {"work": str(work), "n": a.check_users, "export_users": a.export_users})
+    stage("check", "check", {"work": str(work), "n": a.check_users, "export_users": a.export_users,
+                             "sweep": [int(x) for x in a.sweep.split(",") if x]})
     if not a.keep_files:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
@@ -307,6 +330,7 @@ def main() -> None:
     ap.add_argument("--trees", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--check-users", type=int, default=300)
+    ap.add_argument("--sweep", default="16,32,64,128,256", help="nprobe values the check stage also measures")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep-files", action="store_true")
     a = ap.parse_args()

@@ -139,9 +139,11 @@ class Candidates:
 
 class NightlyContext:
     """Everything a batch needs, opened once per process (or Ray actor): the index, the
-    memory-mapped blocks, masks and popularity, the weights and the settings."""
+    memory-mapped blocks, masks and popularity, the weights and the settings. `mmap_index`:
+    the index's codes stay in the file (`load_index(mmap=True)`), so the Ray actors of a node
+    share one copy in the page cache."""
 
-    def __init__(self, work: Path | str, config: NightlyConfig | None = None) -> None:
+    def __init__(self, work: Path | str, config: NightlyConfig | None = None, *, mmap_index: bool = False) -> None:
         self.work = Path(work)
         self.config = config or NightlyConfig()
         self.items = FusedTable.open(self.work / "items")
@@ -151,7 +153,7 @@ class NightlyContext:
                                  f"{dict(zip(self.items.names, self.items.dims))}: fuse both with the same tables")
         if not (self.work / INDEX_FILE).is_file():
             raise FusionrecError(f"{self.work} has no {INDEX_FILE}: build the item index first")
-        self.index = load_index(self.work / INDEX_FILE)
+        self.index = load_index(self.work / INDEX_FILE, mmap=mmap_index)
         param = search_param_name(self.index)
         if param is not None:
             set_search_params(self.index, {param: self.config.nprobe if param == "nprobe" else self.config.ef_search})
@@ -397,7 +399,7 @@ class RankActor:
     def __init__(self, work: str, config: dict[str, Any]) -> None:
         cfg = NightlyConfig.from_dict(config)
         faiss.omp_set_num_threads(1)  # one CPU per actor
-        self.ctx = NightlyContext(work, cfg)
+        self.ctx = NightlyContext(work, cfg, mmap_index=True)
         self.ranker = Ranker.load(Path(work) / RANKER_DIR)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -183,6 +183,10 @@ def test_every_index_choice_gives_the_exact_top_after_rescoring(world: dict, tmp
     ref_items, ref_scores, _ = reference_candidates(world, cfg.keep)
     np.testing.assert_array_equal(cand.items, ref_items)
     np.testing.assert_allclose(cand.scores, ref_scores, atol=1e-6)
+    # The Ray actors' memory-mapped index (codes left in the file) returns the same candidates.
+    mapped = NightlyContext(work, cfg, mmap_index=True).candidates(np.arange(len(world["user_ids"])))
+    np.testing.assert_array_equal(mapped.items, cand.items)
+    np.testing.assert_array_equal(mapped.scores, cand.scores)
 
 
 def reference_topk(world: dict, work: Path, cfg: NightlyConfig) -> pl.DataFrame:
