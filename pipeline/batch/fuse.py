@@ -74,6 +74,8 @@ class MappedRows:
     def _open(self) -> None:
         self.array = np.load(self.path, mmap_mode=cast("Any", self.mode))
         self.row_bytes = int(self.array.dtype.itemsize * np.prod(self.array.shape[1:]))
+        # scattered rows each fault in FAULT_AROUND bytes too, reads and writes alike (measured)
+        self.rows_per_window = max(1, self.window // (self.row_bytes + FAULT_AROUND))
         self._since = 0
 
     def _count(self, touched: int) -> None:
@@ -95,14 +97,14 @@ class MappedRows:
             return out
         rows = np.asarray(rows)
         out = np.empty((len(rows), *self.array.shape[1:]), dtype=self.array.dtype)
-        step = max(1, self.window // (self.row_bytes + FAULT_AROUND))
+        step = self.rows_per_window
         for s in range(0, len(rows), step):
             out[s:s + step] = self.array[rows[s:s + step]]
             self._count(len(rows[s:s + step]) * (self.row_bytes + FAULT_AROUND))
         return out
 
     def write(self, rows: np.ndarray, columns: slice, values: np.ndarray) -> None:
-        step = max(1, self.window // (self.row_bytes + FAULT_AROUND))  # writes fault pages around too (measured)
+        step = self.rows_per_window
         for s in range(0, len(rows), step):
             self.array[rows[s:s + step], columns] = values[s:s + step]
             self._count(len(rows[s:s + step]) * (self.row_bytes + FAULT_AROUND))
