@@ -36,6 +36,7 @@ from fusionrec.pipeline.retrieval.sources import (
     positive_mask,
     user_segments,
 )
+from fusionrec.pipeline.threads import thread_map
 
 log = logging.getLogger("fusionrec.candidates")
 DAY = 86_400
@@ -160,18 +161,79 @@ def coordinate_ascent(names: list[str], value: Callable[[dict[str, float]], floa
     return weights
 
 
+class BlendNDCG:
+    """Mean NDCG@k of non-negative blends `sum_n w[n] * z[n]` (unseen items only), computed on
+    each user's pool: the union of every source's top `pool` unseen items.
+
+    Exact: an item outside the pool scores at most `sum_n w[n] * t[n]`, where `t[n]` is source
+    n's best score outside its own top `pool`; a row whose k-th pooled blend score is not above
+    that bound is scored again on the whole catalogue. The coordinate ascent evaluates hundreds
+    of blends, so scoring ~(sources x pool) columns instead of the catalogue is what makes it quick.
+    """
+
+    def __init__(self, z: dict[str, np.ndarray], truth: np.ndarray, blocked: np.ndarray, *, k: int = 10,
+                 pool: int = 30) -> None:
+        self.names, self.z, self.truth, self.blocked = list(z), z, truth, blocked
+        n_users, n_items = truth.shape
+        self.k = min(k, n_items)
+        discounts = 1.0 / np.log2(np.arange(2, self.k + 2))
+        self.discounts = discounts
+        self.idcg = np.concatenate([[0.0], np.cumsum(discounts)])[np.minimum(truth.sum(axis=1), self.k)]
+        self.pooled = bool(self.names) and len(self.names) * pool < n_items and pool >= self.k
+        if not self.pooled:
+            return
+        tops, bounds = [], []
+        for n in self.names:
+            neg = np.where(blocked, np.inf, -z[n])
+            part = np.argpartition(neg, pool, axis=1)
+            tops.append(part[:, :pool])
+            # the best score outside the top `pool`; -inf (every other item seen) becomes a finite floor
+            bounds.append(np.maximum(-np.take_along_axis(neg, part[:, pool:pool + 1], axis=1)[:, 0].astype(np.float64),
+                                      -1e300))
+        cand = np.sort(np.hstack(tops), axis=1)
+        dup = np.zeros(cand.shape, dtype=bool)
+        dup[:, 1:] = cand[:, 1:] == cand[:, :-1]
+        self.cand = np.where(dup, n_items, cand)  # n_items: a padding column, always masked
+        pad = np.ones((n_users, 1), dtype=bool)
+        self.mask = np.take_along_axis(np.hstack([blocked, pad]), self.cand, axis=1)
+        self.truth_pool = np.take_along_axis(np.hstack([truth, ~pad]), self.cand, axis=1)
+        zero = np.zeros((n_users, 1), dtype=np.float32)
+        self.z_pool = {n: np.take_along_axis(np.hstack([z[n], zero]), self.cand, axis=1) for n in self.names}
+        self.bounds = np.stack(bounds, axis=1)  # (users, sources)
+        self.rows_redone_ = 0  # rows scored on the whole catalogue because the pool bound failed
+
+    def _ndcg(self, scores: np.ndarray, truth: np.ndarray, idcg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row NDCG@k and k-th best score of `scores` (masked entries at -inf)."""
+        k = self.k
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        values = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-values, axis=1, kind="stable")
+        hits = np.take_along_axis(truth, np.take_along_axis(top, order, axis=1), axis=1)
+        dcg = (hits * self.discounts).sum(axis=1)
+        return np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1.0), 0.0), values.min(axis=1)
+
+    def __call__(self, w: dict[str, float]) -> float:
+        used = [n for n in self.names if w[n]]
+        if not used:
+            return 0.0
+        if not self.pooled:
+            total = sum(w[n] * self.z[n] for n in used)
+            return float(self._ndcg(np.where(self.blocked, -np.inf, total), self.truth, self.idcg)[0].mean())
+        total = sum(w[n] * self.z_pool[n] for n in used)
+        ndcg, kth = self._ndcg(np.where(self.mask, -np.inf, total), self.truth_pool, self.idcg)
+        bound = self.bounds @ np.array([w[n] for n in self.names], dtype=np.float64)
+        redo = np.flatnonzero(~(kth > bound))
+        self.rows_redone_ += len(redo)
+        if len(redo):
+            full = sum(w[n] * self.z[n][redo] for n in used)
+            ndcg[redo] = self._ndcg(np.where(self.blocked[redo], -np.inf, full), self.truth[redo], self.idcg[redo])[0]
+        return float(ndcg.mean())
+
+
 def search_weights(z: dict[str, np.ndarray], truth: np.ndarray, blocked: np.ndarray, *,
                    steps: tuple[float, ...] = BLEND_STEPS, rounds: int = 4) -> dict[str, float]:
     """Blend weights by coordinate ascent of validation NDCG@10, from the best single source."""
-    names = list(z)
-
-    def value(w: dict[str, float]) -> float:
-        total = sum(w[n] * z[n] for n in names if w[n])
-        if isinstance(total, int):
-            return 0.0
-        return float(ndcg_at(np.where(blocked, -np.inf, total), truth).mean())
-
-    return coordinate_ascent(names, value, steps=steps, rounds=rounds)
+    return coordinate_ascent(list(z), BlendNDCG(z, truth, blocked), steps=steps, rounds=rounds)
 
 
 @dataclass
@@ -315,7 +377,7 @@ class CandidateModel:
         scores = self.source_scores(rows, user_ids)
         seen = self.blocked(rows)
         blocked = seen if exclude_seen else np.zeros_like(seen)
-        z = {name: zscore(s, seen) for name, s in scores.items()}
+        z = dict(zip(scores, thread_map(lambda s: zscore(s, seen), scores.values())))
         blend = np.zeros(blocked.shape, np.float32)
         for name in z:
             if self.weights.get(name, 0.0):
@@ -335,12 +397,14 @@ class CandidateModel:
             cold_blend = np.where(has_content[:, None], zscore(own) + 0.01 * popular, popular)
             blend[cold] = cold_blend
         blend = np.where(blocked, -np.inf, blend).astype(np.float32)
-        ranks: dict[str, np.ndarray] = {}
-        for name, s in [*scores.items(), ("blend", blend)]:
+        def rank_of(s: np.ndarray) -> np.ndarray:
             order = np.argsort(-np.where(blocked, -np.inf, s), axis=1, kind="stable")
             rank = np.empty_like(order)
             np.put_along_axis(rank, order, np.broadcast_to(np.arange(1, order.shape[1] + 1), order.shape), axis=1)
-            ranks[name] = rank
+            return rank
+
+        named = {**scores, "blend": blend}
+        ranks = dict(zip(named, thread_map(rank_of, named.values())))  # numpy's sorts release the GIL
         return scores, z, ranks, blend, blocked
 
     def _frame(self, user_ids: list[str], u: np.ndarray, i: np.ndarray, scores: dict[str, np.ndarray],

@@ -7,7 +7,7 @@ subclass `Source` while `sources.py` imports them for `make_source` (no import c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,9 @@ class UserItemLog:
     recent: sp.csr_matrix
     seen: sp.csr_matrix  # every interaction, negative ones included (excluded from lists)
     sequence: np.ndarray  # (n, 2) user row, item column of every user's items in time order
+    # What sources derive from this log and may share (EASE's weights per lambda: `ease` and
+    # `recent_ease` learn the same ones), bounded by `DERIVED_MAX_BYTES`; see `derived_array`.
+    derived: dict[Any, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def n_users(self) -> int:
@@ -37,6 +40,20 @@ class UserItemLog:
     @property
     def n_items(self) -> int:
         return len(self.item_ids)
+
+
+DERIVED_MAX_BYTES = 256 << 20
+
+
+def derived_array(log: UserItemLog, key: Any, make: Any) -> np.ndarray:
+    """`make()` computed once per log and key while the log's shared arrays stay under
+    `DERIVED_MAX_BYTES` (a large catalogue's arrays are computed each time instead)."""
+    if key in log.derived:
+        return log.derived[key]
+    value = make()
+    if sum(a.nbytes for a in log.derived.values()) + value.nbytes <= DERIVED_MAX_BYTES:
+        log.derived[key] = value
+    return value
 
 
 def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:

@@ -22,7 +22,8 @@ import scipy.sparse as sp
 from fusionrec.pipeline.retrieval.sequence_model import GRUSequence
 
 # Source, UserItemLog and _csr live in source_base (no cycle with sequence_model); re-exported here.
-from fusionrec.pipeline.retrieval.source_base import Source, UserItemLog, _csr
+from fusionrec.pipeline.retrieval.source_base import Source, UserItemLog, _csr, derived_array
+from fusionrec.pipeline.threads import thread_map
 
 log = logging.getLogger("fusionrec.sources")
 
@@ -102,13 +103,17 @@ class EASE(Source):
         self.name = "recent_ease" if recent else "ease"
 
     def fit(self, log: UserItemLog) -> EASE:
-        x = log.matrix
-        gram = (x.T @ x).toarray().astype(np.float64)
-        gram[np.diag_indices_from(gram)] += self.lam
-        p = np.linalg.inv(gram)
-        b = -p / np.diag(p)
-        b[np.diag_indices_from(b)] = 0.0
-        self.b_ = b.astype(np.float32)
+        def weights() -> np.ndarray:
+            x = log.matrix
+            gram = (x.T @ x).toarray().astype(np.float64)
+            gram[np.diag_indices_from(gram)] += self.lam
+            p = np.linalg.inv(gram)
+            b = -p / np.diag(p)
+            b[np.diag_indices_from(b)] = 0.0
+            return b.astype(np.float32)
+
+        # `ease` and `recent_ease` fit the same weights (they differ in the rows they score)
+        self.b_ = derived_array(log, ("ease", self.lam), weights)
         return self
 
     def score(self, log: UserItemLog, users: np.ndarray) -> np.ndarray:
@@ -165,7 +170,12 @@ class ItemKNN(Source):
 
 
 class ALS(Source):
-    """Implicit-feedback ALS (the `implicit` package), averaged over `seeds` seeded fits (steadier)."""
+    """Implicit-feedback ALS (the `implicit` package), averaged over `seeds` seeded fits (steadier).
+
+    Each fit runs on one thread (implicit's multi-threaded fit is not reproducible run to run);
+    `threads` fits run side by side (0: one per core), which gives the same factors as one
+    after another.
+    """
 
     name = "als"
 
@@ -178,19 +188,23 @@ class ALS(Source):
         from implicit.cpu.als import AlternatingLeastSquares  # optional, heavy: imported when used
         from threadpoolctl import threadpool_limits
 
-        users, items = [], []
-        for k in range(self.seeds):
-            with threadpool_limits(1, "blas"):  # implicit's own threads do the work; BLAS threads would fight them
+        def one(k: int) -> tuple[np.ndarray, np.ndarray]:
+            with threadpool_limits(1, "blas"):  # where the BLAS keeps its thread count per thread
                 model = AlternatingLeastSquares(factors=self.factors, regularization=self.regularization,
                                                 iterations=self.iterations, alpha=self.alpha,
-                                                random_state=self.seed + k, num_threads=self.threads,
+                                                random_state=self.seed + k, num_threads=1,
                                                 calculate_training_loss=False)
                 model.fit(log.matrix, show_progress=False)
-            users.append(np.asarray(model.user_factors, dtype=np.float32))
-            items.append(np.asarray(model.item_factors, dtype=np.float32))
+            return np.asarray(model.user_factors, dtype=np.float32), np.asarray(model.item_factors, dtype=np.float32)
+
+        # No BLAS threads beside the fits: one limit around all of them (where the BLAS keeps
+        # one count for the process, every fit's own limit then saves and restores 1, not a
+        # count another fit set); implicit's fit releases the GIL, so the fits run at once.
+        with threadpool_limits(1, "blas"):
+            fits = thread_map(one, range(self.seeds), self.threads)
         # The mean of the seeds' scores is one dot product of the stacked factors.
-        self.users_ = np.hstack(users) / np.float32(self.seeds)
-        self.items_ = np.hstack(items)
+        self.users_ = np.hstack([f[0] for f in fits]) / np.float32(self.seeds)
+        self.items_ = np.hstack([f[1] for f in fits])
         return self
 
     def score(self, log: UserItemLog, users: np.ndarray) -> np.ndarray:
@@ -481,7 +495,7 @@ def make_source(name: str, params: dict[str, Any] | None = None, *, segments: np
     if name == "als":
         return ALS(factors=params.get("factors", 64), regularization=params.get("regularization", 0.05),
                    iterations=params.get("iterations", 15), alpha=params.get("alpha", 10.0), seed=seed,
-                   seeds=params.get("seeds", 6), threads=1)  # one thread: multi-threaded ALS is not reproducible
+                   seeds=params.get("seeds", 6))
     if name == "rp3beta":
         return RP3beta(alpha=params.get("alpha", 1.0), beta=params.get("beta", 0.5),
                        neighbours=params.get("neighbours", 200))

@@ -119,15 +119,25 @@ def label_windows(split: LabelSplit, config: Config, threshold: float | None) ->
     return [split] if earlier is None else [split, earlier]
 
 
-def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, config: Config
+def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, config: Config,
+                        timings: dict[str, float] | None = None
                         ) -> tuple[CandidateModel, Tuning | None, pl.DataFrame | None, Retriever]:
     """The fused retriever and the sources, tuned and blended on the validation split, then
     refitted on the whole log.
 
     Returns the model, what validation chose, the validation users' candidates from sources
     fitted before their labels (the ranker's training rows; None for a log too short to
-    split), and the Retriever fitted on the whole log.
+    split), and the Retriever fitted on the whole log. `timings` receives seconds per step.
     """
+    timings = {} if timings is None else timings
+    clock = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[step] = round(timings.get(step, 0.0) + now - clock, 3)
+        clock = now
+
     inter = catalog.interactions
     split, threshold = candidate_split(inter, config)
     if split is None:
@@ -139,6 +149,7 @@ def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, conf
         fused_fit = retriever_from_config(config).fit(item_mods, split.fit, user_mods, held_out=split.held)
         retriever = fused_fit.with_chosen_weights().fit(item_mods, inter, user_mods)
         retriever.validation_, retriever.validation_recall_ = fused_fit.validation_, fused_fit.validation_recall_
+    lap("fusion")
     item_ids = retriever.item_ids_
     names = source_names(config, len(item_ids))
     sc = config.sources
@@ -159,6 +170,7 @@ def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, conf
     fused_source = fused_fit if FUSED in names else None
     tuning, tuned_model = tune(split, item_ids, catalog.users, fused_source, [n for n in names if n != FUSED],
                                **common, max_users=sc.validation_users)
+    lap("source_search")
     frames = []
     # Window 0 holds the labels the sources were tuned on; window 1, one step earlier (the
     # same protocol applied to window 0's feature part), doubles the ranker's examples.
@@ -174,8 +186,10 @@ def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, conf
         frames.append(held_model.candidates(labelled, exclude_seen=True).with_columns(
             pl.lit(window, pl.Int8).alias("label_window")))
     validation = pl.concat(frames)
+    lap("label_windows")
     model = CandidateModel(**common, params=tuning.params, weights=tuning.weights).fit(
         inter, item_ids, catalog.users, retriever)
+    lap("sources_refit")
     return model, tuning, validation, retriever
 
 
@@ -199,9 +213,11 @@ def run_index(data_dir: Path, art_dir: Path, config: Config | None = None, *, lo
         record.timings["load"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        model, tuning, validation, retriever = fit_candidate_model(catalog, item_mods, user_mods, config)
+        steps: dict[str, float] = {}
+        model, tuning, validation, retriever = fit_candidate_model(catalog, item_mods, user_mods, config, steps)
         record.timings["fit"] = retriever.timings_.get("fit_s", 0.0)  # the whole-log retriever
         record.timings["sources"] = time.perf_counter() - t0 - record.timings["fit"]
+        record.timings.update({f"sources.{k}": v for k, v in steps.items()})
         t0 = time.perf_counter()
         candidates = model.candidates(exclude_seen=True)
         record.timings["candidates"] = time.perf_counter() - t0

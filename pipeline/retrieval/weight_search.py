@@ -28,6 +28,7 @@ from fusionrec.pipeline.retrieval.inputs import MODALITIES, user_universe
 from fusionrec.pipeline.retrieval.params import RetrieverParams
 from fusionrec.pipeline.retrieval.profiles import interaction_matrix, item_blocks, user_state
 from fusionrec.pipeline.splits import global_temporal_split
+from fusionrec.pipeline.threads import thread_map
 
 _DENSE_VALIDATION_MAX_ITEMS = 50_000
 
@@ -172,10 +173,11 @@ class WeightSearch:
         glob = [g for g, w in enumerate(weight_sets) if w.ndim == 1]
         per_user = [g for g, w in enumerate(weight_sets) if w.ndim == 2]
         wglob = np.array([weight_sets[g] for g in glob], dtype=np.float32).reshape(len(glob), len(items.names))
-        hits = np.zeros(len(weight_sets))
         dense = n_items <= _DENSE_VALIDATION_MAX_ITEMS
         pool = None if dense else _pool(ub, items, rows)
-        for s in range(0, len(rows), chunk):
+
+        def chunk_hits(s: int) -> np.ndarray:
+            hits = np.zeros(len(weight_sets))
             r = rows[s:s + chunk]
             if pool is None:
                 cand = np.broadcast_to(np.arange(n_items), (len(r), n_items))
@@ -199,6 +201,13 @@ class WeightSearch:
                 w = weight_sets[g][s:s + chunk].astype(np.float32)[:, :, None]
                 score = _ratio(sa @ w, af @ w).transpose(0, 2, 1)
                 hits[g] += float((_topk_hits(score, blocked, is_rel, k)[:, 0] * inv_rel).sum())
+            return hits
+
+        # Chunks side by side (numpy's partitions and matmuls release the GIL), summed in chunk
+        # order: the same sums as one chunk after another.
+        hits = np.zeros(len(weight_sets))
+        for part in thread_map(chunk_hits, range(0, len(rows), chunk)):
+            hits += part
         return [float(h) for h in hits / len(rows)]
 
 

@@ -7,6 +7,7 @@ import polars as pl
 import pytest
 
 from fusionrec.pipeline.retrieval.candidates import (
+    BlendNDCG,
     CandidateModel,
     label_split,
     ndcg_at,
@@ -15,7 +16,14 @@ from fusionrec.pipeline.retrieval.candidates import (
     tune,
     zscore,
 )
-from fusionrec.pipeline.retrieval.sources import SOURCE_NAMES, als_available, build_log, make_source, user_segments
+from fusionrec.pipeline.retrieval.sources import (
+    ALS,
+    SOURCE_NAMES,
+    als_available,
+    build_log,
+    make_source,
+    user_segments,
+)
 
 ITEMS = np.array([f"i{j}" for j in range(12)], dtype=object)
 
@@ -119,6 +127,43 @@ def test_blend_search_puts_weight_on_the_source_that_finds_the_labels() -> None:
     noise = rng.normal(size=truth.shape)
     weights = search_weights({"good": zscore(good), "noise": zscore(noise)}, truth, np.zeros_like(truth))
     assert weights["good"] > 0 and weights["noise"] == 0
+
+
+@pytest.mark.skipif(not als_available(), reason="the `implicit` package is not installed")
+def test_als_seeds_fitted_side_by_side_equal_one_after_another() -> None:
+    log, _ = fitted("als", pairs_log(n_users=200))
+    rows = np.arange(log.n_users)
+    side_by_side = ALS(factors=8, regularization=1.0, seeds=4, threads=3).fit(log)  # a pool of threads
+    in_turn = ALS(factors=8, regularization=1.0, seeds=4, threads=1).fit(log)  # one fit after another
+    assert np.array_equal(side_by_side.items_, in_turn.items_)
+    assert np.array_equal(side_by_side.score(log, rows), in_turn.score(log, rows))
+    single = ALS(factors=8, regularization=1.0, seeds=1, threads=1).fit(log)  # seed 0 is the first block
+    assert np.array_equal(side_by_side.items_[:, :8], single.items_)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pooled_blend_ndcg_equals_the_whole_catalogue(seed: int) -> None:
+    # 3 sources x pool 10 < 60 items: the pooled path runs; a row with few unseen items, and
+    # blends where the pool bound fails, take the whole-catalogue path for those rows. (Without
+    # ties: which of two tied items makes the top 10 is arbitrary on either path.)
+    rng = np.random.default_rng(seed)
+    n_users, n_items = 80, 60
+    truth = rng.random((n_users, n_items)) < 0.08
+    blocked = (rng.random((n_users, n_items)) < 0.2) & ~truth
+    blocked[0, 3:] = True  # one user has seen all but 3 items
+    truth[0] = False
+    truth[0, 1] = True
+    z = {"a": zscore(truth + 0.8 * rng.normal(size=truth.shape), blocked),
+         "b": zscore(rng.normal(size=truth.shape), blocked),
+         "c": zscore(np.round(rng.normal(size=truth.shape)) + 1e-3 * rng.random(truth.shape), blocked)}
+    pooled = BlendNDCG(z, truth, blocked, pool=10)
+    assert pooled.pooled
+    for w in [{"a": 1.0, "b": 0.0, "c": 0.0}, {"a": 0.5, "b": 1.0, "c": 0.0}, {"a": 0.0, "b": 0.0, "c": 2.0},
+              {"a": 1.0, "b": 0.25, "c": 3.0}, {"a": 0.0, "b": 0.0, "c": 0.0}]:
+        total = sum(w[n] * z[n] for n in z)
+        whole = ndcg_at(np.where(blocked, -np.inf, total), truth).mean() if any(w.values()) else 0.0
+        assert pooled(w) == pytest.approx(float(whole), abs=1e-12)
+    assert pooled.rows_redone_ > 0  # the fallback ran too
 
 
 def test_users_without_history_get_popular_items_of_their_segment() -> None:
