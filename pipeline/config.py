@@ -148,7 +148,7 @@ class SourcesConfig:
 
 @dataclass(frozen=True, config=_STRICT_FLOATS)
 class RankerConfig:
-    objective: Literal["lambdarank", "regression", "binary"] = "lambdarank"
+    objective: Literal["lambdarank", "regression", "binary"] = "binary"
     n_estimators: PosInt = 300
     learning_rate: PosFloat = 0.05
     num_leaves: Annotated[int, Field(ge=2)] = 15

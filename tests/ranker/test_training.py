@@ -163,8 +163,10 @@ def test_the_guard_ships_a_ranker_that_beats_retrieval_order_across_users_and_fo
 def test_a_ranker_that_wins_across_users_but_loses_forward_does_not_ship() -> None:
     """What the feature means flips between windows (the ranker can tell them apart by
     `history`): across users the ranker learns both and wins; learned on the earlier window
-    alone and applied to the latest, it is clearly worse than the retrieval order."""
-    cfg = load_config(None, ["ranker.n_estimators=50"])
+    alone and applied to the latest, it is clearly worse than the retrieval order. (LambdaRank:
+    it orders within each user's window, so in 50 rounds it learns each window's meaning; the
+    binary objective pools the windows' rows and needs the interaction with `history` first.)"""
+    cfg = load_config(None, ["ranker.n_estimators=50", "ranker.objective=lambdarank"])
     guard = guard_ranker(_two_windows("feature", "anti"), cfg)
     assert guard["interval"][0] > 0  # across users it wins
     assert guard["forward"]["harms"] is True and guard["forward"]["interval"][1] < 0
