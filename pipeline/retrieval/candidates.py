@@ -42,6 +42,7 @@ log = logging.getLogger("fusionrec.candidates")
 DAY = 86_400
 FUSED = "fused"
 BATCH_USERS = 1024
+THREADED_BLOCK_CELLS = 1 << 24  # users x items of a batch up to which sources are ranked side by side
 
 
 @dataclass(frozen=True)
@@ -377,7 +378,10 @@ class CandidateModel:
         scores = self.source_scores(rows, user_ids)
         seen = self.blocked(rows)
         blocked = seen if exclude_seen else np.zeros_like(seen)
-        z = dict(zip(scores, thread_map(lambda s: zscore(s, seen), scores.values())))
+        # Sources side by side on threads while a block is small; on a large catalogue one at a
+        # time, so that no more than one source's temporaries (argsort's int64 order) are alive.
+        workers = 0 if seen.size <= THREADED_BLOCK_CELLS else 1
+        z = dict(zip(scores, thread_map(lambda s: zscore(s, seen), scores.values(), workers)))
         blend = np.zeros(blocked.shape, np.float32)
         for name in z:
             if self.weights.get(name, 0.0):
@@ -404,7 +408,7 @@ class CandidateModel:
             return rank
 
         named = {**scores, "blend": blend}
-        ranks = dict(zip(named, thread_map(rank_of, named.values())))  # numpy's sorts release the GIL
+        ranks = dict(zip(named, thread_map(rank_of, named.values(), workers)))  # numpy's sorts release the GIL
         return scores, z, ranks, blend, blocked
 
     def _frame(self, user_ids: list[str], u: np.ndarray, i: np.ndarray, scores: dict[str, np.ndarray],

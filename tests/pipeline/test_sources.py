@@ -6,6 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from fusionrec.pipeline.retrieval import candidates as candidates_module
 from fusionrec.pipeline.retrieval.candidates import (
     BlendNDCG,
     CandidateModel,
@@ -164,6 +165,16 @@ def test_pooled_blend_ndcg_equals_the_whole_catalogue(seed: int) -> None:
         whole = ndcg_at(np.where(blocked, -np.inf, total), truth).mean() if any(w.values()) else 0.0
         assert pooled(w) == pytest.approx(float(whole), abs=1e-12)
     assert pooled.rows_redone_ > 0  # the fallback ran too
+
+
+def test_candidates_ranked_side_by_side_equal_one_source_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    frame = pairs_log(n_users=60)
+    model = CandidateModel(n_candidates=5, threshold=4.0,
+                           params={"itemknn": {}, "ease": {}, "recent_itemknn": {}, "popular": {}},
+                           weights={"itemknn": 1.0, "ease": 0.5, "recent_itemknn": 0.25}).fit(frame, ITEMS, None, None)
+    threaded = model.candidates()
+    monkeypatch.setattr(candidates_module, "THREADED_BLOCK_CELLS", 0)  # every block "large": one at a time
+    assert model.candidates().equals(threaded)
 
 
 def test_users_without_history_get_popular_items_of_their_segment() -> None:
