@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import faiss
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -19,6 +20,7 @@ from fusionrec.pipeline.batch.fuse import FusedTable, MappedRows, fuse_tables
 from fusionrec.pipeline.batch.nightly import (
     NightlyConfig,
     NightlyContext,
+    batch_factory,
     build_item_index,
     export_topk,
     feature_names,
@@ -187,6 +189,26 @@ def test_every_index_choice_gives_the_exact_top_after_rescoring(world: dict, tmp
     mapped = NightlyContext(work, cfg, mmap_index=True).candidates(np.arange(len(world["user_ids"])))
     np.testing.assert_array_equal(mapped.items, cand.items)
     np.testing.assert_array_equal(mapped.scores, cand.scores)
+
+
+def test_auto_index_goes_from_flat_to_sq8_to_pq_as_the_catalogue_grows(world: dict, tmp_path: Path) -> None:
+    assert batch_factory(5_000, 384) == "Flat"
+    assert batch_factory(1_000_000, 384) == "IVF2048,Flat"  # 1.5 GB of floats fit the 2 GB budget
+    assert batch_factory(3_000_000, 384) == "IVF4096,SQ8"  # 4.6 GB of floats do not; 1.15 GB of codes do
+    assert batch_factory(10_000_000, 384) == "IVF8192,SQ8"  # 3.8 GB of codes
+    assert batch_factory(20_000_000, 384).startswith("IVF8192,PQ")  # 7.7 GB of codes: past the 6 GB budget
+    # Scaled down (a catalogue past the exact-search size, a float budget it exceeds): SQ8
+    # codes, and re-scoring still gives the exact top (the check the named factories pass above).
+    factory = batch_factory(1500, 24, memory_budget=1, exact_max=100)
+    assert factory.endswith(",SQ8")
+    cfg = NightlyConfig(k=5, depth=300, keep=20, nprobe=64, threads=1)
+    work = fuse_world(world, tmp_path, factory, train_size=1500)
+    index = faiss.read_index(str(work / "index.faiss"))
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFScalarQuantizer)
+    cand = NightlyContext(work, cfg).candidates(np.arange(len(world["user_ids"])))
+    ref_items, ref_scores, _ = reference_candidates(world, cfg.keep)
+    np.testing.assert_array_equal(cand.items, ref_items)
+    np.testing.assert_allclose(cand.scores, ref_scores, atol=1e-6)
 
 
 def reference_topk(world: dict, work: Path, cfg: NightlyConfig) -> pl.DataFrame:
