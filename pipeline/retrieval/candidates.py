@@ -116,18 +116,35 @@ def zscore(scores: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
     return ((scores - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
 
 
+def _discounts(k: int) -> np.ndarray:
+    return 1.0 / np.log2(np.arange(2, k + 2))
+
+
+def _dcg_at(scores: np.ndarray, truth: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row DCG@k of each row's top k by `scores` (binary gains from `truth`), and the
+    k-th best score (k <= the number of columns)."""
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    values = np.take_along_axis(scores, top, axis=1)
+    order = np.take_along_axis(top, np.argsort(-values, axis=1, kind="stable"), axis=1)
+    hits = np.take_along_axis(truth, order, axis=1)
+    return (hits * _discounts(k)).sum(axis=1), values.min(axis=1)
+
+
+def ideal_dcg(truth: np.ndarray, k: int) -> np.ndarray:
+    """Per-row DCG@k of a perfect order of a boolean truth matrix."""
+    discounts = _discounts(k)
+    by_count = np.array([discounts[:n].sum() for n in range(k + 1)])
+    return by_count[np.minimum(truth.sum(axis=1), k)]
+
+
+def _ndcg(dcg: np.ndarray, idcg: np.ndarray) -> np.ndarray:
+    return np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1.0), 0.0)
+
+
 def ndcg_at(scores: np.ndarray, truth: np.ndarray, k: int = 10) -> np.ndarray:
     """Per-row NDCG@k of `scores` (seen items already at -inf) against a boolean truth matrix."""
     k = min(k, scores.shape[1])
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable"),
-                               axis=1)
-    hits = np.take_along_axis(truth, order, axis=1)
-    discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    dcg = (hits * discounts).sum(axis=1)
-    n_rel = np.minimum(truth.sum(axis=1), k)
-    idcg = np.array([discounts[:n].sum() for n in n_rel])
-    return np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1.0), 0.0)
+    return _ndcg(_dcg_at(scores, truth, k)[0], ideal_dcg(truth, k))
 
 
 def recall_at(scores: np.ndarray, truth: np.ndarray, n: int) -> float:
@@ -177,9 +194,7 @@ class BlendNDCG:
         self.names, self.z, self.truth, self.blocked = list(z), z, truth, blocked
         n_users, n_items = truth.shape
         self.k = min(k, n_items)
-        discounts = 1.0 / np.log2(np.arange(2, self.k + 2))
-        self.discounts = discounts
-        self.idcg = np.concatenate([[0.0], np.cumsum(discounts)])[np.minimum(truth.sum(axis=1), self.k)]
+        self.idcg = ideal_dcg(truth, self.k)
         self.pooled = bool(self.names) and len(self.names) * pool < n_items and pool >= self.k
         if not self.pooled:
             return
@@ -203,32 +218,23 @@ class BlendNDCG:
         self.bounds = np.stack(bounds, axis=1)  # (users, sources)
         self.rows_redone_ = 0  # rows scored on the whole catalogue because the pool bound failed
 
-    def _ndcg(self, scores: np.ndarray, truth: np.ndarray, idcg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per-row NDCG@k and k-th best score of `scores` (masked entries at -inf)."""
-        k = self.k
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        values = np.take_along_axis(scores, top, axis=1)
-        order = np.argsort(-values, axis=1, kind="stable")
-        hits = np.take_along_axis(truth, np.take_along_axis(top, order, axis=1), axis=1)
-        dcg = (hits * self.discounts).sum(axis=1)
-        return np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1.0), 0.0), values.min(axis=1)
-
     def __call__(self, w: dict[str, float]) -> float:
         used = [n for n in self.names if w[n]]
         if not used:
             return 0.0
         if not self.pooled:
             total = sum(w[n] * self.z[n] for n in used)
-            return float(self._ndcg(np.where(self.blocked, -np.inf, total), self.truth, self.idcg)[0].mean())
+            dcg, _ = _dcg_at(np.where(self.blocked, -np.inf, total), self.truth, self.k)
+            return float(_ndcg(dcg, self.idcg).mean())
         total = sum(w[n] * self.z_pool[n] for n in used)
-        ndcg, kth = self._ndcg(np.where(self.mask, -np.inf, total), self.truth_pool, self.idcg)
+        dcg, kth = _dcg_at(np.where(self.mask, -np.inf, total), self.truth_pool, self.k)
         bound = self.bounds @ np.array([w[n] for n in self.names], dtype=np.float64)
         redo = np.flatnonzero(~(kth > bound))
         self.rows_redone_ += len(redo)
         if len(redo):
             full = sum(w[n] * self.z[n][redo] for n in used)
-            ndcg[redo] = self._ndcg(np.where(self.blocked[redo], -np.inf, full), self.truth[redo], self.idcg[redo])[0]
-        return float(ndcg.mean())
+            dcg[redo] = _dcg_at(np.where(self.blocked[redo], -np.inf, full), self.truth[redo], self.k)[0]
+        return float(_ndcg(dcg, self.idcg).mean())
 
 
 def search_weights(z: dict[str, np.ndarray], truth: np.ndarray, blocked: np.ndarray, *,
