@@ -58,25 +58,6 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-def per_user(rows: pl.DataFrame, ranker_score: np.ndarray, blend_score: np.ndarray) -> pl.DataFrame:
-    """Per-user NDCG@10 of both orders (the mean over the user's label windows)."""
-    frame = rows.select("user_id", "retrieval_rank", "label", "label_window").with_columns(
-        pl.Series("ranker_score", ranker_score), pl.Series("blend_score", blend_score)) \
-        .sort("user_id", "label_window", "retrieval_rank")
-    query = T.query_codes(frame)
-    label = frame["label"].to_numpy()
-    per_query = frame.select("user_id", "label_window").unique(maintain_order=True).with_columns(
-        pl.Series("ranker", T.ndcg_rows(query, frame["ranker_score"].to_numpy(), label)),
-        pl.Series("retrieval", T.ndcg_rows(query, frame["blend_score"].to_numpy(), label)))
-    return per_query.group_by("user_id", maintain_order=True).agg(pl.col("ranker", "retrieval").mean())
-
-
-def paired(diff: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
-    rng = np.random.default_rng(seed)
-    boots = diff[rng.integers(0, len(diff), size=(1000, len(diff)))].mean(axis=1)
-    return float(diff.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", choices=sorted(SETS), required=True)
@@ -115,7 +96,7 @@ def main() -> None:
                 started = time.perf_counter()
                 model = T._fit(fit_rows, config)
                 rounds[name].append(int(model.best_iteration_))
-                got = per_user(score_rows, model.predict(score_rows), blend)
+                got = T.per_user_ndcg(score_rows, model.predict(score_rows), blend)
                 j = np.array([index[u] for u in got["user_id"].to_list()])
                 sums[name][j] += got["ranker"].to_numpy()
                 if name == SHIPPED:
@@ -133,8 +114,8 @@ def main() -> None:
     shipped = sums[SHIPPED][scored] / times[scored]
     for name in VARIANTS:
         mean = sums[name][scored] / times[scored]
-        d, lo, hi = paired(mean - blend_mean)
-        s, slo, shi = paired(mean - shipped)
+        d, lo, hi = T.paired_interval(mean, blend_mean)
+        s, slo, shi = T.paired_interval(mean, shipped)
         out["variants"][name] = {"ndcg@10": float(mean.mean()), "rounds": rounds[name], "minus_retrieval": [d, lo, hi],
                                  "minus_shipped": [s, slo, shi], "overrides": VARIANTS[name]}
         print(f"| {name} | {mean.mean():.4f} | {min(rounds[name])}-{max(rounds[name])} | {d:+.4f} ({lo:+.4f}, {hi:+.4f}) "

@@ -180,9 +180,9 @@ def _blend_scores(rows: pl.DataFrame, weights: dict[str, float]) -> np.ndarray:
                           np.zeros(rows.height)), dtype=np.float64)
 
 
-def _compare(rows: pl.DataFrame, ranker_score: np.ndarray, blend_score: np.ndarray, seed: int) -> dict[str, Any]:
-    """Per-user NDCG@10 of both orders of `rows` (the mean over a user's label windows, each
-    window one query) and the paired interval of ranker - blend, resampling users."""
+def per_user_ndcg(rows: pl.DataFrame, ranker_score: np.ndarray, blend_score: np.ndarray) -> pl.DataFrame:
+    """Per-user NDCG@10 of both orders of `rows`: columns user_id, ranker, retrieval (each the
+    mean over the user's label windows, each window one query), users in id order."""
     window = rows["label_window"] if "label_window" in rows.columns else pl.lit(0, pl.Int8)
     frame = rows.select("user_id", "retrieval_rank", "label", window.alias("label_window")).with_columns(
         pl.Series("ranker_score", ranker_score), pl.Series("blend_score", blend_score)) \
@@ -192,7 +192,12 @@ def _compare(rows: pl.DataFrame, ranker_score: np.ndarray, blend_score: np.ndarr
     per_query = frame.select("user_id", "label_window").unique(maintain_order=True).with_columns(
         pl.Series("ranker", ndcg_rows(query, frame["ranker_score"].to_numpy(), label)),
         pl.Series("retrieval", ndcg_rows(query, frame["blend_score"].to_numpy(), label)))
-    per_user = per_query.group_by("user_id", maintain_order=True).agg(pl.col("ranker", "retrieval").mean())
+    return per_query.group_by("user_id", maintain_order=True).agg(pl.col("ranker", "retrieval").mean())
+
+
+def _compare(rows: pl.DataFrame, ranker_score: np.ndarray, blend_score: np.ndarray, seed: int) -> dict[str, Any]:
+    """`per_user_ndcg` of both orders and the paired interval of ranker - blend, resampling users."""
+    per_user = per_user_ndcg(rows, ranker_score, blend_score)
     ranker, retrieval = per_user["ranker"].to_numpy(), per_user["retrieval"].to_numpy()
     mean, lo, hi = paired_interval(ranker, retrieval, seed=seed)
     return {"users": len(ranker), "ndcg@10": {"ranker": round(float(ranker.mean()), 5),
