@@ -159,16 +159,61 @@ def ndcg_rows(user: np.ndarray, score: np.ndarray, label: np.ndarray, k: int = 1
     return np.where(n_rel > 0, dcg / np.where(n_rel > 0, disc[n_rel], 1.0), 0.0)
 
 
+class QueryGrid:
+    """Candidate rows laid out as a (queries x longest query) grid, each query's rows in row
+    order, padding scored -inf: `ndcg` then sorts short rows instead of one long lexsort.
+    The same per-query NDCG@k as `ndcg_rows`, ties included (a stable sort keeps row order)."""
+
+    MAX_PADDING = 4  # grid cells per row beyond which the padding costs more than the sort saves
+
+    def __init__(self, user: np.ndarray, label: np.ndarray) -> None:
+        order = np.argsort(user, kind="stable")
+        starts = np.r_[0, np.flatnonzero(np.diff(user[order])) + 1]
+        sizes = np.diff(np.r_[starts, len(user)])
+        self.query = np.repeat(np.arange(len(starts)), sizes)
+        self.slot = np.arange(len(user)) - np.repeat(starts, sizes)
+        self.order = order
+        self.shape = (len(starts), int(sizes.max()) if len(sizes) else 0)
+        self.relevant = self.grid(label > 0, False).astype(np.float64)
+        self.padding = ~self.grid(np.ones(len(user), bool), False)
+
+    @classmethod
+    def fits(cls, user: np.ndarray) -> bool:
+        sizes = np.bincount(np.unique(user, return_inverse=True)[1]) if len(user) else np.zeros(0, int)
+        return len(sizes) > 0 and len(sizes) * int(sizes.max()) <= cls.MAX_PADDING * len(user)
+
+    def grid(self, values: np.ndarray, fill: Any) -> np.ndarray:
+        out = np.full(self.shape, fill, dtype=np.asarray(values).dtype)
+        out[self.query, self.slot] = values[self.order]
+        return out
+
+    def ndcg(self, score: np.ndarray, k: int = 10) -> np.ndarray:
+        """Per-query NDCG@k of the grid's rows ordered by `score` (a grid, padding at -inf)."""
+        top = np.argsort(-score, axis=1, kind="stable")[:, :k]
+        rel = np.take_along_axis(self.relevant, top, axis=1)
+        dcg = (rel / np.log2(np.arange(2, rel.shape[1] + 2))).sum(axis=1)
+        n_rel = np.minimum(self.relevant.sum(axis=1), k).astype(int)
+        disc = np.r_[0.0, np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))]
+        return np.where(n_rel > 0, dcg / np.where(n_rel > 0, disc[n_rel], 1.0), 0.0)
+
+
 def blend_weights(rows: pl.DataFrame, columns: list[str], steps: tuple[float, ...] = BLEND_STEPS,
                   rounds: int = 2) -> dict[str, float]:
     """Blend weights over the candidate rows' z-scores by coordinate ascent of NDCG@10."""
     user = query_codes(rows)
     label = rows["label"].to_numpy()
     z = {c: rows[c].fill_null(0.0).to_numpy().astype(np.float64) for c in columns}
+    if QueryGrid.fits(user):  # hundreds of blends are scored: sort short grid rows
+        grid = QueryGrid(user, label)
+        zg = {c: grid.grid(v, 0.0) for c, v in z.items()}
 
-    def value(w: dict[str, float]) -> float:
-        score = sum((w[c] * z[c] for c in columns if w[c]), np.zeros(rows.height))
-        return float(ndcg_rows(user, score, label).mean())
+        def value(w: dict[str, float]) -> float:
+            score = sum((w[c] * zg[c] for c in columns if w[c]), np.zeros(grid.shape))
+            return float(grid.ndcg(np.where(grid.padding, -np.inf, score)).mean())
+    else:
+        def value(w: dict[str, float]) -> float:
+            score = sum((w[c] * z[c] for c in columns if w[c]), np.zeros(rows.height))
+            return float(ndcg_rows(user, score, label).mean())
 
     return coordinate_ascent(columns, value, steps=steps, rounds=rounds)
 

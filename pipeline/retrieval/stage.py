@@ -112,10 +112,20 @@ def candidate_split(interactions: pl.DataFrame, config: Config) -> tuple[LabelSp
 
 
 def label_windows(split: LabelSplit, config: Config, threshold: float | None) -> list[LabelSplit]:
-    """The ranker's label splits: `split`, then the same protocol applied to its feature part."""
+    """The ranker's label splits: `split`, then the same protocol applied to its feature part.
+
+    A fixed split carried in `timestamp` (Last.fm's 0/1/2) has no time before its window:
+    its feature part is one timestamp. There the earlier window holds out a random share of
+    each user's feature part, the same share of the log as the latest window's, so a ranker
+    learned on it can still be checked on the real window (the guard's forward check).
+    """
     earlier = label_split(split.fit, split.protocol, fraction=config.ranker.label_fraction,
                           window_days=config.ranker.label_window_days, threshold=threshold,
                           seed=config.ranker.seed)
+    if earlier is None and split.protocol == "window" and split.fit["timestamp"].n_unique() == 1:
+        share = split.held.height / (split.fit.height + split.held.height)
+        earlier = label_split(split.fit, "per_user", fraction=share, window_days=config.ranker.label_window_days,
+                              threshold=threshold, seed=config.ranker.seed)
     return [split] if earlier is None else [split, earlier]
 
 

@@ -20,7 +20,7 @@ from fusionrec.pipeline.config import load_config
 from fusionrec.pipeline.errors import FusionrecError
 from fusionrec.pipeline.io.manifest import read_manifest
 from fusionrec.pipeline.retrieval.candidates import CandidateModel, label_split
-from fusionrec.pipeline.retrieval.stage import Catalog
+from fusionrec.pipeline.retrieval.stage import Catalog, label_windows
 from fusionrec.ranker import training
 from fusionrec.ranker.serving.recommender import Recommender
 from fusionrec.ranker.training import guard_ranker, pair_features
@@ -85,18 +85,43 @@ def test_a_log_with_one_or_two_distinct_timestamps_exports_with_exit_0(tmp_path:
     assert guard["order"] == "ranker" or guard["reason"]  # retrieval order always says why
 
 
-def test_a_fixed_split_with_one_label_window_trains_no_ranker(tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_a_fixed_split_gets_an_earlier_random_window_of_the_same_share() -> None:
+    """Last.fm's 0/1/2 split carried in `timestamp`: labels at 1, features at 0 and no time
+    before. The earlier window holds out each user's random share of the feature part, as
+    large a share of it as the latest window is of the log, and never a label row."""
+    rng = np.random.default_rng(3)
+    rows = [(f"u{u:03d}", f"i{j:03d}", int(t >= 18), 1.0) for u in range(60)
+            for t, j in enumerate(rng.choice(80, size=20, replace=False))]
+    log = pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp", "value"], orient="row")
+    cfg = load_config(None, ["ranker.labels=window"])
+    split = label_split(log, "window", fraction=0.2, window_days=14, threshold=None)
+    assert split is not None and split.protocol == "window" and split.held["timestamp"].unique().to_list() == [1]
+    windows = label_windows(split, cfg, None)
+    assert len(windows) == 2
+    earlier = windows[1]
+    assert earlier.protocol == "per_user"
+    assert earlier.fit.height + earlier.held.height == split.fit.height  # only the feature part is split
+    assert earlier.held["timestamp"].unique().to_list() == [0]
+    share = split.held.height / log.height  # 2 of each user's 20
+    assert earlier.held.group_by("user_id").len()["len"].to_list() == [round(share * 18)] * 60
+    # random within a user, not the rows' file order: the held rows are not each user's last ones
+    last = log.filter(pl.col("timestamp") == 0).group_by("user_id", maintain_order=True).tail(2)
+    assert earlier.held.join(last, on=["user_id", "item_id"], how="anti").height > 0
+
+
+def test_a_fixed_split_is_checked_forward_on_its_real_window(tmp_path: Path, caplog: pytest.LogCaptureFixture
                                                               ) -> None:
-    """Two timestamp values held as a fixed split (Last.fm's 0/1): labels at 1, features at 0 and
-    nothing earlier, so the forward check is impossible and no ranker is trained."""
+    """The nightly job on a two-value fixed split: two label windows reach the guard, whose
+    forward check learns on the random earlier window and judges on the real one."""
     data = make_catalog(tmp_path / "data", timestamps="two")
     art = tmp_path / "art"
     nightly(data, art, "ranker.labels=window")
     guard = json.loads((art / "ranker" / "guard.json").read_text())
-    assert guard == {"order": "retrieval", "reason": training.SINGLE_WINDOW}
-    assert not (art / "ranker" / "model.txt").exists()
-    assert "one label window only" in caplog.text and "retrieval order is exported" in caplog.text
-    assert Recommender(art).order_ == "retrieval"
+    assert guard.get("reason") != training.SINGLE_WINDOW
+    forward = guard["guard"]["forward"]
+    assert forward is not None and forward["users"] >= training.MIN_FORWARD_USERS
+    assert guard["order"] == ("ranker" if guard["guard"]["ships"] else "retrieval")
+    assert Recommender(art).order_ == guard["order"]
     assert pl.read_parquet(art / "exports" / "topk.parquet")["user_id"].n_unique() == 90
 
 
@@ -138,6 +163,31 @@ def _rows(n_users: int, informative: str, seed: int = 0, window: int = 0) -> pl.
 
 def _two_windows(latest: str, earlier: str, n_users: int = 120) -> pl.DataFrame:
     return pl.concat([_rows(n_users, latest, seed=0, window=0), _rows(n_users, earlier, seed=1, window=1)])
+
+
+def test_the_grid_ndcg_equals_the_row_ndcg_ties_and_ragged_queries_included(monkeypatch: pytest.MonkeyPatch
+                                                                              ) -> None:
+    """`QueryGrid` only lays rows out differently: the same per-query NDCG@10 (ties keep row
+    order) and so the same blend weights as sorting the rows themselves."""
+    rng = np.random.default_rng(5)
+    sizes = rng.integers(3, 40, 200)
+    user = rng.permutation(np.repeat(np.arange(200), sizes))  # queries interleaved, uneven lengths
+    label = (rng.random(len(user)) < 0.15).astype(np.int32)
+    grid = training.QueryGrid(user, label)
+    assert grid.shape == (200, sizes.max()) and training.QueryGrid.fits(user)
+    for score in (np.round(rng.normal(size=len(user)), 1), np.zeros(len(user)), rng.normal(size=len(user))):
+        by_rows = training.ndcg_rows(user, score, label)
+        by_grid = grid.ndcg(np.where(grid.padding, -np.inf, grid.grid(score, 0.0)))
+        np.testing.assert_allclose(by_grid, by_rows, rtol=0, atol=1e-12)
+    assert 0 < by_rows.mean() < 1
+    rows = pl.concat([_rows(60, "feature", seed=2), _rows(60, "retrieval", seed=3, window=1)]).with_columns(
+        src_a_z=pl.col("item_signal"), src_b_z=-pl.col("retrieval_rank").cast(pl.Float64),
+        src_c_z=pl.Series(np.round(rng.normal(size=3600), 1)))
+    columns = ["src_a_z", "src_b_z", "src_c_z"]
+    on_grid = training.blend_weights(rows, columns)
+    monkeypatch.setattr(training.QueryGrid, "MAX_PADDING", 0)  # too much padding: the row path
+    assert training.blend_weights(rows, columns) == on_grid
+    assert on_grid["src_a_z"] > 0 and on_grid["src_b_z"] > 0
 
 
 def test_the_guard_keeps_retrieval_order_when_the_ranker_is_not_better() -> None:
