@@ -19,8 +19,9 @@ the labelled users' candidates (`ART/sources/validation.parquet`). Here:
    iteration.
 
 A log too short for any label split trains nothing: the night exports the retrieval order.
-So does a log with a single label window (a fixed split such as Last.fm's 0/1/2), since the
-forward check needs an earlier one.
+So does a log with a single label window, since the forward check needs an earlier one. A
+fixed split carried in `timestamp` (Last.fm's 0/1/2) gets its earlier window from a random
+share of each user's feature part (`label_windows`).
 """
 
 from __future__ import annotations
