@@ -101,6 +101,7 @@ def test_a_fixed_split_gets_an_earlier_random_window_of_the_same_share() -> None
     earlier = windows[1]
     assert earlier.protocol == "per_user"
     assert earlier.fit.height + earlier.held.height == split.fit.height  # only the feature part is split
+    assert earlier.fit.join(earlier.held, on=["user_id", "item_id"], how="semi").height == 0  # features never see a label
     assert earlier.held["timestamp"].unique().to_list() == [0]
     share = split.held.height / log.height  # 2 of each user's 20
     assert earlier.held.group_by("user_id").len()["len"].to_list() == [round(share * 18)] * 60
