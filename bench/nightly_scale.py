@@ -1,7 +1,7 @@
 """The nightly path in bounded memory (`fusionrec.pipeline.batch`): peak RSS and time per stage.
 
     .venv/bin/python bench/nightly_scale.py [--items 1000000,3000000] [--users 1000000]
-        [--export-users 0] [--factory 'IVF{nlist},PQ48'] [--train 131072] [--niter 10] [--nprobe 32]
+        [--export-users 0] [--factory 'IVF{nlist},PQ48'] [--train 131072] [--niter 10] [--nprobe 32] [--tune 0.95]
 
 For each catalog size: synthetic inputs are written (items: a 256-d "text" and a 128-d
 "image" table, 384 dimensions fused, 10% of items without an image, the image table in
@@ -15,6 +15,9 @@ touched included) and wall time:
   fuse_users   the same for users (no fused.parquet)
   index        IVF-PQ trained on a sample of fused.parquet, filled in chunks, saved
   train        bounded sample: users retrieved and featured by the batched path, lambdarank fit
+  tune         with --tune R: `tune_nprobe` measures the exported retrieval's recall@10
+               against exact search for 300 users at nprobe 1, 2, 4, ... and writes the
+               smallest whose 95% lower bound reaches R into nightly.json, for the export
   export       users in batches: search, exact re-scoring from the memory map, features,
                LightGBM, top k written to Parquet; --export-users N: only the first N users
   check        recall of the exported retrieval against exact search (streamed over the
@@ -40,7 +43,6 @@ import threading
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pyarrow as pa
 
@@ -54,9 +56,12 @@ from fusionrec.pipeline.batch.nightly import (  # noqa: E402
     NightlyConfig,
     NightlyContext,
     build_item_index,
+    exact_topk,
     export_topk,
     read_config,
+    retrieval_recall,
     train_ranker,
+    tune_nprobe,
 )
 from fusionrec.pipeline.io.streaming import ParquetSink, vector_row_group_rows, write_batches  # noqa: E402
 from fusionrec.pipeline.retrieval.faiss_index import (  # noqa: E402
@@ -64,7 +69,6 @@ from fusionrec.pipeline.retrieval.faiss_index import (  # noqa: E402
     search_param_name,
     set_search_params,
 )
-from fusionrec.pipeline.retrieval.fusion import Blocks, item_matrix  # noqa: E402
 
 DIMS = {"text": 256, "image": 128}
 WEIGHTS = {"text": 0.6, "image": 0.4}
@@ -196,27 +200,13 @@ def child_check(a: dict) -> dict:
     users = np.sort(rng.choice(full[full < (a["export_users"] or ctx.users.rows)], a["n"], replace=False))
     t0 = time.perf_counter()
     cand = ctx.candidates(users)
-    q = ctx.queries(users)
     k = cfg.k
-    best_s = np.full((len(users), k), -np.inf, dtype=np.float32)
-    best_i = np.full((len(users), k), -1, dtype=np.int64)
-    step = 65_536
-    w = np.asarray(ctx.items.weights)
-    for s in range(0, ctx.items.rows, step):
-        e = min(s + step, ctx.items.rows)
-        v = item_matrix(Blocks(np.arange(s, e), ctx.items.names, ctx.items.split(ctx.item_blocks[s:e]),
-                               ctx.item_mask[s:e]), w)
-        sc, ix = faiss.knn(q, v, k, metric=faiss.METRIC_INNER_PRODUCT)
-        sc, ix = np.hstack([best_s, sc]), np.hstack([best_i, ix + s])
-        order = np.argsort(-sc, axis=1, kind="stable")[:, :k]
-        best_s, best_i = np.take_along_axis(sc, order, 1), np.take_along_axis(ix, order, 1)
+    best_s, _ = exact_topk(ctx, users, k)
     seconds = time.perf_counter() - t0
 
     def recall_of(c: Candidates) -> tuple[float, float]:
-        got = c.scores[:, :k]
-        # tie-aware: a returned item counts when its exact score reaches the exact k-th score
-        return (float(np.mean(np.minimum((got >= best_s[:, -1:] - 1e-5).sum(axis=1), k) / k)),
-                float(np.mean(np.abs(got[:, 0] - best_s[:, 0]) < 1e-5)))
+        return (float(retrieval_recall(c, best_s).mean()),
+                float(np.mean(np.abs(c.scores[:, 0] - best_s[:, 0]) < 1e-5)))
 
     recall, top1 = recall_of(cand)
     # The knob the export trades time for recall with: nprobe (same users, same depth).
@@ -234,8 +224,15 @@ def child_check(a: dict) -> dict:
             f"retrieval_recall@{k}": round(recall, 4), "top1_exact": round(top1, 4), "nprobe_sweep": sweep}
 
 
+def child_tune(a: dict) -> dict:
+    """`tune_nprobe`: the smallest nprobe reaching the target recall, written to nightly.json."""
+    info = tune_nprobe(a["work"], target_recall=a["target"])
+    info["trials"] = [{k: round(v, 4) if isinstance(v, float) else v for k, v in t.items()} for t in info["trials"]]
+    return info
+
+
 CHILDREN = {"generate": child_generate, "fuse": child_fuse, "index": child_index, "train": child_train,
-            "export": child_export, "check": child_check}
+            "tune": child_tune, "export": child_export, "check": child_check}
 
 
 # --------------------------------------------------------------------------- parent
@@ -300,6 +297,8 @@ def run_size(n: int, a: argparse.Namespace, work_root: Path) -> dict:
     stage("index", "index", {"work": str(work), "factory": factory, "train": a.train, "niter": a.niter,
                              "threads": a.threads})
     stage("train", "train", {"work": str(work), "root": str(root), "config": cfg.__dict__})
+    if a.tune:
+        stage("tune", "tune", {"work": str(work), "target": a.tune})
     stage("export", "export", {"work": str(work), "export_users": a.export_users})
     stage("check", "check", {"work": str(work), "n": a.check_users, "export_users": a.export_users,
                              "sweep": [int(x) for x in a.sweep.split(",") if x]})
@@ -321,6 +320,8 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=131_072, help="index training sample")
     ap.add_argument("--niter", type=int, default=10, help="k-means iterations of the coarse quantizer")
     ap.add_argument("--nprobe", type=int, default=32)
+    ap.add_argument("--tune", type=float, default=0.0,
+                    help="target recall@10: tune_nprobe chooses the export's nprobe after training (0: keep --nprobe)")
     ap.add_argument("--depth", type=int, default=100)
     ap.add_argument("--keep", type=int, default=50)
     ap.add_argument("--batch-users", type=int, default=512)

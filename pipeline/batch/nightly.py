@@ -56,8 +56,9 @@ from fusionrec.pipeline.retrieval.faiss_index import (
     search_param_name,
     set_search_params,
     set_threads,
+    smallest_passing,
 )
-from fusionrec.pipeline.retrieval.fusion import Blocks, fused_score, query_matrix
+from fusionrec.pipeline.retrieval.fusion import Blocks, fused_score, item_matrix, query_matrix
 from fusionrec.ranker.model import Ranker
 from fusionrec.ranker.serving.export import TOPK_SCHEMA
 
@@ -363,6 +364,83 @@ def train_ranker(work: Path | str, labels: Path | str, config: NightlyConfig | N
     return {"sampled_users": int(len(sample)), "labels_matched": int(known.height), "train_users": users_kept,
             "train_rows": rows, "capped": full, "positives": int((train["label"] > 0).sum()), "fit_s": fit_s,
             **ctx.timings}
+
+
+# --------------------------------------------------------------------------- the index's search depth
+
+TUNE_USERS = 300  # users whose exact top k the search depth is tuned against
+
+
+def exact_topk(ctx: NightlyContext, users: np.ndarray, k: int, step: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top k (scores, item rows) over every item for users with every modality (for
+    them s(u, i) is <q_u, v_i> of `fusion.item_matrix`), streamed over the memory-mapped
+    blocks `step` items at a time."""
+    queries = ctx.queries(users)
+    best_s = np.full((len(users), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(users), k), -1, dtype=np.int64)
+    for s in range(0, ctx.items.rows, step):
+        e = min(s + step, ctx.items.rows)
+        vectors = item_matrix(Blocks(np.arange(s, e), ctx.items.names, ctx.items.split(ctx.item_blocks[s:e]),
+                                     ctx.item_mask[s:e]), ctx.weights)
+        sc, ix = faiss.knn(queries, vectors, min(k, e - s), metric=faiss.METRIC_INNER_PRODUCT)
+        sc, ix = np.hstack([best_s, sc]), np.hstack([best_i, ix + s])
+        order = np.argsort(-sc, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(sc, order, 1), np.take_along_axis(ix, order, 1)
+    return best_s, best_i
+
+
+def retrieval_recall(cand: Candidates, exact_scores: np.ndarray) -> np.ndarray:
+    """Per user, the share of the exact top k (k: `exact_scores`' width) among the first k
+    re-scored candidates; an item counts when its exact score reaches the exact k-th (ties)."""
+    k = exact_scores.shape[1]
+    return np.minimum((cand.scores[:, :k] >= exact_scores[:, -1:] - 1e-5).sum(axis=1), k) / k
+
+
+def tune_nprobe(work: Path | str, config: NightlyConfig | None = None, *, target_recall: float = 0.95,
+                users: int = TUNE_USERS, seed: int = 3, z: float = 1.645) -> dict:
+    """The smallest nprobe at which the exported retrieval (search `depth`, exact re-scoring,
+    first k) holds `target_recall` of the exact top k, measured on `users` sampled users
+    with every modality. A value passes when the one-sided 95% lower bound of the mean
+    recall (mean - z x standard error) reaches the target. When the ranker's settings
+    (`nightly.json`) exist, their nprobe is replaced, so `export_topk(work, read_config(work))`
+    uses it. An index without nprobe (Flat, HNSW) is left as it is.
+
+    Returns {"nprobe", "reached", "target_recall", "users", "trials": [{nprobe, recall,
+    recall_lower_bound, ms_per_user}], "seconds"}.
+    """
+    work = Path(work)
+    if not 0.0 < target_recall <= 1.0:
+        raise FusionrecError(f"target_recall must be in (0, 1], not {target_recall}")
+    cfg = config or (read_config(work) if (work / CONFIG_FILE).is_file() else NightlyConfig())
+    set_threads(cfg.threads)
+    t0 = time.perf_counter()
+    ctx = NightlyContext(work, cfg)
+    if search_param_name(ctx.index) != "nprobe":
+        return {"nprobe": cfg.nprobe, "reached": True, "target_recall": target_recall, "users": 0, "trials": [],
+                "seconds": 0.0, "note": "the index has no nprobe (exact or HNSW): nothing to tune"}
+    full = np.flatnonzero(ctx.user_mask.all(axis=1))
+    if len(full) == 0:
+        raise FusionrecError("no user has every modality: the exact top k to tune against is not defined")
+    sample = np.sort(np.random.default_rng(seed).choice(full, min(users, len(full)), replace=False))
+    exact_scores, _ = exact_topk(ctx, sample, cfg.k)
+    trials: dict[int, dict[str, float]] = {}
+
+    def passes(nprobe: int) -> bool:
+        if nprobe not in trials:
+            set_search_params(ctx.index, {"nprobe": nprobe})
+            started = time.perf_counter()
+            per_user = retrieval_recall(ctx.candidates(sample), exact_scores)
+            ms = 1000 * (time.perf_counter() - started) / len(sample)
+            se = float(per_user.std(ddof=1) / np.sqrt(len(per_user))) if len(per_user) > 1 else 0.0
+            trials[nprobe] = {"nprobe": nprobe, "recall": float(per_user.mean()),
+                              "recall_lower_bound": float(per_user.mean()) - z * se, "ms_per_user": ms}
+        return trials[nprobe]["recall_lower_bound"] >= target_recall
+
+    nprobe, reached = smallest_passing(passes, 1, int(faiss.extract_index_ivf(ctx.index).nlist))
+    if (work / CONFIG_FILE).is_file():
+        write_json({**asdict(read_config(work)), "nprobe": nprobe}, work / CONFIG_FILE)
+    return {"nprobe": nprobe, "reached": reached, "target_recall": target_recall, "users": int(len(sample)),
+            "trials": [trials[v] for v in sorted(trials)], "seconds": time.perf_counter() - t0}
 
 
 # --------------------------------------------------------------------------- every user's top k

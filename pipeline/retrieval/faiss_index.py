@@ -208,6 +208,28 @@ def true_scores(queries: np.ndarray, base: np.ndarray, ids: np.ndarray, chunk: i
     return np.where(ids >= 0, out, -np.inf)
 
 
+def smallest_passing(passes: Callable[[int], bool], floor: int, top: int) -> tuple[int, bool]:
+    """The smallest search depth in [floor, top] that `passes` (taken to be monotone), and
+    whether any did: doubling from `floor`, then bisecting between the last failing value and
+    the first passing one to within an eighth. `passes` is called once or more per value, so
+    callers memoise it. (top, False) when even `top` fails."""
+    value = floor
+    while value < top and not passes(value):
+        value *= 2
+    value = min(value, top)
+    reached = passes(value)
+    if reached and value > floor:
+        lo, hi = value // 2, value
+        while hi - lo > max(1, hi // 8):
+            mid = (lo + hi) // 2
+            if passes(mid):
+                hi = mid
+            else:
+                lo = mid
+        value = hi
+    return value, reached
+
+
 def tune_search_params(index: faiss.Index, queries: np.ndarray, k: int, target_recall: float, *,
                        base: np.ndarray | None = None, exact: tuple[np.ndarray, np.ndarray] | None = None,
                        z: float = 1.645) -> dict:
@@ -251,23 +273,10 @@ def tune_search_params(index: faiss.Index, queries: np.ndarray, k: int, target_r
 
     if name == "nprobe":
         top = int(faiss.extract_index_ivf(index).nlist)
-        value = 1
+        floor = 1
     else:  # HNSW explores max(efSearch, k) candidates: values below k are all the same
-        top, value = max(4096, 4 * k), k
-    floor = value
-    while value < top and trial(value) < target_recall:
-        value *= 2
-    value = min(value, top)
-    reached = trial(value) >= target_recall
-    if reached and value > floor:  # bisect between the last failing value and the first passing one
-        lo, hi = value // 2, value
-        while hi - lo > max(1, hi // 8):
-            mid = (lo + hi) // 2
-            if trial(mid) >= target_recall:
-                hi = mid
-            else:
-                lo = mid
-        value = hi
+        top, floor = max(4096, 4 * k), k
+    value, reached = smallest_passing(lambda v: trial(v) >= target_recall, floor, top)
     set_search_params(index, {name: value})
     params = {name: value}
     outer = faiss.downcast_index(index)

@@ -71,6 +71,23 @@ def test_tuning_reaches_the_target_recall_with_the_smallest_value_tried(data, fa
     assert fidx.recall_at_k(ids, fidx.exact_search(base, queries, 20)[1]) == pytest.approx(tuned["recall"], abs=0.01)
 
 
+@pytest.mark.parametrize("floor", [1, 10])
+def test_smallest_passing_finds_the_threshold_to_within_an_eighth(floor):
+    """Doubling then bisecting: the value returned passes, the value an eighth below it fails."""
+    for threshold in range(floor, 300):
+        calls: list[int] = []
+
+        def passes(v: int, t: int = threshold, seen: list[int] = calls) -> bool:
+            seen.append(v)
+            return v >= t
+
+        value, reached = fidx.smallest_passing(passes, floor, 512)
+        assert reached and threshold <= value <= max(threshold + value // 8, threshold + 1)
+        assert len(set(calls)) <= 20  # doubling and bisection, never a scan
+    assert fidx.smallest_passing(lambda v: False, 1, 300) == (300, False)
+    assert fidx.smallest_passing(lambda v: True, 4, 300) == (4, True)
+
+
 def test_flat_index_needs_no_tuning(data):
     base, queries = data
     tuned = fidx.tune_search_params(fidx.build_index(base, "Flat"), queries, 10, 0.99, base=base)

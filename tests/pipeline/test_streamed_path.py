@@ -22,9 +22,13 @@ from fusionrec.pipeline.batch.nightly import (
     NightlyContext,
     batch_factory,
     build_item_index,
+    exact_topk,
     export_topk,
     feature_names,
+    read_config,
+    retrieval_recall,
     train_ranker,
+    tune_nprobe,
 )
 from fusionrec.pipeline.config import RayConfig
 from fusionrec.pipeline.errors import FusionrecError, InputError
@@ -189,6 +193,45 @@ def test_every_index_choice_gives_the_exact_top_after_rescoring(world: dict, tmp
     mapped = NightlyContext(work, cfg, mmap_index=True).candidates(np.arange(len(world["user_ids"])))
     np.testing.assert_array_equal(mapped.items, cand.items)
     np.testing.assert_array_equal(mapped.scores, cand.scores)
+
+
+def test_exact_topk_streams_the_in_memory_exact_top(world: dict, trained) -> None:
+    work, cfg = trained
+    ctx = NightlyContext(work, cfg)
+    full = np.flatnonzero(ctx.user_mask.all(axis=1))
+    scores, items = exact_topk(ctx, full, 7, step=100)  # 15 chunks of the catalogue
+    ref_items, ref_scores, _ = reference_candidates(world, 7)
+    np.testing.assert_allclose(scores, ref_scores[full], atol=1e-5)
+    assert np.mean(items == ref_items[full]) > 0.99  # item rows agree but for float ties
+
+
+def test_tune_nprobe_picks_the_smallest_passing_value_and_the_export_uses_it(world: dict, tmp_path: Path) -> None:
+    cfg = NightlyConfig(k=5, depth=20, keep=10, nprobe=1, batch_users=64, n_estimators=10, threads=1)
+    work = fuse_world(world, tmp_path, "IVF32,Flat", train_size=1500)
+    train_ranker(work, world["root"] / "labels.parquet", cfg)
+    tuned = tune_nprobe(work, target_recall=0.95, users=150)
+    nprobe = tuned["nprobe"]
+    trials = {t["nprobe"]: t for t in tuned["trials"]}
+    assert tuned["reached"] and tuned["users"] == 150 and trials[nprobe]["recall_lower_bound"] >= 0.95
+    failing = [v for v, t in trials.items() if t["recall_lower_bound"] < 0.95]
+    assert failing and all(v < nprobe for v in failing)  # nprobe 1 does not reach it on this catalogue
+    assert nprobe == max(failing) + 1 or nprobe <= max(failing) + max(1, nprobe // 8)
+    assert read_config(work).nprobe == nprobe  # the export's settings now carry it
+    # measured again at that nprobe, on the same users, the recall is the reported one
+    ctx = NightlyContext(work, read_config(work))
+    full = np.flatnonzero(ctx.user_mask.all(axis=1))
+    users = np.sort(np.random.default_rng(3).choice(full, 150, replace=False))
+    exact, _ = exact_topk(ctx, users, 5)
+    assert retrieval_recall(ctx.candidates(users), exact).mean() == pytest.approx(trials[nprobe]["recall"])
+    # every list searched: the exact top, so even a target of 1 is reached
+    assert tune_nprobe(work, target_recall=1.0, users=150)["reached"]
+
+
+def test_tune_nprobe_leaves_an_exact_index_alone_and_refuses_a_bad_target(world: dict, tmp_path: Path) -> None:
+    work = fuse_world(world, tmp_path, "Flat")
+    assert tune_nprobe(work, NightlyConfig(k=5, depth=20, keep=10))["trials"] == []
+    with pytest.raises(FusionrecError, match="target_recall"):
+        tune_nprobe(work, target_recall=1.5)
 
 
 def test_auto_index_goes_from_flat_to_sq8_to_pq_as_the_catalogue_grows(world: dict, tmp_path: Path) -> None:
