@@ -62,6 +62,7 @@ from fusionrec.pipeline.batch.nightly import (  # noqa: E402
     retrieval_recall,
     train_ranker,
     tune_nprobe,
+    tuning_users,
 )
 from fusionrec.pipeline.io.streaming import ParquetSink, vector_row_group_rows, write_batches  # noqa: E402
 from fusionrec.pipeline.retrieval.faiss_index import (  # noqa: E402
@@ -196,6 +197,7 @@ def child_check(a: dict) -> dict:
     cfg = read_config(a["work"])
     ctx = NightlyContext(a["work"], cfg)
     full = np.flatnonzero(ctx.user_mask.all(axis=1))
+    full = np.setdiff1d(full, tuning_users(ctx))  # held out from the users `tune_nprobe` chose nprobe on
     rng = np.random.default_rng(3)
     users = np.sort(rng.choice(full[full < (a["export_users"] or ctx.users.rows)], a["n"], replace=False))
     t0 = time.perf_counter()

@@ -162,8 +162,9 @@ def ndcg_rows(user: np.ndarray, score: np.ndarray, label: np.ndarray, k: int = 1
 
 class QueryGrid:
     """Candidate rows laid out as a (queries x longest query) grid, each query's rows in row
-    order, padding scored -inf: `ndcg` then sorts short rows instead of one long lexsort.
-    The same per-query NDCG@k as `ndcg_rows`, ties included (a stable sort keeps row order)."""
+    order, padding scored NaN (after every real row, NaN rows included): `ndcg` then sorts
+    short rows instead of one long lexsort. The same per-query NDCG@k as `ndcg_rows` to
+    float rounding, ties included (a stable sort keeps row order)."""
 
     MAX_PADDING = 4  # grid cells per row beyond which the padding costs more than the sort saves
 
@@ -189,7 +190,7 @@ class QueryGrid:
         return out
 
     def ndcg(self, score: np.ndarray, k: int = 10) -> np.ndarray:
-        """Per-query NDCG@k of the grid's rows ordered by `score` (a grid, padding at -inf)."""
+        """Per-query NDCG@k of the grid's rows ordered by `score` (a grid, padding at NaN)."""
         top = np.argsort(-score, axis=1, kind="stable")[:, :k]
         rel = np.take_along_axis(self.relevant, top, axis=1)
         dcg = (rel / np.log2(np.arange(2, rel.shape[1] + 2))).sum(axis=1)
@@ -210,7 +211,7 @@ def blend_weights(rows: pl.DataFrame, columns: list[str], steps: tuple[float, ..
 
         def value(w: dict[str, float]) -> float:
             score = sum((w[c] * zg[c] for c in columns if w[c]), np.zeros(grid.shape))
-            return float(grid.ndcg(np.where(grid.padding, -np.inf, score)).mean())
+            return float(grid.ndcg(np.where(grid.padding, np.nan, score)).mean())
     else:
         def value(w: dict[str, float]) -> float:
             score = sum((w[c] * z[c] for c in columns if w[c]), np.zeros(rows.height))

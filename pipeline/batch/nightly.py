@@ -28,6 +28,7 @@ products alone), so `batch_users` and the engine ("local" or "ray") change only 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -62,6 +63,7 @@ from fusionrec.pipeline.retrieval.fusion import Blocks, fused_score, item_matrix
 from fusionrec.ranker.model import Ranker
 from fusionrec.ranker.serving.export import TOPK_SCHEMA
 
+log = logging.getLogger("fusionrec.batch")
 INDEX_FILE = "index.faiss"
 CONFIG_FILE = "nightly.json"
 RANKER_DIR = "ranker"
@@ -396,14 +398,25 @@ def retrieval_recall(cand: Candidates, exact_scores: np.ndarray) -> np.ndarray:
     return np.minimum((cand.scores[:, :k] >= exact_scores[:, -1:] - 1e-5).sum(axis=1), k) / k
 
 
+def tuning_users(ctx: NightlyContext, users: int = TUNE_USERS, seed: int = 3) -> np.ndarray:
+    """The user rows `tune_nprobe` measures on: a seeded sample of users with every modality."""
+    full = np.flatnonzero(ctx.user_mask.all(axis=1))
+    if len(full) == 0:
+        raise FusionrecError("no user has every modality: the exact top k to tune against is not defined")
+    return np.sort(np.random.default_rng(seed).choice(full, min(users, len(full)), replace=False))
+
+
 def tune_nprobe(work: Path | str, config: NightlyConfig | None = None, *, target_recall: float = 0.95,
                 users: int = TUNE_USERS, seed: int = 3, z: float = 1.645) -> dict:
     """The smallest nprobe at which the exported retrieval (search `depth`, exact re-scoring,
     first k) holds `target_recall` of the exact top k, measured on `users` sampled users
     with every modality. A value passes when the one-sided 95% lower bound of the mean
-    recall (mean - z x standard error) reaches the target. When the ranker's settings
-    (`nightly.json`) exist, their nprobe is replaced, so `export_topk(work, read_config(work))`
-    uses it. An index without nprobe (Flat, HNSW) is left as it is.
+    recall (mean - z x standard error) reaches the target; when even every list falls short,
+    nprobe is the number of lists, `reached` is false and a warning says so. When the
+    ranker's settings (`nightly.json`) exist, their nprobe is replaced, so
+    `export_topk(work, read_config(work))` uses it; a `config` whose k, depth or keep differ
+    from them is refused (the nprobe would be measured at another depth than the export's).
+    An index without nprobe (Flat, HNSW) is left as it is.
 
     Returns {"nprobe", "reached", "target_recall", "users", "trials": [{nprobe, recall,
     recall_lower_bound, ms_per_user}], "seconds"}.
@@ -411,17 +424,21 @@ def tune_nprobe(work: Path | str, config: NightlyConfig | None = None, *, target
     work = Path(work)
     if not 0.0 < target_recall <= 1.0:
         raise FusionrecError(f"target_recall must be in (0, 1], not {target_recall}")
-    cfg = config or (read_config(work) if (work / CONFIG_FILE).is_file() else NightlyConfig())
+    if users < 2:
+        raise FusionrecError(f"tune_nprobe needs at least 2 users to bound the recall, not {users}")
+    saved = read_config(work) if (work / CONFIG_FILE).is_file() else None
+    cfg = config or saved or NightlyConfig()
+    if saved is not None and (cfg.k, cfg.depth, cfg.keep) != (saved.k, saved.depth, saved.keep):
+        raise FusionrecError(f"the config's k, depth and keep ({cfg.k}, {cfg.depth}, {cfg.keep}) differ from the "
+                             f"export's in {work / CONFIG_FILE} ({saved.k}, {saved.depth}, {saved.keep}): an nprobe "
+                             "tuned at one depth does not hold at another")
     set_threads(cfg.threads)
     t0 = time.perf_counter()
     ctx = NightlyContext(work, cfg)
     if search_param_name(ctx.index) != "nprobe":
         return {"nprobe": cfg.nprobe, "reached": True, "target_recall": target_recall, "users": 0, "trials": [],
                 "seconds": 0.0, "note": "the index has no nprobe (exact or HNSW): nothing to tune"}
-    full = np.flatnonzero(ctx.user_mask.all(axis=1))
-    if len(full) == 0:
-        raise FusionrecError("no user has every modality: the exact top k to tune against is not defined")
-    sample = np.sort(np.random.default_rng(seed).choice(full, min(users, len(full)), replace=False))
+    sample = tuning_users(ctx, users, seed)
     exact_scores, _ = exact_topk(ctx, sample, cfg.k)
     trials: dict[int, dict[str, float]] = {}
 
@@ -437,8 +454,12 @@ def tune_nprobe(work: Path | str, config: NightlyConfig | None = None, *, target
         return trials[nprobe]["recall_lower_bound"] >= target_recall
 
     nprobe, reached = smallest_passing(passes, 1, int(faiss.extract_index_ivf(ctx.index).nlist))
-    if (work / CONFIG_FILE).is_file():
-        write_json({**asdict(read_config(work)), "nprobe": nprobe}, work / CONFIG_FILE)
+    if not reached:
+        log.warning("no nprobe reaches recall %.3f of the exact top %d (at %d, every list, the lower bound is %.3f): "
+                    "a larger depth or another index is needed", target_recall, cfg.k, nprobe,
+                    trials[nprobe]["recall_lower_bound"])
+    if saved is not None:
+        write_json({**asdict(saved), "nprobe": nprobe}, work / CONFIG_FILE)
     return {"nprobe": nprobe, "reached": reached, "target_recall": target_recall, "users": int(len(sample)),
             "trials": [trials[v] for v in sorted(trials)], "seconds": time.perf_counter() - t0}
 

@@ -210,8 +210,8 @@ def true_scores(queries: np.ndarray, base: np.ndarray, ids: np.ndarray, chunk: i
 
 def smallest_passing(passes: Callable[[int], bool], floor: int, top: int) -> tuple[int, bool]:
     """The smallest search depth in [floor, top] that `passes` (taken to be monotone), and
-    whether any did: doubling from `floor`, then bisecting between the last failing value and
-    the first passing one to within an eighth. `passes` is called once or more per value, so
+    whether any did: doubling from `floor`, then bisecting below the first passing value
+    (from half of it) to within an eighth. `passes` is called once or more per value, so
     callers memoise it. (top, False) when even `top` fails."""
     value = floor
     while value < top and not passes(value):

@@ -115,14 +115,16 @@ def label_windows(split: LabelSplit, config: Config, threshold: float | None) ->
     """The ranker's label splits: `split`, then the same protocol applied to its feature part.
 
     A fixed split carried in `timestamp` (Last.fm's 0/1/2) has no time before its window:
-    its feature part is one timestamp. There the earlier window holds out a random share of
+    its feature part is one timestamp and so is its window (a log with real times in its
+    window is not a fixed split, and keeps a single window). There the earlier window holds out a random share of
     each user's feature part, the same share of the log as the latest window's, so a ranker
     learned on it can still be checked on the real window (the guard's forward check).
     """
     earlier = label_split(split.fit, split.protocol, fraction=config.ranker.label_fraction,
                           window_days=config.ranker.label_window_days, threshold=threshold,
                           seed=config.ranker.seed)
-    if earlier is None and split.protocol == "window" and split.fit["timestamp"].n_unique() == 1:
+    fixed_split = split.fit["timestamp"].n_unique() == 1 and split.held["timestamp"].n_unique() == 1
+    if earlier is None and split.protocol == "window" and fixed_split:
         share = split.held.height / (split.fit.height + split.held.height)
         earlier = label_split(split.fit, "per_user", fraction=share, window_days=config.ranker.label_window_days,
                               threshold=threshold, seed=config.ranker.seed)

@@ -225,6 +225,24 @@ def test_tune_nprobe_picks_the_smallest_passing_value_and_the_export_uses_it(wor
     assert retrieval_recall(ctx.candidates(users), exact).mean() == pytest.approx(trials[nprobe]["recall"])
     # every list searched: the exact top, so even a target of 1 is reached
     assert tune_nprobe(work, target_recall=1.0, users=150)["reached"]
+    # settings other than the export's would tune nprobe at another depth: refused
+    with pytest.raises(FusionrecError, match="depth"):
+        tune_nprobe(work, NightlyConfig(k=5, depth=40, keep=10))
+    with pytest.raises(FusionrecError, match="at least 2 users"):
+        tune_nprobe(work, users=1)
+
+
+def test_tune_nprobe_says_when_no_nprobe_reaches_the_target(world: dict, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """With PQ codes' approximate order and a depth of only k, even every list searched
+    misses some of the exact top k: nprobe is the number of lists, `reached` is false and a
+    warning names the shortfall."""
+    cfg = NightlyConfig(k=5, depth=5, keep=5, nprobe=1, batch_users=64, n_estimators=10, threads=1)
+    work = fuse_world(world, tmp_path, "IVF16,PQ4", train_size=1500)
+    train_ranker(work, world["root"] / "labels.parquet", cfg)
+    tuned = tune_nprobe(work, target_recall=1.0, users=100)
+    assert not tuned["reached"] and tuned["nprobe"] == 16 and read_config(work).nprobe == 16
+    assert "no nprobe reaches recall 1.000" in caplog.text
 
 
 def test_tune_nprobe_leaves_an_exact_index_alone_and_refuses_a_bad_target(world: dict, tmp_path: Path) -> None:

@@ -108,6 +108,13 @@ def test_a_fixed_split_gets_an_earlier_random_window_of_the_same_share() -> None
     # random within a user, not the rows' file order: the held rows are not each user's last ones
     last = log.filter(pl.col("timestamp") == 0).group_by("user_id", maintain_order=True).tail(2)
     assert earlier.held.join(last, on=["user_id", "item_id"], how="anti").height > 0
+    # A backfilled history (one timestamp) before a window of real times is not a fixed
+    # split: it keeps its single window.
+    timed = log.with_columns(pl.when(pl.col("timestamp") == 1).then(1_600_000_000 + 60 * pl.int_range(pl.len()))
+                             .otherwise(0).alias("timestamp"))
+    split = label_split(timed, "window", fraction=0.2, window_days=14, threshold=None)
+    assert split is not None and split.fit["timestamp"].n_unique() == 1 and split.held["timestamp"].n_unique() > 1
+    assert label_windows(split, cfg, None) == [split]
 
 
 def test_a_fixed_split_is_checked_forward_on_its_real_window(tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -121,7 +128,6 @@ def test_a_fixed_split_is_checked_forward_on_its_real_window(tmp_path: Path, cap
     assert guard.get("reason") != training.SINGLE_WINDOW
     forward = guard["guard"]["forward"]
     assert forward is not None and forward["users"] >= training.MIN_FORWARD_USERS
-    assert guard["order"] == ("ranker" if guard["guard"]["ships"] else "retrieval")
     assert Recommender(art).order_ == guard["order"]
     assert pl.read_parquet(art / "exports" / "topk.parquet")["user_id"].n_unique() == 90
 
@@ -176,11 +182,13 @@ def test_the_grid_ndcg_equals_the_row_ndcg_ties_and_ragged_queries_included(monk
     label = (rng.random(len(user)) < 0.15).astype(np.int32)
     grid = training.QueryGrid(user, label)
     assert grid.shape == (200, sizes.max()) and training.QueryGrid.fits(user)
-    for score in (np.round(rng.normal(size=len(user)), 1), np.zeros(len(user)), rng.normal(size=len(user))):
+    odd = rng.normal(size=len(user))
+    odd[rng.random(len(user)) < 0.1], odd[rng.random(len(user)) < 0.1] = np.nan, -np.inf  # NaN after -inf
+    for score in (np.round(rng.normal(size=len(user)), 1), np.zeros(len(user)), rng.normal(size=len(user)), odd):
         by_rows = training.ndcg_rows(user, score, label)
-        by_grid = grid.ndcg(np.where(grid.padding, -np.inf, grid.grid(score, 0.0)))
+        by_grid = grid.ndcg(np.where(grid.padding, np.nan, grid.grid(score, 0.0)))
         np.testing.assert_allclose(by_grid, by_rows, rtol=0, atol=1e-12)
-    assert 0 < by_rows.mean() < 1
+        assert 0 < by_rows.mean() < 1
     rows = pl.concat([_rows(60, "feature", seed=2), _rows(60, "retrieval", seed=3, window=1)]).with_columns(
         src_a_z=pl.col("item_signal"), src_b_z=-pl.col("retrieval_rank").cast(pl.Float64),
         src_c_z=pl.Series(np.round(rng.normal(size=3600), 1)))
