@@ -154,8 +154,13 @@ def ndcg_rows(user: np.ndarray, score: np.ndarray, label: np.ndarray, k: int = 1
     sizes = np.diff(np.r_[starts, len(u)])
     rank = np.arange(len(u)) - np.repeat(starts, sizes)
     gain = np.where(rank < k, rel / np.log2(rank + 2.0), 0.0)
-    dcg = np.add.reduceat(gain, starts)
-    n_rel = np.minimum(np.add.reduceat(rel, starts), k).astype(int)
+    return _normalised(np.add.reduceat(gain, starts), np.add.reduceat(rel, starts), k)
+
+
+def _normalised(dcg: np.ndarray, relevant: np.ndarray, k: int) -> np.ndarray:
+    """NDCG from per-query DCG@k and relevant counts: DCG over the ideal DCG of min(count, k)
+    hits (0 where a query has none)."""
+    n_rel = np.minimum(relevant, k).astype(int)
     disc = np.r_[0.0, np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))]
     return np.where(n_rel > 0, dcg / np.where(n_rel > 0, disc[n_rel], 1.0), 0.0)
 
@@ -194,9 +199,7 @@ class QueryGrid:
         top = np.argsort(-score, axis=1, kind="stable")[:, :k]
         rel = np.take_along_axis(self.relevant, top, axis=1)
         dcg = (rel / np.log2(np.arange(2, rel.shape[1] + 2))).sum(axis=1)
-        n_rel = np.minimum(self.relevant.sum(axis=1), k).astype(int)
-        disc = np.r_[0.0, np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))]
-        return np.where(n_rel > 0, dcg / np.where(n_rel > 0, disc[n_rel], 1.0), 0.0)
+        return _normalised(dcg, self.relevant.sum(axis=1), k)
 
 
 def blend_weights(rows: pl.DataFrame, columns: list[str], steps: tuple[float, ...] = BLEND_STEPS,

@@ -52,6 +52,7 @@ from fusionrec.pipeline.retrieval.faiss_index import (
     default_nlist,
     index_memory_bytes,
     load_index,
+    recall_bound,
     save_index,
     search,
     search_param_name,
@@ -448,9 +449,7 @@ def tune_nprobe(work: Path | str, config: NightlyConfig | None = None, *, target
             started = time.perf_counter()
             per_user = retrieval_recall(ctx.candidates(sample), exact_scores)
             ms = 1000 * (time.perf_counter() - started) / len(sample)
-            se = float(per_user.std(ddof=1) / np.sqrt(len(per_user))) if len(per_user) > 1 else 0.0
-            trials[nprobe] = {"nprobe": nprobe, "recall": float(per_user.mean()),
-                              "recall_lower_bound": float(per_user.mean()) - z * se, "ms_per_user": ms}
+            trials[nprobe] = {"nprobe": nprobe, **recall_bound(per_user, z), "ms_per_user": ms}
         return trials[nprobe]["recall_lower_bound"] >= target_recall
 
     nprobe, reached = smallest_passing(passes, 1, int(faiss.extract_index_ivf(ctx.index).nlist))

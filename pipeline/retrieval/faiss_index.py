@@ -208,6 +208,13 @@ def true_scores(queries: np.ndarray, base: np.ndarray, ids: np.ndarray, chunk: i
     return np.where(ids >= 0, out, -np.inf)
 
 
+def recall_bound(per_query: np.ndarray, z: float = 1.645) -> dict[str, float]:
+    """{"recall": the mean of per-query recalls, "recall_lower_bound": the mean minus z
+    standard errors (z = 1.645: a one-sided 95% bound; no error term for a single query)}."""
+    se = float(per_query.std(ddof=1) / np.sqrt(len(per_query))) if len(per_query) > 1 else 0.0
+    return {"recall": float(per_query.mean()), "recall_lower_bound": float(per_query.mean()) - z * se}
+
+
 def smallest_passing(passes: Callable[[int], bool], floor: int, top: int) -> tuple[int, bool]:
     """The smallest search depth in [floor, top] that `passes` (taken to be monotone), and
     whether any did: doubling from `floor`, then bisecting below the first passing value
@@ -266,9 +273,7 @@ def tune_search_params(index: faiss.Index, queries: np.ndarray, k: int, target_r
                                        approx_true_scores=true_scores(queries, base, ids))
             else:
                 per = per_query_recall(ids, ex_ids)
-            se = float(per.std(ddof=1) / np.sqrt(len(per))) if len(per) > 1 else 0.0
-            trials[value] = {"value": value, "recall": float(per.mean()),
-                             "recall_lower_bound": float(per.mean()) - z * se, "ms_per_query": ms}
+            trials[value] = {"value": value, **recall_bound(per, z), "ms_per_query": ms}
         return trials[value]["recall_lower_bound"]
 
     if name == "nprobe":

@@ -116,9 +116,10 @@ def label_windows(split: LabelSplit, config: Config, threshold: float | None) ->
 
     A fixed split carried in `timestamp` (Last.fm's 0/1/2) has no time before its window:
     its feature part is one timestamp and so is its window (a log with real times in its
-    window is not a fixed split, and keeps a single window). There the earlier window holds out a random share of
-    each user's feature part, the same share of the log as the latest window's, so a ranker
-    learned on it can still be checked on the real window (the guard's forward check).
+    window is not a fixed split, and keeps a single window). There the earlier window holds
+    out a random share of each user's feature part, the same share of the log as the latest
+    window's, so a ranker learned on it can still be checked on the real window (the guard's
+    forward check).
     """
     earlier = label_split(split.fit, split.protocol, fraction=config.ranker.label_fraction,
                           window_days=config.ranker.label_window_days, threshold=threshold,
