@@ -156,6 +156,7 @@ class RankerConfig:
     lambda_l2: NonNegFloat = 10.0
     feature_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
     early_stopping_rounds: NonNegInt = 0  # 0: a fixed n_estimators rounds; > 0: early stopping on held-out users
+    negative_share: Annotated[float, Field(gt=0, le=1)] = 1.0  # share of each list's negative rows a ranker fits on (seeded)
     labels: Literal["auto", "per_user", "window"] = "auto"  # how labels are held out (auto: the one with more users)
     label_fraction: OpenFraction = 0.2  # per_user: each user's latest share of interactions are labels
     label_window_days: PosFloat = 14.0  # window: labels come from this last window of the log

@@ -189,6 +189,11 @@ def test_the_grid_ndcg_equals_the_row_ndcg_ties_and_ragged_queries_included(monk
         by_grid = grid.ndcg(np.where(grid.padding, np.nan, grid.grid(score, 0.0)))
         np.testing.assert_allclose(by_grid, by_rows, rtol=0, atol=1e-12)
         assert 0 < by_rows.mean() < 1
+    short = rng.permutation(np.repeat(np.arange(50), rng.integers(1, 9, 50)))  # every query under k rows
+    short_label = (rng.random(len(short)) < 0.4).astype(np.int32)
+    short_grid, short_score = training.QueryGrid(short, short_label), np.round(rng.normal(size=len(short)), 1)
+    np.testing.assert_allclose(short_grid.ndcg(np.where(short_grid.padding, np.nan, short_grid.grid(short_score, 0.0))),
+                               training.ndcg_rows(short, short_score, short_label), rtol=0, atol=1e-12)
     rows = pl.concat([_rows(60, "feature", seed=2), _rows(60, "retrieval", seed=3, window=1)]).with_columns(
         src_a_z=pl.col("item_signal"), src_b_z=-pl.col("retrieval_rank").cast(pl.Float64),
         src_c_z=pl.Series(np.round(rng.normal(size=3600), 1)))
@@ -197,6 +202,24 @@ def test_the_grid_ndcg_equals_the_row_ndcg_ties_and_ragged_queries_included(monk
     monkeypatch.setattr(training.QueryGrid, "MAX_PADDING", 0)  # too much padding: the row path
     assert training.blend_weights(rows, columns) == on_grid
     assert on_grid["src_a_z"] > 0 and on_grid["src_b_z"] > 0
+
+
+def test_the_ranker_fits_on_every_positive_and_a_seeded_share_of_negatives() -> None:
+    """`ranker.negative_share` keeps each positive row and about that share of the negatives,
+    the same rows whatever their order, a different draw for another seed; 1.0 keeps all."""
+    rows = pl.concat([_rows(60, "feature", seed=2), _rows(60, "retrieval", seed=3, window=1)])
+    positives = rows.filter(pl.col("label") > 0)
+    assert training.fitting_rows(rows, load_config(None)).equals(rows)
+    config = load_config(None, ["ranker.negative_share=0.25"])
+    kept = training.fitting_rows(rows, config)
+    keys = ["user_id", "item_id", "label_window"]
+    assert positives.select(keys).join(kept.select(keys), on=keys, how="anti").height == 0
+    share = kept.filter(pl.col("label") == 0).height / rows.filter(pl.col("label") == 0).height
+    assert 0.2 < share < 0.3
+    shuffled = training.fitting_rows(rows.sample(fraction=1.0, shuffle=True, seed=1), config)
+    assert shuffled.sort(keys).equals(kept.sort(keys))
+    other = training.fitting_rows(rows, load_config(None, ["ranker.negative_share=0.25", "ranker.seed=1"]))
+    assert not other.sort(keys).equals(kept.sort(keys))
 
 
 def test_the_guard_keeps_retrieval_order_when_the_ranker_is_not_better() -> None:
