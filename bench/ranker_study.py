@@ -60,7 +60,8 @@ VARIANTS: dict[str, list[str]] = {
     # A lead, not a feature of the product: the cosine of the user's profile (mean of the
     # centred unit vectors of their positives before the labels) and the item, per modality.
     COSINES: ["ranker.objective=binary"],
-    # Speed (issue 15, item 4): the shipped setting fitted on a seeded share of the negatives.
+    # Speed (issue 15, item 4): the shipped setting fitted on a seeded share of the negatives,
+    # each kept negative weighted 1 / share (`ranker.fit_ranker`).
     "shipped on half the negative rows": ["ranker.objective=binary", "ranker.negative_share=0.5"],
     "shipped on a quarter of the negative rows": ["ranker.objective=binary", "ranker.negative_share=0.25"],
     "shipped on an eighth of the negative rows": ["ranker.objective=binary", "ranker.negative_share=0.125"],

@@ -1,7 +1,7 @@
 """Seconds per stage of the nightly job on a real data set, as a user runs it (issue 15, item 4:
 the index and train stages of Last.fm-2K within 10 s each on 2 cores).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/stages.py --dataset lastfm [--repeats 3]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/stages.py --dataset lastfm [--repeats 3] [--set ranker.negative_share=0.25 --label quarter]
 
 Needs a `bench/peers.py` run of the same data set first: it reads that run's train part
 (`bench/results/work_<dataset>/train`) and embeddings (`.../art/embeddings`, content-hashed,
@@ -35,14 +35,15 @@ def stage_timings(art: Path) -> dict[str, dict[str, float]]:
     return {r["command"]: {"seconds": r["seconds"], **r.get("timings", {})} for r in runs}
 
 
-def one_repeat(work: Path, scratch: Path) -> dict[str, dict[str, float]]:
+def one_repeat(work: Path, scratch: Path, overrides: list[str]) -> dict[str, dict[str, float]]:
     art = scratch / "art"
     if art.exists():
         shutil.rmtree(art)
     art.mkdir(parents=True)
     shutil.copytree(work / "art" / "embeddings", art / "embeddings")
     for command in ("index", "train"):
-        cmd = [sys.executable, "-m", "fusionrec.cli", command, "--data", str(work / "train"), "--out", str(art), "-q"]
+        cmd = [sys.executable, "-m", "fusionrec.cli", command, "--data", str(work / "train"), "--out", str(art), "-q",
+               *[arg for o in overrides for arg in ("--set", o)]]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"fusionrec {command} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -55,17 +56,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", type=Path, default=None, help="the peers run's folder (default bench/results/work_<dataset>)")
     ap.add_argument("--label", default="", help="a name for this row (e.g. a commit)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="a config override for both stages, as `fusionrec --set` takes it (repeatable)")
     args = ap.parse_args()
     work = args.work or RESULTS / f"work_{args.dataset}"
     if not (work / "train").is_dir() or not (work / "art" / "embeddings").is_dir():
         raise SystemExit(f"no {work}/train or {work}/art/embeddings: run bench/peers.py --dataset {args.dataset} first")
     load = os.getloadavg()[0]
-    repeats = [one_repeat(work, RESULTS / f"stages_{args.dataset}") for _ in range(args.repeats)]
+    repeats = [one_repeat(work, RESULTS / f"stages_{args.dataset}", args.overrides) for _ in range(args.repeats)]
     table: dict[str, dict[str, float]] = {}
     for stage in ("index", "train"):
         keys = sorted({k for r in repeats for k in r.get(stage, {})}, key=lambda k: (k != "seconds", k))
         table[stage] = {k: round(statistics.median(r[stage].get(k, 0.0) for r in repeats), 2) for k in keys}
-    out: dict[str, Any] = {"dataset": args.dataset, "label": args.label, "repeats": args.repeats,
+    out: dict[str, Any] = {"dataset": args.dataset, "label": args.label, "overrides": args.overrides,
+                           "repeats": args.repeats,
                            "load_average_at_start": round(load, 2), "cores": os.cpu_count(), "median": table}
     print(f"{args.dataset} {args.label}: median of {args.repeats} repeats, load average {load:.2f} at start, "
           f"{os.cpu_count()} cores")

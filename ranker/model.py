@@ -82,11 +82,12 @@ class Ranker:
         return params
 
     def fit(self, X: pl.DataFrame, y: Any, group_ids: Any = None,
-            eval_set: tuple | None = None) -> Ranker:
+            eval_set: tuple | None = None, sample_weight: Any = None) -> Ranker:
         """Fit on the feature columns of `X` (all of `feature_columns(X)` unless `features` was given).
 
         group_ids: one id per row (the user), required for lambdarank; rows need not be
         sorted. eval_set: (X_val, y_val) or (X_val, y_val, group_ids_val); enables early stopping.
+        sample_weight: one non-negative weight per row (e.g. the inverse of a sampling share).
         """
         names = list(self.features) if self.features is not None else feature_columns(X)
         if not names:
@@ -105,7 +106,11 @@ class Ranker:
             max_label = int(labels.max()) if labels.size else 0
         params = self._lgb_params(max_label)
 
-        train = self._dataset(X, y_train, group_ids, None)
+        weight = None if sample_weight is None else _as_array(sample_weight).astype(np.float64)
+        if weight is not None and (len(weight) != len(y_train) or not np.all(np.isfinite(weight)) or
+                                   (weight < 0).any()):
+            raise FusionrecError("sample_weight needs one finite, non-negative weight per row")
+        train = self._dataset(X, y_train, group_ids, None, weight)
         valid_sets, callbacks = [], []
         history: dict[str, dict[str, list[Any]]] = {}
         if has_val:
@@ -127,7 +132,7 @@ class Ranker:
         return self
 
     def _dataset(self, X: pl.DataFrame, y: np.ndarray, group_ids: Any,
-                 reference: lgb.Dataset | None) -> lgb.Dataset:
+                 reference: lgb.Dataset | None, weight: np.ndarray | None = None) -> lgb.Dataset:
         matrix = self._matrix(X)
         if len(y) != matrix.shape[0]:
             raise FusionrecError(f"{len(y)} labels for {matrix.shape[0]} rows")
@@ -141,7 +146,8 @@ class Ranker:
             _, codes = np.unique(np.asarray(_as_array(group_ids), dtype=str), return_inverse=True)
             order = np.argsort(codes, kind="stable")
             matrix, y, group = matrix[order], y[order], np.bincount(codes)
-        return _lightgbm().Dataset(matrix, label=y, group=group, feature_name=self.feature_names_,
+            weight = None if weight is None else weight[order]
+        return _lightgbm().Dataset(matrix, label=y, weight=weight, group=group, feature_name=self.feature_names_,
                            reference=reference, free_raw_data=True,
                            params={"feature_pre_filter": False, "verbosity": -1})
 

@@ -97,10 +97,13 @@ def paired_interval(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int 
     return float(diff.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
-def new_ranker(config: Config, rows: int, n_estimators: int | None = None, early_stopping: bool = True) -> Ranker:
+def new_ranker(config: Config, rows: int, n_estimators: int | None = None, early_stopping: bool = True,
+               row_share: float = 1.0) -> Ranker:
+    """`rows`: the labelled rows before any negative sampling; `row_share`: the share of them fitted."""
     rc = config.ranker
-    # Leaves of at least min_child_samples rows, fewer on small logs (a tree still needs room to split).
-    min_leaf = max(5, min(rc.min_child_samples, rows // (4 * rc.num_leaves)))
+    # Leaves of at least min_child_samples rows, fewer on small logs (a tree still needs room to split),
+    # scaled by the share of rows fitted so a leaf holds the same share of the data.
+    min_leaf = max(5, int(row_share * min(rc.min_child_samples, rows // (4 * rc.num_leaves))))
     return Ranker(objective=rc.objective, n_estimators=n_estimators or rc.n_estimators,
                   learning_rate=rc.learning_rate, num_leaves=rc.num_leaves, min_child_samples=min_leaf,
                   early_stopping_rounds=rc.early_stopping_rounds if early_stopping else None, seed=rc.seed,
@@ -119,17 +122,28 @@ def fitting_rows(rows: pl.DataFrame, config: Config) -> pl.DataFrame:
     return rows.filter((pl.col("label") > 0) | (draw < share))
 
 
+def fit_ranker(rows: pl.DataFrame, config: Config, n_estimators: int | None = None, *,
+               early_stopping: bool = False, eval_set: tuple | None = None) -> Ranker:
+    """A ranker fitted on `fitting_rows(rows)`. Each kept negative weighs 1 / share, so the loss
+    is the whole rows' loss in expectation, and leaves need the same share of the data
+    (min_child_samples counts the rows kept)."""
+    kept = fitting_rows(rows, config)
+    share = config.ranker.negative_share
+    weight = None if share >= 1.0 else np.where(kept["label"].to_numpy() > 0, 1.0, 1.0 / share)
+    model = new_ranker(config, rows.height, n_estimators=n_estimators, early_stopping=early_stopping,
+                       row_share=kept.height / max(rows.height, 1))
+    return model.fit(kept, targets(kept, config), query_ids(kept), eval_set=eval_set, sample_weight=weight)
+
+
 def _fit(rows: pl.DataFrame, config: Config) -> Ranker:
     """Fit `n_estimators` rounds, or with early stopping on a seeded fifth of the users when
-    `ranker.early_stopping_rounds` > 0; on `fitting_rows` (early stopping scores every row)."""
+    `ranker.early_stopping_rounds` > 0 (early stopping scores every row of those users)."""
     if not config.ranker.early_stopping_rounds:
-        rows = fitting_rows(rows, config)
-        return new_ranker(config, rows.height, early_stopping=False).fit(rows, targets(rows, config),
-                                                                       query_ids(rows))
+        return fit_ranker(rows, config)
     stop = user_fold(rows["user_id"], config.ranker.seed + 1, folds=5) == 0
-    train, valid = fitting_rows(rows.filter(pl.Series(~stop)), config), rows.filter(pl.Series(stop))
+    train, valid = rows.filter(pl.Series(~stop)), rows.filter(pl.Series(stop))
     eval_set = (valid, targets(valid, config), query_ids(valid)) if valid.height else None
-    return new_ranker(config, train.height).fit(train, targets(train, config), query_ids(train), eval_set=eval_set)
+    return fit_ranker(train, config, early_stopping=True, eval_set=eval_set)
 
 
 def query_ids(rows: pl.DataFrame) -> np.ndarray:
@@ -413,9 +427,7 @@ def run_train(art_dir: Path, config: Config | None = None, *, lock: bool = True)
         ships = guard["ships"] or not config.ranker.guard
         t0 = time.perf_counter()
         rounds = max(1, int(round(float(np.mean(guard["iterations"])))))
-        fit_rows = fitting_rows(rows, config)
-        ranker = new_ranker(config, fit_rows.height, n_estimators=rounds, early_stopping=False).fit(
-            fit_rows, targets(fit_rows, config), query_ids(fit_rows))
+        ranker = fit_ranker(rows, config, n_estimators=rounds)
         record.timings["fit"] = time.perf_counter() - t0
         ranker.save(ranker_dir)
         order = "ranker" if ships else "retrieval"

@@ -222,6 +222,19 @@ def test_the_ranker_fits_on_every_positive_and_a_seeded_share_of_negatives() -> 
     assert not other.sort(keys).equals(kept.sort(keys))
 
 
+def test_sampled_negatives_are_weighted_back_so_scores_keep_the_base_rate() -> None:
+    """A ranker fitted on a quarter of the negatives, each weighing 4, predicts about the true
+    share of positives (a tenth here), as the full fit does; a bad weight is refused."""
+    rows = _rows(200, "feature", seed=4)
+    quarter = load_config(None, [*QUIET[1:], "ranker.negative_share=0.25"])
+    full, sampled = training.fit_ranker(rows, load_config(None, QUIET[1:])), training.fit_ranker(rows, quarter)
+    assert training.fitting_rows(rows, quarter).height < 0.4 * rows.height
+    for model in (full, sampled):
+        assert abs(float(model.predict(rows).mean()) - 0.1) < 0.02
+    with pytest.raises(FusionrecError, match="sample_weight"):
+        full.fit(rows, rows["label"], training.query_ids(rows), sample_weight=np.full(rows.height, -1.0))
+
+
 def test_the_guard_keeps_retrieval_order_when_the_ranker_is_not_better() -> None:
     cfg = load_config(None, ["ranker.n_estimators=50"])
     guard = guard_ranker(_two_windows("retrieval", "retrieval"), cfg)
