@@ -42,6 +42,11 @@ from fusionrec.ranker import training as T  # noqa: E402
 LAMBDARANK = ["ranker.objective=lambdarank"]
 SHIPPED = "shipped: binary objective, 300 rounds, learning rate 0.05"
 COSINES = "shipped + per-modality profile-item cosines (sim_<modality>)"
+# A lead: the shipped ranker's score and the blend's, each a z-score within the user's list, summed.
+MIXED = "shipped, its score plus the blend's (z-scores within each list, equal weights)"
+# A lead: the shipped setting fitted on the latest label window's rows only (the window whose
+# protocol the served lists face); best read with --score-window 0.
+LATEST = "shipped, fitted on the latest label window only"
 # The study that chose the binary objective (commit message and docs/quality.md): the previous
 # default (lambdarank, 300 rounds, learning rate 0.05) and six other settings of it.
 VARIANTS: dict[str, list[str]] = {
@@ -65,7 +70,17 @@ VARIANTS: dict[str, list[str]] = {
     "shipped on half the negative rows": ["ranker.objective=binary", "ranker.negative_share=0.5"],
     "shipped on a quarter of the negative rows": ["ranker.objective=binary", "ranker.negative_share=0.25"],
     "shipped on an eighth of the negative rows": ["ranker.objective=binary", "ranker.negative_share=0.125"],
+    MIXED: ["ranker.objective=binary"],
+    LATEST: ["ranker.objective=binary"],
 }
+
+
+def query_z(rows: pl.DataFrame, score: np.ndarray) -> np.ndarray:
+    """`score` as z-scores within each (user, label window) list of `rows` (0 where a list is flat)."""
+    keys = ["user_id", "label_window"]
+    x = pl.col("x")
+    return rows.select(keys).with_columns(pl.Series("x", score, dtype=pl.Float64)).select(
+        ((x - x.mean().over(keys)) / x.std(ddof=0).over(keys)).fill_nan(0.0).fill_null(0.0)).to_series().to_numpy()
 
 
 def modality_cosines(art: Path, rows: pl.DataFrame, split: Any, threshold: float | None, config: Any
@@ -105,6 +120,8 @@ def main() -> None:
     ap.add_argument("--dataset", choices=sorted(SETS), required=True)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--only", default="", help="run only the settings whose name holds this text (and the shipped one)")
+    ap.add_argument("--score-window", type=int, default=None,
+                    help="score only this label window's rows (0: the latest); default every window")
     args = ap.parse_args()
     variants = {name: v for name, v in VARIANTS.items() if name == SHIPPED or args.only in name}
     art = RESULTS / f"work_{args.dataset}" / "art"
@@ -136,6 +153,8 @@ def main() -> None:
         for fit_users, score_users in (halves, halves[::-1]):
             fit_rows = rows.filter(pl.col("user_id").is_in(list(fit_users)))
             score_rows = rows.filter(pl.col("user_id").is_in(list(score_users)))
+            if args.score_window is not None:
+                score_rows = score_rows.filter(pl.col("label_window") == args.score_window)
             weights = T.blend_weights(fit_rows, columns) if columns else {}
             blend = T._blend_scores(score_rows, weights)
             for name, config in configs.items():
@@ -144,9 +163,16 @@ def main() -> None:
                 data = with_cosines if name == COSINES else rows
                 fit_part = data.filter(pl.col("user_id").is_in(list(fit_users)))
                 score_part = data.filter(pl.col("user_id").is_in(list(score_users)))
+                if args.score_window is not None:
+                    score_part = score_part.filter(pl.col("label_window") == args.score_window)
+                if name == LATEST:
+                    fit_part = fit_part.filter(pl.col("label_window") == 0)
                 model = T._fit(fit_part, config)
                 rounds[name].append(int(model.best_iteration_))
-                got = T.per_user_ndcg(score_part, model.predict(score_part), blend)
+                predicted = model.predict(score_part)
+                if name == MIXED:
+                    predicted = query_z(score_part, predicted) + query_z(score_part, blend)
+                got = T.per_user_ndcg(score_part, predicted, blend)
                 j = np.array([index[u] for u in got["user_id"].to_list()])
                 sums[name][j] += got["ranker"].to_numpy()
                 if name == SHIPPED:

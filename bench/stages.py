@@ -42,7 +42,9 @@ def one_repeat(work: Path, scratch: Path, overrides: list[str]) -> dict[str, dic
     art.mkdir(parents=True)
     shutil.copytree(work / "art" / "embeddings", art / "embeddings")
     for command in ("index", "train"):
-        cmd = [sys.executable, "-m", "fusionrec.cli", command, "--data", str(work / "train"), "--out", str(art), "-q",
+        # `train --data` would build the index again first: train reads the index just built.
+        data = ["--data", str(work / "train")] if command == "index" else []
+        cmd = [sys.executable, "-m", "fusionrec.cli", command, *data, "--out", str(art), "-q",
                *[arg for o in overrides for arg in ("--set", o)]]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
