@@ -137,6 +137,9 @@ def main() -> None:
         rows = rows.with_columns(pl.lit(0, pl.Int8).alias("label_window"))
     with_cosines = rows.join(modality_cosines(art, rows, split, threshold, base),
                              on=["user_id", "item_id", "label_window"], how="left", maintain_order="left")
+    if args.score_window is not None and args.score_window not in rows["label_window"].unique().to_list():
+        raise SystemExit(f"--score-window {args.score_window}: the rows hold label windows "
+                         f"{sorted(rows['label_window'].unique().to_list())}")
     users = np.array(sorted(rows["user_id"].unique().to_list()), dtype=object)
     print(f"{args.dataset}: {rows.height} labelled candidate rows, {len(users)} users, "
           f"{rows['label_window'].n_unique()} label windows", flush=True)
@@ -182,6 +185,7 @@ def main() -> None:
     scored = times > 0
     blend_mean = blend_sum[scored] / times[scored]
     out: dict[str, Any] = {"dataset": args.dataset, "users": int(scored.sum()), "repeats": args.repeats,
+                           "only": args.only, "score_window": args.score_window,
                            "retrieval_ndcg@10": float(blend_mean.mean()), "variants": {}}
     print(f"\n{args.dataset}: {int(scored.sum())} validation users, {args.repeats} x 2 user halves; "
           f"retrieval (blend) order NDCG@10 {blend_mean.mean():.4f}")
@@ -197,7 +201,8 @@ def main() -> None:
         print(f"| {name} | {mean.mean():.4f} | {min(rounds[name])}-{max(rounds[name])} | {d:+.4f} ({lo:+.4f}, {hi:+.4f}) "
               f"| {s:+.4f} ({slo:+.4f}, {shi:+.4f}) |")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "" if len(variants) == len(VARIANTS) else "_only"
+    suffix = "" if len(variants) == len(VARIANTS) else "_only_" + "".join(ch if ch.isalnum() else "_" for ch in args.only)
+    suffix += "" if args.score_window is None else f"_window{args.score_window}"
     (RESULTS / f"ranker_study_{args.dataset}{suffix}.json").write_text(json.dumps(out, indent=1))
 
 

@@ -124,9 +124,10 @@ def fitting_rows(rows: pl.DataFrame, config: Config) -> pl.DataFrame:
 
 def fit_ranker(rows: pl.DataFrame, config: Config, n_estimators: int | None = None, *,
                early_stopping: bool = False, eval_set: tuple | None = None) -> Ranker:
-    """A ranker fitted on `fitting_rows(rows)`. Each kept negative weighs 1 / share, so the loss
-    is the whole rows' loss in expectation, and leaves need the same share of the data
-    (min_child_samples counts the rows kept)."""
+    """A ranker fitted on `fitting_rows(rows)`. Each kept negative weighs 1 / share, so for the
+    binary objective (the default) the loss is the whole rows' loss in expectation, and leaves
+    need the same share of the data (min_child_samples counts the rows kept). For lambdarank
+    the weight only scales each kept row's pairwise gradient: fewer pairs, not the same loss."""
     kept = fitting_rows(rows, config)
     share = config.ranker.negative_share
     weight = None if share >= 1.0 else np.where(kept["label"].to_numpy() > 0, 1.0, 1.0 / share)
@@ -194,8 +195,8 @@ def _normalised(dcg: np.ndarray, relevant: np.ndarray, k: int) -> np.ndarray:
 
 class QueryGrid:
     """Candidate rows laid out as a (queries x longest query) grid, each query's rows in row
-    order, padding scored NaN (after every real row, NaN rows included): `ndcg` then sorts
-    short rows instead of one long lexsort. The same per-query NDCG@k as `ndcg_rows` to
+    order, padding scored NaN (after every real row, NaN rows included): `ndcg` then ranks
+    the relevant cells of short rows instead of one long lexsort. The same per-query NDCG@k as `ndcg_rows` to
     float rounding, ties included (a stable sort keeps row order)."""
 
     MAX_PADDING = 4  # grid cells per row beyond which the padding costs more than the sort saves
@@ -243,9 +244,11 @@ class QueryGrid:
         nan = np.isnan(v)
         if nan.any():
             rank[nan] = (~np.isnan(row[nan])).sum(axis=1) + (np.isnan(row[nan]) & earlier[nan]).sum(axis=1)
-        gain = np.where(rank < k, 1.0 / np.log2(rank + 2.0), 0.0)
-        dcg = np.bincount(q, weights=gain, minlength=score.shape[0])
-        return _normalised(dcg, self._relevant_count, k)
+        # The gains at their ranks, summed along each row as a sorted top k is (the same sums to the bit).
+        hit = rank < k
+        top = np.zeros((score.shape[0], min(k, score.shape[1])))
+        top[q[hit], rank[hit]] = 1.0 / np.log2(rank[hit] + 2.0)
+        return _normalised(top.sum(axis=1), self._relevant_count, k)
 
 
 def blend_weights(rows: pl.DataFrame, columns: list[str], steps: tuple[float, ...] = BLEND_STEPS,
@@ -254,7 +257,7 @@ def blend_weights(rows: pl.DataFrame, columns: list[str], steps: tuple[float, ..
     user = query_codes(rows)
     label = rows["label"].to_numpy()
     z = {c: rows[c].fill_null(0.0).to_numpy().astype(np.float64) for c in columns}
-    if QueryGrid.fits(user):  # hundreds of blends are scored: sort short grid rows
+    if QueryGrid.fits(user):  # hundreds of blends are scored: rank within short grid rows
         grid = QueryGrid(user, label)
         zg = {c: grid.grid(v, 0.0) for c, v in z.items()}
 

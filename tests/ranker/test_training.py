@@ -189,11 +189,18 @@ def test_the_grid_ndcg_equals_the_row_ndcg_ties_and_ragged_queries_included(monk
         by_grid = grid.ndcg(np.where(grid.padding, np.nan, grid.grid(score, 0.0)))
         np.testing.assert_allclose(by_grid, by_rows, rtol=0, atol=1e-12)
         assert 0 < by_rows.mean() < 1
-    short = rng.permutation(np.repeat(np.arange(50), rng.integers(1, 9, 50)))  # every query under k rows
-    short_label = (rng.random(len(short)) < 0.4).astype(np.int32)
-    short_grid, short_score = training.QueryGrid(short, short_label), np.round(rng.normal(size=len(short)), 1)
-    np.testing.assert_allclose(short_grid.ndcg(np.where(short_grid.padding, np.nan, short_grid.grid(short_score, 0.0))),
-                               training.ndcg_rows(short, short_score, short_label), rtol=0, atol=1e-12)
+    # queries under k rows: alone (no partition) and inside a wider grid; +inf, -inf, NaN, an all-NaN query
+    for sizes in (rng.integers(1, 9, 50), np.r_[rng.integers(1, 9, 40), rng.integers(10, 30, 10)]):
+        short = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+        short_label = (rng.random(len(short)) < 0.4).astype(np.int32)
+        short_score = np.round(rng.normal(size=len(short)), 1)
+        short_score[rng.random(len(short)) < 0.1] = np.inf
+        short_score[rng.random(len(short)) < 0.1] = -np.inf
+        short_score[(rng.random(len(short)) < 0.1) | (short == 0)] = np.nan
+        short_grid = training.QueryGrid(short, short_label)
+        np.testing.assert_allclose(
+            short_grid.ndcg(np.where(short_grid.padding, np.nan, short_grid.grid(short_score, 0.0))),
+            training.ndcg_rows(short, short_score, short_label), rtol=0, atol=1e-12)
     rows = pl.concat([_rows(60, "feature", seed=2), _rows(60, "retrieval", seed=3, window=1)]).with_columns(
         src_a_z=pl.col("item_signal"), src_b_z=-pl.col("retrieval_rank").cast(pl.Float64),
         src_c_z=pl.Series(np.round(rng.normal(size=3600), 1)))
