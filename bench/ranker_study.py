@@ -135,8 +135,12 @@ def main() -> None:
     rows = T.training_rows(catalog, pl.read_parquet(art / "sources" / "validation.parquet"), split, threshold, base)
     if "label_window" not in rows.columns:
         rows = rows.with_columns(pl.lit(0, pl.Int8).alias("label_window"))
-    with_cosines = rows.join(modality_cosines(art, rows, split, threshold, base),
-                             on=["user_id", "item_id", "label_window"], how="left", maintain_order="left")
+    # The cosine lead's rows: the same rows in the same order plus its columns (so `blend` lines
+    # up); built only when that lead runs (it loads every modality's embeddings).
+    frames = {SHIPPED: rows}
+    if COSINES in variants:
+        frames[COSINES] = rows.join(modality_cosines(art, rows, split, threshold, base),
+                                    on=["user_id", "item_id", "label_window"], how="left", maintain_order="left")
     if args.score_window is not None and args.score_window not in rows["label_window"].unique().to_list():
         raise SystemExit(f"--score-window {args.score_window}: the rows hold label windows "
                          f"{sorted(rows['label_window'].unique().to_list())}")
@@ -154,20 +158,16 @@ def main() -> None:
         perm = rng.permutation(len(users))
         halves = (users[np.sort(perm[: len(users) // 2])], users[np.sort(perm[len(users) // 2:])])
         for fit_users, score_users in (halves, halves[::-1]):
-            fit_rows = rows.filter(pl.col("user_id").is_in(list(fit_users)))
-            score_rows = rows.filter(pl.col("user_id").is_in(list(score_users)))
-            if args.score_window is not None:
-                score_rows = score_rows.filter(pl.col("label_window") == args.score_window)
+            scored_window = pl.lit(True) if args.score_window is None else pl.col("label_window") == args.score_window
+            parts = {key: (data.filter(pl.col("user_id").is_in(list(fit_users))),
+                           data.filter(pl.col("user_id").is_in(list(score_users)) & scored_window))
+                     for key, data in frames.items()}
+            fit_rows, score_rows = parts[SHIPPED]
             weights = T.blend_weights(fit_rows, columns) if columns else {}
             blend = T._blend_scores(score_rows, weights)
             for name, config in configs.items():
                 started = time.perf_counter()
-                # the same rows in the same order, with the cosine columns (so `blend` lines up)
-                data = with_cosines if name == COSINES else rows
-                fit_part = data.filter(pl.col("user_id").is_in(list(fit_users)))
-                score_part = data.filter(pl.col("user_id").is_in(list(score_users)))
-                if args.score_window is not None:
-                    score_part = score_part.filter(pl.col("label_window") == args.score_window)
+                fit_part, score_part = parts[COSINES if name == COSINES else SHIPPED]
                 if name == LATEST:
                     fit_part = fit_part.filter(pl.col("label_window") == 0)
                 model = T._fit(fit_part, config)

@@ -107,11 +107,10 @@ class Ranker:
         params = self._lgb_params(max_label)
 
         weight = None if sample_weight is None else _as_array(sample_weight).astype(np.float64)
-        if weight is not None and (weight.shape != (len(y_train),) or not np.all(np.isfinite(weight)) or
-                                   (weight < 0).any()):
-            raise FusionrecError(f"sample_weight needs one finite, non-negative weight per row ({len(y_train)} rows), "
-                                 f"not shape {weight.shape}" + ("" if weight.shape != (len(y_train),) else
-                                                                 " with negative or non-finite values"))
+        if weight is not None and weight.shape != (len(y_train),):
+            raise FusionrecError(f"sample_weight needs one weight per row ({len(y_train)} rows), not shape {weight.shape}")
+        if weight is not None and not (np.all(np.isfinite(weight)) and (weight >= 0).all()):
+            raise FusionrecError("sample_weight needs finite, non-negative weights: it holds negative or non-finite ones")
         train = self._dataset(X, y_train, group_ids, None, weight)
         valid_sets, callbacks = [], []
         history: dict[str, dict[str, list[Any]]] = {}

@@ -196,10 +196,10 @@ def _normalised(dcg: np.ndarray, relevant: np.ndarray, k: int) -> np.ndarray:
 class QueryGrid:
     """Candidate rows laid out as a (queries x longest query) grid, each query's rows in row
     order, padding scored NaN (after every real row, NaN rows included): `ndcg` then ranks
-    the relevant cells of short rows instead of one long lexsort. The same per-query NDCG@k as `ndcg_rows` to
-    float rounding, ties included (a stable sort keeps row order)."""
+    the relevant cells of short rows instead of one long lexsort. The same per-query NDCG@k
+    as `ndcg_rows` to float rounding, ties included (ties keep row order)."""
 
-    MAX_PADDING = 4  # grid cells per row beyond which the padding costs more than the sort saves
+    MAX_PADDING = 4  # grid cells per row beyond which the padding costs more than the grid saves
 
     def __init__(self, user: np.ndarray, label: np.ndarray) -> None:
         order = np.argsort(user, kind="stable")

@@ -238,8 +238,10 @@ def test_sampled_negatives_are_weighted_back_so_scores_keep_the_base_rate() -> N
     assert training.fitting_rows(rows, quarter).height < 0.4 * rows.height
     for model in (full, sampled):
         assert abs(float(model.predict(rows).mean()) - 0.1) < 0.02
-    with pytest.raises(FusionrecError, match="sample_weight"):
+    with pytest.raises(FusionrecError, match="sample_weight needs finite, non-negative weights"):
         full.fit(rows, rows["label"], training.query_ids(rows), sample_weight=np.full(rows.height, -1.0))
+    with pytest.raises(FusionrecError, match=rf"one weight per row \({rows.height} rows\), not shape \(3,\)"):
+        full.fit(rows, rows["label"], training.query_ids(rows), sample_weight=np.ones(3))
 
 
 def test_the_guard_keeps_retrieval_order_when_the_ranker_is_not_better() -> None:
