@@ -19,7 +19,7 @@ What it does, in one run:
 3. **Peers**, each tuned on validation carved from the train part the same way fusionrec
    carves its own (MovieLens: each user's latest 20% of train; Last.fm: fit on 0, score 1),
    with at least the budget fusionrec's own source of the same kind gets (10 settings at
-   most, ALS 15), then refitted on the whole train part:
+   most, ALS 16), then refitted on the whole train part:
    popularity, item-kNN (cosine), EASE (lambda x positives-only or all ratings), implicit
    ALS and BPR, Cornac VBPR (on the item image embeddings, or the audio ones where there
    are no images; skipped with a message when cornac is missing).
@@ -191,14 +191,17 @@ def vbpr(vectors: tuple[list[str], np.ndarray] | None, params: dict[str, Any]) -
     return fit
 
 
-# The peers' ALS searches fusionrec's own ALS grid (10 settings) and five more around it (15
-# in all, more than the source's budget), so the peer is at least as well tuned as the source.
-ALS_SETTINGS = [(int(p["factors"]), float(p["regularization"]), float(p["alpha"])) for p in SEARCH_GRID["als"]] + [
+# The peers' ALS searches every (factors, regularisation, alpha) of fusionrec's own ALS grid
+# (11: the source's 14 settings less the tag weights, which a peer without tags cannot use)
+# and five more around it (16 in all, more than the source's budget of 14), so the peer is at
+# least as well tuned as the source.
+ALS_SETTINGS = list(dict.fromkeys(
+    (int(p["factors"]), float(p["regularization"]), float(p["alpha"])) for p in SEARCH_GRID["als"])) + [
     (32, 0.5, 10.0), (64, 0.5, 10.0), (64, 5.0, 10.0), (128, 5.0, 10.0), (16, 5.0, 10.0)]
 
 
 def peer_grid(vectors: tuple[list[str], np.ndarray] | None) -> dict[str, list[tuple[dict[str, Any], Any]]]:
-    """Each peer's settings (10 at most, ALS 15): (setting, fit function taking a log)."""
+    """Each peer's settings (10 at most, ALS 16): (setting, fit function taking a log)."""
     grid: dict[str, list[tuple[dict[str, Any], Any]]] = {
         "popularity": [({}, source_peer(Popular))],
         "item-kNN": [({"neighbours": n}, source_peer(lambda n=n: ItemKNN(neighbours=n)))

@@ -41,7 +41,7 @@ from peers import RESULTS, SETS  # noqa: E402
 from fusionrec.pipeline.config import Config  # noqa: E402
 from fusionrec.pipeline.retrieval import candidates as C  # noqa: E402
 from fusionrec.pipeline.retrieval import stage  # noqa: E402
-from fusionrec.pipeline.retrieval.sources import SEARCH_GRID, make_source  # noqa: E402
+from fusionrec.pipeline.retrieval.sources import SEARCH_GRID, make_source, tag_matrix  # noqa: E402
 
 # What the sources used before this study: five ALS settings, three seeds, seven blend steps.
 PREVIOUS_ALS = [{"factors": f, "regularization": r, "alpha": a} for f, r, a in
@@ -53,8 +53,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "previous": {"als_grid": "previous", "seeds": 3, "steps": PREVIOUS_STEPS, "rounds": 3},
     "six seeds": {"als_grid": "previous", "seeds": 6, "steps": PREVIOUS_STEPS, "rounds": 3},
     "wide grid, six seeds": {"als_grid": "wide", "seeds": 6, "steps": PREVIOUS_STEPS, "rounds": 3},
-    "shipped: wide grid, six seeds, fine steps": {"als_grid": "wide", "seeds": 6, "steps": C.BLEND_STEPS,
-                                                  "rounds": 4},
+    "wide grid, six seeds, fine steps (shipped before the tag settings)": {
+        "als_grid": "wide", "seeds": 6, "steps": C.BLEND_STEPS, "rounds": 4},
+    # The ALS grid's four settings that fit the items' tags as extra users (`sources.ALS`).
+    "wide grid and the tag settings, the best of all 14": {"als_grid": "tags_any", "seeds": 6,
+                                                           "steps": C.BLEND_STEPS, "rounds": 4},
+    # Shipped: the best tag setting replaces the best without tags only if it wins on the
+    # choosing half with a paired interval above 0 (`candidates.tags_win`).
+    "shipped: wide grid and the tag settings, six seeds, fine steps": {"als_grid": "tags", "seeds": 6,
+                                                                        "steps": C.BLEND_STEPS, "rounds": 4},
+    # The leads below were judged against the wide grid without the tag settings (the shipped
+    # one then); their "shipped" means that grid.
     "shipped + the second-best ALS setting as one more source": {"als_grid": "wide", "seeds": 6,
                                                                  "steps": C.BLEND_STEPS, "rounds": 4, "second": True},
     # The index stage's cost: 60 ALS fits to search ten settings with six seeds each. Choosing
@@ -73,10 +82,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                        "penalty": True},
     "shipped + collective EASE (content in the Gram)": {"als_grid": "wide", "seeds": 6, "steps": C.BLEND_STEPS,
                                                         "rounds": 4, "cease": True},
+    # A lead: user-based neighbours (cosine of users' positive rows, each user's k nearest),
+    # a classic strong model on music logs, which no source covers (`USERKNN_GRID`).
+    "shipped + user-kNN as one more source": {"als_grid": "wide", "seeds": 6, "steps": C.BLEND_STEPS,
+                                              "rounds": 4, "userknn": True},
 }
 PENALTIES = (0.0, -0.125, -0.25, -0.375, -0.5, -0.75, -1.0, -1.5)  # weight on the popularity z-score
 CEASE_GRID = [{"lam": lam, "beta": beta} for lam in (50.0, 100.0, 200.0, 500.0) for beta in (10.0, 30.0, 100.0, 300.0)]
-SHIPPED = "shipped: wide grid, six seeds, fine steps"
+USERKNN_GRID = [{"neighbours": k, "shrink": 10.0} for k in (20, 50, 100, 200, 400)]
+LEADS = ("cease", "userknn")  # scores of leads, used only by the variants that name them
+SHIPPED = "shipped: wide grid and the tag settings, six seeds, fine steps"
 
 Key = tuple[str, str, int]  # source, setting, seed
 
@@ -96,6 +111,7 @@ def source_scores(dataset: str) -> tuple[dict[Key, np.ndarray], np.ndarray, np.n
     fused = stage.retriever_from_config(config).fit(item_mods, split.fit, user_mods, held_out=split.held)
     item_ids = fused.item_ids_
     content = C.content_vectors(item_mods, item_ids)
+    tags = tag_matrix(catalog.items, item_ids)
     truth_frame = C.truth_pairs(split.fit, split.held, threshold)
     users = sorted(truth_frame["user_id"].unique().to_list())
     base = C.CandidateModel(config.index.n_candidates, threshold, config.sources.recent_items,
@@ -112,10 +128,13 @@ def source_scores(dataset: str) -> tuple[dict[Key, np.ndarray], np.ndarray, np.n
         if name in (C.FUSED, "gru") or (name == "segment_popular" and base.segments_.shape[1] == 0):
             continue
         for setting in grids[name]:
+            if setting.get("tag_weight") and tags is None:
+                continue
             seeds = range(MAX_SEEDS) if name == "als" else range(1)
             for seed in seeds:
                 params = {**setting, "seeds": 1} if name == "als" else setting
-                source = make_source(name, params, segments=base.segments_, seed=seed, content=content).fit(base.log_)
+                source = make_source(name, params, segments=base.segments_, seed=seed, content=content,
+                                     tags=tags).fit(base.log_)
                 scores[(name, json.dumps(setting, sort_keys=True), seed)] = source.score(base.log_, rows)
         print(f"  {name}: {len(grids[name])} settings", file=sys.stderr, flush=True)
     scores[(C.FUSED, "{}", 0)] = C.fused_scores(fused, users, np.asarray(item_ids, dtype=object),
@@ -125,6 +144,9 @@ def source_scores(dataset: str) -> tuple[dict[Key, np.ndarray], np.ndarray, np.n
             scores[("cease", json.dumps(setting, sort_keys=True), 0)] = collective_ease(
                 base.log_.matrix, content, **setting)[rows]
         print(f"  collective EASE: {len(CEASE_GRID)} settings", file=sys.stderr, flush=True)
+    for setting in USERKNN_GRID:
+        scores[("userknn", json.dumps(setting, sort_keys=True), 0)] = user_knn(base.log_.matrix, rows, **setting)
+    print(f"  user-kNN: {len(USERKNN_GRID)} settings", file=sys.stderr, flush=True)
     return scores, truth, base.blocked(rows)
 
 
@@ -140,6 +162,20 @@ def collective_ease(x: Any, content: np.ndarray, lam: float, beta: float) -> np.
     b = -p / np.diag(p)
     np.fill_diagonal(b, 0.0)
     return np.asarray(x @ b, dtype=np.float32)
+
+
+def user_knn(x: Any, rows: np.ndarray, neighbours: int, shrink: float) -> np.ndarray:
+    """User-based neighbours: each scored user's `neighbours` most similar users (cosine of
+    positive rows, shrunk by `shrink`), their rows summed by similarity: (len(rows), items)."""
+    x = x.astype(np.float32).tocsr()
+    norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
+    sim = np.asarray((x[rows] @ x.T).toarray(), dtype=np.float32)
+    sim /= np.outer(norms[rows], norms) + shrink + 1e-9
+    sim[np.arange(len(rows)), rows] = 0.0  # not one's own neighbour
+    if neighbours < sim.shape[1]:
+        cut = np.partition(sim, sim.shape[1] - neighbours, axis=1)[:, sim.shape[1] - neighbours]
+        sim[sim < cut[:, None]] = 0.0
+    return np.asarray(x.T.dot(sim.T).T, dtype=np.float32)
 
 
 class Study:
@@ -160,15 +196,24 @@ class Study:
     def blend_score(self, variant: dict[str, Any], choose: np.ndarray, score: np.ndarray) -> np.ndarray:
         """Per-user NDCG@10 on `score` of the blend whose settings and weights `choose` picked."""
         z: dict[str, np.ndarray] = {}
-        for name in sorted({k[0] for k in self.scores} - {"als", "cease"} | ({"cease"} if variant.get("cease") else set())):
+        leads = {lead for lead in LEADS if variant.get(lead)}
+        for name in sorted({k[0] for k in self.scores} - {"als", *LEADS} | leads):
             options = {k[1]: v for k, v in self.scores.items() if k[0] == name}
             z[name] = C.zscore(self.best(options, choose), self.blocked)
-        grid = PREVIOUS_ALS if variant["als_grid"] == "previous" else SEARCH_GRID["als"]
+        plain = [g for g in SEARCH_GRID["als"] if not g.get("tag_weight")]
+        tagged = [g for g in SEARCH_GRID["als"] if ("als", json.dumps(g, sort_keys=True), 0) in self.scores]
+        grid = {"previous": PREVIOUS_ALS, "wide": plain, "tags": tagged, "tags_any": tagged}[variant["als_grid"]]
         def als(g: dict[str, Any], seeds: int) -> np.ndarray:
             return np.mean([self.scores[("als", json.dumps(g, sort_keys=True), k)] for k in range(seeds)], axis=0)
 
         choose_seeds = variant.get("choose_seeds", variant["seeds"])
         ranked_grid = sorted(grid, key=lambda g: -float(self.ndcg(als(g, choose_seeds), choose).mean()))
+        if variant["als_grid"] == "tags":  # the nightly rule: tags only with a clear gain
+            best_plain = next(g for g in ranked_grid if not g.get("tag_weight"))
+            best_tagged = next((g for g in ranked_grid if g.get("tag_weight")), None)
+            if best_tagged is None or not C.tags_win(self.ndcg(als(best_tagged, choose_seeds), choose),
+                                                     self.ndcg(als(best_plain, choose_seeds), choose))[0]:
+                ranked_grid = [g for g in ranked_grid if not g.get("tag_weight")]
         if variant.get("shortlist"):
             ranked_grid = sorted(ranked_grid[:variant["shortlist"]],
                                  key=lambda g: -float(self.ndcg(als(g, variant["seeds"]), choose).mean()))
@@ -211,9 +256,12 @@ def main(argv: list[str] | None = None, report: Callable[[str], None] = print) -
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", choices=sorted(SETS), required=True)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", default="", help="run only the variants whose name holds this text "
+                    "(with `previous` and the shipped one)")
     args = ap.parse_args(argv)
+    variants = {name: v for name, v in VARIANTS.items() if name in ("previous", SHIPPED) or args.only in name}
     study = Study(*source_scores(args.dataset))
-    per_user = cross_fit(study, VARIANTS, args.repeats)
+    per_user = cross_fit(study, variants, args.repeats)
     base = per_user["previous"]
     out: dict[str, Any] = {"dataset": args.dataset, "users": int(len(base)), "repeats": args.repeats, "variants": {}}
     report(f"{args.dataset}: {len(base)} validation users, {args.repeats} x 2 user halves")
@@ -226,7 +274,8 @@ def main(argv: list[str] | None = None, report: Callable[[str], None] = print) -
         report(f"| {name} | {scores.mean():.4f} | {mean:+.4f} ({lo:+.4f}, {hi:+.4f}) "
                f"| {s_mean:+.4f} ({s_lo:+.4f}, {s_hi:+.4f}) |")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"sources_study_{args.dataset}.json").write_text(json.dumps(out, indent=1))
+    suffix = "" if len(variants) == len(VARIANTS) else "_only_" + "".join(ch if ch.isalnum() else "_" for ch in args.only)
+    (RESULTS / f"sources_study_{args.dataset}{suffix}.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

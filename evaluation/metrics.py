@@ -48,6 +48,14 @@ ItemVectors = Mapping[str, Sequence[float] | np.ndarray] | tuple[Sequence[str], 
 
 # ----------------------------------------------------------------------------- helpers
 
+def paired_interval(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a - b and its 95% paired bootstrap interval over users (rows of a and b)."""
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(axis=1)
+    return float(diff.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
 def _require(df: pl.DataFrame, columns: Iterable[str], what: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import polars as pl
 
 from fusionrec.pipeline.errors import InputError
-from fusionrec.pipeline.retrieval.sources import numeric_strings
+from fusionrec.pipeline.retrieval.sources import item_tags, numeric_strings
 
 DAY = 86_400
 DEFAULT_WINDOWS = (1, 7, 30)
@@ -203,14 +203,6 @@ def _cooccurrence(ev: pl.DataFrame, wanted: pl.DataFrame, last_n: int, cooc_hist
         .select("u", "i", key).join(counts, on="k", how="inner").group_by("u", "i").agg(
             pl.col("n").sum().cast(pl.Int32).alias("pair_cooc_sum"),
             pl.col("n").max().cast(pl.Int32).alias("pair_cooc_max")).collect()
-
-
-def item_tags(items: pl.DataFrame) -> pl.DataFrame:
-    """(item code or id, tag) pairs from the `|`-separated tags column, trimmed, lower-case, unique."""
-    key = "i" if "i" in items.columns else "item_id"
-    return items.select(key, pl.col("tags").cast(pl.String).str.split("|").alias("tag")).explode("tag") \
-        .with_columns(pl.col("tag").str.strip_chars().str.to_lowercase()) \
-        .filter(pl.col("tag").is_not_null() & (pl.col("tag") != "")).unique()
 
 
 def _tag_features(it: pl.DataFrame, hist: pl.DataFrame, wanted: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:

@@ -35,6 +35,7 @@ from typing import Any, cast
 import numpy as np
 import polars as pl
 
+from fusionrec.evaluation.metrics import paired_interval
 from fusionrec.pipeline.config import Config
 from fusionrec.pipeline.io.manifest import stage_run
 from fusionrec.pipeline.io.storage import sha256_file, write_json
@@ -87,14 +88,6 @@ def user_fold(user_ids: pl.Series, seed: int, folds: int = 2) -> np.ndarray:
     """A seeded, order-free fold number per user id."""
     return np.array([int(hashlib.sha256(f"{seed}:{u}".encode()).hexdigest()[:8], 16) % folds
                      for u in user_ids.to_list()], dtype=np.int64)
-
-
-def paired_interval(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of a - b and its 95% paired bootstrap interval over users."""
-    diff = a - b
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(axis=1)
-    return float(diff.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
 def new_ranker(config: Config, rows: int, n_estimators: int | None = None, early_stopping: bool = True,

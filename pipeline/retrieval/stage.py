@@ -38,7 +38,7 @@ from fusionrec.pipeline.retrieval.candidates import (
 )
 from fusionrec.pipeline.retrieval.fusion import load_modalities
 from fusionrec.pipeline.retrieval.retriever import Retriever
-from fusionrec.pipeline.retrieval.sources import SEARCH_GRID, als_available, relevance_threshold
+from fusionrec.pipeline.retrieval.sources import SEARCH_GRID, als_available, relevance_threshold, tag_matrix
 
 log = logging.getLogger("fusionrec.index")
 
@@ -169,12 +169,14 @@ def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, conf
     content = content_vectors(item_mods, item_ids)
     user_content = user_content_vectors(user_mods, content_modality(item_mods))
     common: dict[str, Any] = {"n_candidates": config.index.n_candidates, "threshold": threshold, "recent_items": sc.recent_items,
-              "half_life": sc.recent_half_life, "seed": config.ranker.seed, "content": content, "user_content": user_content}
+              "half_life": sc.recent_half_life, "seed": config.ranker.seed, "content": content, "user_content": user_content,
+              "tags": tag_matrix(catalog.items, item_ids)}
     if split is None:
         log.warning("the log is too short for a validation split: candidate sources keep default settings and "
                     "equal weights, and no ranker will be trained")
         collab = [n for n in names if n != FUSED and (n != "als" or als_available())]
-        params = {n: SEARCH_GRID[n][len(SEARCH_GRID[n]) // 2] for n in collab}
+        plain = {n: [s for s in SEARCH_GRID[n] if not s.get("tag_weight")] for n in collab}  # tags need a search
+        params = {n: plain[n][len(plain[n]) // 2] for n in collab}
         if FUSED in names:
             params[FUSED] = {}
         weights = {n: 1.0 for n in params if n not in ("popular", "segment_popular")} or {n: 1.0 for n in params}

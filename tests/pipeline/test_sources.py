@@ -13,16 +13,19 @@ from fusionrec.pipeline.retrieval.candidates import (
     label_split,
     ndcg_at,
     search_weights,
+    tags_win,
     truth_pairs,
     tune,
     zscore,
 )
 from fusionrec.pipeline.retrieval.sources import (
     ALS,
+    SEARCH_GRID,
     SOURCE_NAMES,
     als_available,
     build_log,
     make_source,
+    tag_matrix,
     user_segments,
 )
 
@@ -140,6 +143,79 @@ def test_als_seeds_fitted_side_by_side_equal_one_after_another() -> None:
     assert np.array_equal(side_by_side.score(log, rows), in_turn.score(log, rows))
     single = ALS(factors=8, regularization=1.0, seeds=1, threads=1).fit(log)  # seed 0 is the first block
     assert np.array_equal(side_by_side.items_[:, :8], single.items_)
+
+
+def test_tag_matrix_keeps_tags_shared_by_enough_items_in_the_given_item_order() -> None:
+    items = pl.DataFrame({"item_id": ["b", "a", "c", "d"],
+                          "tags": [" Rock|Jazz", "rock|pop", "ROCK| jazz |", None]})
+    tags = tag_matrix(items, np.array(["a", "b", "c", "d", "e"], dtype=object), min_items=2)
+    assert tags is not None
+    # Tags sorted (jazz, rock), trimmed and lower-cased; pop is on one item only and dropped;
+    # d has no tags and e is not in the table: empty columns.
+    assert tags.toarray().tolist() == [[0, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+    assert tag_matrix(items, ITEMS, min_items=5) is None  # no tag that common
+    assert tag_matrix(items.drop("tags"), ITEMS) is None and tag_matrix(None, ITEMS) is None
+
+
+@pytest.mark.skipif(not als_available(), reason="the `implicit` package is not installed")
+def test_als_with_tags_places_an_item_without_interactions_by_its_tags() -> None:
+    """Items 0-5 and 6-11 are two tastes; item 11 is never played. With tags that mark each
+    taste, ALS with tag_weight gives item 11 factors near its own taste's; without, it has none."""
+    frame = pairs_log(n_users=60).filter(pl.col("item_id") != "i11")
+    log, _ = fitted("als", frame)
+    items = pl.DataFrame({"item_id": list(ITEMS), "tags": ["first" if j < 6 else "second" for j in range(12)]})
+    tags = tag_matrix(items, ITEMS, min_items=2)
+    assert tags is not None and tags.shape == (2, 12)
+    setting = {"factors": 4, "regularization": 0.1, "iterations": 30, "seeds": 2}
+    plain = make_source("als", setting, seed=0).fit(log)
+    tagged = make_source("als", {**setting, "tag_weight": 1.0}, seed=0, tags=tags).fit(log)
+    ignored = make_source("als", setting, seed=0, tags=tags).fit(log)  # tag_weight 0: tags unused
+    assert np.array_equal(ignored.items_, plain.items_) and np.array_equal(ignored.users_, plain.users_)
+    assert tagged.users_.shape == plain.users_.shape == (log.n_users, 8)  # the tags' own rows dropped
+    assert not plain.items_[11].any() and tagged.items_[11].any()
+    second_taste = np.array([u for u in range(log.n_users) if u % 2 == 1])
+    first_taste = np.array([u for u in range(log.n_users) if u % 2 == 0])
+    scores = tagged.score(log, np.arange(log.n_users))
+    assert scores[second_taste, 11].mean() > scores[first_taste, 11].mean()
+    with pytest.raises(ValueError, match="12"):
+        make_source("als", {**setting, "tag_weight": 1.0}, tags=tags[:, :5]).fit(log)
+
+
+def test_tag_settings_replace_the_plain_ones_only_with_a_clear_gain() -> None:
+    plain = np.random.default_rng(0).random(500)
+    won, record = tags_win(plain + 0.05, plain)
+    assert won and record["tags_chosen"] and record["tags_minus_plain"] == pytest.approx(0.05)
+    # Better on average (+0.01) but half the users lose 1 and half gain 1: no clear gain.
+    swing = np.where(np.arange(500) % 2 == 0, 1.0, -1.0) + 0.01
+    won, record = tags_win(plain + swing, plain)
+    assert not won and record["tags_minus_plain"] == pytest.approx(0.01)
+    assert record["interval"][0] < 0 < record["interval"][1]
+
+
+def test_the_search_skips_the_tag_settings_where_the_items_have_no_tags() -> None:
+    tagged = [s for s in SEARCH_GRID["als"] if s.get("tag_weight")]
+    assert tagged and len(SEARCH_GRID["als"]) <= 15  # within the ALS peer's budget (bench/peers.py)
+    if not als_available():
+        pytest.skip("the `implicit` package is not installed")
+    frame = pairs_log(n_users=60)
+    split = label_split(frame, "per_user", fraction=0.2, window_days=14, threshold=4.0, min_users=1)
+    assert split is not None
+    fits: list[dict] = []
+    original = ALS.fit
+
+    def counting(self: ALS, log):  # type: ignore[no-untyped-def]
+        fits.append({"tag_weight": self.tag_weight, "tags": self.tags is not None})
+        return original(self, log)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ALS, "fit", counting)
+        tune(split, ITEMS, None, None, ["als"], n_candidates=5, threshold=4.0, recent_items=3, half_life=2.0, seed=0)
+        assert len(fits) == len(SEARCH_GRID["als"]) - len(tagged) and not any(f["tag_weight"] for f in fits)
+        fits.clear()
+        items = pl.DataFrame({"item_id": list(ITEMS), "tags": ["first" if j < 6 else "second" for j in range(12)]})
+        tune(split, ITEMS, None, None, ["als"], n_candidates=5, threshold=4.0, recent_items=3, half_life=2.0, seed=0,
+             tags=tag_matrix(items, ITEMS, min_items=2))
+        assert len(fits) == len(SEARCH_GRID["als"]) and sum(bool(f["tag_weight"]) for f in fits) == len(tagged)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
