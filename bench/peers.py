@@ -204,8 +204,9 @@ def peer_grid(vectors: tuple[list[str], np.ndarray] | None) -> dict[str, list[tu
     """Each peer's settings (10 at most, ALS 16): (setting, fit function taking a log)."""
     grid: dict[str, list[tuple[dict[str, Any], Any]]] = {
         "popularity": [({}, source_peer(Popular))],
+        # Seven settings, as many as fusionrec's item-kNN source tries with its two tag settings.
         "item-kNN": [({"neighbours": n}, source_peer(lambda n=n: ItemKNN(neighbours=n)))
-                     for n in (20, 50, 100, 200, 400)],
+                     for n in (10, 20, 50, 100, 200, 400, 800)],
         "EASE": [({"lambda": lam, "input": which}, source_peer(lambda lam=lam: EASE(lam=lam)))
                  for lam in (50.0, 100.0, 200.0, 500.0, 1000.0) for which in ("positives", "all")],
         "implicit ALS": [({"factors": f, "regularization": r, "alpha": a}, source_peer(

@@ -60,6 +60,17 @@ def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int,
     return sp.csr_matrix((vals, (rows.astype(np.int64), cols.astype(np.int64))), shape=shape, dtype=np.float32)
 
 
+def with_tags(matrix: sp.csr_matrix, tags: sp.csr_matrix | None, tag_weight: float) -> sp.csr_matrix:
+    """The users x items positives with the items' tags as extra users below them: tag t
+    "liked" every item carrying it, at `tag_weight` (a source learning from item co-occurrence
+    then also learns from shared tags). The log's rows keep their numbers."""
+    if tag_weight <= 0 or tags is None or not tags.nnz:
+        return matrix
+    if tags.shape[1] != matrix.shape[1]:
+        raise ValueError(f"the tag matrix has {tags.shape[1]} item columns, the log {matrix.shape[1]}")
+    return sp.vstack([matrix, tag_weight * tags.astype(np.float32)], format="csr")
+
+
 class Source:
     """One candidate source: `fit` on a log, `score` users (rows of that log) against every item."""
 

@@ -22,7 +22,7 @@ import scipy.sparse as sp
 from fusionrec.pipeline.retrieval.sequence_model import GRUSequence
 
 # Source, UserItemLog and _csr live in source_base (no cycle with sequence_model); re-exported here.
-from fusionrec.pipeline.retrieval.source_base import Source, UserItemLog, _csr, derived_array
+from fusionrec.pipeline.retrieval.source_base import Source, UserItemLog, _csr, derived_array, with_tags
 from fusionrec.pipeline.threads import thread_map
 
 log = logging.getLogger("fusionrec.sources")
@@ -97,14 +97,17 @@ class EASE(Source):
 
     name = "ease"
 
-    def __init__(self, lam: float = 200.0, recent: bool = False) -> None:
+    def __init__(self, lam: float = 200.0, recent: bool = False, tag_weight: float = 0.0,
+                 tags: sp.csr_matrix | None = None) -> None:
         self.lam = float(lam)
         self.recent = recent
         self.name = "recent_ease" if recent else "ease"
+        self.tag_weight, self.tags = float(tag_weight), tags
 
     def fit(self, log: UserItemLog) -> EASE:
+        x = with_tags(log.matrix, self.tags, self.tag_weight)
+
         def weights() -> np.ndarray:
-            x = log.matrix
             gram = (x.T @ x).toarray().astype(np.float64)
             gram[np.diag_indices_from(gram)] += self.lam
             p = np.linalg.inv(gram)
@@ -113,7 +116,10 @@ class EASE(Source):
             return b.astype(np.float32)
 
         # `ease` and `recent_ease` fit the same weights (they differ in the rows they score)
-        self.b_ = derived_array(log, ("ease", self.lam), weights)
+        # (the same tags: one tag matrix per candidate model, which outlives the log's cache)
+        tagged = x is not log.matrix
+        key = ("ease", self.lam, self.tag_weight if tagged else 0.0, id(self.tags) if tagged else None)
+        self.b_ = derived_array(log, key, weights)
         return self
 
     def score(self, log: UserItemLog, users: np.ndarray) -> np.ndarray:
@@ -121,7 +127,7 @@ class EASE(Source):
         return np.asarray(rows @ self.b_, dtype=np.float32)
 
     def params(self) -> dict[str, Any]:
-        return {"lam": self.lam, "recent": self.recent}
+        return {"lam": self.lam, "recent": self.recent, "tag_weight": self.tag_weight}
 
     def state(self) -> dict[str, np.ndarray]:
         return {"b": self.b_}
@@ -134,14 +140,16 @@ class EASE(Source):
 class ItemKNN(Source):
     """Cosine item-item similarity with shrinkage, each item's `neighbours` strongest kept."""
 
-    def __init__(self, neighbours: int = 100, shrink: float = 10.0, recent: bool = False) -> None:
+    def __init__(self, neighbours: int = 100, shrink: float = 10.0, recent: bool = False, tag_weight: float = 0.0,
+                 tags: sp.csr_matrix | None = None) -> None:
         self.neighbours = int(neighbours)
         self.shrink = float(shrink)
         self.recent = recent
         self.name = "recent_itemknn" if recent else "itemknn"
+        self.tag_weight, self.tags = float(tag_weight), tags
 
     def fit(self, log: UserItemLog) -> ItemKNN:
-        x = log.matrix
+        x = with_tags(log.matrix, self.tags, self.tag_weight)
         co = (x.T @ x).toarray().astype(np.float32)
         norms = np.sqrt(np.diag(co)).astype(np.float32)
         sim = co / (np.outer(norms, norms) + self.shrink + 1e-9)
@@ -159,7 +167,8 @@ class ItemKNN(Source):
         return np.asarray(rows @ self.sim_, dtype=np.float32)
 
     def params(self) -> dict[str, Any]:
-        return {"neighbours": self.neighbours, "shrink": self.shrink, "recent": self.recent}
+        return {"neighbours": self.neighbours, "shrink": self.shrink, "recent": self.recent,
+                "tag_weight": self.tag_weight}
 
     def state(self) -> dict[str, np.ndarray]:
         return {"sim": self.sim_}
@@ -207,11 +216,7 @@ class ALS(Source):
             return users, np.asarray(model.item_factors, dtype=np.float32)
 
         n_users = log.matrix.shape[0]
-        matrix = log.matrix
-        if self.tag_weight > 0 and self.tags is not None and self.tags.nnz:
-            if self.tags.shape[1] != matrix.shape[1]:
-                raise ValueError(f"the tag matrix has {self.tags.shape[1]} item columns, the log {matrix.shape[1]}")
-            matrix = sp.vstack([matrix, self.tag_weight * self.tags.astype(np.float32)], format="csr")
+        matrix = with_tags(log.matrix, self.tags, self.tag_weight)
 
         # No BLAS threads beside the fits: one limit around all of them (where the BLAS keeps
         # one count for the process, every fit's own limit then saves and restores 1, not a
@@ -244,11 +249,13 @@ class RP3beta(Source):
 
     name = "rp3beta"
 
-    def __init__(self, alpha: float = 1.0, beta: float = 0.5, neighbours: int = 200) -> None:
+    def __init__(self, alpha: float = 1.0, beta: float = 0.5, neighbours: int = 200, tag_weight: float = 0.0,
+                 tags: sp.csr_matrix | None = None) -> None:
         self.alpha, self.beta, self.neighbours = float(alpha), float(beta), int(neighbours)
+        self.tag_weight, self.tags = float(tag_weight), tags
 
     def fit(self, log: UserItemLog) -> RP3beta:
-        x = log.matrix
+        x = with_tags(log.matrix, self.tags, self.tag_weight)
         p_ui = sp.diags(1.0 / np.maximum(np.asarray(x.sum(axis=1)).ravel(), 1.0)) @ x
         p_iu = sp.diags(1.0 / np.maximum(np.asarray(x.sum(axis=0)).ravel(), 1.0)) @ x.T.tocsr()
         if self.alpha != 1.0:
@@ -268,7 +275,7 @@ class RP3beta(Source):
         return np.asarray(log.matrix[users] @ self.w_, dtype=np.float32)
 
     def params(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "beta": self.beta, "neighbours": self.neighbours}
+        return {"alpha": self.alpha, "beta": self.beta, "neighbours": self.neighbours, "tag_weight": self.tag_weight}
 
     def state(self) -> dict[str, np.ndarray]:
         return {"w": self.w_}
@@ -530,18 +537,19 @@ def tag_matrix(items: pl.DataFrame | None, item_ids: np.ndarray, min_items: int 
 def make_source(name: str, params: dict[str, Any] | None = None, *, segments: np.ndarray | None = None,
                 seed: int = 0, content: np.ndarray | None = None, tags: sp.csr_matrix | None = None) -> Source:
     params = dict(params or {})
+    tagging = {"tag_weight": params.get("tag_weight", 0.0), "tags": tags}
     if name in ("ease", "recent_ease"):
-        return EASE(lam=params.get("lam", 200.0), recent=name == "recent_ease")
+        return EASE(lam=params.get("lam", 200.0), recent=name == "recent_ease", **tagging)
     if name in ("itemknn", "recent_itemknn"):
         return ItemKNN(neighbours=params.get("neighbours", 100), shrink=params.get("shrink", 10.0),
-                       recent=name == "recent_itemknn")
+                       recent=name == "recent_itemknn", **tagging)
     if name == "als":
         return ALS(factors=params.get("factors", 64), regularization=params.get("regularization", 0.05),
                    iterations=params.get("iterations", 15), alpha=params.get("alpha", 10.0), seed=seed,
-                   seeds=params.get("seeds", 6), tag_weight=params.get("tag_weight", 0.0), tags=tags)
+                   seeds=params.get("seeds", 6), **tagging)
     if name == "rp3beta":
         return RP3beta(alpha=params.get("alpha", 1.0), beta=params.get("beta", 0.5),
-                       neighbours=params.get("neighbours", 200))
+                       neighbours=params.get("neighbours", 200), **tagging)
     if name == "content":
         return Content(content, neighbours=params.get("neighbours", 50))
     if name == "sequence":
@@ -555,12 +563,17 @@ def make_source(name: str, params: dict[str, Any] | None = None, *, segments: np
     raise ValueError(f"unknown candidate source {name!r}")
 
 
+# Settings with the items' tags as extra users (`with_tags`), tried where the items table has
+# tags; one replaces the best setting without tags only with a clear gain (`candidates.tags_win`).
+TAGGED_EASE = [{"lam": lam, "tag_weight": w} for lam in (100.0, 500.0) for w in (0.3, 1.0)]
+TAGGED_KNN = [{"neighbours": n, "shrink": 10.0, "tag_weight": 1.0} for n in (50, 200)]
+
 # Settings tried for each source on validation (the same small budget for every source).
 SEARCH_GRID: dict[str, list[dict[str, Any]]] = {
-    "ease": [{"lam": v} for v in (50.0, 100.0, 200.0, 500.0, 1000.0)],
-    "recent_ease": [{"lam": v} for v in (50.0, 100.0, 200.0, 500.0, 1000.0)],
-    "itemknn": [{"neighbours": n, "shrink": 10.0} for n in (20, 50, 100, 200, 400)],
-    "recent_itemknn": [{"neighbours": n, "shrink": 10.0} for n in (20, 50, 100, 200, 400)],
+    "ease": [{"lam": v} for v in (50.0, 100.0, 200.0, 500.0, 1000.0)] + TAGGED_EASE,
+    "recent_ease": [{"lam": v} for v in (50.0, 100.0, 200.0, 500.0, 1000.0)] + TAGGED_EASE,
+    "itemknn": [{"neighbours": n, "shrink": 10.0} for n in (20, 50, 100, 200, 400)] + TAGGED_KNN,
+    "recent_itemknn": [{"neighbours": n, "shrink": 10.0} for n in (20, 50, 100, 200, 400)] + TAGGED_KNN,
     # Confidence weighting (alpha) and regularisation matter more than the factor count on
     # sparse logs: from light to heavy regularisation, three confidence levels, and at the
     # heavy end (where both data sets chose) 16 to 128 factors. Ten settings, not five: the
@@ -572,7 +585,8 @@ SEARCH_GRID: dict[str, list[dict[str, Any]]] = {
         # settings near where both data sets chose, so the search stays within the ALS peer's 15.
         {"factors": f, "regularization": r, "alpha": a, "tag_weight": w} for f, r, a, w in
         ((64, 50.0, 20.0, 0.5), (64, 100.0, 40.0, 0.5), (128, 100.0, 40.0, 0.5), (128, 100.0, 40.0, 1.0))],
-    "rp3beta": [{"alpha": a, "beta": b} for a, b in ((1.0, 0.3), (1.0, 0.5), (0.8, 0.5), (1.0, 0.7), (0.6, 0.3))],
+    "rp3beta": [{"alpha": a, "beta": b} for a, b in ((1.0, 0.3), (1.0, 0.5), (0.8, 0.5), (1.0, 0.7), (0.6, 0.3))] + [
+        {"alpha": a, "beta": 0.5, "tag_weight": 1.0} for a in (1.0, 0.8)],
     "content": [{"neighbours": n} for n in (20, 50, 100, 200, 400)],
     "sequence": [{"window": w, "decay": d} for w in (3, 10) for d in (0.5, 0.8)],
     "gru": [{"dim": 64, "epochs": 10, "dropout": 0.2}, {"dim": 64, "epochs": 20, "dropout": 0.5}],

@@ -157,28 +157,45 @@ def test_tag_matrix_keeps_tags_shared_by_enough_items_in_the_given_item_order() 
     assert tag_matrix(items.drop("tags"), ITEMS) is None and tag_matrix(None, ITEMS) is None
 
 
-@pytest.mark.skipif(not als_available(), reason="the `implicit` package is not installed")
-def test_als_with_tags_places_an_item_without_interactions_by_its_tags() -> None:
+TAGGED = [n for n in ("als", "ease", "recent_ease", "itemknn", "recent_itemknn", "rp3beta")
+          if n != "als" or als_available()]
+
+
+@pytest.mark.parametrize("name", TAGGED)
+def test_tags_place_an_item_without_interactions_by_its_tags(name: str) -> None:
     """Items 0-5 and 6-11 are two tastes; item 11 is never played. With tags that mark each
-    taste, ALS with tag_weight gives item 11 factors near its own taste's; without, it has none."""
+    taste, a source fitted with tag_weight scores item 11 for its own taste's users above the
+    other taste's; without tags it cannot place item 11 at all."""
     frame = pairs_log(n_users=60).filter(pl.col("item_id") != "i11")
-    log, _ = fitted("als", frame)
+    log, _ = fitted(name, frame)
     items = pl.DataFrame({"item_id": list(ITEMS), "tags": ["first" if j < 6 else "second" for j in range(12)]})
     tags = tag_matrix(items, ITEMS, min_items=2)
     assert tags is not None and tags.shape == (2, 12)
-    setting = {"factors": 4, "regularization": 0.1, "iterations": 30, "seeds": 2}
-    plain = make_source("als", setting, seed=0).fit(log)
-    tagged = make_source("als", {**setting, "tag_weight": 1.0}, seed=0, tags=tags).fit(log)
-    ignored = make_source("als", setting, seed=0, tags=tags).fit(log)  # tag_weight 0: tags unused
-    assert np.array_equal(ignored.items_, plain.items_) and np.array_equal(ignored.users_, plain.users_)
-    assert tagged.users_.shape == plain.users_.shape == (log.n_users, 8)  # the tags' own rows dropped
-    assert not plain.items_[11].any() and tagged.items_[11].any()
-    second_taste = np.array([u for u in range(log.n_users) if u % 2 == 1])
-    first_taste = np.array([u for u in range(log.n_users) if u % 2 == 0])
-    scores = tagged.score(log, np.arange(log.n_users))
-    assert scores[second_taste, 11].mean() > scores[first_taste, 11].mean()
+    setting = {"factors": 4, "regularization": 0.1, "iterations": 30, "seeds": 2} if name == "als" else {}
+    rows = np.arange(log.n_users)
+    plain = make_source(name, setting, seed=0).fit(log)
+    tagged = make_source(name, {**setting, "tag_weight": 1.0}, seed=0, tags=tags).fit(log)
+    ignored = make_source(name, setting, seed=0, tags=tags).fit(log)  # tag_weight 0: tags unused
+    assert np.array_equal(ignored.score(log, rows), plain.score(log, rows))
+    assert not plain.score(log, rows)[:, 11].any()
+    scores = tagged.score(log, rows)
+    second_taste, first_taste = rows[rows % 2 == 1], rows[rows % 2 == 0]
+    assert scores[second_taste, 11].mean() > max(scores[first_taste, 11].mean(), 0.0)
+    if name == "als":
+        assert tagged.users_.shape == plain.users_.shape == (log.n_users, 8)  # the tags' own rows dropped
     with pytest.raises(ValueError, match="12"):
-        make_source("als", {**setting, "tag_weight": 1.0}, tags=tags[:, :5]).fit(log)
+        make_source(name, {**setting, "tag_weight": 1.0}, tags=tags[:, :5]).fit(log)
+
+
+def test_ease_and_recent_ease_share_weights_only_for_the_same_tag_weight() -> None:
+    log, _ = fitted("ease", pairs_log(n_users=60))
+    items = pl.DataFrame({"item_id": list(ITEMS), "tags": ["first" if j < 6 else "second" for j in range(12)]})
+    tags = tag_matrix(items, ITEMS, min_items=2)
+    plain = make_source("ease", {"lam": 10.0}).fit(log)
+    tagged = make_source("recent_ease", {"lam": 10.0, "tag_weight": 1.0}, tags=tags).fit(log)
+    again = make_source("ease", {"lam": 10.0, "tag_weight": 1.0}, tags=tags).fit(log)
+    assert not np.array_equal(plain.b_, tagged.b_)
+    assert again.b_ is tagged.b_  # one inversion, shared
 
 
 def test_tag_settings_replace_the_plain_ones_only_with_a_clear_gain() -> None:
@@ -193,8 +210,10 @@ def test_tag_settings_replace_the_plain_ones_only_with_a_clear_gain() -> None:
 
 
 def test_the_search_skips_the_tag_settings_where_the_items_have_no_tags() -> None:
+    # Within the peers' budgets (bench/peers.py): ALS 16 settings, the others 10 at most.
+    assert len(SEARCH_GRID["als"]) <= 16 and all(len(g) <= 10 for n, g in SEARCH_GRID.items() if n != "als")
     tagged = [s for s in SEARCH_GRID["als"] if s.get("tag_weight")]
-    assert tagged and len(SEARCH_GRID["als"]) <= 15  # within the ALS peer's budget (bench/peers.py)
+    assert tagged
     if not als_available():
         pytest.skip("the `implicit` package is not installed")
     frame = pairs_log(n_users=60)
