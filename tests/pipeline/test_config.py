@@ -91,7 +91,8 @@ def test_every_existing_key_keeps_its_default() -> None:
     assert d["engine"] == "local" and d["export"] == {"k": 10, "pseudonymise": True,
                                                        "key_env": "FUSIONREC_EXPORT_KEY", "key_file": ""}
     assert d["sources"] == {"names": ["auto"], "fused": True, "relevance": 0.0, "recent_items": 30,
-                            "recent_half_life": 6.6, "ease_max_items": 20000, "validation_users": 3000}
+                            "recent_half_life": 6.6, "ease_max_items": 20000, "validation_users": 3000,
+                            "tag_min_items": 5}
     assert d["ranker"]["labels"] == "auto" and d["ranker"]["label_fraction"] == 0.2
     assert d["ranker"]["label_window_days"] == 14.0 and d["ranker"]["guard"] is True
     assert d["fusion"]["event_weights"] == {"purchase": 4.0, "cart": 3.0, "click": 2.0, "view": 1.0}

@@ -7,6 +7,7 @@ precomputed item vectors, so no encoder is loaded.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ QUIET = ["sources.names=['itemknn','recent_itemknn','popular','segment_popular']
 
 
 def make_catalog(root: Path, *, n_users: int = 90, n_items: int = 60, per_user: int = 14, timestamps: str = "real",
-                 seed: int = 0, attribute_drives_taste: bool = False) -> Path:
+                 seed: int = 0, attribute_drives_taste: bool = False, tags: bool = False) -> Path:
     """items (8-d precomputed vectors, 4 clusters), users with `segment` and `age`, interactions.
 
     Each user likes one cluster (or, with `attribute_drives_taste`, the cluster named by
@@ -41,7 +42,10 @@ def make_catalog(root: Path, *, n_users: int = 90, n_items: int = 60, per_user: 
     cluster = np.arange(n_items) % 4
     centres = rng.normal(size=(4, 8))
     vectors = centres[cluster] + 0.3 * rng.normal(size=(n_items, 8))
-    pl.DataFrame({"item_id": items, "genre": [f"g{c}" for c in cluster]}).write_csv(root / "items.csv")
+    table = pl.DataFrame({"item_id": items, "genre": [f"g{c}" for c in cluster]})
+    if tags:  # `tags`: each item's cluster, and one tag every item shares
+        table = table.with_columns(pl.format("cluster {}|catalog", "genre").alias("tags"))
+    table.write_csv(root / "items.csv")
     (root / "embeddings").mkdir(exist_ok=True)
     pl.DataFrame({"item_id": items, "vector": vectors.astype(np.float32).tolist()}).write_parquet(
         root / "embeddings" / "item_text.parquet")
@@ -69,6 +73,27 @@ def make_catalog(root: Path, *, n_users: int = 90, n_items: int = 60, per_user: 
 
 def nightly(data: Path, art: Path, *extra: str) -> None:
     run_nightly(data, art, load_config(None, [*QUIET, *extra]), show_progress=False)
+
+
+def test_the_index_stage_tries_the_items_tags_and_records_whether_they_won(tmp_path: Path) -> None:
+    config = load_config(None, QUIET)
+
+    def index(data: Path) -> dict:
+        art = tmp_path / f"art_{data.name}"
+        shutil.copytree(data / "embeddings", art / "embeddings")  # precomputed: nothing to embed
+        return run_index(data, art, config)
+
+    with_tags = index(make_catalog(tmp_path / "tagged", tags=True))
+    record = with_tags["sources"]["tags"]
+    assert set(record) == {"itemknn", "recent_itemknn"}  # the chosen sources that have settings with tags
+    for entry in record.values():
+        low, high = entry["interval"]
+        assert low <= entry["tags_minus_plain"] <= high and entry["tags_chosen"] == (low > 0)
+    for name, entry in record.items():
+        assert bool(with_tags["sources"]["params"][name].get("tag_weight")) == entry["tags_chosen"]
+    without = index(make_catalog(tmp_path / "plain"))
+    assert without["sources"]["tags"] == {}
+    assert not any(p.get("tag_weight") for p in without["sources"]["params"].values())
 
 
 @pytest.mark.parametrize("timestamps", ["one", "two"])
