@@ -258,7 +258,7 @@ class CandidateModel:
     weights: dict[str, float] = field(default_factory=dict)  # source name -> blend weight
     content: np.ndarray | None = None  # (n_items, d) item content vectors (content source, new users)
     user_content: dict[str, np.ndarray] | None = None  # user id -> the user's own vector, same modality
-    tags: sp.csr_matrix | None = None  # (n_tags, n_items) the items' tags (`sources.tag_matrix`; ALS may use them)
+    tags: sp.csr_matrix | None = None  # (n_tags, n_items) the items' tags (`sources.tag_matrix`), as extra users
 
     def fit(self, interactions: pl.DataFrame, item_ids: np.ndarray, users: pl.DataFrame | None,
             retriever: Retriever | None) -> CandidateModel:
@@ -586,7 +586,7 @@ def tune(split: LabelSplit, item_ids: np.ndarray, users: pl.DataFrame | None, fu
             continue
         if name == "content" and content is None:
             continue
-        # The best setting without the items' tags, and the best with them (ALS).
+        # The best setting without the items' tags, and the best with them (`tags_win` decides).
         plain: tuple[float, dict[str, Any], np.ndarray, Source, np.ndarray] | None = None
         tagged: tuple[float, dict[str, Any], np.ndarray, Source, np.ndarray] | None = None
         for setting in SEARCH_GRID[name]:
