@@ -68,6 +68,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "shipped: the tag settings in every source that learns from co-occurrence": {
         "als_grid": "tags", "seeds": 6, "steps": C.BLEND_STEPS, "rounds": 4,
         "tag_sources": ("ease", "recent_ease", "itemknn", "recent_itemknn", "rp3beta")},
+    "shipped + ALS at 256 factors with tags (past the grid's edge)": {
+        "als_grid": "tags_wider", "seeds": 6, "steps": C.BLEND_STEPS, "rounds": 4,
+        "tag_sources": ("ease", "recent_ease", "itemknn", "recent_itemknn", "rp3beta")},
     "shipped + the second-best ALS setting as one more source": {"als_grid": "wide", "seeds": 6,
                                                                  "steps": C.BLEND_STEPS, "rounds": 4, "second": True},
     # The index stage's cost: 60 ALS fits to search ten settings with six seeds each. Choosing
@@ -93,6 +96,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 PENALTIES = (0.0, -0.125, -0.25, -0.375, -0.5, -0.75, -1.0, -1.5)  # weight on the popularity z-score
 CEASE_GRID = [{"lam": lam, "beta": beta} for lam in (50.0, 100.0, 200.0, 500.0) for beta in (10.0, 30.0, 100.0, 300.0)]
+# A lead: the shipped grid chose ALS's largest tag setting on Last.fm (128 factors, tag weight
+# 1, both the grid's edge); one more setting past that edge.
+WIDER_TAGGED_ALS = [{"factors": 256, "regularization": 100.0, "alpha": 40.0, "tag_weight": 1.0}]
 USERKNN_GRID = [{"neighbours": k, "shrink": 10.0} for k in (20, 50, 100, 200, 400)]
 LEADS = ("cease", "userknn")  # scores of leads, used only by the variants that name them
 SHIPPED = "shipped: the tag settings in every source that learns from co-occurrence"
@@ -127,7 +133,8 @@ def source_scores(dataset: str) -> tuple[dict[Key, np.ndarray], np.ndarray, np.n
     truth = np.zeros((len(users), len(item_ids)), bool)
     truth[[row[u] for u in truth_frame["user_id"].to_list()], [col[i] for i in truth_frame["item_id"].to_list()]] = True
     scores: dict[Key, np.ndarray] = {}
-    grids = {**SEARCH_GRID, "als": SEARCH_GRID["als"] + [s for s in PREVIOUS_ALS if s not in SEARCH_GRID["als"]]}
+    grids = {**SEARCH_GRID, "als": SEARCH_GRID["als"] + [s for s in PREVIOUS_ALS + WIDER_TAGGED_ALS
+                                                          if s not in SEARCH_GRID["als"]]}
     for name in stage.source_names(config, len(item_ids)):
         if name in (C.FUSED, "gru") or (name == "segment_popular" and base.segments_.shape[1] == 0):
             continue
@@ -212,13 +219,15 @@ class Study:
             z[name] = C.zscore(best, self.blocked)
         plain = [g for g in SEARCH_GRID["als"] if not g.get("tag_weight")]
         tagged = [g for g in SEARCH_GRID["als"] if ("als", json.dumps(g, sort_keys=True), 0) in self.scores]
-        grid = {"previous": PREVIOUS_ALS, "wide": plain, "tags": tagged, "tags_any": tagged}[variant["als_grid"]]
+        wider = tagged + [g for g in WIDER_TAGGED_ALS if ("als", json.dumps(g, sort_keys=True), 0) in self.scores]
+        grid = {"previous": PREVIOUS_ALS, "wide": plain, "tags": tagged, "tags_any": tagged,
+                "tags_wider": wider}[variant["als_grid"]]
         def als(g: dict[str, Any], seeds: int) -> np.ndarray:
             return np.mean([self.scores[("als", json.dumps(g, sort_keys=True), k)] for k in range(seeds)], axis=0)
 
         choose_seeds = variant.get("choose_seeds", variant["seeds"])
         ranked_grid = sorted(grid, key=lambda g: -float(self.ndcg(als(g, choose_seeds), choose).mean()))
-        if variant["als_grid"] == "tags":  # the nightly rule: tags only with a clear gain
+        if variant["als_grid"] in ("tags", "tags_wider"):  # the nightly rule: tags only with a clear gain
             best_plain = next(g for g in ranked_grid if not g.get("tag_weight"))
             best_tagged = next((g for g in ranked_grid if g.get("tag_weight")), None)
             if best_tagged is None or not C.tags_win(self.ndcg(als(best_tagged, choose_seeds), choose),
