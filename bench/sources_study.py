@@ -121,7 +121,8 @@ def source_scores(dataset: str) -> tuple[dict[Key, np.ndarray], np.ndarray, np.n
     fused = stage.retriever_from_config(config).fit(item_mods, split.fit, user_mods, held_out=split.held)
     item_ids = fused.item_ids_
     content = C.content_vectors(item_mods, item_ids)
-    tags = tag_matrix(catalog.items, item_ids)
+    tags = tag_matrix(catalog.items, item_ids, config.sources.tag_min_items, interactions=catalog.interactions,
+                      threshold=threshold)  # as the index stage builds them
     truth_frame = C.truth_pairs(split.fit, split.held, threshold)
     users = sorted(truth_frame["user_id"].unique().to_list())
     base = C.CandidateModel(config.index.n_candidates, threshold, config.sources.recent_items,

@@ -515,11 +515,22 @@ def item_tags(items: pl.DataFrame) -> pl.DataFrame:
         .filter(pl.col("tag").is_not_null() & (pl.col("tag") != "")).unique()
 
 
-def tag_matrix(items: pl.DataFrame | None, item_ids: np.ndarray, min_items: int = 5) -> sp.csr_matrix | None:
+# A tag whose items one user liked this large a share of is that user's own list ("my
+# favourites", "seen live"), not a property of the items: as an extra user it would copy
+# that user's history, and where tags were gathered later than the log (a public data set's
+# tags, or a log replayed for evaluation) it carries the user's later items with it.
+TAG_MAX_USER_SHARE = 0.5
+
+
+def tag_matrix(items: pl.DataFrame | None, item_ids: np.ndarray, min_items: int = 5, *,
+               interactions: pl.DataFrame | None = None, threshold: float | None = None,
+               max_user_share: float = TAG_MAX_USER_SHARE) -> sp.csr_matrix | None:
     """The items' tags as a binary tags x items matrix over `item_ids` (columns in that order).
 
     Only tags on at least `min_items` of these items: a rarer tag links too few items to say
-    anything. None where the items table has no `tags` column or no tag is that common.
+    anything. With `interactions`, also only tags no single user's positive evidence (at
+    `threshold`) covers `max_user_share` or more of: such a tag is one user's own list
+    (`TAG_MAX_USER_SHARE`). None where the items table has no `tags` column or no tag is left.
     """
     if items is None or "tags" not in items.columns:
         return None
@@ -530,8 +541,25 @@ def tag_matrix(items: pl.DataFrame | None, item_ids: np.ndarray, min_items: int 
         return None
     codes = pairs.select("tag").unique().sort("tag").with_row_index("t")
     pairs = pairs.join(codes, on="tag")
-    return _csr(pairs["t"].cast(pl.Int64).to_numpy(), pairs["i"].to_numpy(), np.ones(pairs.height, np.float32),
+    tags = _csr(pairs["t"].cast(pl.Int64).to_numpy(), pairs["i"].to_numpy(), np.ones(pairs.height, np.float32),
                 (codes.height, len(item_ids)))
+    if interactions is None or interactions.height == 0:
+        return tags
+    liked = interactions.filter(positive_mask(interactions, threshold)).select(
+        pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String)).join(col, on="item_id").unique(
+        ["user_id", "i"]).with_columns(pl.col("user_id").rank("dense").cast(pl.Int64).alias("u") - 1)
+    if liked.height == 0:
+        return tags
+    x = _csr(liked["u"].to_numpy(), liked["i"].to_numpy(), np.ones(liked.height, np.float32),
+             (int(liked["u"].max()) + 1, len(item_ids)))  # type: ignore[arg-type]
+    # Each user's count of each tag's items (users x tags, sparse), its largest per tag.
+    top = np.asarray((x @ tags.T).max(axis=0).toarray()).ravel()
+    size = np.asarray(tags.sum(axis=1)).ravel()
+    keep = np.flatnonzero(top < max_user_share * size)
+    if len(keep) < tags.shape[0]:
+        log.info("items' tags: %d of %d dropped as one user's own list (a user liked %.0f%% or more of "
+                 "their items)", tags.shape[0] - len(keep), tags.shape[0], 100 * max_user_share)
+    return tags[keep] if len(keep) else None
 
 
 def make_source(name: str, params: dict[str, Any] | None = None, *, segments: np.ndarray | None = None,

@@ -170,7 +170,8 @@ def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, conf
     user_content = user_content_vectors(user_mods, content_modality(item_mods))
     common: dict[str, Any] = {"n_candidates": config.index.n_candidates, "threshold": threshold, "recent_items": sc.recent_items,
               "half_life": sc.recent_half_life, "seed": config.ranker.seed, "content": content, "user_content": user_content,
-              "tags": tag_matrix(catalog.items, item_ids, sc.tag_min_items) if sc.tag_min_items else None}
+              "tags": tag_matrix(catalog.items, item_ids, sc.tag_min_items, interactions=inter, threshold=threshold)
+              if sc.tag_min_items else None}
     if split is None:
         log.warning("the log is too short for a validation split: candidate sources keep default settings and "
                     "equal weights, and no ranker will be trained")

@@ -198,6 +198,24 @@ def test_ease_and_recent_ease_share_weights_only_for_the_same_tag_weight() -> No
     assert again.b_ is tagged.b_  # one inversion, shared
 
 
+def test_a_tag_that_is_one_users_own_list_is_dropped() -> None:
+    """'mine' is on four items, three of which u1 liked (75%): u1's own list, not a property of
+    the items. 'shared' is on all eight; no user liked half of them. A low rating is no like."""
+    ids = np.array(list("abcdefgh"), dtype=object)
+    items = pl.DataFrame({"item_id": list("abcdefgh"), "tags": ["mine|shared"] * 4 + ["shared"] * 4})
+    liked = [("u1", "a", 5.0), ("u1", "b", 5.0), ("u1", "c", 5.0), ("u2", "a", 5.0), ("u2", "e", 5.0),
+             ("u3", "d", 5.0), ("u3", "c", 1.0), ("u3", "b", 1.0), ("u3", "f", 1.0)]
+    log_frame = pl.DataFrame(liked, schema=["user_id", "item_id", "value"], orient="row").with_columns(
+        pl.lit(0).alias("timestamp"))
+    everything = tag_matrix(items, ids, min_items=2)
+    assert everything is not None and everything.shape == (2, 8)
+    kept = tag_matrix(items, ids, min_items=2, interactions=log_frame, threshold=4.0)
+    assert kept is not None and kept.toarray().tolist() == [[1] * 8]  # 'shared' only
+    # u3's low ratings are not likes: counted as likes, u3 would cover 4 of the 8 'shared' items.
+    assert tag_matrix(items, ids, min_items=2, interactions=log_frame, threshold=None) is None
+    assert tag_matrix(items, ids, min_items=2, interactions=log_frame, threshold=4.0, max_user_share=0.8) is not None
+
+
 def test_tag_settings_replace_the_plain_ones_only_with_a_clear_gain() -> None:
     plain = np.random.default_rng(0).random(500)
     won, record = tags_win(plain + 0.05, plain)
