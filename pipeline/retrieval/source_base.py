@@ -7,6 +7,7 @@ subclass `Source` while `sources.py` imports them for `make_source` (no import c
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,11 +65,23 @@ def with_tags(matrix: sp.csr_matrix, tags: sp.csr_matrix | None, tag_weight: flo
     """The users x items positives with the items' tags as extra users below them: tag t
     "liked" every item carrying it, at `tag_weight` (a source learning from item co-occurrence
     then also learns from shared tags). The log's rows keep their numbers."""
-    if tag_weight <= 0 or tags is None or not tags.nnz:
+    if tag_weight <= 0:
+        return matrix
+    if tags is None:  # a setting with tags fitted without them would be a different model, silently
+        raise ValueError(f"a setting with tag_weight {tag_weight} needs the items' tags, and none were given")
+    if not tags.nnz:
         return matrix
     if tags.shape[1] != matrix.shape[1]:
         raise ValueError(f"the tag matrix has {tags.shape[1]} item columns, the log {matrix.shape[1]}")
     return sp.vstack([matrix, tag_weight * tags.astype(np.float32)], format="csr")
+
+
+def matrix_digest(matrix: sp.csr_matrix) -> str:
+    """sha256 of a sparse matrix's shape and contents (a cache key that cannot outlive its matrix)."""
+    digest = hashlib.sha256(np.asarray(matrix.shape, np.int64).tobytes())
+    for part in (matrix.indptr, matrix.indices, matrix.data):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    return digest.hexdigest()
 
 
 class Source:

@@ -22,7 +22,14 @@ import scipy.sparse as sp
 from fusionrec.pipeline.retrieval.sequence_model import GRUSequence
 
 # Source, UserItemLog and _csr live in source_base (no cycle with sequence_model); re-exported here.
-from fusionrec.pipeline.retrieval.source_base import Source, UserItemLog, _csr, derived_array, with_tags
+from fusionrec.pipeline.retrieval.source_base import (
+    Source,
+    UserItemLog,
+    _csr,
+    derived_array,
+    matrix_digest,
+    with_tags,
+)
 from fusionrec.pipeline.threads import thread_map
 
 log = logging.getLogger("fusionrec.sources")
@@ -116,9 +123,10 @@ class EASE(Source):
             return b.astype(np.float32)
 
         # `ease` and `recent_ease` fit the same weights (they differ in the rows they score)
-        # (the same tags: one tag matrix per candidate model, which outlives the log's cache)
+        # (and the same tags: keyed by the tag matrix's contents)
         tagged = x is not log.matrix
-        key = ("ease", self.lam, self.tag_weight if tagged else 0.0, id(self.tags) if tagged else None)
+        key = ("ease", self.lam, self.tag_weight if tagged else 0.0,
+               matrix_digest(self.tags) if tagged and self.tags is not None else None)
         self.b_ = derived_array(log, key, weights)
         return self
 

@@ -6,14 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
 from polars.testing import assert_frame_equal
 
 from fusionrec.pipeline.retrieval.candidates import CandidateModel
-from fusionrec.pipeline.retrieval.sources import als_available
+from fusionrec.pipeline.retrieval.sources import als_available, tag_matrix
 from tests.pipeline.test_sources import ITEMS, pairs_log
 
 
-def test_a_loaded_candidate_model_scores_as_the_fitted_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("with_tags", [False, True])
+def test_a_loaded_candidate_model_scores_as_the_fitted_one(tmp_path: Path, with_tags: bool) -> None:
+    """With tags, every source that can use them is fitted with them; serving loads the fitted
+    arrays without the tags (no refit), and scores the same."""
     frame = pairs_log(n_users=30)
     users = pl.DataFrame({"user_id": [f"u{u:02d}" for u in range(32)], "side": ["even", "odd"] * 16,
                           "text": [None] * 32})
@@ -23,9 +27,15 @@ def test_a_loaded_candidate_model_scores_as_the_fitted_one(tmp_path: Path) -> No
     names = ["ease", "recent_ease", "itemknn", "recent_itemknn", "sequence", "rp3beta", "content", "popular",
              "segment_popular", *(["als"] if als_available() else [])]
     params = {n: ({"factors": 4, "iterations": 3, "seeds": 2} if n == "als" else {}) for n in names}
+    tags = None
+    if with_tags:
+        tags = tag_matrix(pl.DataFrame({"item_id": list(ITEMS), "tags": [f"t{j % 3}" for j in range(len(ITEMS))]}),
+                          ITEMS, min_items=2)
+        params = {n: {**p, "tag_weight": 0.5} if n in ("ease", "recent_ease", "itemknn", "recent_itemknn", "rp3beta",
+                                                       "als") else p for n, p in params.items()}
     weights = {n: float(w) for n, w in zip(names, rng.uniform(0.1, 2.0, len(names)), strict=False)}
     fitted = CandidateModel(n_candidates=6, threshold=4.0, params=params, weights=weights, content=content,
-                            user_content=user_content).fit(frame, ITEMS, users, None)
+                            user_content=user_content, tags=tags).fit(frame, ITEMS, users, None)
     fitted.save(tmp_path / "sources")
     loaded = CandidateModel.load(tmp_path / "sources", frame, ITEMS, users, None, content=content,
                                  user_content=user_content)

@@ -185,6 +185,8 @@ def test_tags_place_an_item_without_interactions_by_its_tags(name: str) -> None:
         assert tagged.users_.shape == plain.users_.shape == (log.n_users, 8)  # the tags' own rows dropped
     with pytest.raises(ValueError, match="12"):
         make_source(name, {**setting, "tag_weight": 1.0}, tags=tags[:, :5]).fit(log)
+    with pytest.raises(ValueError, match="needs the items' tags"):  # never silently a model without them
+        make_source(name, {**setting, "tag_weight": 1.0}).fit(log)
 
 
 def test_ease_and_recent_ease_share_weights_only_for_the_same_tag_weight() -> None:
@@ -196,6 +198,12 @@ def test_ease_and_recent_ease_share_weights_only_for_the_same_tag_weight() -> No
     again = make_source("ease", {"lam": 10.0, "tag_weight": 1.0}, tags=tags).fit(log)
     assert not np.array_equal(plain.b_, tagged.b_)
     assert again.b_ is tagged.b_  # one inversion, shared
+    # Other tags (the same shape) are another matrix: never the cached weights of the first.
+    odd_even = tag_matrix(items.with_columns(pl.Series("tags", ["odd" if j % 2 else "even" for j in range(12)])),
+                          ITEMS, min_items=2)
+    assert odd_even is not None and odd_even.shape == tags.shape
+    other = make_source("ease", {"lam": 10.0, "tag_weight": 1.0}, tags=odd_even).fit(log)
+    assert not np.array_equal(other.b_, tagged.b_)
 
 
 def test_a_tag_that_is_one_users_own_list_is_dropped() -> None:
