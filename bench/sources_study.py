@@ -49,6 +49,7 @@ PREVIOUS_ALS = [{"factors": f, "regularization": r, "alpha": a} for f, r, a in
 PREVIOUS_STEPS = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
 MAX_SEEDS = 6
 
+ITEM_ITEM = ("ease", "recent_ease", "itemknn", "recent_itemknn", "rp3beta")  # the co-occurrence sources besides ALS
 VARIANTS: dict[str, dict[str, Any]] = {
     "previous": {"als_grid": "previous", "seeds": 3, "steps": PREVIOUS_STEPS, "rounds": 3},
     "six seeds": {"als_grid": "previous", "seeds": 6, "steps": PREVIOUS_STEPS, "rounds": 3},
@@ -62,15 +63,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # with a paired interval above 0 (`candidates.tags_win`): ALS only (the first step) ...
     "the tag settings in ALS only, under the rule": {"als_grid": "tags", "seeds": 6, "steps": C.BLEND_STEPS,
                                                      "rounds": 4},
-    # The leads below were judged against the wide grid without the tag settings (the shipped
-    # one then); their "shipped" means that grid.
     # ... and shipped: the item-item sources too (EASE, item-kNN, their recent forms, RP3beta).
     "shipped: the tag settings in every source that learns from co-occurrence": {
         "als_grid": "tags", "seeds": 6, "steps": C.BLEND_STEPS, "rounds": 4,
-        "tag_sources": ("ease", "recent_ease", "itemknn", "recent_itemknn", "rp3beta")},
+        "tag_sources": ITEM_ITEM},
     "shipped + ALS at 256 factors with tags (past the grid's edge)": {
         "als_grid": "tags_wider", "seeds": 6, "steps": C.BLEND_STEPS, "rounds": 4,
-        "tag_sources": ("ease", "recent_ease", "itemknn", "recent_itemknn", "rp3beta")},
+        "tag_sources": ITEM_ITEM},
+    # The leads below were judged against the wide grid without the tag settings (the shipped
+    # one then); their "shipped" means that grid.
     "shipped + the second-best ALS setting as one more source": {"als_grid": "wide", "seeds": 6,
                                                                  "steps": C.BLEND_STEPS, "rounds": 4, "second": True},
     # The index stage's cost: 60 ALS fits to search ten settings with six seeds each. Choosing
@@ -219,9 +220,10 @@ class Study:
                     best = best_tagged
             z[name] = C.zscore(best, self.blocked)
         plain = [g for g in SEARCH_GRID["als"] if not g.get("tag_weight")]
-        tagged = [g for g in SEARCH_GRID["als"] if ("als", json.dumps(g, sort_keys=True), 0) in self.scores]
-        wider = tagged + [g for g in WIDER_TAGGED_ALS if ("als", json.dumps(g, sort_keys=True), 0) in self.scores]
-        grid = {"previous": PREVIOUS_ALS, "wide": plain, "tags": tagged, "tags_any": tagged,
+        # The whole grid, tag settings included where the items had tags (they were scored).
+        with_tags = [g for g in SEARCH_GRID["als"] if ("als", json.dumps(g, sort_keys=True), 0) in self.scores]
+        wider = with_tags + [g for g in WIDER_TAGGED_ALS if ("als", json.dumps(g, sort_keys=True), 0) in self.scores]
+        grid = {"previous": PREVIOUS_ALS, "wide": plain, "tags": with_tags, "tags_any": with_tags,
                 "tags_wider": wider}[variant["als_grid"]]
         def als(g: dict[str, Any], seeds: int) -> np.ndarray:
             return np.mean([self.scores[("als", json.dumps(g, sort_keys=True), k)] for k in range(seeds)], axis=0)
