@@ -37,7 +37,7 @@ Share = Annotated[float, Field(ge=0, le=1)]  # [0, 1]
 OpenFraction = Annotated[float, Field(gt=0, lt=1)]  # (0, 1)
 Weights = dict[str, NonNegFloat]
 
-SOURCE_NAMES = ("auto", "ease", "recent_ease", "itemknn", "recent_itemknn", "sequence", "gru", "als", "rp3beta",
+SOURCE_NAMES = ("auto", "ease", "recent_ease", "itemknn", "recent_itemknn", "sequence", "gru", "als", "vae", "rp3beta",
                 "content", "popular", "segment_popular")
 # A dimension every usual factory string divides (PQ8..PQ64, OPQ, IVF, HNSW): factories are
 # parsed by FAISS with it at load time; the real dimension is checked again when the index is built.

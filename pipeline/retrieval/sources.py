@@ -30,12 +30,13 @@ from fusionrec.pipeline.retrieval.source_base import (
     matrix_digest,
     with_tags,
 )
+from fusionrec.pipeline.retrieval.vae_model import MultVAE
 from fusionrec.pipeline.threads import thread_map
 
 log = logging.getLogger("fusionrec.sources")
 
-SOURCE_NAMES = ("ease", "itemknn", "recent_ease", "recent_itemknn", "sequence", "als", "rp3beta", "content", "popular",
-                "segment_popular")
+SOURCE_NAMES = ("ease", "itemknn", "recent_ease", "recent_itemknn", "sequence", "als", "vae", "rp3beta", "content",
+                "popular", "segment_popular")
 
 
 def relevance_threshold(interactions: pl.DataFrame, setting: float) -> float | None:
@@ -204,10 +205,10 @@ class ALS(Source):
 
     def __init__(self, factors: int = 64, regularization: float = 0.05, iterations: int = 15, alpha: float = 10.0,
                  seed: int = 0, threads: int = 0, seeds: int = 6, tag_weight: float = 0.0,
-                 tags: sp.csr_matrix | None = None) -> None:
+                 tags: sp.csr_matrix | None = None, bm25: bool = False) -> None:
         self.factors, self.regularization, self.iterations = int(factors), float(regularization), int(iterations)
         self.alpha, self.seed, self.threads, self.seeds = float(alpha), int(seed), int(threads), int(seeds)
-        self.tag_weight, self.tags = float(tag_weight), tags
+        self.tag_weight, self.tags, self.bm25 = float(tag_weight), tags, bool(bm25)
 
     def fit(self, log: UserItemLog) -> ALS:
         from implicit.cpu.als import AlternatingLeastSquares  # optional, heavy: imported when used
@@ -225,6 +226,12 @@ class ALS(Source):
 
         n_users = log.matrix.shape[0]
         matrix = with_tags(log.matrix, self.tags, self.tag_weight)
+        if self.bm25:
+            from implicit.nearest_neighbours import bm25_weight
+
+            # Items as documents and users as terms (implicit's Last.fm recipe): a popular
+            # item's rows and a heavy user's columns weigh less.
+            matrix = sp.csr_matrix(bm25_weight(matrix.T, K1=100, B=0.8).T, dtype=np.float32)
 
         # No BLAS threads beside the fits: one limit around all of them (where the BLAS keeps
         # one count for the process, every fit's own limit then saves and restores 1, not a
@@ -241,7 +248,8 @@ class ALS(Source):
 
     def params(self) -> dict[str, Any]:
         return {"factors": self.factors, "regularization": self.regularization, "iterations": self.iterations,
-                "alpha": self.alpha, "seed": self.seed, "seeds": self.seeds, "tag_weight": self.tag_weight}
+                "alpha": self.alpha, "seed": self.seed, "seeds": self.seeds, "tag_weight": self.tag_weight,
+                "bm25": self.bm25}
 
     def state(self) -> dict[str, np.ndarray]:
         return {"users": self.users_, "items": self.items_}
@@ -582,7 +590,7 @@ def make_source(name: str, params: dict[str, Any] | None = None, *, segments: np
     if name == "als":
         return ALS(factors=params.get("factors", 64), regularization=params.get("regularization", 0.05),
                    iterations=params.get("iterations", 15), alpha=params.get("alpha", 10.0), seed=seed,
-                   seeds=params.get("seeds", 6), **tagging)
+                   seeds=params.get("seeds", 6), bm25=params.get("bm25", False), **tagging)
     if name == "rp3beta":
         return RP3beta(alpha=params.get("alpha", 1.0), beta=params.get("beta", 0.5),
                        neighbours=params.get("neighbours", 200), **tagging)
@@ -592,6 +600,8 @@ def make_source(name: str, params: dict[str, Any] | None = None, *, segments: np
         return Sequence(window=params.get("window", 10), decay=params.get("decay", 0.8))
     if name == "gru":
         return GRUSequence(**params, seed=seed)
+    if name == "vae":
+        return MultVAE(epochs=params.get("epochs", 35), seeds=params.get("seeds", 3), seed=seed, **tagging)
     if name == "popular":
         return Popular()
     if name == "segment_popular":
@@ -623,6 +633,8 @@ SEARCH_GRID: dict[str, list[dict[str, Any]]] = {
         ((64, 50.0, 20.0, 0.5), (64, 100.0, 40.0, 0.5), (128, 100.0, 40.0, 0.5), (128, 100.0, 40.0, 1.0))],
     "rp3beta": [{"alpha": a, "beta": b} for a, b in ((1.0, 0.3), (1.0, 0.5), (0.8, 0.5), (1.0, 0.7), (0.6, 0.3))] + [
         {"alpha": a, "beta": 0.5, "tag_weight": 1.0} for a in (1.0, 0.8)],
+    # Mult-VAE overfits past about 50 epochs on both sets; with and without the tags as extra users.
+    "vae": [{"epochs": e} for e in (35, 50)] + [{"epochs": e, "tag_weight": 1.0} for e in (35, 50)],
     "content": [{"neighbours": n} for n in (20, 50, 100, 200, 400)],
     "sequence": [{"window": w, "decay": d} for w in (3, 10) for d in (0.5, 0.8)],
     "gru": [{"dim": 64, "epochs": 10, "dropout": 0.2}, {"dim": 64, "epochs": 20, "dropout": 0.5}],

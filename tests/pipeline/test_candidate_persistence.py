@@ -25,14 +25,15 @@ def test_a_loaded_candidate_model_scores_as_the_fitted_one(tmp_path: Path, with_
     content = rng.normal(size=(len(ITEMS), 6)).astype(np.float32)
     user_content = {"u31": rng.normal(size=6).astype(np.float32)}  # a user without history, with content
     names = ["ease", "recent_ease", "itemknn", "recent_itemknn", "sequence", "rp3beta", "content", "popular",
-             "segment_popular", *(["als"] if als_available() else [])]
-    params = {n: ({"factors": 4, "iterations": 3, "seeds": 2} if n == "als" else {}) for n in names}
+             "segment_popular", "vae", *(["als"] if als_available() else [])]
+    params = {n: ({"factors": 4, "iterations": 3, "seeds": 2} if n == "als" else
+                  {"epochs": 5, "seeds": 2} if n == "vae" else {}) for n in names}
     tags = None
     if with_tags:
         tags = tag_matrix(pl.DataFrame({"item_id": list(ITEMS), "tags": [f"t{j % 3}" for j in range(len(ITEMS))]}),
                           ITEMS, min_items=2)
         params = {n: {**p, "tag_weight": 0.5} if n in ("ease", "recent_ease", "itemknn", "recent_itemknn", "rp3beta",
-                                                       "als") else p for n, p in params.items()}
+                                                       "als", "vae") else p for n, p in params.items()}
     weights = {n: float(w) for n, w in zip(names, rng.uniform(0.1, 2.0, len(names)), strict=False)}
     fitted = CandidateModel(n_candidates=6, threshold=4.0, params=params, weights=weights, content=content,
                             user_content=user_content, tags=tags).fit(frame, ITEMS, users, None)
