@@ -41,7 +41,7 @@ from peers import RESULTS, SETS  # noqa: E402
 from fusionrec.pipeline.config import Config  # noqa: E402
 from fusionrec.pipeline.retrieval import candidates as C  # noqa: E402
 from fusionrec.pipeline.retrieval import stage  # noqa: E402
-from fusionrec.pipeline.retrieval.sources import SEARCH_GRID, make_source, tag_matrix  # noqa: E402
+from fusionrec.pipeline.retrieval.sources import SEARCH_GRID, make_source, tag_matrix, with_tags  # noqa: E402
 
 # What the sources used before this study: five ALS settings, three seeds, seven blend steps.
 PREVIOUS_ALS = [{"factors": f, "regularization": r, "alpha": a} for f, r, a in
@@ -94,6 +94,32 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # a classic strong model on music logs, which no source covers (`USERKNN_GRID`).
     "shipped + user-kNN as one more source": {"als_grid": "wide", "seeds": 6, "steps": C.BLEND_STEPS,
                                               "rounds": 4, "userknn": True},
+    # A lead: EDLAE (Steck 2020), EASE whose penalty on each item grows with its popularity
+    # (lambda + p / (1 - p) x the item's Gram diagonal, the closed form of dropout at rate p),
+    # its settings (`EDLAE_GRID`) added to the grids of `ease` and `recent_ease`.
+    "shipped + EDLAE settings in the EASE grids": {"als_grid": "tags", "seeds": 6, "steps": C.BLEND_STEPS,
+                                                   "rounds": 4, "tag_sources": ITEM_ITEM, "edlae": True},
+    # A lead: ALS on BM25-weighted positives (implicit's Last.fm recipe, K1 100, B 0.8), its
+    # settings (`BM25_ALS`) added to the ALS grid, under the same rule for the tag settings.
+    "shipped + BM25-weighted ALS settings": {"als_grid": "bm25", "seeds": 6, "steps": C.BLEND_STEPS,
+                                             "rounds": 4, "tag_sources": ITEM_ITEM},
+    # A lead: Mult-VAE (Liang et al. 2018), a non-linear autoencoder over each user's positives,
+    # as one more source (`VAE_GRID`; three seeds averaged, as ALS averages its seeds).
+    "shipped + Mult-VAE as one more source": {"als_grid": "tags", "seeds": 6, "steps": C.BLEND_STEPS,
+                                              "rounds": 4, "tag_sources": (*ITEM_ITEM, "vae"), "vae": True},
+    # ... and kept only where the blend with it beats the blend without it on the choosing half,
+    # with a paired interval above 0 (the rule `candidates.tags_win` applies to the tag settings).
+    "shipped + Mult-VAE under the clear-gain rule": {"als_grid": "tags", "seeds": 6, "steps": C.BLEND_STEPS,
+                                                     "rounds": 4, "tag_sources": (*ITEM_ITEM, "vae"), "vae": True,
+                                                     "vae_rule": True},
+    # ... or kept only where, within the choosing half, weights searched on one quarter with and
+    # without it and scored on the other (both ways) favour it: by the mean, or by an interval above 0.
+    "shipped + Mult-VAE if it wins out of fold (mean)": {"als_grid": "tags", "seeds": 6, "steps": C.BLEND_STEPS,
+                                                         "rounds": 4, "tag_sources": (*ITEM_ITEM, "vae"), "vae": True,
+                                                         "vae_cross": "mean"},
+    "shipped + Mult-VAE if it wins out of fold (interval)": {"als_grid": "tags", "seeds": 6, "steps": C.BLEND_STEPS,
+                                                             "rounds": 4, "tag_sources": (*ITEM_ITEM, "vae"),
+                                                             "vae": True, "vae_cross": "interval"},
 }
 PENALTIES = (0.0, -0.125, -0.25, -0.375, -0.5, -0.75, -1.0, -1.5)  # weight on the popularity z-score
 CEASE_GRID = [{"lam": lam, "beta": beta} for lam in (50.0, 100.0, 200.0, 500.0) for beta in (10.0, 30.0, 100.0, 300.0)]
@@ -101,7 +127,12 @@ CEASE_GRID = [{"lam": lam, "beta": beta} for lam in (50.0, 100.0, 200.0, 500.0) 
 # 1, both the grid's edge); one more setting past that edge.
 WIDER_TAGGED_ALS = [{"factors": 256, "regularization": 100.0, "alpha": 40.0, "tag_weight": 1.0}]
 USERKNN_GRID = [{"neighbours": k, "shrink": 10.0} for k in (20, 50, 100, 200, 400)]
-LEADS = ("cease", "userknn")  # scores of leads, used only by the variants that name them
+EDLAE_GRID = [{"lam": lam, "dropout": p} for lam in (10.0, 100.0) for p in (0.1, 0.25, 0.5)]
+BM25_ALS = [{"factors": f, "regularization": r, "alpha": a, "bm25": True} for f, r, a in
+            ((64, 50.0, 20.0), (128, 100.0, 40.0), (64, 50.0, 5.0), (128, 100.0, 10.0), (32, 5.0, 1.0))] + [
+    {"factors": 128, "regularization": 100.0, "alpha": a, "tag_weight": 1.0, "bm25": True} for a in (10.0, 40.0)]
+VAE_GRID = [{"epochs": e} for e in (35, 50)] + [{"epochs": e, "tag_weight": 1.0} for e in (35, 50)]
+LEADS = ("cease", "userknn", "vae")  # scores of leads, used only by the variants that name them
 SHIPPED = "shipped: the tag settings in every source that learns from co-occurrence"
 
 Key = tuple[str, str, int]  # source, setting, seed
@@ -135,10 +166,10 @@ def source_scores(dataset: str) -> tuple[dict[Key, np.ndarray], np.ndarray, np.n
     truth = np.zeros((len(users), len(item_ids)), bool)
     truth[[row[u] for u in truth_frame["user_id"].to_list()], [col[i] for i in truth_frame["item_id"].to_list()]] = True
     scores: dict[Key, np.ndarray] = {}
-    grids = {**SEARCH_GRID, "als": SEARCH_GRID["als"] + [s for s in PREVIOUS_ALS + WIDER_TAGGED_ALS
+    grids = {**SEARCH_GRID, "als": SEARCH_GRID["als"] + [s for s in PREVIOUS_ALS + WIDER_TAGGED_ALS + BM25_ALS
                                                           if s not in SEARCH_GRID["als"]]}
     for name in stage.source_names(config, len(item_ids)):
-        if name in (C.FUSED, "gru") or (name == "segment_popular" and base.segments_.shape[1] == 0):
+        if name in (C.FUSED, "gru", "vae") or (name == "segment_popular" and base.segments_.shape[1] == 0):
             continue
         for setting in grids[name]:
             if setting.get("tag_weight") and tags is None:
@@ -157,6 +188,20 @@ def source_scores(dataset: str) -> tuple[dict[Key, np.ndarray], np.ndarray, np.n
             scores[("cease", json.dumps(setting, sort_keys=True), 0)] = collective_ease(
                 base.log_.matrix, content, **setting)[rows]
         print(f"  collective EASE: {len(CEASE_GRID)} settings", file=sys.stderr, flush=True)
+    for setting in EDLAE_GRID:
+        b = edlae(base.log_.matrix, **setting)
+        scores[("ease", json.dumps(setting, sort_keys=True), 0)] = np.asarray(base.log_.matrix[rows] @ b, np.float32)
+        scores[("recent_ease", json.dumps(setting, sort_keys=True), 0)] = np.asarray(base.log_.recent[rows] @ b,
+                                                                                      np.float32)
+    print(f"  EDLAE: {len(EDLAE_GRID)} settings", file=sys.stderr, flush=True)
+    for setting in VAE_GRID:
+        if setting.get("tag_weight") and tags is None:
+            continue
+        vae = np.mean([mult_vae(with_tags(base.log_.matrix, tags, setting.get("tag_weight", 0.0)), rows, seed=k,
+                                epochs=setting["epochs"], beta=0.2) for k in range(3)], axis=0)
+        scores[("vae", json.dumps(setting, sort_keys=True), 0)] = vae
+        mean = float(C.ndcg_at(np.where(base.blocked(rows), -np.inf, vae), truth).mean())
+        print(f"  Mult-VAE {setting}: validation NDCG@10 {mean:.4f} alone", file=sys.stderr, flush=True)
     for setting in USERKNN_GRID:
         scores[("userknn", json.dumps(setting, sort_keys=True), 0)] = user_knn(base.log_.matrix, rows, **setting)
     print(f"  user-kNN: {len(USERKNN_GRID)} settings", file=sys.stderr, flush=True)
@@ -175,6 +220,54 @@ def collective_ease(x: Any, content: np.ndarray, lam: float, beta: float) -> np.
     b = -p / np.diag(p)
     np.fill_diagonal(b, 0.0)
     return np.asarray(x @ b, dtype=np.float32)
+
+
+def edlae(x: Any, lam: float, dropout: float) -> np.ndarray:
+    """EDLAE's weights (Steck 2020): EASE with lambda + p / (1 - p) x diag(X'X) on each item's diagonal."""
+    gram = (x.T @ x).toarray().astype(np.float64)
+    gram[np.diag_indices_from(gram)] += lam + dropout / (1.0 - dropout) * np.diag(gram)
+    p = np.linalg.inv(gram)
+    b = -p / np.diag(p)
+    np.fill_diagonal(b, 0.0)
+    return b.astype(np.float32)
+
+
+def mult_vae(x: Any, rows: np.ndarray, epochs: int, beta: float, seed: int, hidden: int = 600,
+             latent: int = 200, dropout: float = 0.5, batch: int = 128) -> np.ndarray:
+    """Mult-VAE (Liang et al. 2018) fitted on every user's positive row; the scored users' logits."""
+    import torch
+
+    torch.manual_seed(seed)
+    data = torch.from_numpy(x.toarray().astype(np.float32))
+    n_users, n_items = data.shape
+    enc = torch.nn.Sequential(torch.nn.Linear(n_items, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 2 * latent))
+    dec = torch.nn.Sequential(torch.nn.Linear(latent, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, n_items))
+    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-3)
+    steps, total = 0, epochs * ((n_users + batch - 1) // batch)
+    gen = torch.Generator().manual_seed(seed)
+
+    def encode(b: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.nn.functional.normalize(b, dim=1)
+        if train:
+            h = torch.nn.functional.dropout(h, dropout)
+        mu, logvar = enc(h).chunk(2, dim=1)
+        return mu, logvar
+
+    for _ in range(epochs):
+        for idx in torch.randperm(n_users, generator=gen).split(batch):
+            b = data[idx]
+            mu, logvar = encode(b, True)
+            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+            nll = -(torch.log_softmax(dec(z), dim=1) * b).sum(dim=1).mean()
+            kl = (-0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(dim=1)).mean()
+            loss = nll + min(beta, beta * steps / max(total * 0.8, 1)) * kl
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+    with torch.no_grad():
+        mu, _ = encode(data[torch.from_numpy(np.asarray(rows))], False)
+        return torch.log_softmax(dec(mu), dim=1).numpy().astype(np.float32)
 
 
 def user_knn(x: Any, rows: np.ndarray, neighbours: int, shrink: float) -> np.ndarray:
@@ -211,7 +304,8 @@ class Study:
         z: dict[str, np.ndarray] = {}
         leads = {lead for lead in LEADS if variant.get(lead)}
         for name in sorted({k[0] for k in self.scores} - {"als", *LEADS} | leads):
-            options = {k[1]: v for k, v in self.scores.items() if k[0] == name and "tag_weight" not in k[1]}
+            options = {k[1]: v for k, v in self.scores.items() if k[0] == name and "tag_weight" not in k[1]
+                       and ("dropout" not in k[1] or variant.get("edlae"))}
             tagged = {k[1]: v for k, v in self.scores.items() if k[0] == name and "tag_weight" in k[1]}
             best = self.best(options, choose)
             if tagged and name in variant.get("tag_sources", ()):  # the nightly rule, as for ALS
@@ -223,14 +317,15 @@ class Study:
         # The whole grid, tag settings included where the items had tags (they were scored).
         with_tags = [g for g in SEARCH_GRID["als"] if ("als", json.dumps(g, sort_keys=True), 0) in self.scores]
         wider = with_tags + [g for g in WIDER_TAGGED_ALS if ("als", json.dumps(g, sort_keys=True), 0) in self.scores]
+        bm25 = with_tags + [g for g in BM25_ALS if ("als", json.dumps(g, sort_keys=True), 0) in self.scores]
         grid = {"previous": PREVIOUS_ALS, "wide": plain, "tags": with_tags, "tags_any": with_tags,
-                "tags_wider": wider}[variant["als_grid"]]
+                "tags_wider": wider, "bm25": bm25}[variant["als_grid"]]
         def als(g: dict[str, Any], seeds: int) -> np.ndarray:
             return np.mean([self.scores[("als", json.dumps(g, sort_keys=True), k)] for k in range(seeds)], axis=0)
 
         choose_seeds = variant.get("choose_seeds", variant["seeds"])
         ranked_grid = sorted(grid, key=lambda g: -float(self.ndcg(als(g, choose_seeds), choose).mean()))
-        if variant["als_grid"] in ("tags", "tags_wider"):  # the nightly rule: tags only with a clear gain
+        if variant["als_grid"] in ("tags", "tags_wider", "bm25"):  # the nightly rule: tags only with a clear gain
             best_plain = next(g for g in ranked_grid if not g.get("tag_weight"))
             best_tagged = next((g for g in ranked_grid if g.get("tag_weight")), None)
             if best_tagged is None or not C.tags_win(self.ndcg(als(best_tagged, choose_seeds), choose),
@@ -246,6 +341,32 @@ class Study:
         weights = C.search_weights({k: v[choose] for k, v in z.items()}, self.truth[choose], self.blocked[choose],
                                    steps=variant["steps"], rounds=variant["rounds"])
         total = np.asarray(sum(weights[k] * z[k] for k in z if weights[k]))
+        if variant.get("vae_cross") and weights.get("vae"):  # kept only if it wins out of fold within `choose`
+            without = {k: v for k, v in z.items() if k != "vae"}
+            rng = np.random.default_rng(len(choose))
+            perm = rng.permutation(choose)
+            folds = (np.sort(perm[: len(perm) // 2]), np.sort(perm[len(perm) // 2:]))
+            diff = []
+            for a, b in (folds, folds[::-1]):
+                per = []
+                for zz in (z, without):
+                    w = C.search_weights({k: v[a] for k, v in zz.items()}, self.truth[a], self.blocked[a],
+                                         steps=variant["steps"], rounds=variant["rounds"])
+                    per.append(self.ndcg(np.asarray(sum(w[k] * zz[k] for k in zz if w[k])), b))
+                diff.append(per[0] - per[1])
+            d = np.concatenate(diff)
+            lo = paired(d)[1]
+            if not (d.mean() > 0 if variant["vae_cross"] == "mean" else lo > 0):
+                w0 = C.search_weights({k: v[choose] for k, v in without.items()}, self.truth[choose],
+                                      self.blocked[choose], steps=variant["steps"], rounds=variant["rounds"])
+                total = np.asarray(sum(w0[k] * without[k] for k in without if w0[k]))
+        if variant.get("vae_rule") and weights.get("vae"):  # the nightly rule: kept only with a clear gain
+            without = {k: v for k, v in z.items() if k != "vae"}
+            w0 = C.search_weights({k: v[choose] for k, v in without.items()}, self.truth[choose],
+                                  self.blocked[choose], steps=variant["steps"], rounds=variant["rounds"])
+            total0 = np.asarray(sum(w0[k] * without[k] for k in without if w0[k]))
+            if not C.tags_win(self.ndcg(total, choose), self.ndcg(total0, choose))[0]:
+                total = total0
         if variant.get("penalty") and "popular" in z:
             best = max(PENALTIES, key=lambda p: float(self.ndcg(total + p * z["popular"], choose).mean()))
             total = total + best * z["popular"]
