@@ -379,3 +379,20 @@ def test_the_search_hands_back_the_label_windows_model_as_a_fresh_fit_would_make
     ours, theirs = model.candidates(users), fresh.candidates(users)
     assert ours.height == theirs.height > 0
     assert ours.equals(theirs)
+
+
+def test_als_bm25_weighting_changes_the_fit_and_is_recorded() -> None:
+    if not als_available():
+        pytest.skip("the `implicit` package is not installed")
+    log, _ = fitted("als", pairs_log(n_users=60))
+    setting = {"factors": 4, "regularization": 0.1, "iterations": 30, "seeds": 2}
+    rows = np.arange(log.n_users)
+    plain = make_source("als", setting).fit(log)
+    weighted = make_source("als", {**setting, "bm25": True}).fit(log)
+    assert not plain.params()["bm25"] and weighted.params()["bm25"]
+    assert not np.allclose(plain.score(log, rows), weighted.score(log, rows))
+    # Still each user's own taste: the items of their half outscore the other half's on average.
+    scores = weighted.score(log, rows)
+    own = np.array([scores[u, :6].mean() > scores[u, 6:].mean() if u % 2 == 0 else
+                    scores[u, 6:].mean() > scores[u, :6].mean() for u in rows])
+    assert own.mean() > 0.9
