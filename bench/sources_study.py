@@ -41,7 +41,7 @@ from peers import RESULTS, SETS  # noqa: E402
 from fusionrec.pipeline.config import Config  # noqa: E402
 from fusionrec.pipeline.retrieval import candidates as C  # noqa: E402
 from fusionrec.pipeline.retrieval import stage  # noqa: E402
-from fusionrec.pipeline.retrieval.sources import SEARCH_GRID, make_source, tag_matrix, with_tags  # noqa: E402
+from fusionrec.pipeline.retrieval.sources import SEARCH_GRID, make_source, tag_matrix  # noqa: E402
 
 # What the sources used before this study: five ALS settings, three seeds, seven blend steps.
 PREVIOUS_ALS = [{"factors": f, "regularization": r, "alpha": a} for f, r, a in
@@ -104,7 +104,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "shipped + BM25-weighted ALS settings": {"als_grid": "bm25", "seeds": 6, "steps": C.BLEND_STEPS,
                                              "rounds": 4, "tag_sources": ITEM_ITEM},
     # A lead: Mult-VAE (Liang et al. 2018), a non-linear autoencoder over each user's positives,
-    # as one more source (`VAE_GRID`; three seeds averaged, as ALS averages its seeds).
+    # as one more source (`sources.SEARCH_GRID["vae"]`; three seeds averaged, as ALS averages its seeds).
     "shipped + Mult-VAE as one more source": {"als_grid": "tags", "seeds": 6, "steps": C.BLEND_STEPS,
                                               "rounds": 4, "tag_sources": (*ITEM_ITEM, "vae"), "vae": True},
     # ... and kept only where the blend with it beats the blend without it on the choosing half,
@@ -131,7 +131,6 @@ EDLAE_GRID = [{"lam": lam, "dropout": p} for lam in (10.0, 100.0) for p in (0.1,
 BM25_ALS = [{"factors": f, "regularization": r, "alpha": a, "bm25": True} for f, r, a in
             ((64, 50.0, 20.0), (128, 100.0, 40.0), (64, 50.0, 5.0), (128, 100.0, 10.0), (32, 5.0, 1.0))] + [
     {"factors": 128, "regularization": 100.0, "alpha": a, "tag_weight": 1.0, "bm25": True} for a in (10.0, 40.0)]
-VAE_GRID = [{"epochs": e} for e in (35, 50)] + [{"epochs": e, "tag_weight": 1.0} for e in (35, 50)]
 LEADS = ("cease", "userknn", "vae")  # scores of leads, used only by the variants that name them
 SHIPPED = "shipped: the tag settings in every source that learns from co-occurrence"
 
@@ -169,7 +168,7 @@ def source_scores(dataset: str) -> tuple[dict[Key, np.ndarray], np.ndarray, np.n
     grids = {**SEARCH_GRID, "als": SEARCH_GRID["als"] + [s for s in PREVIOUS_ALS + WIDER_TAGGED_ALS + BM25_ALS
                                                           if s not in SEARCH_GRID["als"]]}
     for name in stage.source_names(config, len(item_ids)):
-        if name in (C.FUSED, "gru", "vae") or (name == "segment_popular" and base.segments_.shape[1] == 0):
+        if name in (C.FUSED, "gru") or (name == "segment_popular" and base.segments_.shape[1] == 0):
             continue
         for setting in grids[name]:
             if setting.get("tag_weight") and tags is None:
@@ -194,11 +193,10 @@ def source_scores(dataset: str) -> tuple[dict[Key, np.ndarray], np.ndarray, np.n
         scores[("recent_ease", json.dumps(setting, sort_keys=True), 0)] = np.asarray(base.log_.recent[rows] @ b,
                                                                                       np.float32)
     print(f"  EDLAE: {len(EDLAE_GRID)} settings", file=sys.stderr, flush=True)
-    for setting in VAE_GRID:
+    for setting in SEARCH_GRID["vae"]:  # an opt-in source (not in `auto`): scored here as a lead
         if setting.get("tag_weight") and tags is None:
             continue
-        vae = np.mean([mult_vae(with_tags(base.log_.matrix, tags, setting.get("tag_weight", 0.0)), rows, seed=k,
-                                epochs=setting["epochs"], beta=0.2) for k in range(3)], axis=0)
+        vae = make_source("vae", setting, tags=tags).fit(base.log_).score(base.log_, rows)
         scores[("vae", json.dumps(setting, sort_keys=True), 0)] = vae
         mean = float(C.ndcg_at(np.where(base.blocked(rows), -np.inf, vae), truth).mean())
         print(f"  Mult-VAE {setting}: validation NDCG@10 {mean:.4f} alone", file=sys.stderr, flush=True)
@@ -216,58 +214,22 @@ def collective_ease(x: Any, content: np.ndarray, lam: float, beta: float) -> np.
     v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
     gram = (x.T @ x).toarray().astype(np.float64) + beta * (v @ v.T)
     gram[np.diag_indices_from(gram)] += lam
+    return np.asarray(x @ ease_weights(gram), dtype=np.float32)
+
+
+def ease_weights(gram: np.ndarray) -> np.ndarray:
+    """EASE's closed form from a regularised Gram: B = -P / diag(P) with a zero diagonal, P its inverse."""
     p = np.linalg.inv(gram)
     b = -p / np.diag(p)
     np.fill_diagonal(b, 0.0)
-    return np.asarray(x @ b, dtype=np.float32)
+    return b
 
 
 def edlae(x: Any, lam: float, dropout: float) -> np.ndarray:
     """EDLAE's weights (Steck 2020): EASE with lambda + p / (1 - p) x diag(X'X) on each item's diagonal."""
     gram = (x.T @ x).toarray().astype(np.float64)
     gram[np.diag_indices_from(gram)] += lam + dropout / (1.0 - dropout) * np.diag(gram)
-    p = np.linalg.inv(gram)
-    b = -p / np.diag(p)
-    np.fill_diagonal(b, 0.0)
-    return b.astype(np.float32)
-
-
-def mult_vae(x: Any, rows: np.ndarray, epochs: int, beta: float, seed: int, hidden: int = 600,
-             latent: int = 200, dropout: float = 0.5, batch: int = 128) -> np.ndarray:
-    """Mult-VAE (Liang et al. 2018) fitted on every user's positive row; the scored users' logits."""
-    import torch
-
-    torch.manual_seed(seed)
-    data = torch.from_numpy(x.toarray().astype(np.float32))
-    n_users, n_items = data.shape
-    enc = torch.nn.Sequential(torch.nn.Linear(n_items, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 2 * latent))
-    dec = torch.nn.Sequential(torch.nn.Linear(latent, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, n_items))
-    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-3)
-    steps, total = 0, epochs * ((n_users + batch - 1) // batch)
-    gen = torch.Generator().manual_seed(seed)
-
-    def encode(b: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        h = torch.nn.functional.normalize(b, dim=1)
-        if train:
-            h = torch.nn.functional.dropout(h, dropout)
-        mu, logvar = enc(h).chunk(2, dim=1)
-        return mu, logvar
-
-    for _ in range(epochs):
-        for idx in torch.randperm(n_users, generator=gen).split(batch):
-            b = data[idx]
-            mu, logvar = encode(b, True)
-            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-            nll = -(torch.log_softmax(dec(z), dim=1) * b).sum(dim=1).mean()
-            kl = (-0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(dim=1)).mean()
-            loss = nll + min(beta, beta * steps / max(total * 0.8, 1)) * kl
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
-    with torch.no_grad():
-        mu, _ = encode(data[torch.from_numpy(np.asarray(rows))], False)
-        return torch.log_softmax(dec(mu), dim=1).numpy().astype(np.float32)
+    return ease_weights(gram).astype(np.float32)
 
 
 def user_knn(x: Any, rows: np.ndarray, neighbours: int, shrink: float) -> np.ndarray:
@@ -361,12 +323,9 @@ class Study:
                                       self.blocked[choose], steps=variant["steps"], rounds=variant["rounds"])
                 total = np.asarray(sum(w0[k] * without[k] for k in without if w0[k]))
         if variant.get("vae_rule") and weights.get("vae"):  # the nightly rule: kept only with a clear gain
-            without = {k: v for k, v in z.items() if k != "vae"}
-            w0 = C.search_weights({k: v[choose] for k, v in without.items()}, self.truth[choose],
-                                  self.blocked[choose], steps=variant["steps"], rounds=variant["rounds"])
-            total0 = np.asarray(sum(w0[k] * without[k] for k in without if w0[k]))
-            if not C.tags_win(self.ndcg(total, choose), self.ndcg(total0, choose))[0]:
-                total = total0
+            weights, _ = C.gate_source("vae", weights, {k: v[choose] for k, v in z.items()}, self.truth[choose],
+                                       self.blocked[choose], seed=0)
+            total = np.asarray(sum(weights[k] * z[k] for k in z if weights[k]))
         if variant.get("penalty") and "popular" in z:
             best = max(PENALTIES, key=lambda p: float(self.ndcg(total + p * z["popular"], choose).mean()))
             total = total + best * z["popular"]
