@@ -578,9 +578,33 @@ def tag_matrix(items: pl.DataFrame | None, item_ids: np.ndarray, min_items: int 
     return tags[keep] if len(keep) else None
 
 
+# The settings each source reads (`make_source`): a setting outside these is an error, not ignored.
+SOURCE_SETTINGS: dict[str, frozenset[str]] = {
+    "ease": frozenset({"lam", "tag_weight"}), "recent_ease": frozenset({"lam", "tag_weight"}),
+    "itemknn": frozenset({"neighbours", "shrink", "tag_weight"}),
+    "recent_itemknn": frozenset({"neighbours", "shrink", "tag_weight"}),
+    "als": frozenset({"factors", "regularization", "iterations", "alpha", "seeds", "bm25", "tag_weight"}),
+    "rp3beta": frozenset({"alpha", "beta", "neighbours", "tag_weight"}),
+    "content": frozenset({"neighbours"}), "sequence": frozenset({"window", "decay"}),
+    "gru": frozenset({"dim", "epochs", "dropout", "max_len", "lr", "batch_size", "weight_decay", "threads"}),
+    "vae": frozenset({"epochs", "seeds", "tag_weight"}), "popular": frozenset(), "segment_popular": frozenset(),
+}
+
+
 def make_source(name: str, params: dict[str, Any] | None = None, *, segments: np.ndarray | None = None,
                 seed: int = 0, content: np.ndarray | None = None, tags: sp.csr_matrix | None = None) -> Source:
+    """The candidate source `name` with the settings in `params` (the others at their defaults).
+
+    Raises ValueError for an unknown source or a setting it does not have (a misspelt key
+    would otherwise fit the default silently).
+    """
     params = dict(params or {})
+    if name not in SOURCE_SETTINGS:
+        raise ValueError(f"unknown candidate source {name!r}")
+    unknown = sorted(set(params) - SOURCE_SETTINGS[name])
+    if unknown:
+        raise ValueError(f"candidate source {name!r} has no setting {', '.join(map(repr, unknown))} "
+                         f"(its settings: {', '.join(sorted(SOURCE_SETTINGS[name])) or 'none'})")
     tagging = {"tag_weight": params.get("tag_weight", 0.0), "tags": tags}
     if name in ("ease", "recent_ease"):
         return EASE(lam=params.get("lam", 200.0), recent=name == "recent_ease", **tagging)

@@ -19,7 +19,7 @@ from typing import Any
 import polars as pl
 
 from fusionrec.pipeline.config import Config
-from fusionrec.pipeline.errors import FusionrecError
+from fusionrec.pipeline.errors import ConfigError, FusionrecError
 from fusionrec.pipeline.io.manifest import hash_inputs, stage_run
 from fusionrec.pipeline.io.storage import clean_temporaries, sha256_file, write_json, write_parquet
 from fusionrec.pipeline.io.tables import load_interactions, load_items, load_users
@@ -95,9 +95,22 @@ def retriever_from_config(cfg: Config) -> Retriever:
 
 
 def source_names(config: Config, n_items: int) -> list[str]:
+    """The sources to fit for a catalog of `n_items`: `sources.names` (`auto`: by catalog size),
+    and the fused retrieval.
+
+    EASE holds items x items matrices, so a catalog above `sources.ease_max_items` that names
+    it explicitly is a ConfigError before any work, not a job killed for memory hours later.
+    """
     names = list(config.sources.names)
     if "auto" in names:
         names = default_sources(n_items, config.sources.ease_max_items)
+    dense = [n for n in names if n in ("ease", "recent_ease")]
+    if dense and n_items > config.sources.ease_max_items:
+        gib = 3 * 4 * n_items ** 2 / 2**30  # the Gram, its inverse and the weights, float32
+        raise ConfigError(f"sources.names names {', '.join(dense)}, which holds items x items matrices: "
+                          f"{n_items:,} items is above sources.ease_max_items = {config.sources.ease_max_items:,} "
+                          f"(about {gib:,.0f} GiB). Drop it from sources.names (or use 'auto'), or raise "
+                          "sources.ease_max_items if the machine has the memory")
     if config.sources.fused:
         names.append(FUSED)
     return names
@@ -143,6 +156,7 @@ def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, conf
     split), and the Retriever fitted on the whole log. `timings` receives seconds per step.
     """
     timings = {} if timings is None else timings
+    source_names(config, catalog.items.height)  # a source the catalog is too big for: say so before any work
     clock = time.perf_counter()
 
     def lap(step: str) -> None:

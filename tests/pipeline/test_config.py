@@ -118,3 +118,19 @@ def test_every_source_name_is_known() -> None:
     names = ["ease", "recent_ease", "itemknn", "recent_itemknn", "sequence", "gru", "als", "popular",
              "segment_popular"]
     assert load_config(overrides=[f"sources.names={names!r}"]).sources.names == names
+
+
+def test_naming_ease_for_a_catalog_above_its_bound_is_a_config_error() -> None:
+    """`auto` leaves EASE out above sources.ease_max_items; naming it there must not bypass the
+    bound silently (items x items matrices), and raising the bound is the way to allow it."""
+    from fusionrec.pipeline.retrieval.stage import source_names
+
+    named = load_config(overrides=["sources.names=['als','recent_ease']", "sources.ease_max_items=1000"])
+    with pytest.raises(ConfigError, match=r"names recent_ease, which holds items x items matrices: 5,000 items "
+                                          r"is above sources.ease_max_items = 1,000"):
+        source_names(named, 5_000)
+    assert source_names(named, 1_000)[:2] == ["als", "recent_ease"]
+    auto = load_config(overrides=["sources.ease_max_items=1000"])
+    assert "ease" not in source_names(auto, 5_000) and "ease" in source_names(auto, 1_000)
+    allowed = load_config(overrides=["sources.names=['als','recent_ease']", "sources.ease_max_items=5000"])
+    assert source_names(allowed, 5_000)[:2] == ["als", "recent_ease"]

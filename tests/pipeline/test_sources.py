@@ -396,3 +396,20 @@ def test_als_bm25_weighting_changes_the_fit_and_is_recorded() -> None:
     own = np.array([scores[u, :6].mean() > scores[u, 6:].mean() if u % 2 == 0 else
                     scores[u, 6:].mean() > scores[u, :6].mean() for u in rows])
     assert own.mean() > 0.9
+
+
+def test_a_setting_a_source_does_not_have_is_an_error_not_ignored() -> None:
+    """A misspelt key once fitted plain ALS in a study without a word: it must raise, naming
+    the key and the source's settings, while every setting the search tries is accepted."""
+    from fusionrec.pipeline.retrieval.sources import SOURCE_SETTINGS
+
+    for name, grid in SEARCH_GRID.items():
+        for setting in grid:
+            assert set(setting) <= SOURCE_SETTINGS[name], (name, setting)
+    with pytest.raises(ValueError, match=r"candidate source 'als' has no setting 'bm_25' \(its settings: .*bm25"):
+        make_source("als", {"factors": 8, "bm_25": True})
+    with pytest.raises(ValueError, match=r"'popular' has no setting 'lam' \(its settings: none\)"):
+        make_source("popular", {"lam": 1.0})
+    with pytest.raises(ValueError, match="unknown candidate source 'eas'"):
+        make_source("eas", {})
+    assert set(SOURCE_SETTINGS) == set(SOURCE_NAMES) | {"gru"}  # gru: opt-in, outside the contract list
