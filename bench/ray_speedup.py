@@ -6,11 +6,11 @@
 1. Reading: the embedding job's read, validate, clean-up and text hashing of the items table
    (`pipeline.embedding.job.write_plans`), synthetic items of `bench/scale.py` (title, ~50-word
    description with HTML, tags; Parquet, 64k-row groups). On Ray one task per batch of
-   `embed.batch_rows` rows (`plan_partition`), `ray.num_actors` at once; the driver writes the
-   plans in input order. Checked: every plan (row, id, content, content hash, input, error)
-   equals the local engine's, row for row.
+   `embed.batch_rows` rows (`plan_partition`), `ray.num_actors` at once, each writing its
+   batch's plan part; the driver checks the ids are unique. Checked: every plan part (row, id,
+   content, content hash, input, error) equals the local engine's, row for row.
 2. Scoring: every user's top 10 (`ranker.serving.ray_scoring.recommend_all`: retrieval and
-   ranking for batches of users on Ray actors, each memory-mapping the one FAISS index) on
+   ranking for batches of users on a pool of Ray actors, each memory-mapping the one FAISS index) on
    artifacts fitted to a synthetic catalog (embed with a fast synthetic encoder, index, train).
    Checked: the same users, items and ranks as `Recommender.recommend`, scores within 1e-6.
 
@@ -48,7 +48,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from bench.scale import WORDS, synthetic_encode, write_items  # noqa: E402
 from fusionrec.pipeline.config import Config, EmbedConfig, RankerConfig, RayConfig  # noqa: E402
-from fusionrec.pipeline.embedding.job import ModalityEncoder, run_embed, write_plans  # noqa: E402
+from fusionrec.pipeline.embedding.job import ModalityEncoder, ModalityPlan, run_embed, write_plans  # noqa: E402
 from fusionrec.pipeline.embedding.ray_engine import RayEncodeRows, import_ray  # noqa: E402
 from fusionrec.pipeline.retrieval.stage import run_index  # noqa: E402
 from fusionrec.ranker.serving.ray_scoring import recommend_all  # noqa: E402
@@ -80,21 +80,19 @@ def wait_for_quiet(path: Path, until: dt.datetime) -> dict:
 # --------------------------------------------------------------------------- 1. reading
 
 
-def plans(table: Path, work: Path, run_ordered=None) -> tuple[float, Path]:
+def plans(table: Path, work: Path, run_ordered=None) -> tuple[float, ModalityPlan]:
     shutil.rmtree(work, ignore_errors=True)
     t = time.perf_counter()
     out, _ = write_plans(table, "item", table.parent, {"text": TEXT}, work, batch_rows=EmbedConfig().batch_rows,
                          run_ordered=run_ordered)
-    return time.perf_counter() - t, out[0].path
+    return time.perf_counter() - t, out[0]
 
 
-def same_plans(a: Path, b: Path) -> bool:
-    """Row for row equal, read in step (never both files whole)."""
-    fa, fb = pq.ParquetFile(a), pq.ParquetFile(b)
-    if fa.metadata.num_rows != fb.metadata.num_rows:
+def same_plans(a: ModalityPlan, b: ModalityPlan) -> bool:
+    """The same parts (names), each row for row equal."""
+    if [f.name for f in a.files] != [f.name for f in b.files]:
         return False
-    return all(x.equals(y.cast(x.schema)) for x, y in zip(fa.iter_batches(65_536), fb.iter_batches(65_536),
-                                                          strict=True))
+    return all(pq.read_table(x).equals(pq.read_table(y).cast(pq.read_schema(x))) for x, y in zip(a.files, b.files))
 
 
 # --------------------------------------------------------------------------- 2. scoring

@@ -17,11 +17,15 @@ R = TypeVar("R")
 
 
 def cores() -> int:
-    """Cores this process may run on (its affinity where the platform says, else the machine's)."""
+    """Cores this process may run on: its affinity where the platform says, else the machine's,
+    and no more than OMP_NUM_THREADS where that is set (how Ray, Slurm and the like tell a
+    process of one CPU not to start a thread per core)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        n = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
+        n = max(1, os.cpu_count() or 1)
+    limit = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return min(n, int(limit)) if limit.isdigit() and int(limit) > 0 else n
 
 
 def thread_map(fn: Callable[[T], R], items: Iterable[T], workers: int = 0) -> list[R]:

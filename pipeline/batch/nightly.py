@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import faiss
 import numpy as np
@@ -42,7 +42,7 @@ import pyarrow as pa
 
 from fusionrec.pipeline.batch.fuse import FusedTable, IdLookup
 from fusionrec.pipeline.config import RayConfig
-from fusionrec.pipeline.embedding.ray_engine import data_context, import_ray, ray_runtime, root_cause
+from fusionrec.pipeline.embedding.ray_engine import import_ray, ordered_actor_calls, ray_runtime
 from fusionrec.pipeline.errors import FusionrecError, InputError
 from fusionrec.pipeline.io.storage import write_json
 from fusionrec.pipeline.io.streaming import ParquetSink, build_index_from_parquet, iter_table, vector_row_group_rows
@@ -494,22 +494,13 @@ def iter_topk(work: Path | str, config: NightlyConfig | None = None, *, engine: 
         return
     rc = ray_config or RayConfig()
     import_ray()
-    blocks = [pa.table({"start": [s], "stop": [e]}) for s, e in batches]
-    if not blocks:
+    if not batches:
         return
-    with ray_runtime(rc) as ray, data_context(preserve_order=True):  # batches come back in user order
-        ds = ray.data.from_arrow(blocks).map_batches(
-            RankActor, fn_constructor_kwargs={"work": str(work), "config": asdict(cfg)}, batch_size=1,
-            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=max(1, min(rc.num_actors, len(blocks)))),
-            num_cpus=1)
-        try:
-            for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                if out.num_rows:
-                    yield cast(pa.Table, out).cast(TOPK_ARROW)
-        except FusionrecError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - Ray wraps the actor's error; report its cause
-            raise FusionrecError(f"Ray nightly scoring failed: {root_cause(exc)}") from exc
+    with ray_runtime(rc) as ray:
+        for out in ordered_actor_calls(ray, RankActor, {"work": str(work), "config": asdict(cfg)}, batches,
+                                       min(rc.num_actors, len(batches)), "nightly scoring"):
+            if out.num_rows:
+                yield out.cast(TOPK_ARROW)
 
 
 class RankActor:
@@ -521,10 +512,8 @@ class RankActor:
         self.ctx = NightlyContext(work, cfg, mmap_index=True)
         self.ranker = Ranker.load(Path(work) / RANKER_DIR)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        tables = [rank_batch(self.ctx, self.ranker, np.arange(s, e))
-                  for s, e in zip(batch.column("start").to_pylist(), batch.column("stop").to_pylist())]
-        return pa.concat_tables(tables) if tables else TOPK_ARROW.empty_table()
+    def run(self, rows: tuple[int, int]) -> pa.Table:
+        return rank_batch(self.ctx, self.ranker, np.arange(*rows))
 
 
 def export_topk(work: Path | str, out: Path | str, config: NightlyConfig | None = None, *, engine: str = "local",

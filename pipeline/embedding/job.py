@@ -121,12 +121,21 @@ TODO_SCHEMA = pa.schema([("row", pa.int64()), ("id", pa.string()), ("content_has
 
 @dataclass(frozen=True)
 class ModalityPlan:
-    """The rows of one (kind, modality) in this run: a Parquet file of PLAN_SCHEMA, input order."""
+    """The rows of one (kind, modality) in this run: Parquet parts of PLAN_SCHEMA in
+    `directory`, one per batch of the table, named by the batch's first row (so their sorted
+    names are input order). `row` is the row's place in the table, counted from 0."""
 
     kind: str  # item | user
     modality: str
-    path: Path
+    directory: Path
     rows: int
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(self.directory.glob(PART_GLOB))
+
+
+PART_GLOB = "[0-9]" * 12 + ".parquet"  # `write_plan_part`'s names, not a killed write's temporary file
 
 
 def table_modalities(kind: str, columns: list[str]) -> list[str]:
@@ -136,8 +145,9 @@ def table_modalities(kind: str, columns: list[str]) -> list[str]:
             + [m for m in MEDIA_MODALITIES if m in columns])
 
 
-def modality_contents(frame: pl.DataFrame, kind: str) -> dict[str, pl.DataFrame]:
-    """Per modality, `id, content` of the rows of a validated items or users frame that have it.
+def modality_contents(frame: pl.DataFrame, kind: str, first_row: int = 0) -> dict[str, pl.DataFrame]:
+    """Per modality, `row, id, content` of the rows of a validated items or users frame that
+    have it; `row` is the place in the table of a frame that starts at row `first_row`.
 
     Item text is title, description and tags cleaned (`item_text`); user text is the cleaned
     `text` column; media contents are the paths as given. Rows without a value lack the modality.
@@ -152,8 +162,15 @@ def modality_contents(frame: pl.DataFrame, kind: str) -> dict[str, pl.DataFrame]
             content = item_text(frame)
         else:
             content = pl.col("text").map_elements(clean_text, return_dtype=pl.String).replace("", None)
-        out[modality] = frame.select(pl.col(id_column).alias("id"), content.alias("content")).drop_nulls("content")
+        out[modality] = frame.select(
+            pl.int_range(first_row, first_row + pl.len(), dtype=pl.Int64).alias("row"),
+            pl.col(id_column).alias("id"), content.alias("content")).drop_nulls("content")
     return out
+
+
+def plan_dir(work_dir: Path, kind: str, modality: str) -> Path:
+    """Where one modality's plan parts are written (inside its shard folder)."""
+    return shard_dir(work_dir, kind, modality) / "plan"
 
 
 def write_plans(path: Path, kind: str, data_dir: Path, encoders: dict[str, ModalityEncoder], work_dir: Path, *,
@@ -162,79 +179,100 @@ def write_plans(path: Path, kind: str, data_dir: Path, encoders: dict[str, Modal
                 run_ordered: RunOrdered | None = None) -> tuple[list[ModalityPlan], Path | None]:
     """Read and validate the items or users table (`path`) in batches and write, for each
     modality in `encoders`, its plan: every row's content, content hash and input, or why it
-    cannot be used.
+    cannot be used, as one Parquet part per batch (`plan_dir`).
 
     Memory: one batch. Nothing is written under a final name, so a table that fails validation
     half-way leaves the artifacts as they were. keep_ids: also write every id of the table
     (`work_dir/{kind}_ids.parquet`, returned), to match precomputed tables against.
-    run_ordered: the Ray engine's task runner (`RayEncodeRows.ordered`): the batches are read,
-    validated, cleaned and text-hashed in Ray tasks (`plan_partition`) and written here in
-    input order, so the plans, and the errors, are the local engine's.
+    run_ordered: the Ray engine's task runner (`RayEncodeRows.ordered`): each batch is read,
+    validated, cleaned, text-hashed and written as a part by a Ray task (`plan_partition`),
+    so the driver's own work does not grow with the workers; the parts and their row
+    numbers are the local engine's, and errors are raised in input order, as the local
+    engine's.
     """
+    dirs = {m: plan_dir(work_dir, kind, m) for m in encoders}
+    for directory in dirs.values():  # a killed run's parts must not join this plan
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+    rows = dict.fromkeys(encoders, 0)
     with contextlib.ExitStack() as stack:
-        sinks = {m: stack.enter_context(ParquetSink(shard_dir(work_dir, kind, m) / "plan.parquet", PLAN_SCHEMA))
-                 for m in encoders}
         ids_path = work_dir / f"{kind}_ids.parquet" if keep_ids else None
         ids_sink = stack.enter_context(ParquetSink(ids_path, pa.schema([("id", pa.string())]))) if ids_path else None
-        parts = (_local_partitions(path, kind, data_dir, encoders, batch_rows, file_hashes) if run_ordered is None
-                 else _ray_partitions(path, kind, data_dir, encoders, batch_rows, file_hashes, run_ordered))
-        for ids, tables in parts:
+        parts = (_local_partitions(path, kind, data_dir, encoders, batch_rows, file_hashes, dirs, keep_ids)
+                 if run_ordered is None
+                 else _ray_partitions(path, kind, data_dir, encoders, batch_rows, file_hashes, dirs, keep_ids,
+                                      run_ordered))
+        for part in parts:
             if ids_sink is not None:
-                ids_sink.write(pa.table({"id": ids}))
-            for modality, table in tables.items():
-                first = sinks[modality].rows
-                sinks[modality].write(table.add_column(
-                    0, "row", pa.array(np.arange(first, first + table.num_rows), pa.int64())))
+                ids_sink.write(pa.table({"id": part.ids}))
+            for modality, n in part.written.items():
+                rows[modality] += n
             if advance:
-                advance(len(ids))
-    for sink in sinks.values():
-        if not sink.rows:  # a column with no values: no table for that modality
-            shutil.rmtree(sink.path.parent, ignore_errors=True)
-    return [ModalityPlan(kind, m, sink.path, sink.rows) for m, sink in sinks.items() if sink.rows], ids_path
+                advance(part.rows)
+    for modality, n in rows.items():
+        if not n:  # a column with no values: no table for that modality
+            shutil.rmtree(shard_dir(work_dir, kind, modality), ignore_errors=True)
+    return [ModalityPlan(kind, m, dirs[m], n) for m, n in rows.items() if n], ids_path
 
 
 def plan_rows(modality: str, rows: pl.DataFrame, enc: ModalityEncoder, data_dir: Path,
               file_hashes: FileHashes | None = None) -> pa.Table:
-    """One batch's plan rows of one modality (`id, content` of `modality_contents`):
-    PLAN_SCHEMA without `row`, which the writer numbers."""
+    """One batch's plan rows of one modality (`row, id, content` of `modality_contents`), PLAN_SCHEMA."""
     contents = rows["content"].to_list()
     hashes, paths, errors = content_hashes(modality, contents, enc, data_dir, file_hashes)
     content = rows["content"].to_arrow()
     inputs = content if modality == "text" else pa.array([str(p) if p is not None else None for p in paths],
                                                          pa.string())
-    return pa.table({"id": rows["id"].to_arrow(), "content": content,
+    return pa.table({"row": rows["row"].to_arrow(), "id": rows["id"].to_arrow(), "content": content,
                      "content_hash": pa.array(hashes, pa.string()), "input": inputs,
-                     "error": pa.array([errors.get(i) for i in range(rows.height)], pa.string())})
+                     "error": pa.array([errors.get(i) for i in range(rows.height)], pa.string())},
+                    schema=PLAN_SCHEMA)
 
 
-def _local_partitions(path: Path, kind: str, data_dir: Path, encoders: dict[str, ModalityEncoder], batch_rows: int,
-                      file_hashes: FileHashes | None) -> Iterator[tuple[pa.Array, dict[str, pa.Table]]]:
-    """The local engine: (ids, plan rows per modality) of each validated batch, in this process."""
-    for frame in validated_batches(path, kind, batch_rows):
-        yield frame[f"{kind}_id"].to_arrow(), {
-            modality: plan_rows(modality, rows, encoders[modality], data_dir, file_hashes)
-            for modality, rows in modality_contents(frame, kind).items() if modality in encoders and rows.height}
+def write_plan_part(directory: Path, first_row: int, table: pa.Table) -> int:
+    """One batch's plan rows as the part named by the batch's first row (atomic); returns its rows."""
+    write_parquet(table, Path(directory) / f"{first_row:012d}.parquet")
+    return table.num_rows
 
 
 @dataclass
 class PartitionPlan:
-    """What one Ray task returns for rows [start, stop) of the items or users table."""
+    """What one batch of rows [start, start + rows) of the items or users table gave: the
+    plan rows written per modality, and what the driver still needs."""
 
-    ids: pa.Array | None = None
-    id_hashes: np.ndarray | None = None
-    tables: dict[str, pa.Table] = field(default_factory=dict)  # text: plan rows, hashed in the task
-    media: dict[str, pl.DataFrame] = field(default_factory=dict)  # id, content: hashed by the driver
+    start: int = 0
+    rows: int = 0
+    written: dict[str, int] = field(default_factory=dict)  # modality: plan rows written as a part
+    ids: pa.Array | None = None  # every id of the batch (keep_ids only)
+    id_hashes: np.ndarray | None = None  # Ray only: the driver checks ids are unique across batches
+    media: dict[str, pl.DataFrame] = field(default_factory=dict)  # Ray: row, id, content, hashed by the driver
     error: tuple[str, str | None, int | None, str | None] | None = None  # an InputError's (message, file, row, field)
 
 
-def plan_partition(frame: pl.DataFrame | None, path: str, kind: str, columns: list[str], start: int, stop: int,
-                   salts: dict[str, tuple[str, int, str]]) -> PartitionPlan:
-    """A Ray task of the embedding job: rows [start, stop) of the table at `path` (read here
-    from Parquet when `frame` is None) validated, cleaned and, for text, hashed.
+def _local_partitions(path: Path, kind: str, data_dir: Path, encoders: dict[str, ModalityEncoder], batch_rows: int,
+                      file_hashes: FileHashes | None, dirs: dict[str, Path],
+                      keep_ids: bool) -> Iterator[PartitionPlan]:
+    """The local engine: each validated batch's plan parts, written in this process."""
+    start = 0
+    for frame in validated_batches(path, kind, batch_rows):
+        written = {modality: write_plan_part(dirs[modality], start,
+                                             plan_rows(modality, rows, encoders[modality], data_dir, file_hashes))
+                   for modality, rows in modality_contents(frame, kind, start).items()
+                   if modality in encoders and rows.height}
+        yield PartitionPlan(start, frame.height, written, frame[f"{kind}_id"].to_arrow() if keep_ids else None)
+        start += frame.height
 
-    Media rows come back as (id, content): their files are hashed by the driver, whose
+
+def plan_partition(frame: pl.DataFrame | None, path: str, kind: str, columns: list[str], start: int, stop: int,
+                   salts: dict[str, tuple[str, int, str]], dirs: dict[str, str],
+                   keep_ids: bool = False) -> PartitionPlan:
+    """A Ray task of the embedding job: rows [start, stop) of the table at `path` (read here
+    from Parquet when `frame` is None) validated, cleaned and, for text, hashed and written
+    as the batch's plan part (in `dirs[modality]`, the local engine's part).
+
+    Media rows come back as (row, id, content): their files are hashed by the driver, whose
     `ART/cache/file_hashes.parquet` remembers them between runs. A bad row comes back as the
-    InputError's parts, raised by the driver once the partitions before it are written.
+    InputError's parts, raised by the driver once the partitions before it are done.
     salts: {modality: (model id, dimension, preprocess id)}, what a content hash depends on.
     """
     source = Path(path)
@@ -243,17 +281,19 @@ def plan_partition(frame: pl.DataFrame | None, path: str, kind: str, columns: li
             frame = read_rows(source, columns, start, stop)
         frame = validate_batch(frame, source, kind, start)
     except InputError as exc:
-        return PartitionPlan(error=(bare_message(exc), exc.file, exc.row, exc.field))
-    out = PartitionPlan(ids=frame[f"{kind}_id"].to_arrow(), id_hashes=id_hashes_of(frame, kind))
-    for modality, rows in modality_contents(frame, kind).items():
+        return PartitionPlan(start, error=(bare_message(exc), exc.file, exc.row, exc.field))
+    out = PartitionPlan(start, frame.height, ids=frame[f"{kind}_id"].to_arrow() if keep_ids else None,
+                        id_hashes=id_hashes_of(frame, kind))
+    for modality, rows in modality_contents(frame, kind, start).items():
         if modality not in salts or not rows.height:
             continue
         if modality in MEDIA_MODALITIES:
             out.media[modality] = rows
         else:
             model_id, dim, preprocess_id = salts[modality]
-            out.tables[modality] = plan_rows(modality, rows, ModalityEncoder(model_id, dim, _not_here,
-                                                                             preprocess_id=preprocess_id), source)
+            enc = ModalityEncoder(model_id, dim, _not_here, preprocess_id=preprocess_id)
+            out.written[modality] = write_plan_part(Path(dirs[modality]), start,
+                                                    plan_rows(modality, rows, enc, source))
     return out
 
 
@@ -262,25 +302,27 @@ def _not_here(inputs: list) -> np.ndarray:
 
 
 def _ray_partitions(path: Path, kind: str, data_dir: Path, encoders: dict[str, ModalityEncoder], batch_rows: int,
-                    file_hashes: FileHashes | None,
-                    run_ordered: RunOrdered) -> Iterator[tuple[pa.Array, dict[str, pa.Table]]]:
+                    file_hashes: FileHashes | None, dirs: dict[str, Path], keep_ids: bool,
+                    run_ordered: RunOrdered) -> Iterator[PartitionPlan]:
     """The Ray engine: `plan_partition` for each batch of `batch_rows` rows (the local engine's
     batches, so a bad row gives its error), results in input order. Parquet partitions are
     read by the tasks; CSV batches are parsed here (a quoted cell may hold a newline, so byte
-    ranges are not rows) and sent to the tasks."""
+    ranges are not rows) and sent to the tasks. Media parts are written here, once their
+    files are hashed."""
     path = Path(path)
     columns = validated_columns(path, kind)
     salts = {m: (enc.model_id, enc.dim, enc.preprocess_id) for m, enc in encoders.items()}
+    where = {m: str(d) for m, d in dirs.items()}
 
     def calls() -> Iterator[tuple]:
         if path.suffix == ".parquet":
             n = table_rows(path) or 0
             for start in range(0, n, batch_rows):
-                yield None, str(path), kind, columns, start, min(start + batch_rows, n), salts
+                yield None, str(path), kind, columns, start, min(start + batch_rows, n), salts, where, keep_ids
             return
         start = 0
         for frame in iter_table(path, columns, batch_rows):
-            yield frame, str(path), kind, columns, start, start + frame.height, salts
+            yield frame, str(path), kind, columns, start, start + frame.height, salts, where, keep_ids
             start += frame.height
 
     id_hashes: list[np.ndarray] = []
@@ -288,12 +330,12 @@ def _ray_partitions(path: Path, kind: str, data_dir: Path, encoders: dict[str, M
         if part.error is not None:
             message, file, row, field_ = part.error
             raise InputError(message, file=file, row=row, field=field_)
-        assert part.ids is not None and part.id_hashes is not None
+        assert part.id_hashes is not None
         id_hashes.append(part.id_hashes)
-        tables = dict(part.tables)
         for modality, rows in part.media.items():
-            tables[modality] = plan_rows(modality, rows, encoders[modality], data_dir, file_hashes)
-        yield part.ids, tables
+            part.written[modality] = write_plan_part(
+                dirs[modality], part.start, plan_rows(modality, rows, encoders[modality], data_dir, file_hashes))
+        yield part
     check_unique_ids(id_hashes, path, kind, batch_rows)
 
 
@@ -521,20 +563,21 @@ def embed_modality(plan: ModalityPlan, enc: ModalityEncoder, art_dir: Path, cfg:
     t0 = time.perf_counter()
     counts = ModalityCounts(rows=plan.rows, model=enc.model_id)
     final = table_path(art_dir, plan.kind, plan.modality)
-    cache = ShardCache(plan.path.parent)
+    cache = ShardCache(plan.directory.parent)
     index = HashIndex(([final] if final.is_file() else []) + cache.files())
     for path in index.skipped_:
         log.warning("ignoring unreadable %s: its rows are encoded again", path)
     has_final = bool(index.files_) and index.files_[0] == final
     if has_final:
-        counts.dropped = _ids_missing_from(final, plan.path)
+        counts.dropped = _ids_missing_from(final, plan.files)
 
     def plan_batches(columns: list[str]) -> Iterator[pa.RecordBatch]:
-        yield from pq.ParquetFile(plan.path).iter_batches(batch_size=batch_rows, columns=columns)
+        for part in plan.files:
+            yield from pq.ParquetFile(part).iter_batches(batch_size=batch_rows, columns=columns)
 
     # (1) Reuse what is known; the rest is to encode.
     errors: dict[int, str] = {}
-    todo = TodoRows(plan.kind, plan.modality, plan.path.parent / "todo.parquet", 0)
+    todo = TodoRows(plan.kind, plan.modality, plan.directory.parent / "todo.parquet", 0)
     with ParquetSink(todo.path, TODO_SCHEMA, row_group_rows=cfg.shard_size * 64) as sink:
         for batch in plan_batches(["row", "id", "content_hash", "input", "error"]):
             failed = batch.column("error").is_valid().to_numpy(zero_copy_only=False)
@@ -613,13 +656,13 @@ def _rows_digest(batches: Iterable[tuple[list[str], list[str], list[str]]]) -> t
     return rows, digest.hexdigest()
 
 
-def _ids_missing_from(final: Path, plan_path: Path) -> int:
+def _ids_missing_from(final: Path, plan_files: list[Path]) -> int:
     """How many ids of the previous table are not in the plan (by 64-bit id hashes)."""
     def id_hashes(path: Path) -> Iterator[np.ndarray]:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=65_536, columns=["id"]):
             yield cast(pl.Series, pl.from_arrow(batch.column("id"))).hash(seed=0).to_numpy()
 
-    current = np.sort(np.concatenate([np.zeros(0, np.uint64), *id_hashes(plan_path)]))
+    current = np.sort(np.concatenate([np.zeros(0, np.uint64), *(h for f in plan_files for h in id_hashes(f))]))
     missing = 0
     for old in id_hashes(final):
         pos = np.minimum(np.searchsorted(current, old), max(len(current) - 1, 0))
@@ -632,7 +675,7 @@ def _failure_records(plan: ModalityPlan, errors: dict[int, str]) -> list[dict[st
     them up (the first case named; user ids and paths kept out of logs)."""
     if not errors:
         return []
-    rows = (pl.scan_parquet(plan.path).filter(pl.col("row").is_in(list(errors)))
+    rows = (pl.scan_parquet(plan.files).filter(pl.col("row").is_in(list(errors)))
             .select("row", "id", "content", "input").sort("row").collect())
     out: list[dict[str, str]] = []
     for _row, id_, content, _resolved in rows.iter_rows():  # failures only: few rows
@@ -808,10 +851,10 @@ def _embed_all(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
 
 def _discard_plans(work_dir: Path) -> None:
     """Remove this run's plan, todo and id files (rebuilt by every run); keep finished shards."""
-    for pattern in ("*/plan.parquet", "*/todo.parquet", "*_ids.parquet"):
+    for pattern in ("*/plan/*.parquet", "*/todo.parquet", "*_ids.parquet"):
         for path in work_dir.glob(pattern):
             path.unlink(missing_ok=True)
-    for directory in [*work_dir.glob("*/"), work_dir]:
+    for directory in [*work_dir.glob("*/plan/"), *work_dir.glob("*/"), work_dir]:
         with contextlib.suppress(OSError):
             directory.rmdir()  # only when empty
 

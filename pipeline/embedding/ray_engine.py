@@ -1,19 +1,24 @@
-"""The Ray engine of the embedding job (`engine = "ray"`): reading and encoding on Ray.
+"""The Ray engine of the embedding job (`engine = "ray"`): reading and encoding on Ray, and
+the actor pool of batch scoring.
 
-Reading: the items and users tables are read, validated, cleaned and text-hashed in Ray
-tasks, one per batch of `embed.batch_rows` rows, at most `ray.num_actors` at once
-(`ordered_tasks`, `pipeline.embedding.job.plan_partition`); the driver writes their results
-in input order. Encoding: the rows that need it go to a pool of Ray actors. The driver still
-hashes media files, reuses known vectors, writes plans, shards and the final tables
-(pipeline.embed), so both engines write the same tables. The todo table (the rows to encode, Parquet) is read in
+Reading: the items and users tables are read, validated, cleaned, text-hashed and written as
+plan parts in Ray tasks, one per batch of `embed.batch_rows` rows, at most `ray.num_actors`
+at once (`ordered_tasks`, `pipeline.embedding.job.plan_partition`); the driver takes their
+results in input order, checks the ids are unique and hashes media files. Encoding: the rows
+that need it go to a pool of Ray actors. The driver still reuses known vectors and writes the
+shards and the final tables (pipeline.embed), so both engines write the same tables. The
+todo table (the rows to encode, Parquet) is read in
 blocks, each put in Ray's object store as it is read (the driver holds one block), and run
 as a Ray Dataset through `map_batches` on an actor pool; each actor builds its own encoder
 once (from the config, or a copy of an encoder given in-process), decodes media itself and
 returns, per row, a vector or the same error text the local engine records. Results stream back to the driver
 in shards of `embed.shard_size` rows, so a killed job still resumes from its shards.
+Batch scoring (`ranker.serving.ray_scoring`, `pipeline.batch.nightly`) runs on a plain
+actor pool, `ordered_actor_calls`.
 
-On a cluster every node must see the data directory at the same path (media paths are
-sent as absolute paths) and have the same model packages (the actor checks the model id).
+On a cluster every node must see the data directory and the artifacts directory at the same
+paths (media paths are sent as absolute paths; the reading tasks write the plan parts under
+the artifacts) and have the same model packages (the actor checks the model id).
 """
 
 from __future__ import annotations
@@ -158,6 +163,52 @@ def ordered_tasks(ray: Any, fn: Callable[..., Any], calls: Iterable[tuple], work
     finally:
         for ref in pending:  # stopped early (a bad row, an error while writing): drop the rest
             ray.cancel(ref)
+
+
+# What a process of one CPU sets so that every library runs one thread (pipeline.threads.cores reads it too).
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "POLARS_MAX_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                  "MKL_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1"}
+
+
+def ordered_actor_calls(ray: Any, actor_cls: type, kwargs: dict[str, Any], inputs: Iterable[Any], actors: int,
+                        what: str, *, queued: int = 2) -> Iterator[Any]:
+    """`actor.run(x)` for each input x on a pool of `actors` Ray actors (one CPU each, each
+    built once with `kwargs`), the results yielded in input order.
+
+    Input i goes to actor i % actors, with at most `queued` inputs waiting at each, so an
+    actor has its next input as soon as it finishes one and the driver holds at most
+    actors x queued results. A plain pool rather than Ray Data's executor: the pool is
+    ready as soon as its actors are (Ray Data's executor took about 24 s to start on 2
+    cores, whatever the number of actors), and the driver only waits in `ray.get`, leaving
+    the cores to the actors. An actor's error (its constructor's too) becomes a
+    FusionrecError naming `what` and its cause; the actors are stopped on the way out.
+    """
+    # One CPU each, so one thread each in every library: without this each actor's polars,
+    # OpenMP (FAISS, LightGBM) and thread pools take every core, and two actors on two cores
+    # ran slower than one.
+    remote_cls = ray.remote(num_cpus=1, runtime_env={"env_vars": ONE_THREAD_ENV})(actor_cls)
+    pool = [remote_cls.remote(**kwargs) for _ in range(max(1, actors))]
+    numbered = enumerate(inputs)
+    pending: deque[Any] = deque()
+
+    def submit() -> None:
+        for i, x in numbered:  # the next input, if any
+            pending.append(pool[i % len(pool)].run.remote(x))
+            return
+
+    try:
+        for _ in range(len(pool) * max(1, queued)):
+            submit()
+        while pending:
+            try:
+                result = ray.get(pending.popleft())
+            except Exception as exc:  # noqa: BLE001 - Ray wraps the actor's error; report its cause
+                raise FusionrecError(f"Ray {what} failed: {root_cause(exc)}") from exc
+            submit()
+            yield result
+    finally:
+        for actor in pool:  # also drops what was still queued (stopped early, or an error)
+            ray.kill(actor)
 
 
 def block_rows(n: int, batch_size: int, actors: int) -> int:

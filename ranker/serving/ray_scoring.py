@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fusionrec.pipeline.config import RayConfig
-from fusionrec.pipeline.embedding.ray_engine import data_context, import_ray, ray_runtime, root_cause
+from fusionrec.pipeline.embedding.ray_engine import import_ray, ordered_actor_calls, ray_runtime
 from fusionrec.pipeline.errors import FusionrecError
 from fusionrec.pipeline.io.storage import atomic_path
 from fusionrec.ranker.serving.export import TOPK_SCHEMA
@@ -62,8 +62,7 @@ class ScoreActor:
                         "fallback": fallback}
         self.k = k
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        users = [str(u) for u in batch.column("user_id").to_pylist()]
+    def run(self, users: list[str]) -> pa.Table:
         return score_users(self.rec, users, self.k, **self.options).to_arrow()
 
 
@@ -84,24 +83,14 @@ def iter_recommendations(art_dir: Path | str, k: int = 10, ray_config: RayConfig
     if k < 1:
         raise FusionrecError(f"k must be at least 1, not {k}")
     per = max(1, rc.scoring_batch_users)
-    ids = pa.array(users, pa.string())
-    blocks = [pa.table({"user_id": ids.slice(s, per)}) for s in range(0, len(users), per)]
-    actors = max(1, min(rc.num_actors, len(blocks)))
-    # A Dataset copies the DataContext when it is created: set the options first.
-    with ray_runtime(rc) as ray, data_context(preserve_order=True):  # batches come back in user order
-        ds = ray.data.from_arrow(blocks).map_batches(
-            ScoreActor, fn_constructor_kwargs={"art_dir": str(art_dir), "k": k, "exclude_seen": exclude_seen,
-                                               "explain": explain, "use_ranker": use_ranker,
-                                               "fallback": user_ids is not None},
-            batch_size=per, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
-        try:
-            for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                if out.num_rows:
-                    yield cast(pl.DataFrame, pl.from_arrow(out))
-        except FusionrecError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - Ray wraps the actor's error; report its cause
-            raise FusionrecError(f"Ray batch scoring failed: {root_cause(exc)}") from exc
+    batches = [users[s:s + per] for s in range(0, len(users), per)]
+    kwargs = {"art_dir": str(art_dir), "k": k, "exclude_seen": exclude_seen, "explain": explain,
+              "use_ranker": use_ranker, "fallback": user_ids is not None}
+    with ray_runtime(rc) as ray:
+        for out in ordered_actor_calls(ray, ScoreActor, kwargs, batches, min(rc.num_actors, len(batches)),
+                                       "batch scoring"):
+            if out.num_rows:
+                yield cast(pl.DataFrame, pl.from_arrow(out))
 
 
 def recommend_all(art_dir: Path | str, k: int = 10, ray_config: RayConfig | None = None, *,

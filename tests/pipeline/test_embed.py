@@ -77,6 +77,31 @@ def test_tables_follow_the_contract(tmp_path: Path) -> None:
     assert not (tmp_path / "art" / "embeddings" / ".shards").exists()
 
 
+def test_plan_parts_a_killed_run_left_do_not_join_the_next_plan(tmp_path: Path) -> None:
+    """A killed run of a longer table leaves plan parts past this table's end (and a
+    temporary part); the next run plans this table only, with rows numbered in the table."""
+    from fusionrec.pipeline.embedding.job import plan_dir, write_plan_part, write_plans
+
+    write_catalog(tmp_path / "data", n=10, with_media=False)
+    encoders, _ = fake_encoders()
+    work = tmp_path / "art" / "embeddings" / ".shards"
+    stale = plan_dir(work, "item", "text")
+    stale.mkdir(parents=True)
+    write_plan_part(stale, 16_384, pa.table({"row": [16_384], "id": ["gone"]}))
+    (stale / ".tmp-0123456789ab-000000000000.parquet").write_bytes(b"torn")
+    plans, _ = write_plans(tmp_path / "data" / "items.csv", "item", tmp_path / "data",
+                           {"text": encoders["text"]}, work)
+    assert [(p.modality, p.rows, [f.name for f in p.files]) for p in plans] == \
+        [("text", 10, ["000000000000.parquet"])]
+    part = pq.read_table(plans[0].files[0])
+    assert part.column("id").to_pylist() == [f"i{i}" for i in range(10)]
+    assert part.column("row").to_pylist() == list(range(10))
+    run_embed(tmp_path / "data", tmp_path / "art", encoders=encoders, show_progress=False)
+    ids, *_ = read_artifact_table(tmp_path / "art" / "embeddings" / "item_text.parquet")
+    assert ids == [f"i{i}" for i in range(10)]
+    assert not work.exists()  # plans, temporaries and shards gone once the run ends
+
+
 def test_rerun_after_one_title_change_encodes_exactly_one_text_row(tmp_path: Path) -> None:
     items = write_catalog(tmp_path / "data")
     encoders, text = fake_encoders()

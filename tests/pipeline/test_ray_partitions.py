@@ -117,17 +117,26 @@ def test_ray_reading_tasks_write_the_local_engines_tables(tmp_path: Path, ray_lo
 
 
 def test_one_partition_is_the_local_engines_batch(tmp_path: Path) -> None:
-    """plan_partition run in-process: rows [14, 21) as the local engine's third batch."""
+    """plan_partition run in-process: rows [14, 21) as the local engine's third batch, its
+    plan part written by the task under the batch's first row, rows numbered in the table."""
     path = write(items(), tmp_path / "items.parquet")
     enc = crc_encoder()
     batch = list(validated_batches(path, "item", BATCH))[2]
+    plans = tmp_path / "plan"
+    plans.mkdir()
     part = plan_partition(None, str(path), "item", validated_columns(path, "item"), 14, 21,
-                          {"text": (enc.model_id, enc.dim, enc.preprocess_id)})
-    assert part.error is None and part.ids is not None
+                          {"text": (enc.model_id, enc.dim, enc.preprocess_id)}, {"text": str(plans)}, keep_ids=True)
+    assert part.error is None and part.ids is not None and (part.start, part.rows) == (14, 7)
     assert part.ids.to_pylist() == batch["item_id"].to_list() == [f"i{i:03d}" for i in range(14, 21)]
-    expected = plan_rows("text", modality_contents(batch, "item")["text"], enc, tmp_path)
-    assert part.tables["text"].cast(expected.schema).equals(expected)
+    expected = plan_rows("text", modality_contents(batch, "item", 14)["text"], enc, tmp_path)
+    assert [p.name for p in plans.iterdir()] == ["000000000014.parquet"] and part.written == {"text": 7}
+    assert pq.read_table(plans / "000000000014.parquet").equals(expected)
+    assert expected.column("row").to_pylist() == list(range(14, 21))
     assert "<b>" not in " ".join(expected.column("content").to_pylist())  # cleaned in the task
+    # Without keep_ids the driver gets no ids back, only what it checks (the id hashes).
+    bare = plan_partition(None, str(path), "item", validated_columns(path, "item"), 14, 21,
+                          {"text": (enc.model_id, enc.dim, enc.preprocess_id)}, {"text": str(plans)})
+    assert bare.ids is None and bare.id_hashes is not None and len(bare.id_hashes) == 7
 
 
 def bad_cases() -> list[tuple[str, pl.DataFrame]]:
@@ -191,3 +200,45 @@ def test_a_memory_mapped_index_searches_like_a_loaded_one(tmp_path: Path, factor
     s_mapped, i_mapped = mapped.search(queries, 10)
     np.testing.assert_array_equal(i_mapped, i_loaded)
     np.testing.assert_allclose(s_mapped, s_loaded, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the scoring actor pool
+
+
+def test_the_actor_pool_keeps_input_order_runs_one_thread_each_and_names_an_actors_error(ray_local) -> None:
+    from fusionrec.pipeline.embedding.ray_engine import ordered_actor_calls
+    from fusionrec.pipeline.errors import FusionrecError
+
+    class Echo:  # defined here: shipped to the actors by value, as a test module is not importable there
+        """An actor that reports its process's thread settings, slowly for even inputs."""
+
+        def __init__(self, fail: bool = False) -> None:
+            if fail:
+                raise ValueError("no artifacts here")
+
+        def run(self, x: int) -> tuple[int, str, str, int]:
+            import time
+
+            from fusionrec.pipeline.threads import cores
+
+            time.sleep(0.05 if x % 2 == 0 else 0.0)
+            return x, os.environ.get("OMP_NUM_THREADS", ""), os.environ.get("POLARS_MAX_THREADS", ""), cores()
+
+    out = list(ordered_actor_calls(ray_local, Echo, {}, range(9), 2, "echo"))
+    assert [x for x, *_ in out] == list(range(9))  # in input order, though odd inputs finish first
+    assert {tuple(rest) for _, *rest in out} == {("1", "1", 1)}  # one thread in every library
+    with pytest.raises(FusionrecError, match="Ray echo failed: ValueError: no artifacts here"):
+        list(ordered_actor_calls(ray_local, Echo, {"fail": True}, range(3), 2, "echo"))
+
+
+def test_cores_honours_omp_num_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fusionrec.pipeline.threads import cores
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    free = cores()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cores() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+    assert cores() == free
+    monkeypatch.setenv("OMP_NUM_THREADS", str(free + 8))
+    assert cores() == free  # never more than the process may run on
