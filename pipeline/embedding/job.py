@@ -229,9 +229,13 @@ def plan_rows(modality: str, rows: pl.DataFrame, enc: ModalityEncoder, data_dir:
                     schema=PLAN_SCHEMA)
 
 
+def plan_part_name(first_row: int) -> str:
+    return f"{first_row:012d}.parquet"  # sorted names are input order (PART_GLOB)
+
+
 def write_plan_part(directory: Path, first_row: int, table: pa.Table) -> int:
     """One batch's plan rows as the part named by the batch's first row (atomic); returns its rows."""
-    write_parquet(table, Path(directory) / f"{first_row:012d}.parquet")
+    write_parquet(table, Path(directory) / plan_part_name(first_row))
     return table.num_rows
 
 
@@ -332,6 +336,13 @@ def _ray_partitions(path: Path, kind: str, data_dir: Path, encoders: dict[str, M
             raise InputError(message, file=file, row=row, field=field_)
         assert part.id_hashes is not None
         id_hashes.append(part.id_hashes)
+        for modality in part.written:
+            if not (dirs[modality] / plan_part_name(part.start)).is_file():
+                # The task ran on a node that does not see this folder: its rows would be lost silently.
+                raise FusionrecError(
+                    f"the Ray task for rows {part.start}-{part.start + part.rows - 1} of {path.name} wrote its "
+                    f"{modality} plan part where this process cannot see it ({dirs[modality]}): on a Ray cluster "
+                    "the artifacts directory must be on storage every node sees at the same path")
         for modality, rows in part.media.items():
             part.written[modality] = write_plan_part(
                 dirs[modality], part.start, plan_rows(modality, rows, encoders[modality], data_dir, file_hashes))

@@ -139,6 +139,28 @@ def test_one_partition_is_the_local_engines_batch(tmp_path: Path) -> None:
     assert bare.ids is None and bare.id_hashes is not None and len(bare.id_hashes) == 7
 
 
+def test_a_plan_part_written_where_the_driver_cannot_see_it_is_an_error(tmp_path: Path) -> None:
+    """On a cluster whose nodes do not share the artifacts folder, a task's part would be
+    missing from the plan, and its rows from the tables, without a word: the driver checks."""
+    from fusionrec.pipeline.embedding.job import write_plans
+    from fusionrec.pipeline.errors import FusionrecError
+
+    path = write(items(), tmp_path / "data" / "items.parquet")
+    elsewhere = tmp_path / "other_node"
+
+    def on_another_node(fn, calls, what):  # a RunOrdered whose tasks write on another machine's disk
+        for call in calls:
+            dirs = {m: str(elsewhere / m) for m in call[7]}
+            for d in dirs.values():
+                Path(d).mkdir(parents=True, exist_ok=True)
+            yield fn(*call[:7], dirs, *call[8:])
+
+    with pytest.raises(FusionrecError, match=r"the Ray task for rows 0-6 of items.parquet wrote its text plan part "
+                                             r"where this process cannot see it .*storage every node sees"):
+        write_plans(path, "item", path.parent, {"text": crc_encoder()}, tmp_path / "work", batch_rows=BATCH,
+                    run_ordered=on_another_node)
+
+
 def bad_cases() -> list[tuple[str, pl.DataFrame]]:
     missing = items().with_columns(pl.when(pl.int_range(pl.len()) == 33).then(pl.lit(" "))
                                    .otherwise(pl.col("item_id")).alias("item_id"))
