@@ -120,49 +120,57 @@ _RAY_WRAPPERS = {"UserCodeException", "RayTaskError", "RayActorError", "RaySyste
 RunOrdered = Callable[[Callable[..., Any], Iterable[tuple], str], Iterator[Any]]
 
 
-def ordered_tasks(ray: Any, fn: Callable[..., Any], calls: Iterable[tuple], workers: int,
-                  what: str) -> Iterator[Any]:
-    """`fn(*call)` for each call as a Ray task of one CPU, at most `workers` running, the
-    results yielded in the order of `calls` (the driver holds at most `workers` of them).
+def results_in_order(ray: Any, submit: Callable[[int, Any], Any], inputs: Iterable[Any], window: int,
+                     what: str) -> Iterator[Any]:
+    """`ray.get(submit(i, x))` for each input x (the i-th), at most `window` submitted and not
+    yet taken, the results yielded in input order (the driver holds at most `window`).
 
-    The next task is submitted before a result is yielded, so the workers compute while the
-    driver uses it. An error while producing a call (a CSV the parser refuses) is raised
-    after the results of the calls before it, as a sequential loop would; a task's own
-    error becomes a FusionrecError naming `what` and its cause.
+    The next input is submitted before a result is yielded, so the workers compute while the
+    driver uses it. An error while producing an input (a CSV the parser refuses) is raised
+    after the results of the inputs before it, as a sequential loop would; a task's own error
+    becomes a FusionrecError naming `what` and its cause.
     """
-    remote = ray.remote(num_cpus=1)(fn)
-    it = iter(calls)
+    numbered = enumerate(inputs)
     pending: deque[Any] = deque()
     failure: BaseException | None = None
 
-    def submit() -> None:
+    def submit_next() -> None:
         nonlocal failure
         if failure is not None:
             return
         try:
-            call = next(it)
+            i, x = next(numbered)
         except StopIteration:
             return
         except Exception as exc:  # noqa: BLE001 - raised once the earlier results are out
             failure = exc
             return
-        pending.append(remote.remote(*call))
+        pending.append(submit(i, x))
 
     try:
-        for _ in range(max(1, workers)):
-            submit()
+        for _ in range(max(1, window)):
+            submit_next()
         while pending:
             try:
                 result = ray.get(pending.popleft())
             except Exception as exc:  # noqa: BLE001 - Ray wraps the task's error; report its cause
                 raise FusionrecError(f"Ray {what} failed: {root_cause(exc)}") from exc
-            submit()
+            submit_next()
             yield result
         if failure is not None:
             raise failure
     finally:
         for ref in pending:  # stopped early (a bad row, an error while writing): drop the rest
-            ray.cancel(ref)
+            with contextlib.suppress(Exception):  # a running actor task cannot be: its actor is killed
+                ray.cancel(ref)
+
+
+def ordered_tasks(ray: Any, fn: Callable[..., Any], calls: Iterable[tuple], workers: int,
+                  what: str) -> Iterator[Any]:
+    """`fn(*call)` for each call as a Ray task of one CPU, at most `workers` running, the
+    results yielded in the order of `calls` (`results_in_order`)."""
+    remote = ray.remote(num_cpus=1)(fn)
+    yield from results_in_order(ray, lambda _, call: remote.remote(*call), calls, workers, what)
 
 
 # What a process of one CPU sets so that every library runs one thread (pipeline.threads.cores reads it too).
@@ -173,39 +181,24 @@ ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "POLARS_MAX_THREADS": "1", "OPENBLAS_N
 def ordered_actor_calls(ray: Any, actor_cls: type, kwargs: dict[str, Any], inputs: Iterable[Any], actors: int,
                         what: str, *, queued: int = 2) -> Iterator[Any]:
     """`actor.run(x)` for each input x on a pool of `actors` Ray actors (one CPU each, each
-    built once with `kwargs`), the results yielded in input order.
+    built once with `kwargs`), the results yielded in input order (`results_in_order`).
 
     Input i goes to actor i % actors, with at most `queued` inputs waiting at each, so an
     actor has its next input as soon as it finishes one and the driver holds at most
     actors x queued results. A plain pool rather than Ray Data's executor: the pool is
-    ready as soon as its actors are (Ray Data's executor took about 24 s to start on 2
-    cores, whatever the number of actors), and the driver only waits in `ray.get`, leaving
-    the cores to the actors. An actor's error (its constructor's too) becomes a
-    FusionrecError naming `what` and its cause; the actors are stopped on the way out.
+    ready as soon as its actors are (Ray Data's executor took 15 to 20 s to start on 2
+    cores), and the driver only waits in `ray.get`, leaving the cores to the actors. An
+    actor's error (its constructor's too) becomes a FusionrecError naming `what` and its
+    cause; the actors are stopped on the way out.
     """
     # One CPU each, so one thread each in every library: without this each actor's polars,
     # OpenMP (FAISS, LightGBM) and thread pools take every core, and two actors on two cores
     # ran slower than one.
     remote_cls = ray.remote(num_cpus=1, runtime_env={"env_vars": ONE_THREAD_ENV})(actor_cls)
     pool = [remote_cls.remote(**kwargs) for _ in range(max(1, actors))]
-    numbered = enumerate(inputs)
-    pending: deque[Any] = deque()
-
-    def submit() -> None:
-        for i, x in numbered:  # the next input, if any
-            pending.append(pool[i % len(pool)].run.remote(x))
-            return
-
     try:
-        for _ in range(len(pool) * max(1, queued)):
-            submit()
-        while pending:
-            try:
-                result = ray.get(pending.popleft())
-            except Exception as exc:  # noqa: BLE001 - Ray wraps the actor's error; report its cause
-                raise FusionrecError(f"Ray {what} failed: {root_cause(exc)}") from exc
-            submit()
-            yield result
+        yield from results_in_order(ray, lambda i, x: pool[i % len(pool)].run.remote(x), inputs,
+                                    len(pool) * max(1, queued), what)
     finally:
         for actor in pool:  # also drops what was still queued (stopped early, or an error)
             ray.kill(actor)
