@@ -126,6 +126,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "tag_sources": ITEM_ITEM},
     "shipped, every ALS setting on twelve seeds": {
         "als_grid": "tags", "seeds": MORE_SEEDS, "steps": C.BLEND_STEPS, "rounds": 4, "tag_sources": ITEM_ITEM},
+    # A lead: the blend weights are chosen by coordinate ascent on one set of validation users,
+    # so they carry that set's noise. Bagged: searched on five bootstrap resamples of the users
+    # (each weight vector scaled to sum 1) and averaged, which smooths the choice.
+    "shipped, blend weights bagged over five bootstrap searches": {
+        "als_grid": "tags", "seeds": 6, "steps": C.BLEND_STEPS, "rounds": 4, "tag_sources": ITEM_ITEM, "bagged": 5},
     "shipped + Mult-VAE if it wins out of fold (interval)": {"als_grid": "tags", "seeds": 6, "steps": C.BLEND_STEPS,
                                                              "rounds": 4, "tag_sources": (*ITEM_ITEM, "vae"),
                                                              "vae": True, "vae_cross": "interval"},
@@ -146,8 +151,16 @@ SHIPPED = "shipped: the tag settings in every source that learns from co-occurre
 Key = tuple[str, str, int]  # source, setting, seed
 
 
-def source_scores(dataset: str) -> tuple[dict[Key, np.ndarray], np.ndarray, np.ndarray]:
-    """(source, setting, seed) -> validation scores, the truth matrix and the blocked (seen) matrix."""
+def source_scores(dataset: str, variants: dict[str, dict[str, Any]]
+                  ) -> tuple[dict[Key, np.ndarray], np.ndarray, np.ndarray]:
+    """(source, setting, seed) -> validation scores, the truth matrix and the blocked (seen) matrix.
+
+    Only what `variants` use: the leads' scores (Mult-VAE's twelve fits, collective EASE,
+    EDLAE, user-kNN), the extra ALS grids and seeds are computed where a variant names them.
+    """
+    uses = {flag for v in variants.values() for flag in ("cease", "userknn", "vae", "edlae") if v.get(flag)}
+    als_grids = {v["als_grid"] for v in variants.values()}
+    als_seeds = max(v["seeds"] for v in variants.values())
     work = RESULTS / f"work_{dataset}"
     if not (work / "train").is_dir() or not (work / "art" / "embeddings").is_dir():
         raise SystemExit(f"no {work}/train or {work}/art/embeddings: run bench/peers.py --dataset {dataset} first")
@@ -174,15 +187,17 @@ def source_scores(dataset: str) -> tuple[dict[Key, np.ndarray], np.ndarray, np.n
     truth = np.zeros((len(users), len(item_ids)), bool)
     truth[[row[u] for u in truth_frame["user_id"].to_list()], [col[i] for i in truth_frame["item_id"].to_list()]] = True
     scores: dict[Key, np.ndarray] = {}
-    grids = {**SEARCH_GRID, "als": SEARCH_GRID["als"] + [s for s in PREVIOUS_ALS + WIDER_TAGGED_ALS + BM25_ALS
-                                                          if s not in SEARCH_GRID["als"]]}
+    extra_als = (PREVIOUS_ALS + (WIDER_TAGGED_ALS if "tags_wider" in als_grids else [])
+                 + (BM25_ALS if "bm25" in als_grids else []))
+    grids = {**SEARCH_GRID, "als": SEARCH_GRID["als"] + [s for s in extra_als if s not in SEARCH_GRID["als"]]}
     for name in stage.source_names(config, len(item_ids)):
         if name in (C.FUSED, "gru") or (name == "segment_popular" and base.segments_.shape[1] == 0):
             continue
         for setting in grids[name]:
             if setting.get("tag_weight") and tags is None:
                 continue
-            seeds = range(1) if name != "als" else range(MORE_SEEDS if setting in SEARCH_GRID["als"] else MAX_SEEDS)
+            seeds = range(1) if name != "als" else range(
+                max(als_seeds, MAX_SEEDS) if setting in SEARCH_GRID["als"] else MAX_SEEDS)
             for seed in seeds:
                 params = {**setting, "seeds": 1} if name == "als" else setting
                 source = make_source(name, params, segments=base.segments_, seed=seed, content=content,
@@ -191,27 +206,26 @@ def source_scores(dataset: str) -> tuple[dict[Key, np.ndarray], np.ndarray, np.n
         print(f"  {name}: {len(grids[name])} settings", file=sys.stderr, flush=True)
     scores[(C.FUSED, "{}", 0)] = C.fused_scores(fused, users, np.asarray(item_ids, dtype=object),
                                                 config.index.n_candidates)
-    if content is not None:
+    if content is not None and "cease" in uses:
         for setting in CEASE_GRID:
             scores[("cease", json.dumps(setting, sort_keys=True), 0)] = collective_ease(
                 base.log_.matrix, content, **setting)[rows]
         print(f"  collective EASE: {len(CEASE_GRID)} settings", file=sys.stderr, flush=True)
-    for setting in EDLAE_GRID:
+    for setting in EDLAE_GRID if "edlae" in uses else []:
         b = edlae(base.log_.matrix, **setting)
         scores[("ease", json.dumps(setting, sort_keys=True), 0)] = np.asarray(base.log_.matrix[rows] @ b, np.float32)
         scores[("recent_ease", json.dumps(setting, sort_keys=True), 0)] = np.asarray(base.log_.recent[rows] @ b,
                                                                                       np.float32)
-    print(f"  EDLAE: {len(EDLAE_GRID)} settings", file=sys.stderr, flush=True)
-    for setting in SEARCH_GRID["vae"]:  # an opt-in source (not in `auto`): scored here as a lead
+    for setting in SEARCH_GRID["vae"] if "vae" in uses else []:  # an opt-in source (not in `auto`): scored here as a lead
         if setting.get("tag_weight") and tags is None:
             continue
         vae = make_source("vae", setting, tags=tags).fit(base.log_).score(base.log_, rows)
         scores[("vae", json.dumps(setting, sort_keys=True), 0)] = vae
         mean = float(C.ndcg_at(np.where(base.blocked(rows), -np.inf, vae), truth).mean())
         print(f"  Mult-VAE {setting}: validation NDCG@10 {mean:.4f} alone", file=sys.stderr, flush=True)
-    for setting in USERKNN_GRID:
+    for setting in USERKNN_GRID if "userknn" in uses else []:
         scores[("userknn", json.dumps(setting, sort_keys=True), 0)] = user_knn(base.log_.matrix, rows, **setting)
-    print(f"  user-kNN: {len(USERKNN_GRID)} settings", file=sys.stderr, flush=True)
+    print(f"  leads scored: {sorted(uses) or 'none'}", file=sys.stderr, flush=True)
     return scores, truth, base.blocked(rows)
 
 
@@ -312,6 +326,17 @@ class Study:
         weights = C.search_weights({k: v[choose] for k, v in z.items()}, self.truth[choose], self.blocked[choose],
                                    steps=variant["steps"], rounds=variant["rounds"])
         total = np.asarray(sum(weights[k] * z[k] for k in z if weights[k]))
+        if variant.get("bagged"):  # weights searched on bootstrap resamples of `choose`, each scaled to sum 1, averaged
+            rng = np.random.default_rng(len(choose))
+            mean_w = dict.fromkeys(z, 0.0)
+            for _ in range(variant["bagged"]):
+                rows_b = np.sort(rng.choice(choose, len(choose), replace=True))
+                w = C.search_weights({k: v[rows_b] for k, v in z.items()}, self.truth[rows_b], self.blocked[rows_b],
+                                     steps=variant["steps"], rounds=variant["rounds"])
+                norm = sum(abs(x) for x in w.values()) or 1.0
+                for k in z:
+                    mean_w[k] += w[k] / norm / variant["bagged"]
+            total = np.asarray(sum(mean_w[k] * z[k] for k in z if mean_w[k]))
         if variant.get("vae_cross") and weights.get("vae"):  # kept only if it wins out of fold within `choose`
             without = {k: v for k, v in z.items() if k != "vae"}
             rng = np.random.default_rng(len(choose))
@@ -371,7 +396,7 @@ def main(argv: list[str] | None = None, report: Callable[[str], None] = print) -
                     "(with `previous` and the shipped one)")
     args = ap.parse_args(argv)
     variants = {name: v for name, v in VARIANTS.items() if name in ("previous", SHIPPED) or args.only in name}
-    study = Study(*source_scores(args.dataset))
+    study = Study(*source_scores(args.dataset, variants))
     per_user = cross_fit(study, variants, args.repeats)
     base = per_user["previous"]
     out: dict[str, Any] = {"dataset": args.dataset, "users": int(len(base)), "repeats": args.repeats, "variants": {}}
