@@ -504,11 +504,11 @@ def iter_topk(work: Path | str, config: NightlyConfig | None = None, *, engine: 
 
 
 class RankActor:
-    """One Ray actor: the work directory opened once, then `rank_batch` on (start, stop) rows."""
+    """One Ray actor of `ordered_actor_calls` (one CPU, one thread in every library, FAISS's
+    OpenMP included): the work directory opened once, then `rank_batch` on (start, stop) rows."""
 
     def __init__(self, work: str, config: dict[str, Any]) -> None:
         cfg = NightlyConfig.from_dict(config)
-        faiss.omp_set_num_threads(1)  # one CPU per actor
         self.ctx = NightlyContext(work, cfg, mmap_index=True)
         self.ranker = Ranker.load(Path(work) / RANKER_DIR)
 
