@@ -269,6 +269,37 @@ def test_sampled_negatives_are_weighted_back_so_scores_keep_the_base_rate() -> N
         full.fit(rows, rows["label"], training.query_ids(rows), sample_weight=np.ones(3))
 
 
+def test_a_ranker_fit_gives_the_same_model_on_one_thread_as_on_two() -> None:
+    """What lets the guard's fits run side by side, one thread each: the same scores to the bit."""
+    rows = _rows(200, "feature", seed=5)
+    config = load_config(None, QUIET[1:])
+    one, two = training.fit_ranker(rows, config, threads=1), training.fit_ranker(rows, config, threads=2)
+    assert one.params_["num_threads"] == 1 and two.params_["num_threads"] == 2
+    assert np.array_equal(one.predict(rows), two.predict(rows))
+
+
+def test_side_by_side_fits_come_back_in_order_with_the_cores_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(training, "cores", lambda: 4)
+    got = training.fits_side_by_side([lambda threads, j=j: (j, threads) for j in range(2)])
+    assert got == [(0, 2), (1, 2)]  # two fits on four cores: two threads each
+    got = training.fits_side_by_side([lambda threads, j=j: (j, threads) for j in range(6)])
+    assert got == [(j, 1) for j in range(6)]
+
+
+def test_the_guard_fits_the_final_model_beside_its_own_and_returns_it() -> None:
+    rows = _two_windows("feature", "feature")
+    cfg = load_config(None, ["ranker.n_estimators=50"])
+    calls: list[int] = []
+
+    def final(threads: int) -> str:
+        calls.append(threads)
+        return "the final model"
+
+    with_final, alone = guard_ranker(rows, cfg, final=final), guard_ranker(rows, cfg)
+    assert with_final.pop("final_model") == "the final model" and len(calls) == 1
+    assert "final_model" not in alone and with_final == alone  # the verdict does not change
+
+
 def test_the_guard_keeps_retrieval_order_when_the_ranker_is_not_better() -> None:
     cfg = load_config(None, ["ranker.n_estimators=50"])
     guard = guard_ranker(_two_windows("retrieval", "retrieval"), cfg)
@@ -326,8 +357,8 @@ def test_a_worse_ranker_is_not_shipped_by_the_nightly_job(tmp_path: Path, caplog
     it is), the night exports the retrieval order and says so in the log, guard.json and the manifest."""
     real = training.guard_ranker
 
-    def losing(rows: pl.DataFrame, config: object) -> dict:
-        result = real(rows, config)
+    def losing(rows: pl.DataFrame, config: object, final: object = None) -> dict:
+        result = real(rows, config, final=final)
         return {**result, "ndcg@10": {"ranker": 0.1, "retrieval": 0.2}, "difference": -0.1,
                 "interval": [-0.12, -0.08], "ships": False}
 
@@ -376,9 +407,9 @@ def test_the_ranker_reorders_the_first_depth_candidates_it_was_trained_on(tmp_pa
     seen: list[int] = []
     real = training.guard_ranker
 
-    def spy(rows: pl.DataFrame, config: object) -> dict:
+    def spy(rows: pl.DataFrame, config: object, final: object = None) -> dict:
         seen.append(int(rows["retrieval_rank"].max()))
-        return real(rows, config)
+        return real(rows, config, final=final)
 
     monkeypatch.setattr(training, "guard_ranker", spy)
     nightly(data, art, "ranker.guard=false", "ranker.depth=15")
