@@ -31,6 +31,7 @@ from fusionrec.pipeline.splits import global_temporal_split
 from fusionrec.pipeline.threads import thread_map
 
 _DENSE_VALIDATION_MAX_ITEMS = 50_000
+_CACHE_BYTES = 256 << 20  # the hold-out's per-chunk arrays kept between a search's recall calls
 
 
 @dataclass
@@ -54,6 +55,10 @@ class _HoldOut:
     rel: sp.csr_matrix
     n_rel: np.ndarray
     rows: np.ndarray
+    # Per chunk of rows, what every weight set's recall reads (the similarities, where they
+    # exist, the blocked and relevant cells), kept between `_recall` calls while they fit
+    # `_CACHE_BYTES`: a search scores a few hundred weight sets in a dozen calls on the same users.
+    chunks: dict[tuple[int, int], tuple[np.ndarray, ...]] = field(default_factory=dict, compare=False, repr=False)
 
 
 def validation_split(interactions: pl.DataFrame, fraction: float, seed: int = 0
@@ -174,10 +179,14 @@ class WeightSearch:
         per_user = [g for g, w in enumerate(weight_sets) if w.ndim == 2]
         wglob = np.array([weight_sets[g] for g in glob], dtype=np.float32).reshape(len(glob), len(items.names))
         dense = n_items <= _DENSE_VALIDATION_MAX_ITEMS
-        pool = None if dense else _pool(ub, items, rows)
+        cached = any(size == chunk for size, _ in ev.chunks)  # every chunk's arrays, from an earlier call
+        pool = None if dense or cached else _pool(ub, items, rows)
+        width = n_items if dense else pool.shape[1] if pool is not None else 0
+        keep = not cached and len(rows) * width * (8 * len(items.names) + 2) <= _CACHE_BYTES
 
-        def chunk_hits(s: int) -> np.ndarray:
-            hits = np.zeros(len(weight_sets))
+        def chunk_arrays(s: int) -> tuple[np.ndarray, ...]:
+            if (chunk, s) in ev.chunks:
+                return ev.chunks[chunk, s]
             r = rows[s:s + chunk]
             if pool is None:
                 cand = np.broadcast_to(np.arange(n_items), (len(r), n_items))
@@ -185,10 +194,16 @@ class WeightSearch:
             else:
                 cand = pool[s:s + chunk]
                 sims, avail = gather_sims(ub, r, items, cand)
-            sa = np.where(avail, sims, 0.0).astype(np.float32)
-            af = avail.astype(np.float32)
-            blocked = (in_csr(seen[r], cand) | (cand < 0))[:, None, :]
-            is_rel = in_csr(rel[r], cand)[:, None, :]
+            arrays = (np.where(avail, sims, 0.0).astype(np.float32), avail.astype(np.float32),
+                      (in_csr(seen[r], cand) | (cand < 0))[:, None, :], in_csr(rel[r], cand)[:, None, :])
+            if keep:
+                ev.chunks[chunk, s] = arrays
+            return arrays
+
+        def chunk_hits(s: int) -> np.ndarray:
+            hits = np.zeros(len(weight_sets))
+            r = rows[s:s + chunk]
+            sa, af, blocked, is_rel = chunk_arrays(s)
             inv_rel = 1.0 / n_rel[r]
             # global weight sets in groups, scored with one matmul: (B, P, M) @ (M, G)
             step = max(1, int(2**24 // max(sa.shape[0] * sa.shape[1], 1)))

@@ -355,3 +355,29 @@ def test_large_catalogue_validation_pool_matches_the_dense_evaluation(world, sea
     # each modality's top 400 covers this catalogue, so the pool path must agree exactly
     assert pooled.validation_recall_ == pytest.approx(searched.validation_recall_)
     assert pooled.weights_ == pytest.approx(searched.weights_)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_the_weight_search_reads_each_users_similarities_once_with_the_same_choice(world, monkeypatch, dense):
+    """The search's recall calls (grid, pattern steps, beta) share the hold-out's per-chunk
+    arrays: one similarity computation per chunk instead of one per call, the same record."""
+    mods, inter, _, _ = world
+    if not dense:
+        monkeypatch.setattr(weight_search, "_DENSE_VALIDATION_MAX_ITEMS", 10)  # the candidate-pool path
+    calls: list[int] = []
+    for name in ("_dense_sims", "gather_sims"):
+        real = getattr(weight_search, name)
+        monkeypatch.setattr(weight_search, name, lambda *a, _real=real, **kw: calls.append(1) or _real(*a, **kw))
+
+    def fit() -> Retriever:
+        return Retriever(fusion="attention", n_candidates=K, behaviour_dim=8, validation_fraction=0.2,
+                         beta_grid=(0.0, 1.0, 4.0), cold_share=0.0).fit(mods, inter)
+
+    cached = fit()
+    cached_calls = len(calls)
+    calls.clear()
+    monkeypatch.setattr(weight_search, "_CACHE_BYTES", 0)
+    uncached = fit()
+    assert 0 < cached_calls < len(calls) / 5  # a dozen recall calls read the same chunks
+    assert cached.validation_ == uncached.validation_ and cached.weights_ == uncached.weights_
+    assert cached.attention_beta_ == uncached.attention_beta_
