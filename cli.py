@@ -400,6 +400,8 @@ def main(args: list[str] | None = None) -> None:
     import os
     import traceback
 
+    # lightgbm without its scikit-learn API, which no command uses (ranker.model.SKLEARN_ENV).
+    os.environ.setdefault("FUSIONREC_LIGHTGBM_SKLEARN", "0")
     try:
         app(args=args, prog_name="fusionrec")
     except SystemExit:

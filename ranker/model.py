@@ -8,6 +8,9 @@ for a fixed seed and `num_threads` (deterministic=True, force_col_wise=True).
 from __future__ import annotations
 
 import json
+import os
+import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,10 +34,26 @@ _METRICS = {"lambdarank": "ndcg", "regression": "rmse", "binary": ["auc", "binar
 Objective = Literal["lambdarank", "regression", "binary"]
 
 
+# "0": import lightgbm without its scikit-learn API (LGBMModel and the like, which fusionrec
+# never uses). The command line sets it (`cli.main`): scikit-learn is about two thirds of
+# lightgbm's import, 2 to 3 s of every serving command's start-up. A library user who does
+# not set it gets lightgbm whole.
+SKLEARN_ENV = "FUSIONREC_LIGHTGBM_SKLEARN"
+_import_lock = threading.Lock()
+
+
 def _lightgbm() -> Any:
-    """lightgbm, imported on first use: it imports scikit-learn, SciPy and pandas when they are
-    installed (seconds), which commands that never fit or load a ranker (embed, index) skip."""
-    import lightgbm
+    """lightgbm, imported on first use (commands that never fit or load a ranker skip it):
+    with scikit-learn's API unless `SKLEARN_ENV` is "0" and nothing imported scikit-learn yet."""
+    with _import_lock:
+        if ("lightgbm" not in sys.modules and "sklearn" not in sys.modules
+                and os.environ.get(SKLEARN_ENV, "").strip() == "0"):
+            sys.modules["sklearn"] = None  # type: ignore[assignment]  # lightgbm's `from sklearn ...` raises ImportError
+            try:
+                import lightgbm
+            finally:
+                del sys.modules["sklearn"]  # scikit-learn imports normally afterwards (librosa needs it)
+        import lightgbm
 
     return lightgbm
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -254,3 +257,27 @@ def test_movielens_ranker_beats_popularity_order():
     learned = ndcg_at(u, y, model.predict(va))
     popularity = ndcg_at(u, y, va["retrieval_score"].to_numpy())
     assert learned > popularity + 0.05, (learned, popularity)
+
+
+def test_the_command_line_imports_lightgbm_without_scikit_learn_and_fits_the_same(tmp_path: Path) -> None:
+    """With FUSIONREC_LIGHTGBM_SKLEARN=0 (what `fusionrec` sets), loading lightgbm leaves
+    scikit-learn out (seconds of every serving command's start-up); the ranker fits and
+    predicts the same, and scikit-learn still imports afterwards for whoever needs it."""
+    code = (
+        "import sys, numpy as np, polars as pl\n"
+        "from fusionrec.ranker.model import Ranker, _lightgbm\n"
+        "_lightgbm(); print('sklearn' in sys.modules)\n"
+        "rng = np.random.default_rng(0); x = rng.normal(size=(400, 3))\n"
+        "X = pl.DataFrame({'retrieval_score': x[:, 0], 'sim_text': x[:, 1], 'sim_image': x[:, 2]})\n"
+        "y = (x[:, 0] > 0).astype(int)\n"
+        "m = Ranker(objective='binary', n_estimators=20, min_child_samples=5).fit(X, y)\n"
+        "print(repr(m.predict(X).round(12).tolist()))\n"
+        "import sklearn; print(sklearn.__name__)\n")
+    runs = {}
+    for value in ("0", "1"):
+        env = {**os.environ, "FUSIONREC_LIGHTGBM_SKLEARN": value}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr
+        runs[value] = done.stdout.splitlines()
+    assert runs["0"][0] == "False" and runs["1"][0] == "True"
+    assert runs["0"][1] == runs["1"][1] and runs["0"][2] == "sklearn"
