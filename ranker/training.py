@@ -89,9 +89,12 @@ def gain_labels(pairs: pl.DataFrame, held: pl.DataFrame, threshold: float | None
 
 
 def user_fold(user_ids: pl.Series, seed: int, folds: int = 2) -> np.ndarray:
-    """A seeded, order-free fold number per user id."""
-    return np.array([int(hashlib.sha256(f"{seed}:{u}".encode()).hexdigest()[:8], 16) % folds
-                     for u in user_ids.to_list()], dtype=np.int64)
+    """A seeded, order-free fold number per user id (one hash per distinct user, not per row)."""
+    distinct, row_of = np.unique(np.asarray(user_ids.cast(pl.String).to_list(), dtype=object).astype(str),
+                                 return_inverse=True)
+    fold = np.array([int(hashlib.sha256(f"{seed}:{u}".encode()).hexdigest()[:8], 16) % folds for u in distinct],
+                    dtype=np.int64)
+    return fold[row_of]
 
 
 def new_ranker(config: Config, rows: int, n_estimators: int | None = None, early_stopping: bool = True,
