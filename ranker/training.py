@@ -55,6 +55,7 @@ GUARD_FILE = "guard.json"
 GUARD_FOLDS = 4  # each fold's ranker learns from three quarters of the users
 MIN_FORWARD_USERS = 20  # fewer labelled users in the earlier window make the forward check meaningless
 R = TypeVar("R")
+SIDE_BY_SIDE_MAX_BYTES = 1 << 30  # a fit's float64 feature matrix above which the fits run one at a time
 SINGLE_WINDOW = ("the log holds one label window only, so a ranker could not be checked on labels later than "
                  "those it learned from")
 
@@ -148,16 +149,18 @@ def _fit(rows: pl.DataFrame, config: Config, threads: int = 0) -> Ranker:
     return fit_ranker(train, config, early_stopping=True, eval_set=eval_set, threads=threads)
 
 
-def fits_side_by_side(jobs: list[Callable[[int], R]]) -> list[R]:
+def fits_side_by_side(jobs: list[Callable[[int], R]], matrix_bytes: int = 0) -> list[R]:
     """Run independent ranker fits side by side, one per core, each job given its LightGBM
     thread count; results in input order.
 
     LightGBM's second thread on a fit adds about 60% (Last.fm's rows: 12.4 s on one thread,
     7.8 s on two), two one-thread fits side by side about 100%. The fits are deterministic
     (`deterministic`, column-wise histograms), so a fit on one thread gives the same model as
-    on two (tested): side by side changes the time, not the results.
+    on two (tested): side by side changes the time, not the results. Each fit holds its own
+    feature matrix, so where one (`matrix_bytes`) passes `SIDE_BY_SIDE_MAX_BYTES` the fits run
+    one after another on every core, in the memory they took before.
     """
-    lanes = max(1, min(len(jobs), cores()))
+    lanes = 1 if matrix_bytes > SIDE_BY_SIDE_MAX_BYTES else max(1, min(len(jobs), cores()))
     threads = max(1, cores() // lanes)
     return thread_map(lambda job: job(threads), jobs, lanes)
 
@@ -389,7 +392,7 @@ def guard_ranker(rows: pl.DataFrame, config: Config, final: Callable[[int], Rank
 
     # The largest fits first, so that the last to start are the shortest (the lanes end together).
     jobs: list[Callable[[int], Any]] = ([final] if final is not None else []) + [fold_fit(f) for f in range(GUARD_FOLDS)]
-    results = fits_side_by_side([*jobs, forward_fit] if enough else jobs)
+    results = fits_side_by_side([*jobs, forward_fit] if enough else jobs, matrix_bytes=8 * rows.height * rows.width)
     final_model = results.pop(0) if final is not None else None
     folds = results[:GUARD_FOLDS]
     forward = results[GUARD_FOLDS] if enough else None

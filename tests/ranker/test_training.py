@@ -284,6 +284,10 @@ def test_side_by_side_fits_come_back_in_order_with_the_cores_shared(monkeypatch:
     assert got == [(0, 2), (1, 2)]  # two fits on four cores: two threads each
     got = training.fits_side_by_side([lambda threads, j=j: (j, threads) for j in range(6)])
     assert got == [(j, 1) for j in range(6)]
+    # Fits too large to hold two at once run one after another, each on every core.
+    got = training.fits_side_by_side([lambda threads, j=j: (j, threads) for j in range(3)],
+                                     matrix_bytes=training.SIDE_BY_SIDE_MAX_BYTES + 1)
+    assert got == [(j, 4) for j in range(3)]
 
 
 def test_the_guard_fits_the_final_model_beside_its_own_and_returns_it() -> None:
