@@ -281,3 +281,17 @@ def test_the_command_line_imports_lightgbm_without_scikit_learn_and_fits_the_sam
         runs[value] = done.stdout.splitlines()
     assert runs["0"][0] == "False" and runs["1"][0] == "True"
     assert runs["0"][1] == runs["1"][1] and runs["0"][2] == "sklearn"
+
+
+def test_the_command_line_sets_the_variable_the_ranker_reads() -> None:
+    """`cli.main` names the variable by its literal (importing ranker.model there would slow
+    `--help`): it must be the one `ranker.model` reads, set to 0 unless the user set it."""
+    code = ("import os; from fusionrec import cli; from fusionrec.ranker.model import SKLEARN_ENV\n"
+            "try:\n    cli.main(['--version'])\nexcept SystemExit:\n    pass\n"
+            "print(os.environ.get(SKLEARN_ENV))\n")
+    env = {k: v for k, v in os.environ.items() if k != "FUSIONREC_LIGHTGBM_SKLEARN"}
+    for preset, expected in ((None, "0"), ("1", "1")):
+        run_env = env if preset is None else {**env, "FUSIONREC_LIGHTGBM_SKLEARN": preset}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=run_env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().splitlines()[-1] == expected
