@@ -29,11 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import RESULTS, SETS  # noqa: E402
@@ -41,6 +43,7 @@ from peers import RESULTS, SETS  # noqa: E402
 from fusionrec.pipeline.config import Config  # noqa: E402
 from fusionrec.pipeline.retrieval import candidates as C  # noqa: E402
 from fusionrec.pipeline.retrieval import stage  # noqa: E402
+from fusionrec.pipeline.retrieval.source_base import with_tags as tagged_matrix  # noqa: E402
 from fusionrec.pipeline.retrieval.sources import SEARCH_GRID, make_source, tag_matrix  # noqa: E402
 
 # What the sources used before this study: five ALS settings, three seeds, seven blend steps.
@@ -145,22 +148,32 @@ EDLAE_GRID = [{"lam": lam, "dropout": p} for lam in (10.0, 100.0) for p in (0.1,
 BM25_ALS = [{"factors": f, "regularization": r, "alpha": a, "bm25": True} for f, r, a in
             ((64, 50.0, 20.0), (128, 100.0, 40.0), (64, 50.0, 5.0), (128, 100.0, 10.0), (32, 5.0, 1.0))] + [
     {"factors": 128, "regularization": 100.0, "alpha": a, "tag_weight": 1.0, "bm25": True} for a in (10.0, 40.0)]
+# `--screen`: single sources scored alone on the whole validation split (no blend, no halves),
+# a first look before a lead earns a variant. The tag weights past each grid's edge (every
+# co-occurrence source chose the grid's largest tag weight on Last.fm), and iALS with
+# frequency-scaled regularisation (Rendle et al. 2021: each row's penalty lambda x (its
+# positives + a0 x the other side's size) ** nu; nu 0 is implicit's ALS) beside implicit's ALS.
+SCREEN: list[tuple[str, dict[str, Any]]] = [
+    *[("ease", {"lam": 100.0, "tag_weight": w}) for w in (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)],
+    *[("itemknn", {"neighbours": 200, "shrink": 10.0, "tag_weight": w}) for w in (0.0, 1.0, 2.0, 4.0)],
+    *[("rp3beta", {"alpha": 0.8, "beta": 0.5, "tag_weight": w}) for w in (0.0, 1.0, 2.0, 4.0)],
+    *[("als", {"factors": 128, "regularization": 100.0, "alpha": 40.0, "tag_weight": w, "seeds": 1, "seed": k})
+      for w in (0.5, 1.0, 2.0) for k in range(3)],
+    *[("ials", {"factors": 128, "a0": 0.025, "lam": lam, "nu": nu, "tag_weight": w})
+      for nu, lam, w in ((0.0, 2.4, 0.5), (1.0, 0.02, 0.5), (1.0, 0.02, 1.0), (1.0, 0.05, 0.5), (1.0, 0.01, 0.5),
+                         (0.5, 0.15, 0.5), (0.5, 0.3, 0.5), (0.5, 0.5, 0.5), (0.5, 0.25, 1.0), (0.5, 0.3, 1.0),
+                         (0.5, 0.35, 1.0), (0.5, 0.4, 1.0))],
+]
 LEADS = ("cease", "userknn", "vae")  # scores of leads, used only by the variants that name them
 SHIPPED = "shipped: the tag settings in every source that learns from co-occurrence"
 
 Key = tuple[str, str, int]  # source, setting, seed
 
 
-def source_scores(dataset: str, variants: dict[str, dict[str, Any]]
-                  ) -> tuple[dict[Key, np.ndarray], np.ndarray, np.ndarray]:
-    """(source, setting, seed) -> validation scores, the truth matrix and the blocked (seen) matrix.
-
-    Only what `variants` use: the leads' scores (Mult-VAE's twelve fits, collective EASE,
-    EDLAE, user-kNN), the extra ALS grids and seeds are computed where a variant names them.
-    """
-    uses = {flag for v in variants.values() for flag in ("cease", "userknn", "vae", "edlae") if v.get(flag)}
-    als_grids = {v["als_grid"] for v in variants.values()}
-    als_seeds = max(v["seeds"] for v in variants.values())
+def validation_setup(dataset: str) -> tuple[Any, ...]:
+    """The validation split `fusionrec run` uses on the benchmark's train part, its candidate
+    model fitted on the split's feature part: (config, catalog, fused retriever, item ids,
+    content vectors, tag matrix, candidate model, labelled users, their log rows, truth)."""
     work = RESULTS / f"work_{dataset}"
     if not (work / "train").is_dir() or not (work / "art" / "embeddings").is_dir():
         raise SystemExit(f"no {work}/train or {work}/art/embeddings: run bench/peers.py --dataset {dataset} first")
@@ -186,6 +199,20 @@ def source_scores(dataset: str, variants: dict[str, dict[str, Any]]
     row = {u: j for j, u in enumerate(users)}
     truth = np.zeros((len(users), len(item_ids)), bool)
     truth[[row[u] for u in truth_frame["user_id"].to_list()], [col[i] for i in truth_frame["item_id"].to_list()]] = True
+    return config, catalog, fused, item_ids, content, tags, base, users, rows, truth
+
+
+def source_scores(dataset: str, variants: dict[str, dict[str, Any]]
+                  ) -> tuple[dict[Key, np.ndarray], np.ndarray, np.ndarray]:
+    """(source, setting, seed) -> validation scores, the truth matrix and the blocked (seen) matrix.
+
+    Only what `variants` use: the leads' scores (Mult-VAE's twelve fits, collective EASE,
+    EDLAE, user-kNN), the extra ALS grids and seeds are computed where a variant names them.
+    """
+    uses = {flag for v in variants.values() for flag in ("cease", "userknn", "vae", "edlae") if v.get(flag)}
+    als_grids = {v["als_grid"] for v in variants.values()}
+    als_seeds = max(v["seeds"] for v in variants.values())
+    config, catalog, fused, item_ids, content, tags, base, users, rows, truth = validation_setup(dataset)
     scores: dict[Key, np.ndarray] = {}
     extra_als = (PREVIOUS_ALS + (WIDER_TAGGED_ALS if "tags_wider" in als_grids else [])
                  + (BM25_ALS if "bm25" in als_grids else []))
@@ -227,6 +254,61 @@ def source_scores(dataset: str, variants: dict[str, dict[str, Any]]
         scores[("userknn", json.dumps(setting, sort_keys=True), 0)] = user_knn(base.log_.matrix, rows, **setting)
     print(f"  leads scored: {sorted(uses) or 'none'}", file=sys.stderr, flush=True)
     return scores, truth, base.blocked(rows)
+
+
+def ials(x: Any, factors: int, a0: float, lam: float, nu: float, iterations: int = 10, seed: int = 0
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """iALS with frequency-scaled regularisation (Rendle et al. 2021): squared loss on every
+    positive (weighted by its value) and a0 x on every cell, each row's penalty lambda x (its
+    positives + a0 x the other side's size) ** nu; exact alternating solves (numpy)."""
+    def side(m: Any, fixed: np.ndarray) -> np.ndarray:
+        k = fixed.shape[1]
+        gram = a0 * (fixed.T @ fixed)
+        penalty = lam * (np.diff(m.indptr) + a0 * fixed.shape[0]) ** nu
+        out = np.zeros((m.shape[0], k))
+        for start in range(0, m.shape[0], 512):
+            stop = min(start + 512, m.shape[0])
+            a = np.broadcast_to(gram, (stop - start, k, k)).copy()
+            b = np.zeros((stop - start, k))
+            for r in range(start, stop):
+                cols, w = m.indices[m.indptr[r]:m.indptr[r + 1]], m.data[m.indptr[r]:m.indptr[r + 1]]
+                a[r - start] += (fixed[cols] * w[:, None]).T @ fixed[cols]
+                b[r - start] = w @ fixed[cols]
+            a[:, np.arange(k), np.arange(k)] += penalty[start:stop, None]
+            out[start:stop] = np.linalg.solve(a, b[..., None])[..., 0]
+        return out
+
+    rng = np.random.default_rng(seed)
+    x = sp.csr_matrix(x, dtype=np.float64)
+    xt = x.T.tocsr()
+    users = rng.normal(0, 0.1 / np.sqrt(factors), (x.shape[0], factors))
+    items = rng.normal(0, 0.1 / np.sqrt(factors), (x.shape[1], factors))
+    for _ in range(iterations):
+        users = side(x, items)
+        items = side(xt, users)
+    return users, items
+
+
+def screen(dataset: str, report: Callable[[str], None]) -> None:
+    """`SCREEN`'s settings, each alone: validation NDCG@10 on every labelled user."""
+    _, _, _, _, content, tags, base, _, rows, truth = validation_setup(dataset)
+    blocked = base.blocked(rows)
+    report(f"{dataset}: single sources on the validation split ({len(rows)} users)\n"
+           "| source | setting | validation NDCG@10 | seconds |\n|---|---|---:|---:|")
+    for name, setting in SCREEN:
+        if setting.get("tag_weight") and tags is None:
+            continue
+        started = time.perf_counter()
+        if name == "ials":
+            params = {k: v for k, v in setting.items() if k != "tag_weight"}
+            users, items = ials(tagged_matrix(base.log_.matrix, tags, setting["tag_weight"]), **params)
+            score = users[rows] @ items.T  # the tags' rows sit below the log's users
+        else:
+            params = {k: v for k, v in setting.items() if k != "seed"}
+            score = make_source(name, params, segments=base.segments_, seed=setting.get("seed", 0), content=content,
+                                tags=tags).fit(base.log_).score(base.log_, rows)
+        mean = float(C.ndcg_at(np.where(blocked, -np.inf, score), truth).mean())
+        report(f"| {name} | {json.dumps(setting, sort_keys=True)} | {mean:.4f} | {time.perf_counter() - started:.1f} |")
 
 
 def collective_ease(x: Any, content: np.ndarray, lam: float, beta: float) -> np.ndarray:
@@ -394,7 +476,11 @@ def main(argv: list[str] | None = None, report: Callable[[str], None] = print) -
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", default="", help="run only the variants whose name holds this text "
                     "(with `previous` and the shipped one)")
+    ap.add_argument("--screen", action="store_true", help="score `SCREEN`'s single sources alone and stop")
     args = ap.parse_args(argv)
+    if args.screen:
+        screen(args.dataset, report)
+        return
     variants = {name: v for name, v in VARIANTS.items() if name in ("previous", SHIPPED) or args.only in name}
     study = Study(*source_scores(args.dataset, variants))
     per_user = cross_fit(study, variants, args.repeats)
