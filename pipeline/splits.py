@@ -81,12 +81,22 @@ def _checked(interactions: pl.DataFrame) -> pl.DataFrame:
     return interactions
 
 
+def tie_order(user_ids: pl.Series, item_ids: pl.Series, seed: int = 0) -> np.ndarray:
+    """The order of equal timestamps: a seeded uint64 hash of each (user, item) pair.
+
+    Neither the input rows' order nor the ids' own order reaches it. Ids are sometimes
+    assigned with hindsight, and then their order says who interacted: Last.fm-2K numbers
+    its artists in order of their first listener, so a user's own later artists sit among
+    their earlier ones in id order. Every tie of the log (splits, the recent-item and
+    sequence sources, the ranker's recent-item features) is broken by this one key.
+    """
+    return _mix64(stable_hash(user_ids, seed) * np.uint64(0x9E3779B97F4A7C15) + stable_hash(item_ids, seed))
+
+
 def time_order(interactions: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
     """Interactions in time order, equal timestamps in seeded-hash order (input row order unused)."""
     df = _checked(interactions)
-    key = _mix64(stable_hash(df["user_id"], seed) * np.uint64(0x9E3779B97F4A7C15)
-                 + stable_hash(df["item_id"], seed))
-    df = df.with_columns(pl.Series("_tie", key, dtype=pl.UInt64))
+    df = df.with_columns(pl.Series("_tie", tie_order(df["user_id"], df["item_id"], seed), dtype=pl.UInt64))
     # Remaining columns as last keys: identical (user, item, time) rows still order the same.
     rest = [c for c, t in df.schema.items() if c not in ("timestamp", "_tie", "user_id", "item_id")
             and (t.is_numeric() or t in (pl.String, pl.Boolean))]

@@ -20,6 +20,7 @@ import polars as pl
 
 from fusionrec.pipeline.errors import InputError
 from fusionrec.pipeline.retrieval.sources import item_tags, numeric_strings
+from fusionrec.pipeline.splits import tie_order
 
 DAY = 86_400
 DEFAULT_WINDOWS = (1, 7, 30)
@@ -80,7 +81,7 @@ def behaviour_features(pairs: pl.DataFrame, interactions: pl.DataFrame, items: p
     inter = _past(interactions, cutoff)
 
     # Integer codes make the pair-level joins cheap; both sides share one vocabulary.
-    # Codes follow id order, so ties broken by code do not depend on the order of `pairs`.
+    # Codes follow id order, so they do not depend on the order of `pairs`.
     users = pl.concat([base.select("user_id"), inter.select("user_id")]).unique().sort("user_id") \
         .with_row_index("u")
     item_vocab = [base.select("item_id"), inter.select("item_id")]
@@ -90,15 +91,21 @@ def behaviour_features(pairs: pl.DataFrame, interactions: pl.DataFrame, items: p
     p = base.select("user_id", "item_id").with_row_index("row") \
         .join(users, on="user_id", how="left", maintain_order="left") \
         .join(item_codes, on="item_id", how="left", maintain_order="left").select("row", "u", "i")
-    ev = inter.join(users, on="user_id", how="inner").join(item_codes, on="item_id", how="inner") \
-        .select("u", "i", "timestamp", "value")
+    joined = inter.join(users, on="user_id", how="inner").join(item_codes, on="item_id", how="inner")
+    ev = joined.select("u", "i", "timestamp", "value")
+    # Equal timestamps keep the log's one tie order (`splits.tie_order`), not the codes' id
+    # order: one key per distinct (user, item) pair.
+    distinct = joined.select("u", "i", "user_id", "item_id").unique(subset=["u", "i"])
+    ties = distinct.select("u", "i").with_columns(
+        pl.Series("tie", tie_order(distinct["user_id"], distinct["item_id"]), dtype=pl.UInt64))
 
     wanted = p.select("u", "i").unique()  # the distinct pairs the pair-level features are built for
     out = p
     out = out.join(_item_stats(ev, cutoff, windows), on="i", how="left", maintain_order="left")
     out = out.join(_user_stats(ev, cutoff, windows), on="u", how="left", maintain_order="left")
     out = out.join(_pair_counts(ev, wanted), on=["u", "i"], how="left", maintain_order="left")
-    out = out.join(_cooccurrence(ev, wanted, last_n, cooc_history), on=["u", "i"], how="left", maintain_order="left")
+    out = out.join(_cooccurrence(ev, ties, wanted, last_n, cooc_history), on=["u", "i"], how="left",
+                   maintain_order="left")
     # Every integer feature so far is a count: cold users and items have 0.
     counts = [c for c, t in out.schema.items() if c not in ("row", "u", "i") and t.is_integer()]
     out = out.with_columns(pl.col(c).fill_null(0) for c in counts)
@@ -177,22 +184,23 @@ def _pair_counts(ev: pl.DataFrame, wanted: pl.DataFrame) -> pl.DataFrame:
         pl.len().cast(pl.Int32).alias("pair_user_item_count"))
 
 
-def _recent_items(ev: pl.DataFrame, n: int) -> pl.DataFrame:
-    """Each user's `n` most recent distinct items (ties: lower item code first)."""
-    return ev.group_by("u", "i").agg(pl.col("timestamp").max().alias("last")) \
-        .sort(["u", "last", "i"], descending=[False, True, False]) \
+def _recent_items(ev: pl.DataFrame, ties: pl.DataFrame, n: int) -> pl.DataFrame:
+    """Each user's `n` most recent distinct items (equal times: the larger key of `ties` is later)."""
+    return ev.group_by("u", "i").agg(pl.col("timestamp").max().alias("last")).join(ties, on=["u", "i"]) \
+        .sort(["u", "last", "tie", "i"], descending=[False, True, True, True]) \
         .group_by("u", maintain_order=True).head(n).select("u", "i")
 
 
-def _cooccurrence(ev: pl.DataFrame, wanted: pl.DataFrame, last_n: int, cooc_history: int) -> pl.DataFrame:
+def _cooccurrence(ev: pl.DataFrame, ties: pl.DataFrame, wanted: pl.DataFrame, last_n: int, cooc_history: int
+                  ) -> pl.DataFrame:
     """Sum and max over the user's last `last_n` items h != candidate of #users who had both.
 
     Item-item counts come from a self-join of (user, item) on user, limited to candidate
     items on one side and recent-history items on the other. The (candidate, history
     item) pair is packed into one UInt64 key: single-key joins are much cheaper.
     """
-    recent = _recent_items(ev, last_n).rename({"i": "h"})
-    capped = _recent_items(ev, cooc_history)
+    recent = _recent_items(ev, ties, last_n).rename({"i": "h"})
+    capped = _recent_items(ev, ties, cooc_history)
     key = (pl.col("i").cast(pl.UInt64) * (1 << 32) + pl.col("h").cast(pl.UInt64)).alias("k")
     left = capped.join(wanted.select("i").unique(), on="i", how="semi")
     right = capped.join(recent.select(pl.col("h").alias("i")).unique(), on="i", how="semi").rename({"i": "h"})

@@ -31,6 +31,7 @@ from fusionrec.pipeline.retrieval.source_base import (
     with_tags,
 )
 from fusionrec.pipeline.retrieval.vae_model import MultVAE
+from fusionrec.pipeline.splits import tie_order
 from fusionrec.pipeline.threads import thread_map
 
 log = logging.getLogger("fusionrec.sources")
@@ -79,15 +80,18 @@ def build_log(interactions: pl.DataFrame, user_ids: np.ndarray, item_ids: np.nda
     pos = frame.filter(pl.col("positive")).group_by("u", "i").agg(pl.col("timestamp").max())
     matrix = _csr(pos["u"].to_numpy(), pos["i"].to_numpy(), np.ones(pos.height, np.float32), shape)
     # Each user's most recent items, newest first, whatever the rating: what a user just did
-    # says most about what comes next (sessions). Ties in time: item order.
-    last = frame.group_by("u", "i").agg(pl.col("timestamp").max())
-    recent = (last.sort(["u", "timestamp", "i"], descending=[False, True, True])
+    # says most about what comes next (sessions). Ties in time: the log's seeded hash order
+    # (`splits.tie_order`), never item order, which can carry how the ids were assigned.
+    last = frame.group_by("u", "i").agg(pl.col("timestamp").max(), pl.col("user_id").first(),
+                                        pl.col("item_id").first())
+    last = last.with_columns(pl.Series("tie", tie_order(last["user_id"], last["item_id"]), dtype=pl.UInt64))
+    recent = (last.sort(["u", "timestamp", "tie", "i"], descending=[False, True, True, True])
               .with_columns(pl.int_range(pl.len()).over("u").alias("age"))
               .filter(pl.col("age") < recent_items))
     weights = np.power(0.5, recent["age"].to_numpy() / max(half_life, 1e-9)).astype(np.float32)
     recent_m = _csr(recent["u"].to_numpy(), recent["i"].to_numpy(), weights, shape)
     # Successive pairs of each user's time-ordered items (the sequence source learns from them).
-    ordered = last.sort(["u", "timestamp", "i"])
+    ordered = last.sort(["u", "timestamp", "tie", "i"])
     seq = np.stack([ordered["u"].to_numpy(), ordered["i"].to_numpy()], axis=1).astype(np.int64)
     return UserItemLog(np.asarray(user_ids, dtype=object), np.asarray(item_ids, dtype=object), matrix, recent_m,
                        seen, seq)

@@ -30,6 +30,7 @@ from fusionrec.pipeline.retrieval.sources import (
     tag_matrix,
     user_segments,
 )
+from fusionrec.pipeline.splits import tie_order
 
 ITEMS = np.array([f"i{j}" for j in range(12)], dtype=object)
 
@@ -413,3 +414,15 @@ def test_a_setting_a_source_does_not_have_is_an_error_not_ignored() -> None:
     with pytest.raises(ValueError, match="unknown candidate source 'eas'"):
         make_source("eas", {})
     assert set(SOURCE_SETTINGS) == set(SOURCE_NAMES) | {"gru"}  # gru: opt-in, outside the contract list
+
+
+def test_recent_and_sequence_order_equal_timestamps_by_the_logs_tie_order_not_item_ids() -> None:
+    # u did a, then b and z at the same time. `splits.tie_order` puts z after b for u; the
+    # item vocabulary's order (z before b here) would put b last.
+    key = tie_order(pl.Series(["u", "u"]), pl.Series(["b", "z"]))
+    assert key[1] > key[0]
+    items = np.array(["a", "z", "b"], dtype=object)
+    frame = pl.DataFrame({"user_id": ["u", "u", "u"], "item_id": ["a", "b", "z"], "timestamp": [1, 5, 5]})
+    log = build_log(frame, np.array(["u"], dtype=object), items, threshold=None, recent_items=1)
+    assert log.recent.toarray().tolist() == [[0.0, 1.0, 0.0]]  # the latest item: z
+    assert log.sequence[:, 1].tolist() == [0, 2, 1]  # a, then b, then z

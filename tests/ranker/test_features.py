@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from fusionrec.pipeline.errors import InputError
+from fusionrec.pipeline.splits import tie_order
 from fusionrec.ranker.features import behaviour_features, feature_columns, feature_group
 from fusionrec.ranker.labels import infer_rating_scale, make_labels
 
@@ -248,3 +249,18 @@ def test_label_window_is_disjoint_from_features():
     row = feats.join(labels, on=["user_id", "item_id"]).filter(pl.col("user_id") == "u1", pl.col("item_id") == "c")
     assert row["label"].item() == 1 and row["pair_user_item_count"].item() == 0
     assert np.isclose(row["item_mean_rating"].item(), 3.0)  # the post-cutoff rating 1.0 is not in it
+
+
+def test_equal_timestamps_follow_the_logs_tie_order_not_item_ids():
+    # u did b and z at the same time. The one tie order of the log (`splits.tie_order`) puts
+    # z after b for u, where id order would put b last: ids can be assigned with hindsight
+    # (Last.fm numbers artists by their first listener), so their order must not say "recent".
+    key = tie_order(pl.Series(["u", "u"]), pl.Series(["b", "z"]))
+    assert key[1] > key[0]
+    t = CUTOFF - D
+    log = pl.DataFrame({"user_id": ["u", "u", "v", "v", "w", "w"], "item_id": ["b", "z", "b", "c", "z", "d"],
+                        "timestamp": [t, t, t - D, t - D, t - D, t - D]})
+    pairs = pl.DataFrame({"user_id": ["u", "u"], "item_id": ["c", "d"]})
+    out = behaviour_features(pairs, log, None, CUTOFF, last_n=1)
+    # u's latest item is z: d co-occurs with z (w), c only with b (v).
+    assert out["pair_cooc_sum"].to_list() == [0, 1]
