@@ -55,6 +55,22 @@ SEEDED = "binary, three seeds averaged"
 # the ranker fitted on every user.
 FOLD_BAG = "shipped, the guard's four fold rankers averaged"
 FOLD_BAG_FULL = "shipped, the guard's four fold rankers and the full one averaged"
+# A lead: raw counts grow with the log, so a ranker learned on label windows whose feature
+# logs are smaller than the serving log (by the labels held out) meets larger counts when it
+# serves. The item and pair counts as shares of each window's own log (interactions, users).
+SHARES = "shipped, item and pair counts as shares of each window's log"
+# A lead: the rows of both label windows, with a flag for the latest window as a feature, so
+# the trees can set the earlier (on Last.fm a random hold-out) window's differences apart and
+# serve with the flag on; best read with --score-window 0.
+WINDOW_FLAG = "shipped + a latest-window flag as a feature (served on)"
+# A check, not a lead: the features whose values depend on how equal timestamps are ordered
+# (Last.fm's 0/1/2 split is all ties): the sequence and recent sources order ties by item
+# index, and the item ids of Last.fm follow each artist's first listener.
+NO_ORDER = "shipped without the sources that order equal timestamps (sequence, recent_*)"
+NO_ORDER_COOC = "shipped without those sources and the recent-item co-occurrence (pair_cooc_*)"
+ORDER_COLUMNS = ("src_sequence", "src_recent_ease", "src_recent_itemknn")
+PER_INTERACTION = ("item_cnt_1d", "item_cnt_7d", "item_cnt_30d", "item_cnt_all", "item_rating_count")
+PER_USER = ("item_users", "pair_cooc_sum", "pair_cooc_max")
 # The study that chose the binary objective (commit message and docs/quality.md): the previous
 # default (lambdarank, 300 rounds, learning rate 0.05) and six other settings of it.
 VARIANTS: dict[str, list[str]] = {
@@ -86,6 +102,10 @@ VARIANTS: dict[str, list[str]] = {
     SEEDED: ["ranker.objective=binary"],
     FOLD_BAG: ["ranker.objective=binary"],
     FOLD_BAG_FULL: ["ranker.objective=binary"],
+    SHARES: ["ranker.objective=binary"],
+    WINDOW_FLAG: ["ranker.objective=binary"],
+    NO_ORDER: ["ranker.objective=binary"],
+    NO_ORDER_COOC: ["ranker.objective=binary"],
 }
 
 
@@ -95,6 +115,19 @@ def query_z(rows: pl.DataFrame, score: np.ndarray) -> np.ndarray:
     x = pl.col("x")
     return rows.select(keys).with_columns(pl.Series("x", score, dtype=pl.Float64)).select(
         ((x - x.mean().over(keys)) / x.std(ddof=0).over(keys)).fill_nan(0.0).fill_null(0.0)).to_series().to_numpy()
+
+
+def count_shares(rows: pl.DataFrame, split: Any, threshold: float | None, config: Any) -> pl.DataFrame:
+    """`rows` with the item and pair counts divided by their window's feature log's size."""
+    parts = label_windows(split, config, threshold)
+    interactions = {w: float(part.fit.height) for w, part in enumerate(parts)}
+    users = {w: float(part.fit["user_id"].n_unique()) for w, part in enumerate(parts)}
+    window = pl.col("label_window").cast(pl.Int64)
+    per_interaction = window.replace_strict(interactions, return_dtype=pl.Float64)
+    per_user = window.replace_strict(users, return_dtype=pl.Float64)
+    return rows.with_columns(
+        *[(pl.col(c) / per_interaction).cast(pl.Float32) for c in PER_INTERACTION if c in rows.columns],
+        *[(pl.col(c) / per_user).cast(pl.Float32) for c in PER_USER if c in rows.columns])
 
 
 def modality_cosines(art: Path, rows: pl.DataFrame, split: Any, threshold: float | None, config: Any
@@ -136,9 +169,12 @@ def main() -> None:
     ap.add_argument("--only", default="", help="run only the settings whose name holds this text (and the shipped one)")
     ap.add_argument("--score-window", type=int, default=None,
                     help="score only this label window's rows (0: the latest); default every window")
+    ap.add_argument("--work", type=Path, default=None, help="working folder (default bench/results/work_<dataset>)")
+    ap.add_argument("--fit-window", type=int, default=None,
+                    help="fit on this label window's rows only (1 with --score-window 0: the guard's forward check)")
     args = ap.parse_args()
     variants = {name: v for name, v in VARIANTS.items() if name == SHIPPED or args.only in name}
-    art = RESULTS / f"work_{args.dataset}" / "art"
+    art = (args.work or RESULTS / f"work_{args.dataset}") / "art"
     if not (art / "sources" / "validation.parquet").is_file():
         raise SystemExit(f"no {art}/sources/validation.parquet: run bench/peers.py --dataset {args.dataset} first")
     base = load_config(None)
@@ -155,6 +191,13 @@ def main() -> None:
     if COSINES in variants:
         frames[COSINES] = rows.join(modality_cosines(art, rows, split, threshold, base),
                                     on=["user_id", "item_id", "label_window"], how="left", maintain_order="left")
+    if WINDOW_FLAG in variants:
+        frames[WINDOW_FLAG] = rows.with_columns((pl.col("label_window") == 0).cast(pl.Int8).alias("pair_latest_window"))
+    for name, extra in ((NO_ORDER, ()), (NO_ORDER_COOC, ("pair_cooc_sum", "pair_cooc_max"))):
+        if name in variants:
+            frames[name] = rows.drop([c for c in rows.columns if c.startswith(ORDER_COLUMNS) or c in extra])
+    if SHARES in variants:
+        frames[SHARES] = count_shares(rows, split, threshold, base)
     if args.score_window is not None and args.score_window not in rows["label_window"].unique().to_list():
         raise SystemExit(f"--score-window {args.score_window}: the rows hold label windows "
                          f"{sorted(rows['label_window'].unique().to_list())}")
@@ -177,11 +220,15 @@ def main() -> None:
                            data.filter(pl.col("user_id").is_in(list(score_users)) & scored_window))
                      for key, data in frames.items()}
             fit_rows, score_rows = parts[SHIPPED]
+            if args.fit_window is not None:
+                fit_rows = fit_rows.filter(pl.col("label_window") == args.fit_window)
             weights = T.blend_weights(fit_rows, columns) if columns else {}
             blend = T._blend_scores(score_rows, weights)
             for name, config in configs.items():
                 started = time.perf_counter()
-                fit_part, score_part = parts[COSINES if name == COSINES else SHIPPED]
+                fit_part, score_part = parts[name if name in frames else SHIPPED]
+                if args.fit_window is not None:  # e.g. learned on the earlier window, scored on the latest
+                    fit_part = fit_part.filter(pl.col("label_window") == args.fit_window)
                 if name == LATEST:
                     fit_part = fit_part.filter(pl.col("label_window") == 0)
                 model = T._fit(fit_part, config)
@@ -226,6 +273,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "" if len(variants) == len(VARIANTS) else "_only_" + "".join(ch if ch.isalnum() else "_" for ch in args.only)
     suffix += "" if args.score_window is None else f"_window{args.score_window}"
+    suffix += "" if args.fit_window is None else f"_fit{args.fit_window}"
+    suffix += "" if args.work is None else f"_{args.work.name}"
     (RESULTS / f"ranker_study_{args.dataset}{suffix}.json").write_text(json.dumps(out, indent=1))
 
 
