@@ -184,11 +184,10 @@ def _pair_counts(ev: pl.DataFrame, wanted: pl.DataFrame) -> pl.DataFrame:
         pl.len().cast(pl.Int32).alias("pair_user_item_count"))
 
 
-def _recent_items(ev: pl.DataFrame, ties: pl.DataFrame, n: int) -> pl.DataFrame:
-    """Each user's `n` most recent distinct items (equal times: the larger key of `ties` is later)."""
+def _newest_first(ev: pl.DataFrame, ties: pl.DataFrame) -> pl.DataFrame:
+    """Each user's distinct items (u, i), newest first (equal times: the larger key of `ties` is later)."""
     return ev.group_by("u", "i").agg(pl.col("timestamp").max().alias("last")).join(ties, on=["u", "i"]) \
-        .sort(["u", "last", "tie", "i"], descending=[False, True, True, True]) \
-        .group_by("u", maintain_order=True).head(n).select("u", "i")
+        .sort(["u", "last", "tie", "i"], descending=[False, True, True, True]).select("u", "i")
 
 
 def _cooccurrence(ev: pl.DataFrame, ties: pl.DataFrame, wanted: pl.DataFrame, last_n: int, cooc_history: int
@@ -199,8 +198,9 @@ def _cooccurrence(ev: pl.DataFrame, ties: pl.DataFrame, wanted: pl.DataFrame, la
     items on one side and recent-history items on the other. The (candidate, history
     item) pair is packed into one UInt64 key: single-key joins are much cheaper.
     """
-    recent = _recent_items(ev, ties, last_n).rename({"i": "h"})
-    capped = _recent_items(ev, ties, cooc_history)
+    newest = _newest_first(ev, ties)  # ordered once, cut twice
+    recent = newest.group_by("u", maintain_order=True).head(last_n).rename({"i": "h"})
+    capped = newest.group_by("u", maintain_order=True).head(cooc_history)
     key = (pl.col("i").cast(pl.UInt64) * (1 << 32) + pl.col("h").cast(pl.UInt64)).alias("k")
     left = capped.join(wanted.select("i").unique(), on="i", how="semi")
     right = capped.join(recent.select(pl.col("h").alias("i")).unique(), on="i", how="semi").rename({"i": "h"})
