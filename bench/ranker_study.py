@@ -64,8 +64,8 @@ SHARES = "shipped, item and pair counts as shares of each window's log"
 # serve with the flag on; best read with --score-window 0.
 WINDOW_FLAG = "shipped + a latest-window flag as a feature (served on)"
 # A check, not a lead: the features whose values depend on how equal timestamps are ordered
-# (Last.fm's 0/1/2 split is all ties): the sequence and recent sources order ties by item
-# index, and the item ids of Last.fm follow each artist's first listener.
+# (Last.fm's 0/1/2 split is all ties). Before `splits.tie_order` the sequence and recent
+# sources ordered ties by item index, and Last.fm's item ids follow each artist's first listener.
 NO_ORDER = "shipped without the sources that order equal timestamps (sequence, recent_*)"
 NO_ORDER_COOC = "shipped without those sources and the recent-item co-occurrence (pair_cooc_*)"
 ORDER_COLUMNS = ("src_sequence", "src_recent_ease", "src_recent_itemknn")
@@ -224,6 +224,7 @@ def main() -> None:
                 fit_rows = fit_rows.filter(pl.col("label_window") == args.fit_window)
             weights = T.blend_weights(fit_rows, columns) if columns else {}
             blend = T._blend_scores(score_rows, weights)
+            bagged = None
             for name, config in configs.items():
                 started = time.perf_counter()
                 fit_part, score_part = parts[name if name in frames else SHIPPED]
@@ -239,10 +240,11 @@ def main() -> None:
                         other = load_config(None, [*variants[name], f"ranker.seed={seed}"])
                         predicted = predicted + T._fit(fit_part, other).predict(score_part)
                 if name in (FOLD_BAG, FOLD_BAG_FULL):
-                    fold = T.user_fold(fit_part["user_id"], config.ranker.seed, folds=T.GUARD_FOLDS)
-                    bagged = [T._fit(fit_part.filter(pl.Series(fold != f)), config).predict(score_part)
-                              for f in range(T.GUARD_FOLDS)]
-                    predicted = sum(bagged) + (predicted if name == FOLD_BAG_FULL else 0.0)
+                    if bagged is None:  # the same four fold rankers serve both variants
+                        fold = T.user_fold(fit_part["user_id"], config.ranker.seed, folds=T.GUARD_FOLDS)
+                        bagged = sum(T._fit(fit_part.filter(pl.Series(fold != f)), config).predict(score_part)
+                                     for f in range(T.GUARD_FOLDS))
+                    predicted = bagged + (predicted if name == FOLD_BAG_FULL else 0.0)
                 if name == MIXED:
                     predicted = query_z(score_part, predicted) + query_z(score_part, blend)
                 got = T.per_user_ndcg(score_part, predicted, blend)
