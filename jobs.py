@@ -6,6 +6,7 @@ Each stage takes the artifacts lock and writes its run record through
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -27,6 +28,8 @@ from fusionrec.ranker.serving.privacy import export_key, pseudonymise
 from fusionrec.ranker.serving.ray_scoring import recommend_all
 from fusionrec.ranker.serving.recommender import Recommender
 from fusionrec.ranker.training import run_train
+
+log = logging.getLogger("fusionrec.recommend")
 
 __all__ = ["NightlyReport", "check_engine", "export_topk", "open_recommender", "recommend_lists", "run_embed",
            "run_index", "run_nightly", "run_recommend", "run_score", "run_train", "sample_data_dir"]
@@ -174,7 +177,15 @@ def run_recommend(art_dir: Path, export: Path, config: Config | None = None, *, 
             raise FusionrecError(f"no recommendation for any user from {art_dir} (an empty night): check "
                                  "index.n_candidates and export.k, then rerun `fusionrec run`")
         path = export_topk(recs, Path(export), art_dir, config, pseudonymise_ids)
-        record.counts = {"users": recs["user_id"].n_unique(), "rows": recs.height}
+        # Which list each user's rows come from: with the ranker's order shipped, users without
+        # history still get their cold-start order (content or popularity), which it is not checked on.
+        by_source = recs.group_by("source").agg(pl.col("user_id").n_unique()).sort("source")
+        record.counts = {"users": recs["user_id"].n_unique(), "rows": recs.height,
+                         "users_by_source": dict(by_source.iter_rows())}
+        cold = by_source.filter(pl.col("source").is_in(["content", "popular"]))["user_id"].sum()
+        if cold and "ranker" in by_source["source"].to_list():
+            log.info("%d users without history keep their cold-start order (content or popularity): the ranker "
+                     "is neither trained nor checked on users without history", cold)
         record.extra = {"export": str(path), "k": k}
         if explain or not exclude_seen or users is not None:
             record.extra |= {"explain": explain, "exclude_seen": exclude_seen}

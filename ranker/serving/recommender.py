@@ -4,7 +4,8 @@
 score, z-score and rank, and the blend), behaviour and user-attribute features at the end
 of the log, then the ranker where the guard shipped it. Every user gets a list: one
 without history is served from the popularity sources (overall and of their segment in
-the users table) and from their own content where they have some.
+the users table) and from their own content where they have some, in that order: the
+ranker reorders users with history only, the only users it learns from and is checked on.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from fusionrec.pipeline.retrieval.stage import embeddings, load_snapshot
 from fusionrec.ranker.model import Ranker
 from fusionrec.ranker.rerank import RerankInputs, read_rules
 from fusionrec.ranker.rerank import rerank as rerank_lists
-from fusionrec.ranker.serving.export import TOPK_SCHEMA, read_id_table, recommend, topk, topk_scored
+from fusionrec.ranker.serving.export import TOPK_SCHEMA, read_id_table, topk, topk_scored
 from fusionrec.ranker.training import GUARD_FILE, lineage, pair_features
 
 POPULAR_DAYS = 30
@@ -54,8 +55,13 @@ class Recommender:
     Candidates come from the blended sources (`ART/sources/`); the ranker's order is used
     when the train stage's guard shipped it (`ART/ranker/guard.json`), else the retrieval
     (blend) order. `order_` says which; each row's `source` says which list its `score` is
-    from: "ranker" (every user, cold ones included, when the ranker's order ships), else
-    "retrieval" (the blend), "content" or "popular" (users without history).
+    from: "ranker" (users with history, when the ranker's order ships), else "retrieval"
+    (the blend), "content" or "popular" (users without history, whatever the order).
+
+    Users without history keep their cold-start order even when the ranker ships: its labels
+    are held out after a history, so it never learns from them, and the guard never checks
+    it on them. On validation it lost there (new users of a global temporal hold-out of
+    MovieLens' training part: docs/quality.md, "Users without history").
     """
 
     def __init__(self, art_dir: Path | str, *, use_ranker: bool = True, mmap_index: bool = False) -> None:
@@ -110,29 +116,55 @@ class Recommender:
         steps = rerank if rerank is not None and rerank.active else None
         depth = k if steps is None else max(k, steps.candidates)
         cands = self.sources_.candidates(user_ids, exclude_seen=exclude_seen)
-        if not use_ranker or self.order_ != "ranker" or self.ranker_ is None:
-            z_columns = [c for c in cands.columns if c.startswith("src_") and c.endswith("_z")]
-            best = topk(self._blend_source(cands.with_columns(pl.col("retrieval_score").cast(pl.Float64)
-                                                              .alias("score"))), depth, columns=z_columns)
-            columns = list(TOPK_SCHEMA)
-            if steps is not None:
-                best = rerank_lists(best, k, steps, self.rerank_inputs(steps, exclude_seen=exclude_seen))
-                columns.append("rerank")
-            if not explain:
-                return best.select(columns)
-            # The blend explains itself: each source's weight times its z-score.
-            cold = best["source"].is_in(["content", "popular"]).fill_null(False).to_numpy()
-            return pl.concat([best.select(columns), explain_blend(best, self.sources_.weights, cold)],
-                             how="horizontal")
+        ranked = use_ranker and self.order_ == "ranker" and self.ranker_ is not None
+        by_ranker = pl.col("user_id").is_in(self.users_with_history(cands["user_id"].unique().to_list())) \
+            if ranked else pl.lit(False)  # a user's rows all come from one order (pinned rows too)
+        warm, cold = cands.filter(by_ranker), cands.filter(~by_ranker)
+        tops = [self._ranker_top(warm, depth)] if warm.height else []
+        if cold.height or not tops:
+            tops.append(self._blend_top(cold, depth))
+        best = pl.concat(tops, how="diagonal_relaxed")
+        columns = list(TOPK_SCHEMA)
+        if steps is not None:  # after both orders: its caps (an item's share of the lists) span every user
+            best = rerank_lists(best, k, steps, self.rerank_inputs(steps, exclude_seen=exclude_seen))
+            columns.append("rerank")
+        if not explain:
+            return best.select(columns).sort(["user_id", "rank"])
+        # Explanations cost about a millisecond a row: only the kept top-k rows are explained. The
+        # ranker's rows by their features' contributions; the blend's by each source's weight
+        # times its z-score (a user without history: all of it `contrib_cold_start`).
+        parts = []
+        ranker_rows, blend_rows = best.filter(by_ranker), best.filter(~by_ranker)
+        if ranker_rows.height:
+            assert self.ranker_ is not None
+            parts.append(pl.concat([ranker_rows.select(columns), self.ranker_.explain(ranker_rows)], how="horizontal"))
+        if blend_rows.height or not parts:
+            cold_rows = blend_rows["source"].is_in(["content", "popular"]).fill_null(False).to_numpy()
+            parts.append(pl.concat([blend_rows.select(columns),
+                                    explain_blend(blend_rows, self.sources_.weights, cold_rows)], how="horizontal"))
+        return pl.concat(parts, how="diagonal_relaxed").sort(["user_id", "rank"])
+
+    def users_with_history(self, user_ids: list[str]) -> list[str]:
+        """The users in `user_ids` with history in the log: the ones the ranker's order serves.
+
+        The others (unknown users included) keep their cold-start order, content or popularity,
+        whichever order ships."""
+        users = np.asarray([str(u) for u in user_ids], dtype=object)
+        return users[self.sources_.history_counts(self.sources_.user_rows(users.tolist())) > 0].tolist()
+
+    def _blend_top(self, cands: pl.DataFrame, depth: int) -> pl.DataFrame:
+        """The `depth` best rows per user in the retrieval (blend) order, or the cold-start order of
+        users without history; `source` says which, the z-scores kept (for explanations)."""
+        z_columns = [c for c in cands.columns if c.startswith("src_") and c.endswith("_z")]
+        return topk(self._blend_source(cands.with_columns(pl.col("retrieval_score").cast(pl.Float64)
+                                                          .alias("score"))), depth, columns=z_columns)
+
+    def _ranker_top(self, cands: pl.DataFrame, depth: int) -> pl.DataFrame:
+        """The `depth` best rows per user in the ranker's order, the features kept (for explanations)."""
+        assert self.ranker_ is not None
         if self.depth_:  # the ranker reorders the retrieval order's first `depth` candidates, as trained
-            cands = cands.filter(pl.col("retrieval_rank") <= max(self.depth_, k))
-        # Explanations cost about a millisecond a row: only the kept top-k rows are explained.
-        if steps is None:
-            return recommend(self.ranker_, self._features(cands), k, explain=explain)
-        best = topk_scored(self.ranker_, self._features(cands), depth)
-        best = rerank_lists(best, k, steps, self.rerank_inputs(steps, exclude_seen=exclude_seen))
-        listed = best.select([*TOPK_SCHEMA, "rerank"])
-        return pl.concat([listed, self.ranker_.explain(best)], how="horizontal") if explain else listed
+            cands = cands.filter(pl.col("retrieval_rank") <= max(self.depth_, depth))
+        return topk_scored(self.ranker_, self._features(cands), depth)
 
     def rerank_inputs(self, config: RerankConfig, *, exclude_seen: bool = True) -> RerankInputs:
         """What the post-ranking step reads: the items table, the log, the rules file and, for
@@ -150,12 +182,21 @@ class Recommender:
                             seen=log if exclude_seen else None)
 
     def score(self, pairs: pl.DataFrame, *, explain: bool = False) -> pl.DataFrame:
-        """`pairs` (user_id, item_id, other columns kept) plus stage-1 columns and `score`."""
+        """`pairs` (user_id, item_id, other columns kept) plus stage-1 columns and `score`:
+        the shipped order's score, the blend's for users without history (`users_with_history`)."""
         stage1 = self.sources_.score_pairs(pairs)
         if self.order_ != "ranker" or self.ranker_ is None:
             return self._blend_source(stage1.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score")))
-        return self.ranker_.score(self._features(stage1), explain=explain).with_columns(
-            pl.lit("ranker").alias("source"))
+        by_ranker = pl.col("user_id").cast(pl.String).is_in(
+            self.users_with_history(stage1["user_id"].unique().to_list()))
+        stage1 = stage1.with_row_index("__row")
+        warm, cold = stage1.filter(by_ranker), stage1.filter(~by_ranker)
+        parts = [self.ranker_.score(self._features(warm), explain=explain).with_columns(
+            pl.lit("ranker").alias("source"))] if warm.height or not cold.height else []
+        if cold.height:
+            parts.append(self._blend_source(cold.with_columns(pl.col("retrieval_score").cast(pl.Float64)
+                                                              .alias("score"))))
+        return pl.concat(parts, how="diagonal_relaxed").sort("__row").drop("__row")
 
     def _blend_source(self, frame: pl.DataFrame) -> pl.DataFrame:
         """`frame` plus `source`: which list a blend-ordered row's score comes from, per user

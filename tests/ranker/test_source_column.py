@@ -7,6 +7,7 @@ with nothing (served from popularity).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +41,10 @@ def art(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def expected_source(user: str, order: str) -> str:
-    if order == "ranker":
-        return "ranker"  # the ranker scores every user's candidates, cold ones included
-    return {COLD_CONTENT: "content", COLD_NOTHING: "popular"}.get(user, "retrieval")
+    # Users without history keep their cold-start order whichever order ships: the ranker
+    # never learns from them and the guard never checks it on them.
+    cold = {COLD_CONTENT: "content", COLD_NOTHING: "popular"}
+    return cold.get(user, "ranker" if order == "ranker" else "retrieval")
 
 
 @pytest.mark.parametrize("use_ranker", [True, False])
@@ -55,8 +57,7 @@ def test_recommend_labels_every_row_with_the_list_its_score_comes_from(art: Path
     want = [expected_source(u, rec.order_) for u in top["user_id"].to_list()]
     assert top["source"].to_list() == want
     assert set(want) <= set(SOURCES)
-    if not use_ranker:
-        assert set(want) == {"retrieval", "content", "popular"}
+    assert set(want) == {"ranker" if use_ranker else "retrieval", "content", "popular"}
     explained = rec.recommend([COLD_CONTENT, "u001"], k=3, explain=True)
     assert explained["source"].to_list() == [expected_source(u, rec.order_) for u in explained["user_id"].to_list()]
 
@@ -69,8 +70,7 @@ def test_score_labels_given_pairs_the_same_way(art: Path, use_ranker: bool) -> N
     scored = rec.score(pairs)
     assert scored["user_id"].to_list() == pairs["user_id"].to_list()
     want = [expected_source(u, rec.order_) for u in pairs["user_id"].to_list()]
-    if rec.order_ == "retrieval":
-        want[-1] = "popular"  # a user nobody knows has neither history nor content
+    want[-1] = "popular"  # a user nobody knows has neither history nor content
     assert scored["source"].to_list() == want
 
 
@@ -84,4 +84,38 @@ def test_the_source_column_reads_back_from_every_format(art: Path, tmp_path: Pat
 
 def test_the_nightly_export_carries_the_shipped_order_as_source(art: Path) -> None:
     top = pl.read_parquet(art / "exports" / "topk.parquet")
-    assert top["source"].unique().to_list() == ["ranker"]
+    users = top.group_by("source").agg(pl.col("user_id").n_unique()).sort("source")  # ids pseudonymised
+    assert users.rows() == [("content", 1), ("popular", 1), ("ranker", 60)]
+    manifest = json.loads((art / "manifest.json").read_text())
+    run = next(r for r in manifest["runs"] if r["run_id"] == manifest["latest"]["recommend"])
+    assert run["counts"]["users_by_source"] == {"content": 1, "popular": 1, "ranker": 60}
+
+
+def test_users_without_history_keep_their_cold_start_order_when_the_ranker_ships(art: Path) -> None:
+    users = [COLD_CONTENT, COLD_NOTHING, "someone-new", "u001"]
+    ranked = Recommender(art).recommend(users, k=5)
+    blended = Recommender(art, use_ranker=False).recommend(users, k=5)
+    cold = pl.col("user_id") != "u001"
+    assert_frame_equal(ranked.filter(cold), blended.filter(cold))
+    assert ranked.filter(cold)["score"].to_list() == ranked.filter(cold)["retrieval_score"].cast(pl.Float64).to_list()
+    # u001 has history: the ranker's order, its probabilities as scores
+    warm = ranked.filter(~cold)
+    assert warm["source"].unique().to_list() == ["ranker"] and warm["score"].is_between(0, 1).all()
+    assert warm["score"].to_list() == sorted(warm["score"].to_list(), reverse=True)
+    explained = Recommender(art).recommend([COLD_CONTENT, "u001"], k=3, explain=True)
+    assert explained["user_id"].to_list() == ["u001"] * 3 + [COLD_CONTENT] * 3  # users in id order
+    assert explained["contrib_cold_start"].to_list()[3:] == explained["score"].to_list()[3:]
+    firsts = [row[0]["feature"] for row in explained["top_features"].to_list()]
+    assert firsts[3:] == ["src_cold_start_z"] * 3 and "src_cold_start_z" not in firsts[:3]
+
+
+def test_score_gives_users_without_history_the_blend_score(art: Path) -> None:
+    pairs = pl.DataFrame({"user_id": ["u001", COLD_NOTHING, "u001"], "item_id": ["i001", "i002", "i003"]})
+    scored = Recommender(art).score(pairs)
+    assert scored["user_id"].to_list() == ["u001", COLD_NOTHING, "u001"]
+    assert scored["item_id"].to_list() == ["i001", "i002", "i003"]
+    assert scored["score"][1] == float(scored["retrieval_score"][1])
+    ranker = Recommender(art).ranker_
+    assert ranker is not None
+    alone = Recommender(art).score(pairs.filter(pl.col("user_id") == "u001"))
+    assert scored.filter(pl.col("user_id") == "u001")["score"].to_list() == alone["score"].to_list()
