@@ -120,7 +120,7 @@ class Recommender:
         by_ranker = pl.col("user_id").is_in(self.users_with_history(cands["user_id"].unique().to_list())) \
             if ranked else pl.lit(False)  # a user's rows all come from one order (pinned rows too)
         warm, cold = cands.filter(by_ranker), cands.filter(~by_ranker)
-        tops = [self._ranker_top(warm, depth)] if warm.height else []
+        tops = [self._ranker_top(warm, depth, k)] if warm.height else []
         if cold.height or not tops:
             tops.append(self._blend_top(cold, depth))
         best = pl.concat(tops, how="diagonal_relaxed")
@@ -159,11 +159,12 @@ class Recommender:
         return topk(self._blend_source(cands.with_columns(pl.col("retrieval_score").cast(pl.Float64)
                                                           .alias("score"))), depth, columns=z_columns)
 
-    def _ranker_top(self, cands: pl.DataFrame, depth: int) -> pl.DataFrame:
-        """The `depth` best rows per user in the ranker's order, the features kept (for explanations)."""
+    def _ranker_top(self, cands: pl.DataFrame, depth: int, k: int) -> pl.DataFrame:
+        """The `depth` best rows per user in the ranker's order, the features kept (for explanations),
+        drawn from the retrieval order's first `ranker.depth` candidates (at least `k`)."""
         assert self.ranker_ is not None
         if self.depth_:  # the ranker reorders the retrieval order's first `depth` candidates, as trained
-            cands = cands.filter(pl.col("retrieval_rank") <= max(self.depth_, depth))
+            cands = cands.filter(pl.col("retrieval_rank") <= max(self.depth_, k))
         return topk_scored(self.ranker_, self._features(cands), depth)
 
     def rerank_inputs(self, config: RerankConfig, *, exclude_seen: bool = True) -> RerankInputs:

@@ -16,7 +16,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from fusionrec.jobs import run_nightly
-from fusionrec.pipeline.config import load_config
+from fusionrec.pipeline.config import RerankConfig, load_config
 from fusionrec.ranker.serving.export import SOURCES, TOPK_SCHEMA, read_topk, write_topk
 from fusionrec.ranker.serving.recommender import Recommender
 from tests.ranker.test_training import QUIET, make_catalog
@@ -119,3 +119,18 @@ def test_score_gives_users_without_history_the_blend_score(art: Path) -> None:
     assert ranker is not None
     alone = Recommender(art).score(pairs.filter(pl.col("user_id") == "u001"))
     assert scored.filter(pl.col("user_id") == "u001")["score"].to_list() == alone["score"].to_list()
+
+
+def test_the_rerank_step_draws_from_no_deeper_than_the_candidates_the_ranker_reorders(art: Path) -> None:
+    rec = Recommender(art)
+    rec.depth_ = 1  # as if trained with ranker.depth = 1: it reorders the first k candidates
+    steps = RerankConfig(candidates=20, exclude_field="genre", exclude_values=["no such genre"])
+    warm_users = [f"u{j:03d}" for j in range(1, 31)]
+    listed = rec.recommend([*warm_users, COLD_NOTHING], k=3, rerank=steps)
+    ranks = rec.sources_.candidates(warm_users).select("user_id", "item_id", "retrieval_rank")
+    warm = listed.filter(pl.col("user_id") != COLD_NOTHING).join(ranks, on=["user_id", "item_id"])
+    assert warm.height == 90 and (warm["source"] == "ranker").all()
+    assert warm["retrieval_rank"].max() <= 3
+    # the ranker does reorder them: its order is not the retrieval order everywhere
+    assert (warm["rank"] != warm["retrieval_rank"]).any()
+    assert listed.filter(pl.col("user_id") == COLD_NOTHING)["source"].to_list() == ["popular"] * 3
