@@ -32,7 +32,7 @@ from fusionrec.ranker.training import run_train
 log = logging.getLogger("fusionrec.recommend")
 
 __all__ = ["NightlyReport", "check_engine", "export_topk", "open_recommender", "recommend_lists", "run_embed",
-           "run_index", "run_nightly", "run_recommend", "run_score", "run_train", "sample_data_dir"]
+           "run_index", "run_nightly", "run_recommend", "run_score", "run_train", "sample_data_dir", "users_by_source"]
 
 
 def sample_data_dir() -> Path:
@@ -156,6 +156,14 @@ def run_score(art_dir: Path, candidates: Path, export: Path, config: Config | No
     return scored, path
 
 
+def users_by_source(recs: pl.DataFrame) -> dict[str, int]:
+    """Users per list their rows come from (`source`): with the ranker's order shipped, users
+    without history still get their cold-start order (content or popularity). Each user counts
+    once; rows the rerank step pinned (no source) take their user's list, "rerank" if all are pinned."""
+    per_user = recs.group_by("user_id").agg(pl.col("source").drop_nulls().first().fill_null("rerank"))
+    return dict(per_user.group_by("source").len().sort("source").iter_rows())
+
+
 def run_recommend(art_dir: Path, export: Path, config: Config | None = None, *, users: list[str] | None = None,
                   k: int | None = None, explain: bool = False, exclude_seen: bool = True,
                   pseudonymise_ids: bool | None = None, data_dir: Path | None = None,
@@ -177,13 +185,10 @@ def run_recommend(art_dir: Path, export: Path, config: Config | None = None, *, 
             raise FusionrecError(f"no recommendation for any user from {art_dir} (an empty night): check "
                                  "index.n_candidates and export.k, then rerun `fusionrec run`")
         path = export_topk(recs, Path(export), art_dir, config, pseudonymise_ids)
-        # Which list each user's rows come from: with the ranker's order shipped, users without
-        # history still get their cold-start order (content or popularity), which it is not checked on.
-        by_source = recs.group_by("source").agg(pl.col("user_id").n_unique()).sort("source")
-        record.counts = {"users": recs["user_id"].n_unique(), "rows": recs.height,
-                         "users_by_source": dict(by_source.iter_rows())}
-        cold = by_source.filter(pl.col("source").is_in(["content", "popular"]))["user_id"].sum()
-        if cold and "ranker" in by_source["source"].to_list():
+        by_source = users_by_source(recs)
+        record.counts = {"users": recs["user_id"].n_unique(), "rows": recs.height, "users_by_source": by_source}
+        cold = by_source.get("content", 0) + by_source.get("popular", 0)
+        if cold and by_source.get("ranker"):
             log.info("%d users without history keep their cold-start order (content or popularity): the ranker "
                      "is neither trained nor checked on users without history", cold)
         record.extra = {"export": str(path), "k": k}

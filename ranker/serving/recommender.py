@@ -120,7 +120,9 @@ class Recommender:
         by_ranker = pl.col("user_id").is_in(self.users_with_history(cands["user_id"].unique().to_list())) \
             if ranked else pl.lit(False)  # a user's rows all come from one order (pinned rows too)
         warm, cold = cands.filter(by_ranker), cands.filter(~by_ranker)
-        tops = [self._ranker_top(warm, depth, k)] if warm.height else []
+        del cands  # the candidates are held once, not twice, while the orders are applied
+        # No user at all: the frame of the shipped order (its columns), as before.
+        tops = [self._ranker_top(warm, depth, k)] if warm.height or (ranked and not cold.height) else []
         if cold.height or not tops:
             tops.append(self._blend_top(cold, depth))
         best = pl.concat(tops, how="diagonal_relaxed")
@@ -135,7 +137,7 @@ class Recommender:
         # times its z-score (a user without history: all of it `contrib_cold_start`).
         parts = []
         ranker_rows, blend_rows = best.filter(by_ranker), best.filter(~by_ranker)
-        if ranker_rows.height:
+        if ranker_rows.height or (ranked and not blend_rows.height):
             assert self.ranker_ is not None
             parts.append(pl.concat([ranker_rows.select(columns), self.ranker_.explain(ranker_rows)], how="horizontal"))
         if blend_rows.height or not parts:
@@ -190,13 +192,17 @@ class Recommender:
             return self._blend_source(stage1.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score")))
         by_ranker = pl.col("user_id").cast(pl.String).is_in(
             self.users_with_history(stage1["user_id"].unique().to_list()))
-        stage1 = stage1.with_row_index("__row")
-        warm, cold = stage1.filter(by_ranker), stage1.filter(~by_ranker)
-        parts = [self.ranker_.score(self._features(warm), explain=explain).with_columns(
+        # Every row gets the features, as before: the columns do not depend on which users are asked.
+        rows = self._features(stage1).with_row_index("__row")
+        warm, cold = rows.filter(by_ranker), rows.filter(~by_ranker)
+        parts = [self.ranker_.score(warm, explain=explain).with_columns(
             pl.lit("ranker").alias("source"))] if warm.height or not cold.height else []
         if cold.height:
-            parts.append(self._blend_source(cold.with_columns(pl.col("retrieval_score").cast(pl.Float64)
-                                                              .alias("score"))))
+            blend = self._blend_source(cold.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score")))
+            if explain:  # as in `recommend`: a blend-ordered row explains itself
+                kinds = blend["source"].is_in(["content", "popular"]).fill_null(False).to_numpy()
+                blend = pl.concat([blend, explain_blend(blend, self.sources_.weights, kinds)], how="horizontal")
+            parts.append(blend)
         return pl.concat(parts, how="diagonal_relaxed").sort("__row").drop("__row")
 
     def _blend_source(self, frame: pl.DataFrame) -> pl.DataFrame:

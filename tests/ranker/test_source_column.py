@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from fusionrec.jobs import run_nightly
+from fusionrec.jobs import run_nightly, users_by_source
 from fusionrec.pipeline.config import RerankConfig, load_config
 from fusionrec.ranker.serving.export import SOURCES, TOPK_SCHEMA, read_topk, write_topk
 from fusionrec.ranker.serving.recommender import Recommender
@@ -101,12 +101,31 @@ def test_users_without_history_keep_their_cold_start_order_when_the_ranker_ships
     # u001 has history: the ranker's order, its probabilities as scores
     warm = ranked.filter(~cold)
     assert warm["source"].unique().to_list() == ["ranker"] and warm["score"].is_between(0, 1).all()
-    assert warm["score"].to_list() == sorted(warm["score"].to_list(), reverse=True)
+    assert_frame_equal(warm, Recommender(art).recommend(["u001"], k=5))  # as if asked alone
     explained = Recommender(art).recommend([COLD_CONTENT, "u001"], k=3, explain=True)
     assert explained["user_id"].to_list() == ["u001"] * 3 + [COLD_CONTENT] * 3  # users in id order
     assert explained["contrib_cold_start"].to_list()[3:] == explained["score"].to_list()[3:]
     firsts = [row[0]["feature"] for row in explained["top_features"].to_list()]
     assert firsts[3:] == ["src_cold_start_z"] * 3 and "src_cold_start_z" not in firsts[:3]
+
+
+def test_score_explains_each_row_by_the_order_its_score_comes_from(art: Path) -> None:
+    rec = Recommender(art)
+    assert rec.ranker_ is not None
+    mixed = rec.score(pl.DataFrame({"user_id": ["u001", COLD_NOTHING], "item_id": ["i001", "i002"]}), explain=True)
+    assert mixed["source"].to_list() == ["ranker", "popular"]
+    assert mixed["contrib_cold_start"].to_list() == [None, mixed["score"][1]]
+    assert mixed["top_features"][1][0]["feature"] == "src_cold_start_z"
+    # the ranker's features are there whichever users are asked
+    cold_only = rec.score(pl.DataFrame({"user_id": [COLD_NOTHING], "item_id": ["i002"]}))
+    assert set(rec.ranker_.feature_names_) <= set(cold_only.columns)
+    assert cold_only["score"].to_list() == mixed["score"].to_list()[1:]
+
+
+def test_users_by_source_counts_each_user_once_pinned_rows_included() -> None:
+    recs = pl.DataFrame({"user_id": ["a", "a", "a", "b", "b", "c"],
+                         "source": [None, "ranker", "ranker", "popular", None, None]})
+    assert users_by_source(recs) == {"popular": 1, "ranker": 1, "rerank": 1}
 
 
 def test_score_gives_users_without_history_the_blend_score(art: Path) -> None:
