@@ -141,9 +141,8 @@ class Recommender:
             assert self.ranker_ is not None
             parts.append(pl.concat([ranker_rows.select(columns), self.ranker_.explain(ranker_rows)], how="horizontal"))
         if blend_rows.height or not parts:
-            cold_rows = blend_rows["source"].is_in(["content", "popular"]).fill_null(False).to_numpy()
-            parts.append(pl.concat([blend_rows.select(columns),
-                                    explain_blend(blend_rows, self.sources_.weights, cold_rows)], how="horizontal"))
+            parts.append(pl.concat([blend_rows.select(columns), self._blend_explanation(blend_rows)],
+                                   how="horizontal"))
         return pl.concat(parts, how="diagonal_relaxed").sort(["user_id", "rank"])
 
     def users_with_history(self, user_ids: list[str]) -> list[str]:
@@ -158,8 +157,7 @@ class Recommender:
         """The `depth` best rows per user in the retrieval (blend) order, or the cold-start order of
         users without history; `source` says which, the z-scores kept (for explanations)."""
         z_columns = [c for c in cands.columns if c.startswith("src_") and c.endswith("_z")]
-        return topk(self._blend_source(cands.with_columns(pl.col("retrieval_score").cast(pl.Float64)
-                                                          .alias("score"))), depth, columns=z_columns)
+        return topk(self._blend_scored(cands), depth, columns=z_columns)
 
     def _ranker_top(self, cands: pl.DataFrame, depth: int, k: int) -> pl.DataFrame:
         """The `depth` best rows per user in the ranker's order, the features kept (for explanations),
@@ -189,7 +187,7 @@ class Recommender:
         the shipped order's score, the blend's for users without history (`users_with_history`)."""
         stage1 = self.sources_.score_pairs(pairs)
         if self.order_ != "ranker" or self.ranker_ is None:
-            return self._blend_source(stage1.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score")))
+            return self._blend_scored(stage1)
         by_ranker = pl.col("user_id").cast(pl.String).is_in(
             self.users_with_history(stage1["user_id"].unique().to_list()))
         # Every row gets the features, as before: the columns do not depend on which users are asked.
@@ -198,21 +196,28 @@ class Recommender:
         parts = [self.ranker_.score(warm, explain=explain).with_columns(
             pl.lit("ranker").alias("source"))] if warm.height or not cold.height else []
         if cold.height:
-            blend = self._blend_source(cold.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score")))
+            blend = self._blend_scored(cold)
             if explain:  # as in `recommend`: a blend-ordered row explains itself
-                kinds = blend["source"].is_in(["content", "popular"]).fill_null(False).to_numpy()
-                blend = pl.concat([blend, explain_blend(blend, self.sources_.weights, kinds)], how="horizontal")
+                blend = pl.concat([blend, self._blend_explanation(blend)], how="horizontal")
             parts.append(blend)
         return pl.concat(parts, how="diagonal_relaxed").sort("__row").drop("__row")
 
-    def _blend_source(self, frame: pl.DataFrame) -> pl.DataFrame:
-        """`frame` plus `source`: which list a blend-ordered row's score comes from, per user
-        ("retrieval" for users with history, "content" or "popular" for users without)."""
+    def _blend_scored(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """`frame` (candidate rows) plus the blend's `score` (its `retrieval_score`) and `source`:
+        which list that score comes from, per user ("retrieval" for users with history,
+        "content" or "popular" for users without)."""
         users = frame["user_id"].cast(pl.String).unique(maintain_order=True).to_list()
         kinds = self.sources_.cold_start(users)
         table = pl.DataFrame({"user_id": users, "source": [str(x) or "retrieval" for x in kinds]},
                              schema={"user_id": pl.String, "source": pl.String})
-        return frame.drop("source", strict=False).join(table, on="user_id", how="left", maintain_order="left")
+        return frame.with_columns(pl.col("retrieval_score").cast(pl.Float64).alias("score")) \
+            .drop("source", strict=False).join(table, on="user_id", how="left", maintain_order="left")
+
+    def _blend_explanation(self, rows: pl.DataFrame) -> pl.DataFrame:
+        """The explanation columns of blend-ordered rows: each source's weight times its
+        z-score; a cold-start row's whole score is `contrib_cold_start`."""
+        cold = rows["source"].is_in(["content", "popular"]).fill_null(False).to_numpy()
+        return explain_blend(rows, self.sources_.weights, cold)
 
 
 def item_vectors(art_dir: Path, modality: str, retriever: Retriever) -> tuple[np.ndarray, np.ndarray]:
