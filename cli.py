@@ -132,7 +132,11 @@ def _data_dir(data: Path | None) -> Path:
 
 
 def _fail(exc: FusionrecError) -> None:
-    _console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    from rich.markup import escape as rich_escape
+
+    # The message is text, not markup: paths and config keys hold [brackets].
+    _console(stderr=True).print(f"[bold red]error:[/] {rich_escape(str(exc))}", highlight=False, markup=True,
+                                soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -297,7 +301,8 @@ def evaluate(out: OutOpt = Path("artifacts"),
         raise typer.BadParameter(f"--k needs positive cut-offs, got {k!r}", param_hint="--k")
     try:
         with ReadLock(out):  # a reader: no writer changes the artifacts meanwhile
-            table = run_evaluate(out, test, ks, report=report, baselines=baselines, relevance=relevance)
+            table = run_evaluate(out, test, ks, report=report, baselines=baselines, relevance=relevance,
+                                 rec=jobs.open_recommender(out))
     except FusionrecError as exc:
         _fail(exc)
     cols = ["model"] + [c for c in table[0] if c != "model"]

@@ -17,7 +17,7 @@ import polars as pl
 
 from fusionrec.pipeline.config import Config
 from fusionrec.pipeline.embedding.job import EmbedReport, run_embed
-from fusionrec.pipeline.errors import ConfigError, FusionrecError
+from fusionrec.pipeline.errors import ConfigError, FusionrecError, InputError
 from fusionrec.pipeline.io.manifest import stage_run
 from fusionrec.pipeline.io.storage import ArtifactLock, check_separate_dirs, clean_stale_exports
 from fusionrec.pipeline.io.tracking import check_tracking, log_nightly
@@ -68,6 +68,9 @@ def open_recommender(art_dir: Path) -> Recommender:
     try:
         return Recommender(art_dir)
     except FusionrecError as exc:
+        if isinstance(exc, InputError) and exc.file and Path(exc.file).resolve().is_relative_to(art_dir.resolve()):
+            # A reader's "bad input" about a file of the artifacts is a damaged artifact (exit 1).
+            raise artifact_failure(art_dir, exc) from exc
         if "fusionrec " in str(exc) or type(exc) is not FusionrecError:
             raise
         # A loader's own message that does not say what to do: add the command that rebuilds it.
@@ -86,7 +89,7 @@ def artifact_failure(art_dir: Path, exc: BaseException) -> FusionrecError:
     reading (from the exception or the innermost frame that held a path under `art_dir`)."""
     art = art_dir.resolve()
     found: Path | None = None
-    name = getattr(exc, "filename", None)
+    name = getattr(exc, "filename", None) or getattr(exc, "file", None)
     candidates: list[Any] = [name] if name else []
     tb = exc.__traceback__
     frames = []

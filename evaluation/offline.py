@@ -24,6 +24,7 @@ from fusionrec.pipeline.errors import FusionrecError, InputError
 from fusionrec.pipeline.io.manifest import RunRecord, library_versions, read_manifest
 from fusionrec.pipeline.io.tables import read_interactions
 from fusionrec.pipeline.retrieval.fusion import load_modalities
+from fusionrec.ranker.serving.export import check_export_target
 from fusionrec.ranker.serving.recommender import Recommender
 
 log = logging.getLogger("fusionrec.evaluate")
@@ -86,11 +87,16 @@ def scorable_users(test: pl.DataFrame, train: pl.DataFrame, test_path: Path | st
 
 
 def run_evaluate(art_dir: Path, test_path: Path, ks: tuple[int, ...] = (10, 20), *, report: Path | None = None,
-                 baselines: bool = True, n_boot: int = 1000, relevance: float | None = None) -> list[dict]:
+                 baselines: bool = True, n_boot: int = 1000, relevance: float | None = None,
+                 rec: Recommender | None = None) -> list[dict]:
+    """`rec`: the artifacts already opened (the command line opens them with
+    `jobs.open_recommender`, which names a damaged file); default `Recommender(art_dir)`."""
     if not ks or min(ks) < 1:
         raise FusionrecError("--k needs positive cut-offs")
     art_dir = Path(art_dir)
-    rec = Recommender(art_dir)
+    if report is not None:  # before any work: a report never lands on the artifacts' own files
+        check_export_target(report, art_dir)
+    rec = rec if rec is not None else Recommender(art_dir)
     test = read_interactions(Path(test_path), rec.catalog_.items)
     train = rec.catalog_.interactions
     users = scorable_users(test, train, test_path, relevance)

@@ -238,3 +238,116 @@ def test_serving_commands_load_no_deep_learning_library(art: Path, tmp_path: Pat
                                 timeout=600, check=False)
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.splitlines()[-1] == "loaded:", f"{args[0]} {result.stdout.splitlines()[-1]}"
+
+
+def _copy(art: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(art, to)
+    return to
+
+
+def test_score_gives_the_rankers_score_of_recommend_where_the_ranker_ships(art: Path, tmp_path: Path) -> None:
+    """`score` feeds the ranker the rank features the candidates have (ranks among unseen
+    items), so where the ranker's order ships its scores equal `recommend`'s."""
+    shipped = _copy(art, tmp_path / "art")
+    guard = json.loads((shipped / "ranker" / "guard.json").read_text())
+    guard["order"] = "ranker"  # the sample's guard ships retrieval; serve the trained ranker
+    (shipped / "ranker" / "guard.json").write_text(json.dumps(guard))
+    recs = tmp_path / "recs.parquet"
+    assert invoke("recommend", "--out", str(shipped), "--k", "10", "--export", str(recs), "--raw-ids", "-q",
+                  "--explain").exit_code == 0
+    listed = pl.read_parquet(recs)
+    assert (listed["source"] == "ranker").sum() > 0
+    pairs = tmp_path / "pairs.csv"
+    listed.select("user_id", "item_id").write_csv(pairs)
+    scored = tmp_path / "scored.parquet"
+    result = invoke("score", "--out", str(shipped), "--candidates", str(pairs), "--export", str(scored), "--raw-ids",
+                    "-q")
+    assert result.exit_code == 0, result.output
+    both = listed.select("user_id", "item_id", "score").join(
+        pl.read_parquet(scored).select("user_id", "item_id", pl.col("score").alias("scored")), on=["user_id", "item_id"])
+    assert both.height == listed.height
+    assert (both["score"] - both["scored"]).abs().max() < 1e-6
+
+
+def test_evaluate_never_writes_its_report_over_an_artifact(art: Path, tmp_path: Path) -> None:
+    copy = _copy(art, tmp_path / "art")
+    before = (copy / "manifest.json").read_bytes()
+    held = tmp_path / "held.csv"
+    held.write_text("user_id,item_id,timestamp\nu0001,i0001,9999999999\n")
+    result = invoke("evaluate", "--out", str(copy), "--test", str(held), "--report", str(copy / "manifest.json"), "-q")
+    assert result.exit_code == 2, result.output
+    assert "would replace the artifacts' own file" in " ".join(result.output.split())
+    assert (copy / "manifest.json").read_bytes() == before
+
+
+def test_evaluate_names_a_damaged_artifact_and_the_command_that_rebuilds_it(art: Path, tmp_path: Path) -> None:
+    copy = _copy(art, tmp_path / "art")
+    meta = copy / "sources" / "sources.json"
+    meta.write_bytes(meta.read_bytes()[: meta.stat().st_size // 2])
+    held = tmp_path / "held.csv"
+    held.write_text("user_id,item_id,timestamp\nu0001,i0001,9999999999\n")
+    for command in (["evaluate", "--test", str(held)], ["recommend", "--export", str(tmp_path / "r.csv")]):
+        result = invoke(*command, "--out", str(copy), "-q")
+        text = " ".join(result.output.split())
+        assert result.exit_code == 1, text
+        assert "unexpected" not in text and "sources.json" in text and "fusionrec index" in text
+
+
+def test_errors_print_brackets_as_they_are(art: Path, tmp_path: Path) -> None:
+    """Messages are text, not markup: a path or key with [brackets] is printed whole."""
+    missing = tmp_path / "users[prod].csv"
+    result = invoke("recommend", "--out", str(art), "--users", str(missing), "--export", str(tmp_path / "r.csv"))
+    assert result.exit_code == 2
+    assert "users[prod].csv: no such file" in " ".join(result.output.split())
+    odd = tmp_path / "x[/b]" / "u.csv"
+    result = invoke("recommend", "--out", str(art), "--users", str(odd), "--export", str(tmp_path / "r.csv"))
+    assert result.exit_code == 2 and "x[/b]" in result.output and "unexpected" not in result.output
+
+
+def test_user_ids_are_trimmed_and_must_be_scalars(art: Path, tmp_path: Path) -> None:
+    users = tmp_path / "users.csv"
+    users.write_text("user_id\n u0002 \n")
+    plain = tmp_path / "plain.csv"
+    plain.write_text("user_id\nu0002\n")
+    outs = []
+    for name, path in (("trimmed", users), ("plain", plain)):
+        out = tmp_path / f"{name}.csv"
+        assert invoke("recommend", "--out", str(art), "--users", str(path), "--export", str(out), "--raw-ids",
+                      "-q").exit_code == 0
+        outs.append(pl.read_csv(out))
+    assert outs[0]["user_id"].unique().to_list() == ["u0002"]
+    assert outs[0].equals(outs[1])
+    nested = tmp_path / "nested.parquet"
+    pl.DataFrame({"user_id": [["u0001"], ["u0002"]]}).write_parquet(nested)
+    result = invoke("recommend", "--out", str(art), "--users", str(nested), "--export", str(tmp_path / "n.csv"))
+    assert result.exit_code == 2
+    assert "field 'user_id': ids must be text or numbers" in " ".join(result.output.split())
+    pairs = tmp_path / "pairs.parquet"
+    pl.DataFrame({"user_id": ["u0001"], "item_id": [{"id": 1}]}).write_parquet(pairs)
+    result = invoke("score", "--out", str(art), "--candidates", str(pairs), "--export", str(tmp_path / "s.csv"))
+    assert result.exit_code == 2 and "field 'item_id'" in " ".join(result.output.split())
+
+
+def test_a_truncated_embeddings_table_is_a_damaged_artifact(art: Path, tmp_path: Path) -> None:
+    """Not bad input (exit 2): the artifacts' own file, exit 1 with the command that rebuilds it."""
+    copy = _copy(art, tmp_path / "art")
+    table = copy / "embeddings" / "item_text.parquet"
+    table.write_bytes(table.read_bytes()[: table.stat().st_size // 2])
+    result = invoke("recommend", "--out", str(copy), "--export", str(tmp_path / "r.csv"), "-q")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, text
+    assert "item_text.parquet" in text and "fusionrec embed" in text
+
+
+def test_a_deleted_embeddings_table_the_index_was_built_with_is_an_error(art: Path, tmp_path: Path) -> None:
+    """Not lists that change silently: exit 1 naming the table and the command that rebuilds it."""
+    copy = _copy(art, tmp_path / "art")
+    # Another item table stays (the sample's index has one content modality; with none left
+    # serving already says "no item embeddings").
+    (copy / "embeddings" / "item_text.parquet").rename(copy / "embeddings" / "item_spare.parquet")
+    result = invoke("recommend", "--out", str(copy), "--export", str(tmp_path / "r.csv"), "-q")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, text
+    assert "item_text.parquet is missing" in text and "fusionrec embed" in text

@@ -382,7 +382,9 @@ class CandidateModel:
 
     def _block(self, user_ids: list[str], exclude_seen: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
                                                                        dict[str, np.ndarray], np.ndarray, np.ndarray]:
-        """Scores, z-scores and ranks per source, the blend and the blocked (seen) mask for a user batch."""
+        """Scores, z-scores and ranks per source, the blend and the blocked (seen) mask for a user batch.
+
+        Ranks count unblocked items only; with `exclude_seen`, seen items rank after every unseen one."""
         rows = self.user_rows(user_ids)
         scores = self.source_scores(rows, user_ids)
         seen = self.blocked(rows)
@@ -409,7 +411,8 @@ class CandidateModel:
             has_content = own.std(axis=1) > 0
             cold_blend = np.where(has_content[:, None], zscore(own) + 0.01 * popular, popular)
             blend[cold] = cold_blend
-        blend = np.where(blocked, -np.inf, blend).astype(np.float32)
+        # The blend stays a number on blocked cells (score_pairs scores seen items as if unseen);
+        # the ranks below put blocked cells last.
         def rank_of(s: np.ndarray) -> np.ndarray:
             order = np.argsort(-np.where(blocked, -np.inf, s), axis=1, kind="stable")
             rank = np.empty_like(order)
@@ -459,11 +462,14 @@ class CandidateModel:
         frames = []
         for s in range(0, len(users), BATCH_USERS):
             batch = users[s:s + BATCH_USERS]
-            scores, z, ranks, blend, _ = self._block(batch, exclude_seen=False)
+            # Ranks among the user's unseen items, as the candidates (and so the ranker's rows) have them.
+            scores, z, ranks, blend, seen = self._block(batch, exclude_seen=True)
             want = base.filter(pl.col("user_id").is_in(batch)).select("user_id", "item_id").unique() \
                 .join(col, on="item_id", how="inner").join(
                     pl.DataFrame({"user_id": batch, "__u": np.arange(len(batch))}), on="user_id")
-            frames.append(self._frame(batch, want["__u"].to_numpy(), want["__i"].to_numpy(), scores, z, ranks, blend))
+            u, i = want["__u"].to_numpy(), want["__i"].to_numpy()
+            _rank_seen_as_unseen(ranks, {**scores, "blend": blend}, seen, u, i)
+            frames.append(self._frame(batch, u, i, scores, z, ranks, blend))
         feats = pl.concat(frames) if frames else self._frame([], np.zeros(0, np.int64), np.zeros(0, np.int64),
                                                              *self._block([], False)[:4])
         drop = [c for c in feats.columns if c in base.columns and c not in ("user_id", "item_id")]
@@ -490,7 +496,8 @@ class CandidateModel:
              retriever: Retriever | None, *, content: np.ndarray | None = None,
              user_content: dict[str, np.ndarray] | None = None) -> CandidateModel:
         """The saved settings and fitted sources, over the logged interactions of the snapshot."""
-        meta = json.loads((Path(directory) / "sources.json").read_text())
+        meta_path = Path(directory) / "sources.json"  # a local, so a load failure names the file
+        meta = json.loads(meta_path.read_text())
         model = cls(n_candidates=meta["n_candidates"], threshold=meta["threshold"],
                     recent_items=meta["recent_items"], half_life=meta["half_life"], seed=meta["seed"],
                     params=meta["params"], weights=meta["weights"], content=content, user_content=user_content)
@@ -749,3 +756,23 @@ def explain_blend(rows: pl.DataFrame, weights: dict[str, float], cold: np.ndarra
     columns.update({f"contrib_{n}": contrib[:, j] for j, n in enumerate(names)})
     columns.update({f"share_{n}": shares[:, j] for j, n in enumerate(names)})
     return pl.DataFrame(columns).with_columns(pl.col(f"share_{n}").fill_nan(None) for n in names)
+
+
+def _rank_seen_as_unseen(ranks: dict[str, np.ndarray], named: dict[str, np.ndarray], seen: np.ndarray,
+                         u: np.ndarray, i: np.ndarray, chunk: int = 1024) -> None:
+    """Give the seen cells among (u, i) the rank they would have among the user's unseen items
+    if they were unseen too (1 + the unseen items scored higher, or equal with a smaller index:
+    the stable sort's order), in place. Unseen cells already have it."""
+    hit = seen[u, i]
+    if not hit.any():
+        return
+    u, i = u[hit], i[hit]
+    columns = np.arange(seen.shape[1])
+    for start in range(0, len(u), chunk):
+        uc, ic = u[start:start + chunk], i[start:start + chunk]
+        unseen = ~seen[uc]
+        earlier = columns[None, :] < ic[:, None]
+        for name, score in named.items():
+            rows, own = score[uc], score[uc, ic][:, None]
+            ahead = unseen & ((rows > own) | ((rows == own) & earlier))
+            ranks[name][uc, ic] = 1 + ahead.sum(axis=1)

@@ -223,6 +223,9 @@ def read_id_table(path: Path | str, required: tuple[str, ...]) -> pl.DataFrame:
         if column not in frame.columns:
             raise InputError(f"missing required column '{column}' (columns: {', '.join(frame.columns) or 'none'})",
                              file=str(path), field=column)
+        dtype = frame.schema[column]
+        if dtype.is_nested() or dtype == pl.Object:  # a list or struct of ids is not an id
+            raise InputError(f"ids must be text or numbers, not {dtype}", file=str(path), field=column)
     return frame
 
 

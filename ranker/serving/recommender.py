@@ -27,7 +27,7 @@ from fusionrec.pipeline.retrieval.candidates import (
     explain_blend,
     user_content_vectors,
 )
-from fusionrec.pipeline.retrieval.retriever import Retriever
+from fusionrec.pipeline.retrieval.retriever import BEHAVIOUR, POPULARITY, Retriever
 from fusionrec.pipeline.retrieval.stage import embeddings, load_snapshot
 from fusionrec.ranker.model import Ranker
 from fusionrec.ranker.rerank import RerankInputs, read_rules
@@ -72,6 +72,13 @@ class Recommender:
             raise FusionrecError(f"{self.art_dir} has no index: run `fusionrec index` (or `fusionrec run`) first")
         self.retriever_ = Retriever.load(index_dir, mmap=mmap_index)
         item_mods, user_mods = embeddings(self.art_dir)
+        # A content table the index was built with must still be there: without it the lists
+        # would change silently (its modality's similarities and the content source drop out).
+        lost = [m for m in self.retriever_.modalities_ if m not in (BEHAVIOUR, POPULARITY) and m not in item_mods]
+        if lost:
+            raise FusionrecError(f"artifact {self.art_dir / 'embeddings' / f'item_{lost[0]}.parquet'} is missing or "
+                                 f"empty, but the index was built with it; rerun `fusionrec embed` (or `fusionrec "
+                                 f"run`) to rebuild it")
         self.sources_ = CandidateModel.load(
             self.art_dir / "sources", self.catalog_.interactions, self.retriever_.item_ids_, self.catalog_.users,
             self.retriever_, content=content_vectors(item_mods, self.retriever_.item_ids_),
@@ -252,4 +259,6 @@ def item_vectors(art_dir: Path, modality: str, retriever: Retriever) -> tuple[np
 def read_users(path: Path | str) -> list[str]:
     """The user ids of a `--users` file (.parquet, .csv or .jsonl with a user_id column)."""
     frame = read_id_table(path, ("user_id",))
-    return frame["user_id"].drop_nulls().cast(pl.String).unique(maintain_order=True).to_list()
+    # Trimmed, as every other id input is (" u2" is u2); empty ids are skipped like nulls.
+    ids = frame["user_id"].drop_nulls().cast(pl.String).str.strip_chars()
+    return ids.filter(ids != "").unique(maintain_order=True).to_list()

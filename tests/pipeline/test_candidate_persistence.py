@@ -50,3 +50,37 @@ def test_a_loaded_candidate_model_scores_as_the_fitted_one(tmp_path: Path, with_
                           "item_id": ["i1", "i7", "i3", "i2", "not-an-item"], "extra": [1, 2, 3, 4, 5]})
     assert_frame_equal(loaded.score_pairs(pairs), fitted.score_pairs(pairs), check_exact=False, rel_tol=0,
                        abs_tol=1e-6)
+
+
+def test_scored_pairs_carry_the_candidates_ranks_and_seen_items_rank_as_if_unseen() -> None:
+    """The ranker learns on candidate rows whose ranks count unseen items only; `score_pairs`
+    (what `fusionrec score` feeds it) must give the same pair the same columns. A seen item is
+    ranked among the unseen ones as if it were unseen (its score does not move)."""
+    frame = pairs_log(n_users=30)
+    names = ["ease", "itemknn", "rp3beta", "popular"]
+    model = CandidateModel(n_candidates=len(ITEMS), threshold=4.0, params={n: {} for n in names},
+                           weights={"ease": 1.0, "itemknn": 0.5, "rp3beta": 0.25, "popular": 0.1}
+                           ).fit(frame, ITEMS, None, None)
+    users = ["u00", "u03", "u07"]
+    candidates = model.candidates(users)  # unseen items only, every one (n_candidates = the catalog)
+    scored = model.score_pairs(candidates.select("user_id", "item_id"))
+    assert_frame_equal(scored, candidates.select(scored.columns), check_exact=False, rel_tol=0, abs_tol=1e-6)
+
+    seen = frame.filter(pl.col("user_id") == "u00", pl.col("value") >= 4)["item_id"].cast(pl.String).unique().sort()
+    assert seen.len() > 0
+    own = model.score_pairs(pl.DataFrame({"user_id": ["u00"] * seen.len(), "item_id": seen}))
+    unseen = candidates.filter(pl.col("user_id") == "u00")
+    for row in own.iter_rows(named=True):
+        score = row["retrieval_score"]
+        assert np.isfinite(score)
+        # 1 + the unseen items scored higher (ties: a smaller catalog index first)
+        index = {item: j for j, item in enumerate(ITEMS)}
+        ahead = unseen.filter((pl.col("retrieval_score") > score)
+                              | ((pl.col("retrieval_score") == score)
+                                 & (pl.col("item_id").replace_strict(index, return_dtype=pl.Int64)
+                                    < index[row["item_id"]])))
+        assert row["retrieval_rank"] == 1 + ahead.height
+        assert row["src_ease_rank"] == 1 + unseen.filter(pl.col("src_ease") > row["src_ease"]).height \
+            + unseen.filter((pl.col("src_ease") == row["src_ease"])
+                            & (pl.col("item_id").replace_strict(index, return_dtype=pl.Int64)
+                               < index[row["item_id"]])).height
