@@ -90,10 +90,13 @@ def read_rules(path: Path | str) -> pl.DataFrame:
     for column, default, dtype in (("value", 1.0, pl.Float64), ("position", 1, pl.Int64)):
         if column not in frame.columns:
             frame = frame.with_columns(pl.lit(default, dtype).alias(column))
-        try:
-            frame = frame.with_columns(pl.col(column).cast(dtype).fill_null(default))
-        except pl.exceptions.PolarsError:
-            raise InputError(f"'{column}' must be a number", file=str(path), field=column) from None
+        number = frame[column].cast(dtype, strict=False)
+        bad = number.is_null() & frame[column].is_not_null()
+        if bad.any():  # the first cell that is not a number, by its data row
+            row = int(bad.arg_true()[0])
+            raise InputError(f"'{column}' must be a number, not {frame[column][row]!r}", file=str(path), row=row + 1,
+                             field=column)
+        frame = frame.with_columns(number.fill_null(default).alias(column))
     bad = (frame["action"] == "pin") & (frame["position"] < 1)
     if bad.any():
         raise InputError("a pin's position must be at least 1", file=str(path), row=int(bad.arg_true()[0]) + 1,

@@ -193,6 +193,13 @@ def test_a_bad_rules_file_is_refused_naming_the_row_and_field(tmp_path: Path) ->
         read_rules(path)
     with pytest.raises(InputError, match="no such file"):
         read_rules(tmp_path / "absent.csv")
+    # A cell that is not a number is named by its data row; empty cells take the default.
+    text = tmp_path / "text.csv"
+    text.write_text("item_id,action,position\ni1,pin,2\ni2,pin,\ni3,pin,abc\n")
+    with pytest.raises(InputError, match="row 3, field 'position': 'position' must be a number, not 'abc'"):
+        read_rules(text)
+    text.write_text("item_id,action,position\ni1,pin,2\ni2,pin,\n")
+    assert read_rules(text)["position"].to_list() == [2, 1]
 
 
 def test_options_name_what_they_need(case) -> None:
