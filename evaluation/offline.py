@@ -94,7 +94,7 @@ def run_evaluate(art_dir: Path, test_path: Path, ks: tuple[int, ...] = (10, 20),
     if not ks or min(ks) < 1:
         raise FusionrecError("--k needs positive cut-offs")
     art_dir = Path(art_dir)
-    if report is not None:  # before any work: a report never lands on the artifacts' own files
+    if report is not None:  # before any metric is computed: a report never lands on the artifacts' own files
         check_export_target(report, art_dir)
     rec = rec if rec is not None else Recommender(art_dir)
     test = read_interactions(Path(test_path), rec.catalog_.items)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import polars as pl
@@ -241,8 +242,6 @@ def test_serving_commands_load_no_deep_learning_library(art: Path, tmp_path: Pat
 
 
 def _copy(art: Path, to: Path) -> Path:
-    import shutil
-
     shutil.copytree(art, to)
     return to
 
