@@ -350,3 +350,30 @@ def test_a_deleted_embeddings_table_the_index_was_built_with_is_an_error(art: Pa
     text = " ".join(result.output.split())
     assert result.exit_code == 1, text
     assert "item_text.parquet is missing" in text and "fusionrec embed" in text
+
+
+def test_a_file_without_users_or_pairs_is_refused_and_the_last_export_kept(art: Path, tmp_path: Path) -> None:
+    """A header-only --users or --candidates file would replace yesterday's export with nothing."""
+    last = tmp_path / "topk.csv"
+    last.write_text("yesterday\n")
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("user_id,item_id\n")
+    blank_ids = tmp_path / "blank.csv"
+    blank_ids.write_text("user_id\n \n\"\"\n")
+    for command, option, path, message in (("recommend", "--users", header_only, "no user ids: the file has no rows"),
+                                           ("recommend", "--users", blank_ids, "no user ids: every user_id is empty"),
+                                           ("score", "--candidates", header_only, "no pairs")):
+        result = invoke(command, "--out", str(art), option, str(path), "--export", str(last))
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2, text
+        assert f"{path}" in text and message in text
+        assert last.read_text() == "yesterday\n"
+
+
+def test_a_ragged_pairs_file_names_its_row(art: Path, tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("user_id,item_id\nu0001,i0001\nu0002,i0002,extra\n")
+    result = invoke("score", "--out", str(art), "--candidates", str(pairs), "--export", str(tmp_path / "s.csv"))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, text
+    assert f"{pairs}, row 2" in text and "3 cells, but the header names 2 columns" in text

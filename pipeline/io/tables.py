@@ -59,7 +59,7 @@ def read_table(path: Path) -> pl.DataFrame:
         raise InputError("the file has no header row", file=str(path)) from None
     except (pl.exceptions.ComputeError, pl.exceptions.PolarsError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        row, field, reason = (_locate_csv_problem(raw.decode("utf-8")) if raw and path.suffix != ".parquet"
+        row, field, reason = (locate_csv_problem(raw.decode("utf-8")) if raw and path.suffix != ".parquet"
                               else (None, None, None))
         raise InputError(f"cannot parse the table: {reason or first}", file=str(path), row=row, field=field) from None
 
@@ -106,7 +106,7 @@ def _first_cell(text: str, bad) -> tuple[int | None, str | None]:
     return None, None
 
 
-def _locate_csv_problem(text: str) -> tuple[int | None, str | None, str | None]:
+def locate_csv_problem(text: str) -> tuple[int | None, str | None, str | None]:
     """Where and why a CSV the parser refused goes wrong: (data row, column name, reason), as far as known.
 
     Finds a stray quote (a quoted cell never closed, or text after its closing quote) and a

@@ -17,6 +17,7 @@ import polars as pl
 
 from fusionrec.pipeline.errors import FusionrecError, InputError
 from fusionrec.pipeline.io.storage import atomic_path
+from fusionrec.pipeline.io.tables import locate_csv_problem
 
 if TYPE_CHECKING:
     from fusionrec.ranker.model import Ranker
@@ -197,8 +198,9 @@ def _unescape_formulas(frame: pl.DataFrame) -> pl.DataFrame:
 def read_pairs(path: Path | str) -> pl.DataFrame:
     """The `user_id, item_id` pairs of a candidates file (other columns kept), ids as strings.
 
-    A missing file, an unknown format, a missing id column or an empty id is bad input
-    (`InputError`, exit 2) naming the file, the row (1-based data row) and the field.
+    A missing file, an unknown format, a missing id column, an empty id or a file without
+    pairs is bad input (`InputError`, exit 2) naming the file, the row (1-based data row) and
+    the field.
     """
     path = Path(path)
     frame = read_id_table(path, ("user_id", "item_id"))
@@ -208,6 +210,8 @@ def read_pairs(path: Path | str) -> pl.DataFrame:
         if bad.any():
             row = int(bad.arg_true()[0]) + 1
             raise InputError("empty id", file=str(path), row=row, field=column)
+    if frame.height == 0:  # an empty export would replace the last one with nothing
+        raise InputError("no pairs: the file has a header but no rows", file=str(path))
     return frame
 
 
@@ -245,7 +249,13 @@ def _read(path: Path, fmt: str, *, string_ids: bool) -> pl.DataFrame:
         raise InputError("no such file", file=str(path)) from None
     except (pl.exceptions.PolarsError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot read the file: {first}", file=str(path)) from None
+        row = field = reason = None
+        if fmt == ".csv":  # polars does not say which row: the data tables' locator does
+            try:
+                row, field, reason = locate_csv_problem(path.read_bytes().decode("utf-8-sig"))
+            except (OSError, UnicodeDecodeError):
+                pass
+        raise InputError(f"cannot read the file: {reason or first}", file=str(path), row=row, field=field) from None
 
 
 def drop_seen(pairs: pl.DataFrame, interactions: pl.DataFrame, cutoff: int | None = None) -> pl.DataFrame:

@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from fusionrec.pipeline.config import RerankConfig
-from fusionrec.pipeline.errors import ConfigError, FusionrecError
+from fusionrec.pipeline.errors import ConfigError, FusionrecError, InputError
 from fusionrec.pipeline.retrieval.candidates import (
     CandidateModel,
     content_modality,
@@ -150,7 +150,12 @@ class Recommender:
         if blend_rows.height or not parts:
             parts.append(pl.concat([blend_rows.select(columns), self._blend_explanation(blend_rows)],
                                    how="horizontal"))
-        return pl.concat(parts, how="diagonal_relaxed").sort(["user_id", "rank"])
+        explained = pl.concat(parts, how="diagonal_relaxed")
+        # A pinned item outside the candidates has no score, so nothing explains it: null, not
+        # the contributions of features it does not have.
+        why = [c for c in explained.columns if c not in columns]
+        return explained.with_columns(pl.when(pl.col("score").is_not_null()).then(pl.col(c)).alias(c) for c in why
+                                      ).sort(["user_id", "rank"])
 
     def users_with_history(self, user_ids: list[str]) -> list[str]:
         """The users in `user_ids` with history in the log: the ones the ranker's order serves.
@@ -257,8 +262,14 @@ def item_vectors(art_dir: Path, modality: str, retriever: Retriever) -> tuple[np
 
 
 def read_users(path: Path | str) -> list[str]:
-    """The user ids of a `--users` file (.parquet, .csv or .jsonl with a user_id column)."""
+    """The user ids of a `--users` file (.parquet, .csv or .jsonl with a user_id column).
+
+    A file without any non-empty id is bad input (`InputError`): the export would be empty."""
     frame = read_id_table(path, ("user_id",))
     # Trimmed, as every other id input is (" u2" is u2); empty ids are skipped like nulls.
     ids = frame["user_id"].drop_nulls().cast(pl.String).str.strip_chars()
-    return ids.filter(ids != "").unique(maintain_order=True).to_list()
+    ids = ids.filter(ids != "").unique(maintain_order=True)
+    if ids.is_empty():  # an empty export would replace the last one with nothing
+        raise InputError("no user ids: the file has no rows" if frame.height == 0 else
+                         "no user ids: every user_id is empty", file=str(path), field="user_id")
+    return ids.to_list()

@@ -287,9 +287,12 @@ def test_pins_skip_users_who_have_the_item(art: Path, tmp_path: Path) -> None:
     assert np.isin(out.group_by("user_id").len()["len"].to_numpy(), [K]).all()
 
 
-def test_a_pin_outside_the_candidates_explains_on_the_retrieval_order(art: Path, tmp_path: Path) -> None:
-    """The pinned row comes from no candidate list (no source, no score); --explain still works."""
-    rec = Recommender(art, use_ranker=False)
+@pytest.mark.parametrize("use_ranker", [True, False])
+def test_a_pin_outside_the_candidates_is_not_explained(art: Path, tmp_path: Path, use_ranker: bool) -> None:
+    """The pinned row comes from no candidate list (no source, no score): --explain leaves its
+    explanation null (before: the ranker's contributions of features it does not have)."""
+    rec = Recommender(art, use_ranker=use_ranker)
+    assert rec.order_ == ("ranker" if use_ranker else "retrieval")
     users = rec.known_users_[:3]
     deep = rec.sources_.candidates(users).filter(pl.col("retrieval_rank") > 30)["item_id"][0]
     rules = write_rules(tmp_path / "pin.csv", [{"item_id": deep, "action": "pin", "position": 1}])
@@ -297,6 +300,14 @@ def test_a_pin_outside_the_candidates_explains_on_the_retrieval_order(art: Path,
     first = out.filter(pl.col("rank") == 1)
     assert first["item_id"].to_list() == [deep] * first.height and (first["rerank"] == "pinned").all()
     assert out.group_by("user_id").len()["len"].to_list() == [5] * out["user_id"].n_unique()
+    why = [c for c in out.columns if c.startswith(("contrib_", "share_")) or c in ("top_features", "explain_bias")]
+    assert "explain_bias" in why and any(c.startswith("share_") for c in why)
+    assert first["score"].is_null().all()
+    assert all(first[c].is_null().all() for c in why)
+    # The other rows explain their score: the shares of each row add up to 1.
+    rest = out.filter(pl.col("rank") > 1)
+    shares = rest.select(pl.sum_horizontal(c for c in why if c.startswith("share_"))).to_series()
+    assert rest["score"].is_not_null().all() and ((shares - 1).abs() < 1e-6).all()
 
 
 def test_a_user_whose_every_candidate_is_excluded_keeps_their_pins(case, tmp_path: Path) -> None:
