@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import polars as pl
@@ -35,18 +34,7 @@ from fusionrec.ranker.rerank import rerank as rerank_lists
 from fusionrec.ranker.serving.export import TOPK_SCHEMA, read_id_table, topk, topk_scored
 from fusionrec.ranker.training import GUARD_FILE, lineage, pair_features
 
-POPULAR_DAYS = 30
 log = logging.getLogger("fusionrec.serving")
-
-
-def popular_items(interactions: pl.DataFrame, n: int, days: int = POPULAR_DAYS) -> pl.DataFrame:
-    """item_id, count: the n most interacted items of the log's last `days` (all time if those are empty)."""
-    end = int(cast(int, interactions["timestamp"].max())) + 1
-    recent = interactions.filter(pl.col("timestamp") >= end - days * 86_400)
-    if recent.height == 0:
-        recent = interactions
-    return (recent.group_by("item_id").agg(pl.len().cast(pl.Float64).alias("count"))
-            .sort(["count", "item_id"], descending=[True, False]).head(n))
 
 
 class Recommender:
@@ -105,9 +93,6 @@ class Recommender:
     @property
     def known_users_(self) -> list[str]:
         return [str(u) for u in self.sources_.user_ids_]
-
-    def popular_items(self, n: int) -> pl.DataFrame:
-        return popular_items(self.catalog_.interactions, n)
 
     def _features(self, stage1: pl.DataFrame) -> pl.DataFrame:
         return pair_features(stage1, self.catalog_, self.catalog_.interactions)
