@@ -11,18 +11,23 @@ embedding job refuses symlinks that point outside it.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
 from fusionrec.evaluation.splits import global_temporal_split, leave_last_out, per_user_temporal_split
-from fusionrec.pipeline.errors import InputError
+from fusionrec.pipeline.errors import FusionrecError, InputError
 from fusionrec.pipeline.io.tables import find_table, load_interactions, load_items
 
 __all__ = ["PROTOCOLS", "SplitSummary", "split_data_dir"]
+
+log = logging.getLogger("fusionrec.split")
 
 PROTOCOLS = ("user", "global", "leave-last")
 MEDIA_MODES = ("link", "copy")
@@ -39,13 +44,15 @@ class SplitSummary:
     held_out_users: int
     files_linked: int
     files_copied: int
+    files_skipped: int = 0
 
     def rows(self) -> list[dict[str, object]]:
         return [{"table": "train interactions", "value": self.train_rows},
                 {"table": "held-out interactions", "value": self.held_out_rows},
                 {"table": "held-out users", "value": self.held_out_users},
                 {"table": "files linked", "value": self.files_linked},
-                {"table": "files copied", "value": self.files_copied}]
+                {"table": "files copied", "value": self.files_copied},
+                {"table": "files skipped", "value": self.files_skipped}]
 
 
 def _place(src: Path, dst: Path, media: str) -> str:
@@ -58,6 +65,21 @@ def _place(src: Path, dst: Path, media: str) -> str:
             pass  # another file system, or links not allowed: copy instead
     shutil.copy2(src, dst)
     return "copied"
+
+
+def _regular_file(src: Path, root: Path) -> Path | None:
+    """The regular file `src` names inside `root` (a symlink's target, when that stays inside),
+    or None: a FIFO, socket or device, or a symlink that leaves the data directory, is not
+    carried over. The embedding job refuses those media too; in the train folder the item
+    keeps its row and the missing file is one more bad media row."""
+    try:
+        real = src.resolve(strict=True)
+        mode = real.stat().st_mode
+    except (OSError, RuntimeError):  # a broken or looping link
+        return None
+    if src.is_symlink() and root not in real.parents:
+        return None
+    return real if stat.S_ISREG(mode) else None
 
 
 def split_data_dir(data_dir: Path, out_dir: Path, *, protocol: str = "user", test_fraction: float = 0.2,
@@ -75,8 +97,13 @@ def split_data_dir(data_dir: Path, out_dir: Path, *, protocol: str = "user", tes
     src_root, dst_root = data_dir.resolve(), out_dir.resolve()
     if dst_root == src_root or src_root in dst_root.parents:
         raise InputError(f"--out {out_dir} is inside the data directory {data_dir}; choose a folder outside it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir} is a file; choose a new folder")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise InputError(f"--out {out_dir} already exists and is not empty; choose a new folder or remove it")
+    blocking = next((p for p in dst_root.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise InputError(f"--out {out_dir} cannot be created: {blocking} is a file")
 
     items = load_items(data_dir)
     inter_path = find_table(data_dir, "interactions")
@@ -92,19 +119,46 @@ def split_data_dir(data_dir: Path, out_dir: Path, *, protocol: str = "user", tes
         raise InputError(f"the {protocol} protocol holds out no interaction (every user has too few); "
                          "try --protocol global", file=str(inter_path))
 
-    train_dir = out_dir / "train"
-    train_dir.mkdir(parents=True, exist_ok=True)
-    counts = {"linked": 0, "copied": 0}
-    for src in sorted(data_dir.rglob("*")):
-        rel = src.relative_to(data_dir)
-        if src.is_dir() or rel.parts[0].startswith(".") or (len(rel.parts) == 1 and rel.stem == "interactions"):
-            continue
-        counts[_place(src, train_dir / rel, media)] += 1
-    if inter_path.suffix == ".parquet":
-        train.write_parquet(train_dir / "interactions.parquet")
-    else:
-        train.write_csv(train_dir / "interactions.csv")
-    held_out = out_dir / HELD_OUT
-    test.write_csv(held_out)
-    return SplitSummary(train_dir, held_out, protocol, train.height, test.height,
-                        test.select(pl.col("user_id").n_unique()).item(), counts["linked"], counts["copied"])
+    # Built in a folder beside --out and renamed into place: a failed or killed split leaves no
+    # half-written --out (a rerun is not refused as "not empty").
+    try:
+        dst_root.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{dst_root.name}.tmp-", dir=dst_root.parent))
+    except OSError as exc:
+        raise InputError(f"--out {out_dir} cannot be created: {exc.strerror or exc}") from None
+    try:
+        train_dir = work / "train"
+        train_dir.mkdir()
+        counts = {"linked": 0, "copied": 0, "skipped": 0}
+        for src in sorted(data_dir.rglob("*")):
+            rel = src.relative_to(data_dir)
+            if rel.parts[0].startswith(".") or (len(rel.parts) == 1 and rel.stem == "interactions"):
+                continue
+            if src.is_dir() and not src.is_symlink():
+                continue
+            real = _regular_file(src, src_root)
+            if real is None:
+                counts["skipped"] += 1
+                log.warning("split: %s is not carried over (a FIFO, device or socket, or a symlink out of the "
+                            "data directory)", src)
+                continue
+            counts[_place(real, train_dir / rel, media)] += 1
+        if inter_path.suffix == ".parquet":
+            train.write_parquet(train_dir / "interactions.parquet")
+        else:
+            train.write_csv(train_dir / "interactions.csv")
+        test.write_csv(work / HELD_OUT)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above): the rename takes its place
+        os.replace(work, dst_root)
+    except OSError as exc:  # a full disk, an unreadable media file: one line, not the crash path
+        shutil.rmtree(work, ignore_errors=True)
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise FusionrecError(f"split: cannot write {out_dir}: {exc.strerror or exc}{where}; nothing was "
+                             "written") from None
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return SplitSummary(out_dir / "train", out_dir / HELD_OUT, protocol, train.height, test.height,
+                        test.select(pl.col("user_id").n_unique()).item(), counts["linked"], counts["copied"],
+                        counts["skipped"])

@@ -4,10 +4,12 @@ and the conventional flags (--version, -v, --log-format json, --explain/--no-exp
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ import tomllib
 from typer.testing import CliRunner
 
 from fusionrec.cli import app
+from fusionrec.evaluation import holdout
 from fusionrec.pipeline.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,6 +261,56 @@ def test_split_refuses_bad_requests(tmp_path: Path, sample_data: Path) -> None:
     assert result.exit_code == 2
     result = invoke("split", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s"))
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_split_carries_no_file_from_outside_the_data_directory(tmp_path: Path, sample_data: Path) -> None:
+    """A symlink out of the data directory (which the embedding job refuses) is not turned into a
+    file of the train folder, and a FIFO does not stop the split: both are skipped and counted."""
+    data = tmp_path / "data"
+    shutil.copytree(sample_data, data)
+    secret = tmp_path / "outside.jpg"
+    secret.write_bytes((data / "images").iterdir().__next__().read_bytes())
+    (data / "images" / "out.jpg").symlink_to(secret)
+    (data / "images" / "in.jpg").symlink_to(next(p for p in (data / "images").iterdir() if p.suffix == ".jpg"
+                                                 and not p.is_symlink()))
+    os.mkfifo(data / "images" / "pipe")
+    for media in ("copy", "link"):
+        out = tmp_path / f"split-{media}"
+        result = invoke("split", "--data", str(data), "--out", str(out), "--media", media)
+        assert result.exit_code == 0, result.output
+        images = out / "train" / "images"
+        assert not (images / "out.jpg").exists() and not (images / "pipe").exists()
+        assert (images / "in.jpg").is_file() and not (images / "in.jpg").is_symlink()  # inside: carried over
+        assert re.search(r"files skipped\s*│\s*2\s*│", result.output), result.output
+
+
+def test_split_out_that_is_a_file_exits_2_and_a_failed_split_leaves_nothing(
+        tmp_path: Path, sample_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile, afile / "sub"):
+        result = invoke("split", "--data", str(sample_data), "--out", str(out))
+        assert result.exit_code == 2 and "is a file" in result.output and "unexpected" not in result.output
+    assert afile.read_text() == "x"
+    # A split that fails while writing (here: the disk fills on the third media file) exits 1 with
+    # one line and leaves no --out behind, so the rerun is not refused as "not empty".
+    calls = []
+
+    def place(src: Path, dst: Path, media: str) -> str:
+        calls.append(src)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return real_place(src, dst, media)
+
+    real_place = holdout._place
+    monkeypatch.setattr(holdout, "_place", place)
+    out = tmp_path / "split"
+    result = invoke("split", "--data", str(sample_data), "--out", str(out))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "No space left on device" in text and "nothing was written" in text
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["afile"]
+    monkeypatch.setattr(holdout, "_place", real_place)
+    assert invoke("split", "--data", str(sample_data), "--out", str(out)).exit_code == 0
 
 
 # ----------------------------------------------------------------------------- conventions
