@@ -14,6 +14,7 @@ construction, and `index.factory` is parsed by FAISS itself.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -291,9 +292,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{where}' must be a table of name = number")
         try:
-            return {str(k): float(v) for k, v in value.items()}
+            table = {str(k): float(v) for k, v in value.items()}
         except (TypeError, ValueError):
             raise ConfigError(f"config key '{where}' must map names to numbers") from None
+        for name, number in table.items():
+            if not math.isfinite(number):  # inf or nan would turn every weight into nan downstream
+                raise ConfigError(f"config key '{where}.{name}' must be a finite number, got {number}")
+        return table
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{where}' must be a list, got {value!r}")
@@ -311,6 +316,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{where}' must be a number, got {value!r}")
+        if not math.isfinite(value):  # no setting means "unbounded" with inf; nan compares false to every bound
+            raise ConfigError(f"config key '{where}' must be a finite number, got {value!r}")
         return float(value)
     if tp is str or origin is Literal:
         if not isinstance(value, str):

@@ -13,6 +13,7 @@ hold-out).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from fusionrec.pipeline.errors import InputError
+from fusionrec.pipeline.errors import ConfigError
 from fusionrec.pipeline.retrieval import faiss_index as fidx
 from fusionrec.pipeline.retrieval.fetch import gather_sims, in_csr
 from fusionrec.pipeline.retrieval.fusion import Blocks, attention_weights, search_simplex
@@ -29,6 +30,8 @@ from fusionrec.pipeline.retrieval.params import RetrieverParams
 from fusionrec.pipeline.retrieval.profiles import interaction_matrix, item_blocks, user_state
 from fusionrec.pipeline.splits import global_temporal_split
 from fusionrec.pipeline.threads import thread_map
+
+log = logging.getLogger("fusionrec.retrieval")
 
 _DENSE_VALIDATION_MAX_ITEMS = 50_000
 _CACHE_BYTES = 256 << 20  # the hold-out's per-chunk arrays kept between a search's recall calls
@@ -81,11 +84,18 @@ def fixed_weights(params: RetrieverParams, modalities: tuple[str, ...]) -> dict[
         return {m: 1.0 / len(modalities) for m in modalities}
     if params.weights is None:
         return None
+    # A name no modality has (a typo such as "txt", or a modality this catalog lacks) is said, not
+    # silently dropped: the weights it was meant to change would otherwise look applied.
+    unknown = sorted(set(params.weights) - set(modalities))
     w = {m: max(float(params.weights.get(m, 0.0)), 0.0) for m in modalities}
     total = sum(w.values())
     if total <= 0:
-        raise InputError("fixed fusion weights give no weight to any modality present "
-                         f"({', '.join(modalities)})", field="weights")
+        hint = f"; not a modality here: {', '.join(unknown)}" if unknown else ""
+        raise ConfigError("config key 'fusion.weights': fixed fusion weights give no weight to any modality "
+                          f"present ({', '.join(modalities)}){hint}")
+    if unknown:
+        log.warning("config key 'fusion.weights' names %s, which no modality of this catalog has (modalities: %s): "
+                    "ignored", ", ".join(unknown), ", ".join(modalities))
     return {m: v / total for m, v in w.items()}
 
 

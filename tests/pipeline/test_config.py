@@ -50,6 +50,11 @@ def test_file_then_overrides(tmp_path: Path) -> None:
     ("sources.names=['x']", "'sources.names': has unknown sources ['x']"),
     ("sources.recent_items=0", "'sources.recent_items': Input should be greater than or equal to 1"),
     ("ray.num_actors=0", "'ray.num_actors': Input should be greater than or equal to 1"),
+    # inf and nan pass every "greater than" bound or none: refused by name (before: nan fusion weights)
+    ("ranker.learning_rate=inf", "'ranker.learning_rate' must be a finite number, got inf"),
+    ("fusion.attention_beta=nan", "'fusion.attention_beta' must be a finite number, got nan"),
+    ("fusion.weights.text=inf", "'fusion.weights.text' must be a finite number, got inf"),
+    ("fusion.event_weights={view=nan}", "'fusion.event_weights.view' must be a finite number, got nan"),
 ])
 def test_bad_overrides_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -134,3 +139,17 @@ def test_naming_ease_for_a_catalog_above_its_bound_is_a_config_error() -> None:
     assert "ease" not in source_names(auto, 5_000) and "ease" in source_names(auto, 1_000)
     allowed = load_config(overrides=["sources.names=['als','recent_ease']", "sources.ease_max_items=5000"])
     assert source_names(allowed, 5_000)[:2] == ["als", "recent_ease"]
+
+
+def test_a_fusion_weight_no_modality_has_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    """A typo ("txt") is a warning naming it beside the modalities; weights on it alone are an error."""
+    from fusionrec.pipeline.retrieval.params import RetrieverParams
+    from fusionrec.pipeline.retrieval.weight_search import fixed_weights
+
+    modalities = ("text", "image", "behaviour")
+    with caplog.at_level("WARNING", logger="fusionrec"):
+        weights = fixed_weights(RetrieverParams(weights={"txt": 1.0, "image": 0.5}), modalities)
+    assert weights == {"text": 0.0, "image": 1.0, "behaviour": 0.0}
+    assert "'fusion.weights' names txt" in caplog.text and "modalities: text, image, behaviour" in caplog.text
+    with pytest.raises(ConfigError, match=r"'fusion.weights': .* not a modality here: txt"):
+        fixed_weights(RetrieverParams(weights={"txt": 1.0}), modalities)
