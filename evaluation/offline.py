@@ -68,9 +68,15 @@ def scorable_users(test: pl.DataFrame, train: pl.DataFrame, test_path: Path | st
     if test.height == 0:
         raise InputError("the held-out file has no rows", file=where)
     if relevance is not None:
+        if not np.isfinite(relevance):
+            raise InputError(f"--relevance must be a finite number, got {relevance}", field="--relevance")
         if "value" not in test.columns or test["value"].null_count() == test.height:
             raise InputError(f"--relevance {relevance} needs ratings, but the held-out rows have no value",
                              file=where, field="value")
+        unrated = test["value"].null_count()
+        if unrated:  # a log mixing events and ratings: an event without a rating is a positive
+            log.warning("%s: %d of %d held-out rows have no value; they stay relevant (--relevance %g judges "
+                        "rated rows only)", where, unrated, test.height, relevance)
     truth = relevant_truth(test, train, relevance_threshold=relevance)
     if truth.height == 0:
         rated = relevant_truth(test, train, relevance_threshold=None) if relevance is not None else truth
@@ -97,6 +103,9 @@ def run_evaluate(art_dir: Path, test_path: Path, ks: tuple[int, ...] = (10, 20),
     if report is not None:  # before any metric is computed: a report never lands on the artifacts' own files
         check_export_target(report, art_dir)
     rec = rec if rec is not None else Recommender(art_dir)
+    n_items = rec.catalog_.items.height
+    if max(ks) > n_items:  # no list can be longer; a huge k would only allocate for nothing
+        raise InputError(f"--k {max(ks)} is above the catalogue's {n_items} items", field="--k")
     test = read_interactions(Path(test_path), rec.catalog_.items)
     train = rec.catalog_.interactions
     users = scorable_users(test, train, test_path, relevance)

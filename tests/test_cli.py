@@ -377,3 +377,28 @@ def test_a_ragged_pairs_file_names_its_row(art: Path, tmp_path: Path) -> None:
     text = " ".join(result.output.split())
     assert result.exit_code == 2, text
     assert f"{pairs}, row 2" in text and "3 cells, but the header names 2 columns" in text
+
+
+def test_evaluate_refuses_a_k_past_the_catalogue_and_warns_on_unrated_rows(art: Path, tmp_path: Path,
+                                                                          sample_data: Path) -> None:
+    """A huge --k exits 2 (before: a crash allocating for it); --relevance keeps rows without a
+    value relevant and says how many; a non-finite --relevance exits 2."""
+    n_items = pl.read_csv(sample_data / "items.csv").height
+    seen = pl.read_csv(sample_data / "interactions.csv")
+    user = seen["user_id"].sort()[0]
+    unseen_items = [i for i in pl.read_csv(sample_data / "items.csv")["item_id"].to_list()
+                    if i not in set(seen.filter(pl.col("user_id") == user)["item_id"].to_list())][:4]
+    held = tmp_path / "held.csv"
+    pl.DataFrame({"user_id": [user] * 4, "item_id": unseen_items, "timestamp": [int(seen["timestamp"].max()) + 60] * 4,
+                  "value": [5.0, 1.0, None, None]}).write_csv(held)
+    for k in ("99999999999999999999", f"10,{n_items + 1}"):
+        result = invoke("evaluate", "--out", str(art), "--test", str(held), "--k", k, "--no-baselines")
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and f"above the catalogue's {n_items} items" in text, text
+    result = invoke("evaluate", "--out", str(art), "--test", str(held), "--relevance", "nan", "--no-baselines")
+    assert result.exit_code == 2 and "--relevance must be a finite number" in result.output
+    result = invoke("evaluate", "--out", str(art), "--test", str(held), "--relevance", "4", "--k", "5",
+                    "--no-baselines")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, text
+    assert "2 of 4 held-out rows have no value; they stay relevant" in text
