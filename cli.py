@@ -376,10 +376,10 @@ def doctor(data: DataOpt = None, out: OutOpt = Path("artifacts"), config: Config
         _fail(exc)
     results = doctor_checks(cfg, out, data)
     _print_table(f"fusionrec doctor ({version_text()})", [c.as_dict() for c in results], ["check", "status", "detail"])
-    if not quiet:
+    failed = [c.name for c in results if c.status == "fail"]
+    if not quiet and not failed:  # a plan for a run that would stop at a failed check misleads
         _console(stderr=True).print("a run would:\n  " + "\n  ".join(doctor_plan(cfg, out, data)),
                                     highlight=False, markup=False, soft_wrap=True)
-    failed = [c.name for c in results if c.status == "fail"]
     if failed:
         _console(stderr=True).print(f"[bold red]error:[/] {len(failed)} check(s) failed: {', '.join(failed)}",
                                     highlight=False, soft_wrap=True)

@@ -14,9 +14,10 @@ from importlib import metadata
 from pathlib import Path
 
 from fusionrec.pipeline.config import Config
-from fusionrec.pipeline.embedding.job import precomputed_tables, table_modalities
+from fusionrec.pipeline.embedding.job import precomputed_tables, read_precomputed, table_modalities
 from fusionrec.pipeline.encoders.model_files import encoder_files, file_hashes, is_weights
 from fusionrec.pipeline.errors import FusionrecError
+from fusionrec.pipeline.io.storage import check_separate_dirs
 from fusionrec.pipeline.io.streaming import table_columns
 from fusionrec.pipeline.io.tables import find_table, load_interactions, load_items, load_users
 
@@ -127,6 +128,7 @@ def _data_checks(data_dir: Path) -> list[Check]:
         out.append(Check("items", "ok", f"{items.height} items in {find_table(data_dir, 'items')}"))
     except FusionrecError as exc:
         return [Check("items", "fail", str(exc))]
+    users = None
     try:
         users = load_users(data_dir)
         out.append(Check("users", "ok", "no users table (optional)" if users is None else f"{users.height} users"))
@@ -138,6 +140,15 @@ def _data_checks(data_dir: Path) -> list[Check]:
                          f"{inter['item_id'].n_unique()} items"))
     except FusionrecError as exc:
         out.append(Check("interactions", "fail", str(exc)))
+    # The precomputed tables are read as the embedding job reads them: a table `run` refuses fails here.
+    for (kind, modality), path in precomputed_tables(data_dir).items():
+        ids = items["item_id"] if kind == "item" else (users["user_id"] if users is not None else None)
+        if ids is None:
+            continue  # no users table: the job has no user ids to match them to either
+        try:
+            read_precomputed(path, kind, ids)
+        except FusionrecError as exc:
+            out.append(Check(f"{kind} {modality} (precomputed)", "fail", str(exc)))
     encoded, given = item_modalities(data_dir, items.columns)
     parts = [f"{m} (encoded)" for m in encoded] + [f"{m} (precomputed)" for m in given]
     out.append(Check("item modalities", "ok" if parts else "fail",
@@ -153,6 +164,21 @@ def item_modalities(data_dir: Path, columns: list[str]) -> tuple[list[str], list
     return [m for m in table_modalities("item", columns) if m not in given], given
 
 
+def _out_check(out_dir: Path, data_dir: Path | None) -> Check:
+    """The checks `run` makes of --out before any stage: a folder (or one it can create), apart from --data."""
+    if out_dir.exists() and not out_dir.is_dir():
+        return Check("out", "fail", f"--out {out_dir} is a file, not a folder")
+    blocking = next((p for p in out_dir.resolve().parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        return Check("out", "fail", f"--out {out_dir} cannot be created: {blocking} is a file")
+    if data_dir is not None and data_dir.is_dir():
+        try:
+            check_separate_dirs(data_dir, out_dir)
+        except FusionrecError as exc:
+            return Check("out", "fail", str(exc))
+    return Check("out", "ok", f"{out_dir} ({'exists' if out_dir.exists() else 'will be created'})")
+
+
 def _disk_check(out_dir: Path) -> Check:
     probe = out_dir
     while not probe.exists() and probe != probe.parent:
@@ -165,13 +191,14 @@ def _disk_check(out_dir: Path) -> Check:
 
 
 def checks(config: Config, out_dir: Path | str, data_dir: Path | str | None = None) -> list[Check]:
-    """Every check, in order: libraries, weights, CUDA, the data directory (when given), disk."""
+    """Every check, in order: libraries, weights, CUDA, the data directory (when given), --out, disk."""
     out_dir, data_dir = Path(out_dir), (Path(data_dir) if data_dir is not None else None)
     out = [_import_check(module, dist) for module, dist in LIBRARIES]
     out += _weights_checks(config)
     out.append(_cuda_check(config))
     if data_dir is not None:
         out += _data_checks(data_dir)
+    out.append(_out_check(out_dir, data_dir))
     out.append(_disk_check(out_dir))
     return out
 

@@ -345,6 +345,26 @@ def test_doctor_checks_the_install_and_the_data(tmp_path: Path, sample_data: Pat
     (bad / "items.csv").write_text("item_id,title\na,x\na,y\n")
     result = invoke("doctor", "--data", str(bad), "--out", str(tmp_path / "art"))
     assert result.exit_code == 1 and "duplicate id 'a'" in " ".join(result.output.split())
+    assert "a run would" not in result.output
+
+
+def test_doctor_fails_where_run_would_refuse(tmp_path: Path, sample_data: Path) -> None:
+    """An --out inside --data or that is a file, and a precomputed table `run` cannot read, fail
+    the doctor too (before: all ok, exit 0)."""
+    data = tmp_path / "data"
+    shutil.copytree(sample_data, data)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, message in ((data / "art", "is inside the data directory"), (afile, "is a file"),
+                         (afile / "sub", "cannot be created")):
+        result = invoke("doctor", "--data", str(data), "--out", str(out))
+        text = " ".join(result.output.split())
+        assert result.exit_code == 1 and message in text and "out" in text.split("check(s) failed:")[1], text
+    (data / "embeddings").mkdir()
+    (data / "embeddings" / "item_text.parquet").write_bytes(b"not parquet")
+    result = invoke("doctor", "--data", str(data), "--out", str(tmp_path / "art"))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "item text (precomputed)" in text and "item_text.parquet" in text, text
 
 
 def test_doctor_says_which_modalities_are_encoded_and_which_are_taken_as_given(tmp_path: Path) -> None:
