@@ -93,7 +93,8 @@ def split_data_dir(data_dir: Path, out_dir: Path, *, protocol: str = "user", tes
     if not 0.0 < test_fraction < 1.0:
         raise InputError(f"--test-fraction must be in (0, 1), got {test_fraction}")
     if not data_dir.is_dir():
-        raise InputError("data directory does not exist", file=str(data_dir))
+        raise InputError("is a file, not a data directory" if data_dir.exists() else "data directory does not exist",
+                         file=str(data_dir))
     src_root, dst_root = data_dir.resolve(), out_dir.resolve()
     if dst_root == src_root or src_root in dst_root.parents:
         raise InputError(f"--out {out_dir} is inside the data directory {data_dir}; choose a folder outside it")

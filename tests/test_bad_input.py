@@ -141,7 +141,7 @@ TABLE_CASES = [
      r"interactions\.csv, row 31, field 'timestamp': cannot read timestamp '2024-13-45T10:00:00'"),
     ("interactions: empty timestamp", "interactions.csv",
      lambda d: _replace_cell(_inter(d), 32, "timestamp", ""), "index",
-     r"interactions\.csv, row 32, field 'timestamp': cannot read timestamp"),
+     r"interactions\.csv, row 32, field 'timestamp': empty timestamp: every interaction needs one"),
     ("interactions: unknown item", "interactions.csv",
      lambda d: _replace_cell(_inter(d), 40, "item_id", "no-such-item"), "index",
      r"interactions\.csv, row 40, field 'item_id': item 'no-such-item' is not in the items table"),

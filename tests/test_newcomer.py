@@ -261,6 +261,8 @@ def test_split_refuses_bad_requests(tmp_path: Path, sample_data: Path) -> None:
     assert result.exit_code == 2
     result = invoke("split", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s"))
     assert result.exit_code == 2 and "does not exist" in result.output
+    result = invoke("split", "--data", str(tmp_path / "busy" / "x"), "--out", str(tmp_path / "s"))
+    assert result.exit_code == 2 and "is a file, not a data directory" in result.output
 
 
 def test_split_carries_no_file_from_outside_the_data_directory(tmp_path: Path, sample_data: Path) -> None:

@@ -255,8 +255,10 @@ def parse_timestamps(df: pl.DataFrame, path: Path, column: str = "timestamp") ->
     bad = parsed.is_null()
     if bad.any():
         row = _first_bad_row(bad)
-        raise InputError(f"cannot read timestamp {df[column][row - 1]!r} (Unix seconds or ISO-8601)",
-                         file=str(path), row=row, field=column)
+        value = df[column][row - 1]
+        what = "empty timestamp: every interaction needs one" if value is None or str(value).strip() == "" else \
+            f"cannot read timestamp {value!r}"
+        raise InputError(f"{what} (Unix seconds or ISO-8601)", file=str(path), row=row, field=column)
     return df.with_columns(plausible_timestamps(parsed, df[column], path, column).alias(column))
 
 
@@ -328,7 +330,7 @@ def read_interactions(path: Path, items: pl.DataFrame | None = None) -> pl.DataF
     """user_id, item_id, timestamp (Int64 Unix s), event (lower-case), value (Float64, nullable)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError("no such file", file=str(path))
+        raise InputError("is a directory, not a file" if path.is_dir() else "no such file", file=str(path))
     df = read_table(path)
     _require_columns(df, path, ("user_id", "item_id", "timestamp"))
     df = check_ids(df, path, "user_id")

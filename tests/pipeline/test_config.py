@@ -153,3 +153,10 @@ def test_a_fusion_weight_no_modality_has_is_said(caplog: pytest.LogCaptureFixtur
     assert "'fusion.weights' names txt" in caplog.text and "modalities: text, image, behaviour" in caplog.text
     with pytest.raises(ConfigError, match=r"'fusion.weights': .* not a modality here: txt"):
         fixed_weights(RetrieverParams(weights={"txt": 1.0}), modalities)
+
+
+def test_a_config_saved_with_a_byte_order_mark_reads(tmp_path: Path) -> None:
+    """Windows editors write UTF-8 with a BOM; CSVs with one are read, so configs are too."""
+    path = tmp_path / "fusionrec.toml"
+    path.write_bytes(b"\xef\xbb\xbf[export]\nk = 7\n")
+    assert load_config(path, []).export.k == 7

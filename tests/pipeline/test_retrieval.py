@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from fusionrec.pipeline.errors import FusionrecError, InputError
+from fusionrec.pipeline.errors import ConfigError, FusionrecError
 from fusionrec.pipeline.retrieval import weight_search
 from fusionrec.pipeline.retrieval.fusion import fused_score
 from fusionrec.pipeline.retrieval.retriever import Retriever
@@ -231,7 +231,7 @@ def test_fixed_and_concat_weights(world):
     assert r.summary_()["weights_source"] == "fixed" and r.validation_recall_ is None
     c = Retriever(fusion="concat", n_candidates=K, behaviour_dim=0, popularity=False).fit(mods, inter)
     assert c.weights_ == pytest.approx({"image": 0.5, "text": 0.5}) and c.modalities_ == ("image", "text")
-    with pytest.raises(InputError, match="no weight"):
+    with pytest.raises(ConfigError, match="'fusion.weights': .*no weight.*not a modality here: audio"):
         Retriever(weights={"audio": 1.0}).fit(mods, inter)
 
 

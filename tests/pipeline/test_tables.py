@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 
 from fusionrec.pipeline.errors import InputError, MediaError
-from fusionrec.pipeline.io.tables import load_interactions, load_items, load_users, resolve_media
+from fusionrec.pipeline.io.tables import load_interactions, load_items, load_users, read_interactions, resolve_media
 
 
 def write(path: Path, text: str | bytes) -> Path:
@@ -98,3 +98,8 @@ def test_media_paths_stay_inside(tmp_path: Path) -> None:
         resolve_media(tmp_path / "data", "img/link.png")
     with pytest.raises(MediaError, match="absolute path refused"):
         resolve_media(tmp_path / "data", str(tmp_path / "outside.png"))
+
+
+def test_a_held_out_path_that_is_a_directory_says_so(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="is a directory, not a file"):
+        read_interactions(tmp_path)
