@@ -185,7 +185,10 @@ def run_recommend(art_dir: Path, export: Path, config: Config | None = None, *, 
     with stage_run("recommend", art_dir, data_dir, config.to_dict(), lock=lock, shared=True) as record:
         recs = recommend_lists(art_dir, users, k, config, exclude_seen=exclude_seen, explain=explain)
         if recs.height == 0 and users is None:
-            raise FusionrecError(f"no recommendation for any user from {art_dir} (an empty night): check "
+            rules = config.rerank.rules_file or config.rerank.exclude_values
+            hint = ("the [rerank] exclusions (rules_file, exclude_field/exclude_values) may remove every item, or "
+                    if rules else "")
+            raise FusionrecError(f"no recommendation for any user from {art_dir} (an empty night): check {hint}"
                                  "index.n_candidates and export.k, then rerun `fusionrec run`")
         path = export_topk(recs, Path(export), art_dir, config, pseudonymise_ids)
         by_source = users_by_source(recs)

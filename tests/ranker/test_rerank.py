@@ -21,7 +21,7 @@ from fusionrec.evaluation.metrics import (
 )
 from fusionrec.jobs import check_engine, run_nightly, run_recommend
 from fusionrec.pipeline.config import RerankConfig, load_config
-from fusionrec.pipeline.errors import ConfigError, InputError
+from fusionrec.pipeline.errors import ConfigError, FusionrecError, InputError
 from fusionrec.ranker.rerank import read_rules, rerank
 from fusionrec.ranker.serving.export import TOPK_SCHEMA, read_topk, topk, write_topk
 from fusionrec.ranker.serving.recommender import Recommender
@@ -325,3 +325,14 @@ def test_a_user_whose_every_candidate_is_excluded_keeps_their_pins(case, tmp_pat
     mine = out.filter(pl.col("user_id") == user)
     assert mine["item_id"].to_list() == [pin] and mine["rerank"].to_list() == ["pinned"]
     assert out["user_id"].n_unique() == cands["user_id"].n_unique()
+
+
+def test_exclusions_that_empty_every_list_are_named(art: Path, tmp_path: Path) -> None:
+    """An exclude rule for every item empties the night: the error points at the rules, not only at
+    index.n_candidates and export.k."""
+    items = Recommender(art).catalog_.items["item_id"].to_list()
+    rules = write_rules(tmp_path / "all.csv", [{"item_id": i, "action": "exclude"} for i in items])
+    config = load_config(None, [f"rerank.rules_file='{rules}'"])
+    with pytest.raises(FusionrecError, match=r"an empty night\): check the \[rerank\] exclusions"):
+        run_recommend(art, tmp_path / "top.csv", config, pseudonymise_ids=False)
+    assert not (tmp_path / "top.csv").exists()
