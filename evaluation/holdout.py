@@ -114,6 +114,10 @@ def split_data_dir(data_dir: Path, out_dir: Path, *, protocol: str = "user", tes
         train, test = per_user_temporal_split(interactions, test_fraction, seed=seed)
     elif protocol == "global":
         train, test = global_temporal_split(interactions, test_fraction, seed=seed)
+        if train.height and test.height and test["timestamp"].min() == train["timestamp"].max():
+            tied = interactions.filter(pl.col("timestamp") == test["timestamp"].min()).height
+            log.warning("split: %d interactions share the cut-off timestamp; they are split in the seeded hash order "
+                        "(--seed), not by time", tied)
     else:
         train, test = leave_last_out(interactions, 1, seed=seed)
     if test.height == 0:

@@ -245,9 +245,22 @@ def test_split_protocols(protocol: str, tmp_path: Path, sample_data: Path) -> No
     train = pl.read_csv(out / "train" / "interactions.csv")
     if protocol == "global":
         assert held["timestamp"].min() >= train["timestamp"].max()
+        tied = held["timestamp"].min() == train["timestamp"].max()
+        assert ("share the cut-off timestamp" in result.output) == tied
     else:
         assert held.group_by("user_id").len()["len"].max() == 1
     assert all(p.stat().st_nlink == 1 for p in (out / "train" / "images").iterdir())
+
+
+def test_a_global_split_through_tied_timestamps_says_so(tmp_path: Path, sample_data: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(sample_data, data)
+    log = pl.read_csv(data / "interactions.csv")
+    log.with_columns(pl.lit(1_700_000_000).alias("timestamp")).write_csv(data / "interactions.csv")
+    result = invoke("split", "--data", str(data), "--out", str(tmp_path / "s"), "--protocol", "global")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, text
+    assert f"{log.height} interactions share the cut-off timestamp" in text
 
 
 def test_split_refuses_bad_requests(tmp_path: Path, sample_data: Path) -> None:
