@@ -195,13 +195,32 @@ def fitted(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
     from fusionrec.pipeline.retrieval.stage import run_index
     from fusionrec.ranker.training import run_train
 
-    art = tmp_path_factory.mktemp("fitted") / "art"
+    root = tmp_path_factory.mktemp("fitted")
+    art, data = root / "art", root / "data"
+    shutil.copytree(SAMPLE, data)
+    # One user with neither history nor text: served the popular items, by every engine.
+    users = pl.read_csv(data / "users.csv", infer_schema=False)
+    active = set(pl.read_csv(data / "interactions.csv", infer_schema=False)["user_id"].to_list())
+    idle = next(u for u in users["user_id"].to_list() if u not in active)
+    users.with_columns(pl.when(pl.col("user_id") == idle).then(None).otherwise(pl.col("text")).alias("text")
+                       ).write_csv(data / "users.csv")
     cfg = embed_config("local", tiny_model)
     cfg = dataclasses.replace(cfg, embed=dataclasses.replace(cfg.embed, image=ImageConfig(enabled=False)))
-    run_embed(SAMPLE, art, cfg, show_progress=False)
-    run_index(SAMPLE, art, cfg)
+    run_embed(data, art, cfg, show_progress=False)
+    run_index(data, art, cfg)
     run_train(art, cfg)
     return art
+
+
+def test_batch_scoring_serves_every_user_recommend_serves(fitted: Path) -> None:
+    """The Ray driver's user list is recommend(None)'s, read without loading the model; before,
+    it was the index's users, which leaves out a user with neither history nor content."""
+    from fusionrec.ranker.serving.ray_scoring import known_users
+    from fusionrec.ranker.serving.recommender import Recommender
+
+    served = Recommender(fitted).recommend(None, 5)
+    assert known_users(fitted) == sorted(served["user_id"].unique().to_list())
+    assert "popular" in served["source"].to_list()
 
 
 def test_ray_batch_scoring_equals_recommend_for_all_users(fitted: Path, ray_local) -> None:

@@ -30,11 +30,19 @@ from fusionrec.ranker.serving.recommender import Recommender
 
 
 def known_users(art_dir: Path | str) -> list[str]:
-    """The users the index knows (`ART/index/users.parquet`), sorted; read without loading the index."""
-    path = Path(art_dir) / "index" / "users.parquet"
+    """The users `Recommender.recommend(None)` serves, sorted, read without loading the model: as
+    `CandidateModel.fit`, the users of the snapshot's log and users table and of the index (a
+    user with neither history nor content is served the popular items, on Ray too)."""
+    art_dir = Path(art_dir)
+    path = art_dir / "index" / "users.parquet"
     if not path.is_file():
         raise FusionrecError(f"{art_dir} has no index: run `fusionrec index` (or `fusionrec run`) first")
-    return sorted(str(u) for u in pq.read_table(path, columns=["user_id"]).column("user_id").to_pylist())
+    ids: set[str] = set()
+    for table in (path, art_dir / "data" / "interactions.parquet", art_dir / "data" / "users.parquet"):
+        if table.is_file():
+            ids.update(str(u) for u in pq.read_table(table, columns=["user_id"]).column("user_id").to_pylist()
+                       if u is not None)
+    return sorted(ids)
 
 
 def score_users(rec: Recommender, users: list[str], k: int, *, exclude_seen: bool = True, explain: bool = False,
