@@ -17,7 +17,7 @@ from fusionrec.pipeline.config import Config
 from fusionrec.pipeline.embedding.job import precomputed_tables, read_precomputed, table_modalities
 from fusionrec.pipeline.encoders.model_files import encoder_files, file_hashes, is_weights
 from fusionrec.pipeline.errors import FusionrecError
-from fusionrec.pipeline.io.storage import check_separate_dirs
+from fusionrec.pipeline.io.storage import check_out_folder, check_separate_dirs
 from fusionrec.pipeline.io.streaming import table_columns
 from fusionrec.pipeline.io.tables import find_table, load_interactions, load_items, load_users
 
@@ -166,16 +166,12 @@ def item_modalities(data_dir: Path, columns: list[str]) -> tuple[list[str], list
 
 def _out_check(out_dir: Path, data_dir: Path | None) -> Check:
     """The checks `run` makes of --out before any stage: a folder (or one it can create), apart from --data."""
-    if out_dir.exists() and not out_dir.is_dir():
-        return Check("out", "fail", f"--out {out_dir} is a file, not a folder")
-    blocking = next((p for p in out_dir.resolve().parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        return Check("out", "fail", f"--out {out_dir} cannot be created: {blocking} is a file")
-    if data_dir is not None and data_dir.is_dir():
-        try:
+    try:
+        check_out_folder(out_dir)
+        if data_dir is not None and data_dir.is_dir():
             check_separate_dirs(data_dir, out_dir)
-        except FusionrecError as exc:
-            return Check("out", "fail", str(exc))
+    except FusionrecError as exc:
+        return Check("out", "fail", str(exc))
     return Check("out", "ok", f"{out_dir} ({'exists' if out_dir.exists() else 'will be created'})")
 
 

@@ -23,6 +23,7 @@ import polars as pl
 
 from fusionrec.evaluation.splits import global_temporal_split, leave_last_out, per_user_temporal_split
 from fusionrec.pipeline.errors import FusionrecError, InputError
+from fusionrec.pipeline.io.storage import check_out_folder
 from fusionrec.pipeline.io.tables import find_table, load_interactions, load_items
 
 __all__ = ["PROTOCOLS", "SplitSummary", "split_data_dir"]
@@ -98,13 +99,9 @@ def split_data_dir(data_dir: Path, out_dir: Path, *, protocol: str = "user", tes
     src_root, dst_root = data_dir.resolve(), out_dir.resolve()
     if dst_root == src_root or src_root in dst_root.parents:
         raise InputError(f"--out {out_dir} is inside the data directory {data_dir}; choose a folder outside it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out {out_dir} is a file; choose a new folder")
+    check_out_folder(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise InputError(f"--out {out_dir} already exists and is not empty; choose a new folder or remove it")
-    blocking = next((p for p in dst_root.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise InputError(f"--out {out_dir} cannot be created: {blocking} is a file")
 
     items = load_items(data_dir)
     inter_path = find_table(data_dir, "interactions")

@@ -528,6 +528,17 @@ def clean_stale_exports(directory: Path, name: str, older_than_s: float = 600.0)
     return removed
 
 
+def check_out_folder(out_dir: Path | str) -> None:
+    """Refuse an --out that is a file or sits under one: no folder can be made there (`split`, and
+    `doctor`'s check of what `run` would meet: a stage reports it on creating the folder, exit 1)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not a folder")
+    blocking = next((p for p in out_dir.resolve().parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"--out {out_dir} cannot be created: {blocking} is a file")
+
+
 def check_separate_dirs(data_dir: Path | str, art_dir: Path | str) -> None:
     """Refuse an artifacts directory that is, contains or sits inside the data directory (a
     job would overwrite the user's input, or read its own output as input)."""
