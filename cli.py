@@ -23,6 +23,7 @@ from fusionrec.doctor import plan as doctor_plan
 from fusionrec.doctor import versions
 from fusionrec.evaluation.holdout import split_data_dir
 from fusionrec.evaluation.offline import run_evaluate
+from fusionrec.pipeline import interrupts
 from fusionrec.pipeline.config import Config, load_config
 from fusionrec.pipeline.embedding.job import summary_rows
 from fusionrec.pipeline.errors import FusionrecError
@@ -131,13 +132,32 @@ def _data_dir(data: Path | None) -> Path:
     raise typer.BadParameter("no --data given and no sample data/ found", param_hint="--data")
 
 
-def _fail(exc: FusionrecError) -> None:
+def _error_line(message: str) -> None:
+    """The one line a failure shows on stderr: `error: ...`, or under `--log-format json` one
+    JSON object like the logs' (level ERROR), so a log collector reads every stderr line."""
+    if _STATE["log_format"] == LogFormat.json:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "level": "ERROR", "logger": "fusionrec",
+                 "message": message}
+        print(json.dumps(entry, ensure_ascii=False), file=sys.stderr, flush=True)
+        return
+    if not sys.stderr.isatty():
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return
     from rich.markup import escape as rich_escape
 
     # The message is text, not markup: paths and config keys hold [brackets].
-    _console(stderr=True).print(f"[bold red]error:[/] {rich_escape(str(exc))}", highlight=False, markup=True,
+    _console(stderr=True).print(f"[bold red]error:[/] {rich_escape(message)}", highlight=False, markup=True,
                                 soft_wrap=True)
+
+
+def _fail(exc: FusionrecError) -> None:
+    _error_line(str(exc))
     raise typer.Exit(exc.exit_code)
+
+
+def _progress_shown(quiet: bool) -> bool:
+    # JSON logs are for collectors: no progress bars between their lines.
+    return not quiet and _STATE["log_format"] != LogFormat.json
 
 
 def _print_table(title: str, rows: list[dict], columns: list[str], caption: str | None = None) -> None:
@@ -184,7 +204,7 @@ def embed(data: Annotated[Path, typer.Option("--data", help="Data directory.")],
     _setup_logging(quiet, verbose)
     try:
         cfg = _config(config, set_, engine)
-        report = jobs.run_embed(_data_dir(data), out, cfg, show_progress=not quiet, verify=verify)
+        report = jobs.run_embed(_data_dir(data), out, cfg, show_progress=_progress_shown(quiet), verify=verify)
     except FusionrecError as exc:
         _fail(exc)
     _print_table("embeddings", summary_rows(report),
@@ -316,7 +336,7 @@ def run(data: DataOpt = None, out: OutOpt = Path("artifacts"), config: ConfigOpt
     _setup_logging(quiet, verbose)
     try:
         cfg = _config(config, set_, engine)
-        night = jobs.run_nightly(_data_dir(data), out, cfg, show_progress=not quiet, verify=verify)
+        night = jobs.run_nightly(_data_dir(data), out, cfg, show_progress=_progress_shown(quiet), verify=verify)
     except FusionrecError as exc:
         _fail(exc)
     _print_table("embeddings", summary_rows(night.embed),
@@ -381,12 +401,14 @@ def doctor(data: DataOpt = None, out: OutOpt = Path("artifacts"), config: Config
         _console(stderr=True).print("a run would:\n  " + "\n  ".join(doctor_plan(cfg, out, data)),
                                     highlight=False, markup=False, soft_wrap=True)
     if failed:
-        _console(stderr=True).print(f"[bold red]error:[/] {len(failed)} check(s) failed: {', '.join(failed)}",
-                                    highlight=False, soft_wrap=True)
+        _error_line(f"{len(failed)} check(s) failed: {', '.join(failed)}")
         raise typer.Exit(1)
 
 
 DEBUG_ENV = "FUSIONREC_DEBUG"  # 1: an unexpected failure shows its traceback
+INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+INTERRUPTED_MESSAGE = ("interrupted (Ctrl-C): finished work is kept (committed shards, written artifacts, "
+                       "the previous export); a rerun resumes")
 
 
 def crash_log_path() -> Path:
@@ -407,16 +429,21 @@ def main(args: list[str] | None = None) -> None:
 
     # lightgbm without its scikit-learn API, which no command uses (ranker.model.SKLEARN_ENV).
     os.environ.setdefault("FUSIONREC_LIGHTGBM_SKLEARN", "0")
+    interrupts.install()
     try:
         app(args=args, prog_name="fusionrec")
-    except SystemExit:
+    except SystemExit as done:
+        # typer turns Ctrl-C into a silent exit 130: say what happened and what was kept.
+        if done.code == INTERRUPTED or interrupts.requested():
+            _error_line(INTERRUPTED_MESSAGE)
+            sys.exit(INTERRUPTED)
         raise
     except FusionrecError as exc:  # commands handle their own; this one escaped
-        print(f"error: {exc}", file=sys.stderr)
+        _error_line(str(exc))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _error_line(INTERRUPTED_MESSAGE)
+        sys.exit(INTERRUPTED)
     except BaseException as exc:  # noqa: BLE001 - the last line of defence
         text = "".join(traceback.format_exception(exc))
         if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
@@ -431,8 +458,7 @@ def main(args: list[str] | None = None) -> None:
         except OSError:
             pass
         first = (str(exc).strip().splitlines() or [""])[0][:300]
-        print(f"error: unexpected {type(exc).__name__}: {first} ({where}; {DEBUG_ENV}=1 shows it)",
-              file=sys.stderr)
+        _error_line(f"unexpected {type(exc).__name__}: {first} ({where}; {DEBUG_ENV}=1 shows it)")
         sys.exit(1)
 
 

@@ -160,10 +160,10 @@ def _run_cli(args: list[str], env: dict[str, str], out: str, err: str, fsize: in
     if fsize is not None:  # files may not grow past `fsize` bytes: every write beyond fails
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.RLIM_INFINITY))
-    from fusionrec.cli import app
+    from fusionrec.cli import main
 
     try:
-        app(args=args, prog_name="fusionrec")
+        main(args)  # the console script's entry point: its Ctrl-C and crash handling included
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

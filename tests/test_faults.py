@@ -291,6 +291,51 @@ def test_serving_between_a_killed_stage_and_its_rerun_fails_clearly(nights: Nigh
     assert re.search(r"error: .*(interrupted|run `fusionrec|train again|index again)", result.stderr), result.stderr
 
 
+@integration
+@pytest.mark.parametrize("how", ["int", "int-in-del"])
+def test_ctrl_c_stops_the_night_with_exit_130_a_record_and_a_resumable_state(nights: Nights, how: str,
+                                                                             reliability) -> None:
+    """Ctrl-C mid-index: exit 130 with one line, run and index recorded as interrupted, the last export
+    kept, and the rerun equals a clean night. `int-in-del`: the KeyboardInterrupt lands in a destructor,
+    where Python drops it; the job used to go on and exit 0."""
+    point = next(p for p in nights.trace2 if p.stage == "index" and p.spec.startswith("write:"))
+    art = nights.fresh(f"ctrl-c-{how}", nights.art1)
+    before = manifest_runs(art)
+    stopped = nights.run(nights.night2, art, env={"FUSIONREC_FAULT": f"{point.spec}={how}"})
+    reliability.record(faults=1, case=f"Ctrl-C ({how}) at {point.spec} (index)")
+    assert stopped.code == 130, stopped.output[-2000:]
+    assert "error: interrupted (Ctrl-C)" in stopped.stderr and "a rerun resumes" in stopped.stderr
+    assert "Traceback" not in stopped.output and "Exception ignored" not in stopped.output, stopped.stderr[-2000:]
+    runs = manifest_runs(art)
+    assert runs[:len(before)] == before
+    new = {r["command"]: r for r in runs[len(before):]}
+    assert new["embed"]["status"] == "ok"
+    assert new["index"]["status"] == new["run"]["status"] == "interrupted"
+    assert new["run"]["error"] == "interrupted (Ctrl-C)"
+    assert "train" not in new and "recommend" not in new
+    assert (art / "exports" / "topk.parquet").read_bytes() == (nights.art1 / "exports" / "topk.parquet").read_bytes()
+    assert not (art / ".lock").exists() and damaged(art) == []
+
+    rerun = nights.run(nights.night2, art)
+    assert rerun.code == 0, rerun.output[-3000:]
+    assert output_differences(art, nights.ref2) == []
+
+
+@integration
+def test_a_failed_stage_leaves_a_record_with_its_reason(nights: Nights, reliability) -> None:
+    """Disk full while the ranker writes: the train and run records say failed, and why."""
+    point = next(p for p in nights.trace2 if p.stage == "train" and p.spec.startswith("write:"))
+    art = nights.fresh("failed-record", nights.art1)
+    before = len(manifest_runs(art))
+    failed = nights.run(nights.night2, art, env={"FUSIONREC_FAULT": f"{point.spec}=enospc"})
+    reliability.record(faults=1, case=f"disk full at {point.spec} (train): the manifest says why")
+    assert failed.code == 1, failed.output[-2000:]
+    new = {r["command"]: r for r in manifest_runs(art)[before:]}
+    assert new["train"]["status"] == new["run"]["status"] == "failed"
+    assert "No space left on device" in new["train"]["error"] and new["run"]["error"] == new["train"]["error"]
+    assert new["train"]["error"] in failed.stderr
+
+
 # --------------------------------------------------------------------------- two jobs, stale locks
 
 

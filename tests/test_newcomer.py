@@ -181,6 +181,16 @@ def test_recommend_writes_under_out_and_logs_as_json(quickstart: dict, tmp_path:
     assert lines and all({"time", "level", "logger", "message"} <= set(entry) for entry in lines)
     assert any("wrote" in entry["message"] for entry in lines)
 
+    # Under JSON logs every stderr line is a JSON object: no progress bars, and the error is one too.
+    data = quickstart["cwd"] / "data"
+    rerun = fusionrec("--log-format", "json", "embed", "--data", str(data), "--out", str(art), cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert all(isinstance(json.loads(line), dict) for line in rerun.stderr.splitlines() if line.strip()), rerun.stderr
+    failed = fusionrec("--log-format", "json", "recommend", "--out", str(tmp_path / "none"), cwd=tmp_path)
+    entries = [json.loads(line) for line in failed.stderr.splitlines() if line.strip()]
+    assert failed.returncode == 1 and entries[-1]["level"] == "ERROR", failed.stderr
+    assert "fusionrec run" in entries[-1]["message"]
+
 
 # ----------------------------------------------------------------------------- config at the CLI
 

@@ -18,6 +18,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from fusionrec.pipeline import interrupts
+from fusionrec.pipeline.errors import FusionrecError
 from fusionrec.pipeline.io.storage import (
     ArtifactLock,
     FileHashes,
@@ -77,6 +79,7 @@ class RunRecord:
     counts: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    finished: bool = field(default=False, init=False, repr=False)
 
     def to_dict(self, status: str) -> dict[str, Any]:
         now = time.time()
@@ -99,9 +102,28 @@ class RunRecord:
         }
 
     def finish(self, status: str = "ok") -> dict[str, Any]:
+        if status == "ok":
+            interrupts.check()  # a Ctrl-C that was swallowed on the way is no success
         record = self.to_dict(status)
         append_run(self.art_dir, record)
+        self.finished = True
         return record
+
+    def finish_failed(self, exc: BaseException) -> None:
+        """Record why the stage stopped: status `interrupted` (Ctrl-C) or `failed`, and `error`,
+        the one line the user saw. Never raises: the stage's own error is what the user needs."""
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        if isinstance(exc, FusionrecError):
+            reason = str(exc)
+        elif interrupted:
+            reason = "interrupted (Ctrl-C)"
+        else:
+            reason = f"unexpected {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+        self.extra.setdefault("error", reason)
+        try:
+            self.finish("interrupted" if interrupted else "failed")
+        except BaseException as problem:  # noqa: BLE001 - never mask the stage's error
+            log.debug("could not record the %s run in the manifest: %s", self.command, problem)
 
 
 def read_manifest(art_dir: Path, *, warn: bool = True) -> dict[str, Any]:
@@ -191,14 +213,22 @@ def stage_run(command: str, art_dir: Path, data_dir: Path | None = None, config:
     `shared`: a reader (recommend, score, evaluate) takes the shared lock, which any number
     of readers hold together and no writer meanwhile.
 
-    The stage fills the record and calls `finish` with its status; the lock is released
-    whatever happens.
+    The stage fills the record and calls `finish` with its status; a stage that raises
+    instead gets a record with status `failed` (or `interrupted`, Ctrl-C) and its `error`.
+    The lock is released whatever happens.
     """
     held: ArtifactLock | ReadLock | None = None
     if lock:
         held = ReadLock(art_dir).__enter__() if shared else ArtifactLock(art_dir).acquire()
     try:
-        yield RunRecord(command, Path(art_dir), Path(data_dir) if data_dir is not None else None, config or {})
+        interrupts.check()
+        record = RunRecord(command, Path(art_dir), Path(data_dir) if data_dir is not None else None, config or {})
+        try:
+            yield record
+        except BaseException as exc:
+            if not record.finished:  # a stage that stopped early still leaves its record, with the reason
+                record.finish_failed(exc)
+            raise
     finally:
         if isinstance(held, ArtifactLock):
             held.release()

@@ -45,7 +45,9 @@ def fault_point(name: str, path: Path | str | None = None, tmp: Path | None = No
     point it reaches (`write`: a finished temporary file about to replace its artifact;
     `written`: just replaced); `write:3=enospc` raises "No space left on device" there
     instead, `write:3=stop` stops the process (SIGSTOP), alive and holding its lock, and
-    `write:3=torn` cuts the temporary file to half its size before the kill (a kill mid-write).
+    `write:3=torn` cuts the temporary file to half its size before the kill (a kill mid-write);
+    `write:3=int` is Ctrl-C there, and `write:3=int-in-del` Ctrl-C landing in a destructor,
+    where Python drops the KeyboardInterrupt (`pipeline.interrupts`).
     """
     spec, trace = os.environ.get(FAULT_ENV), os.environ.get(FAULT_TRACE_ENV)
     if not spec and not trace:
@@ -61,7 +63,25 @@ def fault_point(name: str, path: Path | str | None = None, tmp: Path | None = No
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
             if action == "torn" and tmp is not None and tmp.is_file():
                 os.truncate(tmp, tmp.stat().st_size // 2)
+            if action == "int":
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the handler raises here
+                time.sleep(5)
+                return
+            if action == "int-in-del":
+                _interrupt_in_a_destructor()
+                return
             os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
+
+
+class _InterruptedWhileCollected:
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler runs in this destructor; Python drops its KeyboardInterrupt
+
+
+def _interrupt_in_a_destructor() -> None:
+    """Ctrl-C landing in a destructor, where Python prints and drops the KeyboardInterrupt."""
+    _InterruptedWhileCollected()  # collected at once
 
 
 def _io_failure(exc: BaseException) -> str | None:
