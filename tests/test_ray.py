@@ -8,6 +8,7 @@ are skipped when it (the optional `ray` extra) is not installed; the pieces arou
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -295,3 +296,20 @@ def test_streamed_export_is_the_sorted_pseudonymised_topk(fitted: Path, tmp_path
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     with pytest.raises(FusionrecError, match="Parquet"):
         ray_scoring.write_all(fitted, tmp_path / "topk.csv", 10)
+
+
+@pytest.mark.parametrize(("root_level", "console_level"), [(logging.WARNING, logging.ERROR),
+                                                           (logging.INFO, logging.INFO)])
+def test_ray_datas_console_follows_fusionrecs_verbosity(ray_local, root_level: int, console_level: int) -> None:
+    """Ray Data's plan and timing lines (INFO) reach stderr only with -v (the root logger at INFO)."""
+    from fusionrec.pipeline.embedding.ray_engine import ray_runtime
+
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(root_level)
+    try:
+        with ray_runtime(RayConfig()):
+            consoles = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, logging.StreamHandler)]
+    finally:
+        root.setLevel(before)
+    assert consoles and {h.level for h in consoles} == {console_level}

@@ -57,6 +57,17 @@ def import_ray() -> Any:
     return ray
 
 
+def quiet_ray_data_console() -> None:
+    """Ray Data prints each dataset's plan and timing (INFO) and a progress-bar notice on stderr,
+    through its own handler, whatever the root logger says. Its console follows fusionrec's
+    verbosity instead: INFO only with -v, otherwise errors only. Its log file in the Ray session
+    directory keeps everything."""
+    level = logging.INFO if logging.getLogger().getEffectiveLevel() <= logging.INFO else logging.ERROR
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(level)
+
+
 @contextlib.contextmanager
 def ray_runtime(cfg: RayConfig) -> Iterator[Any]:
     """Join the running Ray runtime, else start one (`ray.address`: "" local, "auto", ray://...).
@@ -71,6 +82,7 @@ def ray_runtime(cfg: RayConfig) -> Iterator[Any]:
         ray.init(address=cfg.address or None, include_dashboard=False, log_to_driver=False,
                  ignore_reinit_error=True, logging_level=logging.WARNING)
         started = True
+    quiet_ray_data_console()
     try:
         yield ray
     finally:
