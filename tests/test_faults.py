@@ -519,11 +519,17 @@ def test_output_directory_that_cannot_be_created(nights: Nights, reliability) ->
     assert result.code == 1
     assert f"error: cannot create artifacts directory {blocker / 'art'}: Not a directory" in result.stderr
     assert blocker.read_text() == "not a directory"
-    # recommend into an export folder that cannot exist: clear, and the ranker's artifacts are untouched.
-    before = digests(nights.art1)
-    result = nights.job("recommend", "--out", nights.art1, "--export", blocker / "topk.parquet", "-q")
+    # recommend into an export folder that cannot exist: clear, and the ranker's artifacts are untouched;
+    # the manifest records the failed command and why.
+    art = nights.fresh("export-under-a-file", nights.art1)
+    before, runs = digests(art), manifest_runs(art)
+    result = nights.job("recommend", "--out", art, "--export", blocker / "topk.parquet", "-q")
     assert result.code == 1 and f"cannot create directory {blocker}" in result.stderr, result.stderr
-    assert digests(nights.art1) == before
+    after = manifest_runs(art)
+    assert after[:-1] == runs and after[-1]["command"] == "recommend" and after[-1]["status"] == "failed"
+    assert f"cannot create directory {blocker}" in after[-1]["error"]
+    assert {k: v for k, v in digests(art).items() if k != "manifest.json"} == \
+        {k: v for k, v in before.items() if k != "manifest.json"}
     reliability.record(faults=2, case="--out and --export under a regular file (ENOTDIR)")
 
 

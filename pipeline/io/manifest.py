@@ -214,7 +214,8 @@ def stage_run(command: str, art_dir: Path, data_dir: Path | None = None, config:
     of readers hold together and no writer meanwhile.
 
     The stage fills the record and calls `finish` with its status; a stage that raises
-    instead gets a record with status `failed` (or `interrupted`, Ctrl-C) and its `error`.
+    instead gets a record with status `failed` (or `interrupted`, Ctrl-C) and its `error`,
+    except on bad input or config (exit 2), which leaves every artifact as it was.
     The lock is released whatever happens.
     """
     held: ArtifactLock | ReadLock | None = None
@@ -226,7 +227,10 @@ def stage_run(command: str, art_dir: Path, data_dir: Path | None = None, config:
         try:
             yield record
         except BaseException as exc:
-            if not record.finished:  # a stage that stopped early still leaves its record, with the reason
+            # A stage that stopped early leaves its record, with the reason; bad input or config
+            # (exit 2) is refused with the artifacts left byte for byte, the manifest included.
+            refused = isinstance(exc, FusionrecError) and exc.exit_code == 2
+            if not record.finished and not refused:
                 record.finish_failed(exc)
             raise
     finally:

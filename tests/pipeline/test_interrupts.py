@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from fusionrec.pipeline import interrupts
-from fusionrec.pipeline.errors import FusionrecError
+from fusionrec.pipeline.errors import FusionrecError, InputError
 from fusionrec.pipeline.io.manifest import stage_run
 
 
@@ -59,6 +59,12 @@ def test_a_stage_that_raises_leaves_a_failed_record_with_the_reason(tmp_path: Pa
         raise exc
     (only,) = runs(tmp_path)
     assert (only["status"], only["error"], only["counts"]) == ("failed", error, {"rows": 3})
+
+
+def test_bad_input_leaves_the_manifest_as_it_was(tmp_path: Path) -> None:
+    with pytest.raises(InputError), stage_run("embed", tmp_path, lock=False):
+        raise InputError("not a number", file="items.csv", row=3, field="price")
+    assert not (tmp_path / "manifest.json").exists()
 
 
 def test_a_stage_that_recorded_its_own_failure_is_not_recorded_twice(tmp_path: Path) -> None:
