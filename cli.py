@@ -70,7 +70,7 @@ class LogFormat(str, Enum):
 
 VerifyOpt = Annotated[bool, typer.Option(
     "--verify", help="Hash every media, table and model file again instead of trusting ART/cache/file_hashes.parquet "
-                     "(remembered by path, size, mtime, ctime and inode), and load every encoder.")]
+                     "(remembered by path, size, mtime, ctime and inode), load every encoder and retry media that failed to decode.")]
 EngineOpt = Annotated[Optional[Engine], typer.Option("--engine", case_sensitive=False,
                                                      help="Where to run (default: the config's engine).")]
 # Set by the root options (`fusionrec -v --log-format json run ...`); commands add their own -v/-q.

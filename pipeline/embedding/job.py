@@ -8,6 +8,11 @@ Resumable: rows are encoded in shards of `shard_size`; each finished shard is wr
 atomically under `ART/embeddings/.shards/` and acts as a cache keyed by content hash, so a
 job killed mid-way redoes at most one shard. Final tables appear by atomic rename only.
 
+Remembered failures: a media file that could not be decoded is remembered by its content
+hash and the encoder's identity key (`FailureMemory`, `ART/cache/media_failures.parquet`);
+a rerun reports it as failed again without reading it or loading the encoder, until the
+file, the model or the encoder code changes, or `--verify` retries every failure.
+
 Streamed: the tables are read `batch_rows` rows at a time into per-modality plan files,
 known vectors are found by content hash (`pipeline.vector_files`) and the final table is
 written a batch at a time, so memory does not grow with the catalog (`embed_modality`).
@@ -22,7 +27,7 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -32,6 +37,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fusionrec.pipeline import interrupts
 from fusionrec.pipeline.config import Config, EmbedConfig
 from fusionrec.pipeline.embedding.encoding import (
     EncodedShard,
@@ -80,6 +86,56 @@ MEDIA_MODALITIES = ("image", "audio")
 BUILTIN_MODALITIES = ("text", "image", "audio")
 FAILURE_SCHEMA = pa.schema([("kind", pa.string()), ("id", pa.string()), ("modality", pa.string()),
                             ("path", pa.string()), ("error", pa.string())])
+
+
+MEMORY_SCHEMA = pa.schema([("kind", pa.string()), ("modality", pa.string()), ("id", pa.string()),
+                           ("content_hash", pa.string()), ("identity", pa.string()), ("error", pa.string())])
+
+
+class FailureMemory:
+    """Media files that could not be decoded, remembered between runs in a Parquet file
+    (`ART/cache/media_failures.parquet`), so a rerun does not read them again nor load the
+    encoder only to fail the same way.
+
+    A failure is known by what decides that a vector can be reused, the row's content hash
+    (the file's sha256, through `FileHashes`, with the model id and preprocessing id), and by
+    the encoder's identity key (its configuration, model files, library versions and code:
+    `encoding.identity_key`), so a changed file, model or decoder retries it. `save` keeps only
+    this run's failures (a deleted item's goes with it); `verify=True` remembers nothing old.
+    """
+
+    def __init__(self, store: Path | None = None, *, verify: bool = False) -> None:
+        self.store = store
+        self._known: dict[tuple[str, str], dict[str, tuple[str, str]]] = {}
+        self._loaded: list[tuple[str, ...]] = []
+        self._now: list[tuple[str, ...]] = []
+        if store is not None and store.is_file():
+            try:
+                cols = pq.ParquetFile(store).read().cast(MEMORY_SCHEMA).to_pydict()
+            except (OSError, ValueError, pa.ArrowException) as exc:  # a damaged cache is only a cache
+                log.warning("ignoring the media failure cache %s (%s): failed files are tried again", store, exc)
+                return
+            self._loaded = sorted(zip(*(cols[n] for n in MEMORY_SCHEMA.names), strict=True))
+            if not verify:
+                for kind, modality, _id, content_hash, identity, error in self._loaded:
+                    if None not in (kind, modality, content_hash, identity, error):
+                        self._known.setdefault((kind, modality), {})[content_hash] = (identity, error)
+
+    def known(self, kind: str, modality: str, identity: str) -> dict[str, str]:
+        """{content hash: error} of the remembered failures of (kind, modality) under this encoder identity."""
+        return {h: error for h, (ident, error) in self._known.get((kind, modality), {}).items() if ident == identity}
+
+    def remember(self, kind: str, modality: str, id_: str, content_hash: str, identity: str, error: str) -> None:
+        self._now.append((kind, modality, id_, content_hash, identity, error))
+
+    def save(self) -> None:
+        """Write this run's failures (atomically), when they differ from the file's."""
+        rows = sorted(self._now)
+        if self.store is None or rows == self._loaded:
+            return
+        write_parquet(pa.table({n: [r[i] for r in rows] for i, n in enumerate(MEMORY_SCHEMA.names)},
+                               schema=MEMORY_SCHEMA), self.store)
+        self._loaded = rows
 
 
 @dataclass
@@ -369,6 +425,16 @@ def read_precomputed(path: Path, kind: str, known_ids: pl.Series,
     Validated by `pipeline.io.vectors.read_vectors` (fusion's reader uses the same); ids not
     in the catalogue (and null ids) are dropped and counted.
     """
+    kept, matrix, dropped = check_precomputed(path, kind, known_ids)
+    matrix = l2_normalise(matrix)
+    hashes = [sha256_bytes(row.tobytes()) for row in matrix]
+    model = f"precomputed:{path.name}:{(sha256_file if file_hashes is None else file_hashes.sha256)(path)[:16]}"
+    return embedding_table(kept, hashes, [model] * len(kept), matrix), dropped
+
+
+def check_precomputed(path: Path, kind: str, known_ids: pl.Series) -> tuple[list[str], np.ndarray, int]:
+    """What `read_precomputed` checks (`fusionrec doctor` stops here, before the per-row hashes):
+    the ids that match the catalogue, their vectors as given, and the count of dropped ids."""
     if path.is_dir():
         raise InputError("is a directory, not a Parquet file of vectors", file=str(path), field="vector")
     ids, matrix = read_vectors(path, (f"{kind}_id", "id"), what="precomputed embeddings")
@@ -377,12 +443,7 @@ def read_precomputed(path: Path, kind: str, known_ids: pl.Series,
     ids = ids.str.strip_chars()  # the tables' ids are trimmed: the same id, the same spelling
     keep = ids.is_in(known_ids.implode()).fill_null(False).to_numpy()
     check_matched(path, kind, ids, keep, known_ids)
-    dropped = int((~keep).sum())
-    kept = ids.filter(pl.Series(keep)).to_list()
-    matrix = l2_normalise(matrix[keep])
-    hashes = [sha256_bytes(row.tobytes()) for row in matrix]
-    model = f"precomputed:{path.name}:{(sha256_file if file_hashes is None else file_hashes.sha256)(path)[:16]}"
-    return embedding_table(kept, hashes, [model] * len(kept), matrix), dropped
+    return ids.filter(pl.Series(keep)).to_list(), matrix[keep], int((~keep).sum())
 
 
 MAX_UNMATCHED_SHARE = 0.10  # precomputed rows matching no id of the table; beyond this (and 2 rows) it is bad input
@@ -559,7 +620,8 @@ def encode_local(todo: TodoRows, enc: ModalityEncoder, cfg: EmbedConfig) -> Iter
 
 def embed_modality(plan: ModalityPlan, enc: ModalityEncoder, art_dir: Path, cfg: EmbedConfig,
                    progress: Callable[[int], None] | None = None, encode_rows: EncodeRows | None = None,
-                   batch_rows: int = 16_384) -> tuple[ModalityCounts, list[dict[str, str]]]:
+                   batch_rows: int = 16_384, failure_memory: FailureMemory | None = None,
+                   ) -> tuple[ModalityCounts, list[dict[str, str]]]:
     """Bring `ART/embeddings/{kind}_{modality}.parquet` up to date for one modality.
 
     Three streamed passes over the plan, so memory is bounded by a batch, the row groups
@@ -570,6 +632,10 @@ def embed_modality(plan: ModalityPlan, enc: ModalityEncoder, art_dir: Path, cfg:
     comes; (3) the final table is written in plan order from the previous table and the
     shards. Caching, failures and the final table stay here, so both engines write the same
     tables.
+
+    failure_memory: rows whose content hash failed to decode before under this encoder
+    identity are failures again without being read (no encoder loads for them); this run's
+    decode failures are remembered in it.
     """
     t0 = time.perf_counter()
     counts = ModalityCounts(rows=plan.rows, model=enc.model_id)
@@ -586,8 +652,10 @@ def embed_modality(plan: ModalityPlan, enc: ModalityEncoder, art_dir: Path, cfg:
         for part in plan.files:
             yield from pq.ParquetFile(part).iter_batches(batch_size=batch_rows, columns=columns)
 
-    # (1) Reuse what is known; the rest is to encode.
+    # (1) Reuse what is known; the rest is to encode (but files known not to decode).
     errors: dict[int, str] = {}
+    known_failures = failure_memory.known(plan.kind, plan.modality, enc.identity_key) if failure_memory else {}
+    undecodable: list[int] = []  # plan rows whose file failed to decode, this run or before
     todo = TodoRows(plan.kind, plan.modality, plan.directory.parent / "todo.parquet", 0)
     with ParquetSink(todo.path, TODO_SCHEMA, row_group_rows=cfg.shard_size * 64) as sink:
         for batch in plan_batches(["row", "id", "content_hash", "input", "error"]):
@@ -599,16 +667,32 @@ def embed_modality(plan: ModalityPlan, enc: ModalityEncoder, art_dir: Path, cfg:
             reused = int((found & (file == 0)).sum()) if has_final else 0
             counts.reused += reused
             counts.resumed += int(found.sum()) - reused
-            sink.write(usable.filter(pa.array(~found)).select(TODO_SCHEMA.names))
+            todo_rows = usable.filter(pa.array(~found))
+            if known_failures and todo_rows.num_rows:
+                known = np.fromiter((h in known_failures for h in todo_rows.column("content_hash").to_pylist()),
+                                    dtype=bool, count=todo_rows.num_rows)
+                if known.any():
+                    remembered = todo_rows.filter(pa.array(known))
+                    rows_known = remembered.column("row").to_pylist()
+                    errors.update(zip(rows_known, (known_failures[h] for h in
+                                                   remembered.column("content_hash").to_pylist()), strict=True))
+                    undecodable.extend(rows_known)
+                    todo_rows = todo_rows.filter(pa.array(~known))
+            sink.write(todo_rows.select(TODO_SCHEMA.names))
             if progress:
-                progress(batch.num_rows - int((~found).sum()))
+                progress(batch.num_rows - todo_rows.num_rows)
     todo = TodoRows(todo.kind, todo.modality, todo.path, sink.rows)
+    if undecodable:
+        log.info("%s %s: %d files that failed to decode before are unchanged: reported as failed, not read "
+                 "again (--verify retries them)", plan.kind, plan.modality, len(undecodable))
 
     # (2) The engine (local loop or Ray actors) encodes the todo rows.
     written: list[Path] = []
     if todo.rows:
         for shard in (encode_rows or encode_local)(todo, enc, cfg):
+            interrupts.check()  # a Ctrl-C dropped in a destructor stops the job here, shards kept
             errors.update(shard.errors)
+            undecodable.extend(shard.errors)
             if len(shard.rows):
                 matrix = np.asarray(shard.vectors, dtype=np.float32)
                 if matrix.shape != (len(shard.rows), enc.dim):
@@ -632,7 +716,7 @@ def embed_modality(plan: ModalityPlan, enc: ModalityEncoder, art_dir: Path, cfg:
             for b in kept_batches(["row", "id", "content_hash"])) == _rows_digest(
             (b.column("id").to_pylist(), b.column("content_hash").to_pylist(), b.column("model").to_pylist())
             for b in pq.ParquetFile(final).iter_batches(batch_size=batch_rows, columns=["id", "content_hash", "model"])):
-        failures = _failure_records(plan, errors)
+        failures = _failure_records(plan, errors, undecodable, failure_memory, enc.identity_key)
         counts.failed = len(errors)
         cache.clear()
         counts.seconds = time.perf_counter() - t0
@@ -650,7 +734,7 @@ def embed_modality(plan: ModalityPlan, enc: ModalityEncoder, art_dir: Path, cfg:
             sink.write(embedding_table(batch.column("id").to_pylist(), hashes,
                                        [enc.model_id] * batch.num_rows, matrix))
 
-    failures = _failure_records(plan, errors)
+    failures = _failure_records(plan, errors, undecodable, failure_memory, enc.identity_key)
     counts.failed = len(errors)
     cache.clear()
     counts.seconds = time.perf_counter() - t0
@@ -681,17 +765,22 @@ def _ids_missing_from(final: Path, plan_files: list[Path]) -> int:
     return missing
 
 
-def _failure_records(plan: ModalityPlan, errors: dict[int, str]) -> list[dict[str, str]]:
+def _failure_records(plan: ModalityPlan, errors: dict[int, str], undecodable: Collection[int] = (),
+                     memory: FailureMemory | None = None, identity: str = "") -> list[dict[str, str]]:
     """failures.parquet rows of one modality, in plan order, and one WARNING line that sums
-    them up (the first case named; user ids and paths kept out of logs)."""
+    them up (the first case named; user ids and paths kept out of logs). The rows in
+    `undecodable` (files that failed to decode) are remembered in `memory` under `identity`."""
     if not errors:
         return []
     rows = (pl.scan_parquet(plan.files).filter(pl.col("row").is_in(list(errors)))
-            .select("row", "id", "content", "input").sort("row").collect())
+            .select("row", "id", "content", "input", "content_hash").sort("row").collect())
+    decode = set(undecodable)
     out: list[dict[str, str]] = []
-    for _row, id_, content, _resolved in rows.iter_rows():  # failures only: few rows
+    for _row, id_, content, _resolved, content_hash in rows.iter_rows():  # failures only: few rows
         out.append({"kind": plan.kind, "id": id_, "modality": plan.modality, "path": content,
                     "error": errors[_row]})
+        if memory is not None and _row in decode:
+            memory.remember(plan.kind, plan.modality, id_, content_hash, identity, errors[_row])
     if out:
         first = out[0]
         if plan.kind == "user":
@@ -724,7 +813,9 @@ def run_embed(data_dir: Path, art_dir: Path, config: Config | None = None, *,
     The sha256 of input tables, media and model files are remembered by (path, size, mtime,
     ctime, inode) in `ART/cache/file_hashes.parquet`, and each encoder's identity in
     `ART/cache/encoders.json`, so a rerun reads only the files that changed and loads no model
-    when nothing needs encoding. `verify=True` hashes every file again and loads every encoder.
+    when nothing needs encoding. Media that failed to decode are remembered in
+    `ART/cache/media_failures.parquet` (`FailureMemory`) and not read again while unchanged.
+    `verify=True` hashes every file again, loads every encoder and retries every failed file.
     """
     config = config or Config()
     data_dir, art_dir = Path(data_dir), Path(art_dir)
@@ -736,6 +827,7 @@ def run_embed(data_dir: Path, art_dir: Path, config: Config | None = None, *,
 CACHE_DIR = "cache"  # ART/cache/: what lets a rerun skip work (file hashes, encoder identities); never needed
 FILE_HASHES = "file_hashes.parquet"
 ENCODER_IDENTITIES = "encoders.json"
+MEDIA_FAILURES = "media_failures.parquet"
 
 
 def _run_embed(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str, ModalityEncoder] | None,
@@ -763,9 +855,10 @@ def _run_embed(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
 
     report = EmbedReport()
     work_dir = emb_dir / ".shards"
+    failure_memory = FailureMemory(art_dir / CACHE_DIR / MEDIA_FAILURES, verify=verify)
     try:
         _embed_all(data_dir, art_dir, config, encoders, tables, wanted, precomputed, work_dir, engine,
-                   show_progress, report, file_hashes)
+                   show_progress, report, file_hashes, failure_memory)
     except BaseException:
         _discard_plans(work_dir)  # a failed run leaves only its finished shards (resumable work)
         raise
@@ -782,6 +875,7 @@ def _run_embed(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
     failures = pa.Table.from_pylist(report.failures, schema=FAILURE_SCHEMA)
     write_parquet(failures, emb_dir / "failures.parquet")
     file_hashes.save()
+    failure_memory.save()
     save_identities(art_dir / CACHE_DIR / ENCODER_IDENTITIES, encoders)
     report.files_hashed = file_hashes.hashed
     report.seconds = time.perf_counter() - t0
@@ -796,10 +890,12 @@ def _run_embed(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
     media_failed = sum(c.failed for name, c in report.counts.items() if name.split("_", 1)[1] in MEDIA_MODALITIES)
     share = media_failed / media_rows if media_rows else 0.0
     if share > config.embed.max_failed_share:
-        record.finish("failed")
-        raise FusionrecError(
+        problem = FusionrecError(
             f"{media_failed} of {media_rows} media files could not be read ({share:.0%} > "
             f"embed.max_failed_share {config.embed.max_failed_share:.0%}); see {emb_dir / 'failures.parquet'}")
+        record.extra["error"] = str(problem)
+        record.finish("failed")
+        raise problem
     record.finish("ok")
     return report
 
@@ -807,7 +903,8 @@ def _run_embed(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
 def _embed_all(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str, ModalityEncoder],
                tables: dict[str, Path | None], wanted: dict[str, list[str]],
                precomputed: dict[tuple[str, str], Path], work_dir: Path, engine, show_progress: bool,
-               report: EmbedReport, file_hashes: FileHashes | None = None) -> None:
+               report: EmbedReport, file_hashes: FileHashes | None = None,
+               failure_memory: FailureMemory | None = None) -> None:
     """Plans for both tables (read and validated before any final table changes), then the
     precomputed tables, then each modality; counts and failures go into `report`."""
     with engine as encode_rows, _progress(show_progress) as bar:
@@ -853,7 +950,7 @@ def _embed_all(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
                 plan, encoders[plan.modality], art_dir, config.embed,
                 progress=cast("Callable[[int], None]", lambda n, task=task: bar.advance(task, n)) if bar else None,
                 encode_rows=encode_rows,
-                batch_rows=config.embed.batch_rows)
+                batch_rows=config.embed.batch_rows, failure_memory=failure_memory)
             if bar:
                 bar.stop_task(task)
             report.counts[f"{plan.kind}_{plan.modality}"] = counts

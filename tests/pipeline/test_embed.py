@@ -181,7 +181,117 @@ def test_too_many_failures_fail_the_job_after_writing_what_it_could(tmp_path: Pa
     with pytest.raises(FusionrecError, match=r"3 of 4 media files could not be read \(75% > embed.max_failed_share 50%\)"):
         run_embed(data, tmp_path / "art", cfg, encoders=encoders, show_progress=False)
     assert pl.read_parquet(tmp_path / "art" / "embeddings" / "failures.parquet").height == 3
-    assert read_manifest(tmp_path / "art")["runs"][-1]["status"] == "failed"
+    (record,) = read_manifest(tmp_path / "art")["runs"]  # one record, with the reason the user saw
+    assert record["status"] == "failed" and record["error"].startswith("3 of 4 media files could not be read")
+
+
+def counting_image(encoders: dict[str, ModalityEncoder]) -> tuple[list[str], HashEncoder]:
+    """Count the files the image encoder decodes (by name) and its encode calls."""
+    read: list[str] = []
+    real_prepare = encoders["image"].prepare
+    assert real_prepare is not None
+    image = HashEncoder(8, "hash-image")
+
+    def prepare(path: Path) -> bytes:
+        read.append(path.name)
+        return real_prepare(path)
+
+    encoders["image"].prepare, encoders["image"].encode = prepare, image.encode
+    return read, image
+
+
+def failure_rows(art: Path) -> list[tuple]:
+    return sorted(pl.read_parquet(art / "embeddings" / "failures.parquet").iter_rows())
+
+
+def test_an_unchanged_corrupt_image_is_not_read_again_and_still_reported(tmp_path: Path) -> None:
+    data, art = tmp_path / "data", tmp_path / "art"
+    items = write_catalog(data)
+    (data / "media" / "i1.bin").write_bytes(b"corrupt jpeg")
+    encoders, _ = fake_encoders()
+    read, image = counting_image(encoders)
+    run_embed(data, art, encoders=encoders, show_progress=False)
+    assert sorted(read) == sorted(f"i{i}.bin" for i in range(10)) and image.rows == 9
+    expected = [("item", "i1", "image", "media/i1.bin", "cannot decode image: truncated")]
+    assert failure_rows(art) == expected
+    table_before = (art / "embeddings" / "item_image.parquet").stat().st_mtime_ns
+
+    # Nothing changed: the broken file is not decoded again, the encoder never called, yet the
+    # failure is reported as before (summary, failures.parquet, manifest).
+    encoders, _ = fake_encoders()
+    read, image = counting_image(encoders)
+    report = run_embed(data, art, encoders=encoders, show_progress=False)
+    assert read == [] and image.calls == 0
+    counts = report.counts["item_image"]
+    assert (counts.rows, counts.encoded, counts.reused, counts.failed) == (10, 0, 9, 1)
+    assert failure_rows(art) == expected
+    assert last_counts(art)["failures"] == 1 and last_counts(art)["item_image"]["failed"] == 1
+    assert (art / "embeddings" / "item_image.parquet").stat().st_mtime_ns == table_before  # not rewritten
+    assert sorted(read_artifact_table(art / "embeddings" / "item_image.parquet")[0]) == \
+        sorted(f"i{i}" for i in range(10) if i != 1)
+
+    # A remembered failure still counts toward embed.max_failed_share.
+    cfg = load_config(overrides=["embed.max_failed_share=0.05"])
+    with pytest.raises(FusionrecError, match=r"1 of 10 media files could not be read"):
+        run_embed(data, art, cfg, encoders=encoders, show_progress=False)
+    assert read == [] and failure_rows(art) == expected
+
+    # The item deleted: its remembered failure goes; back with the same broken file, it is tried again.
+    items.filter(pl.col("item_id") != "i1").write_csv(data / "items.csv")
+    report = run_embed(data, art, encoders=encoders, show_progress=False)
+    assert report.counts["item_image"].failed == 0 and failure_rows(art) == []
+    assert pl.read_parquet(art / "cache" / "media_failures.parquet").height == 0
+    items.write_csv(data / "items.csv")
+    report = run_embed(data, art, encoders=encoders, show_progress=False)
+    assert read == ["i1.bin"] and report.counts["item_image"].failed == 1 and failure_rows(art) == expected
+
+
+def test_a_repaired_image_or_another_encoder_is_tried_again(tmp_path: Path) -> None:
+    data, art = tmp_path / "data", tmp_path / "art"
+    write_catalog(data)
+    (data / "media" / "i1.bin").write_bytes(b"corrupt jpeg")
+    (data / "media" / "i2.bin").write_bytes(b"corrupt png")
+    encoders, _ = fake_encoders()
+    run_embed(data, art, encoders=encoders, show_progress=False)
+    assert [r[1] for r in failure_rows(art)] == ["i1", "i2"]
+
+    # Another encoder identity (its code or libraries changed): both failures are retried.
+    encoders, _ = fake_encoders()
+    encoders["image"].identity_key = "another decoder"
+    read, _ = counting_image(encoders)
+    report = run_embed(data, art, encoders=encoders, show_progress=False)
+    assert sorted(read) == ["i1.bin", "i2.bin"] and report.counts["item_image"].failed == 2
+
+    # i1 replaced by a valid file: it alone is read and encoded, and its failure is gone.
+    (data / "media" / "i1.bin").write_bytes(b"the pixels of 1, fixed")
+    encoders, _ = fake_encoders()
+    encoders["image"].identity_key = "another decoder"
+    read, image = counting_image(encoders)
+    report = run_embed(data, art, encoders=encoders, show_progress=False)
+    counts = report.counts["item_image"]
+    assert read == ["i1.bin"] and image.rows == 1
+    assert (counts.encoded, counts.reused, counts.failed) == (1, 8, 1)
+    assert [r[1] for r in failure_rows(art)] == ["i2"]
+    assert "i1" in read_artifact_table(art / "embeddings" / "item_image.parquet")[0]
+    assert pl.read_parquet(art / "cache" / "media_failures.parquet")["id"].to_list() == ["i2"]
+
+
+def test_verify_retries_a_remembered_failure(tmp_path: Path) -> None:
+    data, art = tmp_path / "data", tmp_path / "art"
+    write_catalog(data)
+    (data / "media" / "i1.bin").write_bytes(b"corrupt jpeg")
+    encoders, _ = fake_encoders()
+    run_embed(data, art, encoders=encoders, show_progress=False)
+
+    encoders, _ = fake_encoders()
+    read, image = counting_image(encoders)
+    report = run_embed(data, art, encoders=encoders, show_progress=False, verify=True)
+    assert read == ["i1.bin"] and image.calls == 0  # decoded again; the others' vectors reused
+    assert report.counts["item_image"].failed == 1
+    assert failure_rows(art) == [("item", "i1", "image", "media/i1.bin", "cannot decode image: truncated")]
+    # Still broken, so still remembered: the next plain rerun does not read it.
+    run_embed(data, art, encoders=encoders, show_progress=False)
+    assert read == ["i1.bin"]
 
 
 def test_precomputed_embeddings_are_taken_as_they_are(tmp_path: Path) -> None:

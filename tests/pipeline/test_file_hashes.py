@@ -266,3 +266,43 @@ def test_a_rerun_with_nothing_changed_loads_no_model(tmp_path: Path) -> None:
     assert embed() == ["0", "0"]  # nothing hashed, nothing encoded, no deep-learning library imported
     verified = embed(verify=True)  # --verify: every file hashed again, the encoder loaded
     assert int(verified[0]) >= 2 and verified[1] == "0" and "torch" in verified[2:]
+
+
+def test_a_rerun_with_only_a_known_corrupt_image_loads_no_model(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The configured (lazily loaded) image encoder: a file that failed to decode, unchanged,
+    neither loads the model again nor is read; --verify loads it and reads the file again."""
+    data, art = tmp_path / "data", tmp_path / "art"
+    write_catalog(data, n=5)
+    (data / "media" / "i2.bin").write_bytes(b"corrupt jpeg")
+    backdate(data)
+    cfg = load_config(overrides=["embed.text.enabled=false", "embed.image.weights=none", "embed.device=cpu"])
+    loads: list[str] = []
+    decoded: list[str] = []
+
+    def fake_load(embed_cfg, needed):
+        loads.extend(sorted(needed))
+        image = fake_encoders()[0]["image"]
+        prepare = image.prepare
+        assert prepare is not None
+
+        def counting(path: Path):
+            decoded.append(path.name)
+            return prepare(path)
+
+        image.prepare = counting
+        return {m: image for m in needed}
+
+    monkeypatch.setattr(encoding, "_load_encoders", fake_load)
+    run_embed(data, art, cfg, show_progress=False)
+    assert loads == ["image"] and len(decoded) == 5 and last_counts(art)["item_image"]["failed"] == 1
+
+    loads.clear()
+    decoded.clear()
+    report = run_embed(data, art, cfg, show_progress=False)
+    assert loads == [] and decoded == []  # no model loaded, no media file decoded
+    assert report.counts["item_image"].failed == 1 and report.counts["item_image"].reused == 4
+    assert report.files_hashed == 0
+
+    report = run_embed(data, art, cfg, show_progress=False, verify=True)
+    assert loads == ["image"] and decoded == ["i2.bin"] and report.counts["item_image"].failed == 1
