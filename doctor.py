@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 from fusionrec.pipeline.config import Config
-from fusionrec.pipeline.embedding.job import precomputed_tables, read_precomputed, table_modalities
+from fusionrec.pipeline.embedding.job import check_precomputed, precomputed_tables, table_modalities
 from fusionrec.pipeline.encoders.model_files import encoder_files, file_hashes, is_weights
 from fusionrec.pipeline.errors import FusionrecError
 from fusionrec.pipeline.io.storage import check_out_folder, check_separate_dirs
@@ -140,13 +140,13 @@ def _data_checks(data_dir: Path) -> list[Check]:
                          f"{inter['item_id'].n_unique()} items"))
     except FusionrecError as exc:
         out.append(Check("interactions", "fail", str(exc)))
-    # The precomputed tables are read as the embedding job reads them: a table `run` refuses fails here.
+    # The precomputed tables are checked as the embedding job checks them: a table `run` refuses fails here.
     for (kind, modality), path in precomputed_tables(data_dir).items():
         ids = items["item_id"] if kind == "item" else (users["user_id"] if users is not None else None)
         if ids is None:
             continue  # no users table: the job has no user ids to match them to either
         try:
-            read_precomputed(path, kind, ids)
+            check_precomputed(path, kind, ids)
         except FusionrecError as exc:
             out.append(Check(f"{kind} {modality} (precomputed)", "fail", str(exc)))
     encoded, given = item_modalities(data_dir, items.columns)
