@@ -8,6 +8,7 @@ are skipped when it (the optional `ray` extra) is not installed; the pieces arou
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import shutil
@@ -304,12 +305,17 @@ def test_ray_datas_console_follows_fusionrecs_verbosity(ray_local, root_level: i
     """Ray Data's plan and timing lines (INFO) reach stderr only with -v (the root logger at INFO)."""
     from fusionrec.pipeline.embedding.ray_engine import ray_runtime
 
-    root = logging.getLogger()
+    root, ray_data = logging.getLogger(), logging.getLogger("ray.data")
     before = root.level
+    foreign = logging.StreamHandler(io.StringIO())  # a host application's (or pytest's) handler
     root.setLevel(root_level)
+    ray_data.addHandler(foreign)
     try:
         with ray_runtime(RayConfig()):
-            consoles = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, logging.StreamHandler)]
+            handlers = list(ray_data.handlers)
     finally:
         root.setLevel(before)
+        ray_data.removeHandler(foreign)
+    consoles = [h for h in handlers if type(h).__module__.startswith("ray.") and isinstance(h, logging.StreamHandler)]
     assert consoles and {h.level for h in consoles} == {console_level}
+    assert foreign.level == logging.NOTSET  # not Ray's: left alone

@@ -64,7 +64,8 @@ def quiet_ray_data_console() -> None:
     directory keeps everything."""
     level = logging.INFO if logging.getLogger().getEffectiveLevel() <= logging.INFO else logging.ERROR
     for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler):
+        # Ray's own console handler only: a host's handlers on that logger (a test runner's) are theirs.
+        if isinstance(handler, logging.StreamHandler) and type(handler).__module__.startswith("ray."):
             handler.setLevel(level)
 
 
