@@ -189,7 +189,7 @@ def test_recommend_writes_under_out_and_logs_as_json(quickstart: dict, tmp_path:
     failed = fusionrec("--log-format", "json", "recommend", "--out", str(tmp_path / "none"), cwd=tmp_path)
     entries = [json.loads(line) for line in failed.stderr.splitlines() if line.strip()]
     assert failed.returncode == 1 and entries[-1]["level"] == "ERROR", failed.stderr
-    assert "fusionrec run" in entries[-1]["message"]
+    assert "fusionrec run" in entries[-1]["message"] and not (tmp_path / "none").exists()
 
 
 # ----------------------------------------------------------------------------- config at the CLI

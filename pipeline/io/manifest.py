@@ -120,6 +120,8 @@ class RunRecord:
         else:
             reason = f"unexpected {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
         self.extra.setdefault("error", reason)
+        if not Path(self.art_dir).is_dir():
+            return  # a command that failed on a missing artifacts directory does not create one
         try:
             self.finish("interrupted" if interrupted else "failed")
         except BaseException as problem:  # noqa: BLE001 - never mask the stage's error

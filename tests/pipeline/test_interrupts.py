@@ -67,6 +67,12 @@ def test_bad_input_leaves_the_manifest_as_it_was(tmp_path: Path) -> None:
     assert not (tmp_path / "manifest.json").exists()
 
 
+def test_a_failure_on_a_missing_artifacts_directory_does_not_create_it(tmp_path: Path) -> None:
+    with pytest.raises(FusionrecError), stage_run("recommend", tmp_path / "none", lock=False):
+        raise FusionrecError("no index yet: run `fusionrec index` first")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_stage_that_recorded_its_own_failure_is_not_recorded_twice(tmp_path: Path) -> None:
     with pytest.raises(FusionrecError), stage_run("embed", tmp_path, lock=False) as record:
         record.extra["error"] = "too many media files could not be read"
