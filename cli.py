@@ -398,8 +398,12 @@ def doctor(data: DataOpt = None, out: OutOpt = Path("artifacts"), config: Config
     _print_table(f"fusionrec doctor ({version_text()})", [c.as_dict() for c in results], ["check", "status", "detail"])
     failed = [c.name for c in results if c.status == "fail"]
     if not quiet and not failed:  # a plan for a run that would stop at a failed check misleads
-        _console(stderr=True).print("a run would:\n  " + "\n  ".join(doctor_plan(cfg, out, data)),
-                                    highlight=False, markup=False, soft_wrap=True)
+        steps = doctor_plan(cfg, out, data)
+        if _STATE["log_format"] == LogFormat.json:
+            log.info("a run would: %s", "; ".join(steps))  # one JSON line
+        else:
+            _console(stderr=True).print("a run would:\n  " + "\n  ".join(steps),
+                                        highlight=False, markup=False, soft_wrap=True)
     if failed:
         _error_line(f"{len(failed)} check(s) failed: {', '.join(failed)}")
         raise typer.Exit(1)

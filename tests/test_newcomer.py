@@ -186,6 +186,9 @@ def test_recommend_writes_under_out_and_logs_as_json(quickstart: dict, tmp_path:
     rerun = fusionrec("--log-format", "json", "embed", "--data", str(data), "--out", str(art), cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     assert all(isinstance(json.loads(line), dict) for line in rerun.stderr.splitlines() if line.strip()), rerun.stderr
+    checked = fusionrec("--log-format", "json", "doctor", "--data", str(data), "--out", str(art), cwd=tmp_path)
+    plan = [json.loads(line) for line in checked.stderr.splitlines() if line.strip()]
+    assert checked.returncode == 0 and any(e["message"].startswith("a run would: embed:") for e in plan), checked.stderr
     failed = fusionrec("--log-format", "json", "recommend", "--out", str(tmp_path / "none"), cwd=tmp_path)
     entries = [json.loads(line) for line in failed.stderr.splitlines() if line.strip()]
     assert failed.returncode == 1 and entries[-1]["level"] == "ERROR", failed.stderr
