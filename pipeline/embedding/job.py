@@ -35,6 +35,7 @@ from typing import Any, cast
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fusionrec.pipeline import interrupts
@@ -655,6 +656,7 @@ def embed_modality(plan: ModalityPlan, enc: ModalityEncoder, art_dir: Path, cfg:
     # (1) Reuse what is known; the rest is to encode (but files known not to decode).
     errors: dict[int, str] = {}
     known_failures = failure_memory.known(plan.kind, plan.modality, enc.identity_key) if failure_memory else {}
+    failed_hashes = pa.array(list(known_failures), pa.string())
     undecodable: list[int] = []  # plan rows whose file failed to decode, this run or before
     todo = TodoRows(plan.kind, plan.modality, plan.directory.parent / "todo.parquet", 0)
     with ParquetSink(todo.path, TODO_SCHEMA, row_group_rows=cfg.shard_size * 64) as sink:
@@ -669,8 +671,8 @@ def embed_modality(plan: ModalityPlan, enc: ModalityEncoder, art_dir: Path, cfg:
             counts.resumed += int(found.sum()) - reused
             todo_rows = usable.filter(pa.array(~found))
             if known_failures and todo_rows.num_rows:
-                known = np.fromiter((h in known_failures for h in todo_rows.column("content_hash").to_pylist()),
-                                    dtype=bool, count=todo_rows.num_rows)
+                known = pc.is_in(todo_rows.column("content_hash"), value_set=failed_hashes).to_numpy(
+                    zero_copy_only=False)
                 if known.any():
                     remembered = todo_rows.filter(pa.array(known))
                     rows_known = remembered.column("row").to_pylist()
@@ -890,12 +892,9 @@ def _run_embed(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
     media_failed = sum(c.failed for name, c in report.counts.items() if name.split("_", 1)[1] in MEDIA_MODALITIES)
     share = media_failed / media_rows if media_rows else 0.0
     if share > config.embed.max_failed_share:
-        problem = FusionrecError(
+        raise FusionrecError(  # stage_run records the failed run with this reason
             f"{media_failed} of {media_rows} media files could not be read ({share:.0%} > "
             f"embed.max_failed_share {config.embed.max_failed_share:.0%}); see {emb_dir / 'failures.parquet'}")
-        record.extra["error"] = str(problem)
-        record.finish("failed")
-        raise problem
     record.finish("ok")
     return report
 
