@@ -26,7 +26,7 @@ from fusionrec.evaluation.offline import run_evaluate
 from fusionrec.pipeline import interrupts
 from fusionrec.pipeline.config import Config, load_config
 from fusionrec.pipeline.embedding.job import summary_rows
-from fusionrec.pipeline.errors import FusionrecError
+from fusionrec.pipeline.errors import FusionrecError, first_line
 from fusionrec.pipeline.io.storage import ReadLock
 from fusionrec.ranker.serving.recommender import read_users
 
@@ -461,7 +461,7 @@ def main(args: list[str] | None = None) -> None:
             where = f"traceback in {path}"
         except OSError:
             pass
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        first = first_line(exc, empty="")
         _error_line(f"unexpected {type(exc).__name__}: {first} ({where}; {DEBUG_ENV}=1 shows it)")
         sys.exit(1)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from fusionrec.pipeline.config import Config
 from fusionrec.pipeline.embedding.job import check_precomputed, precomputed_tables, table_modalities
 from fusionrec.pipeline.encoders.model_files import encoder_files, file_hashes, is_weights
-from fusionrec.pipeline.errors import FusionrecError
+from fusionrec.pipeline.errors import FusionrecError, first_line
 from fusionrec.pipeline.io.storage import check_out_folder, check_separate_dirs
 from fusionrec.pipeline.io.streaming import table_columns
 from fusionrec.pipeline.io.tables import find_table, load_interactions, load_items, load_users
@@ -67,7 +67,7 @@ def _import_check(module: str, dist: str) -> Check:
     try:
         mod = importlib.import_module(module)
     except Exception as exc:  # a broken wheel raises anything from ImportError to OSError
-        return Check(f"import {module}", "fail", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return Check(f"import {module}", "fail", f"{type(exc).__name__}: {first_line(exc, empty='')}"
                      f" (reinstall with `make install` or `pip install {dist}`)")
     version = getattr(mod, "__version__", None) or _dist_version(dist) or "?"
     return Check(f"import {module}", "ok", str(version))

@@ -17,7 +17,7 @@ import polars as pl
 
 from fusionrec.pipeline.config import Config
 from fusionrec.pipeline.embedding.job import EmbedReport, run_embed
-from fusionrec.pipeline.errors import ConfigError, FusionrecError, InputError
+from fusionrec.pipeline.errors import ConfigError, FusionrecError, InputError, first_line
 from fusionrec.pipeline.io.manifest import stage_run
 from fusionrec.pipeline.io.storage import ArtifactLock, check_separate_dirs, clean_stale_exports
 from fusionrec.pipeline.io.tracking import check_tracking, log_nightly
@@ -106,8 +106,7 @@ def artifact_failure(art_dir: Path, exc: BaseException) -> FusionrecError:
         if path.is_relative_to(art) and path.is_file():
             found = path
             break
-    text = str(exc).strip()
-    first = text.splitlines()[0][:200] if text else type(exc).__name__
+    first = first_line(exc, 200)
     if found is None:
         return FusionrecError(f"cannot load the artifacts in {art_dir} ({type(exc).__name__}: {first}); "
                               "rerun `fusionrec run` to rebuild them")

@@ -6,6 +6,15 @@ Exit codes follow the contract: 2 for bad usage or bad input, 1 for any other fa
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 300, empty: str | None = None) -> str:
+    """The first line of `exc`'s message, cut to `limit` characters: all of a library's error
+    that a user is shown. A message-less error gives `empty` (default: the error's type name)."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__ if empty is None else empty
+    return text.splitlines()[0][:limit]
+
+
 class FusionrecError(Exception):
     """A failure the CLI reports as one clear line and exit status 1."""
 

@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 
 from fusionrec.pipeline.encoders.base import autocast, l2_normalise, resolve_device
-from fusionrec.pipeline.errors import ConfigError
+from fusionrec.pipeline.errors import ConfigError, first_line
 
 DEFAULT_TEXT_MODEL = "default"
 _TAG_RE = re.compile(r"<[^>]+>")
@@ -87,7 +87,7 @@ def _load_errors(model_path: Path | str):
     try:
         yield
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)
         raise ConfigError(f"cannot load the text model {model_path}: {detail}") from exc
 
 

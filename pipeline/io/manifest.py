@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fusionrec.pipeline import interrupts
-from fusionrec.pipeline.errors import FusionrecError
+from fusionrec.pipeline.errors import FusionrecError, first_line
 from fusionrec.pipeline.io.storage import (
     ArtifactLock,
     FileHashes,
@@ -118,7 +118,7 @@ class RunRecord:
         elif interrupted:
             reason = "interrupted (Ctrl-C)"
         else:
-            reason = f"unexpected {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+            reason = f"unexpected {type(exc).__name__}: {first_line(exc, empty='')}"
         self.extra.setdefault("error", reason)
         if not Path(self.art_dir).is_dir():
             return  # a command that failed on a missing artifacts directory does not create one

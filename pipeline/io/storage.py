@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fusionrec.pipeline.errors import ConfigError, FusionrecError, LockError
+from fusionrec.pipeline.errors import ConfigError, FusionrecError, LockError, first_line
 
 TMP_PREFIX = ".tmp-"
 FAULT_ENV = "FUSIONREC_FAULT"  # test hook, e.g. "write:3" (kill -9) or "write:3=enospc"
@@ -585,7 +585,6 @@ def read_artifact(path: Path | str, reader: Any, rerun: str = "fusionrec run") -
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - any loader error is a damaged artifact to the user
-        text = str(exc).strip()
-        first = text.splitlines()[0][:200] if text else type(exc).__name__
+        first = first_line(exc, 200)
         what = "is missing" if isinstance(exc, FileNotFoundError) else f"cannot be loaded ({first})"
         raise FusionrecError(f"artifact {path} {what}; rerun `{rerun}` to rebuild it") from exc

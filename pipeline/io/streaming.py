@@ -33,7 +33,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fusionrec.pipeline.errors import InputError
+from fusionrec.pipeline.errors import InputError, first_line
 from fusionrec.pipeline.io.storage import atomic_path
 from fusionrec.pipeline.io.tables import (
     ITEM_TEXT_COLUMNS,
@@ -116,7 +116,7 @@ def iter_table(path: Path | str, columns: Sequence[str] | None = None,
             yield frame.select(list(columns)) if columns else frame
     except (pa.ArrowException, pl.exceptions.PolarsError) as exc:
         _locate_csv_error(path)
-        raise InputError(f"cannot parse the table: {str(exc).strip().splitlines()[0]}", file=str(path)) from None
+        raise InputError(f"cannot parse the table: {first_line(exc)}", file=str(path)) from None
 
 
 def table_rows(path: Path | str) -> int | None:
@@ -245,7 +245,7 @@ def read_rows(path: Path, columns: Sequence[str], start: int, stop: int) -> pl.D
     try:
         table = pf.read_row_groups(groups, columns=list(columns))
     except pa.ArrowException as exc:  # iter_table's wording for a table Arrow cannot decode
-        raise InputError(f"cannot parse the table: {str(exc).strip().splitlines()[0]}", file=str(path)) from None
+        raise InputError(f"cannot parse the table: {first_line(exc)}", file=str(path)) from None
     return cast(pl.DataFrame, pl.from_arrow(table.slice(start - cast(int, first), stop - start)))
 
 

@@ -14,7 +14,7 @@ from typing import Literal, cast, overload
 
 import polars as pl
 
-from fusionrec.pipeline.errors import InputError, MediaError
+from fusionrec.pipeline.errors import InputError, MediaError, first_line
 
 TEXT_LIMIT = 1_000_000  # characters in one field; beyond this it is bad input, not a description
 ITEM_TEXT_COLUMNS = ("title", "description", "tags", "image", "audio")
@@ -58,7 +58,7 @@ def read_table(path: Path) -> pl.DataFrame:
     except pl.exceptions.NoDataError:
         raise InputError("the file has no header row", file=str(path)) from None
     except (pl.exceptions.ComputeError, pl.exceptions.PolarsError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         row, field, reason = (locate_csv_problem(raw.decode("utf-8")) if raw and path.suffix != ".parquet"
                               else (None, None, None))
         raise InputError(f"cannot parse the table: {reason or first}", file=str(path), row=row, field=field) from None

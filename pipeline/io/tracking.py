@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fusionrec.pipeline.config import Config
-from fusionrec.pipeline.errors import ConfigError
+from fusionrec.pipeline.errors import ConfigError, first_line
 
 __all__ = ["ARTIFACTS", "check_tracking", "flat_params", "log_nightly", "numeric_metrics"]
 
@@ -90,5 +90,5 @@ def log_nightly(config: Config, art_dir: Path, data_dir: Path | None, metrics: M
             return str(run.info.run_id)
     except Exception as exc:  # tracking never fails a night that finished: the manifest has the record
         log.warning("MLflow tracking at %s failed (%s: %s); the run itself is complete and in the manifest",
-                    uri, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                    uri, type(exc).__name__, first_line(exc, empty=""))
         return None

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from fusionrec.pipeline.errors import FusionrecError, InputError
+from fusionrec.pipeline.errors import FusionrecError, InputError, first_line
 from fusionrec.pipeline.io.storage import atomic_path
 from fusionrec.pipeline.io.tables import locate_csv_problem
 
@@ -248,7 +248,7 @@ def _read(path: Path, fmt: str, *, string_ids: bool) -> pl.DataFrame:
     except FileNotFoundError:
         raise InputError("no such file", file=str(path)) from None
     except (pl.exceptions.PolarsError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         row = field = reason = None
         if fmt == ".csv":  # polars does not say which row: the data tables' locator does
             try:
