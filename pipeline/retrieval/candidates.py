@@ -245,6 +245,16 @@ def search_weights(z: dict[str, np.ndarray], truth: np.ndarray, blocked: np.ndar
     return coordinate_ascent(list(z), BlendNDCG(z, truth, blocked), steps=steps, rounds=rounds)
 
 
+def served_user_ids(*id_columns: pl.Series) -> np.ndarray:
+    """Every user a candidate model serves, sorted, as text: the union of the log's, the users
+    table's and the fused index's user ids (nulls dropped). One rule for `CandidateModel.fit`
+    and for Ray's driver, which reads the same columns from the artifacts without the model."""
+    if not id_columns:
+        return np.array([], dtype=object)
+    ids = pl.concat([column.cast(pl.String) for column in id_columns])
+    return ids.drop_nulls().unique().sort().to_numpy().astype(object)
+
+
 @dataclass
 class CandidateModel:
     """The fitted sources, their settings and blend weights over one user and item vocabulary."""
@@ -262,12 +272,9 @@ class CandidateModel:
 
     def fit(self, interactions: pl.DataFrame, item_ids: np.ndarray, users: pl.DataFrame | None,
             retriever: Retriever | None) -> CandidateModel:
-        ids = set(interactions["user_id"].cast(pl.String).to_list())
-        if users is not None:
-            ids |= set(users["user_id"].cast(pl.String).to_list())
-        if retriever is not None:
-            ids |= {str(u) for u in retriever.user_ids_}
-        self.user_ids_ = np.array(sorted(ids), dtype=object)
+        self.user_ids_ = served_user_ids(
+            interactions["user_id"], *([users["user_id"]] if users is not None else []),
+            *([pl.Series(np.asarray(retriever.user_ids_, dtype=str))] if retriever is not None else []))
         self.item_ids_ = np.asarray(item_ids, dtype=object)
         self.segments_, self.segment_names_ = user_segments(users, self.user_ids_)
         self.log_ = build_log(interactions, self.user_ids_, self.item_ids_, threshold=self.threshold,

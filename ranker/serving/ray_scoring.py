@@ -24,6 +24,7 @@ from fusionrec.pipeline.config import RayConfig
 from fusionrec.pipeline.embedding.ray_engine import import_ray, ordered_actor_calls, ray_runtime
 from fusionrec.pipeline.errors import FusionrecError
 from fusionrec.pipeline.io.storage import atomic_path
+from fusionrec.pipeline.retrieval.candidates import served_user_ids
 from fusionrec.ranker.serving.export import TOPK_SCHEMA
 from fusionrec.ranker.serving.privacy import pseudonymise
 from fusionrec.ranker.serving.recommender import Recommender
@@ -37,12 +38,9 @@ def known_users(art_dir: Path | str) -> list[str]:
     path = art_dir / "index" / "users.parquet"
     if not path.is_file():
         raise FusionrecError(f"{art_dir} has no index: run `fusionrec index` (or `fusionrec run`) first")
-    ids: set[str] = set()
-    for table in (path, art_dir / "data" / "interactions.parquet", art_dir / "data" / "users.parquet"):
-        if table.is_file():
-            ids.update(str(u) for u in pq.read_table(table, columns=["user_id"]).column("user_id").to_pylist()
-                       if u is not None)
-    return sorted(ids)
+    tables = (path, art_dir / "data" / "interactions.parquet", art_dir / "data" / "users.parquet")
+    return served_user_ids(*(pl.read_parquet(t, columns=["user_id"])["user_id"] for t in tables
+                             if t.is_file())).tolist()
 
 
 def score_users(rec: Recommender, users: list[str], k: int, *, exclude_seen: bool = True, explain: bool = False,

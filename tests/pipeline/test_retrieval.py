@@ -10,6 +10,7 @@ import pytest
 
 from fusionrec.pipeline.errors import ConfigError, FusionrecError
 from fusionrec.pipeline.retrieval import weight_search
+from fusionrec.pipeline.retrieval.candidates import served_user_ids
 from fusionrec.pipeline.retrieval.fusion import fused_score
 from fusionrec.pipeline.retrieval.retriever import Retriever
 from fusionrec.pipeline.retrieval.weight_search import validation_split
@@ -381,3 +382,12 @@ def test_the_weight_search_reads_each_users_similarities_once_with_the_same_choi
     assert 0 < cached_calls < len(calls) / 5  # a dozen recall calls read the same chunks
     assert cached.validation_ == uncached.validation_ and cached.weights_ == uncached.weights_
     assert cached.attention_beta_ == uncached.attention_beta_
+
+
+def test_served_user_ids_is_the_sorted_text_union_without_nulls() -> None:
+    log = pl.Series(["u2", "u10", "u2", None])
+    table = pl.Series([7, 3])  # a users table read with integer ids is served as text
+    ids = served_user_ids(log, table, pl.Series(np.array(["u1"], dtype=str)))
+    assert ids.tolist() == ["3", "7", "u1", "u10", "u2"]
+    assert ids.dtype == object
+    assert served_user_ids().tolist() == []
