@@ -23,7 +23,7 @@ import polars as pl
 
 from fusionrec.evaluation.splits import global_temporal_split, leave_last_out, per_user_temporal_split
 from fusionrec.pipeline.errors import FusionrecError, InputError
-from fusionrec.pipeline.io.storage import check_out_folder
+from fusionrec.pipeline.io.storage import check_out_folder, check_separate_dirs
 from fusionrec.pipeline.io.tables import find_table, load_interactions, load_items
 
 __all__ = ["PROTOCOLS", "SplitSummary", "split_data_dir"]
@@ -96,10 +96,9 @@ def split_data_dir(data_dir: Path, out_dir: Path, *, protocol: str = "user", tes
     if not data_dir.is_dir():
         raise InputError("is a file, not a data directory" if data_dir.exists() else "data directory does not exist",
                          file=str(data_dir))
-    src_root, dst_root = data_dir.resolve(), out_dir.resolve()
-    if dst_root == src_root or src_root in dst_root.parents:
-        raise InputError(f"--out {out_dir} is inside the data directory {data_dir}; choose a folder outside it")
+    check_separate_dirs(data_dir, out_dir)
     check_out_folder(out_dir)
+    src_root, dst_root = data_dir.resolve(), out_dir.resolve()
     if out_dir.exists() and any(out_dir.iterdir()):
         raise InputError(f"--out {out_dir} already exists and is not empty; choose a new folder or remove it")
 

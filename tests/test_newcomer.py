@@ -289,6 +289,12 @@ def test_split_refuses_bad_requests(tmp_path: Path, sample_data: Path) -> None:
     assert result.exit_code == 2 and "does not exist" in result.output
     result = invoke("split", "--data", str(tmp_path / "busy" / "x"), "--out", str(tmp_path / "s"))
     assert result.exit_code == 2 and "is a file, not a data directory" in result.output
+    # The same rule as every job's (`storage.check_separate_dirs`): data and the split apart.
+    for out, message in ((sample_data, "is the data directory"), (sample_data / "s", "is inside the data directory"),
+                         (sample_data.parent, "is inside the artifacts directory")):
+        result = invoke("split", "--data", str(sample_data), "--out", str(out))
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert not (sample_data / "s").exists()
 
 
 def test_split_carries_no_file_from_outside_the_data_directory(tmp_path: Path, sample_data: Path) -> None:
