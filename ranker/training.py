@@ -43,7 +43,7 @@ from fusionrec.pipeline.io.manifest import stage_run
 from fusionrec.pipeline.io.storage import sha256_file, write_json
 from fusionrec.pipeline.retrieval.candidates import BLEND_STEPS, LabelSplit, coordinate_ascent
 from fusionrec.pipeline.retrieval.sources import positive_mask
-from fusionrec.pipeline.retrieval.stage import Catalog, candidate_split, label_windows, load_snapshot
+from fusionrec.pipeline.retrieval.stage import Catalog, candidate_split, label_windows, load_snapshot, require_snapshot
 from fusionrec.pipeline.threads import cores, thread_map
 from fusionrec.ranker.features import behaviour_features, user_attribute_features
 from fusionrec.ranker.labels import DEFAULT_EVENT_GAIN, infer_rating_scale
@@ -432,6 +432,8 @@ def training_rows(catalog: Catalog, cands: pl.DataFrame, split: LabelSplit, thre
 def run_train(art_dir: Path, config: Config | None = None, *, lock: bool = True) -> dict:
     config = config or Config()
     art_dir = Path(art_dir)
+    if not art_dir.is_dir():  # before the lock, which would create the folder to hold a failed record
+        require_snapshot(art_dir)
     with stage_run("train", art_dir, None, config.to_dict(), lock=lock) as record:
         catalog = load_snapshot(art_dir)
         valid_path = art_dir / "sources" / "validation.parquet"

@@ -402,3 +402,11 @@ def test_evaluate_refuses_a_k_past_the_catalogue_and_warns_on_unrated_rows(art: 
     text = " ".join(result.output.split())
     assert result.exit_code == 0, text
     assert "2 of 4 held-out rows have no value; they stay relevant" in text
+
+
+def test_train_on_a_missing_artifacts_folder_says_what_to_run_and_creates_nothing(tmp_path: Path) -> None:
+    """Before, the write lock created the folder (and a manifest) to record the failure."""
+    result = invoke("train", "--out", str(tmp_path / "none"))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "has no index yet: run `fusionrec index`" in text, text
+    assert not (tmp_path / "none").exists()

@@ -72,10 +72,15 @@ def save_snapshot(catalog: Catalog, art_dir: Path) -> None:
     write_json({name: sha256_file(out / name) for name in names}, out / SNAPSHOT_SUMS)
 
 
+def require_snapshot(art_dir: Path) -> None:
+    """Refuse artifacts without the index stage's data snapshot (a stage that needs it: train)."""
+    if not (Path(art_dir) / "data" / "interactions.parquet").is_file():
+        raise FusionrecError(f"{art_dir} has no index yet: run `fusionrec index` (or `fusionrec run`) first")
+
+
 def load_snapshot(art_dir: Path) -> Catalog:
     out = Path(art_dir) / "data"
-    if not (out / "interactions.parquet").is_file():
-        raise FusionrecError(f"{art_dir} has no index yet: run `fusionrec index` (or `fusionrec run`) first")
+    require_snapshot(art_dir)
     if (out / SNAPSHOT_SUMS).is_file():  # artifacts from before checksums have none to check
         try:
             sums = json.loads((out / SNAPSHOT_SUMS).read_text())
