@@ -83,7 +83,7 @@ def main() -> None:
               f"{rec.order_}", flush=True)
         served = rec.recommend(new_users, K)  # the cold-start order, whichever order ships
         assert set(served["source"].unique().to_list()) <= {"content", "popular"}
-        ranked = rec._ranker_top(rec.sources_.candidates(new_users), K, K) if rec.ranker_ is not None else served
+        ranked = rec.ranker_top(rec.sources_.candidates(new_users), K, K) if rec.ranker_ is not None else served
         entry = {"shipped_order": rec.order_,
                  "new_users_ranker_minus_cold_start": compare("new users, ranker order minus cold-start order",
                                                               ranked, served, truth, new_users),

@@ -114,7 +114,7 @@ class Recommender:
         warm, cold = cands.filter(by_ranker), cands.filter(~by_ranker)
         del cands  # the candidates are held once, not twice, while the orders are applied
         # No user at all: the frame of the shipped order (its columns), as before.
-        tops = [self._ranker_top(warm, depth, k)] if warm.height or (ranked and not cold.height) else []
+        tops = [self.ranker_top(warm, depth, k)] if warm.height or (ranked and not cold.height) else []
         if cold.height or not tops:
             tops.append(self._blend_top(cold, depth))
         best = pl.concat(tops, how="diagonal_relaxed")
@@ -156,9 +156,11 @@ class Recommender:
         z_columns = [c for c in cands.columns if c.startswith("src_") and c.endswith("_z")]
         return topk(self._blend_scored(cands), depth, columns=z_columns)
 
-    def _ranker_top(self, cands: pl.DataFrame, depth: int, k: int) -> pl.DataFrame:
-        """The `depth` best rows per user in the ranker's order, the features kept (for explanations),
-        drawn from the retrieval order's first `ranker.depth` candidates (at least `k`)."""
+    def ranker_top(self, cands: pl.DataFrame, depth: int, k: int) -> pl.DataFrame:
+        """The `depth` best rows per user of `cands` (`sources_.candidates`) in the ranker's order,
+        the features kept (for explanations), drawn from the retrieval order's first `ranker.depth`
+        candidates (at least `k`). `recommend` serves it to users with history; for any other
+        user it is what the ranker would have served (`bench/cold_users.py`)."""
         assert self.ranker_ is not None
         if self.depth_:  # the ranker reorders the retrieval order's first `depth` candidates, as trained
             cands = cands.filter(pl.col("retrieval_rank") <= max(self.depth_, k))
