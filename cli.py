@@ -25,7 +25,7 @@ from fusionrec.evaluation.holdout import split_data_dir
 from fusionrec.evaluation.offline import run_evaluate
 from fusionrec.pipeline import interrupts
 from fusionrec.pipeline.config import Config, load_config
-from fusionrec.pipeline.embedding.job import summary_rows
+from fusionrec.pipeline.embedding.job import EmbedReport, summary_rows
 from fusionrec.pipeline.errors import FusionrecError, first_line
 from fusionrec.pipeline.io.storage import ReadLock
 from fusionrec.ranker.serving.recommender import read_users
@@ -207,8 +207,7 @@ def embed(data: Annotated[Path, typer.Option("--data", help="Data directory.")],
         report = jobs.run_embed(_data_dir(data), out, cfg, show_progress=_progress_shown(quiet), verify=verify)
     except FusionrecError as exc:
         _fail(exc)
-    _print_table("embeddings", summary_rows(report),
-                 ["table", "rows", "encoded", "reused", "resumed", "failed", "dropped", "seconds", "items_per_s"])
+    _print_embed(report)
 
 
 @app.command()
@@ -243,6 +242,11 @@ def train(out: OutOpt = Path("artifacts"), data: DataOpt = None, config: ConfigO
     except FusionrecError as exc:
         _fail(exc)
     _print_train(summary)
+
+
+def _print_embed(report: EmbedReport) -> None:
+    _print_table("embeddings", summary_rows(report),
+                 ["table", "rows", "encoded", "reused", "resumed", "failed", "dropped", "seconds", "items_per_s"])
 
 
 def _print_train(summary: dict) -> None:
@@ -339,8 +343,7 @@ def run(data: DataOpt = None, out: OutOpt = Path("artifacts"), config: ConfigOpt
         night = jobs.run_nightly(_data_dir(data), out, cfg, show_progress=_progress_shown(quiet), verify=verify)
     except FusionrecError as exc:
         _fail(exc)
-    _print_table("embeddings", summary_rows(night.embed),
-                 ["table", "rows", "encoded", "reused", "resumed", "failed", "dropped", "seconds", "items_per_s"])
+    _print_embed(night.embed)
     _print_index(night.index)
     _print_train(night.train)
     _print_table("nightly job", [{"stage": s, "seconds": round(t, 2)} for s, t in night.timings.items()]
