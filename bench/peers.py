@@ -263,15 +263,21 @@ class Task:
     def recall(self, scores: np.ndarray, k: int = 10) -> np.ndarray:
         s = np.where(self.blocked, -np.inf, scores)
         top = np.argpartition(-s, k - 1, axis=1)[:, :k]
-        hits = np.take_along_axis(self.truth_matrix, top, axis=1).sum(axis=1)
+        # an item at -inf (seen, or not in an exported list) is not recommended: never a hit
+        hits = (np.take_along_axis(self.truth_matrix, top, axis=1) & np.isfinite(np.take_along_axis(s, top, axis=1))
+                ).sum(axis=1)
         return hits / np.maximum(self.truth_matrix.sum(axis=1), 1)
 
     def lists(self, recs: pl.DataFrame) -> np.ndarray:
-        """A top-k frame (user_id, rank, item_id) as a score matrix (rank order, unlisted -inf)."""
+        """A top-k frame (user_id, rank, item_id) as a score matrix (rank order, unlisted -inf).
+
+        Unlisted items are -inf, never recommended: a user without a list, or with fewer than 10
+        unseen items in it, scores only the hits the list holds (before, -1e9 let the first
+        unlisted items by column fill the list; every exported list was full, see `short_lists`)."""
         col = {str(i): j for j, i in enumerate(self.item_ids)}
         row = {u: j for j, u in enumerate(self.users)}
         recs = recs.filter(pl.col("user_id").is_in(self.users) & (pl.col("rank") <= 10))
-        out = np.full((len(self.users), len(self.item_ids)), -1e9, np.float32)
+        out = np.full((len(self.users), len(self.item_ids)), -np.inf, np.float32)
         out[[row[u] for u in recs["user_id"].to_list()], [col[i] for i in recs["item_id"].to_list()]] = \
             -recs["rank"].cast(pl.Float32).to_numpy()
         return out
@@ -326,10 +332,16 @@ def evaluate_all(task: Task, peers: dict[str, dict[str, Any]], ours: dict[str, p
     for peer, best in peers.items():
         scores = task.score_model(best["fit"], best["input"])
         per_user[peer], recall[peer] = task.per_user(scores), task.recall(scores)
+    short: dict[str, int] = {}
     for label, recs in ours.items():
         scores = task.lists(recs)
         per_user[label], recall[label] = task.per_user(scores), task.recall(scores)
-    return {"ndcg": per_user, "recall": recall}
+        # users whose list holds fewer than 10 unseen items (none: the lists are full)
+        short[label] = int((np.isfinite(np.where(task.blocked, -np.inf, scores)).sum(axis=1) < 10).sum())
+        if short[label]:
+            print(f"  WARNING {label}: {short[label]} of {len(task.users)} users have fewer than 10 unseen items "
+                  "in their list (scored as they are, missing slots miss)", flush=True)
+    return {"ndcg": per_user, "recall": recall, "short_lists": short}
 
 
 def table(result: dict[str, Any], peers: dict[str, dict[str, Any]], headline: str) -> tuple[list[dict], dict]:
@@ -492,10 +504,11 @@ def main() -> None:
         else "the authors' split: train on 0 and 1, test on 2"
     extra = (f"\nShipped order: **{shipped['shipped']}** (guard on validation: {json.dumps(shipped['guard'].get('guard', shipped['guard']))}). "
              f"On test, ranker order minus retrieval order: {r_vs[0]:+.4f} (95% interval {r_vs[1]:+.4f} to {r_vs[2]:+.4f}). "
-             f"`fusionrec run` took {seconds:.0f} s.\n")
+             f"`fusionrec run` took {seconds:.0f} s. Users whose list holds fewer than 10 unseen items: "
+             f"{json.dumps(result['short_lists'])}.\n")
     report = {"dataset": args.dataset, "protocol": protocol, "rows": rows, "headline": head,
               "shipped": shipped, "ranker_minus_retrieval_on_test": [round(x, 4) for x in r_vs],
-              "fusionrec_run_seconds": round(seconds, 1)}
+              "fusionrec_run_seconds": round(seconds, 1), "short_lists": result["short_lists"]}
     md = [f"## {args.dataset}: {protocol}", "", markdown("user-level protocol (headline)", rows, head, extra)]
 
     if args.dataset == "movielens" and not args.no_global:

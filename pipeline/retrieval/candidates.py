@@ -124,11 +124,13 @@ def _discounts(k: int) -> np.ndarray:
 
 def _dcg_at(scores: np.ndarray, truth: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-row DCG@k of each row's top k by `scores` (binary gains from `truth`), and the
-    k-th best score (k <= the number of columns)."""
+    k-th best score (k <= the number of columns). An item at -inf (seen, or not in a list) is
+    never recommended: a row with fewer than k others scores no hit for it."""
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     values = np.take_along_axis(scores, top, axis=1)
-    order = np.take_along_axis(top, np.argsort(-values, axis=1, kind="stable"), axis=1)
-    hits = np.take_along_axis(truth, order, axis=1)
+    ranked = np.argsort(-values, axis=1, kind="stable")
+    order = np.take_along_axis(top, ranked, axis=1)
+    hits = np.take_along_axis(truth, order, axis=1) & np.isfinite(np.take_along_axis(values, ranked, axis=1))
     return (hits * _discounts(k)).sum(axis=1), values.min(axis=1)
 
 
@@ -152,7 +154,7 @@ def ndcg_at(scores: np.ndarray, truth: np.ndarray, k: int = 10) -> np.ndarray:
 def recall_at(scores: np.ndarray, truth: np.ndarray, n: int) -> float:
     n = min(n, scores.shape[1])
     top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
-    hits = np.take_along_axis(truth, top, axis=1).sum(axis=1)
+    hits = (np.take_along_axis(truth, top, axis=1) & np.isfinite(np.take_along_axis(scores, top, axis=1))).sum(axis=1)
     return float(hits.sum() / max(truth.sum(), 1))
 
 

@@ -14,6 +14,7 @@ from fusionrec.pipeline.retrieval.candidates import (
     gate_source,
     label_split,
     ndcg_at,
+    recall_at,
     search_weights,
     tags_win,
     truth_pairs,
@@ -125,6 +126,17 @@ def test_ndcg_at_matches_a_hand_computed_value() -> None:
     truth = np.array([[False, True, False, True]])
     expected = (1 / np.log2(3) + 1 / np.log2(5)) / (1 + 1 / np.log2(3))
     assert np.isclose(ndcg_at(scores, truth, k=10)[0], expected)
+
+
+def test_an_item_at_minus_infinity_is_never_a_hit() -> None:
+    """A list shorter than k (unlisted items at -inf) scores only the hits it holds; before, a
+    relevant unlisted item filled an empty slot and counted (a user with no list read 1.0)."""
+    truth = np.array([[True, False, False, False], [False, False, True, False]])
+    no_list = np.full((1, 4), -np.inf)
+    assert ndcg_at(no_list, truth[:1], k=3)[0] == 0.0 and recall_at(no_list, truth[:1], 3) == 0.0
+    short = np.array([[-np.inf, 2.0, -np.inf, -np.inf], [-np.inf, -np.inf, 1.0, -np.inf]])
+    assert ndcg_at(short, truth, k=3).tolist() == [0.0, 1.0]
+    assert recall_at(short, truth, 3) == 0.5
 
 
 def test_blend_search_puts_weight_on_the_source_that_finds_the_labels() -> None:
