@@ -312,8 +312,10 @@ def evaluate(out: OutOpt = Path("artifacts"),
              k: Annotated[str, typer.Option("--k", help="Cut-offs, comma-separated.")] = "10,20",
              report: Annotated[Optional[Path], typer.Option("--report", help="Write an HTML report here.")] = None,
              baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Also evaluate popularity, item-kNN and retrieval alone.")] = True,
-             relevance: Annotated[Optional[float], typer.Option(
-                 "--relevance", help="Ratings: held-out rows with a value below this are not relevant.")] = None,
+             relevance: Annotated[str, typer.Option(
+                 "--relevance", help="Ratings: held-out rows with a value below this are not relevant. auto: the "
+                                     "threshold the sources learned with (sources.relevance; 4 on a 1-5 scale) "
+                                     "when the rows have values; all: every held-out pair.")] = "auto",
              quiet: QuietOpt = False, verbose: VerboseOpt = 0) -> None:
     """Metrics of the current artifacts against held-out interactions (and baselines beside them)."""
     _setup_logging(quiet, verbose)
@@ -323,9 +325,16 @@ def evaluate(out: OutOpt = Path("artifacts"),
         raise typer.BadParameter(f"--k must be comma-separated integers, got {k!r}", param_hint="--k") from None
     if not ks or min(ks) < 1:
         raise typer.BadParameter(f"--k needs positive cut-offs, got {k!r}", param_hint="--k")
+    threshold: float | str = relevance.strip().lower()
+    if threshold not in ("auto", "all"):
+        try:
+            threshold = float(relevance)
+        except ValueError:
+            raise typer.BadParameter(f"takes a number, auto or all, not {relevance!r}",
+                                     param_hint="--relevance") from None
     try:
         with ReadLock(out):  # a reader: no writer changes the artifacts meanwhile
-            table = run_evaluate(out, test, ks, report=report, baselines=baselines, relevance=relevance,
+            table = run_evaluate(out, test, ks, report=report, baselines=baselines, relevance=threshold,
                                  rec=jobs.open_recommender(out))
     except FusionrecError as exc:
         _fail(exc)

@@ -33,6 +33,7 @@ TABLE_METRICS = ("recall", "precision", "ndcg", "map", "mrr", "hit_rate", "cover
 HEADLINE_METRICS = ("ndcg", "recall", "precision", "map", "hit_rate", "mrr")
 CURVE_KS = (1, 2, 3, 5, 10, 15, 20, 30, 50)  # the report's metric-against-k curves (up to the lists' length)
 CURVE_METRICS = ("ndcg", "recall", "precision", "hit_rate")
+RELEVANCE_AUTO, RELEVANCE_ALL = "auto", "all"  # --relevance besides a number
 CURVE_MIN_LENGTH = 20  # lists are at least this long, so the curves have points past the table's k
 
 
@@ -92,11 +93,32 @@ def scorable_users(test: pl.DataFrame, train: pl.DataFrame, test_path: Path | st
     return truth["user_id"].unique().sort().to_list()
 
 
+def resolve_relevance(relevance: float | str | None, rec: Recommender, test: pl.DataFrame) -> float | None:
+    """The threshold a rated held-out row must reach to be relevant; None: every held-out pair.
+
+    `relevance`: a number; `"all"` or None, every pair; `"auto"`, the threshold the artifacts'
+    sources learned with (`sources.relevance`: 4 on a 1-5 scale) where the held-out rows carry
+    values, so a low rating the model took as no like is not scored as a miss either."""
+    if relevance is None or relevance == RELEVANCE_ALL:
+        return None
+    if relevance == RELEVANCE_AUTO:
+        rated = "value" in test.columns and test["value"].null_count() < test.height
+        threshold = rec.sources_.threshold if rated else None
+        if threshold is not None:
+            log.info("relevance: held-out rows with a value of at least %g (the threshold the artifacts' sources "
+                     "used, sources.relevance); --relevance all scores every held-out pair", threshold)
+        return threshold
+    if isinstance(relevance, str):
+        raise InputError(f"--relevance takes a number, auto or all, not {relevance!r}", field="--relevance")
+    return float(relevance)
+
+
 def run_evaluate(art_dir: Path, test_path: Path, ks: tuple[int, ...] = (10, 20), *, report: Path | None = None,
-                 baselines: bool = True, n_boot: int = 1000, relevance: float | None = None,
+                 baselines: bool = True, n_boot: int = 1000, relevance: float | str | None = "auto",
                  rec: Recommender | None = None) -> list[dict]:
     """`rec`: the artifacts already opened (the command line opens them with
-    `jobs.open_recommender`, which names a damaged file); default `Recommender(art_dir)`."""
+    `jobs.open_recommender`, which names a damaged file); default `Recommender(art_dir)`.
+    `relevance`: see `resolve_relevance` (default auto: the sources' own threshold)."""
     if not ks or min(ks) < 1:
         raise FusionrecError("--k needs positive cut-offs")
     art_dir = Path(art_dir)
@@ -108,6 +130,7 @@ def run_evaluate(art_dir: Path, test_path: Path, ks: tuple[int, ...] = (10, 20),
         raise InputError(f"--k {max(ks)} is above the catalogue's {n_items} items", field="--k")
     test = read_interactions(Path(test_path), rec.catalog_.items)
     train = rec.catalog_.interactions
+    relevance = resolve_relevance(relevance, rec, test)
     users = scorable_users(test, train, test_path, relevance)
     item_vectors = cast("M.ItemVectors | None", load_modalities(art_dir / "embeddings", "item").get("text"))
     runs = recommendation_runs(rec, users, max(*ks, CURVE_MIN_LENGTH if report is not None else 1), baselines)

@@ -397,6 +397,8 @@ def test_evaluate_refuses_a_k_past_the_catalogue_and_warns_on_unrated_rows(art: 
         assert result.exit_code == 2 and f"above the catalogue's {n_items} items" in text, text
     result = invoke("evaluate", "--out", str(art), "--test", str(held), "--relevance", "nan", "--no-baselines")
     assert result.exit_code == 2 and "--relevance must be a finite number" in result.output
+    result = invoke("evaluate", "--out", str(art), "--test", str(held), "--relevance", "most", "--no-baselines")
+    assert result.exit_code == 2 and "takes a number, auto or all, not 'most'" in " ".join(result.output.split())
     result = invoke("evaluate", "--out", str(art), "--test", str(held), "--relevance", "4", "--k", "5",
                     "--no-baselines")
     text = " ".join(result.output.split())

@@ -294,6 +294,26 @@ def test_relevance_threshold_and_train_pairs() -> None:
     assert relevant_truth(test, train, exclude_train_pairs=False)["item_id"].to_list() == ["a", "b", "c", "d"]
 
 
+def test_evaluate_judges_relevance_by_the_artifacts_threshold_unless_told() -> None:
+    """`fusionrec evaluate`'s default (auto): a rated held-out row counts as a like only at the
+    threshold the sources learned with, as in the benchmark; before, every pair counted, so a
+    1-star rating the model rightly left out was scored as a miss."""
+    from types import SimpleNamespace
+
+    from fusionrec.evaluation.offline import resolve_relevance
+
+    rated = SimpleNamespace(sources_=SimpleNamespace(threshold=4.0))
+    unrated = SimpleNamespace(sources_=SimpleNamespace(threshold=None))
+    test = pl.concat([_interactions([("u", "b", 6)], 5.0), _interactions([("u", "c", 7)], 2.0)])
+    assert resolve_relevance("auto", rated, test) == 4.0
+    assert resolve_relevance("auto", unrated, test) is None  # the training log had no rating scale
+    assert resolve_relevance("auto", rated, test.with_columns(value=pl.lit(None, pl.Float64))) is None
+    assert resolve_relevance("all", rated, test) is None and resolve_relevance(None, rated, test) is None
+    assert resolve_relevance(3, rated, test) == 3.0
+    with pytest.raises(InputError, match="--relevance takes a number, auto or all"):
+        resolve_relevance("most", rated, test)
+
+
 def test_evaluate_rmse_with_predictions(small_eval) -> None:
     train, test, recs = small_eval
     pred = pl.DataFrame({"user_id": ["h", "l"], "item_id": ["e", "b"], "score": [3.0, 1.0]})
