@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 from fusionrec.pipeline.config import Config
-from fusionrec.pipeline.embedding.job import check_precomputed, precomputed_tables, table_modalities
+from fusionrec.pipeline.embedding.job import check_precomputed, modality_contents, precomputed_tables, table_modalities
 from fusionrec.pipeline.encoders.model_files import encoder_files, file_hashes, is_weights
 from fusionrec.pipeline.errors import FusionrecError, first_line
 from fusionrec.pipeline.io.storage import check_out_folder, check_separate_dirs
@@ -150,10 +150,15 @@ def _data_checks(data_dir: Path) -> list[Check]:
         except FusionrecError as exc:
             out.append(Check(f"{kind} {modality} (precomputed)", "fail", str(exc)))
     encoded, given = item_modalities(data_dir, items.columns)
-    parts = [f"{m} (encoded)" for m in encoded] + [f"{m} (precomputed)" for m in given]
-    out.append(Check("item modalities", "ok" if parts else "fail",
-                     ", ".join(parts) if parts else "no text, image or audio column in items and no "
-                                                    "precomputed item embeddings"))
+    contents = modality_contents(items, "item")
+    empty = [m for m in encoded if m not in contents or not contents[m].height]  # a column of nulls encodes nothing
+    parts = [f"{m} (encoded)" for m in encoded if m not in empty] + [f"{m} (precomputed)" for m in given]
+    if parts:
+        out.append(Check("item modalities", "ok", ", ".join(parts + [f"{m} (column empty)" for m in empty])))
+    else:  # the job runs, as `run` does, on behaviour alone
+        out.append(Check("item modalities", "warn", "no item has text, image or audio content (no such column, "
+                         "or only empty cells) and no precomputed item embeddings: the lists come from behaviour "
+                         "and popularity alone, and items without interactions cannot be recommended"))
     return out
 
 

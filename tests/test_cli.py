@@ -344,7 +344,7 @@ def test_a_deleted_embeddings_table_the_index_was_built_with_is_an_error(art: Pa
     """Not lists that change silently: exit 1 naming the table and the command that rebuilds it."""
     copy = _copy(art, tmp_path / "art")
     # Another item table stays (the sample's index has one content modality; with none left
-    # serving already says "no item embeddings").
+    # the same check names it).
     (copy / "embeddings" / "item_text.parquet").rename(copy / "embeddings" / "item_spare.parquet")
     result = invoke("recommend", "--out", str(copy), "--export", str(tmp_path / "r.csv"), "-q")
     text = " ".join(result.output.split())

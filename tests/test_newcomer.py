@@ -401,6 +401,30 @@ def test_doctor_fails_where_run_would_refuse(tmp_path: Path, sample_data: Path) 
     assert result.exit_code == 1 and "item text (precomputed)" in text and "item_text.parquet" in text, text
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("items", ["ids only", "empty title column"])
+def test_a_catalog_without_content_runs_on_behaviour_and_doctor_warns(items: str, tmp_path: Path,
+                                                                     sample_data: Path) -> None:
+    """Every content column is optional. Before, such a night failed at the index with exit 1
+    and "no item embeddings: run `fusionrec embed` first" (which `run` had just done), while
+    doctor said ok for a column of empty cells."""
+    data = tmp_path / "data"
+    data.mkdir()
+    ids = pl.read_csv(sample_data / "items.csv").select("item_id")
+    (ids if items == "ids only" else ids.with_columns(title=pl.lit(None, pl.String))).write_csv(data / "items.csv")
+    shutil.copy(sample_data / "interactions.csv", data / "interactions.csv")
+    result = invoke("doctor", "--data", str(data), "--out", str(tmp_path / "art"))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and "no item has text, image or audio content" in text, text
+    result = invoke("run", "--data", str(data), "--out", str(tmp_path / "art"))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, text
+    assert "the lists come from behaviour and popularity alone" in text
+    top = pl.read_parquet(tmp_path / "art" / "exports" / "topk.parquet")
+    users = pl.read_csv(sample_data / "interactions.csv")["user_id"].n_unique()
+    assert top["user_id"].n_unique() == users and top.group_by("user_id").len()["len"].min() == 10
+
+
 def test_doctor_says_which_modalities_are_encoded_and_which_are_taken_as_given(tmp_path: Path) -> None:
     """Last.fm's layout: titles and tags in items, text and audio vectors in DIR/embeddings/."""
     from fusionrec.doctor import checks, plan

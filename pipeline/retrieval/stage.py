@@ -229,11 +229,9 @@ def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, conf
 
 
 def embeddings(art_dir: Path) -> tuple[dict, dict]:
+    """(item, user) modality tables of ART/embeddings; none where the catalog has no content."""
     emb = Path(art_dir) / "embeddings"
-    items = load_modalities(emb, "item")
-    if not items:
-        raise FusionrecError(f"no item embeddings in {emb}: run `fusionrec embed` first")
-    return items, load_modalities(emb, "user")
+    return load_modalities(emb, "item"), load_modalities(emb, "user")
 
 
 def run_index(data_dir: Path, art_dir: Path, config: Config | None = None, *, lock: bool = True) -> dict:
@@ -245,6 +243,10 @@ def run_index(data_dir: Path, art_dir: Path, config: Config | None = None, *, lo
         t0 = time.perf_counter()
         catalog = load_catalog(data_dir)
         item_mods, user_mods = embeddings(art_dir)
+        if not item_mods:  # a catalog of ids alone (or every content cell empty): behaviour still ranks
+            log.warning("index: no item has text, image or audio content (no item embeddings in %s): the lists "
+                        "come from behaviour and popularity alone, and items without interactions cannot be "
+                        "recommended", art_dir / "embeddings")
         record.timings["load"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
