@@ -186,7 +186,9 @@ class Recommender:
         the shipped order's score, the blend's for users without history (`users_with_history`)."""
         stage1 = self.sources_.score_pairs(pairs)
         if self.order_ != "ranker" or self.ranker_ is None:
-            return self._blend_scored(stage1)
+            blend = self._blend_scored(stage1)
+            # as `recommend --explain` with the retrieval order: each source's part of the score
+            return pl.concat([blend, self._blend_explanation(blend)], how="horizontal") if explain else blend
         by_ranker = pl.col("user_id").cast(pl.String).is_in(
             self.users_with_history(stage1["user_id"].unique().to_list()))
         # Every row gets the features, as before: the columns do not depend on which users are asked.

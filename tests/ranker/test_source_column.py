@@ -122,6 +122,21 @@ def test_score_explains_each_row_by_the_order_its_score_comes_from(art: Path) ->
     assert cold_only["score"].to_list() == mixed["score"].to_list()[1:]
 
 
+def test_score_explains_the_retrieval_order_when_it_ships(art: Path) -> None:
+    """Before, `score --explain` returned no explanation at all when the retrieval order shipped
+    (most small logs), while `recommend --explain` did."""
+    rec = Recommender(art)
+    rec.order_ = "retrieval"
+    pairs = pl.DataFrame({"user_id": ["u001", COLD_NOTHING], "item_id": ["i001", "i002"]})
+    explained = rec.score(pairs, explain=True)
+    plain = rec.score(pairs)
+    assert explained["score"].to_list() == plain["score"].to_list()
+    assert "top_features" not in plain.columns and explained["top_features"].null_count() == 0
+    assert explained["contrib_cold_start"].to_list() == [0.0, explained["score"][1]]
+    assert explained["top_features"][1][0]["feature"] == "src_cold_start_z"
+    assert explained["top_features"][0][0]["feature"] != "src_cold_start_z"
+
+
 def test_users_by_source_counts_each_user_once_pinned_rows_included() -> None:
     recs = pl.DataFrame({"user_id": ["a", "a", "a", "b", "b", "c"],
                          "source": [None, "ranker", "ranker", "popular", None, None]})
