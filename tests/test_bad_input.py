@@ -89,6 +89,15 @@ def _csv_text(frame: pl.DataFrame) -> str:
     return frame.write_csv()
 
 
+def _header(table: str, old: str, new: str):
+    """A maker: the good `table` with `old` replaced by `new` in its header line, the rows as they are."""
+    def make(d: Path) -> str:
+        head, rows = (d / table).read_text().split("\n", 1)
+        assert old in head, head
+        return head.replace(old, new, 1) + "\n" + rows
+    return make
+
+
 TABLE_CASES = [
     # items.csv / items.parquet
     ("items: no item_id column", "items.csv", lambda d: _items(d).rename({"item_id": "id"}), "embed",
@@ -122,7 +131,16 @@ TABLE_CASES = [
     ("items: a row with an extra cell", "items.csv",
      lambda d: _csv_text(_items(d)).replace("\ni0020,", "\ni0020,extra,", 1), "embed",
      r"items\.csv, row 20: cannot parse the table: 7 cells, but the header names 6 columns"),
+    ("items: a column named twice", "items.csv", _header("items.csv", "title,description", "title,title"), "embed",
+     r"items\.csv, field 'title': the header row names column 'title' twice \(columns 2 and 3\)"),
+    ("items: an invisible character in the id column's name", "items.csv",
+     _header("items.csv", "item_id", "item_id\u200b"), "embed",
+     r"items\.csv, field 'item_id': required column is missing \(columns: 'item_id\\u200b', 'title', "),
     # users
+    ("users: a column named twice once its name is trimmed", "users.csv",
+     _header("users.csv", "user_id,text", "user_id,user_id "), "embed",
+     r"users\.csv, field 'user_id': the header row names column 'user_id' twice "
+     r"\(columns 1 and 2: 'user_id' and 'user_id '\)"),
     ("users: duplicate id", "users.csv", lambda d: pl.concat([_users(d), _users(d)[2]]), "embed",
      r"users\.csv, row 121, field 'user_id': duplicate id"),
     ("users: no user_id column", "users.csv", lambda d: _users(d).rename({"user_id": "user"}), "embed",
@@ -154,6 +172,9 @@ TABLE_CASES = [
     ("interactions: boolean timestamps (Parquet)", "interactions.parquet",
      lambda d: _inter(d).with_columns(pl.lit(True).alias("timestamp")), "index",
      r"interactions\.parquet, row 1, field 'timestamp': expected Unix seconds or ISO-8601, found Boolean"),
+    ("interactions: a column named twice", "interactions.csv",
+     _header("interactions.csv", "event,value", "event,timestamp"), "index",
+     r"interactions\.csv, field 'timestamp': the header row names column 'timestamp' twice \(columns 3 and 5\)"),
     ("interactions: empty file", "interactions.csv", lambda d: b"", "index", r"interactions\.csv: the file is empty"),
     ("interactions: invalid UTF-8", "interactions.csv",
      lambda d: _csv_text(_replace_cell(_inter(d), 50, "event", "MARKER")).encode().replace(b"MARKER", b"vi\xffew"),
@@ -196,6 +217,25 @@ def test_bad_table_exits_2_naming_file_row_and_field(good: Good, tmp_path: Path,
     assert re.search(expected, flat(result.output)), result.output
     assert flat(result.output).startswith("error: ") and "Traceback" not in result.output
     assert lost == [] and after == before and temporaries(good.art) == []
+
+
+def test_header_names_are_trimmed_of_white_space(good: Good, tmp_path: Path) -> None:
+    """Stray spaces around the names in a CSV header (ids in cells are trimmed too) are no error:
+    the tables read as the clean ones, the descriptions feeding the text vectors as before."""
+    data = copy_data(good, tmp_path)
+    for table, old, new in (("items.csv", "item_id,title,description", " item_id ,\ttitle,description  "),
+                            ("users.csv", "user_id,text", "user_id , text"),
+                            ("interactions.csv", "user_id,item_id,timestamp", " user_id,item_id , timestamp")):
+        _make(data, table, _header(table, old, new))
+    art = tmp_path / "art"
+    for command in ("embed", "index"):
+        result = invoke(command, "--data", data, "--out", art, *good.opts())
+        assert result.exit_code == 0, result.output
+    for table in ("item_text", "user_text"):
+        ids, _, _, vectors = read_artifact_table(art / "embeddings" / f"{table}.parquet")
+        good_ids, _, _, good_vectors = read_artifact_table(good.art / "embeddings" / f"{table}.parquet")
+        assert ids == good_ids
+        np.testing.assert_allclose(vectors, good_vectors, atol=1e-6)
 
 
 def test_the_nightly_job_stops_on_bad_interactions_and_keeps_the_served_artifacts(good: Good, tmp_path: Path,

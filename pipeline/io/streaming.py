@@ -21,7 +21,6 @@ d-dimensional vectors near 24 MB of floats.
 
 from __future__ import annotations
 
-import csv
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -41,7 +40,10 @@ from fusionrec.pipeline.io.tables import (
     check_encoding,
     check_ids,
     check_text,
+    csv_header,
+    listed,
     read_table,
+    with_header_names,
 )
 from fusionrec.pipeline.retrieval.faiss_index import choose_factory, new_index
 
@@ -64,7 +66,8 @@ def _parquet(path: Path) -> pq.ParquetFile:
 
 
 def table_columns(path: Path | str) -> list[str]:
-    """Column names of a Parquet or CSV table, from its schema or header only."""
+    """Column names of a Parquet or CSV table, from its schema or header only (CSV: the
+    names of `pipeline.tables.csv_header`, trimmed, none given twice)."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
@@ -76,7 +79,10 @@ def table_columns(path: Path | str) -> list[str]:
         check_encoding(head, path)
         # utf-8-sig: the BOM Excel writes at the start of "CSV UTF-8" is not part of the first name.
         with open(path, encoding="utf-8-sig", newline="") as fh:
-            return next(csv.reader(fh))
+            if not fh.read(1):  # only a BOM
+                raise StopIteration
+            fh.seek(0)
+            return csv_header(fh, path)
     except (OSError, StopIteration, pa.ArrowException, UnicodeDecodeError) as exc:
         if not isinstance(exc, OSError):
             _locate_csv_error(path)
@@ -102,7 +108,7 @@ def iter_table(path: Path | str, columns: Sequence[str] | None = None,
     present = table_columns(path)
     for column in columns or ():
         if column not in present:
-            raise InputError(f"required column is missing (columns: {', '.join(present)})", file=str(path),
+            raise InputError(f"required column is missing (columns: {listed(present)})", file=str(path),
                              field=column)
     try:
         if path.suffix == ".parquet":
@@ -113,6 +119,7 @@ def iter_table(path: Path | str, columns: Sequence[str] | None = None,
         # Every column is parsed (a projection would skip checking a row's extra cells).
         lazy = pl.scan_csv(path, infer_schema=False, quote_char='"', raise_if_empty=True)
         for frame in lazy.collect_batches(chunk_size=batch_rows):
+            frame = with_header_names(frame, present)
             yield frame.select(list(columns)) if columns else frame
     except (pa.ArrowException, pl.exceptions.PolarsError) as exc:
         _locate_csv_error(path)
@@ -200,7 +207,7 @@ def validated_columns(path: Path, kind: str) -> list[str]:
     text_columns = ITEM_TEXT_COLUMNS if kind == "item" else USER_TEXT_COLUMNS
     present = table_columns(path)
     if id_column not in present:
-        raise InputError(f"required column is missing (columns: {', '.join(present)})", file=str(path),
+        raise InputError(f"required column is missing (columns: {listed(present)})", file=str(path),
                          field=id_column)
     return [id_column] + [c for c in text_columns if c in present]
 

@@ -3,12 +3,17 @@
 Each table is `DIR/<name>.parquet` or `DIR/<name>.csv`. A bad table raises
 `InputError` naming the file, the row (1-based data row; for CSV the header is line 1,
 so data row N is on line N+1) and the field.
+
+CSV header names are trimmed of surrounding white space (like the ids in the cells), and a
+header that names a column twice is refused (`csv_header`): the parser would keep the
+second column under another name, so its data would silently go unread.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal, cast, overload
 
@@ -52,7 +57,9 @@ def read_table(path: Path) -> pl.DataFrame:
         if raw.startswith(UTF8_BOM):  # Excel's "CSV UTF-8"
             raw = raw[len(UTF8_BOM):]
         _check_utf8(raw, path)
-        return pl.read_csv(raw, infer_schema=False, raise_if_empty=True, quote_char='"')
+        names = csv_header(io.StringIO(raw.decode("utf-8"), newline=""), path)
+        frame = pl.read_csv(raw, infer_schema=False, raise_if_empty=True, quote_char='"')
+        return with_header_names(frame, names)
     except InputError:
         raise
     except pl.exceptions.NoDataError:
@@ -62,6 +69,46 @@ def read_table(path: Path) -> pl.DataFrame:
         row, field, reason = (locate_csv_problem(raw.decode("utf-8")) if raw and path.suffix != ".parquet"
                               else (None, None, None))
         raise InputError(f"cannot parse the table: {reason or first}", file=str(path), row=row, field=field) from None
+
+
+def csv_header(lines: Iterable[str], path: Path) -> list[str]:
+    """The column names of a CSV's header row (`lines`: its text, from the start, BOM removed),
+    trimmed of surrounding white space: the names the loader gives the columns.
+
+    A name given twice (after trimming: "title" and " title" are one name) raises
+    `InputError` naming the column. Empty names (the trailing commas of a spreadsheet) are
+    not checked: no column is read by an empty name.
+    """
+    try:
+        raw = next(csv.reader(lines), [])
+    except csv.Error as exc:
+        raise InputError(f"cannot parse the header row: {exc}", file=str(path)) from None
+    names = [name.strip() for name in raw]
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if not name:
+            continue
+        if name in first:
+            j = first[name]
+            spelled = f": {raw[j]!r} and {raw[i]!r}" if raw[j] != raw[i] else ""
+            raise InputError(f"the header row names column {name!r} twice (columns {j + 1} and {i + 1}{spelled}); "
+                             "rename or remove one", file=str(path), field=name)
+        first[name] = i
+    return names
+
+
+def with_header_names(frame: pl.DataFrame, names: list[str]) -> pl.DataFrame:
+    """`frame` (read by polars from a CSV) with the trimmed names of `csv_header`; columns with
+    an empty name keep the parser's name."""
+    if frame.width != len(names):  # the parsers disagree on the header: leave polars' reading
+        return frame
+    renames = {old: new for old, new in zip(frame.columns, names) if new and new != old}
+    return frame.rename(renames) if renames else frame
+
+
+def listed(columns: Iterable[str]) -> str:
+    """Column names for a message, quoted so that stray spaces and invisible characters show."""
+    return ", ".join(repr(c) for c in columns) or "none"
 
 
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -100,7 +147,7 @@ def _first_cell(text: str, bad) -> tuple[int | None, str | None]:
         for row, record in enumerate(reader, 1):
             for i, cell in enumerate(record):
                 if bad(cell):
-                    return row, header[i] if i < len(header) else None
+                    return row, header[i].strip() if i < len(header) else None
     except csv.Error:
         pass
     return None, None
@@ -129,7 +176,7 @@ def locate_csv_problem(text: str) -> tuple[int | None, str | None, str | None]:
         if problem is None:
             return row + 1, None, None
         column, reason = problem
-        return row + 1, header[column] if column < len(header) else None, reason
+        return row + 1, header[column].strip() if column < len(header) else None, reason
     return None, None, None
 
 
@@ -163,7 +210,7 @@ def _quote_problem(line: str) -> tuple[int, str] | None:
 def _require_columns(df: pl.DataFrame, path: Path, columns: tuple[str, ...]) -> None:
     for column in columns:
         if column not in df.columns:
-            raise InputError(f"required column is missing (columns: {', '.join(df.columns)})",
+            raise InputError(f"required column is missing (columns: {listed(df.columns)})",
                              file=str(path), field=column)
     if df.height == 0:
         raise InputError("the table has no rows", file=str(path))
