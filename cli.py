@@ -296,7 +296,7 @@ def score(out: OutOpt = Path("artifacts"),
           explain: Annotated[bool, typer.Option("--explain/--no-explain", help="Add top features and each modality's share.")] = False,
           pseudonymise: PseudoOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
           quiet: QuietOpt = False, verbose: VerboseOpt = 0) -> None:
-    """Score given (user_id, item_id) pairs; adds `score`. Unknown ids get cold features."""
+    """Score given (user_id, item_id) pairs; adds `score`. Unknown users get cold features; unknown items an empty score."""
     _setup_logging(quiet, verbose)
     try:
         cfg = _config(config, set_)

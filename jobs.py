@@ -149,10 +149,20 @@ def run_score(art_dir: Path, candidates: Path, export: Path, config: Config | No
     pairs = read_pairs(candidates)
     clean_stale_exports(Path(export).parent, Path(export).name)
     with stage_run("score", art_dir, None, config.to_dict(), lock=lock, shared=True) as record:
-        scored = open_recommender(art_dir).score(pairs, explain=explain)
+        rec = open_recommender(art_dir)
+        scored = rec.score(pairs, explain=explain)
+        # An item the artifacts do not know has no score to give (a new user still gets one):
+        # say so, and name no list its row is not in.
+        unknown = ~pl.col("item_id").cast(pl.String).is_in(rec.retriever_.item_ids_.astype(str).tolist())
+        n_unknown = scored.select(unknown.sum()).item()
+        if n_unknown:
+            first = scored.filter(unknown)["item_id"][0]
+            log.warning("score: %d of %d pairs name an item the artifacts do not know (e.g. %r; new since the last "
+                        "index?): their score is empty", n_unknown, scored.height, first)
+            scored = scored.with_columns(pl.when(unknown).then(None).otherwise(pl.col("source")).alias("source"))
         path = export_topk(scored, Path(export), art_dir, config, pseudonymise_ids)
         record.inputs = {"candidates": str(candidates)}
-        record.counts = {"pairs": scored.height}
+        record.counts = {"pairs": scored.height, "unknown_items": n_unknown}
         record.extra = {"export": str(path)}
         record.finish("ok")
     return scored, path

@@ -91,6 +91,23 @@ def test_seen_items_are_left_out_unless_asked(art: Path, tmp_path: Path) -> None
         assert (overlap > 0) == expect_overlap
 
 
+def test_score_says_which_items_it_does_not_know(art: Path, tmp_path: Path, sample_data: Path) -> None:
+    """Before: an empty score, no warning, and `source` naming a list the row is not in."""
+    user = pl.read_csv(sample_data / "interactions.csv")["user_id"].sort()[0]
+    item = pl.read_csv(sample_data / "items.csv")["item_id"].sort()[0]
+    pairs = tmp_path / "pairs.csv"
+    pl.DataFrame({"user_id": [user, user, "nobody"], "item_id": [item, "zzz", "zzz"]}).write_csv(pairs)
+    scored = tmp_path / "scored.csv"
+    result = invoke("score", "--out", str(art), "--candidates", str(pairs), "--export", str(scored), "--raw-ids")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, text
+    assert "2 of 3 pairs name an item the artifacts do not know (e.g. 'zzz'" in text
+    rows = pl.read_csv(scored).sort("item_id")
+    assert rows["item_id"].to_list() == [item, "zzz", "zzz"]
+    assert rows["score"].null_count() == 2 and rows["score"][0] is not None
+    assert rows["source"].null_count() == 2 and rows["source"][0] is not None
+
+
 def test_score_and_recommend_agree_on_the_same_pairs(art: Path, tmp_path: Path) -> None:
     recs = tmp_path / "recs.parquet"
     assert invoke("recommend", "--out", str(art), "--k", "5", "--export", str(recs), "--raw-ids", "-q").exit_code == 0
