@@ -124,7 +124,8 @@ def _config(path: Path | None, overrides: list[str] | None, engine: Engine | str
 def _data_dir(data: Path | None) -> Path:
     if data is not None:
         if not data.is_dir():
-            raise typer.BadParameter(f"data directory {data} does not exist", param_hint="--data")
+            raise typer.BadParameter(f"data directory {data} " + ("is a file, not a folder" if data.exists()
+                                                                 else "does not exist"), param_hint="--data")
         return data
     for candidate in (jobs.sample_data_dir(), Path("data")):
         if (candidate / "items.csv").is_file() or (candidate / "items.parquet").is_file():

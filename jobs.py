@@ -198,7 +198,8 @@ def run_recommend(art_dir: Path, export: Path, config: Config | None = None, *, 
             hint = ("the [rerank] exclusions (rules_file, exclude_field/exclude_values) may remove every item, or "
                     if rules else "")
             raise FusionrecError(f"no recommendation for any user from {art_dir} (an empty night): check {hint}"
-                                 "index.n_candidates and export.k, then rerun `fusionrec run`")
+                                 "index.n_candidates and export.k, then rerun `fusionrec run`; or every user "
+                                 "already has every item (seen items are never recommended)")
         path = export_topk(recs, Path(export), art_dir, config, pseudonymise_ids)
         by_source = users_by_source(recs)
         record.counts = {"users": recs["user_id"].n_unique(), "rows": recs.height, "users_by_source": by_source}

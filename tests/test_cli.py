@@ -429,3 +429,21 @@ def test_train_on_a_missing_artifacts_folder_says_what_to_run_and_creates_nothin
     text = " ".join(result.output.split())
     assert result.exit_code == 1 and "has no index yet: run `fusionrec index`" in text, text
     assert not (tmp_path / "none").exists()
+
+
+def test_paths_of_the_wrong_kind_are_bad_usage_named_as_such(art: Path, tmp_path: Path, sample_data: Path) -> None:
+    """Before: an --out that is a file exited 1 ("cannot create artifacts directory: File exists"),
+    a --data file was said not to exist, and an --export folder had an "unsupported format '(none)'"."""
+    afile = tmp_path / "afile.csv"
+    afile.write_text("x\n")
+    result = invoke("index", "--data", str(sample_data), "--out", str(afile))
+    assert result.exit_code == 2 and f"--out {afile} is a file, not a folder" in " ".join(result.output.split())
+    assert afile.read_text() == "x\n"
+    result = invoke("embed", "--data", str(sample_data / "items.csv"), "--out", str(tmp_path / "art"))
+    text = " ".join(result.output.split())  # typer's framed usage error: the words, not the line breaks
+    assert result.exit_code == 2 and "file, not a folder" in text and "does not exist" not in text, text
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    result = invoke("recommend", "--out", str(art), "--export", str(folder))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "is a folder: give the export a file name ending in .parquet" in text, text

@@ -303,6 +303,7 @@ class ArtifactLock:
         self._rw: int | None = None  # the flock on ART/.rwlock while held
 
     def acquire(self) -> ArtifactLock:
+        check_out_folder(self.art_dir)  # a file in the way is bad usage (exit 2), as `split` and `doctor` say
         try:
             self.art_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -549,8 +550,8 @@ def clean_stale_exports(directory: Path, name: str, older_than_s: float = 600.0)
 
 
 def check_out_folder(out_dir: Path | str) -> None:
-    """Refuse an --out that is a file or sits under one: no folder can be made there (`split`, and
-    `doctor`'s check of what `run` would meet: a stage reports it on creating the folder, exit 1)."""
+    """Refuse an --out that is a file or sits under one: no folder can be made there (exit 2:
+    `split`, `doctor`, and every stage that writes ART, before it takes the lock)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file, not a folder")

@@ -42,6 +42,9 @@ JSON_COLUMNS_IN_CSV = ("top_features",)
 
 def _format(path: Path) -> str:
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise InputError("is a folder: give the export a file name ending in .parquet, .csv or .jsonl",
+                         file=str(path))
     if suffix not in FORMATS:
         raise InputError(f"unsupported format '{path.suffix or '(none)'}': use .parquet, .csv or .jsonl",
                          file=str(path))
