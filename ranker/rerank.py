@@ -36,6 +36,7 @@ null. Everything is deterministic: ties go to the earlier row, users are taken s
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,8 @@ from fusionrec.evaluation.metrics import head_items, item_popularity
 from fusionrec.pipeline.config import RerankConfig
 from fusionrec.pipeline.errors import ConfigError, InputError
 from fusionrec.ranker.serving.export import read_id_table
+
+log = logging.getLogger("fusionrec.rerank")
 
 RULES = ("boosted", "mmr", "calibration", "attribute_cap", "long_tail", "exposure_cap", "pinned")
 ACTIONS = ("exclude", "pin", "boost")
@@ -136,6 +139,7 @@ def rerank(candidates: pl.DataFrame, k: int, config: RerankConfig, inputs: Reran
     users = ordered["user_id"].unique().sort().to_list()
     cands = _exclude(ordered, config, inputs)
     pins = _pins(users, config, inputs)
+    _warn_unplaceable_rules(inputs, k)
     item_ids = sorted(set(cands["item_id"].to_list()) | {i for pinned in pins.values() for i, _ in pinned})
     code = {i: j for j, i in enumerate(item_ids)}
     grouped = cands.group_by("user_id", maintain_order=True).agg(
@@ -217,6 +221,24 @@ def _exclude(cands: pl.DataFrame, config: RerankConfig, inputs: RerankInputs) ->
         gone = items.filter(pl.col(config.exclude_field).cast(pl.String).is_in(config.exclude_values))["item_id"]
         cands = cands.filter(~pl.col("item_id").is_in(gone.cast(pl.String).implode()))
     return cands
+
+
+def _warn_unplaceable_rules(inputs: RerankInputs, k: int) -> None:
+    """Say which rules cannot act as written: an item the catalog lacks (a typo, or deleted) is
+    ignored, and a pin past the list's length lands at its last place."""
+    if inputs.rules is None:
+        return
+    rules = inputs.rules.with_row_index("row", offset=1)
+    if inputs.items is not None:
+        unknown = rules.filter(~pl.col("item_id").is_in(inputs.items["item_id"].cast(pl.String).implode()))
+        if unknown.height:
+            log.warning("rerank rules: %d row(s) name an item the catalog does not have (row %d: %r); they are "
+                        "ignored", unknown.height, unknown["row"][0], unknown["item_id"][0])
+    late = rules.filter((pl.col("action") == "pin") & (pl.col("position") > k))
+    if late.height:
+        log.warning("rerank rules: %d pin(s) ask for a position past the list's length %d (row %d: %r at %d); "
+                    "they take the last places", late.height, k, late["row"][0], late["item_id"][0],
+                    late["position"][0])
 
 
 def _pins(users: list[str], config: RerankConfig, inputs: RerankInputs) -> dict[str, list[tuple[str, int]]]:
@@ -450,6 +472,9 @@ def _long_tail(state: _State, tail: np.ndarray, need: dict[str, int]) -> None:
 def _exposure_cap(state: _State, config: RerankConfig, tail: np.ndarray, need: dict[str, int]) -> None:
     lists = state.users
     cap = max(1, math.floor(config.max_item_share * len(lists) + 1e-9))
+    if config.max_item_share * len(lists) + 1e-9 < 1:
+        log.warning("rerank.max_item_share %g of %d lists is less than one list: each item may still appear in "
+                    "one list", config.max_item_share, len(lists))
     count = np.zeros(len(state.item_ids), np.int64)
     chosen: dict[str, list[int]] = {u: [] for u in lists}
     used = {u: np.zeros(len(state.order[u]), bool) for u in lists}

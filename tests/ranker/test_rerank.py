@@ -187,6 +187,28 @@ def test_business_rules_exclude_pin_and_boost_as_written(case, tmp_path: Path) -
     assert "boosted" in boosted["rerank"].to_list()
 
 
+def test_rules_that_cannot_act_as_written_are_named(case, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Before, a rule naming an unknown item (a typo, a deleted item) and a pin past the list's
+    end were silently ignored or moved, and a cap below one list silently became one list."""
+    cands, inputs = case
+    rules = read_rules(write_rules(tmp_path / "rules.csv", [
+        {"item_id": "i079", "action": "pin", "value": None, "position": 1},
+        {"item_id": "no-such-item", "action": "pin", "value": None, "position": 2},
+        {"item_id": "i078", "action": "pin", "value": None, "position": 50},
+    ]))
+    inputs = type(inputs)(items=inputs.items, vectors=inputs.vectors, history=inputs.history, n_items=inputs.n_items,
+                          rules=rules)
+    with caplog.at_level("WARNING", logger="fusionrec.rerank"):
+        out = rerank(cands, K, RerankConfig(max_item_share=1e-6), inputs)
+    text = " ".join(caplog.messages)
+    assert "1 row(s) name an item the catalog does not have (row 2: 'no-such-item'); they are ignored" in text
+    assert f"1 pin(s) ask for a position past the list's length {K} (row 3: 'i078' at 50)" in text
+    assert "max_item_share 1e-06" in text and "less than one list" in text
+    assert "no-such-item" not in out["item_id"].to_list()
+    last = out.sort("rank").group_by("user_id").agg(pl.col("item_id").last())["item_id"].unique().to_list()
+    assert last == ["i078"]
+
+
 def test_a_bad_rules_file_is_refused_naming_the_row_and_field(tmp_path: Path) -> None:
     path = write_rules(tmp_path / "bad.csv", [{"item_id": "i1", "action": "pin"}, {"item_id": "i2", "action": "drop"}])
     with pytest.raises(InputError, match="row 2, field 'action'"):
