@@ -151,15 +151,11 @@ def run_score(art_dir: Path, candidates: Path, export: Path, config: Config | No
     with stage_run("score", art_dir, None, config.to_dict(), lock=lock, shared=True) as record:
         rec = open_recommender(art_dir)
         scored = rec.score(pairs, explain=explain)
-        # An item the artifacts do not know has no score to give (a new user still gets one):
-        # say so, and name no list its row is not in.
-        unknown = ~pl.col("item_id").cast(pl.String).is_in(rec.retriever_.item_ids_.astype(str).tolist())
-        n_unknown = scored.select(unknown.sum()).item()
+        unknown = scored.filter(~rec.item_known())  # scored empty by `Recommender.score`: say so
+        n_unknown = unknown.height
         if n_unknown:
-            first = scored.filter(unknown)["item_id"][0]
             log.warning("score: %d of %d pairs name an item the artifacts do not know (e.g. %r; new since the last "
-                        "index?): their score is empty", n_unknown, scored.height, first)
-            scored = scored.with_columns(pl.when(unknown).then(None).otherwise(pl.col("source")).alias("source"))
+                        "index?): their score is empty", n_unknown, scored.height, unknown["item_id"][0])
         path = export_topk(scored, Path(export), art_dir, config, pseudonymise_ids)
         record.inputs = {"candidates": str(candidates)}
         record.counts = {"pairs": scored.height, "unknown_items": n_unknown}

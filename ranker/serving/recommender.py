@@ -186,22 +186,30 @@ class Recommender:
         the shipped order's score, the blend's for users without history (`users_with_history`)."""
         stage1 = self.sources_.score_pairs(pairs)
         if self.order_ != "ranker" or self.ranker_ is None:
-            blend = self._blend_scored(stage1)
-            # as `recommend --explain` with the retrieval order: each source's part of the score
-            return pl.concat([blend, self._blend_explanation(blend)], how="horizontal") if explain else blend
-        by_ranker = pl.col("user_id").cast(pl.String).is_in(
-            self.users_with_history(stage1["user_id"].unique().to_list()))
-        # Every row gets the features, as before: the columns do not depend on which users are asked.
-        rows = self._features(stage1).with_row_index("__row")
-        warm, cold = rows.filter(by_ranker), rows.filter(~by_ranker)
-        parts = [self.ranker_.score(warm, explain=explain).with_columns(
-            pl.lit("ranker").alias("source"))] if warm.height or not cold.height else []
-        if cold.height:
-            blend = self._blend_scored(cold)
-            if explain:  # as in `recommend`: a blend-ordered row explains itself
-                blend = pl.concat([blend, self._blend_explanation(blend)], how="horizontal")
-            parts.append(blend)
-        return pl.concat(parts, how="diagonal_relaxed").sort("__row").drop("__row")
+            scored = self._blend_scored(stage1)
+            if explain:  # as `recommend --explain` with the retrieval order: each source's part of the score
+                scored = pl.concat([scored, self._blend_explanation(scored)], how="horizontal")
+        else:
+            by_ranker = pl.col("user_id").cast(pl.String).is_in(
+                self.users_with_history(stage1["user_id"].unique().to_list()))
+            # Every row gets the features, as before: the columns do not depend on which users are asked.
+            rows = self._features(stage1).with_row_index("__row")
+            warm, cold = rows.filter(by_ranker), rows.filter(~by_ranker)
+            parts = [self.ranker_.score(warm, explain=explain).with_columns(
+                pl.lit("ranker").alias("source"))] if warm.height or not cold.height else []
+            if cold.height:
+                blend = self._blend_scored(cold)
+                if explain:  # as in `recommend`: a blend-ordered row explains itself
+                    blend = pl.concat([blend, self._blend_explanation(blend)], how="horizontal")
+                parts.append(blend)
+            scored = pl.concat(parts, how="diagonal_relaxed").sort("__row").drop("__row")
+        # An item the artifacts do not know has no score to give in either order (the ranker would
+        # score its empty features), and is in no list: both empty. A new user is still scored.
+        return scored.with_columns(pl.when(self.item_known()).then(pl.col(c)).alias(c) for c in ("score", "source"))
+
+    def item_known(self) -> pl.Expr:
+        """True where a row's `item_id` is in the catalog these artifacts were built on."""
+        return pl.col("item_id").cast(pl.String).is_in(np.asarray(self.retriever_.item_ids_, dtype=str).tolist())
 
     def _blend_scored(self, frame: pl.DataFrame) -> pl.DataFrame:
         """`frame` (candidate rows) plus the blend's `score` (its `retrieval_score`) and `source`:

@@ -137,6 +137,20 @@ def test_score_explains_the_retrieval_order_when_it_ships(art: Path) -> None:
     assert explained["top_features"][0][0]["feature"] != "src_cold_start_z"
 
 
+@pytest.mark.parametrize("order", ["ranker", "retrieval"])
+def test_score_gives_an_unknown_item_no_score_and_no_list_in_either_order(art: Path, order: str) -> None:
+    """Before, the ranker's order gave an item the artifacts do not know a score from its empty
+    features, and `source` named a list the row is not in."""
+    rec = Recommender(art)
+    assert rec.ranker_ is not None
+    rec.order_ = order
+    pairs = pl.DataFrame({"user_id": ["u001", "u001", COLD_NOTHING], "item_id": ["i001", "zzz", "zzz"]})
+    scored = rec.score(pairs)
+    assert scored["item_id"].to_list() == ["i001", "zzz", "zzz"]
+    assert scored["score"][0] is not None and scored["score"].to_list()[1:] == [None, None]
+    assert scored["source"][0] == order and scored["source"].to_list()[1:] == [None, None]
+
+
 def test_users_by_source_counts_each_user_once_pinned_rows_included() -> None:
     recs = pl.DataFrame({"user_id": ["a", "a", "a", "b", "b", "c"],
                          "source": [None, "ranker", "ranker", "popular", None, None]})
