@@ -22,7 +22,7 @@ from fusionrec.doctor import checks as doctor_checks
 from fusionrec.doctor import plan as doctor_plan
 from fusionrec.doctor import versions
 from fusionrec.evaluation.holdout import split_data_dir
-from fusionrec.evaluation.offline import run_evaluate
+from fusionrec.evaluation.offline import parse_relevance, run_evaluate
 from fusionrec.pipeline import interrupts
 from fusionrec.pipeline.config import Config, load_config
 from fusionrec.pipeline.embedding.job import EmbedReport, summary_rows
@@ -326,14 +326,8 @@ def evaluate(out: OutOpt = Path("artifacts"),
         raise typer.BadParameter(f"--k must be comma-separated integers, got {k!r}", param_hint="--k") from None
     if not ks or min(ks) < 1:
         raise typer.BadParameter(f"--k needs positive cut-offs, got {k!r}", param_hint="--k")
-    threshold: float | str = relevance.strip().lower()
-    if threshold not in ("auto", "all"):
-        try:
-            threshold = float(relevance)
-        except ValueError:
-            raise typer.BadParameter(f"takes a number, auto or all, not {relevance!r}",
-                                     param_hint="--relevance") from None
     try:
+        threshold = parse_relevance(relevance)  # before the artifacts are opened
         with ReadLock(out):  # a reader: no writer changes the artifacts meanwhile
             table = run_evaluate(out, test, ks, report=report, baselines=baselines, relevance=threshold,
                                  rec=jobs.open_recommender(out))

@@ -93,12 +93,27 @@ def scorable_users(test: pl.DataFrame, train: pl.DataFrame, test_path: Path | st
     return truth["user_id"].unique().sort().to_list()
 
 
+def parse_relevance(relevance: float | str | None) -> float | str | None:
+    """`--relevance` as given: a number (also as text), `"auto"` or `"all"` (any case), or None."""
+    if relevance is None or isinstance(relevance, (int, float)):
+        return relevance
+    word = relevance.strip().lower()
+    if word in (RELEVANCE_AUTO, RELEVANCE_ALL):
+        return word
+    try:
+        return float(word)
+    except ValueError:
+        raise InputError(f"--relevance takes a number, auto or all, not {relevance!r}", field="--relevance") from None
+
+
 def resolve_relevance(relevance: float | str | None, rec: Recommender, test: pl.DataFrame) -> float | None:
     """The threshold a rated held-out row must reach to be relevant; None: every held-out pair.
 
-    `relevance`: a number; `"all"` or None, every pair; `"auto"`, the threshold the artifacts'
-    sources learned with (`sources.relevance`: 4 on a 1-5 scale) where the held-out rows carry
-    values, so a low rating the model took as no like is not scored as a miss either."""
+    `relevance` (`parse_relevance`): a number; `"all"` or None, every pair; `"auto"`, the
+    threshold the artifacts' sources learned with (`sources.relevance`: 4 on a 1-5 scale) where
+    the held-out rows carry values, so a low rating the model took as no like is not scored as
+    a miss either."""
+    relevance = parse_relevance(relevance)
     if relevance is None or relevance == RELEVANCE_ALL:
         return None
     if relevance == RELEVANCE_AUTO:
@@ -108,8 +123,6 @@ def resolve_relevance(relevance: float | str | None, rec: Recommender, test: pl.
             log.info("relevance: held-out rows with a value of at least %g (the threshold the artifacts' sources "
                      "used, sources.relevance); --relevance all scores every held-out pair", threshold)
         return threshold
-    if isinstance(relevance, str):
-        raise InputError(f"--relevance takes a number, auto or all, not {relevance!r}", field="--relevance")
     return float(relevance)
 
 
