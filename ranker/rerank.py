@@ -471,8 +471,9 @@ def _long_tail(state: _State, tail: np.ndarray, need: dict[str, int]) -> None:
 
 def _exposure_cap(state: _State, config: RerankConfig, tail: np.ndarray, need: dict[str, int]) -> None:
     lists = state.users
-    cap = max(1, math.floor(config.max_item_share * len(lists) + 1e-9))
-    if config.max_item_share * len(lists) + 1e-9 < 1:
+    allowed = math.floor(config.max_item_share * len(lists) + 1e-9)
+    cap = max(1, allowed)
+    if not allowed:
         log.warning("rerank.max_item_share %g of %d lists is less than one list: each item may still appear in "
                     "one list", config.max_item_share, len(lists))
     count = np.zeros(len(state.item_ids), np.int64)
