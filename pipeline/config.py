@@ -164,7 +164,8 @@ class RankerConfig:
     label_window_days: PosFloat = 14.0  # window: labels come from this last window of the log
     guard: bool = True  # ship the ranker's order only if it beats retrieval order on validation
     depth: NonNegInt = 100  # the ranker reorders each user's first `depth` candidates of the retrieval order (0: all)
-    seed: int = 0
+    # numpy's generators refuse a negative seed and LightGBM's is a C int: anything else failed after the embedding
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
 
 
 @dataclass(frozen=True, config=_STRICT_FLOATS)

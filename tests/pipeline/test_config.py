@@ -55,6 +55,9 @@ def test_file_then_overrides(tmp_path: Path) -> None:
     ("fusion.attention_beta=nan", "'fusion.attention_beta' must be a finite number, got nan"),
     ("fusion.weights.text=inf", "'fusion.weights.text' must be a finite number, got inf"),
     ("fusion.event_weights={view=nan}", "'fusion.event_weights.view' must be a finite number, got nan"),
+    # a seed numpy or LightGBM refuses is refused here, before the embedding (before: a crash in the index stage)
+    ("ranker.seed=-3", "'ranker.seed': Input should be greater than or equal to 0, got -3"),
+    ("ranker.seed=2147483648", "'ranker.seed': Input should be less than or equal to 2147483647"),
 ])
 def test_bad_overrides_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
