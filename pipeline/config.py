@@ -40,6 +40,7 @@ Weights = dict[str, NonNegFloat]
 
 SOURCE_NAMES = ("auto", "ease", "recent_ease", "itemknn", "recent_itemknn", "sequence", "gru", "als", "vae", "rp3beta",
                 "content", "popular", "segment_popular")
+DEFAULT_EVENT_WEIGHTS = {"purchase": 4.0, "cart": 3.0, "click": 2.0, "view": 1.0}  # fusion.event_weights
 # A dimension every usual factory string divides (PQ8..PQ64, OPQ, IVF, HNSW): factories are
 # parsed by FAISS with it at load time; the real dimension is checked again when the index is built.
 _FACTORY_CHECK_DIM = 7680
@@ -96,9 +97,14 @@ class FusionConfig:
     cold_share: Share = 0.1  # share of each candidate list kept for items without interactions
     attention_beta: float = -1.0  # attention temperature; negative = chosen on validation
     half_life_days: PosFloat = 30.0
-    event_weights: Weights = field(
-        default_factory=lambda: {"purchase": 4.0, "cart": 3.0, "click": 2.0, "view": 1.0}
-    )
+    event_weights: Weights = field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
+
+    @field_validator("event_weights")
+    @classmethod
+    def _over_defaults(cls, value: dict[str, float]) -> dict[str, float]:
+        # A table naming some events keeps the documented defaults of the others: before, setting
+        # purchase alone moved cart, click and view to profiles' built-in 2.5, 1 and 0.5, unrecorded.
+        return {**DEFAULT_EVENT_WEIGHTS, **value}
 
 
 @dataclass(frozen=True, config=_STRICT_FLOATS)

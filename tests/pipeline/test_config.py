@@ -109,6 +109,17 @@ def test_every_existing_key_keeps_its_default() -> None:
     assert d["tracking"] == {"mlflow_uri": "", "experiment": "fusionrec"}
 
 
+def test_event_weights_named_in_part_keep_the_other_defaults(tmp_path: Path) -> None:
+    # Setting one event's weight left the others to profiles' built-ins (cart 2.5, click 1, view 0.5),
+    # not the documented defaults, and the manifest's config did not show them.
+    expected = {"purchase": 5.0, "cart": 3.0, "click": 2.0, "view": 1.0}
+    assert load_config(overrides=["fusion.event_weights.purchase=5"]).fusion.event_weights == expected
+    toml = tmp_path / "c.toml"
+    toml.write_text("[fusion.event_weights]\npurchase = 5\nlike = 2.5\n")
+    assert load_config(toml).to_dict()["fusion"]["event_weights"] == {**expected, "like": 2.5}
+    assert load_config(overrides=["fusion.event_weights={view=0}"]).fusion.event_weights["view"] == 0.0
+
+
 def test_config_is_frozen_and_replace_revalidates() -> None:
     import dataclasses
 
