@@ -69,6 +69,8 @@ def save_snapshot(catalog: Catalog, art_dir: Path) -> None:
     if catalog.users is not None:
         write_parquet(catalog.users.to_arrow(), out / "users.parquet")
         names.append("users.parquet")
+    else:  # a night without a users table: last night's would be served beside today's index
+        (out / "users.parquet").unlink(missing_ok=True)
     write_json({name: sha256_file(out / name) for name in names}, out / SNAPSHOT_SUMS)
 
 
@@ -81,6 +83,7 @@ def require_snapshot(art_dir: Path) -> None:
 def load_snapshot(art_dir: Path) -> Catalog:
     out = Path(art_dir) / "data"
     require_snapshot(art_dir)
+    has_users = (out / "users.parquet").is_file()
     if (out / SNAPSHOT_SUMS).is_file():  # artifacts from before checksums have none to check
         try:
             sums = json.loads((out / SNAPSHOT_SUMS).read_text())
@@ -91,7 +94,9 @@ def load_snapshot(art_dir: Path) -> Catalog:
             if not path.is_file() or sha256_file(path) != digest:
                 raise FusionrecError(f"{path} does not match the checksum recorded when it was written (changed or "
                                      "damaged since): rerun `fusionrec index` (or `fusionrec run`)")
-    users = pl.read_parquet(out / "users.parquet") if (out / "users.parquet").is_file() else None
+        # A users table the last snapshot did not list is an earlier night's (left by older versions)
+        has_users = has_users and "users.parquet" in sums
+    users = pl.read_parquet(out / "users.parquet") if has_users else None
     return Catalog(pl.read_parquet(out / "items.parquet"), users, pl.read_parquet(out / "interactions.parquet"))
 
 
