@@ -119,7 +119,7 @@ def _cuda_check(config: Config) -> Check:
     return Check("cuda", "ok", "no CUDA device: encoders run on the CPU (slower on large catalogs)")
 
 
-def _data_checks(data_dir: Path) -> list[Check]:
+def _data_checks(data_dir: Path, config: Config | None = None) -> list[Check]:
     if not data_dir.is_dir():
         return [Check("data", "fail", f"{data_dir} is not a directory")]
     out = []
@@ -150,15 +150,19 @@ def _data_checks(data_dir: Path) -> list[Check]:
         except FusionrecError as exc:
             out.append(Check(f"{kind} {modality} (precomputed)", "fail", str(exc)))
     encoded, given = item_modalities(data_dir, items.columns)
+    # A modality switched off (embed.<m>.enabled = false) is not encoded, whatever its column holds.
+    off = [m for m in encoded if config is not None and not getattr(config.embed, m).enabled]
     contents = modality_contents(items, "item")
-    empty = [m for m in encoded if m not in contents or not contents[m].height]  # a column of nulls encodes nothing
-    parts = [f"{m} (encoded)" for m in encoded if m not in empty] + [f"{m} (precomputed)" for m in given]
+    empty = [m for m in encoded if m not in off and (m not in contents or not contents[m].height)]
+    parts = [f"{m} (encoded)" for m in encoded if m not in empty + off] + [f"{m} (precomputed)" for m in given]
+    rest = [f"{m} (column empty)" for m in empty] + [f"{m} (disabled in the config)" for m in off]
     if parts:
-        out.append(Check("item modalities", "ok", ", ".join(parts + [f"{m} (column empty)" for m in empty])))
+        out.append(Check("item modalities", "ok", ", ".join(parts + rest)))
     else:  # the job runs, as `run` does, on behaviour alone
-        out.append(Check("item modalities", "warn", "no item has text, image or audio content (no such column, "
-                         "or only empty cells) and no precomputed item embeddings: the lists come from behaviour "
-                         "and popularity alone, and items without interactions cannot be recommended"))
+        out.append(Check("item modalities", "warn", "no item has text, image or audio content the config encodes "
+                         "(no such column, only empty cells, or the modality disabled) and no precomputed item "
+                         "embeddings: the lists come from behaviour and popularity alone, and items without "
+                         "interactions cannot be recommended" + (f" ({', '.join(rest)})" if rest else "")))
     return out
 
 
@@ -198,7 +202,7 @@ def checks(config: Config, out_dir: Path | str, data_dir: Path | str | None = No
     out += _weights_checks(config)
     out.append(_cuda_check(config))
     if data_dir is not None:
-        out += _data_checks(data_dir)
+        out += _data_checks(data_dir, config)
     out.append(_out_check(out_dir, data_dir))
     out.append(_disk_check(out_dir))
     return out

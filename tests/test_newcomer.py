@@ -447,6 +447,15 @@ def test_doctor_says_which_modalities_are_encoded_and_which_are_taken_as_given(t
     assert plan(Config(), tmp_path / "art", data)[0].startswith(f"embed: encode text from the items of {data}")
     found = {c.name: c for c in checks(Config(), tmp_path / "art", data)}
     assert found["item modalities"].detail == "text (encoded), audio (precomputed)"
+    # A modality the config switches off is not reported as encoded (before: "text (encoded)" regardless)
+    no_text = load_config(overrides=["embed.text.enabled=false"])
+    found = {c.name: c for c in checks(no_text, tmp_path / "art", data)}
+    assert found["item modalities"].detail == "audio (precomputed), text (disabled in the config)"
+    (data / "embeddings" / "item_audio.parquet").unlink()
+    found = {c.name: c for c in checks(no_text, tmp_path / "art", data)}
+    assert found["item modalities"].status == "warn"
+    assert "behaviour and popularity alone" in found["item modalities"].detail
+    assert found["item modalities"].detail.endswith("(text (disabled in the config))")
 
 
 # ----------------------------------------------------------------------------- MLflow tracking
