@@ -333,18 +333,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def parse_override(text: str) -> dict[str, Any]:
-    """`a.b.c=value` -> {"a": {"b": {"c": value}}}, the value read as TOML (bare words are strings)."""
+def _override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value), the value read as TOML (bare words are strings)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     key, raw = text.split("=", 1)
@@ -355,12 +345,30 @@ def parse_override(text: str) -> dict[str, Any]:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    return key.split("."), value
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}, the value read as TOML (bare words are strings)."""
+    parts, value = _override(text)
     out: dict[str, Any] = {}
     node = out
-    parts = key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
+    return out
+
+
+def _set(values: dict[str, Any], parts: list[str], value: Any) -> dict[str, Any]:
+    """`values` with the key at `parts` set to `value`: the tables on the way are kept (a dotted
+    key adds to them), the value itself replaces what was there, an inline table included, so
+    `fusion.weights={}` clears the file's weights instead of merging into them unchanged."""
+    out = dict(values)
+    if len(parts) == 1:
+        out[parts[0]] = value
+    else:
+        below = out.get(parts[0])
+        out[parts[0]] = _set(below if isinstance(below, dict) else {}, parts[1:], value)
     return out
 
 
@@ -391,5 +399,5 @@ def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str
     if path is not None:
         values = _read_toml(Path(path))
     for text in overrides:
-        values = _merge(values, parse_override(text))
+        values = _set(values, *_override(text))
     return _build(Config, values, "")

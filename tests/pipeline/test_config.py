@@ -21,6 +21,19 @@ def test_file_then_overrides(tmp_path: Path) -> None:
     assert cfg.index.target_recall == 0.9 and cfg.embed.image.model == "resnet18"
 
 
+def test_an_inline_table_override_replaces_the_files_table(tmp_path: Path) -> None:
+    # Before, an inline table was merged into the file's: `fusion.weights={}` (search the weights
+    # on validation) left the file's fixed weights in place, silently.
+    path = tmp_path / "c.toml"
+    path.write_text("[fusion]\nweights = {text = 0.7, image = 0.3}\n")
+    assert load_config(path, ["fusion.weights={}"]).fusion.weights == {}
+    assert load_config(path, ["fusion.weights={audio = 1}"]).fusion.weights == {"audio": 1.0}
+    # a dotted key still adds to the table, and later overrides build on earlier ones
+    assert load_config(path, ["fusion.weights.audio=0.2"]).fusion.weights == {"text": 0.7, "image": 0.3, "audio": 0.2}
+    assert load_config(path, ["fusion.weights={}", "fusion.weights.audio=1"]).fusion.weights == {"audio": 1.0}
+    assert load_config(path, ["fusion.method=concat"]).fusion.weights == {"text": 0.7, "image": 0.3}
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("embed.text.bogus=1", "unknown config key 'embed.text.bogus'"),
     ("embed.text.batch_size=abc", "'embed.text.batch_size' must be an integer, got 'abc'"),
