@@ -256,7 +256,8 @@ class Retriever:
             rows = np.arange(len(self.user_ids_))
         else:
             lookup = pl.DataFrame({"user_id": self.user_ids_.astype(str), "row": np.arange(len(self.user_ids_))})
-            want = pl.DataFrame({"user_id": pl.Series(list(user_ids), dtype=pl.Utf8)}).unique(maintain_order=True)
+            ids = [user_ids] if isinstance(user_ids, str) else list(user_ids)  # one id, not its characters
+            want = pl.DataFrame({"user_id": pl.Series(ids, dtype=pl.Utf8)}).unique(maintain_order=True)
             rows = want.join(lookup, on="user_id", how="inner", maintain_order="left")["row"].to_numpy()
         return self._retrieve(self.user_blocks_.take(rows), self.user_weights_[rows],
                               self.seen_[rows] if exclude_seen else None, k or self.params.n_candidates)

@@ -107,6 +107,8 @@ class Recommender:
         """
         steps = rerank if rerank is not None and rerank.active else None
         depth = k if steps is None else max(k, steps.candidates)
+        if isinstance(user_ids, str):  # one id: a string is iterable, and each character became a user
+            user_ids = [user_ids]
         cands = self.sources_.candidates(user_ids, exclude_seen=exclude_seen)
         ranked = use_ranker and self.order_ == "ranker" and self.ranker_ is not None
         by_ranker = pl.col("user_id").is_in(self.users_with_history(cands["user_id"].unique().to_list())) \

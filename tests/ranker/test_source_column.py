@@ -182,3 +182,11 @@ def test_the_rerank_step_draws_from_no_deeper_than_the_candidates_the_ranker_reo
     # the ranker does reorder them: its order is not the retrieval order everywhere
     assert (warm["rank"] != warm["retrieval_rank"]).any()
     assert listed.filter(pl.col("user_id") == COLD_NOTHING)["source"].to_list() == ["popular"] * 3
+
+
+def test_one_user_id_given_as_a_string_is_one_user(art: Path) -> None:
+    # Before, rec.recommend("u001") served the users "u", "0" and "1" (a string is iterable),
+    # each a stranger with the popular list: no error, wrong lists.
+    rec = Recommender(art)
+    assert_frame_equal(rec.recommend("u001", k=3), rec.recommend(["u001"], k=3))  # type: ignore[arg-type]
+    assert_frame_equal(rec.retriever_.candidates("u001", k=3), rec.retriever_.candidates(["u001"], k=3))  # type: ignore[arg-type]
