@@ -214,7 +214,19 @@ class ALS(Source):
         self.alpha, self.seed, self.threads, self.seeds = float(alpha), int(seed), int(threads), int(seeds)
         self.tag_weight, self.tags, self.bm25 = float(tag_weight), tags, bool(bm25)
 
-    def fit(self, log: UserItemLog) -> ALS:
+    def fit(self, log: UserItemLog, *, first: int | None = None) -> ALS:
+        """Fit the `seeds` seeded models on `log`; with `first`, only the first `first` of them
+        (a cheaper first look for a search, which `complete` turns into the full fit)."""
+        self.fitted_seeds_ = 0
+        self._partial: list[tuple[np.ndarray, np.ndarray]] = []  # each seed's factors, until every seed is in
+        return self._add_seeds(log, self.seeds if first is None else min(int(first), self.seeds))
+
+    def complete(self, log: UserItemLog) -> ALS:
+        """The seeds `fit(log, first=...)` left out, fitted on the same `log`: the factors then
+        equal those of `fit(log)` (each seed's fit is its own, single-threaded)."""
+        return self._add_seeds(log, self.seeds - self.fitted_seeds_)
+
+    def _add_seeds(self, log: UserItemLog, count: int) -> ALS:
         from implicit.cpu.als import AlternatingLeastSquares  # optional, heavy: imported when used
         from threadpoolctl import threadpool_limits
 
@@ -240,11 +252,14 @@ class ALS(Source):
         # No BLAS threads beside the fits: one limit around all of them (where the BLAS keeps
         # one count for the process, every fit's own limit then saves and restores 1, not a
         # count another fit set); implicit's fit releases the GIL, so the fits run at once.
+        done = self.fitted_seeds_
         with threadpool_limits(1, "blas"):
-            fits = thread_map(one, range(self.seeds), self.threads)
+            fits = self._partial + thread_map(one, range(done, done + count), self.threads)
         # The mean of the seeds' scores is one dot product of the stacked factors.
-        self.users_ = np.hstack([f[0] for f in fits]) / np.float32(self.seeds)
+        self.users_ = np.hstack([f[0] for f in fits]) / np.float32(len(fits))
         self.items_ = np.hstack([f[1] for f in fits])
+        self.fitted_seeds_ = len(fits)
+        self._partial = fits if len(fits) < self.seeds else []
         return self
 
     def score(self, log: UserItemLog, users: np.ndarray) -> np.ndarray:
@@ -260,6 +275,7 @@ class ALS(Source):
 
     def restore(self, arrays: dict[str, np.ndarray]) -> ALS:
         self.users_, self.items_ = arrays["users"], arrays["items"]
+        self.fitted_seeds_, self._partial = self.seeds, []
         return self
 
 

@@ -160,6 +160,54 @@ def test_als_seeds_fitted_side_by_side_equal_one_after_another() -> None:
     assert np.array_equal(side_by_side.items_[:, :8], single.items_)
 
 
+@pytest.mark.skipif(not als_available(), reason="the `implicit` package is not installed")
+def test_als_screened_on_its_first_seeds_then_completed_equals_the_full_fit() -> None:
+    log, _ = fitted("als", pairs_log(n_users=200))
+    rows = np.arange(log.n_users)
+    full = ALS(factors=8, regularization=1.0, seeds=4).fit(log)
+    screened = ALS(factors=8, regularization=1.0, seeds=4).fit(log, first=2)
+    two = ALS(factors=8, regularization=1.0, seeds=2).fit(log)
+    assert screened.fitted_seeds_ == 2 and np.array_equal(screened.score(log, rows), two.score(log, rows))
+    completed = screened.complete(log)
+    assert completed.fitted_seeds_ == 4
+    assert np.array_equal(completed.items_, full.items_) and np.array_equal(completed.users_, full.users_)
+    assert np.array_equal(completed.score(log, rows), full.score(log, rows))
+
+
+def test_finalists_are_each_groups_leaders_in_grid_order_and_only_leaders_are_held() -> None:
+    grid = [{"f": j} for j in range(10)] + [{"f": j, "tag_weight": 1.0} for j in range(4)]
+    value = {0: 0.1, 1: 0.5, 2: 0.3, 3: 0.5, 4: 0.2, 5: 0.9, 6: 0.0, 7: 0.4, 8: 0.45, 9: 0.1}
+    tagged_value = {0: 0.2, 1: 0.6, 2: 0.6, 3: 0.1}
+    alive: set[int] = set()
+
+    class Model:
+        def __init__(self, j: int) -> None:
+            self.j = j
+            alive.add(id(self))
+
+        def __del__(self) -> None:
+            alive.discard(id(self))
+
+    peak = 0
+
+    def first_look(setting: dict) -> tuple[Model, float]:
+        nonlocal peak
+        model = Model(setting["f"])
+        peak = max(peak, len(alive))
+        return model, (tagged_value if setting.get("tag_weight") else value)[setting["f"]]
+
+    chosen = candidates_module.finalists(grid, first_look)
+    # Ten plain settings: the best 30% (5, then 1 and 3 tied at 0.5); four tagged: the best two
+    # (1 and 2 tie: both kept). In grid order, with their models.
+    assert [s for s, _ in chosen] == [{"f": 1}, {"f": 3}, {"f": 5}, {"f": 1, "tag_weight": 1.0},
+                                      {"f": 2, "tag_weight": 1.0}]
+    assert [m.j for _, m in chosen] == [1, 3, 5, 1, 2]
+    assert peak <= 3 + 2 + 1  # the leaders of both groups and the one being looked at
+    # A tie at the cut keeps the earlier setting.
+    tied = candidates_module.finalists([{"f": 0}, {"f": 1}, {"f": 2}], lambda s: (s["f"], 1.0), least=2)
+    assert [s for s, _ in tied] == [{"f": 0}, {"f": 1}]
+
+
 def test_tag_matrix_keeps_tags_shared_by_enough_items_in_the_given_item_order() -> None:
     items = pl.DataFrame({"item_id": ["b", "a", "c", "d"],
                           "tags": [" Rock|Jazz", "rock|pop", "ROCK| jazz |", None]})
@@ -303,9 +351,9 @@ def test_the_search_skips_the_tag_settings_where_the_items_have_no_tags() -> Non
     fits: list[dict] = []
     original = ALS.fit
 
-    def counting(self: ALS, log):  # type: ignore[no-untyped-def]
+    def counting(self: ALS, log, **kwargs):  # type: ignore[no-untyped-def]
         fits.append({"tag_weight": self.tag_weight, "tags": self.tags is not None})
-        return original(self, log)
+        return original(self, log, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ALS, "fit", counting)
