@@ -64,7 +64,9 @@ class RerankInputs:
     items: the items table (item_id and attribute columns); vectors: (item ids, matrix) for
     MMR; history: user_id, item_id of the log (calibration's p and the head); n_items: the
     catalog size (the head is a share of it); rules: the rules file as `read_rules` returns
-    it; seen: user_id, item_id pairs never pinned to that user.
+    it; seen: user_id, item_id pairs never pinned to that user; rules_checked: the rules were
+    already checked against the catalog and this k (`rerank` warns about rules that cannot act
+    as written only where they were not: a caller serving users in batches warns once).
     """
 
     items: pl.DataFrame | None = None
@@ -73,6 +75,7 @@ class RerankInputs:
     n_items: int | None = None
     rules: pl.DataFrame | None = None
     seen: pl.DataFrame | None = None
+    rules_checked: bool = False
 
 
 def read_rules(path: Path | str) -> pl.DataFrame:
@@ -139,7 +142,8 @@ def rerank(candidates: pl.DataFrame, k: int, config: RerankConfig, inputs: Reran
     users = ordered["user_id"].unique().sort().to_list()
     cands = _exclude(ordered, config, inputs)
     pins = _pins(users, config, inputs)
-    _warn_unplaceable_rules(inputs, k)
+    if not inputs.rules_checked:
+        _warn_unplaceable_rules(inputs, k)
     item_ids = sorted(set(cands["item_id"].to_list()) | {i for pinned in pins.values() for i, _ in pinned})
     code = {i: j for j, i in enumerate(item_ids)}
     grouped = cands.group_by("user_id", maintain_order=True).agg(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -77,6 +78,8 @@ class Recommender:
         self.guard_ = json.loads(guard_path.read_text())
         self.depth_ = int(self.guard_.get("depth") or 0)  # the ranker reorders this many candidates (0: all)
         self._rerank_vectors: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # MMR vectors by modality, loaded once
+        self._rerank_rules: dict[tuple[Any, ...], pl.DataFrame] = {}  # rules files by path and version, read once
+        self._rules_checked: set[tuple[Any, ...]] = set()  # (rules file version, k) whose warnings were given
         self.ranker_: Ranker | None = None
         if (self.art_dir / "ranker" / "model.txt").is_file():
             self.ranker_ = Ranker.load(self.art_dir / "ranker")
@@ -122,7 +125,7 @@ class Recommender:
         best = pl.concat(tops, how="diagonal_relaxed")
         columns = list(TOPK_SCHEMA)
         if steps is not None:  # after both orders: its caps (an item's share of the lists) span every user
-            best = rerank_lists(best, k, steps, self.rerank_inputs(steps, exclude_seen=exclude_seen))
+            best = rerank_lists(best, k, steps, self.rerank_inputs(steps, exclude_seen=exclude_seen, k=k))
             columns.append("rerank")
         if not explain:
             return best.select(columns).sort(["user_id", "rank"])
@@ -168,9 +171,15 @@ class Recommender:
             cands = cands.filter(pl.col("retrieval_rank") <= max(self.depth_, k))
         return topk_scored(self.ranker_, self._features(cands), depth)
 
-    def rerank_inputs(self, config: RerankConfig, *, exclude_seen: bool = True) -> RerankInputs:
-        """What the post-ranking step reads: the items table, the log, the rules file and, for
-        MMR, the item vectors of `config.mmr_modality` (loaded once per modality)."""
+    def rerank_inputs(self, config: RerankConfig, *, exclude_seen: bool = True, k: int | None = None
+                      ) -> RerankInputs:
+        """What the post-ranking step reads: the items table, the log, the rules file (read once)
+        and, for MMR, the item vectors of `config.mmr_modality` (loaded once per modality).
+
+        With `k`, the rules' warnings (an item the catalog lacks, a pin past k) are given on
+        the first call for that file (as last modified) and k only: `recommend` called batch by
+        batch warns once.
+        """
         vectors = None
         if config.mmr_lambda:
             if config.mmr_modality not in self._rerank_vectors:
@@ -178,10 +187,20 @@ class Recommender:
                                                                          self.retriever_)
             vectors = self._rerank_vectors[config.mmr_modality]
         log = self.catalog_.interactions.select(pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String))
+        rules, checked = None, False
+        if config.rules_file:
+            path = Path(config.rules_file)
+            # An edited file is read again (a long-lived process sees today's rules).
+            version = (str(path), path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else (str(path),)
+            if version not in self._rerank_rules:
+                self._rerank_rules = {version: read_rules(config.rules_file)}
+            rules = self._rerank_rules[version]
+            if k is not None:
+                checked = (*version, k) in self._rules_checked
+                self._rules_checked.add((*version, k))  # the step about to run gives them
         return RerankInputs(items=self.catalog_.items, vectors=vectors, history=log,
-                            n_items=len(self.retriever_.item_ids_),
-                            rules=read_rules(config.rules_file) if config.rules_file else None,
-                            seen=log if exclude_seen else None)
+                            n_items=len(self.retriever_.item_ids_), rules=rules,
+                            seen=log if exclude_seen else None, rules_checked=checked)
 
     def score(self, pairs: pl.DataFrame, *, explain: bool = False) -> pl.DataFrame:
         """`pairs` (user_id, item_id, other columns kept) plus stage-1 columns and `score`:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -358,3 +359,28 @@ def test_exclusions_that_empty_every_list_are_named(art: Path, tmp_path: Path) -
     with pytest.raises(FusionrecError, match=r"an empty night\): check the \[rerank\] exclusions"):
         run_recommend(art, tmp_path / "top.csv", config, pseudonymise_ids=False)
     assert not (tmp_path / "top.csv").exists()
+
+
+def test_recommend_in_batches_warns_about_a_rule_once_and_rereads_an_edited_file(
+        art: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Before, each `recommend` call read the rules file again and repeated its warnings: a
+    caller serving users batch by batch saw the same warning once per batch."""
+    rec = Recommender(art)
+    users = rec.known_users_[:4]
+    rules = write_rules(tmp_path / "rules.csv", [{"item_id": "no-such-item", "action": "pin", "position": 1}])
+    config = RerankConfig(rules_file=str(rules))
+    with caplog.at_level("WARNING", logger="fusionrec.rerank"):
+        for batch in (users[:2], users[2:]):
+            rec.recommend(batch, K, rerank=config)
+    assert sum("name an item the catalog does not have" in m for m in caplog.messages) == 1
+    # The file edited between calls: its new rule acts, and its own warning is given.
+    item = rec.catalog_.items["item_id"].cast(pl.String).sort()[0]
+    os.utime(write_rules(rules, [{"item_id": item, "action": "pin", "position": 1},
+                                 {"item_id": "other-missing", "action": "pin", "position": 2}]), ns=(1, 10**18))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fusionrec.rerank"):
+        out = rec.recommend(users[:2], K, rerank=config)
+    assert sum("(row 2: 'other-missing')" in m for m in caplog.messages) == 1
+    seen = set(rec.catalog_.interactions.filter(pl.col("item_id").cast(pl.String) == item)["user_id"].cast(pl.String))
+    first = out.filter(pl.col("rank") == 1)
+    assert all(u in seen or i == item for u, i in zip(first["user_id"], first["item_id"], strict=True))
