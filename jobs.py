@@ -18,7 +18,7 @@ import polars as pl
 from fusionrec.pipeline.config import Config
 from fusionrec.pipeline.embedding.job import EmbedReport, run_embed
 from fusionrec.pipeline.errors import ConfigError, FusionrecError, InputError, first_line
-from fusionrec.pipeline.io.manifest import stage_run
+from fusionrec.pipeline.io.manifest import hash_inputs, stage_run
 from fusionrec.pipeline.io.storage import ArtifactLock, check_separate_dirs, clean_stale_exports
 from fusionrec.pipeline.io.tracking import check_tracking, log_nightly
 from fusionrec.pipeline.retrieval.stage import load_catalog
@@ -238,6 +238,7 @@ def run_nightly(data_dir: Path, art_dir: Path, config: Config | None = None, *,
     timings: dict[str, float] = {}
     load_catalog(data_dir)  # every table validated before hours of encoding, not after
     with ArtifactLock(art_dir), stage_run("run", art_dir, data_dir, config.to_dict(), lock=False) as total:
+        total.inputs = hash_inputs(data_dir)  # the run's own record names its inputs too (it had none)
         t0 = time.perf_counter()
         embedded = run_embed(data_dir, art_dir, config, show_progress=show_progress, lock=False, verify=verify)
         timings["embed"] = time.perf_counter() - t0

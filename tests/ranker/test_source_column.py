@@ -190,3 +190,11 @@ def test_one_user_id_given_as_a_string_is_one_user(art: Path) -> None:
     rec = Recommender(art)
     assert_frame_equal(rec.recommend("u001", k=3), rec.recommend(["u001"], k=3))  # type: ignore[arg-type]
     assert_frame_equal(rec.retriever_.candidates("u001", k=3), rec.retriever_.candidates(["u001"], k=3))  # type: ignore[arg-type]
+
+
+def test_the_run_record_names_its_inputs(art: Path) -> None:
+    # The manifest's record of `run` had inputs {} (only its embed and index records had them).
+    runs = json.loads((art / "manifest.json").read_text())["runs"]
+    last = {r["command"]: r for r in runs}
+    assert last["run"]["inputs"] and last["run"]["inputs"] == last["index"]["inputs"]
+    assert {"items.csv", "interactions.csv"} <= set(last["run"]["inputs"])
