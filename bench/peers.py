@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from fusionrec.evaluation.splits import global_temporal_split, per_user_temporal_split  # noqa: E402
-from fusionrec.pipeline.retrieval.candidates import ndcg_at, truth_pairs  # noqa: E402
+from fusionrec.pipeline.retrieval.candidates import hits_at, ndcg_at, truth_pairs  # noqa: E402
 from fusionrec.pipeline.retrieval.sources import (  # noqa: E402
     ALS,
     EASE,
@@ -261,11 +261,8 @@ class Task:
         return ndcg_at(np.where(self.blocked, -np.inf, scores), self.truth_matrix)
 
     def recall(self, scores: np.ndarray, k: int = 10) -> np.ndarray:
-        s = np.where(self.blocked, -np.inf, scores)
-        top = np.argpartition(-s, k - 1, axis=1)[:, :k]
-        # an item at -inf (seen, or not in an exported list) is not recommended: never a hit
-        hits = (np.take_along_axis(self.truth_matrix, top, axis=1) & np.isfinite(np.take_along_axis(s, top, axis=1))
-                ).sum(axis=1)
+        """Per-user recall@k (an item at -inf, seen or not in an exported list, is never a hit)."""
+        hits = hits_at(np.where(self.blocked, -np.inf, scores), self.truth_matrix, k)
         return hits / np.maximum(self.truth_matrix.sum(axis=1), 1)
 
     def lists(self, recs: pl.DataFrame) -> np.ndarray:

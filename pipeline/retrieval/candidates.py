@@ -153,11 +153,17 @@ def ndcg_at(scores: np.ndarray, truth: np.ndarray, k: int = 10) -> np.ndarray:
     return _ndcg(_dcg_at(scores, truth, k)[0], ideal_dcg(truth, k))
 
 
-def recall_at(scores: np.ndarray, truth: np.ndarray, n: int) -> float:
+def hits_at(scores: np.ndarray, truth: np.ndarray, n: int) -> np.ndarray:
+    """Per row, how many of the `n` best-scored items are in `truth`; an item at -inf (seen, or
+    not listed) is never recommended, so never a hit."""
     n = min(n, scores.shape[1])
     top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
-    hits = (np.take_along_axis(truth, top, axis=1) & np.isfinite(np.take_along_axis(scores, top, axis=1))).sum(axis=1)
-    return float(hits.sum() / max(truth.sum(), 1))
+    return (np.take_along_axis(truth, top, axis=1) & np.isfinite(np.take_along_axis(scores, top, axis=1))).sum(axis=1)
+
+
+def recall_at(scores: np.ndarray, truth: np.ndarray, n: int) -> float:
+    """Recall@n pooled over rows: every row's hits over every row's truth."""
+    return float(hits_at(scores, truth, n).sum() / max(truth.sum(), 1))
 
 
 BLEND_STEPS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)

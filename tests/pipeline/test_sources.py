@@ -12,6 +12,7 @@ from fusionrec.pipeline.retrieval.candidates import (
     CandidateModel,
     default_sources,
     gate_source,
+    hits_at,
     label_split,
     ndcg_at,
     recall_at,
@@ -137,6 +138,7 @@ def test_an_item_at_minus_infinity_is_never_a_hit() -> None:
     short = np.array([[-np.inf, 2.0, -np.inf, -np.inf], [-np.inf, -np.inf, 1.0, -np.inf]])
     assert ndcg_at(short, truth, k=3).tolist() == [0.0, 1.0]
     assert recall_at(short, truth, 3) == 0.5
+    assert hits_at(short, truth, 3).tolist() == [0, 1]
 
 
 def test_blend_search_puts_weight_on_the_source_that_finds_the_labels() -> None:
