@@ -6,6 +6,7 @@ Each stage takes the artifacts lock and writes its run record through
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -139,11 +140,19 @@ def export_topk(frame: pl.DataFrame, path: Path, art_dir: Path, config: Config, 
     return write_topk(frame, path, raw=raw)
 
 
+def with_pseudonymise(config: Config, pseudonymise_ids: bool | None) -> Config:
+    """`config` as the export runs it: --raw-ids / --pseudonymise over export.pseudonymise, so the
+    manifest's config says whether the file holds raw ids (it said `pseudonymise = true` beside raw ids)."""
+    if pseudonymise_ids is None or pseudonymise_ids == config.export.pseudonymise:
+        return config
+    return dataclasses.replace(config, export=dataclasses.replace(config.export, pseudonymise=pseudonymise_ids))
+
+
 def run_score(art_dir: Path, candidates: Path, export: Path, config: Config | None = None, *,
               explain: bool = False, pseudonymise_ids: bool | None = None,
               lock: bool = True) -> tuple[pl.DataFrame, Path]:
     """The score command: (user_id, item_id) pairs scored and exported, under the shared lock."""
-    config = config or Config()
+    config = with_pseudonymise(config or Config(), pseudonymise_ids)
     art_dir = Path(art_dir)
     check_export_target(export, art_dir)
     pairs = read_pairs(candidates)
@@ -180,7 +189,7 @@ def run_recommend(art_dir: Path, export: Path, config: Config | None = None, *, 
 
     A reader: it holds the shared lock (unless the caller holds the exclusive one, `lock=False`).
     """
-    config = config or Config()
+    config = with_pseudonymise(config or Config(), pseudonymise_ids)
     art_dir = Path(art_dir)
     k = config.export.k if k is None else k
     if k < 1:

@@ -198,3 +198,17 @@ def test_the_run_record_names_its_inputs(art: Path) -> None:
     last = {r["command"]: r for r in runs}
     assert last["run"]["inputs"] and last["run"]["inputs"] == last["index"]["inputs"]
     assert {"items.csv", "interactions.csv"} <= set(last["run"]["inputs"])
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_the_manifest_says_whether_an_export_holds_raw_ids(art: Path, tmp_path: Path, raw: bool) -> None:
+    # `recommend --raw-ids` recorded the config's `pseudonymise = true` beside a file of raw ids.
+    from fusionrec.jobs import run_recommend, run_score
+
+    cfg = load_config(None, [f"export.pseudonymise={str(raw).lower()}"])  # the flag says the opposite
+    run_recommend(art, tmp_path / "top.csv", cfg, users=["u001"], k=2, pseudonymise_ids=not raw)
+    pl.DataFrame({"user_id": ["u001"], "item_id": ["i001"]}).write_csv(tmp_path / "pairs.csv")
+    run_score(art, tmp_path / "pairs.csv", tmp_path / "scored.csv", cfg, pseudonymise_ids=not raw)
+    runs = json.loads((art / "manifest.json").read_text())["runs"]
+    assert [r["config"]["export"]["pseudonymise"] for r in runs[-2:]] == [not raw, not raw]
+    assert (pl.read_csv(tmp_path / "top.csv")["user_id"][0] == "u001") is raw
