@@ -31,7 +31,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from fusionrec.pipeline.config import Config
-from fusionrec.pipeline.errors import FusionrecError
+from fusionrec.pipeline.errors import FusionrecError, InputError
 from fusionrec.pipeline.retrieval import faiss_index as fidx
 from fusionrec.pipeline.retrieval import retriever_store as store
 from fusionrec.pipeline.retrieval.fetch import ColdIndex, cold_index, feature_columns, gather_sims, retrieve
@@ -247,6 +247,14 @@ class Retriever:
         return retrieve(self.params, self.index_, self.search_params_, self.item_blocks_, self.modalities_, cold,
                         ub, weights, seen, k)
 
+    def _depth(self, k: int | None) -> int:
+        """`k` rows a user, `index.n_candidates` when None (`k or ...` turned k = 0 into 100 rows)."""
+        if k is None:
+            return self.params.n_candidates
+        if k < 1:
+            raise InputError(f"k must be at least 1, not {k}", field="k")
+        return int(k)
+
     def candidates(self, user_ids: list[str] | None = None, k: int | None = None, exclude_seen: bool = True
                    ) -> pl.DataFrame:
         """Top-k (default n_candidates) items per known user: user_id, item_id, retrieval_rank,
@@ -260,7 +268,7 @@ class Retriever:
             want = pl.DataFrame({"user_id": pl.Series(ids, dtype=pl.Utf8)}).unique(maintain_order=True)
             rows = want.join(lookup, on="user_id", how="inner", maintain_order="left")["row"].to_numpy()
         return self._retrieve(self.user_blocks_.take(rows), self.user_weights_[rows],
-                              self.seen_[rows] if exclude_seen else None, k or self.params.n_candidates)
+                              self.seen_[rows] if exclude_seen else None, self._depth(k))
 
     def pair_features(self, pairs: pl.DataFrame, exclude_seen: bool = True) -> pl.DataFrame:
         """The candidate columns for arbitrary (user_id, item_id) pairs, in the input order.
@@ -316,7 +324,7 @@ class Retriever:
         if history is not None and "user_id" not in history.columns:
             history = history.with_columns(pl.lit("query").alias("user_id"))
         ub, w, im = self.user_vectors(history, user_modalities)
-        return self._retrieve(ub, w, im.seen if exclude_seen else None, k or self.params.n_candidates)
+        return self._retrieve(ub, w, im.seen if exclude_seen else None, self._depth(k))
 
     # ------------------------------------------------------------------ summary and persistence
     def summary_(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from fusionrec.pipeline.errors import ConfigError, FusionrecError
+from fusionrec.pipeline.errors import ConfigError, FusionrecError, InputError
 from fusionrec.pipeline.retrieval import weight_search
 from fusionrec.pipeline.retrieval.candidates import served_user_ids
 from fusionrec.pipeline.retrieval.fusion import fused_score
@@ -130,6 +130,15 @@ def test_candidates_options(fixed, world):
     assert c.height == 10
     with_seen = fixed.candidates(["u3"], k=30, exclude_seen=False)
     assert with_seen.join(inter, on=["user_id", "item_id"], how="semi").height >= 10
+
+
+def test_k_zero_is_refused_not_the_default(fixed):
+    # `k or n_candidates` served the default 100 rows a user for k = 0, silently.
+    for call in (lambda: fixed.candidates(["u3"], k=0),
+                 lambda: fixed.recommend_for_history(pl.DataFrame({"item_id": ["i1"]}), k=0)):
+        with pytest.raises(InputError, match="k must be at least 1, not 0"):
+            call()
+    assert fixed.candidates(["u3"]).height == K  # None: index.n_candidates
 
 
 def test_candidates_keep_to_the_users_topic(fixed, world):
