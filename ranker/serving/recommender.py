@@ -205,6 +205,10 @@ class Recommender:
     def score(self, pairs: pl.DataFrame, *, explain: bool = False) -> pl.DataFrame:
         """`pairs` (user_id, item_id, other columns kept) plus stage-1 columns and `score`:
         the shipped order's score, the blend's for users without history (`users_with_history`)."""
+        missing = [c for c in ("user_id", "item_id") if c not in pairs.columns]
+        if missing:  # an InputError naming them, not polars' ColumnNotFoundError from deep inside
+            raise InputError(f"pairs lack column(s) {', '.join(missing)}; has {', '.join(pairs.columns) or 'none'}",
+                             field=missing[0])
         stage1 = self.sources_.score_pairs(pairs)
         if self.order_ != "ranker" or self.ranker_ is None:
             scored = self._blend_scored(stage1)

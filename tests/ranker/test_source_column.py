@@ -212,3 +212,12 @@ def test_the_manifest_says_whether_an_export_holds_raw_ids(art: Path, tmp_path: 
     runs = json.loads((art / "manifest.json").read_text())["runs"]
     assert [r["config"]["export"]["pseudonymise"] for r in runs[-2:]] == [not raw, not raw]
     assert (pl.read_csv(tmp_path / "top.csv")["user_id"][0] == "u001") is raw
+
+
+def test_pairs_without_an_id_column_are_an_input_error(art: Path) -> None:
+    # Before: polars' ColumnNotFoundError from inside the candidate model.
+    from fusionrec.pipeline.errors import InputError
+
+    with pytest.raises(InputError, match="pairs lack column\\(s\\) item_id; has user_id, campaign") as info:
+        Recommender(art).score(pl.DataFrame({"user_id": ["u001"], "campaign": ["a"]}))
+    assert info.value.field == "item_id" and info.value.exit_code == 2
