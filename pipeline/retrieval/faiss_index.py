@@ -25,6 +25,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from fusionrec.pipeline.errors import ConfigError
 from fusionrec.pipeline.io.storage import atomic_path
 
 EXACT_MAX_ITEMS = 20_000
@@ -105,7 +106,8 @@ def build_index(x: np.ndarray, factory: str = "auto", *, seed: int = 0, train_si
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
-    if factory in (None, "", "auto"):
+    given = factory not in (None, "", "auto")
+    if not given:
         factory = choose_factory(n, d, exact_max=exact_max, memory_budget=memory_budget)
         if n > exact_max and n * d * 4 <= memory_budget:
             if tune_queries is None:
@@ -115,18 +117,33 @@ def build_index(x: np.ndarray, factory: str = "auto", *, seed: int = 0, train_si
                                          **choice)
             _CHOICES[index] = record
             return index
-    index, ivf = new_index(d, factory, seed=seed)
-    if ivf is not None and centroids is not None and len(centroids) == ivf.nlist:
-        ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))  # IVF training keeps a full quantizer
-    if not index.is_trained:
-        # 50 points per list is enough for the coarse centroids; k-means cost grows with it
-        want = train_size or (max(ivf.nlist * 50, 10_000) if ivf is not None else 100_000)
-        rng = np.random.default_rng(seed)
-        sample = x if n <= want else x[np.sort(rng.choice(n, want, replace=False))]
-        index.train(sample)
+    try:
+        index, ivf = new_index(d, factory, seed=seed)
+        if ivf is not None and centroids is not None and len(centroids) == ivf.nlist:
+            ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))  # IVF training keeps a full quantizer
+        if not index.is_trained:
+            # 50 points per list is enough for the coarse centroids; k-means cost grows with it
+            want = train_size or (max(ivf.nlist * 50, 10_000) if ivf is not None else 100_000)
+            rng = np.random.default_rng(seed)
+            sample = x if n <= want else x[np.sort(rng.choice(n, want, replace=False))]
+            index.train(sample)
+    except RuntimeError as exc:
+        if not given:
+            raise
+        # A factory the config check parsed (at a stand-in dimension) that does not fit these
+        # vectors: PQ subquantizers that do not divide d, more lists or codes than rows. The
+        # config's to fix (exit 2), not a crash.
+        raise ConfigError(f"config key 'index.factory': FAISS cannot build {factory!r} for {n} items of dimension "
+                          f"{d} ({_faiss_reason(exc)}); use \"auto\" or a factory that fits") from None
     for start in range(0, n, add_batch):
         index.add(x[start:start + add_batch])
     return index
+
+
+def _faiss_reason(exc: Exception) -> str:
+    """FAISS's own words, without its `Error in <C++ signature> at <file>:<line>: ` prefix."""
+    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return re.sub(r"^Error in .* at \S+:\d+: (Error: )?", "", text)
 
 
 def search_param_name(index: faiss.Index) -> str | None:

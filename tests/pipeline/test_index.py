@@ -244,3 +244,19 @@ def test_a_candidate_can_fix_its_rescoring_depth(data):
     assert faiss.downcast_index(index).k_factor == 16
     scores, ids = fidx.search(index, queries, 10)
     np.testing.assert_allclose(scores, fidx.true_scores(queries, base, ids), atol=1e-5)
+
+
+@pytest.mark.parametrize(("factory", "reason"), [
+    ("PQ16", "should be a multiple of the number of subquantizers"),  # the config check parses at d = 7680
+    ("IVF64,Flat", "Number of training points (40) should be at least as large as number of clusters (64)"),
+])
+def test_a_factory_that_does_not_fit_the_vectors_is_a_config_error(factory: str, reason: str) -> None:
+    # Before: "unexpected RuntimeError" from FAISS (exit 1 and a crash log) in the index stage.
+    from fusionrec.pipeline.errors import ConfigError
+
+    x = l2_normalise(np.random.default_rng(0).normal(size=(40, 410)).astype(np.float32))
+    with pytest.raises(ConfigError) as info:
+        fidx.build_index(x, factory)
+    text = str(info.value)
+    assert text.startswith(f"config key 'index.factory': FAISS cannot build {factory!r} for 40 items of dimension 410")
+    assert reason in text and "Error in" not in text and info.value.exit_code == 2
