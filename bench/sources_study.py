@@ -87,6 +87,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # 10 + 3 x 5 = 25 fits: the best three settings on one seed, then those three on six seeds.
     "shipped, ALS shortlist of three on one seed": {"als_grid": "wide", "seeds": 6, "choose_seeds": 1,
                                                     "shortlist": 3, "steps": C.BLEND_STEPS, "rounds": 4},
+    # The screen the index stage runs since 6a72027 (`candidates.finalists`): every ALS setting
+    # on two seeds, each group's best 30% (at least two; with and without tags) on six, then
+    # the tags rule between the two groups' best: 14 x 2 + 5 x 4 = 48 fits instead of 84.
+    "shipped, ALS screened on two seeds, each group's best 30% on six": {
+        "als_grid": "tags", "seeds": 6, "screen_seeds": C.SCREEN_SEEDS, "steps": C.BLEND_STEPS, "rounds": 4,
+        "tag_sources": ITEM_ITEM},
     # Leads judged before building them (not sources of the product): a popularity penalty on
     # the blend (Last.fm's validation labels are less popular than random hold-outs), and
     # collective EASE, whose Gram adds the content cosines (`CEASE_GRID`), as one more source.
@@ -391,6 +397,9 @@ class Study:
             return np.mean([self.scores[("als", json.dumps(g, sort_keys=True), k)] for k in range(seeds)], axis=0)
 
         choose_seeds = variant.get("choose_seeds", variant["seeds"])
+        if variant.get("screen_seeds"):  # the nightly screen: finalists on the screen's seeds, ranked on all
+            look = variant["screen_seeds"]
+            grid = [g for g, _ in C.finalists(grid, lambda g: (None, float(self.ndcg(als(g, look), choose).mean())))]
         ranked_grid = sorted(grid, key=lambda g: -float(self.ndcg(als(g, choose_seeds), choose).mean()))
         if variant["als_grid"] in ("tags", "tags_wider", "bm25"):  # the nightly rule: tags only with a clear gain
             best_plain = next(g for g in ranked_grid if not g.get("tag_weight"))

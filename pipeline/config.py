@@ -141,6 +141,7 @@ class SourcesConfig:
     recent_half_life: PosFloat = 6.6  # in items: weight 0.5 ** (age / half-life)
     ease_max_items: NonNegInt = 20000  # EASE inverts an items x items matrix: only below this catalog size
     validation_users: PosInt = 3000  # users sampled for the validation search
+    als_screen_seeds: NonNegInt = 2  # ALS settings are screened on this many seeds, the best 30% get all (0: all get all)
     tag_min_items: NonNegInt = 5  # items' tags on at least this many items join the co-occurrence sources (0: off)
 
     @field_validator("names")

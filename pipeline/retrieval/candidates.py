@@ -585,10 +585,11 @@ class Tried:
 
 
 # ALS averages `seeds` seeded fits per setting (six by default). The search fits each
-# setting's first SCREEN_SEEDS only, and the best few of each group (with and without the
-# items' tags, `finalists`) get the rest. On both benchmark sets the full fits' choice was
-# among the finalists, so the choice and its factors are those of fitting every seed of every
-# setting, at about half the fits (docs/benchmarks.md).
+# setting's first SCREEN_SEEDS only (`sources.als_screen_seeds`), and the best few of each
+# group (with and without the items' tags, `finalists`) get the rest: 48 fits instead of 84.
+# On both benchmark sets the full fits' choice was among the finalists, so the choice and its
+# factors are those of fitting every seed of every setting; chosen on halves of the
+# validation users it tied (docs/quality.md, "Cheaper ALS searches").
 SCREEN_SEEDS = 2
 
 
@@ -614,7 +615,7 @@ def finalists(grid: list[dict[str, Any]], first_look: Callable[[dict[str, Any]],
 
 def tune(split: LabelSplit, item_ids: np.ndarray, users: pl.DataFrame | None, fused: Retriever | None,
          names: list[str], *, n_candidates: int, threshold: float | None, recent_items: int, half_life: float,
-         seed: int, max_users: int = 3000, content: np.ndarray | None = None,
+         seed: int, max_users: int = 3000, als_screen_seeds: int = SCREEN_SEEDS, content: np.ndarray | None = None,
          user_content: dict[str, np.ndarray] | None = None, tags: sp.csr_matrix | None = None
          ) -> tuple[Tuning, CandidateModel]:
     """Choose each source's setting (the same grid budget for each) and the blend weights on `split`.
@@ -662,9 +663,9 @@ def tune(split: LabelSplit, item_ids: np.ndarray, users: pl.DataFrame | None, fu
             continue
         grid = [s for s in SEARCH_GRID[name] if not (s.get("tag_weight") and tags is None)]  # same fit without tags
         fitted: Iterable[tuple[dict[str, Any], Source]]
-        if name == "als":  # every setting screened on its first seeds; the finalists get the rest
+        if name == "als" and als_screen_seeds:  # every setting screened on its first seeds; the finalists get the rest
             def first_look(setting: dict[str, Any]) -> tuple[ALS, float]:
-                model = cast(ALS, source("als", setting)).fit(base.log_, first=SCREEN_SEEDS)
+                model = cast(ALS, source("als", setting)).fit(base.log_, first=als_screen_seeds)
                 return model, tried(model, setting).value
 
             fitted = ((s, m.complete(base.log_)) for s, m in finalists(grid, first_look))

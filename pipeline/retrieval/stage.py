@@ -209,7 +209,8 @@ def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, conf
         return model, None, None, retriever
     fused_source = fused_fit if FUSED in names else None
     tuning, tuned_model = tune(split, item_ids, catalog.users, fused_source, [n for n in names if n != FUSED],
-                               **common, max_users=sc.validation_users)
+                               **common, max_users=sc.validation_users,
+                               als_screen_seeds=sc.als_screen_seeds)
     lap("source_search")
     frames = []
     # Window 0 holds the labels the sources were tuned on; window 1, one step earlier (the

@@ -113,6 +113,7 @@ def test_every_existing_key_keeps_its_default() -> None:
                                                        "key_env": "FUSIONREC_EXPORT_KEY", "key_file": ""}
     assert d["sources"] == {"names": ["auto"], "fused": True, "relevance": 0.0, "recent_items": 30,
                             "recent_half_life": 6.6, "ease_max_items": 20000, "validation_users": 3000,
+                            "als_screen_seeds": 2,
                             "tag_min_items": 5}
     assert d["ranker"]["labels"] == "auto" and d["ranker"]["label_fraction"] == 0.2
     assert d["ranker"]["label_window_days"] == 14.0 and d["ranker"]["guard"] is True

@@ -488,3 +488,29 @@ def test_recent_and_sequence_order_equal_timestamps_by_the_logs_tie_order_not_it
     log = build_log(frame, np.array(["u"], dtype=object), items, threshold=None, recent_items=1)
     assert log.recent.toarray().tolist() == [[0.0, 1.0, 0.0]]  # the latest item: z
     assert log.sequence[:, 1].tolist() == [0, 2, 1]  # a, then b, then z
+
+
+@pytest.mark.skipif(not als_available(), reason="the `implicit` package is not installed")
+def test_the_als_search_screens_on_its_first_seeds_unless_told_not_to() -> None:
+    frame = pairs_log(n_users=60)
+    split = label_split(frame, "per_user", fraction=0.2, window_days=14, threshold=4.0, min_users=1)
+    assert split is not None
+    seeds: list[int] = []
+    original = ALS._add_seeds
+
+    def counting(self: ALS, log, count: int):  # type: ignore[no-untyped-def]
+        seeds.append(count)
+        return original(self, log, count)
+
+    plain = [s for s in SEARCH_GRID["als"] if not s.get("tag_weight")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ALS, "_add_seeds", counting)
+        screened, _ = tune(split, ITEMS, None, None, ["als"], n_candidates=5, threshold=4.0, recent_items=3,
+                           half_life=2.0, seed=0)
+        finalists = max(2, -(-3 * len(plain) // 10))
+        assert seeds == [2] * len(plain) + [4] * finalists  # every setting on two seeds, the finalists on four more
+        seeds.clear()
+        every, _ = tune(split, ITEMS, None, None, ["als"], n_candidates=5, threshold=4.0, recent_items=3,
+                        half_life=2.0, seed=0, als_screen_seeds=0)
+        assert seeds == [6] * len(plain)
+    assert screened.params["als"] in plain and every.params["als"] in plain
