@@ -68,7 +68,7 @@ def load() -> float:
 def wait_for_quiet(path: Path, until: dt.datetime) -> dict:
     """Poll for `path` every 30 s until `until` (UTC); say whether the machine was quiet."""
     t0 = time.time()
-    while not path.exists() and dt.datetime.now(dt.timezone.utc) < until:
+    while not path.exists() and dt.datetime.now(dt.UTC) < until:
         time.sleep(30)
     quiet = path.exists()
     print(f"waited {time.time() - t0:.0f} s: {'quiet file present' if quiet else 'no quiet file: machine shared'}, "
@@ -179,7 +179,7 @@ def main() -> None:
 
         if a.wait_until:
             hh, mm = (int(x) for x in a.wait_until.split(":"))
-            until = dt.datetime.now(dt.timezone.utc).replace(hour=hh, minute=mm, second=0, microsecond=0)
+            until = dt.datetime.now(dt.UTC).replace(hour=hh, minute=mm, second=0, microsecond=0)
             out["wait"] = wait_for_quiet(Path(a.quiet_file), until)
 
         # Local references: what the Ray runs must equal.

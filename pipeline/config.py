@@ -16,13 +16,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import tomllib
 import types
 import typing
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import tomllib
 from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.dataclasses import dataclass
 

@@ -12,11 +12,11 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import polars as pl
 import pytest
-import tomllib
 from typer.testing import CliRunner
 
 from fusionrec.cli import app

@@ -9,6 +9,7 @@ import os
 import pydoc
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,14 @@ def test_the_command_line_and_its_serving_commands_load_no_deep_learning_library
     result = _run(code, tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"the serving commands load {result.stdout.strip()}"
+
+
+def test_every_subpackage_is_in_the_distribution() -> None:
+    """pyproject's explicit package list is what a wheel (a non-editable install) holds; the
+    editable install serves every folder, so a missing entry only fails for users. Before,
+    `fusionrec.pipeline.batch` (the streamed nightly path) was left out."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {PACKAGE} | {
+        ".".join((PACKAGE, *init.parent.relative_to(ROOT).parts)) for init in ROOT.rglob("__init__.py")
+        if init.parent != ROOT and init.relative_to(ROOT).parts[0] not in NOT_PACKAGE | {".venv"}}
+    assert listed == found

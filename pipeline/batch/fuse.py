@@ -288,13 +288,13 @@ def fuse_tables(catalog: Path | str, modalities: Mapping[str, Path | str | Seque
         for path in paths:
             col = id_column(path)
             start = 0
-            for ids, matrix in iter_vectors([path], id_column=col, batch_rows=batch_rows):
+            for chunk_ids, matrix in iter_vectors([path], id_column=col, batch_rows=batch_rows):
                 bad = ~np.isfinite(matrix).all(axis=1)
                 if bad.any():
                     raise InputError("vector has NaN or infinite values", file=str(path),
                                      row=start + int(np.flatnonzero(bad)[0]) + 1, field="vector")
                 x = l2_normalise(matrix)
-                rows = lookup.rows(cast(pa.Array, ids))
+                rows = lookup.rows(cast(pa.Array, chunk_ids))
                 keep = (rows >= 0) & (np.abs(x).sum(axis=1) > 0)  # all-zero (or null) vector: modality absent
                 unmatched[name] += int((rows < 0).sum())
                 rows, x = rows[keep], x[keep]
