@@ -1,6 +1,6 @@
 """Serving start-up: `fusionrec recommend`, `score` and `evaluate` against importing the libraries they need.
 
-    .venv/bin/python bench/startup.py [--art DIR] [--repeat 5] [--bytecode cached|none|both]
+    .venv/bin/python bench/startup.py [--work DIR] [--repeat 5] [--bytecode cached|none|both]
 
 Side by side in one run, round by round (so a busy machine slows every command alike), each
 command a fresh process on the demo artifacts (the sample in data/, split with `fusionrec

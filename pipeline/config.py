@@ -166,7 +166,7 @@ class RankerConfig:
     feature_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
     early_stopping_rounds: NonNegInt = 0  # 0: a fixed n_estimators rounds; > 0: early stopping on held-out users
     negative_share: Annotated[float, Field(gt=0, le=1)] = 1.0  # share of each list's negative rows a ranker fits on (seeded)
-    labels: Literal["auto", "per_user", "window"] = "auto"  # how labels are held out (auto: the one with more users)
+    labels: Literal["auto", "per_user", "window"] = "auto"  # how labels are held out (auto: the window while it labels >= half as many users as per_user)
     label_fraction: OpenFraction = 0.2  # per_user: each user's latest share of interactions are labels
     label_window_days: PosFloat = 14.0  # window: labels come from this last window of the log
     guard: bool = True  # ship the ranker's order only if it beats retrieval order on validation
@@ -194,7 +194,7 @@ class RerankConfig:
     max_item_share: Annotated[float, Field(gt=0, le=1)] = 1.0  # an item enters at most this share of the lists
     exclude_field: str = ""  # items column: items whose value is one of exclude_values are left out
     exclude_values: list[str] = field(default_factory=list)
-    rules_file: str = ""  # .csv or .parquet: item_id, action (exclude | pin | boost), value (boost), position (pin)
+    rules_file: str = ""  # .csv, .jsonl or .parquet: item_id, action (exclude | pin | boost), value (boost), position (pin)
 
     @field_validator("calibration_lambda")
     @classmethod

@@ -2,7 +2,7 @@
 
 `behaviour_features` adds item, user and user-item features to the stage-1 candidates.
 It keeps only interactions with `timestamp < cutoff`, so nothing at or after the
-label window's start can leak into a feature (tests/test_features.py checks it).
+label window's start can leak into a feature (tests/ranker/test_features.py checks it).
 
 Cold values: an unknown user or item gets 0 for counts and null for anything that is
 undefined without history (means, days since, shares); LightGBM treats null as missing.

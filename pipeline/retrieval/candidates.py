@@ -61,7 +61,8 @@ class LabelSplit:
 
 def label_split(interactions: pl.DataFrame, protocol: str, *, fraction: float, window_days: float,
                 threshold: float | None, seed: int = 0, min_users: int = 20) -> LabelSplit | None:
-    """The label protocol's split; `auto` takes the one that yields more labelled users.
+    """The label protocol's split; `auto` takes the window of the log's latest interactions while
+    it labels at least half as many users as `per_user` does, else `per_user`.
 
     None when no protocol yields `min_users` users (the log is too short to learn from).
     """
