@@ -62,9 +62,10 @@ def result_rows(results: dict[str, EvaluationResult], ks: tuple[int, ...]) -> li
 
 
 def scorable_users(test: pl.DataFrame, train: pl.DataFrame, test_path: Path | str,
-                   relevance: float | None = None) -> list[str]:
+                   relevance: float | None = None, named: str = "--relevance") -> list[str]:
     """The held-out users with at least one relevant pair not already in training, or InputError (exit 2)
-    saying why there is none: evaluate never reports over 0 users."""
+    saying why there is none: evaluate never reports over 0 users. `named`: what the messages
+    call the threshold (the flag, or what `--relevance auto` took it from)."""
     where = str(test_path)
     if test.height == 0:
         raise InputError("the held-out file has no rows", file=where)
@@ -76,14 +77,14 @@ def scorable_users(test: pl.DataFrame, train: pl.DataFrame, test_path: Path | st
                              file=where, field="value")
         unrated = test["value"].null_count()
         if unrated:  # a log mixing events and ratings: an event without a rating is a positive
-            log.warning("%s: %d of %d held-out rows have no value; they stay relevant (--relevance %g judges "
-                        "rated rows only)", where, unrated, test.height, relevance)
+            log.warning("%s: %d of %d held-out rows have no value; they stay relevant (%s %g judges "
+                        "rated rows only)", where, unrated, test.height, named, relevance)
     truth = relevant_truth(test, train, relevance_threshold=relevance)
     if truth.height == 0:
         rated = relevant_truth(test, train, relevance_threshold=None) if relevance is not None else truth
         if relevance is not None and rated.height:
-            why = (f"no held-out row outside training has a value at or above --relevance {relevance}; "
-                   "lower the threshold")
+            why = (f"no held-out row outside training has a value at or above {named} {relevance:g}; "
+                   "lower the threshold (--relevance N), or score every held-out pair (--relevance all)")
         else:
             why = ("every held-out (user, item) pair is already in the training log these artifacts were "
                    "built from, so there is nothing to score; hold rows out before training: "
@@ -143,8 +144,10 @@ def run_evaluate(art_dir: Path, test_path: Path, ks: tuple[int, ...] = (10, 20),
         raise InputError(f"--k {max(ks)} is above the catalogue's {n_items} items", field="--k")
     test = read_interactions(Path(test_path), rec.catalog_.items)
     train = rec.catalog_.interactions
+    named = "the relevance threshold (--relevance auto: sources.relevance)" \
+        if parse_relevance(relevance) == RELEVANCE_AUTO else "--relevance"
     relevance = resolve_relevance(relevance, rec, test)
-    users = scorable_users(test, train, test_path, relevance)
+    users = scorable_users(test, train, test_path, relevance, named)
     item_vectors = cast("M.ItemVectors | None", load_modalities(art_dir / "embeddings", "item").get("text"))
     runs = recommendation_runs(rec, users, max(*ks, CURVE_MIN_LENGTH if report is not None else 1), baselines)
     results = {name: evaluate(recs, test, train, ks, item_vectors=item_vectors, relevance_threshold=relevance,

@@ -366,3 +366,19 @@ def test_paired_comparison() -> None:
     assert same["diff"] == 0.0 and same["p_value"] == 1.0
     partial = paired_comparison(a, b.head(100), "ndcg@10", n_boot=50)
     assert (partial["n_users"], partial["n_only_a"], partial["n_only_b"]) == (100, 200, 0)
+
+
+def test_scorable_users_name_the_threshold_as_it_was_chosen(caplog: pytest.LogCaptureFixture) -> None:
+    """Under `--relevance auto` the messages said "--relevance 4", a flag the user never gave."""
+    from fusionrec.evaluation.offline import scorable_users
+
+    train = _interactions([("u", "a", 1)], 5.0)
+    test = pl.concat([_interactions([("u", "b", 6)], 2.0),
+                      _interactions([("u", "c", 7)], 5.0).with_columns(value=pl.lit(None, pl.Float64))])
+    auto = "the relevance threshold (--relevance auto: sources.relevance)"
+    with caplog.at_level("WARNING", logger="fusionrec"):
+        assert scorable_users(test, train, "held.csv", 4.0, auto) == ["u"]  # the unrated row stays relevant
+    assert f"they stay relevant ({auto} 4 judges rated rows only)" in caplog.text
+    with pytest.raises(InputError, match=r"at or above --relevance 4; lower the threshold \(--relevance N\), or "
+                                         r"score every held-out pair \(--relevance all\)"):
+        scorable_users(test.head(1), train, "held.csv", 4.0)
