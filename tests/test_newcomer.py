@@ -161,7 +161,7 @@ def test_evaluate_refuses_what_it_cannot_score(quickstart: dict, tmp_path: Path)
     held = pl.read_csv(cwd / "split" / "held_out.csv")
     held.with_columns(value=pl.lit(2.0)).write_csv(rated)
     result = invoke("evaluate", "--out", art, "--test", str(rated), "--relevance", "4", "-q")
-    assert result.exit_code == 2 and "at or above --relevance 4.0" in " ".join(result.output.split())
+    assert result.exit_code == 2 and "at or above --relevance 4;" in " ".join(result.output.split())
     held.with_columns(value=pl.when(pl.int_range(pl.len()) % 2 == 0).then(5.0).otherwise(1.0)).write_csv(rated)
     result = invoke("evaluate", "--out", art, "--test", str(rated), "--relevance", "4", "-q", "--no-baselines")
     assert result.exit_code == 0, result.output
