@@ -29,6 +29,7 @@ from safetensors.numpy import load_file, save_file
 from fusionrec.evaluation.metrics import paired_interval
 from fusionrec.evaluation.splits import per_user_temporal_split
 from fusionrec.pipeline.io.storage import atomic_path, write_json
+from fusionrec.pipeline.retrieval.inputs import listed_ids
 from fusionrec.pipeline.retrieval.retriever import Retriever
 from fusionrec.pipeline.retrieval.sources import (
     ALS,
@@ -393,7 +394,7 @@ class CandidateModel:
         """Candidate rows for `user_ids` (default: every user): user_id, item_id, per-source
         `src_<name>`, `src_<name>_z`, `src_<name>_rank`, and the blend `retrieval_score`,
         `retrieval_rank`, ordered by user then blend."""
-        wanted = [str(u) for u in (self.user_ids_ if user_ids is None else user_ids)]
+        wanted = listed_ids(self.user_ids_ if user_ids is None else user_ids)
         frames = [self._candidates(wanted[s:s + BATCH_USERS], exclude_seen)
                   for s in range(0, len(wanted), BATCH_USERS)]
         return pl.concat(frames) if frames else self._candidates([], exclude_seen)

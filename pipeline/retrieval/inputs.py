@@ -1,6 +1,8 @@
-"""Input normalisation for the Retriever: the interactions frame and the user id universe."""
+"""Input normalisation for the Retriever: the interactions frame, the user id universe and id lists."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 import polars as pl
@@ -12,6 +14,12 @@ MODALITIES = dict[str, tuple[np.ndarray, np.ndarray]]
 
 INTERACTIONS_SCHEMA = {"user_id": pl.Utf8, "item_id": pl.Utf8, "timestamp": pl.Int64, "event": pl.Utf8,
                        "value": pl.Float64}
+
+
+def listed_ids(ids: Iterable[str] | str) -> list[str]:
+    """`ids` as a list of strings; one id given as a string is that id (a string is iterable, and
+    each of its characters had become a user)."""
+    return [ids] if isinstance(ids, str) else [str(i) for i in ids]
 
 
 def as_interactions(df: pl.DataFrame) -> pl.DataFrame:

@@ -43,7 +43,13 @@ from fusionrec.pipeline.retrieval.fusion import (
     l2_normalise,
     query_matrix,
 )
-from fusionrec.pipeline.retrieval.inputs import INTERACTIONS_SCHEMA, MODALITIES, as_interactions, user_universe
+from fusionrec.pipeline.retrieval.inputs import (
+    INTERACTIONS_SCHEMA,
+    MODALITIES,
+    as_interactions,
+    listed_ids,
+    user_universe,
+)
 from fusionrec.pipeline.retrieval.params import FUSIONS, RetrieverParams
 from fusionrec.pipeline.retrieval.profiles import (
     BEHAVIOUR,
@@ -264,8 +270,7 @@ class Retriever:
             rows = np.arange(len(self.user_ids_))
         else:
             lookup = pl.DataFrame({"user_id": self.user_ids_.astype(str), "row": np.arange(len(self.user_ids_))})
-            ids = [user_ids] if isinstance(user_ids, str) else list(user_ids)  # one id, not its characters
-            want = pl.DataFrame({"user_id": pl.Series(ids, dtype=pl.Utf8)}).unique(maintain_order=True)
+            want = pl.DataFrame({"user_id": pl.Series(listed_ids(user_ids), dtype=pl.Utf8)}).unique(maintain_order=True)
             rows = want.join(lookup, on="user_id", how="inner", maintain_order="left")["row"].to_numpy()
         return self._retrieve(self.user_blocks_.take(rows), self.user_weights_[rows],
                               self.seen_[rows] if exclude_seen else None, self._depth(k))

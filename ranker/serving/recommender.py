@@ -110,8 +110,6 @@ class Recommender:
         """
         steps = rerank if rerank is not None and rerank.active else None
         depth = k if steps is None else max(k, steps.candidates)
-        if isinstance(user_ids, str):  # one id: a string is iterable, and each character became a user
-            user_ids = [user_ids]
         cands = self.sources_.candidates(user_ids, exclude_seen=exclude_seen)
         ranked = use_ranker and self.order_ == "ranker" and self.ranker_ is not None
         by_ranker = pl.col("user_id").is_in(self.users_with_history(cands["user_id"].unique().to_list())) \
@@ -191,7 +189,8 @@ class Recommender:
         if config.rules_file:
             path = Path(config.rules_file)
             # An edited file is read again (a long-lived process sees today's rules).
-            version = (str(path), path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else (str(path),)
+            stat = path.stat() if path.is_file() else None
+            version = (str(path),) if stat is None else (str(path), stat.st_mtime_ns, stat.st_size)
             if version not in self._rerank_rules:
                 self._rerank_rules = {version: read_rules(config.rules_file)}
             rules = self._rerank_rules[version]
