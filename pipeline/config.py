@@ -351,13 +351,7 @@ def _override(text: str) -> tuple[list[str], Any]:
 
 def parse_override(text: str) -> dict[str, Any]:
     """`a.b.c=value` -> {"a": {"b": {"c": value}}}, the value read as TOML (bare words are strings)."""
-    parts, value = _override(text)
-    out: dict[str, Any] = {}
-    node = out
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
+    return _set({}, *_override(text))
 
 
 def _set(values: dict[str, Any], parts: list[str], value: Any) -> dict[str, Any]:
