@@ -81,7 +81,7 @@ def _load_encoders(cfg: EmbedConfig, needed: set[str]) -> dict[str, ModalityEnco
         text = TextEncoder(cfg.text.model, device=device, batch_size=cfg.text.batch_size,
                            max_length=cfg.text.max_length)
         out["text"] = ModalityEncoder(text.model_id, text.dim, text.encode,
-                                      preprocess_id=f"clean-v1;max_length={cfg.text.max_length}")
+                                      preprocess_id=f"clean-v1;max_length={text.max_length}")
     if "image" in needed and cfg.image.enabled:
         image = ImageEncoder(cfg.image.model, weights=cfg.image.weights, device=device,
                              batch_size=cfg.image.batch_size, max_pixels=cfg.image.max_pixels)

@@ -112,7 +112,11 @@ class TextEncoder:
         from transformers import AutoConfig
 
         with _load_errors(self.model_path):
-            self.dim = int(AutoConfig.from_pretrained(str(self.model_path), trust_remote_code=False).hidden_size)
+            model_config = AutoConfig.from_pretrained(str(self.model_path), trust_remote_code=False)
+        self.dim = int(model_config.hidden_size)
+        # Capped here, not at load: two settings the model caps alike are one preprocessing (no re-encode).
+        limit = getattr(model_config, "max_position_embeddings", None) or self.max_length
+        self.max_length = min(self.max_length, int(limit))
 
     def _load(self) -> None:
         if self._model is not None:
@@ -124,8 +128,6 @@ class TextEncoder:
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), trust_remote_code=False)
             self._model = AutoModel.from_pretrained(str(self.model_path), trust_remote_code=False,
                                                     use_safetensors=None).to(self.device).eval()
-        limit = getattr(self._model.config, "max_position_embeddings", self.max_length) or self.max_length
-        self.max_length = min(self.max_length, int(limit))
         torch.set_grad_enabled(False)
 
     def encode(self, texts: list[str]) -> np.ndarray:

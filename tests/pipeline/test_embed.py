@@ -361,6 +361,21 @@ def test_tiny_transformers_encoder_through_the_configured_path(tmp_path: Path) -
     np.testing.assert_allclose(out, alone, atol=1e-5)
 
 
+def test_max_length_settings_the_model_caps_alike_reuse_the_vectors(tmp_path: Path) -> None:
+    # The tiny model reads 64 positions: 100 and 1000 tokens both mean 64, so the second
+    # setting finds every vector cached; 8 tokens is another preprocessing, so it re-encodes.
+    write_catalog(tmp_path / "data", n=6, with_media=False)
+    model = tiny_text_model(tmp_path / "tiny")
+    encoded = []
+    for max_length in (100, 1000, 8):
+        cfg = load_config(overrides=[f"embed.text.model={model}", "embed.device=cpu",
+                                     f"embed.text.max_length={max_length}", "embed.image.enabled=false",
+                                     "embed.audio.enabled=false"])
+        report = run_embed(tmp_path / "data", tmp_path / "art", cfg, show_progress=False)
+        encoded.append(report.counts["item_text"].encoded)
+    assert encoded == [6, 0, 6]
+
+
 KILL_SCRIPT = r"""
 import sys, time
 from pathlib import Path
