@@ -41,6 +41,12 @@ Weights = dict[str, NonNegFloat]
 SOURCE_NAMES = ("auto", "ease", "recent_ease", "itemknn", "recent_itemknn", "sequence", "gru", "als", "vae", "rp3beta",
                 "content", "popular", "segment_popular")
 DEFAULT_EVENT_WEIGHTS = {"purchase": 4.0, "cart": 3.0, "click": 2.0, "view": 1.0}  # fusion.event_weights
+# The weights of other event names, under fusion.event_weights (which can name them too); a
+# synonym weighs what its documented name does. Any name in neither table weighs 1.
+OTHER_EVENT_WEIGHTS = {"order": 4.0, "buy": 4.0, "add_to_cart": 3.0,
+                       "wishlist": 2.0, "like": 2.0, "favorite": 2.0, "favourite": 2.0,
+                       "rate": 1.5, "rating": 1.5, "review": 1.5,
+                       "listen": 1.0, "play": 1.0, "watch": 1.0, "interact": 1.0, "impression": 0.1}
 # A dimension every usual factory string divides (PQ8..PQ64, OPQ, IVF, HNSW): factories are
 # parsed by FAISS with it at load time; the real dimension is checked again when the index is built.
 _FACTORY_CHECK_DIM = 7680

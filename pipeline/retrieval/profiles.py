@@ -34,6 +34,8 @@ import polars as pl
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
+from fusionrec.pipeline.config import DEFAULT_EVENT_WEIGHTS as CONFIGURED_EVENT_WEIGHTS
+from fusionrec.pipeline.config import OTHER_EVENT_WEIGHTS
 from fusionrec.pipeline.retrieval.fusion import (
     Blocks,
     align_blocks,
@@ -47,15 +49,8 @@ BEHAVIOUR = "behaviour"
 POPULARITY = "popularity"
 _POPULARITY_USER = np.array([1.0, 0.0], dtype=np.float32)
 
-DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
-    "purchase": 4.0, "order": 4.0, "buy": 4.0,
-    "cart": 2.5, "add_to_cart": 2.5,
-    "wishlist": 2.0, "like": 2.0, "favorite": 2.0, "favourite": 2.0,
-    "rate": 1.5, "rating": 1.5, "review": 1.5,
-    "listen": 1.0, "play": 1.0, "watch": 1.0, "interact": 1.0,
-    "click": 1.0,
-    "view": 0.5, "impression": 0.1,
-}
+# One table: the configured defaults (fusion.event_weights) over the other names' weights.
+DEFAULT_EVENT_WEIGHTS: dict[str, float] = {**OTHER_EVENT_WEIGHTS, **CONFIGURED_EVENT_WEIGHTS}
 UNKNOWN_EVENT_WEIGHT = 1.0
 
 

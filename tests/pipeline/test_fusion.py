@@ -8,6 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from fusionrec.pipeline.config import load_config
 from fusionrec.pipeline.embedding.job import read_precomputed
 from fusionrec.pipeline.errors import InputError
 from fusionrec.pipeline.retrieval.fusion import (
@@ -229,6 +230,17 @@ def test_event_weights_order_purchase_cart_click_view_and_ratings_scale():
     assert custom[3] == pytest.approx(10.0)
 
 
+def test_event_weights_are_one_table_the_configured_defaults_and_their_synonyms():
+    # Called without a config, the weights are the configured defaults (cart 3, not another
+    # table's 2.5), and a synonym weighs what its documented name does.
+    df = _frame([("u", "a", 0, "purchase", None), ("u", "b", 0, "order", None), ("u", "c", 0, "cart", None),
+                 ("u", "d", 0, "add_to_cart", None), ("u", "e", 0, "click", None), ("u", "f", 0, "view", None),
+                 ("u", "g", 0, "something else", None)])
+    assert interaction_weights(df, half_life_days=None)["w"].to_list() == [4.0, 4.0, 3.0, 3.0, 2.0, 1.0, 1.0]
+    configured = interaction_weights(df, half_life_days=None, event_weights=load_config().fusion.event_weights)
+    assert configured["w"].to_list() == [4.0, 4.0, 3.0, 3.0, 2.0, 1.0, 1.0]
+
+
 def test_half_life_halves_the_weight_of_an_older_interaction():
     day = 86400
     df = _frame([("u", "a", 100 * day, "click", None), ("u", "b", 70 * day, "click", None),
@@ -236,7 +248,7 @@ def test_half_life_halves_the_weight_of_an_older_interaction():
     w = interaction_weights(df, half_life_days=30)["w"].to_list()
     assert w[1] == pytest.approx(w[0] / 2)
     assert w[2] == pytest.approx(w[0])  # decay counts from each user's latest interaction
-    assert interaction_weights(df, half_life_days=None)["w"].to_list() == [1.0, 1.0, 1.0]
+    assert interaction_weights(df, half_life_days=None)["w"].to_list() == [2.0, 2.0, 2.0]  # click weighs 2
 
 
 def test_history_profile_is_the_weighted_mean_skipping_items_without_the_modality():
@@ -244,16 +256,16 @@ def test_history_profile_is_the_weighted_mean_skipping_items_without_the_modalit
     df = _frame([("u", "a", 0, "purchase", None), ("u", "b", 0, "view", None), ("u", "c", 0, "purchase", None)])
     im = interaction_matrix(df, np.array(["a", "b", "c"], dtype=object), half_life_days=None)
     prof = history_profile(im.weights, x, np.array([True, True, False]))
-    p = np.array([4.0, 0.5]) / 4.5
+    p = np.array([4.0, 1.0]) / 5.0  # purchase 4, view 1
     np.testing.assert_allclose(prof.direction[0], p / np.linalg.norm(p), rtol=1e-6)
     assert prof.resultant_sq[0] == pytest.approx(float(p @ p))
-    assert prof.n_eff[0] == pytest.approx(4.5 ** 2 / (16 + 0.25))
+    assert prof.n_eff[0] == pytest.approx(5.0 ** 2 / (16 + 1))
 
 
 def test_interaction_matrix_sums_repeats_and_counts_unknown_items():
     df = _frame([("u", "a", 0, "click", None), ("u", "a", 1, "click", None), ("u", "zz", 0, "click", None)])
     im = interaction_matrix(df, np.array(["a", "b"], dtype=object), half_life_days=None)
-    assert im.weights.toarray().tolist() == [[2.0, 0.0]]
+    assert im.weights.toarray().tolist() == [[4.0, 0.0]]  # two clicks of 2
     assert im.seen.toarray().tolist() == [[True, False]]
     assert im.n_unknown_items == 1 and list(im.user_ids) == ["u"]
 
