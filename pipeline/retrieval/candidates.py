@@ -28,6 +28,7 @@ from safetensors.numpy import load_file, save_file
 
 from fusionrec.evaluation.metrics import paired_interval
 from fusionrec.evaluation.splits import per_user_temporal_split
+from fusionrec.pipeline.config import SourcesConfig
 from fusionrec.pipeline.io.storage import atomic_path, write_json
 from fusionrec.pipeline.retrieval.inputs import listed_ids
 from fusionrec.pipeline.retrieval.retriever import Retriever
@@ -592,7 +593,7 @@ class Tried:
 # On both benchmark sets the full fits' choice was among the finalists, so the choice and its
 # factors are those of fitting every seed of every setting; chosen on halves of the
 # validation users it tied (docs/quality.md, "Cheaper ALS searches").
-SCREEN_SEEDS = 2
+SCREEN_SEEDS = SourcesConfig().als_screen_seeds  # one default, the config's
 
 
 def finalists(grid: list[dict[str, Any]], first_look: Callable[[dict[str, Any]], tuple[Any, float]], *,
