@@ -271,7 +271,7 @@ PseudoOpt = Annotated[Optional[bool], typer.Option("--pseudonymise/--raw-ids",
 def recommend(out: OutOpt = Path("artifacts"),
               k: Annotated[Optional[int], typer.Option("--k", min=1, help="Items per user (default: export.k).")] = None,
               export: Annotated[Optional[Path], typer.Option(
-                  "--export", help="Output file: .parquet, .csv or .jsonl (default: OUT/exports/topk.parquet).")] = None,
+                  "--export", help="Output file: .parquet, .csv or .jsonl, or - for standard output as JSON lines (default: OUT/exports/topk.parquet).")] = None,
               users: Annotated[Optional[Path], typer.Option("--users", help="Table with a user_id column; default all users.")] = None,
               explain: Annotated[bool, typer.Option("--explain/--no-explain", help="Add top features and each modality's share.")] = False,
               include_seen: Annotated[bool, typer.Option("--include-seen/--exclude-seen", help="Keep items the user already has.")] = False,
@@ -293,7 +293,7 @@ def recommend(out: OutOpt = Path("artifacts"),
 @app.command()
 def score(out: OutOpt = Path("artifacts"),
           candidates: Annotated[Path, typer.Option("--candidates", help="File with user_id, item_id pairs.")] = _REQUIRED,
-          export: Annotated[Path, typer.Option("--export", help="Output file: .parquet, .csv or .jsonl.")] = _REQUIRED,
+          export: Annotated[Path, typer.Option("--export", help="Output file: .parquet, .csv or .jsonl, or - for standard output as JSON lines.")] = _REQUIRED,
           explain: Annotated[bool, typer.Option("--explain/--no-explain", help="Add top features and each modality's share.")] = False,
           pseudonymise: PseudoOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
           quiet: QuietOpt = False, verbose: VerboseOpt = 0) -> None:

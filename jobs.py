@@ -24,7 +24,7 @@ from fusionrec.pipeline.io.storage import ArtifactLock, check_separate_dirs, cle
 from fusionrec.pipeline.io.tracking import check_tracking, log_nightly
 from fusionrec.pipeline.retrieval.stage import load_catalog
 from fusionrec.pipeline.retrieval.stage import run_index as _run_index
-from fusionrec.ranker.serving.export import check_export_target, read_pairs, write_topk
+from fusionrec.ranker.serving.export import check_export_target, is_stdout, read_pairs, write_topk
 from fusionrec.ranker.serving.privacy import export_key, pseudonymise
 from fusionrec.ranker.serving.ray_scoring import recommend_all
 from fusionrec.ranker.serving.recommender import Recommender
@@ -156,7 +156,8 @@ def run_score(art_dir: Path, candidates: Path, export: Path, config: Config | No
     art_dir = Path(art_dir)
     check_export_target(export, art_dir)
     pairs = read_pairs(candidates)
-    clean_stale_exports(Path(export).parent, Path(export).name)
+    if not is_stdout(export):
+        clean_stale_exports(Path(export).parent, Path(export).name)
     with stage_run("score", art_dir, None, config.to_dict(), lock=lock, shared=True) as record:
         rec = open_recommender(art_dir)
         scored = rec.score(pairs, explain=explain)
@@ -195,7 +196,8 @@ def run_recommend(art_dir: Path, export: Path, config: Config | None = None, *, 
     if k < 1:
         raise ConfigError(f"export.k must be at least 1, not {k}")
     check_export_target(export, art_dir)
-    clean_stale_exports(Path(export).parent, Path(export).name)
+    if not is_stdout(export):
+        clean_stale_exports(Path(export).parent, Path(export).name)
     with stage_run("recommend", art_dir, data_dir, config.to_dict(), lock=lock, shared=True) as record:
         recs = recommend_lists(art_dir, users, k, config, exclude_seen=exclude_seen, explain=explain)
         if recs.height == 0 and users is None:

@@ -123,6 +123,24 @@ def test_score_and_recommend_agree_on_the_same_pairs(art: Path, tmp_path: Path) 
     assert (both["score"] - both["scored"]).abs().max() < 1e-9
 
 
+def test_an_export_to_stdout_is_json_lines_and_nothing_else(art: Path, tmp_path: Path) -> None:
+    # `--export -` pipes the list: standard output holds its JSON lines only (logs go to
+    # stderr, without -q too), the same rows as a file export; the run record says "-".
+    recs = tmp_path / "recs.jsonl"
+    assert invoke("recommend", "--out", str(art), "--k", "3", "--export", str(recs), "--raw-ids", "-q").exit_code == 0
+    result = CliRunner().invoke(app, ["recommend", "--out", str(art), "--k", "3", "--export", "-", "--raw-ids"])
+    assert result.exit_code == 0, result.output
+    piped = pl.DataFrame([json.loads(line) for line in result.stdout.splitlines()])
+    assert piped.equals(pl.read_ndjson(recs))
+    assert "wrote" in result.stderr and "wrote" not in result.stdout
+    assert [r for r in read_manifest(art)["runs"] if r["command"] == "recommend"][-1]["export"] == "-"
+    pairs = tmp_path / "pairs.csv"
+    piped.select("user_id", "item_id").write_csv(pairs)
+    scored = invoke("score", "--out", str(art), "--candidates", str(pairs), "--export", "-", "--raw-ids", "-q")
+    assert scored.exit_code == 0, scored.output
+    assert [json.loads(line)["item_id"] for line in scored.stdout.splitlines()] == piped["item_id"].to_list()
+
+
 def test_unknown_users_get_popular_items_not_an_error(art: Path, tmp_path: Path) -> None:
     users = tmp_path / "users.csv"
     pl.DataFrame({"user_id": ["u0001", "someone-new"]}).write_csv(users)

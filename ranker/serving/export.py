@@ -1,6 +1,7 @@
 """Top-k lists and pair files: ranking per user, writing and reading Parquet, CSV and JSONL.
 
-Formats are chosen by suffix: `.parquet`, `.csv`, `.jsonl`. Every write is atomic.
+Formats are chosen by suffix: `.parquet`, `.csv`, `.jsonl`; `-` is standard output, as JSON
+lines. Every write to a file is atomic.
 CSV has no nested types: list and struct columns (such as `top_features` from
 `--explain`) are written as JSON text in their cell, and `read_topk` decodes them back.
 Parquet and JSONL keep them nested. `read_topk` restores the standard column types
@@ -10,6 +11,7 @@ Parquet and JSONL keep them nested. `read_topk` restores the standard column typ
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from fusionrec.ranker.model import Ranker
 
 FORMATS = (".parquet", ".csv", ".jsonl")
+STDOUT = "-"  # an export to standard output, as JSON lines (for a pipe; logs stay on stderr)
 TOPK_SCHEMA: dict[str, pl.DataType] = {
     "user_id": pl.String(), "rank": pl.Int32(), "item_id": pl.String(),
     "score": pl.Float64(), "retrieval_score": pl.Float32(), "source": pl.String(),
@@ -106,9 +109,16 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 ESCAPE = "'"
 
 
+def is_stdout(path: Path | str) -> bool:
+    """Whether `path` names standard output (`-`)."""
+    return str(path) == STDOUT
+
+
 def check_export_target(path: Path | str, art_dir: Path | str) -> None:
     """Refuse an export that would land on the artifacts' own files (the data snapshot, an
     index, the manifest, the key ...): only ART/exports/ and new top-level files may be written."""
+    if is_stdout(path):
+        return
     art = Path(art_dir).resolve()
     target = Path(path).resolve()
     if not target.is_relative_to(art):
@@ -145,6 +155,10 @@ def write_topk(frame: pl.DataFrame, path: Path | str, *, raw: bool = False) -> P
     CSV text cells that a spreadsheet would run as a formula are escaped with a leading '
     unless `raw`; `read_topk` removes the escape again.
     """
+    if is_stdout(path):  # a pipe has no atomic write: a reader sees whole lines only
+        sys.stdout.write(frame.write_ndjson())
+        sys.stdout.flush()
+        return Path(STDOUT)
     path = Path(path)
     fmt = _format(path)
     with atomic_path(path) as tmp:
