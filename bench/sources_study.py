@@ -140,6 +140,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # (each weight vector scaled to sum 1) and averaged, which smooths the choice.
     "shipped, blend weights bagged over five bootstrap searches": {
         "als_grid": "tags", "seeds": 6, "steps": C.BLEND_STEPS, "rounds": 4, "tag_sources": ITEM_ITEM, "bagged": 5},
+    # A lead: GF-CF (Shen et al. 2021, `gfcf`), a closed-form graph filter: the degree-normalised
+    # item-item matrix plus a low-pass filter of its top singular vectors (`GFCF_GRID`, the tag
+    # settings under the nightly rule), as one more source.
+    "shipped + GF-CF as one more source": {"als_grid": "tags", "seeds": 6, "steps": C.BLEND_STEPS, "rounds": 4,
+                                           "tag_sources": (*ITEM_ITEM, "gfcf"), "gfcf": True},
     "shipped + Mult-VAE if it wins out of fold (interval)": {"als_grid": "tags", "seeds": 6, "steps": C.BLEND_STEPS,
                                                              "rounds": 4, "tag_sources": (*ITEM_ITEM, "vae"),
                                                              "vae": True, "vae_cross": "interval"},
@@ -149,6 +154,8 @@ CEASE_GRID = [{"lam": lam, "beta": beta} for lam in (50.0, 100.0, 200.0, 500.0) 
 # A lead: the shipped grid chose ALS's largest tag setting on Last.fm (128 factors, tag weight
 # 1, both the grid's edge); one more setting past that edge.
 WIDER_TAGGED_ALS = [{"factors": 256, "regularization": 100.0, "alpha": 40.0, "tag_weight": 1.0}]
+# The screen's best (`--screen --only gfcf`): alpha 0.3 at 128 or 256 singular vectors.
+GFCF_GRID = [{"k": k, "alpha": 0.3, **({"tag_weight": w} if w else {})} for k in (128, 256) for w in (0.0, 0.5, 1.0)]
 USERKNN_GRID = [{"neighbours": k, "shrink": 10.0} for k in (20, 50, 100, 200, 400)]
 EDLAE_GRID = [{"lam": lam, "dropout": p} for lam in (10.0, 100.0) for p in (0.1, 0.25, 0.5)]
 BM25_ALS = [{"factors": f, "regularization": r, "alpha": a, "bm25": True} for f, r, a in
@@ -169,8 +176,18 @@ SCREEN: list[tuple[str, dict[str, Any]]] = [
       for nu, lam, w in ((0.0, 2.4, 0.5), (1.0, 0.02, 0.5), (1.0, 0.02, 1.0), (1.0, 0.05, 0.5), (1.0, 0.01, 0.5),
                          (0.5, 0.15, 0.5), (0.5, 0.3, 0.5), (0.5, 0.5, 0.5), (0.5, 0.25, 1.0), (0.5, 0.3, 1.0),
                          (0.5, 0.35, 1.0), (0.5, 0.4, 1.0))],
+    # GF-CF (Shen et al. 2021): the degree-normalised item-item filter plus alpha x an ideal
+    # low-pass filter (the normalised matrix's top-k right singular vectors); closed form.
+    *[("gfcf", {"k": k, "alpha": a, "tag_weight": w}) for w in (0.0, 0.5, 1.0) for k in (0, 64, 128, 256)
+      for a in ((0.0,) if k == 0 else (0.1, 0.3, 1.0, 3.0))],
+    # ALS's chosen setting with each tag's row scaled by (median tag size / its size) ** gamma
+    # (a large tag weighs less), or only tags on at least `min_items` artists; three seeds each.
+    *[("als_tags_scaled", {"factors": 128, "regularization": 100.0, "alpha": 40.0, "tag_weight": w, "gamma": g,
+                           "min_items": m, "seed": k})
+      for w in (0.5, 1.0) for g, m in ((0.0, 0), (0.25, 0), (0.5, 0), (1.0, 0), (0.0, 10), (0.0, 20))
+      for k in range(3)],
 ]
-LEADS = ("cease", "userknn", "vae")  # scores of leads, used only by the variants that name them
+LEADS = ("cease", "userknn", "vae", "gfcf")  # scores of leads, used only by the variants that name them
 SHIPPED = "shipped: the tag settings in every source that learns from co-occurrence"
 
 Key = tuple[str, str, int]  # source, setting, seed
@@ -215,7 +232,7 @@ def source_scores(dataset: str, variants: dict[str, dict[str, Any]]
     Only what `variants` use: the leads' scores (Mult-VAE's twelve fits, collective EASE,
     EDLAE, user-kNN), the extra ALS grids and seeds are computed where a variant names them.
     """
-    uses = {flag for v in variants.values() for flag in ("cease", "userknn", "vae", "edlae") if v.get(flag)}
+    uses = {flag for v in variants.values() for flag in ("cease", "userknn", "vae", "edlae", "gfcf") if v.get(flag)}
     als_grids = {v["als_grid"] for v in variants.values()}
     als_seeds = max(v["seeds"] for v in variants.values())
     config, catalog, fused, item_ids, content, tags, base, users, rows, truth = validation_setup(dataset)
@@ -256,6 +273,11 @@ def source_scores(dataset: str, variants: dict[str, dict[str, Any]]
         scores[("vae", json.dumps(setting, sort_keys=True), 0)] = vae
         mean = float(C.ndcg_at(np.where(base.blocked(rows), -np.inf, vae), truth).mean())
         print(f"  Mult-VAE {setting}: validation NDCG@10 {mean:.4f} alone", file=sys.stderr, flush=True)
+    for setting in GFCF_GRID if "gfcf" in uses else []:
+        if setting.get("tag_weight") and tags is None:
+            continue
+        x = tagged_matrix(base.log_.matrix, tags, setting.get("tag_weight", 0.0))
+        scores[("gfcf", json.dumps(setting, sort_keys=True), 0)] = gfcf(x, rows, setting["k"], setting["alpha"])
     for setting in USERKNN_GRID if "userknn" in uses else []:
         scores[("userknn", json.dumps(setting, sort_keys=True), 0)] = user_knn(base.log_.matrix, rows, **setting)
     print(f"  leads scored: {sorted(uses) or 'none'}", file=sys.stderr, flush=True)
@@ -295,20 +317,53 @@ def ials(x: Any, factors: int, a0: float, lam: float, nu: float, iterations: int
     return users, items
 
 
-def screen(dataset: str, report: Callable[[str], None]) -> None:
-    """`SCREEN`'s settings, each alone: validation NDCG@10 on every labelled user."""
+def gfcf(x: Any, rows: Any, k: int, alpha: float) -> np.ndarray:
+    """GF-CF's scores of the users `rows` (their rows of `x`, whose further rows may be tags):
+    r P + alpha r D^-1/2 V_k V_k' D^1/2, with R~ = Du^-1/2 X Di^-1/2, P = R~'R~ and V_k R~'s top-k
+    right singular vectors (k 0: the linear filter alone)."""
+    x = sp.csr_matrix(x, dtype=np.float64)
+    du, di = np.asarray(x.sum(axis=1)).ravel(), np.asarray(x.sum(axis=0)).ravel()
+    di_inv = np.where(di > 0, 1 / np.sqrt(np.maximum(di, 1e-12)), 0.0)
+    norm = sp.diags(np.where(du > 0, 1 / np.sqrt(np.maximum(du, 1e-12)), 0.0)) @ x @ sp.diags(di_inv)
+    r = x[rows]
+    score = np.asarray(r @ (norm.T @ norm).toarray())
+    if k:
+        v = np.linalg.svd(norm.toarray(), full_matrices=False)[2][:k].T
+        score += alpha * np.asarray((r @ sp.diags(di_inv)) @ v @ (v.T * np.sqrt(di)[None, :]))
+    return score.astype(np.float32)
+
+
+def scaled_tags(tags: Any, gamma: float, min_items: int) -> Any:
+    """`tags` with each tag's row times (median size / its size) ** gamma, tags under `min_items` dropped."""
+    sizes = np.asarray(tags.sum(axis=1)).ravel()
+    scale = np.where(sizes >= min_items, (np.median(sizes) / np.maximum(sizes, 1)) ** gamma, 0.0)
+    out = sp.csr_matrix(sp.diags(scale) @ tags)
+    out.eliminate_zeros()
+    return out
+
+
+def screen(dataset: str, report: Callable[[str], None], only: str = "") -> None:
+    """`SCREEN`'s settings whose source's name holds `only`, each alone: validation NDCG@10 on every labelled user."""
     _, _, _, _, content, tags, base, _, rows, truth = validation_setup(dataset)
     blocked = base.blocked(rows)
     report(f"{dataset}: single sources on the validation split ({len(rows)} users)\n"
            "| source | setting | validation NDCG@10 | seconds |\n|---|---|---:|---:|")
     for name, setting in SCREEN:
-        if setting.get("tag_weight") and tags is None:
+        if (setting.get("tag_weight") and tags is None) or only not in name:
             continue
         started = time.perf_counter()
         if name == "ials":
             params = {k: v for k, v in setting.items() if k != "tag_weight"}
             users, items = ials(tagged_matrix(base.log_.matrix, tags, setting["tag_weight"]), **params)
             score = users[rows] @ items.T  # the tags' rows sit below the log's users
+        elif name == "gfcf":
+            score = gfcf(tagged_matrix(base.log_.matrix, tags, setting["tag_weight"]), rows, setting["k"],
+                         setting["alpha"])
+        elif name == "als_tags_scaled":
+            params = {k: v for k, v in setting.items() if k not in ("seed", "gamma", "min_items")}
+            score = make_source("als", {**params, "seeds": 1}, seed=setting["seed"],
+                                tags=scaled_tags(tags, setting["gamma"], setting["min_items"])
+                                ).fit(base.log_).score(base.log_, rows)
         else:
             params = {k: v for k, v in setting.items() if k != "seed"}
             score = make_source(name, params, segments=base.segments_, seed=setting.get("seed", 0), content=content,
@@ -485,10 +540,11 @@ def main(argv: list[str] | None = None, report: Callable[[str], None] = print) -
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", default="", help="run only the variants whose name holds this text "
                     "(with `previous` and the shipped one)")
-    ap.add_argument("--screen", action="store_true", help="score `SCREEN`'s single sources alone and stop")
+    ap.add_argument("--screen", action="store_true", help="score `SCREEN`'s single sources alone and stop "
+                    "(with --only: the sources whose name holds it)")
     args = ap.parse_args(argv)
     if args.screen:
-        screen(args.dataset, report)
+        screen(args.dataset, report, args.only)
         return
     variants = {name: v for name, v in VARIANTS.items() if name in ("previous", SHIPPED) or args.only in name}
     study = Study(*source_scores(args.dataset, variants))
