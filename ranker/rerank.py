@@ -55,6 +55,7 @@ log = logging.getLogger("fusionrec.rerank")
 RULES = ("boosted", "mmr", "calibration", "attribute_cap", "long_tail", "exposure_cap", "pinned")
 ACTIONS = ("exclude", "pin", "boost")
 CALIBRATION_ALPHA = 0.01
+MAX_POSITION = 2**31 - 1  # a pin's position: past the list's length it takes the last place
 
 
 @dataclass
@@ -96,13 +97,24 @@ def read_rules(path: Path | str) -> pl.DataFrame:
     for column, default, dtype in (("value", 1.0, pl.Float64), ("position", 1, pl.Int64)):
         if column not in frame.columns:
             frame = frame.with_columns(pl.lit(default, dtype).alias(column))
-        number = frame[column].cast(dtype, strict=False)
+        number = frame[column].cast(pl.Float64, strict=False)
         bad = number.is_null() & frame[column].is_not_null()
         if bad.any():  # the first cell that is not a number, by its data row
             row = int(bad.arg_true()[0])
             raise InputError(f"'{column}' must be a number, not {frame[column][row]!r}", file=str(path), row=row + 1,
                              field=column)
-        frame = frame.with_columns(number.fill_null(default).alias(column))
+        # inf and NaN would reorder silently (a NaN boost drops its item), and a pin at 2.5
+        # would be cast to 2: both are refused, as the data tables refuse them.
+        bad = number.is_not_null() & ~number.is_finite().fill_null(True)
+        what = "a finite number"
+        if column == "position":
+            bad = bad | (number.is_not_null() & ((number != number.floor()) | (number.abs() > MAX_POSITION)))
+            what = f"a whole number up to {MAX_POSITION}"
+        if bad.any():
+            row = int(bad.arg_true()[0])
+            raise InputError(f"'{column}' must be {what}, not {frame[column][row]!r}", file=str(path), row=row + 1,
+                             field=column)
+        frame = frame.with_columns(number.cast(dtype).fill_null(default).alias(column))
     bad = (frame["action"] == "pin") & (frame["position"] < 1)
     if bad.any():
         raise InputError("a pin's position must be at least 1", file=str(path), row=int(bad.arg_true()[0]) + 1,

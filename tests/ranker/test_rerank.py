@@ -225,6 +225,25 @@ def test_a_bad_rules_file_is_refused_naming_the_row_and_field(tmp_path: Path) ->
     assert read_rules(text)["position"].to_list() == [2, 1]
 
 
+
+def test_rules_with_a_non_finite_boost_or_a_fractional_pin_are_refused(case, tmp_path: Path) -> None:
+    """Before, a boost of NaN silently dropped its item from every list (and labelled another
+    row 'boosted'), inf jumped it first, and a pin at position 2.5 was cast to 2."""
+    path = tmp_path / "rules.csv"
+    for body, field, shown in (("item_id,action,value\ni1,boost,2\ni2,boost,nan\n", "value", "'nan'"),
+                               ("item_id,action,value\ni1,boost,inf\n", "value", "'?inf'?"),
+                               ("item_id,action,position\ni1,pin,3\ni2,pin,2.5\n", "position", "2.5"),
+                               ("item_id,action,position\ni1,pin,99999999999999999999\n", "position", "'?(1e\\+20|9{20})")):
+        path.write_text(body)
+        row = body.count("\n") - 1
+        with pytest.raises(InputError, match=f"rules.csv, row {row}, field '{field}': '{field}' must be a "
+                                             f"(finite|whole) number.*not {shown}"):
+            read_rules(path)
+    path.write_text("item_id,action,value,position\ni1,boost,-0.5,\ni2,pin,,4.0\n")
+    rules = read_rules(path)
+    assert rules["value"].to_list() == [-0.5, 1.0] and rules["position"].to_list() == [1, 4]
+    assert rules.schema["position"] == pl.Int64
+
 def test_options_name_what_they_need(case) -> None:
     cands, inputs = case
     with pytest.raises(ConfigError, match="rerank.calibration_field"):
