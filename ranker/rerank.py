@@ -27,7 +27,8 @@ run in a fixed order, each on the order the step before left:
    candidates gets a shorter list rather than a broken cap.
 7. **pinned**: the rules file's `pin` items are placed at their `position` (1-based) in every
    list, except for users who already have the item; they take the place of the last rows and
-   are exempt from the caps. A pinned item outside the user's candidates has a null score.
+   are exempt from the caps; pins asking for one position follow the file's order from there.
+   A pinned item outside the user's candidates has a null score.
 
 A row's `rerank` names the last step that placed it above a row the order before that step
 put ahead of it, or brought it into the first k (pins: "pinned"). Rows only pushed down keep
@@ -526,8 +527,11 @@ def _frame(state: _State, cands: pl.DataFrame, pins: dict[str, list[tuple[str, i
     for u in state.users:
         top = [state.item_ids[int(i)] for i in state.order[u][:state.target[u]]]
         lab: list[str | None] = [state.labels[u].get(int(i)) for i in state.order[u][:state.target[u]]]
-        for item, position in pins.get(u, []):
-            at = min(position - 1, len(top))
+        at = -1
+        for item, position in pins.get(u, []):  # by position, then file order
+            # Two pins asking for one position: the first in the file takes it, the next one
+            # the place after (inserting both at it would hand the first's place to the second).
+            at = min(max(position - 1, at + 1), len(top))
             top.insert(at, item)
             lab.insert(at, "pinned")
         top, lab = top[:state.k], lab[:state.k]

@@ -188,6 +188,26 @@ def test_business_rules_exclude_pin_and_boost_as_written(case, tmp_path: Path) -
     assert "boosted" in boosted["rerank"].to_list()
 
 
+
+def test_pins_asking_for_one_position_keep_the_files_order(case, tmp_path: Path) -> None:
+    """Before, a second pin at a position already pinned was inserted in front of the first,
+    so the row later in the file took the place the earlier row asked for."""
+    cands, inputs = case
+    had = set(inputs.history["item_id"].to_list())
+    free = [i for i in inputs.items["item_id"].sort(descending=True).to_list() if i not in had][:3]
+    rules = read_rules(write_rules(tmp_path / "rules.csv", [
+        {"item_id": free[0], "action": "pin", "position": 1},
+        {"item_id": free[1], "action": "pin", "position": 1},
+        {"item_id": free[2], "action": "pin", "position": 2},
+    ]))
+    inputs = type(inputs)(items=inputs.items, vectors=inputs.vectors, history=inputs.history, n_items=inputs.n_items,
+                          rules=rules)
+    out = rerank(cands, K, RerankConfig(), inputs)
+    for _, rows in out.group_by("user_id"):
+        rows = rows.sort("rank")
+        assert rows["item_id"].to_list()[:3] == free and rows["rerank"].to_list()[:3] == ["pinned"] * 3
+        assert rows.height == K
+
 def test_rules_that_cannot_act_as_written_are_named(case, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Before, a rule naming an unknown item (a typo, a deleted item) and a pin past the list's
     end were silently ignored or moved, and a cap below one list silently became one list."""
