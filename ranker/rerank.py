@@ -235,9 +235,26 @@ def _exclude(cands: pl.DataFrame, config: RerankConfig, inputs: RerankInputs) ->
             raise ConfigError("config key 'rerank.exclude_values' needs rerank.exclude_field (the items column "
                               "they match)")
         items = _check_field(inputs.items, config.exclude_field, "exclude_field")
-        gone = items.filter(pl.col(config.exclude_field).cast(pl.String).is_in(config.exclude_values))["item_id"]
-        cands = cands.filter(~pl.col("item_id").is_in(gone.cast(pl.String).implode()))
+        gone = excluded_by_value(items, config.exclude_field, config.exclude_values)
+        cands = cands.filter(~pl.col("item_id").is_in(gone.implode()))
     return cands
+
+
+def excluded_by_value(items: pl.DataFrame, field: str, values: list[str]) -> pl.Series:
+    """The ids of the items whose `field` is one of `values` (text). A CSV column is text and
+    matches as written; a typed (Parquet) column matches by value: a true/false column
+    whatever the case ("False" as "false"), a number column by number ("0" as 0.0)."""
+    column = items[field]
+    wanted = [str(v) for v in values]
+    if column.dtype == pl.Boolean:
+        words = {v.strip().lower() for v in wanted}
+        match = column.cast(pl.String).is_in(list(words))
+    elif column.dtype.is_numeric():
+        numbers = pl.Series(wanted, dtype=pl.String).str.strip_chars().cast(pl.Float64, strict=False).drop_nulls()
+        match = column.cast(pl.Float64).is_in(numbers.implode()) | column.cast(pl.String).is_in(wanted)
+    else:
+        match = column.cast(pl.String).is_in(wanted)
+    return items.filter(match.fill_null(False))["item_id"].cast(pl.String)
 
 
 def _warn_unplaceable_rules(inputs: RerankInputs, k: int) -> None:
@@ -266,8 +283,7 @@ def _pins(users: list[str], config: RerankConfig, inputs: RerankInputs) -> dict[
     pinned = rules.filter(pl.col("action") == "pin").sort(["position", "__row"])
     excluded = set(rules.filter(pl.col("action") == "exclude")["item_id"].to_list())
     if config.exclude_values and inputs.items is not None and config.exclude_field in inputs.items.columns:
-        excluded |= set(inputs.items.filter(pl.col(config.exclude_field).cast(pl.String).is_in(
-            config.exclude_values))["item_id"].cast(pl.String).to_list())
+        excluded |= set(excluded_by_value(inputs.items, config.exclude_field, config.exclude_values).to_list())
     if inputs.items is not None:
         known = set(inputs.items["item_id"].cast(pl.String).to_list())
         pinned = pinned.filter(pl.col("item_id").is_in(list(known)))

@@ -208,6 +208,27 @@ def test_pins_asking_for_one_position_keep_the_files_order(case, tmp_path: Path)
         assert rows["item_id"].to_list()[:3] == free and rows["rerank"].to_list()[:3] == ["pinned"] * 3
         assert rows.height == K
 
+
+@pytest.mark.parametrize(("field", "values"), [("in_stock", ["False"]), ("in_stock", ["FALSE "]),
+                                               ("stock", ["0"])])
+def test_exclude_values_match_a_typed_column_by_value(case, field: str, values: list[str]) -> None:
+    """Before, a Parquet true/false column matched only the lower-case 'false' (its cells cast to
+    text) and a float column only '0.0': exclude_values = ["False"] (as pandas writes a CSV) or
+    ["0"] silently excluded nothing, and out-of-stock items stayed in the lists."""
+    cands, inputs = case
+    items = inputs.items.with_columns(pl.when(pl.col("in_stock")).then(5.0).otherwise(0.0).alias("stock"))
+    inputs = type(inputs)(items=items, vectors=inputs.vectors, history=inputs.history, n_items=inputs.n_items)
+    gone = items.filter(~pl.col("in_stock"))["item_id"]
+    assert cands.filter(pl.col("rank") <= K)["item_id"].is_in(gone.implode()).any()
+    out = rerank(cands, K, RerankConfig(exclude_field=field, exclude_values=values), inputs)
+    assert not out["item_id"].is_in(gone.implode()).any()
+    assert out.group_by("user_id").len()["len"].to_list() == [K] * cands["user_id"].n_unique()
+    # A text column (every CSV column) still matches as written.
+    text = type(inputs)(items=items.with_columns(pl.col(field).cast(pl.String)), history=inputs.history,
+                        n_items=inputs.n_items)
+    as_text = rerank(cands, K, RerankConfig(exclude_field=field, exclude_values=values), text)
+    assert as_text["item_id"].is_in(gone.implode()).any()
+
 def test_rules_that_cannot_act_as_written_are_named(case, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Before, a rule naming an unknown item (a typo, a deleted item) and a pin past the list's
     end were silently ignored or moved, and a cap below one list silently became one list."""
