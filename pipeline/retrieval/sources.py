@@ -492,12 +492,15 @@ class SegmentPopular(Source):
 
 def numeric_strings(frame: pl.DataFrame) -> pl.DataFrame:
     """String columns whose every value reads as a number become Float64 (CSV readers often leave an
-    `age` column as text)."""
+    `age` column as text). A column with a value written with a leading zero ("02139", "007") is a
+    code, not a quantity (a zip code, a branch number): it stays text."""
     out = []
     for name, dtype in frame.schema.items():
         if dtype == pl.String:
-            parsed = frame[name].str.strip_chars().cast(pl.Float64, strict=False)
-            if parsed.null_count() == frame[name].null_count() and frame[name].drop_nulls().len() > 0:
+            text = frame[name].str.strip_chars()
+            parsed = text.cast(pl.Float64, strict=False)
+            if parsed.null_count() == frame[name].null_count() and frame[name].drop_nulls().len() > 0 \
+                    and not text.str.contains(r"^[+-]?0[0-9]").any():
                 out.append(parsed.alias(name))
     return frame.with_columns(out) if out else frame
 

@@ -114,6 +114,26 @@ def test_segment_popularity_follows_the_segment() -> None:
     assert scores[0, :6].min() > scores[0, 6:].max() and scores[1, 6:].min() > scores[1, :6].max()
 
 
+
+def test_a_zip_code_of_digits_is_neither_a_segment_nor_a_ranker_feature() -> None:
+    """Before, a users column of digit-only codes ("02139") read as numbers: the zip code became
+    quintile segments and a numeric ranker feature, which both docstrings rule out."""
+    from fusionrec.ranker.features import user_attribute_features
+
+    rng = np.random.default_rng(0)
+    n = 200
+    users = pl.DataFrame({"user_id": [f"u{u:03d}" for u in range(n)],
+                          "zip": [f"{z:05d}" for z in rng.integers(0, 99999, n)],
+                          "age": [str(a) for a in rng.integers(18, 70, n)],
+                          "segment": pl.Series([None] * n, dtype=pl.String)})
+    assert users["zip"].str.starts_with("0").any()
+    codes, names = user_segments(users, np.array(users["user_id"].to_list(), dtype=object))
+    assert names == ["age"] and codes.shape == (n, 1)
+    pairs = pl.DataFrame({"user_id": ["u001", "nobody"], "item_id": ["a", "b"]})
+    out = user_attribute_features(pairs, users)
+    assert out.columns == ["user_id", "item_id", "user_attr_age"]
+    assert out["user_attr_age"].to_list() == [float(users["age"][1]), None]
+
 def test_zscore_ignores_seen_items_and_constant_rows_score_zero() -> None:
     scores = np.array([[10.0, 1.0, 2.0, 3.0], [5.0, 5.0, 5.0, 5.0]], np.float32)
     seen = np.array([[True, False, False, False], [False, False, False, False]])
