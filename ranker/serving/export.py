@@ -19,7 +19,7 @@ import polars as pl
 
 from fusionrec.pipeline.errors import FusionrecError, InputError, first_line
 from fusionrec.pipeline.io.storage import atomic_path
-from fusionrec.pipeline.io.tables import locate_csv_problem
+from fusionrec.pipeline.io.tables import csv_header, locate_csv_problem
 
 if TYPE_CHECKING:
     from fusionrec.ranker.model import Ranker
@@ -256,6 +256,9 @@ def _read(path: Path, fmt: str, *, string_ids: bool) -> pl.DataFrame:
         if fmt == ".parquet":
             return pl.read_parquet(path)
         if fmt == ".csv":
+            # A column named twice would be read under another name and go unread, as in the data tables.
+            with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
+                csv_header(fh, path)
             # Ids stay text ("007" is not 7); empty cells are null.
             return pl.read_csv(path, schema_overrides=ids, infer_schema_length=10_000, raise_if_empty=True)
         frame = pl.read_ndjson(path, infer_schema_length=10_000)

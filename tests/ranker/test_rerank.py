@@ -285,6 +285,24 @@ def test_rules_with_a_non_finite_boost_or_a_fractional_pin_are_refused(case, tmp
     assert rules["value"].to_list() == [-0.5, 1.0] and rules["position"].to_list() == [1, 4]
     assert rules.schema["position"] == pl.Int64
 
+
+def test_a_rules_or_pairs_file_naming_a_column_twice_is_refused(tmp_path: Path) -> None:
+    """Before, polars read the second 'action' column as 'action_duplicated_0' and the rule it
+    held was silently dropped (the data tables refuse such a header, the rules file did not)."""
+    from fusionrec.ranker.serving.export import read_pairs
+
+    path = tmp_path / "rules.csv"
+    path.write_text("item_id,action, action\ni1,boost,exclude\n")
+    with pytest.raises(InputError, match="rules.csv, field 'action': the header row names column 'action' twice "
+                                         r"\(columns 2 and 3"):
+        read_rules(path)
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("user_id,item_id,user_id\nu1,i1,u2\n")
+    with pytest.raises(InputError, match="field 'user_id': the header row names column 'user_id' twice"):
+        read_pairs(pairs)
+    path.write_text("\ufeffitem_id,action\ni1,exclude\n")  # Excel's byte order mark is fine
+    assert read_rules(path).rows() == [("i1", "exclude", 1.0, 1)]
+
 def test_options_name_what_they_need(case) -> None:
     cands, inputs = case
     with pytest.raises(ConfigError, match="rerank.calibration_field"):
