@@ -268,6 +268,14 @@ def _warn_unplaceable_rules(inputs: RerankInputs, k: int) -> None:
         if unknown.height:
             log.warning("rerank rules: %d row(s) name an item the catalog does not have (row %d: %r); they are "
                         "ignored", unknown.height, unknown["row"][0], unknown["item_id"][0])
+    pins = rules.filter(pl.col("action") == "pin")
+    if inputs.items is not None:
+        pins = pins.filter(pl.col("item_id").is_in(inputs.items["item_id"].cast(pl.String).implode()))
+    pins = pins.sort(["position", "row"]).unique("item_id", keep="first", maintain_order=True)
+    if pins.height > k:  # the pins past the k-th place leave every list (a user who has one of them aside)
+        log.warning("rerank rules: %d items are pinned, more than the list's length %d: the ones placed after the "
+                    "first %d (by position, then file order; row %d: %r on) are left out of the lists",
+                    pins.height, k, k, pins["row"][k], pins["item_id"][k])
     late = rules.filter((pl.col("action") == "pin") & (pl.col("position") > k))
     if late.height:
         log.warning("rerank rules: %d pin(s) ask for a position past the list's length %d (row %d: %r at %d); "

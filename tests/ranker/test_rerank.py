@@ -229,6 +229,24 @@ def test_exclude_values_match_a_typed_column_by_value(case, field: str, values: 
     as_text = rerank(cands, K, RerankConfig(exclude_field=field, exclude_values=values), text)
     assert as_text["item_id"].is_in(gone.implode()).any()
 
+
+def test_more_pins_than_the_list_holds_are_named(case, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Before, pins beyond the k-th place vanished from every list without a word when their
+    positions were within k (four pins at position 1 for lists of 3)."""
+    cands, inputs = case
+    had = set(inputs.history["item_id"].to_list())
+    free = [i for i in inputs.items["item_id"].sort(descending=True).to_list() if i not in had][:4]
+    rules = read_rules(write_rules(tmp_path / "rules.csv", [{"item_id": i, "action": "pin", "position": 1}
+                                                             for i in free]))
+    inputs = type(inputs)(items=inputs.items, vectors=inputs.vectors, history=inputs.history, n_items=inputs.n_items,
+                          rules=rules)
+    with caplog.at_level("WARNING", logger="fusionrec.rerank"):
+        out = rerank(cands, 3, RerankConfig(), inputs)
+    assert (f"4 items are pinned, more than the list's length 3: the ones placed after the first 3 (by position, "
+            f"then file order; row 4: '{free[3]}' on) are left out") in " ".join(caplog.messages)
+    lists = out.sort("user_id", "rank").group_by("user_id", maintain_order=True).agg("item_id")["item_id"].to_list()
+    assert len(lists) == cands["user_id"].n_unique() and all(items == free[:3] for items in lists)
+
 def test_rules_that_cannot_act_as_written_are_named(case, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Before, a rule naming an unknown item (a typo, a deleted item) and a pin past the list's
     end were silently ignored or moved, and a cap below one list silently became one list."""
