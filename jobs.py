@@ -209,7 +209,15 @@ def run_recommend(art_dir: Path, export: Path, config: Config | None = None, *, 
                                  "already has every item (seen items are never recommended)")
         path = export_topk(recs, Path(export), art_dir, config, pseudonymise_ids)
         by_source = users_by_source(recs)
-        record.counts = {"users": recs["user_id"].n_unique(), "rows": recs.height, "users_by_source": by_source}
+        n_users = recs["user_id"].n_unique()
+        record.counts = {"users": n_users, "rows": recs.height, "users_by_source": by_source}
+        short = recs.group_by("user_id").len().filter(pl.col("len") < k).height
+        if short:  # a k past the candidates gave shorter lists, silently
+            record.counts["short_lists"] = short
+            log.warning("%d of %d users got fewer than %d items: a list holds the user's candidates (index."
+                        "n_candidates from each source, set when `fusionrec index` ran) less the items they "
+                        "already have and any rerank exclusions; for longer lists raise index.n_candidates and "
+                        "rerun `fusionrec index`", short, n_users, k)
         cold = by_source.get("content", 0) + by_source.get("popular", 0)
         if cold and by_source.get("ranker"):
             log.info("%d users without history keep their cold-start order (content or popularity): the ranker "

@@ -141,6 +141,20 @@ def test_an_export_to_stdout_is_json_lines_and_nothing_else(art: Path, tmp_path:
     assert [json.loads(line)["item_id"] for line in scored.stdout.splitlines()] == piped["item_id"].to_list()
 
 
+def test_a_k_past_the_candidates_says_the_lists_are_shorter(art: Path, tmp_path: Path) -> None:
+    out = tmp_path / "recs.parquet"
+    result = CliRunner().invoke(app, ["recommend", "--out", str(art), "--k", "500", "--export", str(out), "--raw-ids"])
+    assert result.exit_code == 0, result.output
+    per_user = pl.read_parquet(out).group_by("user_id").len()["len"]
+    assert per_user.max() < 500
+    assert f"{per_user.len()} of {per_user.len()} users got fewer than 500 items" in result.stderr
+    assert "raise index.n_candidates" in result.stderr
+    record = [r for r in read_manifest(art)["runs"] if r["command"] == "recommend"][-1]
+    assert record["counts"]["short_lists"] == per_user.len()
+    ok = CliRunner().invoke(app, ["recommend", "--out", str(art), "--k", "3", "--export", str(out), "--raw-ids"])
+    assert ok.exit_code == 0 and "fewer than" not in ok.stderr
+
+
 def test_unknown_users_get_popular_items_not_an_error(art: Path, tmp_path: Path) -> None:
     users = tmp_path / "users.csv"
     pl.DataFrame({"user_id": ["u0001", "someone-new"]}).write_csv(users)
