@@ -236,6 +236,31 @@ def test_ray_batch_scoring_equals_recommend_for_all_users(fitted: Path, ray_loca
     assert_frame_equal(local, on_ray, check_exact=False, rel_tol=1e-6, abs_tol=1e-9)
 
 
+@pytest.mark.parametrize("address", ["auto", "ray://head:10001"])
+def test_a_ray_address_that_cannot_be_joined_is_one_clear_error_not_a_damaged_artifact(
+        fitted: Path, tmp_path: Path, monkeypatch, address: str) -> None:
+    """Before, `recommend --engine ray` with ray.address = "auto" and no cluster said the artifacts
+    were damaged ("rerun `fusionrec run` to rebuild them") and `embed` reported an unexpected
+    ConnectionError (a crash log); now both say that Ray could not be joined, naming ray.address."""
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'fusionrec[ray]')")
+    from fusionrec.jobs import run_recommend
+
+    def refuse(*args, **kwargs):  # what ray.init raises when nothing runs at the address
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    cfg = Config(engine="ray", ray=RayConfig(address=address))
+    export = tmp_path / "recs.csv"
+    with pytest.raises(FusionrecError) as caught:
+        run_recommend(fitted, export, cfg)
+    message = str(caught.value)
+    assert type(caught.value) is FusionrecError and caught.value.exit_code == 1
+    assert f"ray.address = {address!r}" in message and "ConnectionError: Could not find any running Ray" in message
+    assert "damaged" not in message and "rebuild" not in message
+    assert not export.exists()
+
+
 # The pieces around Ray, checked without it: what one batch computes, and the streamed export.
 
 

@@ -38,7 +38,7 @@ import pyarrow as pa
 
 from fusionrec.pipeline.config import Config, EmbedConfig, RayConfig
 from fusionrec.pipeline.embedding.encoding import EncodedShard, ModalityEncoder, TodoRows, build_encoders, prepare_one
-from fusionrec.pipeline.errors import FusionrecError
+from fusionrec.pipeline.errors import FusionrecError, first_line
 
 log = logging.getLogger("fusionrec.ray")
 
@@ -80,8 +80,15 @@ def ray_runtime(cfg: RayConfig) -> Iterator[Any]:
     if not ray.is_initialized():
         for key, value in _RAY_ENV.items():
             os.environ.setdefault(key, value)
-        ray.init(address=cfg.address or None, include_dashboard=False, log_to_driver=False,
-                 ignore_reinit_error=True, logging_level=logging.WARNING)
+        try:
+            ray.init(address=cfg.address or None, include_dashboard=False, log_to_driver=False,
+                     ignore_reinit_error=True, logging_level=logging.WARNING)
+        except Exception as exc:  # noqa: BLE001 - Ray's own ConnectionError, ValueError, ...: one clear line
+            where = f"join the Ray cluster at ray.address = {cfg.address!r}" if cfg.address else \
+                "start a local Ray runtime (ray.address = \"\")"
+            raise FusionrecError(f"engine 'ray': cannot {where}: {type(exc).__name__}: {first_line(exc)}; check "
+                                 "ray.address (\"\" starts a local runtime, \"auto\" joins a running one), or "
+                                 "run with --engine local") from exc
         started = True
     quiet_ray_data_console()
     try:
