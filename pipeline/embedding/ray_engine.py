@@ -198,6 +198,23 @@ ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "POLARS_MAX_THREADS": "1", "OPENBLAS_N
                   "MKL_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1"}
 
 
+def actor_slots(ray: Any, actors: int, what: str) -> int:
+    """How many one-CPU actors to start: `actors`, at most the Ray cluster's CPUs.
+
+    Input i waits on actor i % n, so an actor that never gets a CPU (ray.num_actors past the
+    cluster's CPUs) would hold the whole job forever; the pool is cut to the CPUs, with a warning."""
+    wanted = max(1, actors)
+    try:
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+    except Exception:  # noqa: BLE001 - no resource view (a client): ask for what was asked
+        return wanted
+    if 0 < cpus < wanted:
+        log.warning("ray.num_actors = %d but the Ray cluster has %d CPU(s): %s runs on %d actors of one CPU each",
+                    actors, cpus, what, cpus)
+        return cpus
+    return wanted
+
+
 def ordered_actor_calls(ray: Any, actor_cls: type, kwargs: dict[str, Any], inputs: Iterable[Any], actors: int,
                         what: str, *, queued: int = 2) -> Iterator[Any]:
     """`actor.run(x)` for each input x on a pool of `actors` Ray actors (one CPU each, each
@@ -215,7 +232,7 @@ def ordered_actor_calls(ray: Any, actor_cls: type, kwargs: dict[str, Any], input
     # OpenMP (FAISS, LightGBM) and thread pools take every core, and two actors on two cores
     # ran slower than one.
     remote_cls = ray.remote(num_cpus=1, runtime_env={"env_vars": ONE_THREAD_ENV})(actor_cls)
-    pool = [remote_cls.remote(**kwargs) for _ in range(max(1, actors))]
+    pool = [remote_cls.remote(**kwargs) for _ in range(actor_slots(ray, actors, what))]
     try:
         yield from results_in_order(ray, lambda i, x: pool[i % len(pool)].run.remote(x), inputs,
                                     len(pool) * max(1, queued), what)

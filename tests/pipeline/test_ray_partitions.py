@@ -253,6 +253,28 @@ def test_the_actor_pool_keeps_input_order_runs_one_thread_each_and_names_an_acto
         list(ordered_actor_calls(ray_local, Echo, {"fail": True}, range(3), 2, "echo"))
 
 
+def test_more_actors_than_the_clusters_cpus_still_finish_in_order(ray_local, caplog) -> None:
+    """ray.num_actors = 4 on a 2-CPU runtime: before, input 2 waited on an actor that never got a
+    CPU, and `recommend --engine ray` hung forever; now the pool is cut to the CPUs, with a warning."""
+    import threading
+
+    from fusionrec.pipeline.embedding.ray_engine import ordered_actor_calls
+
+    class Double:  # defined here: shipped to the actors by value
+        def run(self, x: int) -> int:
+            return 2 * x
+
+    got: list[int] = []
+    worker = threading.Thread(target=lambda: got.extend(ordered_actor_calls(ray_local, Double, {}, range(9), 4,
+                                                                             "batch scoring")), daemon=True)
+    with caplog.at_level("WARNING", logger="fusionrec.ray"):
+        worker.start()
+        worker.join(timeout=90)
+    assert not worker.is_alive(), "the actor pool hung: more actors than CPUs"
+    assert got == [2 * x for x in range(9)]
+    assert "ray.num_actors = 4 but the Ray cluster has 2 CPU(s): batch scoring runs on 2 actors" in caplog.text
+
+
 def test_cores_honours_omp_num_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     from fusionrec.pipeline.threads import cores
 
