@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.special import ndtri
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import RESULTS, SETS  # noqa: E402
@@ -145,6 +146,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # settings under the nightly rule), as one more source.
     "shipped + GF-CF as one more source": {"als_grid": "tags", "seeds": 6, "steps": C.BLEND_STEPS, "rounds": 4,
                                            "tag_sources": (*ITEM_ITEM, "gfcf"), "gfcf": True},
+    # A lead: the blend adds each source's per-user z-scores, which follow the shape of its raw
+    # scores; a transform of the user's ranks instead gives every source the same shape.
+    "shipped, the blend over -log(rank) of each source": {
+        "als_grid": "tags", "seeds": 6, "steps": C.BLEND_STEPS, "rounds": 4, "tag_sources": ITEM_ITEM,
+        "transform": "log_rank"},
+    "shipped, the blend over normal quantiles of each source's ranks": {
+        "als_grid": "tags", "seeds": 6, "steps": C.BLEND_STEPS, "rounds": 4, "tag_sources": ITEM_ITEM,
+        "transform": "normal_rank"},
     "shipped + Mult-VAE if it wins out of fold (interval)": {"als_grid": "tags", "seeds": 6, "steps": C.BLEND_STEPS,
                                                              "rounds": 4, "tag_sources": (*ITEM_ITEM, "vae"),
                                                              "vae": True, "vae_cross": "interval"},
@@ -434,6 +443,25 @@ class Study:
     def best(self, options: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
         return self.ranked(options, rows)[0]
 
+    def normalise(self, score: np.ndarray, variant: dict[str, Any]) -> np.ndarray:
+        """A source's scores as the blend adds them: per-user z-scores over unseen items (shipped),
+        or a lead's transform of the user's ranks (`transform`): "log_rank" is -log(rank), "normal_rank"
+        the standard normal quantile of 1 - (rank - 0.5) / unseen items (a z-score of the ranks)."""
+        transform = variant.get("transform")
+        if not transform:
+            return C.zscore(score, self.blocked)
+        # Tied scores share a rank (1 + the unseen items scored strictly higher), so no order
+        # among ties (item ids, which carry the catalogue's history on Last.fm) reaches the blend.
+        masked = np.where(self.blocked, -np.inf, score.astype(np.float64))
+        desc = -np.sort(-masked, axis=1)
+        ranks = np.stack([np.searchsorted(-desc[r], -masked[r], side="left") + 1 for r in range(score.shape[0])])
+        if transform == "log_rank":
+            out = -np.log(ranks.astype(np.float64))
+        else:
+            unseen = np.maximum((~self.blocked).sum(axis=1, keepdims=True), 1)
+            out = ndtri(np.clip(1 - (ranks - 0.5) / unseen, 1e-6, 1 - 1e-6))
+        return np.where(self.blocked, 0.0, out).astype(np.float32)
+
     def blend_score(self, variant: dict[str, Any], choose: np.ndarray, score: np.ndarray) -> np.ndarray:
         """Per-user NDCG@10 on `score` of the blend whose settings and weights `choose` picked."""
         z: dict[str, np.ndarray] = {}
@@ -447,7 +475,7 @@ class Study:
                 best_tagged = self.best(tagged, choose)
                 if C.tags_win(self.ndcg(best_tagged, choose), self.ndcg(best, choose))[0]:
                     best = best_tagged
-            z[name] = C.zscore(best, self.blocked)
+            z[name] = self.normalise(best, variant)
         plain = [g for g in SEARCH_GRID["als"] if not g.get("tag_weight")]
         # The whole grid, tag settings included where the items had tags (they were scored).
         with_tags = [g for g in SEARCH_GRID["als"] if ("als", json.dumps(g, sort_keys=True), 0) in self.scores]
@@ -473,7 +501,7 @@ class Study:
             ranked_grid = sorted(ranked_grid[:variant["shortlist"]],
                                  key=lambda g: -float(self.ndcg(als(g, variant["seeds"]), choose).mean()))
         ranked = [als(g, variant["seeds"]) for g in ranked_grid[:2]]
-        z["als"] = C.zscore(ranked[0], self.blocked)
+        z["als"] = self.normalise(ranked[0], variant)
         if variant.get("second"):
             z["als_second"] = C.zscore(ranked[1], self.blocked)
         weights = C.search_weights({k: v[choose] for k, v in z.items()}, self.truth[choose], self.blocked[choose],
