@@ -365,8 +365,9 @@ class Retriever:
             "timings": self.timings_,
         }
 
-    def save(self, directory: Path) -> None:
-        """index.faiss, items.parquet, users.parquet, seen.parquet, retriever.json (written last)."""
+    def save(self, directory: Path, partners: tuple[str, ...] = ()) -> None:
+        """index.faiss, items.parquet, users.parquet, seen.parquet, retriever.json (written last;
+        with the sha256 of `partners` too, files relative to `directory` saved before it)."""
         self._check_fitted()
         store.save(store.Stored(
             params=self.params, modalities=self.modalities_, weights=self.weights_,
@@ -375,7 +376,7 @@ class Retriever:
             validation_recall=self.validation_recall_, timings=self.timings_, index_info=self.index_info_,
             unused_user_modalities=self.unused_user_modalities_, n_unknown_item_rows=self.n_unknown_item_rows_,
             item_blocks=self.item_blocks_, user_blocks=self.user_blocks_, user_weights=self.user_weights_,
-            user_kappa=self.user_kappa_, seen=self.seen_, index=self.index_), directory)
+            user_kappa=self.user_kappa_, seen=self.seen_, index=self.index_), directory, partners)
 
     @classmethod
     def load(cls, directory: Path, *, mmap: bool = False) -> Retriever:

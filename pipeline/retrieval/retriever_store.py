@@ -1,10 +1,11 @@
 """Persistence of a fitted Retriever: index.faiss, items.parquet, users.parquet,
-seen.parquet and retriever.json (written last, naming the sha256 of the other four, so a set
+seen.parquet and retriever.json (written last, naming the sha256 of the other four and of the stage's partner files, so a set
 half replaced by a killed save is refused on load instead of served)."""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,12 @@ class Stored:
     index: faiss.Index
 
 
-def save(stored: Stored, directory: Path) -> None:
-    """index.faiss, items.parquet, users.parquet, seen.parquet, retriever.json (written last)."""
+def save(stored: Stored, directory: Path, partners: tuple[str, ...] = ()) -> None:
+    """index.faiss, items.parquet, users.parquet, seen.parquet, retriever.json (written last).
+
+    partners: more files (paths relative to `directory`, e.g. "../sources/sources.json") written
+    before it by the same stage; retriever.json names their sha256 too, so a set the stage
+    stopped saving (Ctrl-C, a crash, a full disk) is refused on load, never served half new."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     mods = stored.modalities
@@ -77,7 +82,7 @@ def save(stored: Stored, directory: Path) -> None:
     }
     # retriever.json, written last, names the sha256 of its partner files: a set half
     # replaced by a killed save is refused on load instead of served.
-    state["files"] = {name: sha256_file(d / name) for name in SAVED_FILES}
+    state["files"] = {name: sha256_file(d / name) for name in (*SAVED_FILES, *partners)}
     with fidx.atomic_path(d / "retriever.json") as tmp:
         tmp.write_text(json.dumps(state, indent=2, default=float))
 
@@ -94,8 +99,9 @@ def load(directory: Path, *, mmap: bool = False) -> Stored:
         raise FusionrecError(f"{path}: unsupported format_version {state.get('format_version')}")
     for name, digest in state.get("files", {}).items():
         if not (d / name).is_file() or sha256_file(d / name) != digest:
-            raise FusionrecError(f"{d / name} does not belong to {path}: the index was interrupted while it "
-                                 "was saved; run `fusionrec index` (or `fusionrec run`) again")
+            raise FusionrecError(f"{os.path.normpath(d / name)} does not belong to {path}: the index stage was "
+                                 "interrupted while it saved, or the file changed since; run `fusionrec index` (or "
+                                 "`fusionrec run`) again")
     mods = tuple(state["modalities"])
     item_blocks = _frame_blocks(pl.read_parquet(d / "items.parquet"), "item_id", mods)
     uf = pl.read_parquet(d / "users.parquet")

@@ -274,7 +274,12 @@ def run_index(data_dir: Path, art_dir: Path, config: Config | None = None, *, lo
         elif valid_path.exists():
             valid_path.unlink()
         write_parquet(candidates.to_arrow(), art_dir / "candidates.parquet")
-        retriever.save(art_dir / "index")
+        # retriever.json names the sha256 of tonight's snapshot and sources too: a stage stopped before
+        # it (Ctrl-C, a crash, a full disk) leaves last night's retriever, which then refuses them,
+        # instead of serving tonight's sources beside last night's index.
+        partners = (f"data/{SNAPSHOT_SUMS}", "sources/sources.json", "sources/sources.safetensors")
+        retriever.save(art_dir / "index", partners=tuple(f"../{rel}" for rel in partners
+                                                         if (art_dir / rel).is_file()))
         summary = retriever.summary_()
         summary["sources"] = tuning.as_dict() if tuning is not None else {
             "protocol": None, "note": "the log is too short for a validation split: default settings, equal weights"}
