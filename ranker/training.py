@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -503,14 +504,18 @@ def run_train(art_dir: Path, config: Config | None = None, *, lock: bool = True)
         return summary
 
 
-def lineage(art_dir: Path) -> dict[str, str]:
-    """sha256 of the stage-1 artifacts a ranker is trained on (serving checks they still match)."""
+def lineage(art_dir: Path, verified: Mapping[str, str] | None = None) -> dict[str, str]:
+    """sha256 of the stage-1 artifacts a ranker is trained on (serving checks they still match).
+
+    verified: digests just checked against the files, by normalised path (`Retriever.load`
+    checks these files and keeps them as `verified_files_`): those files are not hashed again."""
     out = {}
+    known = verified or {}
     # Content files only: retriever.json also holds timings, which differ between identical runs.
     for rel in ("sources/sources.json", "sources/sources.safetensors", "index/index.faiss", "index/items.parquet"):
         path = Path(art_dir) / rel
         if path.is_file():
-            out[rel] = sha256_file(path)
+            out[rel] = known.get(os.path.normpath(path)) or sha256_file(path)
     return out
 
 

@@ -99,6 +99,7 @@ class Retriever:
     search_params_: dict[str, int]
     timings_: dict[str, float]
     index_info_: dict[str, Any]
+    verified_files_: dict[str, str]  # loaded: sha256 by normalised path of the files `load` checked
 
     def __init__(self, params: RetrieverParams | None = None, /, **overrides: Any) -> None:
         self.params = dataclasses.replace(params or RetrieverParams(), **overrides)
@@ -395,4 +396,5 @@ class Retriever:
         self.user_blocks_, self.user_ids_ = s.user_blocks, s.user_blocks.ids
         self.user_weights_, self.user_kappa_ = s.user_weights, s.user_kappa
         self.seen_, self.index_ = s.seen, s.index
+        self.verified_files_ = s.verified
         return self

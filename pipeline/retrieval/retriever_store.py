@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,9 @@ class Stored:
     user_kappa: np.ndarray
     seen: sp.csr_matrix
     index: faiss.Index
+    # Set by `load`: the sha256 it checked of each file retriever.json names (index files and
+    # the stage's partners), by normalised path, so a caller need not hash them again.
+    verified: dict[str, str] = field(default_factory=dict)
 
 
 def save(stored: Stored, directory: Path, partners: tuple[str, ...] = ()) -> None:
@@ -97,11 +100,13 @@ def load(directory: Path, *, mmap: bool = False) -> Stored:
     state = json.loads(path.read_text())
     if state.get("format_version") != FORMAT_VERSION:
         raise FusionrecError(f"{path}: unsupported format_version {state.get('format_version')}")
+    verified: dict[str, str] = {}
     for name, digest in state.get("files", {}).items():
         if not (d / name).is_file() or sha256_file(d / name) != digest:
             raise FusionrecError(f"{os.path.normpath(d / name)} does not belong to {path}: the index stage was "
                                  "interrupted while it saved, or the file changed since; run `fusionrec index` (or "
                                  "`fusionrec run`) again")
+        verified[os.path.normpath(d / name)] = digest
     mods = tuple(state["modalities"])
     item_blocks = _frame_blocks(pl.read_parquet(d / "items.parquet"), "item_id", mods)
     uf = pl.read_parquet(d / "users.parquet")
@@ -123,7 +128,7 @@ def load(directory: Path, *, mmap: bool = False) -> Stored:
         user_weights=np.column_stack([uf[f"attn_{m}"].to_numpy().astype(np.float64) for m in mods]),
         user_kappa=np.column_stack([uf[f"kappa_{m}"].to_numpy().astype(np.float64) for m in mods]),
         seen=interaction_matrix(seen, item_blocks.ids, half_life_days=None, user_ids=user_blocks.ids).seen,
-        index=index)
+        index=index, verified=verified)
 
 
 def _blocks_frame(blocks: Blocks, id_col: str) -> pl.DataFrame:

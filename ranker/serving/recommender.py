@@ -86,7 +86,7 @@ class Recommender:
         self.order_ = "ranker" if use_ranker and self.ranker_ is not None and self.guard_.get("order") == "ranker" \
             else "retrieval"
         built_from = self.guard_.get("built_from")
-        if self.order_ == "ranker" and built_from and built_from != lineage(self.art_dir):
+        if self.order_ == "ranker" and built_from and built_from != lineage(self.art_dir, self.retriever_.verified_files_):
             # The index was rebuilt after the ranker was trained: its features no longer mean
             # what the ranker learned. Serve the retrieval order until `fusionrec train` runs.
             log.warning("the ranker in %s was trained on an older index (rerun `fusionrec train`): serving the "

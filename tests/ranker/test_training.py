@@ -441,6 +441,23 @@ def test_a_ranker_trained_on_an_older_index_is_not_served(tmp_path: Path, caplog
     assert "trained on an older index" in caplog.text
 
 
+def test_serving_checks_the_rankers_lineage_without_hashing_the_files_again(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # Retriever.load has just checked every lineage file against retriever.json: the lineage
+    # reads those digests, the same values as hashing the files, and hashes nothing again.
+    data = make_catalog(tmp_path / "data", n_users=60)
+    art = tmp_path / "art"
+    nightly(data, art, "ranker.guard=false")
+    hashed = training.lineage(art)
+    assert len(hashed) == 4
+    calls: list[str] = []
+    real = training.sha256_file
+    monkeypatch.setattr(training, "sha256_file", lambda path: calls.append(str(path)) or real(path))
+    rec = Recommender(art)
+    assert rec.order_ == "ranker" and calls == []
+    assert training.lineage(art, rec.retriever_.verified_files_) == hashed and calls == []
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 10_000), shift=st.integers(1, 50))
 def test_per_user_labels_never_leak_into_features(tmp_path: Path, seed: int, shift: int) -> None:
