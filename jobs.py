@@ -140,6 +140,14 @@ def export_topk(frame: pl.DataFrame, path: Path, art_dir: Path, config: Config, 
     return write_topk(frame, path, raw=raw)
 
 
+def ready_export(export: Path, art_dir: Path) -> None:
+    """Before the work: refuse an export onto the artifacts' own files, and remove the torn
+    temporaries a killed export left beside the file (standard output has none)."""
+    check_export_target(export, art_dir)
+    if not is_stdout(export):
+        clean_stale_exports(Path(export).parent, Path(export).name)
+
+
 def with_pseudonymise(config: Config, pseudonymise_ids: bool | None) -> Config:
     """`config` as the export runs it: --raw-ids / --pseudonymise over export.pseudonymise, so the
     manifest's config says whether the file holds raw ids (it said `pseudonymise = true` beside raw ids)."""
@@ -154,10 +162,8 @@ def run_score(art_dir: Path, candidates: Path, export: Path, config: Config | No
     """The score command: (user_id, item_id) pairs scored and exported, under the shared lock."""
     config = with_pseudonymise(config or Config(), pseudonymise_ids)
     art_dir = Path(art_dir)
-    check_export_target(export, art_dir)
+    ready_export(export, art_dir)
     pairs = read_pairs(candidates)
-    if not is_stdout(export):
-        clean_stale_exports(Path(export).parent, Path(export).name)
     with stage_run("score", art_dir, None, config.to_dict(), lock=lock, shared=True) as record:
         rec = open_recommender(art_dir)
         scored = rec.score(pairs, explain=explain)
@@ -195,9 +201,7 @@ def run_recommend(art_dir: Path, export: Path, config: Config | None = None, *, 
     k = config.export.k if k is None else k
     if k < 1:
         raise ConfigError(f"export.k must be at least 1, not {k}")
-    check_export_target(export, art_dir)
-    if not is_stdout(export):
-        clean_stale_exports(Path(export).parent, Path(export).name)
+    ready_export(export, art_dir)
     with stage_run("recommend", art_dir, data_dir, config.to_dict(), lock=lock, shared=True) as record:
         recs = recommend_lists(art_dir, users, k, config, exclude_seen=exclude_seen, explain=explain)
         if recs.height == 0 and users is None:
