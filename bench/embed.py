@@ -181,6 +181,8 @@ def main() -> None:
     try:
         data = work / "data"
         shutil.copytree(args.data, data)
+        if device_name(cfg.embed.device).startswith("cuda"):
+            raw_pass(inputs, encoders, data)  # CUDA picks kernels for each new batch shape on first sight
         raw = raw_pass(inputs, encoders, data)
         t0 = time.perf_counter()
         full = run_embed(data, work / "art", cfg, encoders=encoders, show_progress=False)

@@ -84,7 +84,7 @@ class AudioConfig:
 @dataclass(frozen=True, config=_STRICT_FLOATS)
 class EmbedConfig:
     device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")] = "auto"  # auto | cpu | cuda[:N] | mps
-    shard_size: PosInt = 256  # rows committed together; a killed job resumes from the last shard
+    shard_size: NonNegInt = 0  # rows committed together (a killed job resumes from the last shard); 0: 256 on the CPU, 4096 on a GPU
     max_failed_share: Share = 0.5  # the job fails if more media than this share cannot be read
     decode_workers: NonNegInt = 2  # threads decoding images/audio while the encoder runs
     batch_rows: PosInt = 16_384  # rows read (and held) at a time: memory is bounded by this, not the catalog

@@ -48,6 +48,25 @@ class ModalityEncoder:
     identity_key: str = ""  # what the identity depends on (`identity_key`), for loading it lazily next time
 
 
+# Rows per shard when `embed.shard_size` is 0. A GPU encodes 256 texts in about 20 ms, so
+# writing a shard that small costs as much as encoding it (docs/benchmarks.md, GPU).
+CPU_SHARD_ROWS = 256
+GPU_SHARD_ROWS = 4096
+
+
+def shard_rows(cfg: EmbedConfig, device: str | None = None) -> int:
+    """Rows per shard: `embed.shard_size`, or for 0 the size for the device the encoders use.
+
+    device: where the encoders run ("cuda", "cpu"); default the configured device, resolved
+    (which imports torch for "auto": call it only when there is something to encode).
+    """
+    if cfg.shard_size:
+        return cfg.shard_size
+    if device is None:
+        device = resolve_device(cfg.device)
+    return GPU_SHARD_ROWS if device.startswith("cuda") else CPU_SHARD_ROWS
+
+
 def build_encoders(cfg: EmbedConfig, needed: set[str], *, hashes: FileHashes | None = None,
                    known: dict[str, dict[str, Any]] | None = None) -> dict[str, ModalityEncoder]:
     """The configured encoders for the modalities present in the data.

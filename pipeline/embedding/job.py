@@ -4,7 +4,7 @@ Incremental: every row carries a content hash over (raw content, preprocessing c
 model id). A rerun reuses rows whose hash is unchanged, encodes new or changed rows, drops
 deleted ids, and re-encodes a whole modality when its model changes.
 
-Resumable: rows are encoded in shards of `shard_size`; each finished shard is written
+Resumable: rows are encoded in shards of `shard_size` (`shard_rows`); each finished shard is written
 atomically under `ART/embeddings/.shards/` and acts as a cache keyed by content hash, so a
 job killed mid-way redoes at most one shard. Final tables appear by atomic rename only.
 
@@ -49,6 +49,7 @@ from fusionrec.pipeline.embedding.encoding import (
     prepare_one,
     read_identities,
     save_identities,
+    shard_rows,
 )
 from fusionrec.pipeline.embedding.ray_engine import RunOrdered, import_ray, ray_encode_rows
 from fusionrec.pipeline.embedding.vector_files import HashIndex, VectorReader, hash_keys
@@ -192,6 +193,7 @@ class ModalityPlan:
         return sorted(self.directory.glob(PART_GLOB))
 
 
+TODO_GROUP_ROWS = 16_384  # row groups of the todo table (each shard reads across them as it needs)
 PART_GLOB = "[0-9]" * 12 + ".parquet"  # `write_plan_part`'s names, not a killed write's temporary file
 
 
@@ -597,9 +599,9 @@ def _prepared(enc: ModalityEncoder, paths: list[Path], workers: int) -> Iterator
 
 
 def encode_local(todo: TodoRows, enc: ModalityEncoder, cfg: EmbedConfig) -> Iterator[EncodedShard]:
-    """The local engine: shards of `shard_size` rows read from the todo table, media decoded
+    """The local engine: shards of `shard_rows` rows read from the todo table, media decoded
     in threads, encoded here."""
-    for batch in pq.ParquetFile(todo.path).iter_batches(batch_size=cfg.shard_size):
+    for batch in pq.ParquetFile(todo.path).iter_batches(batch_size=shard_rows(cfg)):
         rows = batch.column("row").to_numpy()
         inputs = batch.column("input").to_pylist()
         errors: dict[int, str] = {}
@@ -659,7 +661,7 @@ def embed_modality(plan: ModalityPlan, enc: ModalityEncoder, art_dir: Path, cfg:
     failed_hashes = pa.array(list(known_failures), pa.string())
     undecodable: list[int] = []  # plan rows whose file failed to decode, this run or before
     todo = TodoRows(plan.kind, plan.modality, plan.directory.parent / "todo.parquet", 0)
-    with ParquetSink(todo.path, TODO_SCHEMA, row_group_rows=cfg.shard_size * 64) as sink:
+    with ParquetSink(todo.path, TODO_SCHEMA, row_group_rows=TODO_GROUP_ROWS) as sink:
         for batch in plan_batches(["row", "id", "content_hash", "input", "error"]):
             failed = batch.column("error").is_valid().to_numpy(zero_copy_only=False)
             errors.update(zip(batch.column("row").to_numpy()[failed].tolist(),

@@ -12,7 +12,7 @@ blocks, each put in Ray's object store as it is read (the driver holds one block
 as a Ray Dataset through `map_batches` on an actor pool; each actor builds its own encoder
 once (from the config, or a copy of an encoder given in-process), decodes media itself and
 returns, per row, a vector or the same error text the local engine records. Results stream back to the driver
-in shards of `embed.shard_size` rows, so a killed job still resumes from its shards.
+in shards of `embed.shard_size` rows (`shard_rows`), so a killed job still resumes from its shards.
 Batch scoring (`ranker.serving.ray_scoring`, `pipeline.batch.nightly`) runs on a plain
 actor pool, `ordered_actor_calls`.
 
@@ -37,7 +37,14 @@ import numpy as np
 import pyarrow as pa
 
 from fusionrec.pipeline.config import Config, EmbedConfig, RayConfig
-from fusionrec.pipeline.embedding.encoding import EncodedShard, ModalityEncoder, TodoRows, build_encoders, prepare_one
+from fusionrec.pipeline.embedding.encoding import (
+    EncodedShard,
+    ModalityEncoder,
+    TodoRows,
+    build_encoders,
+    prepare_one,
+    shard_rows,
+)
 from fusionrec.pipeline.errors import FusionrecError, first_line
 
 log = logging.getLogger("fusionrec.ray")
@@ -352,7 +359,8 @@ class RayEncodeRows:
                 compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
                 num_gpus=rc.num_gpus_per_actor or None)
             try:
-                for out in ds.iter_batches(batch_size=cfg.shard_size, batch_format="numpy"):
+                shard = shard_rows(cfg, "cuda" if rc.num_gpus_per_actor else "cpu")  # the actors' device
+                for out in ds.iter_batches(batch_size=shard, batch_format="numpy"):
                     yield self._shard(out, enc.dim)
             except FusionrecError:
                 raise

@@ -41,7 +41,7 @@ def test_an_inline_table_override_replaces_the_files_table(tmp_path: Path) -> No
     ("fusion.weights=3", "'fusion.weights' must be a table"),
     ("nosection", "must look like section.key=value"),
     ("embed.batch_rows=0", "'embed.batch_rows': Input should be greater than or equal to 1, got 0"),
-    ("embed.shard_size=-4", "'embed.shard_size': Input should be greater than or equal to 1, got -4"),
+    ("embed.shard_size=-4", "'embed.shard_size': Input should be greater than or equal to 0, got -4"),
     ("fusion.method=bogus", "'fusion.method': Input should be 'weighted', 'attention' or 'concat', got 'bogus'"),
     ("ranker.objective=foo", "'ranker.objective': Input should be 'lambdarank', 'regression' or 'binary'"),
     ("ranker.labels=later", "'ranker.labels': Input should be 'auto', 'per_user' or 'window'"),

@@ -451,3 +451,29 @@ def test_each_progress_timer_stops_when_its_step_ends(tmp_path: Path, monkeypatc
     assert all(t.completed == 10 for t in tasks)
     # The read step's timer stopped before the encoders' steps began.
     assert tasks[0].stop_time <= tasks[1].start_time
+
+
+def test_shard_size_zero_is_256_rows_on_the_cpu_and_4096_on_a_gpu(tmp_path: Path) -> None:
+    from fusionrec.pipeline.config import EmbedConfig
+    from fusionrec.pipeline.embedding.encoding import shard_rows
+
+    default = EmbedConfig()
+    assert default.shard_size == 0
+    assert (shard_rows(default, "cpu"), shard_rows(default, "cuda"), shard_rows(default, "cuda:1")) == (256, 4096, 4096)
+    assert shard_rows(EmbedConfig(device="cpu")) == 256  # the configured device, resolved
+    assert (shard_rows(EmbedConfig(shard_size=8), "cuda"), shard_rows(EmbedConfig(shard_size=8), "cpu")) == (8, 8)
+
+    # The job on the CPU commits 600 new texts as shards of 256, 256 and 88 rows.
+    write_catalog(tmp_path / "data", n=600, with_media=False)
+    sizes: list[int] = []
+    text = HashEncoder(8, "hash-v1")
+
+    def encode(inputs: list) -> np.ndarray:
+        sizes.append(len(inputs))
+        return text.encode(inputs)
+
+    cfg = load_config(overrides=["embed.device=cpu"])
+    run_embed(tmp_path / "data", tmp_path / "art", cfg, encoders={"text": ModalityEncoder("hash-v1", 8, encode)},
+              show_progress=False)
+    assert sizes == [256, 256, 88]
+    assert last_counts(tmp_path / "art")["item_text"]["encoded"] == 600
