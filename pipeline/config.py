@@ -84,9 +84,9 @@ class AudioConfig:
 @dataclass(frozen=True, config=_STRICT_FLOATS)
 class EmbedConfig:
     device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")] = "auto"  # auto | cpu | cuda[:N] | mps
-    shard_size: NonNegInt = 0  # rows committed together (a killed job resumes from the last shard); 0: 256 on the CPU, 4096 on a GPU
+    shard_size: NonNegInt = 0  # rows committed together (a killed job resumes from the last shard); 0: 256, and 4096 texts on a GPU
     max_failed_share: Share = 0.5  # the job fails if more media than this share cannot be read
-    decode_workers: NonNegInt = 2  # threads decoding images/audio while the encoder runs
+    decode_workers: NonNegInt = 2  # threads decoding each shard of images/audio before the encoder takes it
     batch_rows: PosInt = 16_384  # rows read (and held) at a time: memory is bounded by this, not the catalog
     text: TextConfig = field(default_factory=TextConfig)
     image: ImageConfig = field(default_factory=ImageConfig)

@@ -49,22 +49,27 @@ class ModalityEncoder:
 
 
 # Rows per shard when `embed.shard_size` is 0. A GPU encodes 256 texts in about 20 ms, so
-# writing a shard that small costs as much as encoding it (docs/benchmarks.md, GPU).
+# writing a shard that small costs as much as encoding it (docs/benchmarks.md, GPU). Media
+# shards stay small everywhere: a shard's decoded inputs are held together (0.6 MB an image,
+# 1.9 MB a 30 s clip), and on a GPU decoding, not writing, bounds them.
 CPU_SHARD_ROWS = 256
-GPU_SHARD_ROWS = 4096
+GPU_TEXT_SHARD_ROWS = 4096
 
 
-def shard_rows(cfg: EmbedConfig, device: str | None = None) -> int:
-    """Rows per shard: `embed.shard_size`, or for 0 the size for the device the encoders use.
+def shard_rows(cfg: EmbedConfig, device: str | None = None, *, media: bool = False) -> int:
+    """Rows per shard: `embed.shard_size`, or for 0 the size for the device and modality.
 
     device: where the encoders run ("cuda", "cpu"); default the configured device, resolved
     (which imports torch for "auto": call it only when there is something to encode).
+    media: the rows are images or audio (decoded inputs held a shard at a time).
     """
     if cfg.shard_size:
         return cfg.shard_size
+    if media:
+        return CPU_SHARD_ROWS
     if device is None:
         device = resolve_device(cfg.device)
-    return GPU_SHARD_ROWS if device.startswith("cuda") else CPU_SHARD_ROWS
+    return GPU_TEXT_SHARD_ROWS if device.startswith("cuda") else CPU_SHARD_ROWS
 
 
 def build_encoders(cfg: EmbedConfig, needed: set[str], *, hashes: FileHashes | None = None,

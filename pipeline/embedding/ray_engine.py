@@ -359,7 +359,7 @@ class RayEncodeRows:
                 compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
                 num_gpus=rc.num_gpus_per_actor or None)
             try:
-                shard = shard_rows(cfg, "cuda" if rc.num_gpus_per_actor else "cpu")  # the actors' device
+                shard = shard_rows(cfg, "cuda" if rc.num_gpus_per_actor else "cpu", media=media)  # the actors' device
                 for out in ds.iter_batches(batch_size=shard, batch_format="numpy"):
                     yield self._shard(out, enc.dim)
             except FusionrecError:

@@ -453,13 +453,15 @@ def test_each_progress_timer_stops_when_its_step_ends(tmp_path: Path, monkeypatc
     assert tasks[0].stop_time <= tasks[1].start_time
 
 
-def test_shard_size_zero_is_256_rows_on_the_cpu_and_4096_on_a_gpu(tmp_path: Path) -> None:
+def test_shard_size_zero_is_256_rows_and_4096_texts_on_a_gpu(tmp_path: Path) -> None:
     from fusionrec.pipeline.config import EmbedConfig
     from fusionrec.pipeline.embedding.encoding import shard_rows
 
     default = EmbedConfig()
     assert default.shard_size == 0
     assert (shard_rows(default, "cpu"), shard_rows(default, "cuda"), shard_rows(default, "cuda:1")) == (256, 4096, 4096)
+    # Media shards hold their decoded inputs together: 256 on a GPU too.
+    assert (shard_rows(default, "cuda", media=True), shard_rows(default, "cpu", media=True)) == (256, 256)
     assert shard_rows(EmbedConfig(device="cpu")) == 256  # the configured device, resolved
     assert (shard_rows(EmbedConfig(shard_size=8), "cuda"), shard_rows(EmbedConfig(shard_size=8), "cpu")) == (8, 8)
 
