@@ -214,7 +214,7 @@ def main() -> None:
         "raw_s": round(raw_seconds, 3),
         "job_s": round(job_seconds, 3),
         "throughput_ratio": round(raw_seconds / job_seconds, 3),
-        "changed_items": n_changed,
+        "changed_items": None if rerun is None else n_changed,
         "rerun_s": None if rerun_seconds is None else round(rerun_seconds, 3),
         "rerun_ratio": None if rerun_seconds is None else round(rerun_seconds / job_seconds, 4),
         "rerun_encoded": None if rerun is None else {name: c.encoded for name, c in rerun.counts.items()},

@@ -3,7 +3,7 @@
 # MobileNetV2 file, 600 MovieLens posters and its items.csv) and .gpukit/b (all-MiniLM-L6-v2 in
 # fp16). Each stays under the 64 MiB a call may carry beside the working tree.
 set -eu
-echo "/.gpukit/" >> .git/info/exclude
+grep -qx "/.gpukit/" .git/info/exclude 2>/dev/null || echo "/.gpukit/" >> .git/info/exclude
 rm -rf .gpukit && mkdir -p .gpukit/a/ml/posters .gpukit/b /tmp/gpukit_whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d /tmp/gpukit_whl \

@@ -1,5 +1,5 @@
 # Device call 2, third round: the job on the larger workload with shards of 256 rows (the old
-# default) and with the new default (0: 4096 rows on a GPU), side by side.
+# default) and with 4096 (the default now gives texts 4096 on a GPU, media 256), side by side.
 set -u
 SITE=${SITE:-/tmp/site}; PY=${PY:-python3}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 [ -f "$SITE/READY" ] || { echo "fresh machine: run setup.sh first"; exit 20; }
@@ -14,6 +14,6 @@ print('text weights', len(sd))" || exit 21
 $PY bench/gpu/make_big.py /tmp/big /tmp/ml || exit 23
 echo "== shard_size=256 (the old default)"
 $PY bench/gpu/bare.py bench/embed.py --data /tmp/big --set embed.shard_size=256 --out "$OUT/embed_shard256.json" || exit 25
-echo "== shard_size=0 (the new default: 4096 on a GPU)"
-$PY bench/gpu/bare.py bench/embed.py --data /tmp/big --out "$OUT/embed_shard_default.json" || exit 26
+echo "== shard_size=4096"
+$PY bench/gpu/bare.py bench/embed.py --data /tmp/big --set embed.shard_size=4096 --out "$OUT/embed_shard4096.json" || exit 26
 echo run3-ok

@@ -46,6 +46,7 @@ class ModalityEncoder:
     preprocess_id: str = ""  # preprocessing settings folded into each content hash
     files: dict[str, str] = field(default_factory=dict)  # sha256 of the model files it loaded (manifest)
     identity_key: str = ""  # what the identity depends on (`identity_key`), for loading it lazily next time
+    device: str | None = None  # where a configured encoder runs ("cuda", "cpu"; "auto" until it loads); None: given in-process
 
 
 # Rows per shard when `embed.shard_size` is 0. A GPU encodes 256 texts in about 20 ms, so
@@ -56,19 +57,20 @@ CPU_SHARD_ROWS = 256
 GPU_TEXT_SHARD_ROWS = 4096
 
 
-def shard_rows(cfg: EmbedConfig, device: str | None = None, *, media: bool = False) -> int:
+def shard_rows(cfg: EmbedConfig, device: str | None, *, media: bool = False) -> int:
     """Rows per shard: `embed.shard_size`, or for 0 the size for the device and modality.
 
-    device: where the encoders run ("cuda", "cpu"); default the configured device, resolved
-    (which imports torch for "auto": call it only when there is something to encode).
-    media: the rows are images or audio (decoded inputs held a shard at a time).
+    device: where the encoder runs (`ModalityEncoder.device`): "cuda[:N]", "cpu", "auto" (a
+    configured encoder about to load: resolved, which imports torch) or None (an encoder given
+    in-process, taken as the CPU). media: the rows are images or audio, whose decoded inputs
+    are held a shard at a time.
     """
     if cfg.shard_size:
         return cfg.shard_size
-    if media:
+    if media or device is None:
         return CPU_SHARD_ROWS
-    if device is None:
-        device = resolve_device(cfg.device)
+    if device == "auto":
+        device = resolve_device(device)
     return GPU_TEXT_SHARD_ROWS if device.startswith("cuda") else CPU_SHARD_ROWS
 
 
@@ -105,13 +107,14 @@ def _load_encoders(cfg: EmbedConfig, needed: set[str]) -> dict[str, ModalityEnco
         text = TextEncoder(cfg.text.model, device=device, batch_size=cfg.text.batch_size,
                            max_length=cfg.text.max_length)
         out["text"] = ModalityEncoder(text.model_id, text.dim, text.encode,
-                                      preprocess_id=f"clean-v1;max_length={text.max_length}")
+                                      preprocess_id=f"clean-v1;max_length={text.max_length}", device=device)
     if "image" in needed and cfg.image.enabled:
         image = ImageEncoder(cfg.image.model, weights=cfg.image.weights, device=device,
                              batch_size=cfg.image.batch_size, max_pixels=cfg.image.max_pixels)
         out["image"] = ModalityEncoder(image.model_id, image.dim, lambda xs: image.encode(np.stack(xs)),
                                        prepare=image.preprocess,
-                                       preprocess_id=json.dumps(jsonable(image.data_config_), sort_keys=True))
+                                       preprocess_id=json.dumps(jsonable(image.data_config_), sort_keys=True),
+                                       device=device)
     if "audio" in needed and cfg.audio.enabled:
         a = cfg.audio
         audio = AudioEncoder(a.model, device=device, batch_size=a.batch_size, sample_rate=a.sample_rate,
@@ -124,7 +127,7 @@ def _load_encoders(cfg: EmbedConfig, needed: set[str]) -> dict[str, ModalityEnco
         out["audio"] = ModalityEncoder(
             audio.model_id, audio.dim, audio.encode, prepare=prepare_audio,
             preprocess_id=f"sr={a.sample_rate};max={a.max_seconds};chunk={a.chunk_seconds};"
-                          f"top_db={a.top_db};dbfs={a.target_dbfs}")
+                          f"top_db={a.top_db};dbfs={a.target_dbfs}", device=device)
     return out
 
 
@@ -211,7 +214,7 @@ def _lazy_encoder(modality: str, cfg: EmbedConfig, identity: dict[str, Any], fil
 
     return ModalityEncoder(identity["model_id"], int(identity["dim"]), encode,
                            prepare=prepare if identity.get("prepare") else None,
-                           preprocess_id=identity["preprocess_id"], files=dict(files))
+                           preprocess_id=identity["preprocess_id"], files=dict(files), device=cfg.device)
 
 
 def jsonable(obj: Any) -> Any:

@@ -601,7 +601,8 @@ def _prepared(enc: ModalityEncoder, paths: list[Path], workers: int) -> Iterator
 def encode_local(todo: TodoRows, enc: ModalityEncoder, cfg: EmbedConfig) -> Iterator[EncodedShard]:
     """The local engine: shards of `shard_rows` rows read from the todo table, media decoded
     in threads, encoded here."""
-    for batch in pq.ParquetFile(todo.path).iter_batches(batch_size=shard_rows(cfg, media=enc.prepare is not None)):
+    shard = shard_rows(cfg, enc.device, media=enc.prepare is not None)
+    for batch in pq.ParquetFile(todo.path).iter_batches(batch_size=shard):
         rows = batch.column("row").to_numpy()
         inputs = batch.column("input").to_pylist()
         errors: dict[int, str] = {}

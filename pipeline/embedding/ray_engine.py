@@ -12,7 +12,8 @@ blocks, each put in Ray's object store as it is read (the driver holds one block
 as a Ray Dataset through `map_batches` on an actor pool; each actor builds its own encoder
 once (from the config, or a copy of an encoder given in-process), decodes media itself and
 returns, per row, a vector or the same error text the local engine records. Results stream back to the driver
-in shards of `embed.shard_size` rows (`shard_rows`), so a killed job still resumes from its shards.
+in shards of `shard_rows` rows (`embed.shard_size`, or for 0 the device's size), so a killed job
+still resumes from its shards.
 Batch scoring (`ranker.serving.ray_scoring`, `pipeline.batch.nightly`) runs on a plain
 actor pool, `ordered_actor_calls`.
 
@@ -359,7 +360,9 @@ class RayEncodeRows:
                 compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
                 num_gpus=rc.num_gpus_per_actor or None)
             try:
-                shard = shard_rows(cfg, "cuda" if rc.num_gpus_per_actor else "cpu", media=media)  # the actors' device
+                # The actors' device: as configured, or a GPU where each actor is given one.
+                actors_device = cfg.device if cfg.device != "auto" else "cuda" if rc.num_gpus_per_actor else "cpu"
+                shard = shard_rows(cfg, actors_device, media=media)
                 for out in ds.iter_batches(batch_size=shard, batch_format="numpy"):
                     yield self._shard(out, enc.dim)
             except FusionrecError:

@@ -462,7 +462,7 @@ def test_shard_size_zero_is_256_rows_and_4096_texts_on_a_gpu(tmp_path: Path) -> 
     assert (shard_rows(default, "cpu"), shard_rows(default, "cuda"), shard_rows(default, "cuda:1")) == (256, 4096, 4096)
     # Media shards hold their decoded inputs together: 256 on a GPU too.
     assert (shard_rows(default, "cuda", media=True), shard_rows(default, "cpu", media=True)) == (256, 256)
-    assert shard_rows(EmbedConfig(device="cpu")) == 256  # the configured device, resolved
+    assert shard_rows(default, None) == 256  # an encoder given in-process: taken as the CPU
     assert (shard_rows(EmbedConfig(shard_size=8), "cuda"), shard_rows(EmbedConfig(shard_size=8), "cpu")) == (8, 8)
 
     # The job on the CPU commits 600 new texts as shards of 256, 256 and 88 rows.
@@ -479,3 +479,21 @@ def test_shard_size_zero_is_256_rows_and_4096_texts_on_a_gpu(tmp_path: Path) -> 
               show_progress=False)
     assert sizes == [256, 256, 88]
     assert last_counts(tmp_path / "art")["item_text"]["encoded"] == 600
+
+
+def test_an_encoder_given_in_process_never_imports_torch_for_its_shard_size(tmp_path: Path) -> None:
+    # embed.device is "auto": resolving it would import torch (450 MB and seconds) for a numpy encoder.
+    write_catalog(tmp_path / "data", n=3, with_media=False)
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from fusionrec.pipeline.embedding.job import ModalityEncoder, run_embed\n"
+        "from tests.tiny_models import HashEncoder\n"
+        "text = HashEncoder(8, 'hash-v1')\n"
+        f"run_embed(Path({str(tmp_path / 'data')!r}), Path({str(tmp_path / 'art')!r}), "
+        "encoders={'text': ModalityEncoder('hash-v1', 8, text.encode)}, show_progress=False)\n"
+        "print(text.rows, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(PROJECT)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["3", "False"]
