@@ -45,6 +45,7 @@ from fusionrec.pipeline.io.tables import (
     read_table,
     with_header_names,
 )
+from fusionrec.pipeline.retrieval.faiss_index import choose_factory, new_index
 
 DEFAULT_BATCH_ROWS = 16_384
 ROW_GROUP_ROWS = 65_536
@@ -353,9 +354,6 @@ def build_index_from_parquet(paths: Sequence[Path | str] | Path | str, factory: 
     given, receives the seconds of "train" (sampling included) and "add" (on_chunk included).
     Returns (index, ids: pa.ChunkedArray in index order, or None without `id_column`).
     """
-    # Here, not at the top: the embedding job reads tables through this module and needs no FAISS.
-    from fusionrec.pipeline.retrieval.faiss_index import choose_factory, new_index
-
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     n, d = vector_shape(paths, vector_column)
     if factory in (None, "", "auto"):
