@@ -248,6 +248,9 @@ def fuse_tables(catalog: Path | str, modalities: Mapping[str, Path | str | Seque
                              field="vector")
         shapes[name] = (paths, d)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # An earlier table's metadata would vouch for the files rewritten below until the new one is
+    # complete: gone first, so a fusion that stops part-way leaves no table that opens.
+    (out_dir / META_FILE).unlink(missing_ok=True)
 
     # Pass 1: the catalog's ids (written out in row order), their hashes and popularity.
     key = id_column(catalog)

@@ -379,3 +379,20 @@ def test_bad_vectors_and_labels_are_named(world: dict, tmp_path: Path) -> None:
         train_ranker(work, tmp_path / "labels.parquet", NightlyConfig(k=5, depth=40, keep=20, threads=1))
     with pytest.raises(FusionrecError, match="k <= keep <= depth"):
         NightlyConfig(k=30, keep=20)
+
+
+def test_a_refused_fusion_over_an_earlier_table_leaves_no_table_that_opens(world: dict, tmp_path: Path) -> None:
+    """A second fusion into the same directory that stops part-way (a NaN vector here, or
+    Ctrl-C) has already rewritten ids, popularity and blocks: the earlier fused.json must not
+    vouch for them. The table opened as complete, its text blocks zeros under a mask that
+    said every item has a text vector."""
+    root = world["root"]
+    fuse_tables(root / "items.parquet", {m: root / f"item_{m}.parquet" for m in DIMS}, tmp_path / "items", WEIGHTS)
+    x = np.ones((3, 16), np.float32)
+    x[2, 4] = np.nan
+    nan = write_vectors(tmp_path / "nan.parquet", ["i0", "i1", "i2"], x)
+    with pytest.raises(InputError, match=r"nan\.parquet, row 3"):
+        fuse_tables(root / "items.parquet", {"image": root / "item_image.parquet", "text": nan}, tmp_path / "items",
+                    WEIGHTS)
+    with pytest.raises(FusionrecError, match="holds no fused table"):
+        FusedTable.open(tmp_path / "items")
