@@ -179,6 +179,11 @@ class NightlyContext:
         if not (self.work / INDEX_FILE).is_file():
             raise FusionrecError(f"{self.work} has no {INDEX_FILE}: build the item index first")
         self.index = load_index(self.work / INDEX_FILE, mmap=mmap_index)
+        if (self.index.ntotal, self.index.d) != (self.items.rows, sum(self.items.dims)):
+            # Its rows are item rows: an index of an earlier fusion finds other items, or rows past the end.
+            raise FusionrecError(f"{self.work / INDEX_FILE} holds {self.index.ntotal} items of {self.index.d} "
+                                 f"dimensions, the fused items are {self.items.rows} of {sum(self.items.dims)}: "
+                                 "the items were fused again after it was built; build the item index again")
         param = search_param_name(self.index)
         if param is not None:
             set_search_params(self.index, {param: self.config.nprobe if param == "nprobe" else self.config.ef_search})

@@ -396,3 +396,23 @@ def test_a_refused_fusion_over_an_earlier_table_leaves_no_table_that_opens(world
                     WEIGHTS)
     with pytest.raises(FusionrecError, match="holds no fused table"):
         FusedTable.open(tmp_path / "items")
+
+
+def test_an_index_of_an_earlier_fusion_is_refused(world: dict, tmp_path: Path) -> None:
+    """Items fused again (the catalogue changed) without rebuilding the index: its rows are
+    another fusion's. A smaller catalogue ended in an IndexError from the memory map, a larger
+    one never recommended the new items."""
+    root = world["root"]
+    cfg = NightlyConfig(k=5, depth=40, keep=20, batch_users=64, n_estimators=5, threads=1)
+    work = fuse_world(world, tmp_path / "work")  # 1500 items, indexed
+    train_ranker(work, root / "labels.parquet", cfg)
+    fewer = tmp_path / "fewer.parquet"
+    pl.read_parquet(root / "items.parquet").head(1000).write_parquet(fewer)
+    for catalogue, stale, now in ((fewer, 1500, 1000), (root / "items.parquet", 1000, 1500)):
+        fuse_tables(catalogue, {m: root / f"item_{m}.parquet" for m in DIMS}, work / "items", WEIGHTS)
+        with pytest.raises(FusionrecError, match=rf"index\.faiss holds {stale} items of 24 dimensions, the fused "
+                                                 rf"items are {now} of 24.*build the item index again"):
+            export_topk(work, tmp_path / "stale.parquet", cfg)
+        assert not (tmp_path / "stale.parquet").exists()
+        build_item_index(work, "Flat", threads=1)  # rebuilt for the catalogue it now has: accepted again
+        assert export_topk(work, tmp_path / "fresh.parquet", cfg)["users"] == len(world["user_ids"])
