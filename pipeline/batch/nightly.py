@@ -358,6 +358,9 @@ def train_ranker(work: Path | str, labels: Path | str, config: NightlyConfig | N
         if room < len(sizes):
             full = True
             break
+    if rows == 0 and full:  # the first user with a labelled candidate alone passes the cap
+        raise FusionrecError(f"max_train_rows ({cfg.max_train_rows}) is below the {int(sizes[0])} candidate rows of "
+                             f"one user: raise it to at least keep ({cfg.keep})")
     if rows == 0:
         raise FusionrecError(f"none of the {len(sample)} sampled users has a labelled item among their candidates "
                              f"({known.height} labels matched): check the labels table {labels}")

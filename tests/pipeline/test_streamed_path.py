@@ -350,6 +350,17 @@ def test_training_sample_is_bounded(world: dict, tmp_path: Path) -> None:
     assert everyone["sampled_users"] == 240 and not everyone["capped"]
 
 
+def test_a_training_cap_below_one_users_candidates_says_so(world: dict, tmp_path: Path) -> None:
+    """Every sampled user has a labelled candidate, but each brings 20 rows and the cap is 10:
+    the error named the labels table as the cause."""
+    work = fuse_world(world, tmp_path)
+    cfg = NightlyConfig(k=5, depth=40, keep=20, max_train_rows=10, batch_users=16, n_estimators=5, threads=1)
+    with pytest.raises(FusionrecError, match=r"^max_train_rows \(10\) is below the 20 candidate rows of one user: "
+                                             r"raise it to at least keep \(20\)$"):
+        train_ranker(work, world["root"] / "labels.parquet", cfg)
+    assert not (work / "ranker").exists()
+
+
 def test_a_modality_table_of_another_dimension_names_its_file(world: dict, tmp_path: Path) -> None:
     root = world["root"]
     other = write_vectors(tmp_path / "item_text_2.parquet", ["extra"], np.ones((1, 12), np.float32))
