@@ -284,6 +284,7 @@ class Ranker:
         }
         write_text(text, directory / MODEL_FILE)
         write_json(meta, directory / META_FILE)
+        self.model_sha256_ = meta["model_sha256"]  # the train stage's guard.json names the model it checked
         return directory
 
     @classmethod
@@ -307,6 +308,7 @@ class Ranker:
         ranker.params_ = dict(meta["params"])
         ranker.best_iteration_ = ranker.booster_.current_iteration()
         ranker.eval_metrics_ = dict(meta.get("eval_metrics", {}))
+        ranker.model_sha256_ = meta["model_sha256"]
         return ranker
 
     def get_params(self) -> dict[str, Any]:

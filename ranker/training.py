@@ -480,9 +480,11 @@ def run_train(art_dir: Path, config: Config | None = None, *, lock: bool = True)
         ranker.save(ranker_dir)
         order = "ranker" if ships else "retrieval"
         reason = "" if ships else guard.get("reason") or "the ranker did not beat the retrieval order on validation"
+        # Written last, naming the model it checked: a stage stopped before this line leaves the
+        # new model beside the last night's verdict, and serving sees they do not belong together.
         write_json({"order": order, "reason": reason, "depth": config.ranker.depth, "guard": guard,
-                    "protocol": split.protocol, "built_from": lineage(art_dir)},
-                   ranker_dir / GUARD_FILE)
+                    "protocol": split.protocol, "built_from": lineage(art_dir),
+                    "model_sha256": ranker.model_sha256_}, ranker_dir / GUARD_FILE)
         if not ships:
             checked = guard["forward"] if guard["forward"] and guard["interval"][0] > 0 else guard
             log.warning("%s (NDCG@10 %s vs %s, difference %s, 95%% interval %s): the retrieval order is exported",

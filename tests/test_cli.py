@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -479,3 +480,31 @@ def test_paths_of_the_wrong_kind_are_bad_usage_named_as_such(art: Path, tmp_path
     result = invoke("recommend", "--out", str(art), "--export", str(folder))
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "is a folder: give the export a file name ending in .parquet" in text, text
+
+
+def test_a_model_its_guard_did_not_check_is_not_served(art: Path, tmp_path: Path) -> None:
+    """A train stage stopped after saving its model but before writing guard.json leaves the new
+    model beside the last night's verdict: serving keeps the retrieval order and says why."""
+    copy = _copy(art, tmp_path / "art")
+    guard_path, meta_path = copy / "ranker" / "guard.json", copy / "ranker" / "features.json"
+    guard = json.loads(guard_path.read_text())
+    assert guard["model_sha256"] == json.loads(meta_path.read_text())["model_sha256"]
+    guard["order"] = "ranker"  # the sample's guard ships retrieval; say it checked this ranker
+    guard_path.write_text(json.dumps(guard))
+    recs = tmp_path / "checked.parquet"
+    assert invoke("recommend", "--out", str(copy), "--k", "5", "--export", str(recs), "-q").exit_code == 0
+    assert (pl.read_parquet(recs)["source"] == "ranker").sum() > 0
+
+    # Another model, saved whole (model.txt and features.json agree), that the guard never saw.
+    import lightgbm
+
+    text = lightgbm.Booster(model_file=str(copy / "ranker" / "model.txt")).model_to_string(num_iteration=1)
+    (copy / "ranker" / "model.txt").write_text(text)
+    meta = json.loads(meta_path.read_text())
+    meta["model_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    meta_path.write_text(json.dumps(meta))
+    recs = tmp_path / "unchecked.parquet"
+    result = invoke("recommend", "--out", str(copy), "--k", "5", "--export", str(recs))
+    assert result.exit_code == 0, result.output
+    assert "is not the model its guard.json checked" in " ".join(result.output.split())
+    assert (pl.read_parquet(recs)["source"] == "ranker").sum() == 0

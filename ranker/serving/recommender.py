@@ -85,6 +85,13 @@ class Recommender:
             self.ranker_ = Ranker.load(self.art_dir / "ranker")
         self.order_ = "ranker" if use_ranker and self.ranker_ is not None and self.guard_.get("order") == "ranker" \
             else "retrieval"
+        checked = self.guard_.get("model_sha256")  # absent in artifacts trained before it was recorded
+        if self.order_ == "ranker" and self.ranker_ is not None and checked and checked != self.ranker_.model_sha256_:
+            # A train stage stopped between saving the model and writing its verdict: this model
+            # was never checked against the retrieval order.
+            log.warning("the ranker in %s is not the model its guard.json checked (a train stage stopped before "
+                        "it finished; rerun `fusionrec train`): serving the retrieval order", self.art_dir)
+            self.order_ = "retrieval"
         built_from = self.guard_.get("built_from")
         if self.order_ == "ranker" and built_from and built_from != lineage(self.art_dir, self.retriever_.verified_files_):
             # The index was rebuilt after the ranker was trained: its features no longer mean
