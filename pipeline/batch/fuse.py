@@ -260,6 +260,10 @@ def fuse_tables(catalog: Path | str, modalities: Mapping[str, Path | str | Seque
     with ParquetSink(out_dir / "ids.parquet", pa.schema([("id", pa.string())])) as sink:
         for frame in iter_table(catalog, columns, batch_rows):
             ids = frame[key].cast(pl.String).str.strip_chars()
+            empty = (ids.is_null() | (ids == "")).fill_null(True)
+            if empty.any():  # one would become an item "None" or "" in every export; two, a "duplicate"
+                row = sink.rows + int(np.flatnonzero(empty.to_numpy())[0]) + 1
+                raise InputError("empty value", file=str(catalog), row=row, field=key)
             hashes.append(hash_ids(ids))
             pop = frame["popularity"].cast(pl.Float32, strict=False) if "popularity" in columns \
                 else pl.Series([0.0] * frame.height, dtype=pl.Float32)

@@ -427,3 +427,16 @@ def test_an_index_of_an_earlier_fusion_is_refused(world: dict, tmp_path: Path) -
         assert not (tmp_path / "stale.parquet").exists()
         build_item_index(work, "Flat", threads=1)  # rebuilt for the catalogue it now has: accepted again
         assert export_topk(work, tmp_path / "fresh.parquet", cfg)["users"] == len(world["user_ids"])
+
+
+@pytest.mark.parametrize("empty", [None, "", "  "])
+def test_an_empty_item_id_in_the_catalogue_is_refused_by_row(world: dict, tmp_path: Path, empty: str | None) -> None:
+    """One empty id passed and became an item in the export; two were called a duplicate 'None'."""
+    root = world["root"]
+    items = pl.read_parquet(root / "items.parquet")
+    key = "item_id" if "item_id" in items.columns else "id"
+    bad = tmp_path / "items.parquet"
+    items.with_columns(pl.when(pl.int_range(pl.len()) == 6).then(pl.lit(empty, pl.String))
+                       .otherwise(pl.col(key).cast(pl.String)).alias(key)).write_parquet(bad)
+    with pytest.raises(InputError, match=rf"items\.parquet, row 7, field '{key}': empty value"):
+        fuse_tables(bad, {m: root / f"item_{m}.parquet" for m in DIMS}, tmp_path / "out", WEIGHTS)
