@@ -39,12 +39,14 @@ from fusionrec.pipeline.io.streaming import (
     DEFAULT_BATCH_ROWS,
     ParquetSink,
     _check_unique_hashes,
+    bare_message,
     iter_table,
     iter_vectors,
     table_columns,
     vector_row_group_rows,
     vector_shape,
 )
+from fusionrec.pipeline.io.tables import check_ids
 from fusionrec.pipeline.retrieval.fusion import Blocks, item_matrix
 
 ID_COLUMNS = ("id", "item_id", "user_id")
@@ -259,11 +261,11 @@ def fuse_tables(catalog: Path | str, modalities: Mapping[str, Path | str | Seque
     popularity: list[np.ndarray] = []
     with ParquetSink(out_dir / "ids.parquet", pa.schema([("id", pa.string())])) as sink:
         for frame in iter_table(catalog, columns, batch_rows):
-            ids = frame[key].cast(pl.String).str.strip_chars()
-            empty = (ids.is_null() | (ids == "")).fill_null(True)
-            if empty.any():  # one would become an item "None" or "" in every export; two, a "duplicate"
-                row = sink.rows + int(np.flatnonzero(empty.to_numpy())[0]) + 1
-                raise InputError("empty value", file=str(catalog), row=row, field=key)
+            try:  # an empty id would become an item "None" or "" in every export
+                ids = check_ids(frame.select(pl.col(key).cast(pl.String)), Path(catalog), key)[key]
+            except InputError as exc:  # rows counted from the start of the table, not of the batch
+                raise InputError(bare_message(exc), file=str(catalog), row=(exc.row or 1) + sink.rows,
+                                 field=key) from None
             hashes.append(hash_ids(ids))
             pop = frame["popularity"].cast(pl.Float32, strict=False) if "popularity" in columns \
                 else pl.Series([0.0] * frame.height, dtype=pl.Float32)

@@ -438,5 +438,5 @@ def test_an_empty_item_id_in_the_catalogue_is_refused_by_row(world: dict, tmp_pa
     bad = tmp_path / "items.parquet"
     items.with_columns(pl.when(pl.int_range(pl.len()) == 6).then(pl.lit(empty, pl.String))
                        .otherwise(pl.col(key).cast(pl.String)).alias(key)).write_parquet(bad)
-    with pytest.raises(InputError, match=rf"items\.parquet, row 7, field '{key}': empty value"):
+    with pytest.raises(InputError, match=rf"items\.parquet, row 7, field '{key}': missing id"):
         fuse_tables(bad, {m: root / f"item_{m}.parquet" for m in DIMS}, tmp_path / "out", WEIGHTS)
