@@ -7,7 +7,8 @@ each modality's Parquet tables in batches and writes, under out_dir:
   a memory-mapped `.npy` (float32, or float16 for half the disk and page cache); rows
   follow the catalog, absent modalities are zeros. Exact re-scoring reads rows from it.
 - `mask.npy` (n, M) bool: row has modality m; `popularity.npy` (n,) float32 (the catalog's
-  `popularity` column, 0 without one); `ids.parquet`: the ids in catalog order.
+  `popularity` column, 0 without one); `ids.parquet`: the ids in catalog order, whose
+  fingerprint (`IdsDigest`) `fused.json` holds as `ids_sha256`.
 - `fused.parquet` (items only): the index vectors v_i = concat_m(x_{i,m} / W_i) of
   `pipeline.retrieval.fusion.item_matrix`, written batch by batch for
   `build_index_from_parquet`.
@@ -20,6 +21,7 @@ the batch plus those 16 bytes and the mask per row: never the vector table.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 from collections.abc import Mapping, Sequence
@@ -128,6 +130,7 @@ class FusedTable:
     weights: tuple[float, ...]
     rows: int
     dtype: str
+    ids_digest: str | None = None  # fused.json's ids_sha256; None in a table fused before it held one
 
     @classmethod
     def open(cls, directory: Path | str) -> FusedTable:
@@ -138,7 +141,7 @@ class FusedTable:
             raise FusionrecError(f"{directory} holds no fused table ({META_FILE}: {exc}); run the fusion first") \
                 from None
         return cls(directory, meta["kind"], tuple(meta["names"]), tuple(meta["dims"]), tuple(meta["weights"]),
-                   int(meta["rows"]), meta["dtype"])
+                   int(meta["rows"]), meta["dtype"], meta.get("ids_sha256"))
 
     @property
     def offsets(self) -> tuple[int, ...]:
@@ -159,10 +162,52 @@ class FusedTable:
         """The ids in row order (one string array: about 4 bytes plus the id's length per row)."""
         return pq.read_table(self.directory / "ids.parquet", columns=["id"]).column("id").combine_chunks()
 
+    def ids_sha256(self) -> str:
+        """The fingerprint of the ids in row order (`IdsDigest`): fused.json's, or read from
+        ids.parquet for a table fused before fused.json held it."""
+        return self.ids_digest or ids_sha256(self.directory / "ids.parquet")
+
     def split(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
         """Per-modality float32 blocks of `rows` (a (r, sum dims) array read from `blocks()`)."""
         x = np.asarray(rows, dtype=np.float32)
         return tuple(x[:, o:o + d] for o, d in zip(self.offsets, self.dims))
+
+
+class IdsDigest:
+    """sha256 of a sequence of string ids, fed in batches of any size: what an index built on
+    the fused rows must match (its rows are item rows).
+
+    Each id's byte length and the ids' bytes are hashed apart, from Arrow's buffers (no loop
+    over rows), then together with the count, so the digest depends on the ids and their order
+    only, not on how they were batched or on the Arrow string type.
+    """
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self._lengths, self._bytes = hashlib.sha256(), hashlib.sha256()
+
+    def update(self, ids: pa.Array | pa.ChunkedArray) -> None:
+        chunked = ids if isinstance(ids, pa.ChunkedArray) else pa.chunked_array([ids])
+        for chunk in chunked.cast(pa.large_string()).chunks:  # int64 offsets, whatever the type read
+            if not len(chunk):
+                continue
+            offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64)[chunk.offset:chunk.offset + len(chunk) + 1]
+            self._lengths.update(np.diff(offsets).astype("<i8").tobytes())
+            data = chunk.buffers()[2]
+            if data is not None:  # None when every id in the chunk is empty
+                self._bytes.update(memoryview(data)[int(offsets[0]):int(offsets[-1])])
+            self.rows += len(chunk)
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(f"{self.rows}:".encode() + self._lengths.digest() + self._bytes.digest()).hexdigest()
+
+
+def ids_sha256(path: Path | str, batch_rows: int = DEFAULT_BATCH_ROWS) -> str:
+    """`IdsDigest` of the `id` column of a Parquet file, read in batches."""
+    digest = IdsDigest()
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["id"]):
+        digest.update(batch.column(0))
+    return digest.hexdigest()
 
 
 def id_column(path: Path | str) -> str:
@@ -259,6 +304,7 @@ def fuse_tables(catalog: Path | str, modalities: Mapping[str, Path | str | Seque
     columns = [key] + (["popularity"] if "popularity" in table_columns(catalog) else [])
     hashes: list[np.ndarray] = []
     popularity: list[np.ndarray] = []
+    digest = IdsDigest()
     with ParquetSink(out_dir / "ids.parquet", pa.schema([("id", pa.string())])) as sink:
         for frame in iter_table(catalog, columns, batch_rows):
             try:  # an empty id would become an item "None" or "" in every export
@@ -273,7 +319,9 @@ def fuse_tables(catalog: Path | str, modalities: Mapping[str, Path | str | Seque
                 row = sink.rows + int(np.flatnonzero(pop.is_null().to_numpy())[0]) + 1
                 raise InputError("popularity must be a number", file=str(catalog), row=row, field="popularity")
             popularity.append(pop.to_numpy())
-            sink.write(pa.table({"id": ids.to_arrow()}))
+            written = ids.to_arrow()
+            digest.update(written)
+            sink.write(pa.table({"id": written}))
     n = sink.rows
     if n == 0:
         raise InputError("the table has no rows", file=str(catalog))
@@ -322,8 +370,9 @@ def fuse_tables(catalog: Path | str, modalities: Mapping[str, Path | str | Seque
 
     meta = {"kind": kind, "names": list(names), "dims": [shapes[m][1] for m in names], "weights": w.tolist(),
             "rows": n, "dtype": dtype, "catalog": str(catalog), "unmatched_ids": unmatched,
-            "rows_with_modality": dict(zip(names, mask.sum(axis=0).tolist()))}
-    table = FusedTable(out_dir, kind, names, tuple(meta["dims"]), tuple(meta["weights"]), n, dtype)
+            "rows_with_modality": dict(zip(names, mask.sum(axis=0).tolist())), "ids_sha256": digest.hexdigest()}
+    table = FusedTable(out_dir, kind, names, tuple(meta["dims"]), tuple(meta["weights"]), n, dtype,
+                       meta["ids_sha256"])
     if kind == "item":
         write_fused(table, batch_rows=vector_row_group_rows(total))
     write_json(meta, out_dir / META_FILE)  # last: its presence says the table is complete

@@ -4,6 +4,7 @@ A work directory holds the stages' outputs::
 
     items/, users/   fused tables (`pipeline.batch.fuse.fuse_tables`): blocks.npy memory-mapped
     index.faiss      built from items/fused.parquet (`build_item_index`)
+    index.json       the fused items it was built for: their count, dimension and `ids_sha256`
     ranker/          LightGBM lambdarank, trained on a bounded sample of users (`train_ranker`)
 
 `export_topk` then streams every user's top k to one Parquet file, a batch of users at a
@@ -66,6 +67,7 @@ from fusionrec.ranker.serving.export import TOPK_SCHEMA
 
 log = logging.getLogger("fusionrec.batch")
 INDEX_FILE = "index.faiss"
+INDEX_META_FILE = "index.json"
 CONFIG_FILE = "nightly.json"
 RANKER_DIR = "ranker"
 TOPK_ARROW = pl.DataFrame(schema=TOPK_SCHEMA).to_arrow().schema
@@ -145,6 +147,10 @@ def build_item_index(work: Path | str, factory: str = "auto", *, train_size: int
                                         niter=niter, id_column=None, batch_rows=vector_row_group_rows(d),
                                         timings=timings)
     save_index(index, work / INDEX_FILE)
+    # After the index, never before: a build stopped between the two leaves the new index beside
+    # the last one's fingerprint, refused until rebuilt, never an old index vouched for as new.
+    write_json({"items": items.rows, "dimension": d, "ids_sha256": items.ids_sha256(), "factory": factory},
+               work / INDEX_META_FILE)
     return {"factory": factory, "ntotal": int(index.ntotal), "memory_bytes": index_memory_bytes(index), **timings}
 
 
@@ -184,6 +190,7 @@ class NightlyContext:
             raise FusionrecError(f"{self.work / INDEX_FILE} holds {self.index.ntotal} items of {self.index.d} "
                                  f"dimensions, the fused items are {self.items.rows} of {sum(self.items.dims)}: "
                                  "the items were fused again after it was built; build the item index again")
+        self._check_index_items()
         param = search_param_name(self.index)
         if param is not None:
             set_search_params(self.index, {param: self.config.nprobe if param == "nprobe" else self.config.ef_search})
@@ -193,6 +200,28 @@ class NightlyContext:
         self.weights = np.asarray(self.items.weights)
         self.timings: dict[str, float] = {"search": 0.0, "rescore": 0.0, "features": 0.0, "predict": 0.0}
         self._ids: tuple[pa.Array, pa.Array] | None = None
+
+    def _check_index_items(self) -> None:
+        """Refuse an index built for other item ids or another order of them: its rows are item
+        rows, so it would hand over other items than it found, silently (the counts match)."""
+        index, meta_path = self.work / INDEX_FILE, self.work / INDEX_META_FILE
+        if not meta_path.is_file():
+            # built before index.json existed: only its size can be checked, as it was then
+            log.warning("%s has no %s (built before the item order was recorded): only its item count and "
+                        "dimension are checked; build the item index again to have the item ids checked too",
+                        index, INDEX_META_FILE)
+            return
+        try:
+            built_for = json.loads(meta_path.read_text())["ids_sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise FusionrecError(f"cannot read the item fingerprint of {index} in {meta_path} "
+                                 f"({type(exc).__name__}: {exc}): build the item index again") from None
+        current = self.items.ids_sha256()
+        if built_for != current:
+            raise FusionrecError(f"{index} was built for other item ids, or another order of them, than the fused "
+                                 f"items in {self.items.directory} (ids_sha256 {str(built_for)[:12]}... in "
+                                 f"{INDEX_META_FILE}, {current[:12]}... now): the items were fused again after it "
+                                 "was built; build the item index again (build_item_index)")
 
     def ids(self) -> tuple[pa.Array, pa.Array]:
         """(user ids, item ids) in row order, read on first use."""

@@ -7,16 +7,18 @@ without an image), labels = each user's seed item.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import faiss
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from fusionrec.pipeline.batch.fuse import FusedTable, MappedRows, fuse_tables
+from fusionrec.pipeline.batch.fuse import FusedTable, IdsDigest, MappedRows, fuse_tables, ids_sha256
 from fusionrec.pipeline.batch.nightly import (
     NightlyConfig,
     NightlyContext,
@@ -440,3 +442,84 @@ def test_an_empty_item_id_in_the_catalogue_is_refused_by_row(world: dict, tmp_pa
                        .otherwise(pl.col(key).cast(pl.String)).alias(key)).write_parquet(bad)
     with pytest.raises(InputError, match=rf"items\.parquet, row 7, field '{key}': missing id"):
         fuse_tables(bad, {m: root / f"item_{m}.parquet" for m in DIMS}, tmp_path / "out", WEIGHTS)
+
+
+def test_an_index_of_a_fusion_with_the_same_count_but_other_ids_or_order_is_refused(world: dict,
+                                                                                     tmp_path: Path) -> None:
+    """The catalogue reordered (or its ids renamed) and fused again, the index not rebuilt: the
+    count and dimension match, so the index was used and its rows, now other items, reached the
+    export under the wrong ids, silently."""
+    root = world["root"]
+    cfg = NightlyConfig(k=5, depth=40, keep=20, batch_users=64, n_estimators=5, threads=1)
+    work = fuse_world(world, tmp_path / "work")
+    train_ranker(work, root / "labels.parquet", cfg)
+    good = export_topk(work, tmp_path / "good.parquet", cfg)
+    items = pl.read_parquet(root / "items.parquet")
+    reordered = tmp_path / "reordered.parquet"
+    items.reverse().write_parquet(reordered)
+    renamed_root = tmp_path / "renamed"
+    renamed_root.mkdir()
+    items.with_columns(pl.col("item_id") + "x").write_parquet(renamed_root / "items.parquet")
+    for m in DIMS:
+        table = pq.read_table(root / f"item_{m}.parquet")
+        key = table.column_names[0]
+        renamed = pc.binary_join_element_wise(table.column(key), "x", "")
+        pq.write_table(table.set_column(0, key, renamed), renamed_root / f"item_{m}.parquet")
+    for catalogue, modalities in ((reordered, root), (renamed_root / "items.parquet", renamed_root)):
+        fuse_tables(catalogue, {m: modalities / f"item_{m}.parquet" for m in DIMS}, work / "items", WEIGHTS)
+        with pytest.raises(FusionrecError, match=rf"^{re.escape(str(work / 'index.faiss'))} was built for other item "
+                                                 r"ids, or another order of them, than the fused items in .*items "
+                                                 r"\(ids_sha256 .*build the item index again \(build_item_index\)$"):
+            export_topk(work, tmp_path / "stale.parquet", cfg)
+        assert not (tmp_path / "stale.parquet").exists()
+    fuse_tables(root / "items.parquet", {m: root / f"item_{m}.parquet" for m in DIMS}, work / "items", WEIGHTS)
+    # the order it was built for again: accepted without a rebuild, the same export
+    export_topk(work, tmp_path / "again.parquet", cfg)
+    assert pl.read_parquet(tmp_path / "again.parquet").equals(pl.read_parquet(tmp_path / "good.parquet"))
+    fuse_tables(reordered, {m: root / f"item_{m}.parquet" for m in DIMS}, work / "items", WEIGHTS)
+    build_item_index(work, "Flat", threads=1)  # rebuilt for the order it now has: accepted
+    assert export_topk(work, tmp_path / "fresh.parquet", cfg)["users"] == good["users"]
+    fresh = pl.read_parquet(tmp_path / "fresh.parquet")
+    assert fresh.sort("user_id", "rank").equals(pl.read_parquet(tmp_path / "good.parquet").sort("user_id", "rank"))
+
+
+def test_the_item_fingerprint_depends_on_the_ids_and_their_order_only(world: dict, tmp_path: Path) -> None:
+    """fused.json's ids_sha256 is what ids.parquet holds, however the ids were batched; a
+    reordered catalogue has another."""
+    root = world["root"]
+    modalities = {"text": root / "item_text.parquet"}
+    small = fuse_tables(root / "items.parquet", modalities, tmp_path / "a", batch_rows=97)
+    large = fuse_tables(root / "items.parquet", modalities, tmp_path / "b", batch_rows=4096)
+    assert small.ids_digest is not None
+    assert small.ids_digest == large.ids_digest == ids_sha256(tmp_path / "a" / "ids.parquet", batch_rows=1000)
+    assert FusedTable.open(tmp_path / "a").ids_sha256() == small.ids_digest
+    swapped = tmp_path / "swapped.parquet"
+    ids = list(world["item_ids"])
+    ids[3], ids[4] = ids[4], ids[3]
+    pl.DataFrame({"item_id": ids}).write_parquet(swapped)
+    assert fuse_tables(swapped, modalities, tmp_path / "c").ids_digest != small.ids_digest
+    # ids whose bytes run together alike ("ab", "c" and "a", "bc") differ too
+    digests = set()
+    for pair in (["ab", "c"], ["a", "bc"]):
+        digest = IdsDigest()
+        digest.update(pa.array(pair))
+        digests.add(digest.hexdigest())
+    assert len(digests) == 2
+
+
+def test_an_index_built_before_the_fingerprint_is_checked_by_size_and_named(world: dict, tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """An index.faiss without index.json (built before it was written) keeps working, checked by
+    count and dimension as before, with a warning that says how to have the ids checked."""
+    cfg = NightlyConfig(k=5, depth=40, keep=20, batch_users=64, n_estimators=5, threads=1)
+    work = fuse_world(world, tmp_path / "work")
+    (work / "index.json").unlink()
+    with caplog.at_level("WARNING", logger="fusionrec.batch"):
+        train_ranker(work, world["root"] / "labels.parquet", cfg)
+    assert f"{work / 'index.faiss'} has no index.json (built before the item order was recorded)" in caplog.text
+    assert "build the item index again to have the item ids checked too" in caplog.text
+    assert export_topk(work, tmp_path / "old.parquet", cfg)["users"] == len(world["user_ids"])
+    (work / "index.json").write_text("{not json")
+    with pytest.raises(FusionrecError, match=r"cannot read the item fingerprint of .*index\.faiss in .*index\.json "
+                                             r"\(JSONDecodeError: .*\): build the item index again$"):
+        export_topk(work, tmp_path / "torn.parquet", cfg)
