@@ -12,6 +12,8 @@ import io
 import logging
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +261,69 @@ def test_a_ray_address_that_cannot_be_joined_is_one_clear_error_not_a_damaged_ar
     assert f"ray.address = {address!r}" in message and "ConnectionError: Could not find any running Ray" in message
     assert "damaged" not in message and "rebuild" not in message
     assert not export.exists()
+
+
+def closed_port() -> int:
+    """A local port where nothing listens (bound by the system, then let go)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_ray_address_where_nothing_listens_fails_at_once_naming_ray_address(monkeypatch) -> None:
+    """Before, ray.address = "127.0.0.1:<a closed port>" had ray.init retry the head for 82 s
+    (Ray 2.60) and the job looked hung; now a connect probe fails first, in the error of 1b25c12."""
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'fusionrec[ray]')")
+    from fusionrec.pipeline.embedding.ray_engine import ray_runtime
+
+    joined: list[str | None] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda address=None, **kwargs: joined.append(address))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    address = f"127.0.0.1:{closed_port()}"
+    started = time.monotonic()
+    with pytest.raises(FusionrecError) as caught, ray_runtime(RayConfig(address=address)):
+        pass
+    assert time.monotonic() - started < 5
+    assert joined == []  # Ray was never asked to join it
+    assert type(caught.value) is FusionrecError and caught.value.exit_code == 1
+    assert str(caught.value) == (
+        f"engine 'ray': cannot join the Ray cluster at ray.address = {address!r}: ConnectionError: nothing "
+        f"listens at {address} (connection refused); check ray.address (\"\" starts a local runtime, \"auto\" "
+        "joins a running one), or run with --engine local")
+
+    # Where a head listens, the probe lets ray.init join it as before.
+    with socket.socket() as head:
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        address = f"127.0.0.1:{head.getsockname()[1]}"
+        with ray_runtime(RayConfig(address=address)):
+            pass
+    assert joined == [address]
+
+
+def test_the_probe_checks_host_port_addresses_only_and_says_why_it_cannot_connect(monkeypatch) -> None:
+    from fusionrec.pipeline.embedding import ray_engine
+    from fusionrec.pipeline.embedding.ray_engine import head_address, probe_address
+
+    assert [head_address(a) for a in ("", "auto", "local", "ray://head:10001", "head", "head:port")] == [None] * 6
+    assert head_address(" 10.0.0.5:6379 ") == ("10.0.0.5", 6379)
+    assert head_address("[::1]:6379") == ("::1", 6379)
+    probe_address("auto")  # Ray's own to resolve: nothing is tried here
+
+    def dropped(target, timeout):  # a firewall that drops the packets
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(ray_engine.socket, "create_connection", dropped)
+    with pytest.raises(ConnectionError, match=r"^no answer from 10\.0\.0\.5:6379 within 5 s$"):
+        probe_address("10.0.0.5:6379")
+
+    def unknown(target, timeout):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(ray_engine.socket, "create_connection", unknown)
+    with pytest.raises(ConnectionError, match=r"^cannot resolve the host 'no-such-head' \(Name or service not known\)$"):
+        probe_address("no-such-head:6379")
 
 
 # The pieces around Ray, checked without it: what one batch computes, and the streamed export.

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -77,6 +78,45 @@ def quiet_ray_data_console() -> None:
             handler.setLevel(level)
 
 
+# A head that is up accepts a TCP connection at once; this bounds only a host that drops the
+# packets (a firewall), where the connect would otherwise wait for the kernel's own timeout.
+PROBE_TIMEOUT_S = 5.0
+
+
+def head_address(address: str) -> tuple[str, int] | None:
+    """(host, port) of a `ray.address` that names the cluster's head directly (host:port, its GCS),
+    else None: "", "auto", "local" and ray://... are Ray's to resolve (ray:// goes through the
+    Ray client, which gives up by itself)."""
+    address = address.strip()
+    if not address or address in ("auto", "local") or "://" in address:
+        return None
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None  # not host:port: ray.init says what is wrong with it
+    return host.strip("[]"), int(port)  # [::1]:6379 is IPv6's host:port
+
+
+def probe_address(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise ConnectionError at once when nothing accepts a connection at a host:port
+    `ray.address`: ray.init retries joining it for over a minute (82 s with Ray 2.60: 20 tries
+    at the GCS, each waiting out its own timeout), and the job looks hung."""
+    target = head_address(address)
+    if target is None:
+        return
+    host, port = target
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except ConnectionRefusedError:
+        raise ConnectionError(f"nothing listens at {host}:{port} (connection refused)") from None
+    except TimeoutError:
+        raise ConnectionError(f"no answer from {host}:{port} within {timeout:g} s") from None
+    except socket.gaierror as exc:
+        raise ConnectionError(f"cannot resolve the host {host!r} ({exc.strerror or exc})") from None
+    except OSError as exc:
+        raise ConnectionError(f"cannot connect to {host}:{port} ({exc.strerror or exc})") from None
+
+
 @contextlib.contextmanager
 def ray_runtime(cfg: RayConfig) -> Iterator[Any]:
     """Join the running Ray runtime, else start one (`ray.address`: "" local, "auto", ray://...).
@@ -89,6 +129,7 @@ def ray_runtime(cfg: RayConfig) -> Iterator[Any]:
         for key, value in _RAY_ENV.items():
             os.environ.setdefault(key, value)
         try:
+            probe_address(cfg.address)
             ray.init(address=cfg.address or None, include_dashboard=False, log_to_driver=False,
                      ignore_reinit_error=True, logging_level=logging.WARNING)
         except Exception as exc:  # noqa: BLE001 - Ray's own ConnectionError, ValueError, ...: one clear line
