@@ -1,6 +1,8 @@
 """Device only: where the GPU job's time goes. Text: tokenising alone, the forward pass alone on
-tokenised batches already on the GPU, and TextEncoder.encode (both); images: decoding alone and
-ImageEncoder.encode on decoded arrays. Every timing after one untimed pass (kernels chosen)."""
+tokenised batches already on the GPU, and TextEncoder.encode (both), beside the encode loop
+before 2026-12-04 (a copy back to the CPU after each batch, which waits for the batch); images:
+decoding alone and ImageEncoder.encode on decoded arrays. Every timing after one untimed pass
+(kernels chosen)."""
 import json
 import os
 import sys
@@ -49,12 +51,26 @@ def forward(batches: list) -> None:
             ((h * m).sum(1) / m.sum(1).clamp(min=1)).float().cpu()
 
 
+def encode_copy_each_batch(bs: int) -> None:
+    """TextEncoder.encode as it was: tokenise, forward, copy back, batch after batch."""
+    with torch.inference_mode():
+        for s in range(0, len(texts), bs):
+            b = te._tokenizer([texts[i] for i in order[s:s + bs]], padding=True, truncation=True,
+                              max_length=te.max_length, return_tensors="pt").to(te.device)
+            with autocast(te.device):
+                h = te._model(**b).last_hidden_state
+            m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+            ((h * m).sum(1) / m.sum(1).clamp(min=1)).float().cpu().numpy()
+
+
 for bs in (64, 256):
     te.batch_size = bs
     on_gpu = [b.to(te.device) for b in tokenise(bs)]
     res[f"text_b{bs}"] = {"tokenise_s": round(timed(lambda bs=bs: tokenise(bs)), 3),
                           "forward_s": round(timed(lambda on_gpu=on_gpu: forward(on_gpu)), 3),
-                          "encode_s": round(timed(lambda: te.encode(texts)), 3)}
+                          "encode_copy_each_batch_s": round(timed(lambda bs=bs: encode_copy_each_batch(bs)), 3),
+                          "encode_s": round(timed(lambda: te.encode(texts)), 3),
+                          "encode_copy_each_batch_again_s": round(timed(lambda bs=bs: encode_copy_each_batch(bs)), 3)}
 ie_mod = enc["image"]
 ie = next(c.cell_contents for c in ie_mod.encode.__closure__ if hasattr(c.cell_contents, "batch_size"))
 paths = contents["image"]

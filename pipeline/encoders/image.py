@@ -285,14 +285,16 @@ class ImageEncoder:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise ValueError(f"expected a (n, 3, H, W) batch, got shape {batch.shape}")
-        out = np.empty((batch.shape[0], self.dim), dtype=np.float32)
+        if batch.shape[0] == 0:
+            return np.empty((0, self.dim), dtype=np.float32)
         cuda = self.device.startswith("cuda")
+        feats_batches = []
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             for start in range(0, batch.shape[0], self.batch_size):
                 x = torch.from_numpy(batch[start:start + self.batch_size]).to(self.device)
                 if cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
                 feats = self.net_(x).float()
-                feats = torch.nn.functional.normalize(feats, dim=1)
-                out[start:start + len(feats)] = feats.cpu().numpy()
-        return out
+                feats_batches.append(torch.nn.functional.normalize(feats, dim=1))
+            # One copy back at the end (a copy per batch would wait for each batch on a GPU).
+            return torch.cat(feats_batches).cpu().numpy().astype(np.float32, copy=False)

@@ -139,6 +139,7 @@ class TextEncoder:
         if not texts:
             return out
         order = np.argsort([-len(t) for t in texts], kind="stable")
+        pooled_batches = []
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
                 idx = order[start:start + self.batch_size]
@@ -147,6 +148,8 @@ class TextEncoder:
                 with autocast(self.device):
                     hidden = self._model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-                out[idx] = pooled.float().cpu().numpy()
+                pooled_batches.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float())
+            # One copy back at the end: on a GPU a copy per batch waits for the batch, so the
+            # next batch's tokenising (CPU) could not run while the GPU works on this one.
+            out[order] = torch.cat(pooled_batches).cpu().numpy()
         return l2_normalise(out)
