@@ -5,7 +5,8 @@ A work directory holds the stages' outputs::
     items/, users/   fused tables (`pipeline.batch.fuse.fuse_tables`): blocks.npy memory-mapped
     index.faiss      built from items/fused.parquet (`build_item_index`)
     index.json       the fused items it was built for: their count, dimension and `ids_sha256`
-    ranker/          LightGBM lambdarank, trained on a bounded sample of users (`train_ranker`)
+    ranker-<id>/     LightGBM lambdarank, trained on a bounded sample of users (`train_ranker`)
+    nightly.json     the settings it was trained with, the folder and the model digest they pair with
 
 `export_topk` then streams every user's top k to one Parquet file, a batch of users at a
 time: the queries q_u of `fusion.query_matrix` search the index for `depth` candidates,
@@ -30,7 +31,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -69,7 +72,8 @@ log = logging.getLogger("fusionrec.batch")
 INDEX_FILE = "index.faiss"
 INDEX_META_FILE = "index.json"
 CONFIG_FILE = "nightly.json"
-RANKER_DIR = "ranker"
+RANKER_DIR = "ranker"  # the ranker of a nightly.json written before it named the folder
+RANKER_PREFIX = "ranker-"  # each training's own folder, named in nightly.json
 TOPK_ARROW = pl.DataFrame(schema=TOPK_SCHEMA).to_arrow().schema
 INDEX_MEMORY_BUDGET = 2 << 30  # "auto": IVF-Flat while the float vectors fit this
 SQ8_MEMORY_BUDGET = 6 << 30  # "auto": past that, IVF-SQ8 while its one-byte codes fit this, else IVF-PQ
@@ -360,8 +364,9 @@ def train_ranker(work: Path | str, labels: Path | str, config: NightlyConfig | N
     The sample's users are retrieved and featured by the batched path itself (so training
     sees the features serving computes); candidates without a label get 0; users with no
     labelled candidate are left out (lambdarank learns nothing from them); users are added
-    in row order until the next would pass `max_train_rows`. Writes `ranker/` and returns
-    the sample's counts.
+    in row order until the next would pass `max_train_rows`. Writes the ranker to a folder
+    of its own, `ranker-<id>/`, then `nightly.json` (the settings, that folder and the model's
+    digest), then removes the earlier rankers; returns the sample's counts.
     """
     work = Path(work)
     cfg = config or NightlyConfig()
@@ -399,11 +404,55 @@ def train_ranker(work: Path | str, labels: Path | str, config: NightlyConfig | N
     t0 = time.perf_counter()
     ranker.fit(train, train["label"], group_ids=train["user_row"])
     fit_s = time.perf_counter() - t0
-    ranker.save(work / RANKER_DIR)
-    write_json(asdict(cfg), work / CONFIG_FILE)
+    # nightly.json, replaced atomically once the new folder is complete, is the one switch from
+    # the last ranker and settings to the new pair: a stop before it leaves the last pair in use,
+    # one after it the new pair (the folders it no longer names are removed next).
+    folder = f"{RANKER_PREFIX}{uuid.uuid4().hex[:12]}"
+    ranker.save(work / folder)
+    write_json({**asdict(cfg), "ranker": folder, "ranker_sha256": ranker.model_sha256_}, work / CONFIG_FILE)
+    _remove_other_rankers(work, folder)
     return {"sampled_users": int(len(sample)), "labels_matched": int(known.height), "train_users": users_kept,
             "train_rows": rows, "capped": full, "positives": int((train["label"] > 0).sum()), "fit_s": fit_s,
             **ctx.timings}
+
+
+def _remove_other_rankers(work: Path, keep: str) -> None:
+    """Remove the ranker folders nightly.json does not name: the earlier pair's, and any a
+    stopped training left half-written."""
+    for path in work.iterdir():
+        if path.is_dir() and path.name != keep and (path.name == RANKER_DIR or path.name.startswith(RANKER_PREFIX)):
+            shutil.rmtree(path, ignore_errors=True)  # one left behind is unused, and removed at the next training
+
+
+def ranker_folder(work: Path | str) -> tuple[Path, str | None]:
+    """The ranker folder nightly.json pairs with its settings, and the model digest it recorded.
+
+    A nightly.json written before it named its folder (or none at all) pairs with `ranker/`,
+    unchecked, as then.
+    """
+    work = Path(work)
+    if not (work / CONFIG_FILE).is_file():
+        if not (work / RANKER_DIR).is_dir():
+            raise FusionrecError(f"{work} has no {CONFIG_FILE}: train the ranker first")
+        return work / RANKER_DIR, None
+    values = _read_settings(work)
+    name = values.get("ranker", RANKER_DIR)
+    ours = isinstance(name, str) and (name == RANKER_DIR or name.startswith(RANKER_PREFIX)) and Path(name).name == name
+    if not ours:  # a folder of this work directory only, never a path elsewhere
+        raise FusionrecError(f"{work / CONFIG_FILE}: 'ranker' must name a ranker folder in {work}, not {name!r}; "
+                             "train the ranker again")
+    digest = values.get("ranker_sha256")
+    return work / name, None if digest is None else str(digest)
+
+
+def load_ranker(folder: Path, digest: str | None) -> Ranker:
+    """The ranker in `folder` (`ranker_folder`), refused when it is not the model `digest` names."""
+    ranker = Ranker.load(folder)
+    if digest is not None and ranker.model_sha256_ != digest:
+        raise FusionrecError(f"{folder} holds another model (sha256 {ranker.model_sha256_[:12]}...) than the one "
+                             f"{folder.parent / CONFIG_FILE} pairs its settings with ({digest[:12]}...): "
+                             "train the ranker again (train_ranker)")
+    return ranker
 
 
 # --------------------------------------------------------------------------- the index's search depth
@@ -464,7 +513,8 @@ def tune_nprobe(work: Path | str, config: NightlyConfig | None = None, *, target
         raise FusionrecError(f"target_recall must be in (0, 1], not {target_recall}")
     if users < 2:
         raise FusionrecError(f"tune_nprobe needs at least 2 users to bound the recall, not {users}")
-    saved = read_config(work) if (work / CONFIG_FILE).is_file() else None
+    raw = _read_settings(work) if (work / CONFIG_FILE).is_file() else None
+    saved = None if raw is None else NightlyConfig.from_dict(raw)
     cfg = config or saved or NightlyConfig()
     if saved is not None and (cfg.k, cfg.depth, cfg.keep) != (saved.k, saved.depth, saved.keep):
         raise FusionrecError(f"the config's k, depth and keep ({cfg.k}, {cfg.depth}, {cfg.keep}) differ from the "
@@ -494,8 +544,8 @@ def tune_nprobe(work: Path | str, config: NightlyConfig | None = None, *, target
         log.warning("no nprobe reaches recall %.3f of the exact top %d (at %d, every list, the lower bound is %.3f): "
                     "a larger depth or another index is needed", target_recall, cfg.k, nprobe,
                     trials[nprobe]["recall_lower_bound"])
-    if saved is not None:
-        write_json({**asdict(saved), "nprobe": nprobe}, work / CONFIG_FILE)
+    if raw is not None:  # the ranker folder and digest it names stay
+        write_json({**raw, "nprobe": nprobe}, work / CONFIG_FILE)
     return {"nprobe": nprobe, "reached": reached, "target_recall": target_recall, "users": int(len(sample)),
             "trials": [trials[v] for v in sorted(trials)], "seconds": time.perf_counter() - t0}
 
@@ -518,12 +568,14 @@ def iter_topk(work: Path | str, config: NightlyConfig | None = None, *, engine: 
     if engine not in ("local", "ray"):
         raise FusionrecError(f"engine must be 'local' or 'ray', not {engine!r}")
     n = FusedTable.open(work / "users").rows
+    # resolved once: the actors load this folder even if a training switches nightly.json meanwhile
+    folder, digest = ranker_folder(work)
     first, stop = users or (0, n)
     batches = [(s + first, e + first) for s, e in user_batches(min(stop, n) - first, cfg.batch_users)]
     if engine == "local":
         set_threads(cfg.threads)
         ctx = NightlyContext(work, cfg)
-        ranker = Ranker.load(work / RANKER_DIR)
+        ranker = load_ranker(folder, digest)
         for s, e in batches:
             yield rank_batch(ctx, ranker, np.arange(s, e))
         if timings is not None:
@@ -534,7 +586,8 @@ def iter_topk(work: Path | str, config: NightlyConfig | None = None, *, engine: 
     if not batches:
         return
     with ray_runtime(rc) as ray:
-        for out in ordered_actor_calls(ray, RankActor, {"work": str(work), "config": asdict(cfg)}, batches,
+        for out in ordered_actor_calls(ray, RankActor, {"work": str(work), "config": asdict(cfg),
+                                                        "ranker": str(folder), "digest": digest}, batches,
                                        min(rc.num_actors, len(batches)), "nightly scoring"):
             if out.num_rows:
                 yield out.cast(TOPK_ARROW)
@@ -544,10 +597,10 @@ class RankActor:
     """One Ray actor of `ordered_actor_calls` (one CPU, one thread in every library, FAISS's
     OpenMP included): the work directory opened once, then `rank_batch` on (start, stop) rows."""
 
-    def __init__(self, work: str, config: dict[str, Any]) -> None:
+    def __init__(self, work: str, config: dict[str, Any], ranker: str, digest: str | None) -> None:
         cfg = NightlyConfig.from_dict(config)
         self.ctx = NightlyContext(work, cfg, mmap_index=True)
-        self.ranker = Ranker.load(Path(work) / RANKER_DIR)
+        self.ranker = load_ranker(Path(ranker), digest)
 
     def run(self, rows: tuple[int, int]) -> pa.Table:
         return rank_batch(self.ctx, self.ranker, np.arange(*rows))
@@ -571,8 +624,16 @@ def export_topk(work: Path | str, out: Path | str, config: NightlyConfig | None 
 
 def read_config(work: Path | str) -> NightlyConfig:
     """The settings the ranker was trained with (`nightly.json`), for the export to reuse."""
-    path = Path(work) / CONFIG_FILE
+    return NightlyConfig.from_dict(_read_settings(Path(work)))
+
+
+def _read_settings(work: Path) -> dict[str, Any]:
+    """nightly.json as written: the settings, and the ranker folder and digest they pair with."""
+    path = work / CONFIG_FILE
     try:
-        return NightlyConfig.from_dict(json.loads(path.read_text()))
+        values = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise FusionrecError(f"cannot read {path} ({exc}): train the ranker first") from None
+    if not isinstance(values, dict):
+        raise FusionrecError(f"cannot read {path} (not a JSON object): train the ranker first")
+    return values

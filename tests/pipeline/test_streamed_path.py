@@ -7,7 +7,9 @@ without an image), labels = each user's seed item.
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 
 import faiss
@@ -27,6 +29,8 @@ from fusionrec.pipeline.batch.nightly import (
     exact_topk,
     export_topk,
     feature_names,
+    load_ranker,
+    ranker_folder,
     read_config,
     retrieval_recall,
     train_ranker,
@@ -34,6 +38,7 @@ from fusionrec.pipeline.batch.nightly import (
 )
 from fusionrec.pipeline.config import RayConfig
 from fusionrec.pipeline.errors import FusionrecError, InputError
+from fusionrec.pipeline.io import storage
 from fusionrec.pipeline.retrieval.faiss_index import exact_search
 from fusionrec.pipeline.retrieval.fusion import align_blocks, fused_score, item_matrix, query_matrix
 from fusionrec.ranker.model import Ranker
@@ -289,7 +294,7 @@ def reference_topk(world: dict, work: Path, cfg: NightlyConfig) -> pl.DataFrame:
         cols[f"sim_{name}"] = np.where(np.take_along_axis(avail[:, :, m], order, 1), sim, np.nan).ravel()
     frame = pl.DataFrame(cols).with_columns(pl.col(f"sim_{n}").fill_nan(None) for n in items.names)
     frame = frame.filter(pl.col("retrieval_score").is_finite())
-    ranker = Ranker.load(work / "ranker")
+    ranker = load_ranker(*ranker_folder(work))
     assert ranker.feature_names_ == list(frame.select(list(ranker.feature_names_)).columns)
     frame = frame.with_columns(pl.Series("score", ranker.predict(frame)))
     top = frame.sort(["user_row", "score", "retrieval_rank"], descending=[False, True, False]) \
@@ -346,7 +351,7 @@ def test_training_sample_is_bounded(world: dict, tmp_path: Path) -> None:
     assert info["capped"] and 300 - 20 < info["train_rows"] <= 300  # whole users of 20 candidates each
     assert info["train_users"] == info["train_rows"] // 20 <= 100
     assert 0 < info["positives"] <= info["train_users"]
-    assert Ranker.load(work / "ranker").feature_names_ == feature_names(NightlyContext(work, cfg))
+    assert load_ranker(*ranker_folder(work)).feature_names_ == feature_names(NightlyContext(work, cfg))
     everyone = train_ranker(work, world["root"] / "labels.parquet",
                             NightlyConfig(**{**cfg.__dict__, "train_users": 10_000, "max_train_rows": 10**6}))
     assert everyone["sampled_users"] == 240 and not everyone["capped"]
@@ -360,7 +365,7 @@ def test_a_training_cap_below_one_users_candidates_says_so(world: dict, tmp_path
     with pytest.raises(FusionrecError, match=r"^max_train_rows \(10\) is below the 20 candidate rows of one user: "
                                              r"raise it to at least keep \(20\)$"):
         train_ranker(work, world["root"] / "labels.parquet", cfg)
-    assert not (work / "ranker").exists()
+    assert not (work / "nightly.json").exists() and not [p for p in work.iterdir() if p.name.startswith("ranker")]
 
 
 def test_a_modality_table_of_another_dimension_names_its_file(world: dict, tmp_path: Path) -> None:
@@ -523,3 +528,86 @@ def test_an_index_built_before_the_fingerprint_is_checked_by_size_and_named(worl
     with pytest.raises(FusionrecError, match=r"cannot read the item fingerprint of .*index\.faiss in .*index\.json "
                                              r"\(JSONDecodeError: .*\): build the item index again$"):
         export_topk(work, tmp_path / "torn.parquet", cfg)
+
+
+class Stopped(BaseException):
+    """A stop at a storage fault point: on disk, what a kill there leaves (`atomic_path` removes
+    only its own temporary file, which no reader looks at)."""
+
+
+def stop_at(monkeypatch: pytest.MonkeyPatch, point: str) -> None:
+    """Stop the job at `point` ("write:N": the N-th atomic write about to replace its file,
+    "written:N": just replaced), counted from now."""
+    counts: dict[str, int] = {}
+
+    def fault_point(name: str, path: object = None, tmp: object = None) -> None:
+        counts[name] = counts.get(name, 0) + 1
+        if f"{name}:{counts[name]}" == point:
+            raise Stopped(point)
+
+    monkeypatch.setattr(storage, "fault_point", fault_point)
+
+
+def test_a_training_stopped_at_any_write_leaves_a_pair_that_serves(world: dict, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second training stopped at each of its writes (model.txt, features.json, nightly.json,
+    just after nightly.json): the export with the settings on disk is the first pair's or the
+    second's, never a mix. nightly.json was written after ranker/: a stop between them served
+    the new ranker with the old k, depth and keep, and one between model.txt and features.json
+    left no ranker that loads. A training run after the stop completes and leaves one ranker."""
+    labels = world["root"] / "labels.parquet"
+    first = NightlyConfig(k=5, depth=40, keep=20, batch_users=64, n_estimators=5, threads=1)
+    second = NightlyConfig(k=3, depth=30, keep=10, batch_users=64, n_estimators=12, num_leaves=7, threads=1)
+    base = fuse_world(world, tmp_path / "base")
+    train_ranker(base, labels, first)
+
+    def export(work: Path, name: str) -> pl.DataFrame:
+        export_topk(work, tmp_path / f"{name}.parquet", read_config(work))
+        return pl.read_parquet(tmp_path / f"{name}.parquet")
+
+    old = export(base, "old")
+    shutil.copytree(base, tmp_path / "new")
+    train_ranker(tmp_path / "new", labels, second)
+    new = export(tmp_path / "new", "new")
+    assert not old.equals(new) and set(new["rank"]) == {1, 2, 3}
+    for point, expected in (("write:1", old), ("write:2", old), ("write:3", old), ("written:3", new)):
+        work = shutil.copytree(base, tmp_path / point.replace(":", "-"))
+        with monkeypatch.context() as patch:
+            stop_at(patch, point)
+            with pytest.raises(Stopped):
+                train_ranker(work, labels, second)
+        assert export(work, f"{point}-after").equals(expected), point
+        train_ranker(work, labels, second)
+        assert export(work, f"{point}-again").equals(new), point
+        assert [p.name for p in work.iterdir() if p.name.startswith("ranker")] == [ranker_folder(work)[0].name]
+
+
+def test_a_ranker_folder_holding_another_model_than_nightly_json_names_is_refused(world: dict,
+                                                                                  tmp_path: Path) -> None:
+    """nightly.json records the model it pairs its settings with; a ranker folder holding
+    another (copied over it, say) is refused, naming both. A nightly.json written before it
+    named its folder pairs with ranker/, as then."""
+    labels = world["root"] / "labels.parquet"
+    cfg = NightlyConfig(k=5, depth=40, keep=20, batch_users=64, n_estimators=5, threads=1)
+    work = fuse_world(world, tmp_path / "work")
+    train_ranker(work, labels, cfg)
+    folder, digest = ranker_folder(work)
+    assert folder.parent == work and folder.name.startswith("ranker-") and digest == Ranker.load(folder).model_sha256_
+    other = fuse_world(world, tmp_path / "other")
+    train_ranker(other, labels, NightlyConfig(**{**cfg.__dict__, "n_estimators": 9}))
+    for name in ("model.txt", "features.json"):
+        shutil.copy(ranker_folder(other)[0] / name, folder / name)
+    with pytest.raises(FusionrecError, match=rf"^{re.escape(str(folder))} holds another model \(sha256 .*\) than the "
+                                             rf"one {re.escape(str(work / 'nightly.json'))} pairs its settings with "
+                                             r".*train the ranker again \(train_ranker\)$"):
+        export_topk(work, tmp_path / "mixed.parquet", read_config(work))
+    assert not (tmp_path / "mixed.parquet").exists()
+    # written before nightly.json named its folder: ranker/ and the settings alone
+    folder.rename(work / "ranker")
+    settings = json.loads((work / "nightly.json").read_text())
+    (work / "nightly.json").write_text(json.dumps({k: v for k, v in settings.items() if not k.startswith("ranker")}))
+    assert export_topk(work, tmp_path / "legacy.parquet", read_config(work))["users"] == len(world["user_ids"])
+    (work / "nightly.json").write_text(json.dumps({**settings, "ranker": "../other/ranker"}))
+    with pytest.raises(FusionrecError, match=r"nightly\.json: 'ranker' must name a ranker folder in .*, not "
+                                             r"'\.\./other/ranker'; train the ranker again$"):
+        export_topk(work, tmp_path / "elsewhere.parquet", read_config(work))
