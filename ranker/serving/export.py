@@ -6,11 +6,19 @@ CSV has no nested types: list and struct columns (such as `top_features` from
 `--explain`) are written as JSON text in their cell, and `read_topk` decodes them back.
 Parquet and JSONL keep them nested. `read_topk` restores the standard column types
 (TOPK_SCHEMA), so all three formats read back as the same frame.
+
+The rows that errors name are 1-based data rows, as for the data tables (pipeline.io.tables):
+a CSV's header is line 1, so its data row N is line N+1; a JSON lines file has no header, so
+its row N is line N. That holds because a blank line before a row is refused (`_blank_line`):
+polars skips it, and every row after it would be named one line early. Blank lines at the
+end hold no row and shift none: they are accepted.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -261,6 +269,7 @@ def _read(path: Path, fmt: str, *, string_ids: bool) -> pl.DataFrame:
                 csv_header(fh, path)
             # Ids stay text ("007" is not 7); empty cells are null.
             return pl.read_csv(path, schema_overrides=ids, infer_schema_length=10_000, raise_if_empty=True)
+        _blank_line(path)
         frame = pl.read_ndjson(path, infer_schema_length=10_000)
         return frame.with_columns(pl.col(c).cast(pl.String) for c in ids if c in frame.columns)
     except pl.exceptions.NoDataError:
@@ -276,6 +285,27 @@ def _read(path: Path, fmt: str, *, string_ids: bool) -> pl.DataFrame:
             except (OSError, UnicodeDecodeError):
                 pass
         raise InputError(f"cannot read the file: {reason or first}", file=str(path), row=row, field=field) from None
+
+
+_BLANK_LINE = re.compile(rb"^[ \t\r]*\n", re.MULTILINE)  # what polars' JSON lines reader skips
+_NOT_BLANK = re.compile(rb"[^ \t\r\n]")
+
+
+def _blank_line(path: Path) -> None:
+    """Refuse a JSON lines file with a blank line before a row (naming the line: its row), or
+    with nothing but blank lines (an empty file). Searched in a memory map: a pairs file can be
+    large, and only an error needs the line counted."""
+    if path.stat().st_size == 0:
+        return  # polars: "the file is empty"
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if _NOT_BLANK.search(data) is None:
+            raise InputError("the file is empty (blank lines only)", file=str(path))
+        blank = _BLANK_LINE.search(data)
+        if blank is None or _NOT_BLANK.search(data, blank.end()) is None:
+            return  # no blank line, or only after the last row
+        line = data[:blank.start()].count(b"\n") + 1
+    raise InputError("a blank line before a row: a JSON lines file holds one JSON object on each line, and "
+                     "errors name a row by its line; delete the blank line", file=str(path), row=line)
 
 
 def drop_seen(pairs: pl.DataFrame, interactions: pl.DataFrame, cutoff: int | None = None) -> pl.DataFrame:

@@ -285,6 +285,51 @@ def test_a_bad_rules_file_is_refused_naming_the_row_and_field(tmp_path: Path) ->
 
 
 
+def test_a_json_lines_rules_file_names_rows_by_their_line_and_refuses_a_blank_line_before_a_row(
+        tmp_path: Path) -> None:
+    """Before, a blank line was skipped by the reader and every later row was named one line
+    early (a bad action on line 3 was "row 2"). A JSON lines file has no header, so row N is
+    line N (a CSV's data row N is line N+1): a blank line before a row is refused, naming its line."""
+    from fusionrec.ranker.serving.export import read_pairs
+
+    pin, drop = '{"item_id": "i1", "action": "pin"}', '{"item_id": "i2", "action": "drop"}'
+    path = tmp_path / "rules.jsonl"
+    path.write_text(f"{pin}\n{pin}\n{drop}\n")
+    with pytest.raises(InputError, match=r"rules\.jsonl, row 3, field 'action': unknown action 'drop'"):
+        read_rules(path)
+    csv = tmp_path / "rules.csv"  # the same rules as CSV: the same data row, one line further down
+    csv.write_text("item_id,action\ni1,pin\ni1,pin\ni2,drop\n")
+    with pytest.raises(InputError, match=r"rules\.csv, row 3, field 'action': unknown action 'drop'"):
+        read_rules(csv)
+
+    for body, line in ((f"{pin}\n\n{drop}\n", 2), (f"\n{pin}\n{drop}\n", 1), (f"{pin}\n{pin}\n \t\n{drop}\n", 3),
+                       (f"{pin}\r\n\r\n{drop}\r\n", 2)):
+        path.write_bytes(body.encode())
+        with pytest.raises(InputError) as caught:
+            read_rules(path)
+        assert str(caught.value) == (f"{path}, row {line}: a blank line before a row: a JSON lines file holds one JSON "
+                                     "object on each line, and errors name a row by its line; delete the blank line")
+        assert caught.value.exit_code == 2
+
+    # Blank lines after the last row hold no row and shift none.
+    path.write_text(f"{pin}\n{drop}\n\n \n")
+    with pytest.raises(InputError, match=r"rules\.jsonl, row 2, field 'action'"):
+        read_rules(path)
+    path.write_text('{"item_id": "i1", "action": "exclude"}\n\n')
+    assert read_rules(path).rows() == [("i1", "exclude", 1.0, 1)]
+    path.write_text("\n \n")
+    with pytest.raises(InputError, match=r"rules\.jsonl: the file is empty"):
+        read_rules(path)
+    # The pairs file of `score` is read the same way.
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"user_id": "u1", "item_id": "i1"}\n\n{"user_id": "u1", "item_id": ""}\n')
+    with pytest.raises(InputError, match=r"pairs\.jsonl, row 2: a blank line before a row"):
+        read_pairs(pairs)
+    pairs.write_text('{"user_id": "u1", "item_id": "i1"}\n{"user_id": "u1", "item_id": ""}\n')
+    with pytest.raises(InputError, match=r"pairs\.jsonl, row 2, field 'item_id': empty id"):
+        read_pairs(pairs)
+
+
 def test_rules_with_a_non_finite_boost_or_a_fractional_pin_are_refused(case, tmp_path: Path) -> None:
     """Before, a boost of NaN silently dropped its item from every list (and labelled another
     row 'boosted'), inf jumped it first, and a pin at position 2.5 was cast to 2."""
