@@ -8,7 +8,9 @@ for a fixed seed and `num_threads` (deterministic=True, force_col_wise=True).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import sys
 import threading
 import warnings
@@ -21,14 +23,18 @@ import polars as pl
 import pyarrow as pa
 
 from fusionrec.pipeline.errors import FusionrecError
-from fusionrec.pipeline.io.storage import sha256_bytes, write_json, write_text
+from fusionrec.pipeline.io.storage import keep_files, sha256_bytes, write_json, write_text
 from fusionrec.ranker.features import feature_columns, feature_group
+
+log = logging.getLogger("fusionrec.ranker")
 
 if TYPE_CHECKING:
     import lightgbm as lgb
 
 MODEL_FILE = "model.txt"
 META_FILE = "features.json"
+# The last complete model.txt and features.json, kept while `save` replaces them one at a time.
+PREVIOUS_DIR = "previous"
 FORMAT_VERSION = 1
 _METRICS = {"lambdarank": "ndcg", "regression": "rmse", "binary": ["auc", "binary_logloss"]}
 Objective = Literal["lambdarank", "regression", "binary"]
@@ -261,10 +267,13 @@ class Ranker:
 
     # ---- persistence ----------------------------------------------------------------
     def save(self, directory: Path | str) -> Path:
-        """Write `model.txt` (LightGBM text, best iteration only) and `features.json`, each atomically.
+        """Write `model.txt` (LightGBM text, best iteration only) and `features.json`, as one set.
 
         features.json holds the model text's SHA-256, so `load` notices a model file and a
-        feature list that do not belong together.
+        feature list that do not belong together. Each file is replaced atomically, one after
+        the other: the complete pair already there is first kept in `previous/` (hard links),
+        which `load` falls back to while the two do not match (a save killed between them), and
+        which is removed once both are written.
         """
         self._check_fitted()
         directory = Path(directory)
@@ -282,22 +291,31 @@ class Ranker:
             "lightgbm_version": _lightgbm().__version__,
             "model_sha256": sha256_bytes(text.encode()),
         }
+        kept = directory / PREVIOUS_DIR
+        if _complete(directory):
+            keep_files([directory / MODEL_FILE, directory / META_FILE], kept)
+        # else: no ranker yet, or a save stopped part-way, whose kept pair (if any) stays the fallback
         write_text(text, directory / MODEL_FILE)
         write_json(meta, directory / META_FILE)
+        shutil.rmtree(kept, ignore_errors=True)  # the new pair is whole: the fallback is not needed
         self.model_sha256_ = meta["model_sha256"]  # the train stage's guard.json names the model it checked
         return directory
 
     @classmethod
     def load(cls, directory: Path | str) -> Ranker:
+        """The ranker `save` wrote to `directory`; while its model.txt and features.json do not
+        match (a save stopped between them), the complete pair it kept in `previous/`, with a
+        warning. Without one, a FusionrecError says to train again."""
         directory = Path(directory)
         try:
-            meta = json.loads((directory / META_FILE).read_text())
-            text = (directory / MODEL_FILE).read_text()
-        except (OSError, ValueError) as exc:
-            raise FusionrecError(f"cannot read the ranker in {directory}: {exc}") from exc
-        if meta.get("model_sha256") != sha256_bytes(text.encode()):
-            raise FusionrecError(f"{directory / MODEL_FILE} does not match {directory / META_FILE} "
-                                 "(interrupted write?); train again")
+            meta, text = _read_saved(directory)
+        except FusionrecError as exc:
+            kept = directory / PREVIOUS_DIR
+            try:
+                meta, text = _read_saved(kept)
+            except FusionrecError:
+                raise FusionrecError(f"{exc}; train again") from exc.__cause__
+            log.warning("%s: loading the last complete ranker, kept in %s; rerun `fusionrec train`", exc, kept)
         ranker = cls(**meta["config"])
         ranker.booster_ = _lightgbm().Booster(model_str=text)
         ranker.feature_names_ = list(meta["features"])
@@ -323,6 +341,37 @@ class Ranker:
     def _check_fitted(self) -> None:
         if not hasattr(self, "booster_"):
             raise FusionrecError("the ranker is not fitted")
+
+
+def _read_saved(directory: Path) -> tuple[dict[str, Any], str]:
+    """features.json and model.txt of `directory`, checked to belong together; else a
+    FusionrecError saying what is wrong (the caller adds what to do)."""
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+        text = (directory / MODEL_FILE).read_text()
+    except (OSError, ValueError) as exc:
+        raise FusionrecError(f"cannot read the ranker in {directory}: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("model_sha256") != sha256_bytes(text.encode()):
+        raise FusionrecError(f"{directory / MODEL_FILE} does not match {directory / META_FILE} (interrupted write?)")
+    return meta, text
+
+
+def _complete(directory: Path) -> bool:
+    """Whether `directory` holds a model.txt and features.json that belong together."""
+    try:
+        _read_saved(directory)
+    except FusionrecError:
+        return False
+    return True
+
+
+def remove_saved(directory: Path | str) -> None:
+    """Remove a saved ranker: model.txt first (serving loads a ranker only where it is), then
+    features.json and any kept previous pair."""
+    directory = Path(directory)
+    for name in (MODEL_FILE, META_FILE):
+        (directory / name).unlink(missing_ok=True)
+    shutil.rmtree(directory / PREVIOUS_DIR, ignore_errors=True)
 
 
 def _as_array(values: Any) -> np.ndarray:

@@ -48,7 +48,7 @@ from fusionrec.pipeline.retrieval.stage import Catalog, candidate_split, label_w
 from fusionrec.pipeline.threads import cores, thread_map
 from fusionrec.ranker.features import behaviour_features, user_attribute_features
 from fusionrec.ranker.labels import DEFAULT_EVENT_GAIN, infer_rating_scale
-from fusionrec.ranker.model import Ranker
+from fusionrec.ranker.model import Ranker, remove_saved
 
 log = logging.getLogger("fusionrec.train")
 DAY = 86_400
@@ -524,9 +524,7 @@ def lineage(art_dir: Path, verified: Mapping[str, str] | None = None) -> dict[st
 def _no_ranker(art_dir: Path, record: Any, reason: str) -> dict:
     """Record that retrieval order is exported, remove any stale model, warn (the night goes on)."""
     ranker_dir = art_dir / "ranker"
-    for name in ("model.txt", "features.json"):
-        if (ranker_dir / name).exists():
-            (ranker_dir / name).unlink()
+    remove_saved(ranker_dir)
     write_json({"order": "retrieval", "reason": reason}, ranker_dir / GUARD_FILE)
     log.warning("%s; the retrieval order is exported", reason)
     summary = {"order": "retrieval", "reason": reason, "train_rows": 0, "valid_rows": 0, "best_iteration": 0}

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -508,3 +512,34 @@ def test_a_model_its_guard_did_not_check_is_not_served(art: Path, tmp_path: Path
     assert result.exit_code == 0, result.output
     assert "is not the model its guard.json checked" in " ".join(result.output.split())
     assert (pl.read_parquet(recs)["source"] == "ranker").sum() == 0
+
+
+def test_a_ranker_save_killed_between_its_files_serves_the_last_complete_ranker(art: Path, tmp_path: Path) -> None:
+    """Before, a train stage killed after replacing model.txt but before features.json left a
+    ranker that would not load, and recommend stopped ("train again"). Now the save kept the
+    complete pair in ranker/previous/: recommend serves it, the one guard.json checked, and says so."""
+    copy = _copy(art, tmp_path / "art")
+    guard_path = copy / "ranker" / "guard.json"
+    guard = json.loads(guard_path.read_text())
+    guard["order"] = "ranker"  # the sample's guard ships retrieval; say it checked this ranker
+    guard_path.write_text(json.dumps(guard))
+    before = tmp_path / "before.parquet"
+    assert invoke("recommend", "--out", str(copy), "--k", "5", "--export", str(before), "-q").exit_code == 0
+    assert (pl.read_parquet(before)["source"] == "ranker").sum() > 0
+
+    ranker = copy / "ranker"
+    code = ("from fusionrec.ranker.model import Ranker\n"
+            f"r = Ranker.load({str(ranker)!r}); r.best_iteration_ = 1; r.save({str(ranker)!r})\n")  # another model
+    # Killed (SIGKILL) once model.txt is replaced: the save's fault points are the kept pair, model.txt, features.json.
+    env = {**os.environ, "FUSIONREC_FAULT": "written:2", "FUSIONREC_LIGHTGBM_SKLEARN": "0"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert hashlib.sha256((ranker / "model.txt").read_bytes()).hexdigest() != guard["model_sha256"]
+
+    after = tmp_path / "after.parquet"
+    result = invoke("recommend", "--out", str(copy), "--k", "5", "--export", str(after))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert (f"{ranker / 'model.txt'} does not match {ranker / 'features.json'} (interrupted write?): loading the "
+            f"last complete ranker, kept in {ranker / 'previous'}; rerun `fusionrec train`") in text, text
+    assert pl.read_parquet(after).equals(pl.read_parquet(before))  # the same ranker, the same lists

@@ -277,11 +277,11 @@ def test_kill_9_at_many_points_then_rerun_equals_a_clean_run(nights: Nights, rel
 @integration
 @pytest.mark.parametrize("artifact", [
     "index/index.faiss",
-    "ranker/model.txt",
 ])
 def test_serving_between_a_killed_stage_and_its_rerun_fails_clearly(nights: Nights, artifact: str,
                                                                     reliability) -> None:
-    """A half-replaced set of files (one new, its partners old) is refused with a hint, never served."""
+    """A half-replaced set of files (one new, its partners old) is refused with a hint, never served.
+    (The ranker's pair is saved as a set: see the next test.)"""
     point = next(p for p in nights.trace2 if p.spec.startswith("written:") and p.path.endswith(artifact))
     art = nights.fresh(f"serve-after-kill-{Path(artifact).stem}", nights.art1)
     assert nights.run(nights.night2, art, env={"FUSIONREC_FAULT": point.spec}).code == -signal.SIGKILL
@@ -289,6 +289,30 @@ def test_serving_between_a_killed_stage_and_its_rerun_fails_clearly(nights: Nigh
     reliability.record(faults=1, case=f"recommend after kill -9 at {point.spec} ({artifact} new, partners old)")
     assert result.code == 1 and "Traceback" not in result.output, result.output[-1500:]
     assert re.search(r"error: .*(interrupted|run `fusionrec|train again|index again)", result.stderr), result.stderr
+
+
+@integration
+def test_serving_after_a_kill_between_the_rankers_two_files_loads_the_last_complete_ranker(nights: Nights,
+                                                                                           reliability) -> None:
+    """model.txt new, features.json still old: before, recommend refused the ranker ("train
+    again", exit 1) until a rerun. The save kept the complete pair first (ranker/previous/), so
+    recommend loads that one with a warning and serves (here in the retrieval order: night 2's
+    index is newer than that ranker, which serving already checks)."""
+    point = next(p for p in nights.trace2 if p.spec.startswith("written:") and p.path.endswith("ranker/model.txt"))
+    art = nights.fresh("serve-after-kill-model", nights.art1)
+    assert nights.run(nights.night2, art, env={"FUSIONREC_FAULT": point.spec}).code == -signal.SIGKILL
+    ranker, last = art / "ranker", nights.art1 / "ranker"
+    assert (ranker / "model.txt").read_bytes() != (last / "model.txt").read_bytes()
+    assert (ranker / "features.json").read_bytes() == (last / "features.json").read_bytes()
+    assert {p.name: p.read_bytes() for p in (ranker / "previous").iterdir()} == {
+        name: (last / name).read_bytes() for name in ("model.txt", "features.json")}
+    export = art / "exports" / "between.csv"
+    result = nights.job("recommend", "--out", art, "--export", export, "-q")
+    reliability.record(faults=1, case=f"recommend after kill -9 at {point.spec} (ranker/model.txt new, "
+                                      "features.json old)")
+    assert result.code == 0 and "Traceback" not in result.output, result.output[-1500:]
+    assert "loading the last complete ranker, kept in" in " ".join(result.stderr.split()), result.stderr
+    assert pl.read_csv(export).height > 0
 
 
 @integration

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -192,8 +196,61 @@ def test_load_refuses_a_model_that_does_not_match_its_feature_list(ranked, tmp_p
     model, _, _ = ranked
     model.save(tmp_path)
     (tmp_path / "model.txt").write_text((tmp_path / "model.txt").read_text().replace("tree", "tree ", 1))
-    with pytest.raises(FusionrecError, match="does not match"):
+    with pytest.raises(FusionrecError, match=r"model\.txt does not match .*features\.json \(interrupted write\?\); "
+                                             "train again"):
         Ranker.load(tmp_path)
+
+
+# A save replaces model.txt, then features.json; before that it keeps the complete pair there
+# in previous/. Its fault points, in order: 1 the kept pair, 2 model.txt, 3 features.json.
+@pytest.mark.parametrize(("fault", "loads"), [
+    ("write:1", "old"), ("written:1", "old"), ("write:2=torn", "old"),
+    ("written:2", "kept"),  # model.txt new, features.json old: the pair kept in previous/
+    ("write:3=torn", "kept"), ("written:3", "new")])
+def test_a_save_killed_anywhere_leaves_a_whole_ranker(ranked, tmp_path, caplog, fault: str, loads: str) -> None:
+    """Before, a kill between model.txt and features.json left a ranker that would not load
+    ("train again"), and serving stopped. Now the last complete pair is kept until the new one is."""
+    model, va, _ = ranked
+    target = tmp_path / "ranker"
+    model.save(target)
+    old = (target / "features.json").read_bytes()
+    code = ("from fusionrec.ranker.model import Ranker\n"
+            f"r = Ranker.load({str(target)!r}); r.best_iteration_ = 1; r.save({str(target)!r})\n")  # a one-tree model
+    env = {**os.environ, "FUSIONREC_FAULT": fault, "FUSIONREC_LIGHTGBM_SKLEARN": "0"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    if loads == "kept":  # the kill point this is about: one file new, its partner old
+        assert (target / "features.json").read_bytes() == old
+        assert json.loads(old)["model_sha256"] != hashlib.sha256((target / "model.txt").read_bytes()).hexdigest()
+    with caplog.at_level(logging.WARNING, logger="fusionrec.ranker"):
+        loaded = Ranker.load(target)
+    assert np.array_equal(loaded.predict(va), model.predict(va)) == (loads != "new")
+    assert loaded.booster_.current_iteration() == (1 if loads == "new" else model.booster_.current_iteration())
+    warned = [r.getMessage() for r in caplog.records if r.name == "fusionrec.ranker"]
+    assert warned == ([f"{target / 'model.txt'} does not match {target / 'features.json'} (interrupted write?): "
+                       f"loading the last complete ranker, kept in {target / 'previous'}; rerun `fusionrec train`"]
+                      if loads == "kept" else [])
+
+    # The next save completes the set and drops the kept pair.
+    one = Ranker.load(target)
+    one.best_iteration_ = 1
+    one.save(target)
+    # (.tmp-* files are a killed job's temporaries: invisible, removed when the next job takes the lock)
+    assert sorted(p.name for p in target.iterdir() if not p.name.startswith(".tmp-")) == ["features.json",
+                                                                                          "model.txt"]
+    assert Ranker.load(target).booster_.current_iteration() == 1
+
+
+def test_remove_saved_removes_the_ranker_and_its_kept_pair(ranked, tmp_path) -> None:
+    from fusionrec.ranker.model import remove_saved
+
+    model, _, _ = ranked
+    model.save(tmp_path / "ranker")
+    shutil.copytree(tmp_path / "ranker", tmp_path / "ranker" / "previous")
+    remove_saved(tmp_path / "ranker")
+    assert list((tmp_path / "ranker").iterdir()) == []
+    with pytest.raises(FusionrecError, match="cannot read the ranker in .*; train again"):
+        Ranker.load(tmp_path / "ranker")
 
 
 def test_missing_feature_columns_score_as_unknown(ranked):
