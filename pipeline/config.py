@@ -23,7 +23,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.dataclasses import dataclass
 
 from fusionrec.pipeline.errors import ConfigError
@@ -35,6 +35,16 @@ NonNegInt = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Share = Annotated[float, Field(ge=0, le=1)]  # [0, 1]
+
+
+def _auto_or_count(value: Any) -> Any:
+    """One clear message for "auto" | int >= 0 (a union would report each branch's error)."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise ValueError("should be 'auto' or a whole number >= 0")
+
+
+AutoOrCount = Annotated[Literal["auto"] | int, BeforeValidator(_auto_or_count)]
 OpenFraction = Annotated[float, Field(gt=0, lt=1)]  # (0, 1)
 Weights = dict[str, NonNegFloat]
 
@@ -87,6 +97,7 @@ class EmbedConfig:
     shard_size: NonNegInt = 0  # rows committed together (a killed job resumes from the last shard); 0: 256, and 4096 texts on a GPU
     max_failed_share: Share = 0.5  # the job fails if more media than this share cannot be read
     decode_workers: NonNegInt = 2  # threads decoding each shard of images/audio before the encoder takes it
+    read_ahead_shards: AutoOrCount = "auto"  # shards decoded ahead while the encoder works; 0: in turn; auto: 1 on a GPU, 0 on the CPU
     batch_rows: PosInt = 16_384  # rows read (and held) at a time: memory is bounded by this, not the catalog
     text: TextConfig = field(default_factory=TextConfig)
     image: ImageConfig = field(default_factory=ImageConfig)

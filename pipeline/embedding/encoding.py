@@ -74,6 +74,20 @@ def shard_rows(cfg: EmbedConfig, device: str | None, *, media: bool = False) -> 
     return GPU_TEXT_SHARD_ROWS if device.startswith("cuda") else CPU_SHARD_ROWS
 
 
+def read_ahead_shards(cfg: EmbedConfig, device: str | None) -> int:
+    """Shards decoded ahead of the encoder: `embed.read_ahead_shards`, or for "auto" 1 on a GPU
+    (whose encoding otherwise waits for the CPU's decoding and tokenising) and 0 on the CPU,
+    where both compete for the same cores (MovieLens' posters on 2 cores: no gain; docs/benchmarks.md).
+    device: as `shard_rows` takes it."""
+    if cfg.read_ahead_shards != "auto":
+        return int(cfg.read_ahead_shards)
+    if device is None:
+        return 0
+    if device == "auto":
+        device = resolve_device(device)
+    return 1 if device.startswith("cuda") else 0
+
+
 def build_encoders(cfg: EmbedConfig, needed: set[str], *, hashes: FileHashes | None = None,
                    known: dict[str, dict[str, Any]] | None = None) -> dict[str, ModalityEncoder]:
     """The configured encoders for the modalities present in the data.

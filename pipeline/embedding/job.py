@@ -24,8 +24,10 @@ import concurrent.futures as futures
 import contextlib
 import hashlib
 import logging
+import queue
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +49,7 @@ from fusionrec.pipeline.embedding.encoding import (
     TodoRows,
     build_encoders,
     prepare_one,
+    read_ahead_shards,
     read_identities,
     save_identities,
     shard_rows,
@@ -576,8 +579,10 @@ class ShardCache:
             pass
 
 
-def _prepared(enc: ModalityEncoder, paths: list[Path], workers: int) -> Iterator[tuple[Any, str | None]]:
-    """Decode media in threads ahead of the encoder, in input order: (input, error)."""
+def _prepared(enc: ModalityEncoder, paths: list[Path], workers: int,
+              stop: threading.Event | None = None) -> Iterator[tuple[Any, str | None]]:
+    """Decode media in threads ahead of the encoder, in input order: (input, error). A set
+    `stop` ends it early (the consumer went away)."""
 
     def run(path: Path) -> tuple[Any, str | None]:
         return prepare_one(enc, path)
@@ -591,6 +596,10 @@ def _prepared(enc: ModalityEncoder, paths: list[Path], workers: int) -> Iterator
             if len(pending) >= window:
                 break
         while pending:
+            if stop is not None and stop.is_set():
+                for f in pending:
+                    f.cancel()
+                return
             done = pending.pop(0)
             nxt = next(it, None)
             if nxt is not None:
@@ -598,28 +607,97 @@ def _prepared(enc: ModalityEncoder, paths: list[Path], workers: int) -> Iterator
             yield done.result()
 
 
+@dataclass
+class PreparedShard:
+    """One shard of the todo table, its media decoded: what the encoder takes next."""
+
+    batch: pa.RecordBatch
+    ok: np.ndarray  # positions in `batch` whose input is ready (all of them for text)
+    inputs: list  # the ready inputs, in `ok`'s order
+    errors: dict[int, str]  # plan row -> why its media could not be decoded
+
+
+def _prepare_shard(enc: ModalityEncoder, batch: pa.RecordBatch, workers: int,
+                   stop: threading.Event | None = None) -> PreparedShard:
+    rows = batch.column("row").to_numpy()
+    inputs = batch.column("input").to_pylist()
+    errors: dict[int, str] = {}
+    if enc.prepare is None:
+        return PreparedShard(batch, np.arange(len(rows)), inputs, errors)
+    ok_list, prepared = [], []
+    for j, (x, err) in enumerate(_prepared(enc, [Path(p) for p in inputs], workers, stop)):
+        if err is None:
+            ok_list.append(j)
+            prepared.append(x)
+        else:
+            errors[int(rows[j])] = err
+    return PreparedShard(batch, np.asarray(ok_list, dtype=np.int64), prepared, errors)
+
+
+_DONE = object()
+
+
+def _read_ahead(make: Callable[[threading.Event], Iterator[PreparedShard]], depth: int) -> Iterator[PreparedShard]:
+    """The shards of `make(stop)`, prepared up to `depth` shards ahead in one background thread,
+    so decoding the next shard runs while the encoder works on this one (on a GPU the two
+    otherwise alternate; docs/benchmarks.md). depth 0: prepared here, one after the other.
+    An error while preparing is raised here, at the shard it belongs to."""
+    stop = threading.Event()
+    if depth <= 0:
+        yield from make(stop)
+        return
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for shard in make(stop):
+                if not put(shard):
+                    return
+            put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put(exc)
+
+    worker = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()  # the consumer is done or gone: the producer stops at its next file
+        worker.join()
+
+
 def encode_local(todo: TodoRows, enc: ModalityEncoder, cfg: EmbedConfig) -> Iterator[EncodedShard]:
     """The local engine: shards of `shard_rows` rows read from the todo table, media decoded
-    in threads, encoded here."""
+    in threads (`read_ahead_shards` shards ahead of the encoder), encoded here."""
     shard = shard_rows(cfg, enc.device, media=enc.prepare is not None)
-    for batch in pq.ParquetFile(todo.path).iter_batches(batch_size=shard):
+
+    def shards(stop: threading.Event) -> Iterator[PreparedShard]:
+        for batch in pq.ParquetFile(todo.path).iter_batches(batch_size=shard):
+            if stop.is_set():
+                return
+            yield _prepare_shard(enc, batch, cfg.decode_workers, stop)
+
+    for ready in _read_ahead(shards, read_ahead_shards(cfg, enc.device)):
+        batch, ok = ready.batch, ready.ok
         rows = batch.column("row").to_numpy()
-        inputs = batch.column("input").to_pylist()
-        errors: dict[int, str] = {}
-        if enc.prepare is None:
-            ok = np.arange(len(rows))
-        else:
-            ok_list, prepared = [], []
-            for j, (x, err) in enumerate(_prepared(enc, [Path(p) for p in inputs], cfg.decode_workers)):
-                if err is None:
-                    ok_list.append(j)
-                    prepared.append(x)
-                else:
-                    errors[int(rows[j])] = err
-            ok, inputs = np.asarray(ok_list, dtype=np.int64), prepared
-        matrix = enc.encode(inputs) if len(ok) else np.zeros((0, enc.dim), np.float32)
+        matrix = enc.encode(ready.inputs) if len(ok) else np.zeros((0, enc.dim), np.float32)
         ids, hashes = batch.column("id").to_pylist(), batch.column("content_hash").to_pylist()
-        yield EncodedShard(rows[ok], [ids[j] for j in ok], [hashes[j] for j in ok], matrix, errors, len(rows))
+        yield EncodedShard(rows[ok], [ids[j] for j in ok], [hashes[j] for j in ok], matrix, ready.errors, len(rows))
 
 
 def embed_modality(plan: ModalityPlan, enc: ModalityEncoder, art_dir: Path, cfg: EmbedConfig,
@@ -694,19 +772,22 @@ def embed_modality(plan: ModalityPlan, enc: ModalityEncoder, art_dir: Path, cfg:
     # (2) The engine (local loop or Ray actors) encodes the todo rows.
     written: list[Path] = []
     if todo.rows:
-        for shard in (encode_rows or encode_local)(todo, enc, cfg):
-            interrupts.check()  # a Ctrl-C dropped in a destructor stops the job here, shards kept
-            errors.update(shard.errors)
-            undecodable.extend(shard.errors)
-            if len(shard.rows):
-                matrix = np.asarray(shard.vectors, dtype=np.float32)
-                if matrix.shape != (len(shard.rows), enc.dim):
-                    raise FusionrecError(f"{plan.modality} encoder returned shape {matrix.shape}, "
-                                         f"expected ({len(shard.rows)}, {enc.dim})")
-                written.append(cache.write(shard.ids, shard.hashes, enc.model_id, matrix))
-                counts.encoded += len(shard.rows)
-            if progress:
-                progress(shard.handled)
+        shards = (encode_rows or encode_local)(todo, enc, cfg)
+        # Closed on the way out, error or not, so a read-ahead thread stops now, not at garbage collection.
+        with contextlib.closing(cast(Any, shards)) if hasattr(shards, "close") else contextlib.nullcontext():
+            for shard in shards:
+                interrupts.check()  # a Ctrl-C dropped in a destructor stops the job here, shards kept
+                errors.update(shard.errors)
+                undecodable.extend(shard.errors)
+                if len(shard.rows):
+                    matrix = np.asarray(shard.vectors, dtype=np.float32)
+                    if matrix.shape != (len(shard.rows), enc.dim):
+                        raise FusionrecError(f"{plan.modality} encoder returned shape {matrix.shape}, "
+                                             f"expected ({len(shard.rows)}, {enc.dim})")
+                    written.append(cache.write(shard.ids, shard.hashes, enc.model_id, matrix))
+                    counts.encoded += len(shard.rows)
+                if progress:
+                    progress(shard.handled)
         index.add(written)
 
     # (3) The final table, in plan order (kept as it is when it already holds exactly these rows).

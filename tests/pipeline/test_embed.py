@@ -18,7 +18,7 @@ import pytest
 
 from fusionrec.pipeline.config import load_config
 from fusionrec.pipeline.embedding.job import ModalityEncoder, read_artifact_table, run_embed
-from fusionrec.pipeline.errors import FusionrecError, InputError, LockError, MediaError
+from fusionrec.pipeline.errors import ConfigError, FusionrecError, InputError, LockError, MediaError
 from fusionrec.pipeline.io.manifest import read_manifest
 from fusionrec.pipeline.io.storage import ArtifactLock
 from tests.tiny_models import HashEncoder, tiny_text_model
@@ -497,3 +497,124 @@ def test_an_encoder_given_in_process_never_imports_torch_for_its_shard_size(tmp_
                          env={**os.environ, "PYTHONPATH": str(PROJECT)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["3", "False"]
+
+
+def test_the_next_shard_is_decoded_while_the_encoder_works_on_this_one(tmp_path: Path) -> None:
+    # Shards of 4 images. The first encode call waits until a file of the second shard is being
+    # decoded: with read-ahead that happens (the wait returns True), decoding after encoding would not.
+    import threading
+
+    data = tmp_path / "data"
+    write_catalog(data, n=12)
+    encoders, _ = fake_encoders()
+    image = HashEncoder(8, "hash-image")
+    second_shard_started = threading.Event()
+    real_prepare = encoders["image"].prepare
+    assert real_prepare is not None
+    seen: list[bool] = []
+
+    def prepare(path: Path) -> bytes:
+        if path.name in {"i4.bin", "i5.bin", "i6.bin", "i7.bin"}:
+            second_shard_started.set()
+        return real_prepare(path)
+
+    def encode(inputs: list) -> np.ndarray:
+        if not seen:
+            seen.append(second_shard_started.wait(timeout=5 if waits else 0.5))
+        return image.encode(inputs)
+
+    encoders["image"].prepare, encoders["image"].encode = prepare, encode
+    waits = True
+    cfg = load_config(overrides=["embed.shard_size=4", "embed.decode_workers=1", "embed.read_ahead_shards=1"])
+    run_embed(data, tmp_path / "art", cfg, encoders=encoders, show_progress=False)
+    assert seen == [True]
+    assert image.rows == 12
+
+    # read_ahead_shards = 0 (auto's value for an encoder given in-process, taken as the CPU):
+    # the second shard is decoded only after the first is encoded.
+    seen.clear()
+    second_shard_started.clear()
+    waits = False
+    cfg = load_config(overrides=["embed.shard_size=4", "embed.decode_workers=1"])
+    run_embed(data, tmp_path / "art0", cfg, encoders=encoders, show_progress=False)
+    assert seen == [False]
+
+
+def test_read_ahead_auto_is_one_shard_on_a_gpu_and_none_on_the_cpu() -> None:
+    from fusionrec.pipeline.config import EmbedConfig
+    from fusionrec.pipeline.embedding.encoding import read_ahead_shards
+
+    auto = EmbedConfig()
+    assert auto.read_ahead_shards == "auto"
+    assert [read_ahead_shards(auto, d) for d in ("cuda", "cuda:1", "cpu", None)] == [1, 1, 0, 0]
+    assert [read_ahead_shards(EmbedConfig(read_ahead_shards=n), "cpu") for n in (0, 2)] == [0, 2]
+    for bad in ("-1", "soon", "1.5"):
+        with pytest.raises(ConfigError, match=r"config key 'embed.read_ahead_shards': should be 'auto' or a whole "
+                                              r"number >= 0, got"):
+            load_config(overrides=[f"embed.read_ahead_shards={bad}"])
+
+
+def test_read_ahead_gives_the_same_tables_and_failures(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_catalog(data, n=23)
+    for i in (3, 9, 22):
+        (data / "media" / f"i{i}.bin").write_bytes(b"corrupt jpeg")
+    tables = []
+    for depth in (0, 1, 3):
+        art = tmp_path / f"art{depth}"
+        encoders, _ = fake_encoders()
+        cfg = load_config(overrides=["embed.shard_size=5", f"embed.read_ahead_shards={depth}"])
+        run_embed(data, art, cfg, encoders=encoders, show_progress=False)
+        ids, hashes, models, vectors = read_artifact_table(art / "embeddings" / "item_image.parquet")
+        tables.append((ids, hashes, models, vectors.tobytes(), failure_rows(art)))
+    assert tables[0] == tables[1] == tables[2]
+    failed = pl.read_parquet(tmp_path / "art1" / "embeddings" / "failures.parquet")["id"].sort().to_list()
+    assert failed == ["i22", "i3", "i9"]
+    assert len(tables[0][0]) == 20
+
+
+def test_an_encoder_error_stops_the_read_ahead_thread_and_keeps_finished_shards(tmp_path: Path) -> None:
+    import threading
+
+    data = tmp_path / "data"
+    write_catalog(data, n=40)
+    encoders, _ = fake_encoders()
+    image = HashEncoder(8, "hash-image")
+    real_prepare = encoders["image"].prepare
+    assert real_prepare is not None
+    decoded: list[str] = []
+
+    def prepare(path: Path) -> bytes:
+        decoded.append(path.name)
+        return real_prepare(path)
+
+    def encode(inputs: list) -> np.ndarray:
+        if image.calls == 2:
+            raise FusionrecError("the encoder ran out of memory")
+        return image.encode(inputs)
+
+    encoders["image"].prepare, encoders["image"].encode = prepare, encode
+    cfg = load_config(overrides=["embed.shard_size=4", "embed.read_ahead_shards=1"])
+    with pytest.raises(FusionrecError, match="ran out of memory"):
+        run_embed(data, tmp_path / "art", cfg, encoders=encoders, show_progress=False)
+    assert not [t for t in threading.enumerate() if t.name == "read-ahead"]
+    # Shards 1 and 2 encoded, 3 failed; 4 waiting in the queue and 5 begun at most: never the 40 files.
+    assert 12 <= len(decoded) <= 20
+    shards = list((tmp_path / "art" / "embeddings" / ".shards").glob("item_image/shard-*.parquet"))
+    assert len(shards) == 2  # the finished shards stay for the rerun
+
+
+def test_an_error_while_reading_ahead_is_raised_at_its_shard() -> None:
+    import threading
+
+    from fusionrec.pipeline.embedding.job import _read_ahead
+
+    def make(stop: threading.Event):
+        yield "first"
+        raise OSError("todo table unreadable")
+
+    got = []
+    with pytest.raises(OSError, match="todo table unreadable"):
+        for item in _read_ahead(make, 2):
+            got.append(item)
+    assert got == ["first"]
