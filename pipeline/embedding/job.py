@@ -646,25 +646,28 @@ def _read_ahead(make: Callable[[threading.Event], Iterator[PreparedShard]], dept
     if depth <= 0:
         yield from make(stop)
         return
-    ready: queue.Queue = queue.Queue(maxsize=depth)
+    # A shard takes a slot before it is decoded and frees it when the encoder takes it, so at
+    # most `depth` shards are decoded (or being decoded) beyond the one being encoded; a bounded
+    # queue alone would let the thread hold one more, finished, while it waits to put it.
+    slots = threading.Semaphore(depth)
+    ready: queue.Queue = queue.Queue()  # bounded by the slots (and one end or error)
 
-    def put(item: Any) -> bool:
+    def take_slot() -> bool:
         while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
+            if slots.acquire(timeout=0.1):
                 return True
-            except queue.Full:
-                continue
         return False
 
     def produce() -> None:
         try:
-            for shard in make(stop):
-                if not put(shard):
+            shards = make(stop)
+            while take_slot():
+                shard = next(shards, _DONE)
+                ready.put(shard)
+                if shard is _DONE:
                     return
-            put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            put(exc)
+            ready.put(exc)
 
     worker = threading.Thread(target=produce, name="read-ahead", daemon=True)
     worker.start()
@@ -675,6 +678,7 @@ def _read_ahead(make: Callable[[threading.Event], Iterator[PreparedShard]], dept
                 return
             if isinstance(item, BaseException):
                 raise item
+            slots.release()  # taken: the next shard may be decoded while this one is encoded
             yield item
     finally:
         stop.set()  # the consumer is done or gone: the producer stops at its next file

@@ -598,8 +598,8 @@ def test_an_encoder_error_stops_the_read_ahead_thread_and_keeps_finished_shards(
     with pytest.raises(FusionrecError, match="ran out of memory"):
         run_embed(data, tmp_path / "art", cfg, encoders=encoders, show_progress=False)
     assert not [t for t in threading.enumerate() if t.name == "read-ahead"]
-    # Shards 1 and 2 encoded, 3 failed; 4 waiting in the queue and 5 begun at most: never the 40 files.
-    assert 12 <= len(decoded) <= 20
+    # Shards 1 and 2 encoded, 3 failed; 4 decoded meanwhile at most (one shard ahead): never the 40 files.
+    assert 12 <= len(decoded) <= 16
     shards = list((tmp_path / "art" / "embeddings" / ".shards").glob("item_image/shard-*.parquet"))
     assert len(shards) == 2  # the finished shards stay for the rerun
 
@@ -618,3 +618,32 @@ def test_an_error_while_reading_ahead_is_raised_at_its_shard() -> None:
         for item in _read_ahead(make, 2):
             got.append(item)
     assert got == ["first"]
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_read_ahead_decodes_at_most_its_depth_of_shards_beyond_the_one_being_encoded(depth: int) -> None:
+    import threading
+
+    from fusionrec.pipeline.embedding.job import _read_ahead
+
+    prepared: list[int] = []
+
+    def make(stop: threading.Event):
+        for i in range(8):
+            prepared.append(i)  # shard i is being decoded (and held until the encoder takes it)
+            yield i
+
+    shards = _read_ahead(make, depth)
+    assert next(shards) == 0  # the encoder works on shard 0 ...
+    deadline = time.monotonic() + 5
+    while len(prepared) < depth + 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # ... long enough for the thread to decode more, were it allowed
+    assert prepared == list(range(depth + 1))  # `depth` shards ahead, not depth + 1 (memory)
+    assert next(shards) == 1
+    deadline = time.monotonic() + 5
+    while len(prepared) < depth + 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    assert prepared == list(range(depth + 2))
+    assert list(shards) == list(range(2, 8))
