@@ -409,18 +409,23 @@ def train_ranker(work: Path | str, labels: Path | str, config: NightlyConfig | N
     # one after it the new pair (the folders it no longer names are removed next).
     folder = f"{RANKER_PREFIX}{uuid.uuid4().hex[:12]}"
     ranker.save(work / folder)
+    try:
+        previous = ranker_folder(work)[0].name
+    except FusionrecError:  # no pair yet, or a nightly.json naming no folder of ours
+        previous = None
     write_json({**asdict(cfg), "ranker": folder, "ranker_sha256": ranker.model_sha256_}, work / CONFIG_FILE)
-    _remove_other_rankers(work, folder)
+    _remove_other_rankers(work, {folder, previous} - {None})
     return {"sampled_users": int(len(sample)), "labels_matched": int(known.height), "train_users": users_kept,
             "train_rows": rows, "capped": full, "positives": int((train["label"] > 0).sum()), "fit_s": fit_s,
             **ctx.timings}
 
 
-def _remove_other_rankers(work: Path, keep: str) -> None:
-    """Remove the ranker folders nightly.json does not name: the earlier pair's, and any a
-    stopped training left half-written."""
+def _remove_other_rankers(work: Path, keep: set) -> None:
+    """Remove the ranker folders other than `keep`: nightly.json's and the one it named before
+    (an export that began before the switch goes on reading that one), so the older pairs' and
+    any a stopped training left half-written."""
     for path in work.iterdir():
-        if path.is_dir() and path.name != keep and (path.name == RANKER_DIR or path.name.startswith(RANKER_PREFIX)):
+        if path.is_dir() and path.name not in keep and (path.name == RANKER_DIR or path.name.startswith(RANKER_PREFIX)):
             shutil.rmtree(path, ignore_errors=True)  # one left behind is unused, and removed at the next training
 
 

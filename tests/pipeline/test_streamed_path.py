@@ -554,7 +554,8 @@ def test_a_training_stopped_at_any_write_leaves_a_pair_that_serves(world: dict, 
     just after nightly.json): the export with the settings on disk is the first pair's or the
     second's, never a mix. nightly.json was written after ranker/: a stop between them served
     the new ranker with the old k, depth and keep, and one between model.txt and features.json
-    left no ranker that loads. A training run after the stop completes and leaves one ranker."""
+    left no ranker that loads. A training run after the stop completes and leaves its ranker and
+    the one nightly.json named before it."""
     labels = world["root"] / "labels.parquet"
     first = NightlyConfig(k=5, depth=40, keep=20, batch_users=64, n_estimators=5, threads=1)
     second = NightlyConfig(k=3, depth=30, keep=10, batch_users=64, n_estimators=12, num_leaves=7, threads=1)
@@ -579,7 +580,38 @@ def test_a_training_stopped_at_any_write_leaves_a_pair_that_serves(world: dict, 
         assert export(work, f"{point}-after").equals(expected), point
         train_ranker(work, labels, second)
         assert export(work, f"{point}-again").equals(new), point
-        assert [p.name for p in work.iterdir() if p.name.startswith("ranker")] == [ranker_folder(work)[0].name]
+        folders = {p.name for p in work.iterdir() if p.name.startswith("ranker")}
+        assert ranker_folder(work)[0].name in folders and len(folders) == 2, point  # the new pair's, the last one's
+
+
+def test_an_export_under_way_when_a_training_switches_keeps_its_ranker(world: dict, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The export resolves its ranker folder once; a training that finishes meanwhile switches
+    nightly.json and removed that folder, so the export failed with 'train again'. The folder
+    nightly.json named before the switch is kept until the next training."""
+    from fusionrec.pipeline.batch import nightly
+
+    labels = world["root"] / "labels.parquet"
+    first = NightlyConfig(k=5, depth=40, keep=20, batch_users=64, n_estimators=5, threads=1)
+    second = NightlyConfig(k=5, depth=40, keep=20, batch_users=64, n_estimators=12, num_leaves=7, threads=1)
+    work = fuse_world(world, tmp_path / "work")
+    train_ranker(work, labels, first)
+    settings = read_config(work)
+    export_topk(work, tmp_path / "before.parquet", settings)
+    first_folder = ranker_folder(work)[0]
+    real = nightly.NightlyContext
+
+    def a_training_finishes_first(*args, **kwargs):
+        monkeypatch.setattr(nightly, "NightlyContext", real)
+        train_ranker(work, labels, second)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nightly, "NightlyContext", a_training_finishes_first)
+    export_topk(work, tmp_path / "during.parquet", settings)
+    assert ranker_folder(work)[0] != first_folder and first_folder.is_dir()
+    assert pl.read_parquet(tmp_path / "during.parquet").equals(pl.read_parquet(tmp_path / "before.parquet"))
+    train_ranker(work, labels, first)  # the next training removes it
+    assert not first_folder.exists()
 
 
 def test_a_ranker_folder_holding_another_model_than_nightly_json_names_is_refused(world: dict,
