@@ -263,7 +263,7 @@ PAIR_CASES = [
     ("score: unsupported format", "score", "pairs.txt", "user_id,item_id\nu,i\n",
      r"pairs\.txt: unsupported format '\.txt': use \.parquet, \.csv or \.jsonl"),
     ("score: broken JSON lines", "score", "pairs.jsonl", '{"user_id": "u0001", "item_id": "i0001"}\n{"user_id": \n',
-     r"pairs\.jsonl: cannot read the file"),
+     r"pairs\.jsonl, row 2: cannot read the file: not valid JSON: Expecting value at character 14 of the line"),
     ("recommend: users file without user_id", "recommend", "users.csv", "user\nu0001\n",
      r"users\.csv, field 'user_id': missing required column 'user_id'"),
     ("evaluate: unparsable timestamp", "evaluate", "test.csv",

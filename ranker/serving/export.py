@@ -16,6 +16,8 @@ end hold no row and shift none: they are accepted.
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
 import mmap
 import re
@@ -270,7 +272,11 @@ def _read(path: Path, fmt: str, *, string_ids: bool) -> pl.DataFrame:
             # Ids stay text ("007" is not 7); empty cells are null.
             return pl.read_csv(path, schema_overrides=ids, infer_schema_length=10_000, raise_if_empty=True)
         _blank_line(path)
-        frame = pl.read_ndjson(path, infer_schema_length=10_000)
+        source: Path | io.BytesIO = path
+        with open(path, "rb") as fh:
+            if fh.read(3) == codecs.BOM_UTF8:  # as a CSV's: accepted (polars' reader refuses it)
+                source = io.BytesIO(fh.read())
+        frame = pl.read_ndjson(source, infer_schema_length=10_000)
         return frame.with_columns(pl.col(c).cast(pl.String) for c in ids if c in frame.columns)
     except pl.exceptions.NoDataError:
         raise InputError("the file is empty", file=str(path)) from None
@@ -284,7 +290,29 @@ def _read(path: Path, fmt: str, *, string_ids: bool) -> pl.DataFrame:
                 row, field, reason = locate_csv_problem(path.read_bytes().decode("utf-8-sig"))
             except (OSError, UnicodeDecodeError):
                 pass
+        elif fmt != ".parquet":
+            row, reason = _locate_json_lines_problem(path)
         raise InputError(f"cannot read the file: {reason or first}", file=str(path), row=row, field=field) from None
+
+
+def _locate_json_lines_problem(path: Path) -> tuple[int | None, str | None]:
+    """The first line (its row) that is not one JSON object, and why; (None, None) when every
+    line is (the problem is elsewhere, such as a value's type changing between rows). Only on
+    the error path, line by line: polars names a character offset, not a row."""
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            for line_number, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    return line_number, f"not valid JSON: {exc.msg} at character {exc.pos + 1} of the line"
+                if not isinstance(value, dict):
+                    return line_number, f"a JSON {type(value).__name__}, not an object of column: value"
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, first_line(exc)
+    return None, None
 
 
 _BLANK_LINE = re.compile(rb"^[ \t\r]*\n", re.MULTILINE)  # what polars' JSON lines reader skips

@@ -330,6 +330,31 @@ def test_a_json_lines_rules_file_names_rows_by_their_line_and_refuses_a_blank_li
         read_pairs(pairs)
 
 
+def test_a_json_lines_file_that_does_not_parse_names_its_row_and_a_byte_order_mark_is_accepted(
+        tmp_path: Path) -> None:
+    """polars names a character offset of the whole file ("TapeError at character 6"), not a
+    row; the error now names the first line that is not one JSON object, and why."""
+    from fusionrec.ranker.serving.export import read_pairs
+
+    path = tmp_path / "rules.jsonl"
+    good = '{"item_id": "i1", "action": "exclude"}'
+    path.write_text(f'{good}\n{{"item_id": "i2", "action": "pin"\n{good}\n')
+    with pytest.raises(InputError) as caught:
+        read_rules(path)
+    assert str(caught.value) == (f"{path}, row 2: cannot read the file: not valid JSON: Expecting ',' delimiter "
+                                 "at character 35 of the line")
+    assert caught.value.exit_code == 2
+    path.write_text(f"{good}\n{good}\n[1, 2]\n")
+    with pytest.raises(InputError, match=r"rules\.jsonl, row 3: cannot read the file: a JSON list, not an object"):
+        read_rules(path)
+    # A UTF-8 byte-order mark, as some editors write, reads as a CSV's does.
+    path.write_bytes(b"\xef\xbb\xbf" + f"{good}\n".encode())
+    assert read_rules(path).rows() == [("i1", "exclude", 1.0, 1)]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_bytes(b"\xef\xbb\xbf" + b'{"user_id": "u1", "item_id": "i1"}\n')
+    assert read_pairs(pairs)["item_id"].to_list() == ["i1"]
+
+
 def test_rules_with_a_non_finite_boost_or_a_fractional_pin_are_refused(case, tmp_path: Path) -> None:
     """Before, a boost of NaN silently dropped its item from every list (and labelled another
     row 'boosted'), inf jumped it first, and a pin at position 2.5 was cast to 2."""
