@@ -302,6 +302,41 @@ def test_a_ray_address_where_nothing_listens_fails_at_once_naming_ray_address(mo
     assert joined == [address]
 
 
+def test_a_dead_ray_address_in_the_environment_fails_at_once_naming_ray_address_env(monkeypatch) -> None:
+    """ray.init joins RAY_ADDRESS where ray.address is "" or "auto"; one where nothing listens
+    hung as long as a dead ray.address did. It is probed as well, and the error names it."""
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'fusionrec[ray]')")
+    from fusionrec.pipeline.embedding.ray_engine import ray_runtime
+
+    joined: list[str | None] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda address=None, **kwargs: joined.append(address))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    dead = f"127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", dead)
+    for setting in ("", "auto"):
+        started = time.monotonic()
+        with pytest.raises(FusionrecError) as caught, ray_runtime(RayConfig(address=setting)):
+            pass
+        assert time.monotonic() - started < 5
+        assert str(caught.value) == (
+            f"engine 'ray': cannot join the Ray cluster at RAY_ADDRESS = {dead!r} (the environment; ray.address = "
+            f"{setting!r}): ConnectionError: nothing listens at {dead} (connection refused); check ray.address "
+            "(\"\" starts a local runtime, \"auto\" joins a running one) and RAY_ADDRESS, or run with --engine local")
+    assert joined == []
+    # An explicit ray.address wins over the environment (as in ray.init): only it is probed.
+    with socket.socket() as head:
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        address = f"127.0.0.1:{head.getsockname()[1]}"
+        with ray_runtime(RayConfig(address=address)):
+            pass
+        monkeypatch.setenv("RAY_ADDRESS", address)  # a live one in the environment: joined as before
+        with ray_runtime(RayConfig(address="")):
+            pass
+    assert joined == [address, None]
+
+
 def test_the_probe_checks_host_port_addresses_only_and_says_why_it_cannot_connect(monkeypatch) -> None:
     from fusionrec.pipeline.embedding import ray_engine
     from fusionrec.pipeline.embedding.ray_engine import head_address, probe_address

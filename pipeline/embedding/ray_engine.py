@@ -128,16 +128,22 @@ def ray_runtime(cfg: RayConfig) -> Iterator[Any]:
     if not ray.is_initialized():
         for key, value in _RAY_ENV.items():
             os.environ.setdefault(key, value)
+        # ray.init reads RAY_ADDRESS where ray.address is "" or "auto": that address is probed too.
+        from_env = os.environ.get("RAY_ADDRESS", "").strip() if cfg.address in ("", "auto") else ""
         try:
-            probe_address(cfg.address)
+            probe_address(from_env or cfg.address)
             ray.init(address=cfg.address or None, include_dashboard=False, log_to_driver=False,
                      ignore_reinit_error=True, logging_level=logging.WARNING)
         except Exception as exc:  # noqa: BLE001 - Ray's own ConnectionError, ValueError, ...: one clear line
-            where = f"join the Ray cluster at ray.address = {cfg.address!r}" if cfg.address else \
-                "start a local Ray runtime (ray.address = \"\")"
+            if from_env:
+                where = f"join the Ray cluster at RAY_ADDRESS = {from_env!r} (the environment; ray.address = {cfg.address!r})"
+            elif cfg.address:
+                where = f"join the Ray cluster at ray.address = {cfg.address!r}"
+            else:
+                where = "start a local Ray runtime (ray.address = \"\")"
             raise FusionrecError(f"engine 'ray': cannot {where}: {type(exc).__name__}: {first_line(exc)}; check "
-                                 "ray.address (\"\" starts a local runtime, \"auto\" joins a running one), or "
-                                 "run with --engine local") from exc
+                                 "ray.address (\"\" starts a local runtime, \"auto\" joins a running one)"
+                                 + (" and RAY_ADDRESS" if from_env else "") + ", or run with --engine local") from exc
         started = True
     quiet_ray_data_console()
     try:
