@@ -417,9 +417,15 @@ def doctor(data: DataOpt = None, out: OutOpt = Path("artifacts"), config: Config
 
 
 DEBUG_ENV = "FUSIONREC_DEBUG"  # 1: an unexpected failure shows its traceback
-INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+INTERRUPTED = 130  # 128 + SIGINT, as shells report it (SIGTERM: 143, interrupts.exit_code)
 INTERRUPTED_MESSAGE = ("interrupted (Ctrl-C): finished work is kept (committed shards, written artifacts, "
                        "the previous export); a rerun resumes")
+
+
+def _interrupted() -> None:
+    """The one line of a job stopped by Ctrl-C or SIGTERM, and its exit status (130 or 143)."""
+    _error_line(INTERRUPTED_MESSAGE.replace("Ctrl-C", interrupts.reason(), 1))
+    sys.exit(interrupts.exit_code())
 
 
 def crash_log_path() -> Path:
@@ -444,17 +450,15 @@ def main(args: list[str] | None = None) -> None:
     try:
         app(args=args, prog_name="fusionrec")
     except SystemExit as done:
-        # typer turns Ctrl-C into a silent exit 130: say what happened and what was kept.
+        # typer turns Ctrl-C (and SIGTERM, raised as one) into a silent exit 130: say what happened and what was kept.
         if done.code == INTERRUPTED or interrupts.requested():
-            _error_line(INTERRUPTED_MESSAGE)
-            sys.exit(INTERRUPTED)
+            _interrupted()
         raise
     except FusionrecError as exc:  # commands handle their own; this one escaped
         _error_line(str(exc))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        _error_line(INTERRUPTED_MESSAGE)
-        sys.exit(INTERRUPTED)
+        _interrupted()
     except BaseException as exc:  # noqa: BLE001 - the last line of defence
         text = "".join(traceback.format_exception(exc))
         if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):

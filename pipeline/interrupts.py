@@ -7,6 +7,10 @@ ignored" and dropped, and the job went on to finish with exit 0. `install` (call
 boundaries of stages and batches (and by every run record before it reports success), raises
 the interrupt again there. Work already committed (finished shards, atomically written
 artifacts) is kept, so a rerun resumes.
+
+SIGTERM (what a scheduler, `docker stop`, systemd or Kubernetes send) is handled the same way
+(exit 143 instead of 130): by default it killed the job outright, with no line, no run record
+and its `.lock` left behind, which a job on another host never takes over.
 """
 
 from __future__ import annotations
@@ -18,9 +22,14 @@ from typing import Any
 
 _requested = threading.Event()
 _installed = False
+_signal = signal.SIGINT  # the first signal that asked the job to stop
+NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
-def _on_sigint(signum: int, frame: Any) -> None:
+def _on_signal(signum: int, frame: Any) -> None:
+    global _signal
+    if not _requested.is_set():
+        _signal = signal.Signals(signum)
     _requested.set()
     raise KeyboardInterrupt
 
@@ -36,20 +45,34 @@ def _unraisable(previous: Any) -> Any:
 
 
 def install() -> None:
-    """Handle SIGINT as above; only from the main thread (where Python delivers signals)."""
+    """Handle SIGINT and SIGTERM as above; only from the main thread (where Python delivers
+    signals). A signal whose handler someone else chose (a test runner, an embedding host) keeps it."""
     global _installed
     if _installed or threading.current_thread() is not threading.main_thread():
         return
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        return  # someone (a test runner, an embedding host) chose their own handler: keep it
-    signal.signal(signal.SIGINT, _on_sigint)
+    ours = [s for s, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))
+            if signal.getsignal(s) == default]
+    if not ours:
+        return
+    for signum in ours:
+        signal.signal(signum, _on_signal)
     sys.unraisablehook = _unraisable(sys.unraisablehook)
     _installed = True
 
 
 def requested() -> bool:
-    """Whether Ctrl-C (SIGINT) was pressed during this process."""
+    """Whether Ctrl-C (SIGINT) was pressed, or SIGTERM received, during this process."""
     return _requested.is_set()
+
+
+def reason() -> str:
+    """What stopped the job, for its messages: "Ctrl-C" or "SIGTERM"."""
+    return NAMES.get(_signal, _signal.name) if _requested.is_set() else NAMES[signal.SIGINT]
+
+
+def exit_code() -> int:
+    """The exit status of an interrupted job: 128 + the signal, as shells report it (130 for Ctrl-C)."""
+    return 128 + int(_signal if _requested.is_set() else signal.SIGINT)
 
 
 def check() -> None:
@@ -58,11 +81,16 @@ def check() -> None:
         raise KeyboardInterrupt
 
 
-def request() -> None:
-    """Record an interrupt as SIGINT does (for tests and for hosts that catch the signal themselves)."""
+def request(signum: int = signal.SIGINT) -> None:
+    """Record an interrupt as SIGINT (or `signum`) does (for tests and for hosts that catch the signal themselves)."""
+    global _signal
+    if not _requested.is_set():
+        _signal = signal.Signals(signum)
     _requested.set()
 
 
 def clear() -> None:
     """Forget a recorded interrupt (tests, or a host that goes on after handling one)."""
+    global _signal
     _requested.clear()
+    _signal = signal.SIGINT

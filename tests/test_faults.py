@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -343,6 +344,76 @@ def test_ctrl_c_stops_the_night_with_exit_130_a_record_and_a_resumable_state(nig
     rerun = nights.run(nights.night2, art)
     assert rerun.code == 0, rerun.output[-3000:]
     assert output_differences(art, nights.ref2) == []
+
+
+def _ids_only_catalog(dest: Path, users: int) -> Path:
+    """Items with ids alone (no encoder runs: a job takes a few seconds), `users` users' interactions."""
+    dest.mkdir(parents=True)
+    (dest / "items.csv").write_text("item_id\n" + "".join(f"i{i:02d}\n" for i in range(30)))
+    rng = random.Random(0)
+    rows = [f"u{u:02d},i{rng.randrange(30):02d},{1_700_000_000 + u * 1000 + j * 10}" for u in range(users)
+            for j in range(8)]
+    (dest / "interactions.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    return dest
+
+
+def test_sigterm_stops_the_night_like_ctrl_c_and_releases_the_lock(tmp_path: Path, reliability) -> None:
+    """SIGTERM (what a scheduler, `docker stop`, systemd or Kubernetes send) mid-index: exit 143 with
+    one line, run and index recorded as interrupted, the lock released, the last export kept, and a
+    rerun equals a clean night. Before, SIGTERM killed the job outright: no line, no record, and a
+    `.lock` left behind, which a job on another host (a new container's hostname) never takes over."""
+    night1, night2 = _ids_only_catalog(tmp_path / "night1", 20), _ids_only_catalog(tmp_path / "night2", 24)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FUSIONREC_FAULT": "", "FUSIONREC_FAULT_TRACE": "",
+           "FUSIONREC_DEBUG": ""}
+
+    def job(data: Path, art: Path, **extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "fusionrec.cli", "run", "--data", str(data), "--out", str(art),
+                                 "-q"], cwd=root, env={**env, **extra}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    art1, ref2 = tmp_path / "art1", tmp_path / "ref2"
+    first = job(night1, art1)
+    assert first.wait(timeout=300) == 0, first.communicate()[1]
+    shutil.copytree(art1, ref2)
+    clean = job(night2, ref2, FUSIONREC_FAULT_TRACE=str(tmp_path / "trace"))
+    assert clean.wait(timeout=300) == 0, clean.communicate()[1]
+    point = next(p for p in read_trace(tmp_path / "trace") if p.spec.startswith("write:")
+                 and p.path.endswith("candidates.parquet"))
+
+    art = tmp_path / "art"
+    shutil.copytree(art1, art)
+    before = manifest_runs(art)
+    stopped = job(night2, art, FUSIONREC_FAULT=f"{point.spec}=stop")  # stops there, holding the lock
+    try:
+        deadline = time.monotonic() + 300
+        while _state(stopped.pid) not in ("T", "t") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _state(stopped.pid) in ("T", "t"), stopped.communicate()[1]
+        os.kill(stopped.pid, signal.SIGTERM)
+        os.kill(stopped.pid, signal.SIGCONT)
+        _, stderr = stopped.communicate(timeout=120)
+    finally:
+        if stopped.poll() is None:
+            stopped.kill()
+    reliability.record(faults=1, case=f"SIGTERM at {point.spec} (index)")
+    assert stopped.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: interrupted (SIGTERM): finished work is kept (committed shards, written artifacts, "
+                      "the previous export); a rerun resumes"], stderr[-2000:]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-2000:]
+    assert not (art / ".lock").exists()
+    runs = manifest_runs(art)
+    assert runs[:len(before)] == before
+    new = {r["command"]: r for r in runs[len(before):]}
+    assert new["index"]["status"] == new["run"]["status"] == "interrupted"
+    assert new["index"]["error"] == new["run"]["error"] == "interrupted (SIGTERM)"
+    assert (art / "exports" / "topk.parquet").read_bytes() == (art1 / "exports" / "topk.parquet").read_bytes()
+    assert damaged(art) == []
+
+    rerun = job(night2, art)
+    assert rerun.wait(timeout=300) == 0, rerun.communicate()[1]
+    assert output_differences(art, ref2) == []
 
 
 @integration

@@ -110,13 +110,13 @@ class RunRecord:
         return record
 
     def finish_failed(self, exc: BaseException) -> None:
-        """Record why the stage stopped: status `interrupted` (Ctrl-C) or `failed`, and `error`,
+        """Record why the stage stopped: status `interrupted` (Ctrl-C, SIGTERM) or `failed`, and `error`,
         the one line the user saw. Never raises: the stage's own error is what the user needs."""
         interrupted = isinstance(exc, KeyboardInterrupt)
         if isinstance(exc, FusionrecError):
             reason = str(exc)
         elif interrupted:
-            reason = "interrupted (Ctrl-C)"
+            reason = f"interrupted ({interrupts.reason()})"
         else:
             reason = f"unexpected {type(exc).__name__}: {first_line(exc, empty='')}"
         self.extra.setdefault("error", reason)

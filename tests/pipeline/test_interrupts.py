@@ -92,3 +92,20 @@ def test_the_unraisable_hook_drops_only_a_requested_interrupt(requested_interrup
     interrupts.clear()
     hook(dropped)  # a KeyboardInterrupt nobody asked for (raised by code) is still shown
     assert seen == [other, dropped]
+
+
+def test_sigterm_is_recorded_and_exits_as_sigterm(tmp_path: Path) -> None:
+    """SIGTERM (a scheduler's stop) is an interrupt too: its record and exit status name it."""
+    import signal
+
+    try:
+        with pytest.raises(KeyboardInterrupt), stage_run("train", tmp_path, lock=False) as record:
+            interrupts.request(signal.SIGTERM)
+            interrupts.request(signal.SIGINT)  # a later Ctrl-C does not change what stopped the job
+            record.finish("ok")
+        assert (interrupts.reason(), interrupts.exit_code()) == ("SIGTERM", 143)
+    finally:
+        interrupts.clear()
+    assert (interrupts.reason(), interrupts.exit_code()) == ("Ctrl-C", 130)
+    (only,) = runs(tmp_path)
+    assert (only["status"], only["error"]) == ("interrupted", "interrupted (SIGTERM)")
