@@ -460,6 +460,13 @@ def run_train(art_dir: Path, config: Config | None = None, *, lock: bool = True)
             return _no_ranker(art_dir, record, SINGLE_WINDOW if single else (
                 f"only {earlier_users} users of the earlier label window have a held-out positive among their "
                 f"first {config.ranker.depth or 'all'} candidates: too few to check the ranker forward in time"))
+        latest_users = rows.filter(pl.col("label_window") == 0)["user_id"].n_unique()
+        if config.ranker.guard and latest_users == 0:
+            # The forward check judges on the latest window: with no labelled user there it cannot
+            # run (it failed with an IndexError), and the ranker could not ship.
+            return _no_ranker(art_dir, record, (
+                f"no user of the latest label window has a held-out positive among their first "
+                f"{config.ranker.depth or 'all'} candidates: the ranker cannot be checked forward in time"))
         t0 = time.perf_counter()
         log.info("train: %d candidate rows of %d users; checking the ranker against the retrieval order "
                  "(%d folds and a forward check, beside the final fit)", rows.height, rows["user_id"].n_unique(),

@@ -499,3 +499,22 @@ def test_a_swapped_data_snapshot_is_refused_naming_the_file(tmp_path: Path) -> N
     pl.read_parquet(snapshot).head(10).write_parquet(snapshot)
     with pytest.raises(FusionrecError, match=r"interactions\.parquet does not match the checksum.*fusionrec index"):
         Recommender(art)
+
+
+def test_no_labelled_user_in_the_latest_window_trains_no_ranker_instead_of_crashing(tmp_path: Path) -> None:
+    """Each user active in a time block of their own, on a periodic pattern of items: the earlier
+    label window has its users, the latest none with a positive among their candidates. The guard's
+    forward check then judged on no row and failed with "IndexError: index 0 out-of-bounds in
+    add.reduceat" (exit 1, "unexpected"); now no ranker is trained, and the night ends."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "items.csv").write_text("item_id\n" + "".join(f"i{i:02d}\n" for i in range(30)))
+    rows = [f"u{u:02d},i{(u * 7 + j * 5) % 30:02d},{1_700_000_000 + u * 1000 + j * 10}" for u in range(20)
+            for j in range(8)]
+    (data / "interactions.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    art = tmp_path / "art"
+    night = run_nightly(data, art, load_config(None, []), show_progress=False)
+    assert night.rows > 0 and not (art / "ranker" / "model.txt").exists()
+    train = [r for r in read_manifest(art)["runs"] if r["command"] == "train"][-1]
+    assert train["status"] == "ok"
+    assert "no user of the latest label window has a held-out positive" in json.dumps(train)
