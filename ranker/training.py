@@ -441,7 +441,9 @@ def run_train(art_dir: Path, config: Config | None = None, *, lock: bool = True)
         ranker_dir = art_dir / "ranker"
         split, threshold = candidate_split(catalog.interactions, config)
         if split is None or not valid_path.is_file():
-            reason = "the log is too short to hold out labels for any user: no ranker is trained"
+            reason = ("the log is too short to hold out labels for any user" if split is None else
+                      "the index stage held out no labels to learn from (no user of the validation split has a "
+                      "held-out positive)") + ": no ranker is trained"
             return _no_ranker(art_dir, record, reason)
         t0 = time.perf_counter()
         rows = training_rows(catalog, pl.read_parquet(valid_path), split, threshold, config)

@@ -177,6 +177,12 @@ def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, conf
 
     inter = catalog.interactions
     split, threshold = candidate_split(inter, config)
+    too_short = "the log is too short for a validation split"
+    if split is not None and truth_pairs(split.fit, split.held, threshold).is_empty():
+        # Every setting and blend weight would be judged on no user (NDCG nan, numpy warnings).
+        too_short = (f"no user of the validation split ({split.protocol}) has a held-out positive"
+                     + ("" if threshold is None else f" (a rating of at least {threshold:g})"))
+        split = None
     if split is None:
         retriever = retriever_from_config(config).fit(item_mods, inter, user_mods)  # its own temporal hold-out
     else:
@@ -197,8 +203,8 @@ def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, conf
               "tags": tag_matrix(catalog.items, item_ids, sc.tag_min_items, interactions=inter, threshold=threshold)
               if sc.tag_min_items else None}
     if split is None:
-        log.warning("the log is too short for a validation split: candidate sources keep default settings and "
-                    "equal weights, and no ranker will be trained")
+        log.warning("%s: candidate sources keep default settings and equal weights, and no ranker will be "
+                    "trained", too_short)
         collab = [n for n in names if n != FUSED and (n != "als" or als_available())]
         plain = {n: [s for s in SEARCH_GRID[n] if not s.get("tag_weight")] for n in collab}  # tags need a search
         params = {n: plain[n][len(plain[n]) // 2] for n in collab}
