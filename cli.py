@@ -423,7 +423,7 @@ INTERRUPTED_MESSAGE = ("interrupted (Ctrl-C): finished work is kept (committed s
 
 
 def _interrupted() -> None:
-    """The one line of a job stopped by Ctrl-C or SIGTERM, and its exit status (130 or 143)."""
+    """The one line of a job stopped by Ctrl-C, SIGTERM or SIGHUP, and its exit status (130, 143 or 129)."""
     _error_line(INTERRUPTED_MESSAGE.replace("Ctrl-C", interrupts.reason(), 1))
     sys.exit(interrupts.exit_code())
 

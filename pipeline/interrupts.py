@@ -10,7 +10,9 @@ artifacts) is kept, so a rerun resumes.
 
 SIGTERM (what a scheduler, `docker stop`, systemd or Kubernetes send) is handled the same way
 (exit 143 instead of 130): by default it killed the job outright, with no line, no run record
-and its `.lock` left behind, which a job on another host never takes over.
+and its `.lock` left behind, which a job on another host never takes over. So is SIGHUP (the
+terminal or SSH session that started the job closed; exit 129), unless it is ignored, as under
+`nohup`, where the job goes on.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 _requested = threading.Event()
 _installed = False
 _signal = signal.SIGINT  # the first signal that asked the job to stop
-NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
 
 def _on_signal(signum: int, frame: Any) -> None:
@@ -45,13 +47,14 @@ def _unraisable(previous: Any) -> Any:
 
 
 def install() -> None:
-    """Handle SIGINT and SIGTERM as above; only from the main thread (where Python delivers
+    """Handle SIGINT, SIGTERM and SIGHUP as above; only from the main thread (where Python delivers
     signals). A signal whose handler someone else chose (a test runner, an embedding host) keeps it."""
     global _installed
     if _installed or threading.current_thread() is not threading.main_thread():
         return
-    ours = [s for s, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))
-            if signal.getsignal(s) == default]
+    defaults = ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL),
+                (signal.SIGHUP, signal.SIG_DFL))
+    ours = [s for s, default in defaults if signal.getsignal(s) == default]
     if not ours:
         return
     for signum in ours:
@@ -66,7 +69,7 @@ def requested() -> bool:
 
 
 def reason() -> str:
-    """What stopped the job, for its messages: "Ctrl-C" or "SIGTERM"."""
+    """What stopped the job, for its messages: "Ctrl-C", "SIGTERM" or "SIGHUP"."""
     return NAMES.get(_signal, _signal.name) if _requested.is_set() else NAMES[signal.SIGINT]
 
 

@@ -109,3 +109,29 @@ def test_sigterm_is_recorded_and_exits_as_sigterm(tmp_path: Path) -> None:
     assert (interrupts.reason(), interrupts.exit_code()) == ("Ctrl-C", 130)
     (only,) = runs(tmp_path)
     assert (only["status"], only["error"]) == ("interrupted", "interrupted (SIGTERM)")
+
+
+def test_sighup_stops_a_job_like_sigterm_unless_it_is_ignored_as_under_nohup() -> None:
+    """A closed terminal sends SIGHUP, which killed the job outright (no line, no record, the
+    lock left); now it is an interrupt (exit 129). Under nohup (SIGHUP ignored) the job goes on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import os, signal\n"
+            "from fusionrec.pipeline import interrupts\n"
+            "interrupts.install()\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGHUP)\n"
+            "    interrupts.check()\n"
+            "    print('went on')\n"
+            "except KeyboardInterrupt:\n"
+            "    print(interrupts.reason(), interrupts.exit_code())\n")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root, env=env)
+    assert out.stdout.split() == ["SIGHUP", "129"], out.stderr
+    under_nohup = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root,
+                                 env=env, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert under_nohup.stdout.split() == ["went", "on"], under_nohup.stderr
