@@ -130,7 +130,9 @@ def test_sighup_stops_a_job_like_sigterm_unless_it_is_ignored_as_under_nohup() -
             "    print(interrupts.reason(), interrupts.exit_code())\n")
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root, env=env)
+    # The default disposition set explicitly: this test itself may run under nohup (ignored, inherited).
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     assert out.stdout.split() == ["SIGHUP", "129"], out.stderr
     under_nohup = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root,
                                  env=env, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
