@@ -67,11 +67,17 @@ def shard_rows(cfg: EmbedConfig, device: str | None, *, media: bool = False) -> 
     """
     if cfg.shard_size:
         return cfg.shard_size
-    if media or device is None:
-        return CPU_SHARD_ROWS
+    return GPU_TEXT_SHARD_ROWS if not media and _on_gpu(device) else CPU_SHARD_ROWS
+
+
+def _on_gpu(device: str | None) -> bool:
+    """Whether an encoder on `device` (`ModalityEncoder.device`) runs on CUDA; None (given
+    in-process) is taken as the CPU without resolving anything (no torch import)."""
+    if device is None:
+        return False
     if device == "auto":
         device = resolve_device(device)
-    return GPU_TEXT_SHARD_ROWS if device.startswith("cuda") else CPU_SHARD_ROWS
+    return device.startswith("cuda")
 
 
 def read_ahead_shards(cfg: EmbedConfig, device: str | None) -> int:
@@ -81,11 +87,7 @@ def read_ahead_shards(cfg: EmbedConfig, device: str | None) -> int:
     device: as `shard_rows` takes it."""
     if cfg.read_ahead_shards != "auto":
         return int(cfg.read_ahead_shards)
-    if device is None:
-        return 0
-    if device == "auto":
-        device = resolve_device(device)
-    return 1 if device.startswith("cuda") else 0
+    return 1 if _on_gpu(device) else 0
 
 
 def build_encoders(cfg: EmbedConfig, needed: set[str], *, hashes: FileHashes | None = None,
