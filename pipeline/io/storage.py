@@ -163,14 +163,13 @@ def write_text(text: str, path: Path | str) -> None:
 def keep_files(files: list[Path], folder: Path | str) -> None:
     """Make `folder` hold these files under their names, all of them or none: hard links (copies
     where the filesystem has none) gathered in a temporary folder beside it, which then replaces
-    it (a folder already there is removed first). For a set of files a writer is about to
-    replace one at a time: the kept copy stays whole meanwhile."""
+    it (`atomic_path`; a folder already there is removed first). For a set of files a writer is
+    about to replace one at a time: the kept copy stays whole meanwhile."""
     import shutil
 
     folder = Path(folder)
-    tmp = folder.parent / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{folder.name}"
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
         for source in files:
             try:
                 os.link(source, tmp / source.name)  # the writer replaces the file, never rewrites it in place
@@ -179,17 +178,7 @@ def keep_files(files: list[Path], folder: Path | str) -> None:
                 with open(tmp / source.name, "rb") as fh:
                     os.fsync(fh.fileno())
         _fsync_directory(tmp)
-        fault_point("write", folder)
-        _remove_quietly(folder)
-        os.replace(tmp, folder)
-        _fsync_directory(folder.parent)
-    except BaseException as exc:
-        _remove_quietly(tmp)
-        reason = _io_failure(exc)
-        if reason is not None:
-            raise FusionrecError(f"cannot write {folder}: {reason}") from exc
-        raise
-    fault_point("written", folder)
+        _remove_quietly(folder)  # os.replace puts a folder only where none is, or an empty one
 
 
 def clean_temporaries(directory: Path) -> int:
