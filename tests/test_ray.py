@@ -7,6 +7,7 @@ are skipped when it (the optional `ray` extra) is not installed; the pieces arou
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
@@ -14,6 +15,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -270,16 +272,34 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_a_ray_address_where_nothing_listens_fails_at_once_naming_ray_address(monkeypatch) -> None:
-    """Before, ray.address = "127.0.0.1:<a closed port>" had ray.init retry the head for 82 s
-    (Ray 2.60) and the job looked hung; now a connect probe fails first, in the error of 1b25c12."""
-    ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'fusionrec[ray]')")
-    from fusionrec.pipeline.embedding.ray_engine import ray_runtime
+@contextlib.contextmanager
+def listening_address() -> Iterator[str]:
+    """host:port of a local socket that accepts connections (a head that is up, to the probe)."""
+    with socket.socket() as head:
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        yield f"127.0.0.1:{head.getsockname()[1]}"
 
+
+@pytest.fixture
+def ray_joins(monkeypatch) -> list[str | None]:
+    """The addresses ray.init is asked to join, with Ray itself never started (and no
+    RAY_ADDRESS from the environment the tests run in)."""
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'fusionrec[ray]')")
     joined: list[str | None] = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda address=None, **kwargs: joined.append(address))
     monkeypatch.setattr(ray, "shutdown", lambda: None)
+    return joined
+
+
+def test_a_ray_address_where_nothing_listens_fails_at_once_naming_ray_address(ray_joins) -> None:
+    """Before, ray.address = "127.0.0.1:<a closed port>" had ray.init retry the head for 82 s
+    (Ray 2.60) and the job looked hung; now a connect probe fails first, in the error of 1b25c12."""
+    from fusionrec.pipeline.embedding.ray_engine import ray_runtime
+
+    joined = ray_joins
     address = f"127.0.0.1:{closed_port()}"
     started = time.monotonic()
     with pytest.raises(FusionrecError) as caught, ray_runtime(RayConfig(address=address)):
@@ -293,25 +313,17 @@ def test_a_ray_address_where_nothing_listens_fails_at_once_naming_ray_address(mo
         "joins a running one), or run with --engine local")
 
     # Where a head listens, the probe lets ray.init join it as before.
-    with socket.socket() as head:
-        head.bind(("127.0.0.1", 0))
-        head.listen()
-        address = f"127.0.0.1:{head.getsockname()[1]}"
-        with ray_runtime(RayConfig(address=address)):
-            pass
+    with listening_address() as address, ray_runtime(RayConfig(address=address)):
+        pass
     assert joined == [address]
 
 
-def test_a_dead_ray_address_in_the_environment_fails_at_once_naming_ray_address_env(monkeypatch) -> None:
+def test_a_dead_ray_address_in_the_environment_fails_at_once_naming_ray_address_env(ray_joins, monkeypatch) -> None:
     """ray.init joins RAY_ADDRESS where ray.address is "" or "auto"; one where nothing listens
     hung as long as a dead ray.address did. It is probed as well, and the error names it."""
-    ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'fusionrec[ray]')")
     from fusionrec.pipeline.embedding.ray_engine import ray_runtime
 
-    joined: list[str | None] = []
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda address=None, **kwargs: joined.append(address))
-    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    joined = ray_joins
     dead = f"127.0.0.1:{closed_port()}"
     monkeypatch.setenv("RAY_ADDRESS", dead)
     for setting in ("", "auto"):
@@ -325,10 +337,7 @@ def test_a_dead_ray_address_in_the_environment_fails_at_once_naming_ray_address_
             "(\"\" starts a local runtime, \"auto\" joins a running one) and RAY_ADDRESS, or run with --engine local")
     assert joined == []
     # An explicit ray.address wins over the environment (as in ray.init): only it is probed.
-    with socket.socket() as head:
-        head.bind(("127.0.0.1", 0))
-        head.listen()
-        address = f"127.0.0.1:{head.getsockname()[1]}"
+    with listening_address() as address:
         with ray_runtime(RayConfig(address=address)):
             pass
         monkeypatch.setenv("RAY_ADDRESS", address)  # a live one in the environment: joined as before
