@@ -435,11 +435,19 @@ def ranker_folder(work: Path | str) -> tuple[Path, str | None]:
     A nightly.json written before it named its folder (or none at all) pairs with `ranker/`,
     unchecked, as then.
     """
+    folder, digest, _ = ranker_pair(work)
+    return folder, digest
+
+
+def ranker_pair(work: Path | str) -> tuple[Path, str | None, NightlyConfig | None]:
+    """`ranker_folder` and the settings that ranker was trained with, from one read of
+    nightly.json (a training may replace the file between two reads); no settings where
+    there is no nightly.json."""
     work = Path(work)
     if not (work / CONFIG_FILE).is_file():
         if not (work / RANKER_DIR).is_dir():
             raise FusionrecError(f"{work} has no {CONFIG_FILE}: train the ranker first")
-        return work / RANKER_DIR, None
+        return work / RANKER_DIR, None, None
     values = _read_settings(work)
     name = values.get("ranker", RANKER_DIR)
     ours = isinstance(name, str) and (name == RANKER_DIR or name.startswith(RANKER_PREFIX)) and Path(name).name == name
@@ -447,7 +455,7 @@ def ranker_folder(work: Path | str) -> tuple[Path, str | None]:
         raise FusionrecError(f"{work / CONFIG_FILE}: 'ranker' must name a ranker folder in {work}, not {name!r}; "
                              "train the ranker again")
     digest = values.get("ranker_sha256")
-    return work / name, None if digest is None else str(digest)
+    return work / name, None if digest is None else str(digest), NightlyConfig.from_dict(values)
 
 
 def load_ranker(folder: Path, digest: str | None) -> Ranker:
@@ -567,14 +575,22 @@ def iter_topk(work: Path | str, config: NightlyConfig | None = None, *, engine: 
               timings: dict[str, float] | None = None) -> Iterator[pa.Table]:
     """Top-k tables, one per batch of users, in user row order. users: (first, stop) rows
     only (default all). engine "ray": the batches on a pool of Ray actors, each opening the
-    work directory once; the same tables as "local"."""
+    work directory once; the same tables as "local". config: default the settings the ranker
+    was trained with (`read_config`); one whose depth or keep differ from them is refused."""
     work = Path(work)
-    cfg = config or NightlyConfig()
     if engine not in ("local", "ray"):
         raise FusionrecError(f"engine must be 'local' or 'ray', not {engine!r}")
     n = FusedTable.open(work / "users").rows
     # resolved once: the actors load this folder even if a training switches nightly.json meanwhile
-    folder, digest = ranker_folder(work)
+    folder, digest, trained = ranker_pair(work)
+    cfg = config or trained or NightlyConfig()
+    if trained is not None and (cfg.depth, cfg.keep) != (trained.depth, trained.keep):
+        # The ranker learned on `keep` of `depth` re-scored candidates (their ranks among its
+        # features); settings read before a training switched nightly.json would pair the new
+        # ranker with the old sizes.
+        raise FusionrecError(f"the export's depth and keep ({cfg.depth}, {cfg.keep}) differ from those the ranker "
+                             f"in {folder} was trained with ({trained.depth}, {trained.keep}, {work / CONFIG_FILE}): "
+                             "export with read_config(work), or train the ranker with these sizes")
     first, stop = users or (0, n)
     batches = [(s + first, e + first) for s, e in user_batches(min(stop, n) - first, cfg.batch_users)]
     if engine == "local":

@@ -614,6 +614,31 @@ def test_an_export_under_way_when_a_training_switches_keeps_its_ranker(world: di
     assert not first_folder.exists()
 
 
+def test_settings_read_before_a_training_with_other_sizes_are_refused(world: dict, tmp_path: Path) -> None:
+    """Settings read before a training switched nightly.json paired the new ranker, trained on
+    `keep` of `depth` candidates, with the old depth and keep, silently. The export now reads
+    the ranker and its settings from one nightly.json and refuses other sizes, naming both;
+    without a config it uses the trained settings; k and batch_users may differ."""
+    labels = world["root"] / "labels.parquet"
+    first = NightlyConfig(k=5, depth=40, keep=20, batch_users=64, n_estimators=5, threads=1)
+    second = NightlyConfig(k=3, depth=30, keep=10, batch_users=64, n_estimators=5, threads=1)
+    work = fuse_world(world, tmp_path / "work")
+    train_ranker(work, labels, first)
+    stale = read_config(work)
+    train_ranker(work, labels, second)
+    with pytest.raises(FusionrecError, match=r"^the export's depth and keep \(40, 20\) differ from those the ranker in "
+                                             r".*ranker-\w+ was trained with \(30, 10, .*nightly\.json\): export "
+                                             r"with read_config\(work\), or train the ranker with these sizes$"):
+        export_topk(work, tmp_path / "stale.parquet", stale)
+    assert not (tmp_path / "stale.parquet").exists()
+    export_topk(work, tmp_path / "default.parquet")
+    export_topk(work, tmp_path / "read.parquet", read_config(work))
+    default, read = pl.read_parquet(tmp_path / "default.parquet"), pl.read_parquet(tmp_path / "read.parquet")
+    assert default.equals(read) and set(default["rank"]) == {1, 2, 3}
+    export_topk(work, tmp_path / "k2.parquet", NightlyConfig(**{**second.__dict__, "k": 2, "batch_users": 7}))
+    assert pl.read_parquet(tmp_path / "k2.parquet").equals(read.filter(pl.col("rank") <= 2))
+
+
 def test_a_ranker_folder_holding_another_model_than_nightly_json_names_is_refused(world: dict,
                                                                                   tmp_path: Path) -> None:
     """nightly.json records the model it pairs its settings with; a ranker folder holding
