@@ -8,7 +8,8 @@ each modality's Parquet tables in batches and writes, under out_dir:
   follow the catalog, absent modalities are zeros. Exact re-scoring reads rows from it.
 - `mask.npy` (n, M) bool: row has modality m; `popularity.npy` (n,) float32 (the catalog's
   `popularity` column, 0 without one); `ids.parquet`: the ids in catalog order, whose
-  fingerprint (`IdsDigest`) `fused.json` holds as `ids_sha256`.
+  fingerprint (`IdsDigest`) `fused.json` holds as `ids_sha256`, beside a `fusion_id` new at
+  each fusion (an index built on an earlier fusion of the same ids holds its old vectors).
 - `fused.parquet` (items only): the index vectors v_i = concat_m(x_{i,m} / W_i) of
   `pipeline.retrieval.fusion.item_matrix`, written batch by batch for
   `build_index_from_parquet`.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +133,7 @@ class FusedTable:
     rows: int
     dtype: str
     ids_digest: str | None = None  # fused.json's ids_sha256; None in a table fused before it held one
+    fusion_id: str | None = None  # new at each fusion; None in a table fused before fused.json held one
 
     @classmethod
     def open(cls, directory: Path | str) -> FusedTable:
@@ -141,7 +144,7 @@ class FusedTable:
             raise FusionrecError(f"{directory} holds no fused table ({META_FILE}: {exc}); run the fusion first") \
                 from None
         return cls(directory, meta["kind"], tuple(meta["names"]), tuple(meta["dims"]), tuple(meta["weights"]),
-                   int(meta["rows"]), meta["dtype"], meta.get("ids_sha256"))
+                   int(meta["rows"]), meta["dtype"], meta.get("ids_sha256"), meta.get("fusion_id"))
 
     @property
     def offsets(self) -> tuple[int, ...]:
@@ -370,9 +373,12 @@ def fuse_tables(catalog: Path | str, modalities: Mapping[str, Path | str | Seque
 
     meta = {"kind": kind, "names": list(names), "dims": [shapes[m][1] for m in names], "weights": w.tolist(),
             "rows": n, "dtype": dtype, "catalog": str(catalog), "unmatched_ids": unmatched,
-            "rows_with_modality": dict(zip(names, mask.sum(axis=0).tolist())), "ids_sha256": digest.hexdigest()}
+            "rows_with_modality": dict(zip(names, mask.sum(axis=0).tolist())), "ids_sha256": digest.hexdigest(),
+            # The same ids may come with new vectors (items embedded again): an index checks this
+            # too. Hashing every vector would read the blocks again; a fusion is new vectors.
+            "fusion_id": uuid.uuid4().hex}
     table = FusedTable(out_dir, kind, names, tuple(meta["dims"]), tuple(meta["weights"]), n, dtype,
-                       meta["ids_sha256"])
+                       meta["ids_sha256"], meta["fusion_id"])
     if kind == "item":
         write_fused(table, batch_rows=vector_row_group_rows(total))
     write_json(meta, out_dir / META_FILE)  # last: its presence says the table is complete

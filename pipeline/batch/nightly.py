@@ -4,7 +4,7 @@ A work directory holds the stages' outputs::
 
     items/, users/   fused tables (`pipeline.batch.fuse.fuse_tables`): blocks.npy memory-mapped
     index.faiss      built from items/fused.parquet (`build_item_index`)
-    index.json       the fused items it was built for: their count, dimension and `ids_sha256`
+    index.json       the fused items it was built for: their count, dimension, `ids_sha256` and `fusion_id`
     ranker-<id>/     LightGBM lambdarank, trained on a bounded sample of users (`train_ranker`)
     nightly.json     the settings it was trained with, the folder and the model digest they pair with
 
@@ -44,7 +44,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from fusionrec.pipeline.batch.fuse import FusedTable, IdLookup
+from fusionrec.pipeline.batch.fuse import META_FILE, FusedTable, IdLookup
 from fusionrec.pipeline.config import RayConfig
 from fusionrec.pipeline.embedding.ray_engine import import_ray, ordered_actor_calls, ray_runtime
 from fusionrec.pipeline.errors import FusionrecError, InputError
@@ -153,8 +153,8 @@ def build_item_index(work: Path | str, factory: str = "auto", *, train_size: int
     save_index(index, work / INDEX_FILE)
     # After the index, never before: a build stopped between the two leaves the new index beside
     # the last one's fingerprint, refused until rebuilt, never an old index vouched for as new.
-    write_json({"items": items.rows, "dimension": d, "ids_sha256": items.ids_sha256(), "factory": factory},
-               work / INDEX_META_FILE)
+    write_json({"items": items.rows, "dimension": d, "ids_sha256": items.ids_sha256(), "fusion_id": items.fusion_id,
+                "factory": factory}, work / INDEX_META_FILE)
     return {"factory": factory, "ntotal": int(index.ntotal), "memory_bytes": index_memory_bytes(index), **timings}
 
 
@@ -216,7 +216,8 @@ class NightlyContext:
                         index, INDEX_META_FILE)
             return
         try:
-            built_for = json.loads(meta_path.read_text())["ids_sha256"]
+            meta = json.loads(meta_path.read_text())
+            built_for, built_from = meta["ids_sha256"], meta.get("fusion_id")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise FusionrecError(f"cannot read the item fingerprint of {index} in {meta_path} "
                                  f"({type(exc).__name__}: {exc}): build the item index again") from None
@@ -226,6 +227,13 @@ class NightlyContext:
                                  f"items in {self.items.directory} (ids_sha256 {str(built_for)[:12]}... in "
                                  f"{INDEX_META_FILE}, {current[:12]}... now): the items were fused again after it "
                                  "was built; build the item index again (build_item_index)")
+        if built_from is not None and self.items.fusion_id is not None and built_from != self.items.fusion_id:
+            # Same ids, new vectors: every score stays exact (re-scored from the blocks), but the
+            # index would find candidates by the old vectors, and recall would fall, silently.
+            raise FusionrecError(f"{index} was built on an earlier fusion of the items in {self.items.directory} "
+                                 f"(fusion_id {str(built_from)[:12]}... in {INDEX_META_FILE}, "
+                                 f"{self.items.fusion_id[:12]}... in {META_FILE} now): the same ids may have other "
+                                 "vectors now; build the item index again (build_item_index)")
 
     def ids(self) -> tuple[pa.Array, pa.Array]:
         """(user ids, item ids) in row order, read on first use."""

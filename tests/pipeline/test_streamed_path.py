@@ -477,15 +477,59 @@ def test_an_index_of_a_fusion_with_the_same_count_but_other_ids_or_order_is_refu
                                                  r"\(ids_sha256 .*build the item index again \(build_item_index\)$"):
             export_topk(work, tmp_path / "stale.parquet", cfg)
         assert not (tmp_path / "stale.parquet").exists()
-    fuse_tables(root / "items.parquet", {m: root / f"item_{m}.parquet" for m in DIMS}, work / "items", WEIGHTS)
-    # the order it was built for again: accepted without a rebuild, the same export
-    export_topk(work, tmp_path / "again.parquet", cfg)
-    assert pl.read_parquet(tmp_path / "again.parquet").equals(pl.read_parquet(tmp_path / "good.parquet"))
     fuse_tables(reordered, {m: root / f"item_{m}.parquet" for m in DIMS}, work / "items", WEIGHTS)
     build_item_index(work, "Flat", threads=1)  # rebuilt for the order it now has: accepted
     assert export_topk(work, tmp_path / "fresh.parquet", cfg)["users"] == good["users"]
     fresh = pl.read_parquet(tmp_path / "fresh.parquet")
     assert fresh.sort("user_id", "rank").equals(pl.read_parquet(tmp_path / "good.parquet").sort("user_id", "rank"))
+
+
+def test_an_index_of_an_earlier_fusion_of_the_same_ids_is_refused(world: dict, tmp_path: Path) -> None:
+    """Items embedded again under the same ids and fused again: the index, built on the old
+    vectors, passed the ids check and found candidates by the old vectors (scores exact,
+    recall lost, silently). index.json now records the fusion it was built on; another is
+    refused, naming both, until the index is built again, which gives the new vectors' export."""
+    root = world["root"]
+    cfg = NightlyConfig(k=5, depth=40, keep=20, batch_users=64, n_estimators=5, threads=1)
+    work = fuse_world(world, tmp_path / "work")
+    train_ranker(work, root / "labels.parquet", cfg)
+    export_topk(work, tmp_path / "old.parquet", cfg)
+    built_on = json.loads((work / "index.json").read_text())["fusion_id"]
+    assert built_on == FusedTable.open(work / "items").fusion_id and len(built_on) == 32
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for m in DIMS:  # every item's vectors rolled onto another item's id: the same ids, other vectors
+        table = pq.read_table(root / f"item_{m}.parquet")
+        vectors = table.column("vector").to_pylist()
+        table = table.set_column(table.column_names.index("vector"), "vector",
+                                 pa.array(vectors[1:] + vectors[:1], table.schema.field("vector").type))
+        pq.write_table(table, moved / f"item_{m}.parquet")
+    fused = fuse_tables(root / "items.parquet", {m: moved / f"item_{m}.parquet" for m in DIMS}, work / "items",
+                        WEIGHTS)
+    assert fused.ids_digest == json.loads((work / "index.json").read_text())["ids_sha256"]
+    with pytest.raises(FusionrecError, match=rf"^{re.escape(str(work / 'index.faiss'))} was built on an earlier "
+                                             rf"fusion of the items in .*items \(fusion_id {built_on[:12]}\.\.\. in "
+                                             rf"index\.json, {fused.fusion_id[:12]}\.\.\. in fused\.json now\): "
+                                             r"the same ids may have other vectors now; build the item index "
+                                             r"again \(build_item_index\)$"):
+        export_topk(work, tmp_path / "stale.parquet", cfg)
+    assert not (tmp_path / "stale.parquet").exists()
+    build_item_index(work, "Flat", threads=1)
+    export_topk(work, tmp_path / "new.parquet", cfg)
+    new = pl.read_parquet(tmp_path / "new.parquet")
+    assert not new.equals(pl.read_parquet(tmp_path / "old.parquet"))
+    # the rebuilt index serves the new vectors: the export of a work directory fused from them
+    # afresh, with the same ranker and settings
+    fresh = tmp_path / "fresh"
+    items = fuse_tables(root / "items.parquet", {m: moved / f"item_{m}.parquet" for m in DIMS}, fresh / "items",
+                        WEIGHTS, batch_rows=128)
+    fuse_tables(root / "users.parquet", {m: root / f"user_{m}.parquet" for m in DIMS}, fresh / "users", WEIGHTS,
+                kind="user", dims=dict(zip(items.names, items.dims)), batch_rows=100)
+    build_item_index(fresh, "Flat", threads=1)
+    shutil.copytree(ranker_folder(work)[0], fresh / ranker_folder(work)[0].name)
+    shutil.copy(work / "nightly.json", fresh / "nightly.json")
+    export_topk(fresh, tmp_path / "fresh.parquet", cfg)
+    assert new.equals(pl.read_parquet(tmp_path / "fresh.parquet"))
 
 
 def test_the_item_fingerprint_depends_on_the_ids_and_their_order_only(world: dict, tmp_path: Path) -> None:
