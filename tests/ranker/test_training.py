@@ -527,3 +527,32 @@ def test_no_labelled_user_in_the_latest_window_trains_no_ranker_instead_of_crash
            "held-out positive): no ranker is trained" in json.dumps(train)
     assert not [w for w in seen if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in seen]
 
+
+
+def test_no_labelled_candidate_in_the_latest_window_trains_no_ranker(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The train stage's own check, past the index stage's: users of the latest label window hold
+    positives, but none among their first `ranker.depth` candidates (here the latest window's rows
+    are taken out of the training rows, as such a log leaves them). The forward check would judge
+    on no row (it failed with an IndexError); no ranker is trained, the night exports the
+    retrieval order, and the record says why."""
+    real = training.training_rows
+
+    def no_latest(*args: object, **kwargs: object) -> pl.DataFrame:
+        rows = real(*args, **kwargs)
+        assert rows.filter(pl.col("label_window") == 0).height > 0  # the index stage's check passed
+        return rows.filter(pl.col("label_window") != 0)
+
+    monkeypatch.setattr(training, "training_rows", no_latest)
+    data = make_catalog(tmp_path / "data")
+    art = tmp_path / "art"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        night = run_nightly(data, art, load_config(None, QUIET), show_progress=False)
+    assert night.rows > 0 and not (art / "ranker" / "model.txt").exists()
+    train = [r for r in read_manifest(art)["runs"] if r["command"] == "train"][-1]
+    assert train["status"] == "ok"
+    assert ("no user of the latest label window has a held-out positive among their first 100 candidates: the "
+            "ranker cannot be checked forward in time") in json.dumps(train)
+    assert Recommender(art).order_ == "retrieval"
+    assert not [w for w in seen if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in seen]
