@@ -271,11 +271,9 @@ def _read(path: Path, fmt: str, *, string_ids: bool) -> pl.DataFrame:
                 csv_header(fh, path)
             # Ids stay text ("007" is not 7); empty cells are null.
             return pl.read_csv(path, schema_overrides=ids, infer_schema_length=10_000, raise_if_empty=True)
-        _blank_line(path)
         source: Path | io.BytesIO = path
-        with open(path, "rb") as fh:
-            if fh.read(3) == codecs.BOM_UTF8:  # as a CSV's: accepted (polars' reader refuses it)
-                source = io.BytesIO(fh.read())
+        if _blank_line(path):  # a byte-order mark, as a CSV's: accepted (polars' reader refuses it)
+            source = io.BytesIO(path.read_bytes()[len(codecs.BOM_UTF8):])
         frame = pl.read_ndjson(source, infer_schema_length=10_000)
         return frame.with_columns(pl.col(c).cast(pl.String) for c in ids if c in frame.columns)
     except pl.exceptions.NoDataError:
@@ -319,18 +317,19 @@ _BLANK_LINE = re.compile(rb"^[ \t\r]*\n", re.MULTILINE)  # what polars' JSON lin
 _NOT_BLANK = re.compile(rb"[^ \t\r\n]")
 
 
-def _blank_line(path: Path) -> None:
+def _blank_line(path: Path) -> bool:
     """Refuse a JSON lines file with a blank line before a row (naming the line: its row), or
-    with nothing but blank lines (an empty file). Searched in a memory map: a pairs file can be
-    large, and only an error needs the line counted."""
+    with nothing but blank lines (an empty file); otherwise say whether it starts with a UTF-8
+    byte-order mark. Searched in a memory map: a pairs file can be large, and only an error
+    needs the line counted."""
     if path.stat().st_size == 0:
-        return  # polars: "the file is empty"
+        return False  # polars: "the file is empty"
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
         if _NOT_BLANK.search(data) is None:
             raise InputError("the file is empty (blank lines only)", file=str(path))
         blank = _BLANK_LINE.search(data)
         if blank is None or _NOT_BLANK.search(data, blank.end()) is None:
-            return  # no blank line, or only after the last row
+            return data[:len(codecs.BOM_UTF8)] == codecs.BOM_UTF8  # no blank line, or only after the last row
         line = data[:blank.start()].count(b"\n") + 1
     raise InputError("a blank line before a row: a JSON lines file holds one JSON object on each line, and "
                      "errors name a row by its line; delete the blank line", file=str(path), row=line)
