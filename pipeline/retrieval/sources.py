@@ -527,7 +527,9 @@ def user_segments(users: pl.DataFrame | None, user_ids: np.ndarray, max_levels: 
             values = col.cast(pl.Float64)
             if values.drop_nulls().n_unique() < 2:
                 continue
-            qs = np.unique(np.nanquantile(values.drop_nulls().to_numpy(), [0.2, 0.4, 0.6, 0.8]))
+            known = values.drop_nulls().to_numpy()
+            finite = known[np.isfinite(known)]  # +-inf: the top and bottom band (a quantile of them is nan)
+            qs = np.unique(np.quantile(finite, [0.2, 0.4, 0.6, 0.8])) if finite.size else np.zeros(0)
             arr = values.to_numpy()
             code = np.where(np.isnan(arr), -1, np.searchsorted(qs, np.nan_to_num(arr), side="right"))
         elif dtype == pl.String or dtype == pl.Categorical:

@@ -115,6 +115,26 @@ def test_segment_popularity_follows_the_segment() -> None:
 
 
 
+def test_an_infinite_attribute_is_the_top_or_bottom_band_without_a_warning() -> None:
+    """A numeric users column holding inf or -inf: the quintiles were taken over them (nan), and
+    numpy's "invalid value encountered in subtract" reached stderr at every index, recommend,
+    score and evaluate. Now the bands come from the finite values; inf is in the top band,
+    -inf in the bottom one, nan is missing (-1)."""
+    import warnings
+
+    # a quantile between two infs is inf - inf: what numpy warned about
+    ages = [18.0, 30.0, 50.0, 70.0, float("inf"), float("inf"), float("inf"), float("-inf"), float("nan"), 40.0] * 3
+    users = pl.DataFrame({"user_id": [f"u{u:02d}" for u in range(len(ages))], "age": ages})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        codes, names = user_segments(users, np.array(users["user_id"].to_list(), dtype=object))
+    assert names == ["age"]
+    band = dict(zip(ages[:10], codes[:10, 0].tolist()))
+    finite = [18.0, 30.0, 40.0, 50.0, 70.0]
+    assert [band[v] for v in finite] == sorted(band[v] for v in finite) and band[18.0] < band[70.0]
+    assert band[ages[4]] >= band[70.0] and band[ages[7]] == 0 and codes[8, 0] == -1
+
+
 def test_a_zip_code_of_digits_is_neither_a_segment_nor_a_ranker_feature() -> None:
     """Before, a users column of digit-only codes ("02139") read as numbers: the zip code became
     quintile segments and a numeric ranker feature, which both docstrings rule out."""
