@@ -83,7 +83,7 @@ from fusionrec.pipeline.io.streaming import (
     vector_row_group_rows,
 )
 from fusionrec.pipeline.io.tables import find_table, resolve_media
-from fusionrec.pipeline.io.vectors import read_vectors
+from fusionrec.pipeline.io.vectors import check_dimensions, read_vectors
 
 log = logging.getLogger("fusionrec.embed")
 
@@ -1018,6 +1018,17 @@ def _embed_all(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
             started = time.perf_counter()
             table, dropped = read_precomputed(path, kind, known, file_hashes)
             ready.append((kind, modality, path, table, dropped, time.perf_counter() - started))
+        # A user's and an item's vectors of one modality are compared: one dimension, checked
+        # before anything lands (the index stage failed on a matrix product: "unexpected ValueError").
+        dims: dict[str, dict[str, int]] = {"item": {}, "user": {}}
+        for plan in plans:  # the modalities with rows to encode
+            dims[plan.kind][plan.modality] = encoders[plan.modality].dim
+        for kind, modality, _, table, _, _ in ready:
+            if table.num_rows:
+                dims[kind][modality] = table.schema.field("vector").type.list_size
+        check_dimensions(dims["item"], dims["user"], lambda kind, m: str(precomputed.get(
+            (kind, m), f"the {m} encoder {encoders[m].model_id}" if m in encoders else "")),
+            lambda m: str(precomputed.get(("user", m), precomputed.get(("item", m), ""))))
         for kind, modality, path, table, dropped, seconds in ready:
             started = time.perf_counter() - seconds
             write_parquet(table, table_path(art_dir, kind, modality))

@@ -8,7 +8,7 @@ path. Every message names the file, the 1-based row of the file and the field.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +84,17 @@ def validate_vectors(df: pl.DataFrame, path: Path, id_columns: Sequence[str], *,
         raise InputError(f"duplicate id {ids[at]!r} (first on row {first_row})", file=file, row=int(rows[at]),
                          field=id_col)
     return ids, matrix
+
+
+def check_dimensions(item_dims: dict[str, int], user_dims: dict[str, int], source: Callable[[str, str], str],
+                     blamed: Callable[[str], str]) -> None:
+    """Refuse a modality whose user vectors have another dimension than its item vectors (a
+    user's and an item's vectors of one modality are compared by cosine; a mismatch failed
+    later on a matrix product). `source(kind, modality)` says where each side's vectors come
+    from; the InputError names the file `blamed(modality)`."""
+    for name in sorted(set(item_dims) & set(user_dims)):
+        if item_dims[name] != user_dims[name]:
+            raise InputError(f"the users' {name} vectors ({source('user', name)}) have {user_dims[name]} numbers, "
+                             f"the items' ({source('item', name)}) {item_dims[name]}: a user's and an item's "
+                             f"{name} vectors are compared, so they need one model and dimension; give both "
+                             "vectors of the same model, or leave the users' out", file=blamed(name), field="vector")

@@ -23,6 +23,7 @@ from fusionrec.pipeline.errors import ConfigError, FusionrecError
 from fusionrec.pipeline.io.manifest import hash_inputs, stage_run
 from fusionrec.pipeline.io.storage import clean_temporaries, sha256_file, write_json, write_parquet
 from fusionrec.pipeline.io.tables import load_interactions, load_items, load_users
+from fusionrec.pipeline.io.vectors import check_dimensions
 from fusionrec.pipeline.retrieval.candidates import (
     FUSED,
     CandidateModel,
@@ -243,7 +244,10 @@ def fit_candidate_model(catalog: Catalog, item_mods: dict, user_mods: dict, conf
 def embeddings(art_dir: Path) -> tuple[dict, dict]:
     """(item, user) modality tables of ART/embeddings; none where the catalog has no content."""
     emb = Path(art_dir) / "embeddings"
-    return load_modalities(emb, "item"), load_modalities(emb, "user")
+    items, users = load_modalities(emb, "item"), load_modalities(emb, "user")
+    check_dimensions({m: x.shape[1] for m, (_, x) in items.items()}, {m: x.shape[1] for m, (_, x) in users.items()},
+                     lambda kind, m: str(emb / f"{kind}_{m}.parquet"), lambda m: str(emb / f"user_{m}.parquet"))
+    return items, users
 
 
 def run_index(data_dir: Path, art_dir: Path, config: Config | None = None, *, lock: bool = True) -> dict:

@@ -324,6 +324,52 @@ def test_precomputed_vectors_of_different_lengths_are_bad_input(tmp_path: Path) 
         run_embed(data, tmp_path / "art", encoders=encoders, show_progress=False)
 
 
+def test_user_and_item_vectors_of_one_modality_with_other_dimensions_are_bad_input(tmp_path: Path) -> None:
+    """A user's and an item's vectors of one modality are compared. Precomputed user vectors of
+    another dimension than the items' (or item vectors of another dimension than the encoder
+    gives the users' text) passed the embed stage, and the index stage failed on a matrix
+    product: exit 1, "unexpected ValueError". Now the embed stage refuses them before any table
+    lands (exit 2), naming the precomputed file and where the other side comes from; the index
+    stage says the same of artifacts embedded before this check."""
+    from fusionrec.pipeline.retrieval.stage import embeddings
+
+    data = tmp_path / "data"
+    write_catalog(data, n=4, with_media=False)
+    pl.DataFrame({"user_id": ["u0", "u1"], "text": ["likes things", "likes items"]}).write_csv(data / "users.csv")
+    (data / "embeddings").mkdir()
+    items = pl.DataFrame({"item_id": [f"i{i}" for i in range(4)], "vector": np.eye(4, 6).tolist()})
+    items.write_parquet(data / "embeddings" / "item_text.parquet")
+    pl.DataFrame({"user_id": ["u0", "u1"], "vector": np.eye(2, 3).tolist()}).write_parquet(
+        data / "embeddings" / "user_text.parquet")
+    encoders, _ = fake_encoders(text_dim=8)
+    art = tmp_path / "art"
+    user_file, item_file = data / "embeddings" / "user_text.parquet", data / "embeddings" / "item_text.parquet"
+    with pytest.raises(InputError) as refused:
+        run_embed(data, art, encoders=encoders, show_progress=False)
+    assert str(refused.value) == (
+        f"{user_file}, field 'vector': the users' text vectors ({user_file}) have 3 numbers, the items' ({item_file}) "
+        "6: a user's and an item's text vectors are compared, so they need one model and dimension; give both "
+        "vectors of the same model, or leave the users' out")
+    assert refused.value.exit_code == 2 and not list((art / "embeddings").glob("*_text.parquet"))
+    # Without the users' precomputed table their text is encoded (8 numbers), against the items' 6.
+    user_file.unlink()
+    with pytest.raises(InputError, match=rf"^{item_file}, field 'vector': the users' text vectors \(the text "
+                                         rf"encoder hash-v1\) have 8 numbers, the items' \({item_file}\) 6: "):
+        run_embed(data, art, encoders=encoders, show_progress=False)
+    # Both sides of one dimension: accepted.
+    pl.DataFrame({"user_id": ["u0", "u1"], "vector": np.eye(2, 6).tolist()}).write_parquet(user_file)
+    run_embed(data, art, encoders=encoders, show_progress=False)
+    assert set(embeddings(art)[1]) == {"text"}
+    # Artifacts embedded before the check: the index stage names the artifact table.
+    emb = art / "embeddings"
+    pl.DataFrame({"id": [f"i{i}" for i in range(4)], "vector": np.eye(4, 5).tolist()}).write_parquet(
+        emb / "item_text.parquet")
+    with pytest.raises(InputError, match=rf"^{emb / 'user_text.parquet'}, field 'vector': the users' text vectors "
+                                         rf"\({emb / 'user_text.parquet'}\) have 6 numbers, the items' "
+                                         rf"\({emb / 'item_text.parquet'}\) 5: "):
+        embeddings(art)
+
+
 def test_a_second_job_on_the_same_artifacts_stops_and_a_stale_lock_is_taken_over(tmp_path: Path) -> None:
     write_catalog(tmp_path / "data", n=3)
     encoders, _ = fake_encoders()
