@@ -331,8 +331,33 @@ def test_evaluate_never_writes_its_report_over_an_artifact(art: Path, tmp_path: 
     held.write_text("user_id,item_id,timestamp\nu0001,i0001,9999999999\n")
     result = invoke("evaluate", "--out", str(copy), "--test", str(held), "--report", str(copy / "manifest.json"), "-q")
     assert result.exit_code == 2, result.output
-    assert "would replace the artifacts' own file" in " ".join(result.output.split())
+    assert "would land among the artifacts' own files" in " ".join(result.output.split())
     assert (copy / "manifest.json").read_bytes() == before
+
+
+def test_an_export_inside_the_artifacts_goes_under_exports_on_every_night(art: Path, tmp_path: Path,
+                                                                         sample_data: Path) -> None:
+    """A new file at ART's top level was accepted, and the same command refused the next night
+    (the file then being there, "the artifacts' own file"). Inside ART only ART/exports/ takes
+    exports, the first night as the second; there a report is replaced night after night."""
+    copy = _copy(art, tmp_path / "art")
+    log = pl.read_csv(sample_data / "interactions.csv")
+    user = log["user_id"].sort()[0]
+    item = next(i for i in pl.read_csv(sample_data / "items.csv")["item_id"].to_list()
+                if log.filter((pl.col("user_id") == user) & (pl.col("item_id") == i)).height == 0)
+    held = tmp_path / "held.csv"
+    held.write_text(f"user_id,item_id,timestamp\n{user},{item},{int(log['timestamp'].max()) + 60}\n")
+    result = invoke("evaluate", "--out", str(copy), "--test", str(held), "--report", str(copy / "r.html"), "-q")
+    assert result.exit_code == 2, result.output
+    assert (f"{copy / 'r.html'}: the export would land among the artifacts' own files ({copy / 'r.html'}); inside "
+            f"the artifacts directory only {copy / 'exports'} takes exports: write it there or outside") \
+        in " ".join(result.output.split())
+    assert not (copy / "r.html").exists()
+    for night in (1, 2):
+        result = invoke("evaluate", "--out", str(copy), "--test", str(held), "--report",
+                        str(copy / "exports" / "r.html"), "-q")
+        assert result.exit_code == 0, (night, result.output)
+        assert "<html" in (copy / "exports" / "r.html").read_text().lower()
 
 
 def test_evaluate_names_a_damaged_artifact_and_the_command_that_rebuilds_it(art: Path, tmp_path: Path) -> None:

@@ -170,7 +170,7 @@ def test_exports_never_land_on_the_artifacts_own_files(base: Base, tmp_path: Pat
             args = ["recommend", "--out", art, "--export", path, "-q"]
         result = invoke(*args, env={"FUSIONREC_EXPORT_KEY": KEY})
         code = 2
-        pattern = r"would replace the artifacts' own file|unsupported format"
+        pattern = r"would land among the artifacts' own files|unsupported format"
         probe(reliability, f"{command} --export ART/{target}", result, code, pattern,
               damaged=changed(before, digests(art)))
     # The artifacts still serve.
