@@ -227,11 +227,13 @@ class NightlyContext:
                                  f"items in {self.items.directory} (ids_sha256 {str(built_for)[:12]}... in "
                                  f"{INDEX_META_FILE}, {current[:12]}... now): the items were fused again after it "
                                  "was built; build the item index again (build_item_index)")
-        if built_from is not None and self.items.fusion_id is not None and built_from != self.items.fusion_id:
+        if self.items.fusion_id is not None and built_from != self.items.fusion_id:
             # Same ids, new vectors: every score stays exact (re-scored from the blocks), but the
             # index would find candidates by the old vectors, and recall would fall, silently.
+            # An index.json without a fusion_id was built before the items' fusion had one.
             raise FusionrecError(f"{index} was built on an earlier fusion of the items in {self.items.directory} "
-                                 f"(fusion_id {str(built_from)[:12]}... in {INDEX_META_FILE}, "
+                                 f"(fusion_id {str(built_from)[:12] + '...' if built_from else 'none'} in "
+                                 f"{INDEX_META_FILE}, "
                                  f"{self.items.fusion_id[:12]}... in {META_FILE} now): the same ids may have other "
                                  "vectors now; build the item index again (build_item_index)")
 
@@ -443,7 +445,7 @@ def ranker_folder(work: Path | str) -> tuple[Path, str | None]:
     A nightly.json written before it named its folder (or none at all) pairs with `ranker/`,
     unchecked, as then.
     """
-    folder, digest, _ = ranker_pair(work)
+    folder, digest, _ = _pair_values(Path(work))
     return folder, digest
 
 
@@ -452,6 +454,14 @@ def ranker_pair(work: Path | str) -> tuple[Path, str | None, NightlyConfig | Non
     nightly.json (a training may replace the file between two reads); no settings where
     there is no nightly.json."""
     work = Path(work)
+    folder, digest, values = _pair_values(work)
+    return folder, digest, None if values is None else _settings(work, values)
+
+
+def _pair_values(work: Path) -> tuple[Path, str | None, dict[str, Any] | None]:
+    """The ranker folder and model digest nightly.json names, and its values as read (the
+    settings unchecked: a training replacing a nightly.json with a bad setting still knows
+    which folder it named)."""
     if not (work / CONFIG_FILE).is_file():
         if not (work / RANKER_DIR).is_dir():
             raise FusionrecError(f"{work} has no {CONFIG_FILE}: train the ranker first")
@@ -463,7 +473,15 @@ def ranker_pair(work: Path | str) -> tuple[Path, str | None, NightlyConfig | Non
         raise FusionrecError(f"{work / CONFIG_FILE}: 'ranker' must name a ranker folder in {work}, not {name!r}; "
                              "train the ranker again")
     digest = values.get("ranker_sha256")
-    return work / name, None if digest is None else str(digest), NightlyConfig.from_dict(values)
+    return work / name, None if digest is None else str(digest), values
+
+
+def _settings(work: Path, values: dict[str, Any]) -> NightlyConfig:
+    """nightly.json's settings, a bad one named with the file."""
+    try:
+        return NightlyConfig.from_dict(values)
+    except FusionrecError as exc:
+        raise FusionrecError(f"{work / CONFIG_FILE}: {exc}; train the ranker again") from None
 
 
 def load_ranker(folder: Path, digest: str | None) -> Ranker:
@@ -653,7 +671,7 @@ def export_topk(work: Path | str, out: Path | str, config: NightlyConfig | None 
 
 def read_config(work: Path | str) -> NightlyConfig:
     """The settings the ranker was trained with (`nightly.json`), for the export to reuse."""
-    return NightlyConfig.from_dict(_read_settings(Path(work)))
+    return _settings(Path(work), _read_settings(Path(work)))
 
 
 def _read_settings(work: Path) -> dict[str, Any]:

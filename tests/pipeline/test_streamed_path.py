@@ -530,6 +530,18 @@ def test_an_index_of_an_earlier_fusion_of_the_same_ids_is_refused(world: dict, t
     shutil.copy(work / "nightly.json", fresh / "nightly.json")
     export_topk(fresh, tmp_path / "fresh.parquet", cfg)
     assert new.equals(pl.read_parquet(tmp_path / "fresh.parquet"))
+    # An index.json written before it held a fusion_id, beside items fused since (they have one):
+    # the index cannot be of that fusion, so it is refused too, on the first night after an upgrade.
+    meta = json.loads((work / "index.json").read_text())
+    (work / "index.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "fusion_id"}))
+    fused = FusedTable.open(work / "items")
+    with pytest.raises(FusionrecError, match=rf"\(fusion_id none in index\.json, {fused.fusion_id[:12]}\.\.\. in "
+                                             r"fused\.json now\): the same ids may have other vectors now"):
+        export_topk(work, tmp_path / "upgraded.parquet", cfg)
+    # Both written before the fusion_id (fused.json without one): the ids check alone, as then.
+    meta = json.loads((work / "items" / "fused.json").read_text())
+    (work / "items" / "fused.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "fusion_id"}))
+    assert export_topk(work, tmp_path / "older.parquet", cfg)["users"] == len(world["user_ids"])
 
 
 def test_the_item_fingerprint_depends_on_the_ids_and_their_order_only(world: dict, tmp_path: Path) -> None:
@@ -681,6 +693,27 @@ def test_settings_read_before_a_training_with_other_sizes_are_refused(world: dic
     assert default.equals(read) and set(default["rank"]) == {1, 2, 3}
     export_topk(work, tmp_path / "k2.parquet", NightlyConfig(**{**second.__dict__, "k": 2, "batch_users": 7}))
     assert pl.read_parquet(tmp_path / "k2.parquet").equals(read.filter(pl.col("rank") <= 2))
+
+
+def test_a_bad_setting_in_nightly_json_is_named_and_its_folder_outlives_the_next_training(world: dict,
+                                                                                       tmp_path: Path) -> None:
+    """A nightly.json whose setting does not hold (edited by hand): the export's error named
+    neither the file nor the work directory, and the next training, reading the folder through
+    the settings, took it for no pair and removed the folder an export under way still read."""
+    labels = world["root"] / "labels.parquet"
+    cfg = NightlyConfig(k=5, depth=40, keep=20, batch_users=64, n_estimators=5, threads=1)
+    work = fuse_world(world, tmp_path / "work")
+    train_ranker(work, labels, cfg)
+    folder = ranker_folder(work)[0]
+    settings = json.loads((work / "nightly.json").read_text())
+    (work / "nightly.json").write_text(json.dumps({**settings, "threads": 0}))
+    named = (rf"^{re.escape(str(work / 'nightly.json'))}: nightly setting threads must be a positive integer, not 0; "
+             r"train the ranker again$")
+    for call in (lambda: export_topk(work, tmp_path / "out.parquet", cfg), lambda: read_config(work)):
+        with pytest.raises(FusionrecError, match=named):
+            call()
+    train_ranker(work, labels, cfg)
+    assert ranker_folder(work)[0] != folder and folder.is_dir()  # kept for an export that began before
 
 
 def test_a_ranker_folder_holding_another_model_than_nightly_json_names_is_refused(world: dict,
