@@ -96,5 +96,6 @@ def check_dimensions(item_dims: dict[str, int], user_dims: dict[str, int], sourc
         if item_dims[name] != user_dims[name]:
             raise InputError(f"the users' {name} vectors ({source('user', name)}) have {user_dims[name]} numbers, "
                              f"the items' ({source('item', name)}) {item_dims[name]}: a user's and an item's "
-                             f"{name} vectors are compared, so they need one model and dimension; give both "
-                             "vectors of the same model, or leave the users' out", file=blamed(name), field="vector")
+                             f"{name} vectors are compared, so they need one model and dimension: give the users "
+                             "and the items vectors of the same model (precomputed for both, or for neither)",
+                             file=blamed(name), field="vector")

@@ -348,8 +348,8 @@ def test_user_and_item_vectors_of_one_modality_with_other_dimensions_are_bad_inp
         run_embed(data, art, encoders=encoders, show_progress=False)
     assert str(refused.value) == (
         f"{user_file}, field 'vector': the users' text vectors ({user_file}) have 3 numbers, the items' ({item_file}) "
-        "6: a user's and an item's text vectors are compared, so they need one model and dimension; give both "
-        "vectors of the same model, or leave the users' out")
+        "6: a user's and an item's text vectors are compared, so they need one model and dimension: give the "
+        "users and the items vectors of the same model (precomputed for both, or for neither)")
     assert refused.value.exit_code == 2 and not list((art / "embeddings").glob("*_text.parquet"))
     # Without the users' precomputed table their text is encoded (8 numbers), against the items' 6.
     user_file.unlink()
