@@ -529,7 +529,7 @@ def user_segments(users: pl.DataFrame | None, user_ids: np.ndarray, max_levels: 
                 continue
             known = values.drop_nulls().to_numpy()
             finite = known[np.isfinite(known)]  # +-inf: the top and bottom band (a quantile of them is nan)
-            qs = np.unique(np.quantile(finite, [0.2, 0.4, 0.6, 0.8])) if finite.size else np.zeros(0)
+            qs = np.unique(np.quantile(finite, [0.2, 0.4, 0.6, 0.8])) if finite.size else np.zeros(1)
             arr = values.to_numpy()
             code = np.where(np.isnan(arr), -1, np.searchsorted(qs, np.nan_to_num(arr), side="right"))
         elif dtype == pl.String or dtype == pl.Categorical:

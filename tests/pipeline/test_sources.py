@@ -133,6 +133,11 @@ def test_an_infinite_attribute_is_the_top_or_bottom_band_without_a_warning() -> 
     finite = [18.0, 30.0, 40.0, 50.0, 70.0]
     assert [band[v] for v in finite] == sorted(band[v] for v in finite) and band[18.0] < band[70.0]
     assert band[ages[4]] >= band[70.0] and band[ages[7]] == 0 and codes[8, 0] == -1
+    # a column of infinities alone: two bands still
+    only = pl.DataFrame({"user_id": ["a", "b", "c"], "age": [float("inf"), float("-inf"), float("inf")]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert user_segments(only, np.array(["a", "b", "c"], dtype=object))[0][:, 0].tolist() == [1, 0, 1]
 
 
 def test_a_zip_code_of_digits_is_neither_a_segment_nor_a_ranker_feature() -> None:
