@@ -273,7 +273,9 @@ def _read(path: Path, fmt: str, *, string_ids: bool) -> pl.DataFrame:
             return pl.read_csv(path, schema_overrides=ids, infer_schema_length=10_000, raise_if_empty=True)
         source: Path | io.BytesIO = path
         if _blank_line(path):  # a byte-order mark, as a CSV's: accepted (polars' reader refuses it)
-            source = io.BytesIO(path.read_bytes()[len(codecs.BOM_UTF8):])
+            with open(path, "rb") as fh:
+                fh.seek(len(codecs.BOM_UTF8))
+                source = io.BytesIO(fh.read())  # one copy: BytesIO shares the bytes read
         frame = pl.read_ndjson(source, infer_schema_length=10_000)
         return frame.with_columns(pl.col(c).cast(pl.String) for c in ids if c in frame.columns)
     except pl.exceptions.NoDataError:
