@@ -20,6 +20,7 @@ from fusionrec.pipeline.errors import FusionrecError, first_line
 from fusionrec.pipeline.io.storage import check_out_folder, check_separate_dirs
 from fusionrec.pipeline.io.streaming import table_columns
 from fusionrec.pipeline.io.tables import find_table, load_interactions, load_items, load_users
+from fusionrec.pipeline.io.vectors import check_dimensions
 
 __all__ = ["Check", "KNOWN_WEIGHTS_SHA256", "MIN_FREE_BYTES", "checks", "plan", "versions"]
 
@@ -141,14 +142,23 @@ def _data_checks(data_dir: Path, config: Config | None = None) -> list[Check]:
     except FusionrecError as exc:
         out.append(Check("interactions", "fail", str(exc)))
     # The precomputed tables are checked as the embedding job checks them: a table `run` refuses fails here.
-    for (kind, modality), path in precomputed_tables(data_dir).items():
+    precomputed = precomputed_tables(data_dir)
+    dims: dict[str, dict[str, int]] = {"item": {}, "user": {}}
+    for (kind, modality), path in precomputed.items():
         ids = items["item_id"] if kind == "item" else (users["user_id"] if users is not None else None)
         if ids is None:
             continue  # no users table: the job has no user ids to match them to either
         try:
-            check_precomputed(path, kind, ids)
+            kept, matrix, _ = check_precomputed(path, kind, ids)
+            if kept:
+                dims[kind][modality] = matrix.shape[1]
         except FusionrecError as exc:
             out.append(Check(f"{kind} {modality} (precomputed)", "fail", str(exc)))
+    try:  # users' and items' precomputed vectors of one modality (against an encoder: the job checks)
+        check_dimensions(dims["item"], dims["user"], lambda kind, m: str(precomputed[(kind, m)]),
+                         lambda m: str(precomputed[("user", m)]))
+    except FusionrecError as exc:
+        out.append(Check("precomputed dimensions", "fail", str(exc)))
     encoded, given = item_modalities(data_dir, items.columns)
     # A modality switched off (embed.<m>.enabled = false) is not encoded, whatever its column holds.
     off = [m for m in encoded if config is not None and not getattr(config.embed, m).enabled]

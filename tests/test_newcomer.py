@@ -399,6 +399,17 @@ def test_doctor_fails_where_run_would_refuse(tmp_path: Path, sample_data: Path) 
     result = invoke("doctor", "--data", str(data), "--out", str(tmp_path / "art"))
     text = " ".join(result.output.split())
     assert result.exit_code == 1 and "item text (precomputed)" in text and "item_text.parquet" in text, text
+    # Users' and items' precomputed vectors of one modality with other dimensions: `run` refuses them.
+    items = pl.read_csv(data / "items.csv", infer_schema=False)["item_id"]
+    users = pl.read_csv(data / "users.csv", infer_schema=False)["user_id"]
+    pl.DataFrame({"item_id": items, "vector": [[1.0] * 6] * len(items)}).write_parquet(
+        data / "embeddings" / "item_text.parquet")
+    pl.DataFrame({"user_id": users, "vector": [[1.0] * 3] * len(users)}).write_parquet(
+        data / "embeddings" / "user_text.parquet")
+    result = invoke("doctor", "--data", str(data), "--out", str(tmp_path / "art"))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "precomputed dimensions" in text.split("check(s) failed:")[1], text
+    assert "the users' text vectors" in text and "have 3 numbers, the items'" in text, text
 
 
 @pytest.mark.integration
