@@ -555,7 +555,9 @@ def _precomputed(ids: list, vectors) -> pl.DataFrame:
     return pl.DataFrame({"item_id": ids, "vector": vectors})
 
 
-def _vectors(n: int, d: int = 8, seed: int = 0) -> list[list[float]]:
+def _vectors(n: int, d: int = 16, seed: int = 0) -> list[list[float]]:
+    # 16: the users' text is encoded by the tiny model (hidden 16), and a user's and an item's
+    # text vectors need one dimension (`run` refuses others)
     return np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32).tolist()
 
 
