@@ -8,8 +8,9 @@ each modality's Parquet tables in batches and writes, under out_dir:
   follow the catalog, absent modalities are zeros. Exact re-scoring reads rows from it.
 - `mask.npy` (n, M) bool: row has modality m; `popularity.npy` (n,) float32 (the catalog's
   `popularity` column, 0 without one); `ids.parquet`: the ids in catalog order, whose
-  fingerprint (`IdsDigest`) `fused.json` holds as `ids_sha256`, beside a `fusion_id` new at
-  each fusion (an index built on an earlier fusion of the same ids holds its old vectors).
+  fingerprint (`IdsDigest`) `fused.json` holds as `ids_sha256`, beside `vectors_sha256`, the
+  sha256 of the index vectors in row order (an index built on other vectors of the same ids
+  finds candidates by the old ones).
 - `fused.parquet` (items only): the index vectors v_i = concat_m(x_{i,m} / W_i) of
   `pipeline.retrieval.fusion.item_matrix`, written batch by batch for
   `build_index_from_parquet`.
@@ -22,10 +23,10 @@ the batch plus those 16 bytes and the mask per row: never the vector table.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import mmap
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +134,7 @@ class FusedTable:
     rows: int
     dtype: str
     ids_digest: str | None = None  # fused.json's ids_sha256; None in a table fused before it held one
-    fusion_id: str | None = None  # new at each fusion; None in a table fused before fused.json held one
+    vectors_digest: str | None = None  # fused.json's vectors_sha256 (items); None for users, or fused before it
 
     @classmethod
     def open(cls, directory: Path | str) -> FusedTable:
@@ -144,7 +145,7 @@ class FusedTable:
             raise FusionrecError(f"{directory} holds no fused table ({META_FILE}: {exc}); run the fusion first") \
                 from None
         return cls(directory, meta["kind"], tuple(meta["names"]), tuple(meta["dims"]), tuple(meta["weights"]),
-                   int(meta["rows"]), meta["dtype"], meta.get("ids_sha256"), meta.get("fusion_id"))
+                   int(meta["rows"]), meta["dtype"], meta.get("ids_sha256"), meta.get("vectors_sha256"))
 
     @property
     def offsets(self) -> tuple[int, ...]:
@@ -373,14 +374,14 @@ def fuse_tables(catalog: Path | str, modalities: Mapping[str, Path | str | Seque
 
     meta = {"kind": kind, "names": list(names), "dims": [shapes[m][1] for m in names], "weights": w.tolist(),
             "rows": n, "dtype": dtype, "catalog": str(catalog), "unmatched_ids": unmatched,
-            "rows_with_modality": dict(zip(names, mask.sum(axis=0).tolist())), "ids_sha256": digest.hexdigest(),
-            # The same ids may come with new vectors (items embedded again): an index checks this
-            # too. Hashing every vector would read the blocks again; a fusion is new vectors.
-            "fusion_id": uuid.uuid4().hex}
+            "rows_with_modality": dict(zip(names, mask.sum(axis=0).tolist())), "ids_sha256": digest.hexdigest()}
     table = FusedTable(out_dir, kind, names, tuple(meta["dims"]), tuple(meta["weights"]), n, dtype,
-                       meta["ids_sha256"], meta["fusion_id"])
+                       meta["ids_sha256"])
     if kind == "item":
-        write_fused(table, batch_rows=vector_row_group_rows(total))
+        # The same ids may come with other vectors (items embedded again): an index checks this
+        # too, by the vectors' digest, so fusing the same inputs again needs no new index.
+        meta["vectors_sha256"] = write_fused(table, batch_rows=vector_row_group_rows(total))
+        table = dataclasses.replace(table, vectors_digest=meta["vectors_sha256"])
     write_json(meta, out_dir / META_FILE)  # last: its presence says the table is complete
     return table
 
@@ -389,15 +390,20 @@ def _id_at(directory: Path, row: int) -> str:
     return str(pq.read_table(directory / "ids.parquet", columns=["id"]).column("id")[row])
 
 
-def write_fused(table: FusedTable, *, batch_rows: int = DEFAULT_BATCH_ROWS) -> int:
-    """`fused.parquet`: the index vectors of `fusion.item_matrix` (same weights), in row order."""
+def write_fused(table: FusedTable, *, batch_rows: int = DEFAULT_BATCH_ROWS) -> str:
+    """`fused.parquet`: the index vectors of `fusion.item_matrix` (same weights), in row order.
+    Returns the sha256 of the vectors (float32, row order, with the dimension): the same for
+    the same vectors however they were batched."""
     blocks, mask, w = table.blocks(), table.mask(), np.asarray(table.weights)
     d = sum(table.dims)
+    digest = hashlib.sha256(f"{d}:".encode())
     schema = pa.schema([("row", pa.int64()), ("vector", pa.list_(pa.float32(), d))])
     with ParquetSink(table.directory / "fused.parquet", schema, row_group_rows=batch_rows) as sink:
         for s in range(0, table.rows, batch_rows):
             e = min(s + batch_rows, table.rows)
-            v = item_matrix(Blocks(np.arange(s, e), table.names, table.split(blocks[s:e]), mask[s:e]), w)
+            v = np.ascontiguousarray(item_matrix(Blocks(np.arange(s, e), table.names, table.split(blocks[s:e]),
+                                                        mask[s:e]), w), dtype=np.float32)
+            digest.update(v.tobytes())
             sink.write(pa.table({"row": pa.array(np.arange(s, e, dtype=np.int64)),
                                  "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), d)}))
-    return sink.rows
+    return digest.hexdigest()

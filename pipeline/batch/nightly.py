@@ -4,7 +4,7 @@ A work directory holds the stages' outputs::
 
     items/, users/   fused tables (`pipeline.batch.fuse.fuse_tables`): blocks.npy memory-mapped
     index.faiss      built from items/fused.parquet (`build_item_index`)
-    index.json       the fused items it was built for: their count, dimension, `ids_sha256` and `fusion_id`
+    index.json       the fused items it was built for: their count, dimension, `ids_sha256` and `vectors_sha256`
     ranker-<id>/     LightGBM lambdarank, trained on a bounded sample of users (`train_ranker`)
     nightly.json     the settings it was trained with, the folder and the model digest they pair with
 
@@ -153,7 +153,7 @@ def build_item_index(work: Path | str, factory: str = "auto", *, train_size: int
     save_index(index, work / INDEX_FILE)
     # After the index, never before: a build stopped between the two leaves the new index beside
     # the last one's fingerprint, refused until rebuilt, never an old index vouched for as new.
-    write_json({"items": items.rows, "dimension": d, "ids_sha256": items.ids_sha256(), "fusion_id": items.fusion_id,
+    write_json({"items": items.rows, "dimension": d, "ids_sha256": items.ids_sha256(), "vectors_sha256": items.vectors_digest,
                 "factory": factory}, work / INDEX_META_FILE)
     return {"factory": factory, "ntotal": int(index.ntotal), "memory_bytes": index_memory_bytes(index), **timings}
 
@@ -207,7 +207,8 @@ class NightlyContext:
 
     def _check_index_items(self) -> None:
         """Refuse an index built for other item ids or another order of them: its rows are item
-        rows, so it would hand over other items than it found, silently (the counts match)."""
+        rows, so it would hand over other items than it found, silently (the counts match).
+        Warn of one built on other vectors of the same ids: the lists stay right, recall falls."""
         index, meta_path = self.work / INDEX_FILE, self.work / INDEX_META_FILE
         if not meta_path.is_file():
             # built before index.json existed: only its size can be checked, as it was then
@@ -217,7 +218,7 @@ class NightlyContext:
             return
         try:
             meta = json.loads(meta_path.read_text())
-            built_for, built_from = meta["ids_sha256"], meta.get("fusion_id")
+            built_for, built_on = meta["ids_sha256"], meta.get("vectors_sha256")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise FusionrecError(f"cannot read the item fingerprint of {index} in {meta_path} "
                                  f"({type(exc).__name__}: {exc}): build the item index again") from None
@@ -227,15 +228,16 @@ class NightlyContext:
                                  f"items in {self.items.directory} (ids_sha256 {str(built_for)[:12]}... in "
                                  f"{INDEX_META_FILE}, {current[:12]}... now): the items were fused again after it "
                                  "was built; build the item index again (build_item_index)")
-        if self.items.fusion_id is not None and built_from != self.items.fusion_id:
-            # Same ids, new vectors: every score stays exact (re-scored from the blocks), but the
-            # index would find candidates by the old vectors, and recall would fall, silently.
-            # An index.json without a fusion_id was built before the items' fusion had one.
-            raise FusionrecError(f"{index} was built on an earlier fusion of the items in {self.items.directory} "
-                                 f"(fusion_id {str(built_from)[:12] + '...' if built_from else 'none'} in "
-                                 f"{INDEX_META_FILE}, "
-                                 f"{self.items.fusion_id[:12]}... in {META_FILE} now): the same ids may have other "
-                                 "vectors now; build the item index again (build_item_index)")
+        if self.items.vectors_digest is not None and built_on != self.items.vectors_digest:
+            # Same ids, other vectors (items embedded again): every score stays exact (re-scored
+            # from the blocks), but candidates are found by the old vectors, so recall falls for
+            # the items that changed. Loud, not fatal: the lists stay right, and a large index
+            # is rebuilt when its owner chooses. (An index.json without the digest is older.)
+            log.warning("%s was built on other vectors of these items than %s holds now (vectors_sha256 %s in %s, "
+                        "%s... in %s): candidates are found by the old vectors, their scores stay exact; build the "
+                        "item index again (build_item_index)", index, self.items.directory,
+                        f"{built_on[:12]}..." if built_on else "none", INDEX_META_FILE,
+                        self.items.vectors_digest[:12], META_FILE)
 
     def ids(self) -> tuple[pa.Array, pa.Array]:
         """(user ids, item ids) in row order, read on first use."""

@@ -484,18 +484,29 @@ def test_an_index_of_a_fusion_with_the_same_count_but_other_ids_or_order_is_refu
     assert fresh.sort("user_id", "rank").equals(pl.read_parquet(tmp_path / "good.parquet").sort("user_id", "rank"))
 
 
-def test_an_index_of_an_earlier_fusion_of_the_same_ids_is_refused(world: dict, tmp_path: Path) -> None:
+def test_an_index_built_on_other_vectors_of_the_same_ids_is_named_in_a_warning(
+        world: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Items embedded again under the same ids and fused again: the index, built on the old
-    vectors, passed the ids check and found candidates by the old vectors (scores exact,
-    recall lost, silently). index.json now records the fusion it was built on; another is
-    refused, naming both, until the index is built again, which gives the new vectors' export."""
+    vectors, passed the ids check and found candidates by the old vectors (scores exact, recall
+    lost), silently. fused.json now records the sha256 of the index vectors and index.json the
+    one it was built on: another is a warning naming both (the lists stay right; a large index
+    is rebuilt when its owner chooses), and the same inputs fused again are not."""
     root = world["root"]
     cfg = NightlyConfig(k=5, depth=40, keep=20, batch_users=64, n_estimators=5, threads=1)
     work = fuse_world(world, tmp_path / "work")
     train_ranker(work, root / "labels.parquet", cfg)
     export_topk(work, tmp_path / "old.parquet", cfg)
-    built_on = json.loads((work / "index.json").read_text())["fusion_id"]
-    assert built_on == FusedTable.open(work / "items").fusion_id and len(built_on) == 32
+    built_on = json.loads((work / "index.json").read_text())["vectors_sha256"]
+    assert built_on == FusedTable.open(work / "items").vectors_digest and len(built_on) == 64
+    stale = "was built on other vectors of these items"
+    # the same inputs fused again, in other batches: the same digest, no warning, the same lists
+    again = fuse_tables(root / "items.parquet", {m: root / f"item_{m}.parquet" for m in DIMS}, work / "items",
+                        WEIGHTS, batch_rows=333)
+    assert again.vectors_digest == built_on
+    with caplog.at_level("WARNING", logger="fusionrec.batch"):
+        export_topk(work, tmp_path / "again.parquet", cfg)
+    assert stale not in caplog.text
+    assert pl.read_parquet(tmp_path / "again.parquet").equals(pl.read_parquet(tmp_path / "old.parquet"))
     moved = tmp_path / "moved"
     moved.mkdir()
     for m in DIMS:  # every item's vectors rolled onto another item's id: the same ids, other vectors
@@ -507,15 +518,19 @@ def test_an_index_of_an_earlier_fusion_of_the_same_ids_is_refused(world: dict, t
     fused = fuse_tables(root / "items.parquet", {m: moved / f"item_{m}.parquet" for m in DIMS}, work / "items",
                         WEIGHTS)
     assert fused.ids_digest == json.loads((work / "index.json").read_text())["ids_sha256"]
-    with pytest.raises(FusionrecError, match=rf"^{re.escape(str(work / 'index.faiss'))} was built on an earlier "
-                                             rf"fusion of the items in .*items \(fusion_id {built_on[:12]}\.\.\. in "
-                                             rf"index\.json, {fused.fusion_id[:12]}\.\.\. in fused\.json now\): "
-                                             r"the same ids may have other vectors now; build the item index "
-                                             r"again \(build_item_index\)$"):
+    assert fused.vectors_digest != built_on
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fusionrec.batch"):
         export_topk(work, tmp_path / "stale.parquet", cfg)
-    assert not (tmp_path / "stale.parquet").exists()
+    assert (f"{work / 'index.faiss'} was built on other vectors of these items than {work / 'items'} holds now "
+            f"(vectors_sha256 {built_on[:12]}... in index.json, {fused.vectors_digest[:12]}... in fused.json): "
+            "candidates are found by the old vectors, their scores stay exact; build the item index again "
+            "(build_item_index)") in caplog.text
     build_item_index(work, "Flat", threads=1)
-    export_topk(work, tmp_path / "new.parquet", cfg)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fusionrec.batch"):
+        export_topk(work, tmp_path / "new.parquet", cfg)
+    assert stale not in caplog.text
     new = pl.read_parquet(tmp_path / "new.parquet")
     assert not new.equals(pl.read_parquet(tmp_path / "old.parquet"))
     # the rebuilt index serves the new vectors: the export of a work directory fused from them
@@ -530,18 +545,14 @@ def test_an_index_of_an_earlier_fusion_of_the_same_ids_is_refused(world: dict, t
     shutil.copy(work / "nightly.json", fresh / "nightly.json")
     export_topk(fresh, tmp_path / "fresh.parquet", cfg)
     assert new.equals(pl.read_parquet(tmp_path / "fresh.parquet"))
-    # An index.json written before it held a fusion_id, beside items fused since (they have one):
-    # the index cannot be of that fusion, so it is refused too, on the first night after an upgrade.
+    # An index.json written before it held the digest, beside items fused since: warned of too.
     meta = json.loads((work / "index.json").read_text())
-    (work / "index.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "fusion_id"}))
-    fused = FusedTable.open(work / "items")
-    with pytest.raises(FusionrecError, match=rf"\(fusion_id none in index\.json, {fused.fusion_id[:12]}\.\.\. in "
-                                             r"fused\.json now\): the same ids may have other vectors now"):
+    (work / "index.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "vectors_sha256"}))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fusionrec.batch"):
         export_topk(work, tmp_path / "upgraded.parquet", cfg)
-    # Both written before the fusion_id (fused.json without one): the ids check alone, as then.
-    meta = json.loads((work / "items" / "fused.json").read_text())
-    (work / "items" / "fused.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "fusion_id"}))
-    assert export_topk(work, tmp_path / "older.parquet", cfg)["users"] == len(world["user_ids"])
+    assert "(vectors_sha256 none in index.json" in caplog.text
+    assert pl.read_parquet(tmp_path / "upgraded.parquet").equals(new)
 
 
 def test_the_item_fingerprint_depends_on_the_ids_and_their_order_only(world: dict, tmp_path: Path) -> None:
