@@ -555,7 +555,7 @@ def tune_nprobe(work: Path | str, config: NightlyConfig | None = None, *, target
     if users < 2:
         raise FusionrecError(f"tune_nprobe needs at least 2 users to bound the recall, not {users}")
     raw = _read_settings(work) if (work / CONFIG_FILE).is_file() else None
-    saved = None if raw is None else NightlyConfig.from_dict(raw)
+    saved = None if raw is None else _settings(work, raw)
     cfg = config or saved or NightlyConfig()
     if saved is not None and (cfg.k, cfg.depth, cfg.keep) != (saved.k, saved.depth, saved.keep):
         raise FusionrecError(f"the config's k, depth and keep ({cfg.k}, {cfg.depth}, {cfg.keep}) differ from the "

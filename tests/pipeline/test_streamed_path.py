@@ -720,7 +720,8 @@ def test_a_bad_setting_in_nightly_json_is_named_and_its_folder_outlives_the_next
     (work / "nightly.json").write_text(json.dumps({**settings, "threads": 0}))
     named = (rf"^{re.escape(str(work / 'nightly.json'))}: nightly setting threads must be a positive integer, not 0; "
              r"train the ranker again$")
-    for call in (lambda: export_topk(work, tmp_path / "out.parquet", cfg), lambda: read_config(work)):
+    for call in (lambda: export_topk(work, tmp_path / "out.parquet", cfg), lambda: read_config(work),
+                 lambda: tune_nprobe(work)):
         with pytest.raises(FusionrecError, match=named):
             call()
     train_ranker(work, labels, cfg)
