@@ -1026,9 +1026,11 @@ def _embed_all(data_dir: Path, art_dir: Path, config: Config, encoders: dict[str
         for kind, modality, _, table, _, _ in ready:
             if table.num_rows:
                 dims[kind][modality] = table.schema.field("vector").type.list_size
-        check_dimensions(dims["item"], dims["user"], lambda kind, m: str(precomputed.get(
-            (kind, m), f"the {m} encoder {encoders[m].model_id}" if m in encoders else "")),
-            lambda m: str(precomputed.get(("user", m), precomputed.get(("item", m), ""))))
+        # A side not precomputed is encoded (its plan); both encoded share one encoder's dimension,
+        # so a mismatch always has a precomputed side to name.
+        check_dimensions(dims["item"], dims["user"], lambda kind, m: str(precomputed[(kind, m)]) if (kind, m) in
+                         precomputed else f"the {m} encoder {encoders[m].model_id}",
+                         lambda m: str(precomputed.get(("user", m)) or precomputed[("item", m)]))
         for kind, modality, path, table, dropped, seconds in ready:
             started = time.perf_counter() - seconds
             write_parquet(table, table_path(art_dir, kind, modality))
