@@ -500,6 +500,74 @@ def test_lock_of_a_reused_pid_or_a_damaged_lock_file_is_stale(tmp_path: Path, re
     reliability.record(faults=3, case="lock of a reused pid; empty lock file (new and old)")
 
 
+def test_another_hosts_lock_holds_while_refreshed_and_is_taken_over_past_its_lease(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, reliability) -> None:
+    """A job on another host cannot be looked up (a pod restarted after an out-of-memory kill comes
+    back under a new hostname): its lock holds while it refreshes its lease, and goes stale after."""
+    art = tmp_path / "art"
+    art.mkdir()
+    lock_path = art / ".lock"
+    lock_path.write_text(json.dumps({"pid": 4242, "start": 1, "host": "pod-elsewhere", "lease": 600.0}))
+    with pytest.raises(LockError, match=r"another fusionrec job \(pid 4242 on pod-elsewhere\) is using .*; wait for "
+                       r"it to finish or use another --out \(its lock was refreshed \d+ s ago; it is taken over once "
+                       r"it goes 600 s without one\)"):
+        ArtifactLock(art).acquire()
+    assert json.loads(lock_path.read_text())["pid"] == 4242  # refused, and left as it was
+
+    old = time.time() - 601
+    os.utime(lock_path, (old, old))
+    (art / "embeddings").mkdir()
+    (art / "embeddings" / f"{TMP_PREFIX}abc-item_text.parquet").write_bytes(b"half a file")
+    with caplog.at_level("WARNING", logger="fusionrec.storage"):
+        lock = ArtifactLock(art).acquire()
+    try:
+        assert lock.taken_over_ is not None and lock.taken_over_["host"] == "pod-elsewhere"
+        assert re.search(r"took over the lock of a job on another host \(pid 4242 on pod-elsewhere\): not refreshed "
+                         r"for 60\d s, past its lease of 600 s; removed 1 temporary files it left", caplog.text), caplog.text
+        assert temporaries(art) == []
+        mine = json.loads(lock_path.read_text())
+        assert mine["pid"] == os.getpid() and mine["lease"] == 600.0
+    finally:
+        lock.release()
+    assert not lock_path.exists()
+
+    # A lock from before leases, on another host: never stale by age; the message says what to do.
+    lock_path.write_text(json.dumps({"pid": 4242, "start": 1, "host": "pod-elsewhere"}))
+    day = time.time() - 86400
+    os.utime(lock_path, (day, day))
+    with pytest.raises(LockError, match=r"that job's lock has no lease, so it never goes stale from another host: "
+                       rf"delete {re.escape(str(lock_path))} once you know no job runs"):
+        ArtifactLock(art).acquire()
+    lock_path.unlink()
+    reliability.record(faults=3, case="another host's lock: refreshed, past its lease, without a lease")
+
+
+def test_the_lock_holder_refreshes_its_lease_while_the_lock_is_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    art = tmp_path / "art"
+    monkeypatch.setenv("FUSIONREC_LOCK_LEASE", "0.5")  # a refresh every 0.05 s
+    lock = ArtifactLock(art).acquire()
+    lock_path = art / ".lock"
+    try:
+        assert json.loads(lock_path.read_text())["lease"] == 0.5
+        old = time.time() - 100
+        os.utime(lock_path, (old, old))
+        deadline = time.monotonic() + 30
+        while lock_path.stat().st_mtime < old + 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert time.time() - lock_path.stat().st_mtime < 30, "the holder never refreshed its lock"
+
+        # A lock that is no longer ours (taken over meanwhile) is not kept alive.
+        lock_path.write_text(json.dumps({"pid": 4242, "start": 1, "host": "pod-elsewhere", "lease": 0.5}))
+        os.utime(lock_path, (old, old))
+        time.sleep(0.5)  # ten refresh periods
+        assert lock_path.stat().st_mtime == pytest.approx(old)
+    finally:
+        lock.release()
+    assert lock._heartbeat is None
+    assert json.loads(lock_path.read_text())["pid"] == 4242  # release leaves another's lock alone
+
+
 RACER = """
 import os, sys, time
 from pathlib import Path

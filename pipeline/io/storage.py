@@ -305,16 +305,40 @@ def _process_start(pid: int) -> int | None:
 
 
 LOCK_GRACE_S = 10.0  # an unreadable lock younger than this may be one being written
+LOCK_LEASE_ENV = "FUSIONREC_LOCK_LEASE"  # seconds another host's lock lives without a refresh (default 600)
+LOCK_LEASE_S = 600.0
+
+
+def _lock_lease() -> float:
+    try:
+        lease = float(os.environ.get(LOCK_LEASE_ENV, LOCK_LEASE_S))
+    except ValueError:
+        return LOCK_LEASE_S
+    return lease if lease > 0 and lease == lease else LOCK_LEASE_S
+
+
+def _lease_of(holder: dict) -> float | None:
+    """The lease a lock's holder keeps refreshing, in seconds; None for a lock without one."""
+    lease = holder.get("lease")
+    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0:
+        return None
+    return float(lease)
 
 
 class ArtifactLock:
     """An exclusive lock on an artifacts directory (`ART/.lock`).
 
-    The lock file holds the owner's pid, its start time and host; it appears complete (a
+    The lock file holds the owner's pid, its start time, host and lease; it appears complete (a
     finished temporary file hard-linked onto `.lock`, which fails if one exists). A lock
     whose process is gone on this host (or whose pid now belongs to another process) is
     stale: it is taken over, with a note in `taken_over_`, and the temporary files the dead
     job left in the artifacts directory are removed.
+
+    Another host's process cannot be looked up (a Kubernetes pod or a container restarted
+    after a kill -9 or an out-of-memory kill comes back under a new hostname), so the holder
+    refreshes the lock file's time every tenth of its lease (`FUSIONREC_LOCK_LEASE`, default
+    600 s), and another host's lock not refreshed for its lease is stale too. A lock written
+    without a lease (before it existed) is never stale from another host.
     """
 
     def __init__(self, art_dir: Path | str) -> None:
@@ -322,6 +346,7 @@ class ArtifactLock:
         self.path = self.art_dir / ".lock"
         self.taken_over_: dict | None = None
         self._rw: int | None = None  # the flock on ART/.rwlock while held
+        self._heartbeat: tuple[Any, Any] | None = None  # (thread, stop event) refreshing the lease
 
     def acquire(self) -> ArtifactLock:
         check_out_folder(self.art_dir)  # a file in the way is bad usage (exit 2), as `split` and `doctor` say
@@ -330,7 +355,7 @@ class ArtifactLock:
         except OSError as exc:
             raise FusionrecError(f"cannot create artifacts directory {self.art_dir}: {exc.strerror or exc}") from exc
         me: dict[str, Any] = {"pid": os.getpid(), "start": _process_start(os.getpid()), "host": socket.gethostname(),
-              "since": time.time()}
+              "since": time.time(), "lease": _lock_lease()}
         for _ in range(3):
             try:
                 self._create(json.dumps(me))
@@ -343,10 +368,12 @@ class ArtifactLock:
                 if holder is not None and self._alive(holder, me["host"]):
                     raise LockError(
                         f"another fusionrec job (pid {holder.get('pid')} on {holder.get('host')}) is using "
-                        f"{self.art_dir}; wait for it to finish or use another --out"
+                        f"{self.art_dir}; wait for it to finish or use another --out{self._elsewhere(holder, me)}"
                     ) from None
-                # Stale: its process is gone (or the file is damaged). Remove and retry.
+                # Stale: its process is gone, its lease ran out (or the file is damaged). Remove and retry.
                 self.taken_over_ = holder or {}
+                if holder is not None and holder.get("host") != me["host"]:
+                    self.taken_over_ = {**holder, "unrefreshed_s": round(self._age(), 1)}
                 self._remove_if_unchanged(raw)
                 continue
             except OSError as exc:
@@ -356,10 +383,17 @@ class ArtifactLock:
             except LockError:
                 self.release()
                 raise
+            self._start_heartbeat(me)
             if self.taken_over_ is not None:
                 removed = clean_temporaries(self.art_dir)
-                log.warning("took over the lock of a job that is gone (pid %s on %s); removed %d temporary files "
-                            "it left", self.taken_over_.get("pid"), self.taken_over_.get("host"), removed)
+                if "unrefreshed_s" in self.taken_over_:
+                    log.warning("took over the lock of a job on another host (pid %s on %s): not refreshed for %.0f s, "
+                                "past its lease of %.0f s; removed %d temporary files it left",
+                                self.taken_over_.get("pid"), self.taken_over_.get("host"),
+                                self.taken_over_["unrefreshed_s"], _lease_of(self.taken_over_) or 0.0, removed)
+                else:
+                    log.warning("took over the lock of a job that is gone (pid %s on %s); removed %d temporary "
+                                "files it left", self.taken_over_.get("pid"), self.taken_over_.get("host"), removed)
             return self
         raise LockError(f"could not take the lock {self.path}")
 
@@ -389,10 +423,12 @@ class ArtifactLock:
         finally:
             _remove_quietly(tmp)
 
-    @staticmethod
-    def _alive(holder: dict, host: str) -> bool:
+    def _alive(self, holder: dict, host: str) -> bool:
         if holder.get("host") != host:
-            return True  # another machine's job: we cannot tell, so it holds the lock
+            # Another machine's job: its process cannot be looked up; alive while it refreshes
+            # its lease (a lock without one, from before leases, holds until deleted).
+            lease = _lease_of(holder)
+            return lease is None or self._age() < lease
         try:
             raw_pid: Any = holder.get("pid")  # None or garbage: the except below
             pid = int(raw_pid)
@@ -410,6 +446,38 @@ class ArtifactLock:
             return time.time() - self.path.stat().st_mtime
         except OSError:
             return LOCK_GRACE_S
+
+    def _elsewhere(self, holder: dict, me: dict) -> str:
+        """What the refusal adds for another host's lock: when it goes stale, or how to end it."""
+        if holder.get("host") == me["host"]:
+            return ""
+        lease = _lease_of(holder)
+        if lease is None:
+            return (f" (that job's lock has no lease, so it never goes stale from another host: delete "
+                    f"{self.path} once you know no job runs)")
+        return (f" (its lock was refreshed {max(0.0, self._age()):.0f} s ago; it is taken over once it goes "
+                f"{lease:.0f} s without one)")
+
+    def _start_heartbeat(self, me: dict) -> None:
+        """Refresh the lock file's time every tenth of the lease while the lock is held, as long
+        as the file is still ours (a daemon thread: it dies with the process, and so does the lease)."""
+        import threading
+
+        stop = threading.Event()
+        interval = max(0.05, float(me["lease"]) / 10)
+        mine = (me["pid"], me["host"], me["start"])
+
+        def beat() -> None:
+            while not stop.wait(interval):
+                holder = self._read_holder()
+                if holder is None or (holder.get("pid"), holder.get("host"), holder.get("start")) != mine:
+                    return  # taken over or removed: no longer ours to keep alive
+                with contextlib.suppress(OSError):
+                    os.utime(self.path)
+
+        thread = threading.Thread(target=beat, name="fusionrec-lock-lease", daemon=True)
+        thread.start()
+        self._heartbeat = (thread, stop)
 
     def _read_raw(self) -> bytes | None:
         try:
@@ -441,6 +509,10 @@ class ArtifactLock:
             os.close(fd)  # closing releases the flock
 
     def release(self) -> None:
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None:
+            heartbeat[1].set()
+            heartbeat[0].join(timeout=5)
         rw, self._rw = self._rw, None
         if rw is not None:
             os.close(rw)  # closing releases the flock
