@@ -567,6 +567,13 @@ def test_the_lock_holder_refreshes_its_lease_while_the_lock_is_its_own(
     assert lock._heartbeat is None
     assert json.loads(lock_path.read_text())["pid"] == 4242  # release leaves another's lock alone
 
+    # Nor one that another host's job took over under our pid (containers repeat pids).
+    lock = ArtifactLock(art).acquire()
+    lock_path.write_text(json.dumps({"pid": os.getpid(), "start": _process_start(os.getpid()),
+                                     "host": "pod-elsewhere", "lease": 600.0}))
+    lock.release()
+    assert json.loads(lock_path.read_text())["host"] == "pod-elsewhere"
+
 
 RACER = """
 import os, sys, time

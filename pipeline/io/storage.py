@@ -317,6 +317,12 @@ def _lock_lease() -> float:
     return lease if lease > 0 and lease == lease else LOCK_LEASE_S
 
 
+def _holder_key(holder: dict) -> tuple[Any, Any, Any]:
+    """Who holds a lock: pid, host and the process's start time (a pid alone repeats across
+    containers and after restarts)."""
+    return holder.get("pid"), holder.get("host"), holder.get("start")
+
+
 def _lease_of(holder: dict) -> float | None:
     """The lease a lock's holder keeps refreshing, in seconds; None for a lock without one."""
     lease = holder.get("lease")
@@ -465,12 +471,12 @@ class ArtifactLock:
 
         stop = threading.Event()
         interval = max(0.05, float(me["lease"]) / 10)
-        mine = (me["pid"], me["host"], me["start"])
+        mine = _holder_key(me)
 
         def beat() -> None:
             while not stop.wait(interval):
                 holder = self._read_holder()
-                if holder is None or (holder.get("pid"), holder.get("host"), holder.get("start")) != mine:
+                if holder is None or _holder_key(holder) != mine:
                     return  # taken over or removed: no longer ours to keep alive
                 with contextlib.suppress(OSError):
                     os.utime(self.path)
@@ -517,7 +523,10 @@ class ArtifactLock:
         if rw is not None:
             os.close(rw)  # closing releases the flock
         holder = self._read_holder()
-        if holder is not None and holder.get("pid") == os.getpid():
+        # Ours only if pid, host and start time all match: since leases, a job on another host
+        # (in a container, often with our pid) may have taken the lock over while we were stopped.
+        if holder is not None and _holder_key(holder) == _holder_key(
+                {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}):
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
 
