@@ -10,7 +10,7 @@ artifacts) is kept, so a rerun resumes.
 
 SIGTERM (what a scheduler, `docker stop`, systemd or Kubernetes send) is handled the same way
 (exit 143 instead of 130): by default it killed the job outright, with no line, no run record
-and its `.lock` left behind, which a job on another host never takes over. So is SIGHUP (the
+and its `.lock` left behind, which a job on another host takes over only once its lease runs out. So is SIGHUP (the
 terminal or SSH session that started the job closed; exit 129), unless it is ignored, as under
 `nohup`, where the job goes on.
 """
