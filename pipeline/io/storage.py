@@ -111,6 +111,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         fault_point("write", path, tmp)
+        check_locks_held(path)  # a job that lost its artifacts lock replaces nothing more
         os.replace(tmp, path)
         _fsync_directory(path.parent)  # the rename itself survives a power loss
     except BaseException as exc:
@@ -305,16 +306,25 @@ def _process_start(pid: int) -> int | None:
 
 
 LOCK_GRACE_S = 10.0  # an unreadable lock younger than this may be one being written
-LOCK_LEASE_ENV = "FUSIONREC_LOCK_LEASE"  # seconds another host's lock lives without a refresh (default 600)
+LOCK_LEASE_ENV = "FUSIONREC_LOCK_LEASE"  # seconds another host's lock lives without a refresh
 LOCK_LEASE_S = 600.0
+LOCK_LEASE_BOUNDS = (1.0, 7 * 86400.0)
 
 
-def _lock_lease() -> float:
-    try:
-        lease = float(os.environ.get(LOCK_LEASE_ENV, LOCK_LEASE_S))
-    except ValueError:
+def lock_lease() -> float:
+    """`FUSIONREC_LOCK_LEASE` in seconds (default 600); ConfigError outside 1 s to 7 days."""
+    raw = os.environ.get(LOCK_LEASE_ENV, "").strip()
+    if not raw:
         return LOCK_LEASE_S
-    return lease if lease > 0 and lease == lease else LOCK_LEASE_S
+    try:
+        lease = float(raw)
+    except ValueError:
+        lease = float("nan")
+    low, high = LOCK_LEASE_BOUNDS
+    if not low <= lease <= high:  # nan fails too
+        raise ConfigError(f"{LOCK_LEASE_ENV}={raw!r}: expected seconds from {low:g} to {high:g} (default "
+                          f"{LOCK_LEASE_S:g}): how long another host waits on a lock its holder stopped refreshing")
+    return lease
 
 
 def _holder_key(holder: dict) -> tuple[Any, Any, Any]:
@@ -326,9 +336,23 @@ def _holder_key(holder: dict) -> tuple[Any, Any, Any]:
 def _lease_of(holder: dict) -> float | None:
     """The lease a lock's holder keeps refreshing, in seconds; None for a lock without one."""
     lease = holder.get("lease")
-    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0:
+    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not 0 < lease < float("inf"):
         return None
     return float(lease)
+
+
+_HELD: list[ArtifactLock] = []  # the artifacts locks this process holds: `atomic_path` checks them
+
+
+def check_locks_held(path: Path) -> None:
+    """Raise LockError if `path` lies in an artifacts directory whose lock this process took and
+    has since lost (`ArtifactLock.verify`): called before each atomic replace."""
+    if not _HELD:
+        return
+    where = os.path.abspath(path)
+    for lock in list(_HELD):
+        if where.startswith(lock.root_):
+            lock.verify(path)
 
 
 class ArtifactLock:
@@ -343,30 +367,39 @@ class ArtifactLock:
     Another host's process cannot be looked up (a Kubernetes pod or a container restarted
     after a kill -9 or an out-of-memory kill comes back under a new hostname), so the holder
     refreshes the lock file's time every tenth of its lease (`FUSIONREC_LOCK_LEASE`, default
-    600 s), and another host's lock not refreshed for its lease is stale too. A lock written
-    without a lease (before it existed) is never stale from another host.
+    600 s; at most every minute), and another host's lock not refreshed for its lease is stale
+    too. Its age is measured against the filesystem's clock (the time of a file just written
+    beside it), not this host's. A lock written without a lease (before it existed) is never
+    stale from another host. A holder that was stopped past its lease (SIGSTOP, a paused
+    container, a suspended machine) may have lost its lock: every atomic replace inside ART
+    first checks that `.lock` is still its own (`verify`), and stops the job if not.
     """
 
     def __init__(self, art_dir: Path | str) -> None:
         self.art_dir = Path(art_dir)
         self.path = self.art_dir / ".lock"
+        self.root_ = os.path.join(os.path.abspath(self.art_dir), "")
         self.taken_over_: dict | None = None
         self._rw: int | None = None  # the flock on ART/.rwlock while held
         self._heartbeat: tuple[Any, Any] | None = None  # (thread, stop event) refreshing the lease
+        self._me: dict[str, Any] | None = None  # what this holder wrote into `.lock`
+        self._fs_now: float | None = None  # the filesystem's time at the last attempt (`_age`)
 
     def acquire(self) -> ArtifactLock:
+        lease = lock_lease()  # a bad value is bad usage (exit 2) before anything is touched
         check_out_folder(self.art_dir)  # a file in the way is bad usage (exit 2), as `split` and `doctor` say
         try:
             self.art_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise FusionrecError(f"cannot create artifacts directory {self.art_dir}: {exc.strerror or exc}") from exc
         me: dict[str, Any] = {"pid": os.getpid(), "start": _process_start(os.getpid()), "host": socket.gethostname(),
-              "since": time.time(), "lease": _lock_lease()}
+              "since": time.time(), "lease": lease}
+        self._me = me
         for _ in range(3):
             try:
                 self._create(json.dumps(me))
             except FileExistsError:
-                raw = self._read_raw()
+                raw, mtime = self._read_raw(), self._mtime()
                 holder = self._read_holder(raw)
                 if holder is None and self._age() < LOCK_GRACE_S:
                     raise LockError(f"another fusionrec job is taking the lock {self.path}; wait for it to "
@@ -380,28 +413,31 @@ class ArtifactLock:
                 self.taken_over_ = holder or {}
                 if holder is not None and holder.get("host") != me["host"]:
                     self.taken_over_ = {**holder, "unrefreshed_s": round(self._age(), 1)}
-                self._remove_if_unchanged(raw)
+                self._remove_if_unchanged(raw, mtime)
                 continue
             except OSError as exc:
                 raise FusionrecError(f"cannot write lock file {self.path}: {exc.strerror or exc}") from exc
-            try:
+            try:  # .lock is ours from here: whatever stops acquire now gives it back
                 self._rw = _flock(self.art_dir, exclusive=True)
-            except LockError:
+                self._start_heartbeat(me)
+                _HELD.append(self)
+                if self.taken_over_ is not None:
+                    self._report_takeover(clean_temporaries(self.art_dir))
+            except BaseException:
                 self.release()
                 raise
-            self._start_heartbeat(me)
-            if self.taken_over_ is not None:
-                removed = clean_temporaries(self.art_dir)
-                if "unrefreshed_s" in self.taken_over_:
-                    log.warning("took over the lock of a job on another host (pid %s on %s): not refreshed for %.0f s, "
-                                "past its lease of %.0f s; removed %d temporary files it left",
-                                self.taken_over_.get("pid"), self.taken_over_.get("host"),
-                                self.taken_over_["unrefreshed_s"], _lease_of(self.taken_over_) or 0.0, removed)
-                else:
-                    log.warning("took over the lock of a job that is gone (pid %s on %s); removed %d temporary "
-                                "files it left", self.taken_over_.get("pid"), self.taken_over_.get("host"), removed)
             return self
         raise LockError(f"could not take the lock {self.path}")
+
+    def _report_takeover(self, removed: int) -> None:
+        taken = self.taken_over_ or {}
+        if "unrefreshed_s" in taken:
+            log.warning("took over the lock of a job on another host (pid %s on %s): not refreshed for %.0f s, "
+                        "past its lease of %.0f s; removed %d temporary files it left", taken.get("pid"),
+                        taken.get("host"), taken["unrefreshed_s"], _lease_of(taken) or 0.0, removed)
+        else:
+            log.warning("took over the lock of a job that is gone (pid %s on %s); removed %d temporary files it left",
+                        taken.get("pid"), taken.get("host"), removed)
 
     def _create(self, payload: str) -> None:
         """Make `.lock` appear with its whole content, or raise FileExistsError."""
@@ -411,6 +447,8 @@ class ArtifactLock:
                 fh.write(payload)
                 fh.flush()
                 os.fsync(fh.fileno())
+                # "Now" by the clock that stamps files here (the server's, on a network filesystem).
+                self._fs_now = os.fstat(fh.fileno()).st_mtime
             try:
                 os.link(tmp, self.path)
             except FileExistsError:
@@ -447,11 +485,18 @@ class ArtifactLock:
         start = holder.get("start")
         return start is None or _process_start(pid) in (None, start)
 
-    def _age(self) -> float:
+    def _mtime(self) -> float | None:
         try:
-            return time.time() - self.path.stat().st_mtime
+            return self.path.stat().st_mtime
         except OSError:
+            return None
+
+    def _age(self) -> float:
+        """Seconds since `.lock` was written or refreshed, by the filesystem's clock where known."""
+        mtime = self._mtime()
+        if mtime is None:
             return LOCK_GRACE_S
+        return (self._fs_now if self._fs_now is not None else time.time()) - mtime
 
     def _elsewhere(self, holder: dict, me: dict) -> str:
         """What the refusal adds for another host's lock: when it goes stale, or how to end it."""
@@ -462,28 +507,69 @@ class ArtifactLock:
             return (f" (that job's lock has no lease, so it never goes stale from another host: delete "
                     f"{self.path} once you know no job runs)")
         return (f" (its lock was refreshed {max(0.0, self._age()):.0f} s ago; it is taken over once it goes "
-                f"{lease:.0f} s without one)")
+                f"{lease:g} s without one)")
+
+    def _refresh(self, key: tuple[Any, Any, Any]) -> bool | None:
+        """Touch `.lock` if it is still the holder `key`'s: True if touched, False if it is gone or
+        another's, None if it cannot be read now (a network filesystem's hiccup: try again)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return None
+        try:
+            holder = self._read_holder(os.read(fd, 1 << 16))
+            if holder is None or _holder_key(holder) != key:
+                return False
+            os.utime(fd)  # this inode only: a lock that replaced ours meanwhile is not touched
+            return True
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def _start_heartbeat(self, me: dict) -> None:
-        """Refresh the lock file's time every tenth of the lease while the lock is held, as long
-        as the file is still ours (a daemon thread: it dies with the process, and so does the lease)."""
+        """Refresh the lock file's time every tenth of the lease (at most every minute) while the
+        lock is held and the file is still ours (a daemon thread: it dies with the process, and
+        so does the lease). A read that fails is tried again at the next beat."""
         import threading
 
         stop = threading.Event()
-        interval = max(0.05, float(me["lease"]) / 10)
-        mine = _holder_key(me)
+        interval = min(60.0, float(me["lease"]) / 10)
+        key = _holder_key(me)
 
         def beat() -> None:
             while not stop.wait(interval):
-                holder = self._read_holder()
-                if holder is None or _holder_key(holder) != mine:
-                    return  # taken over or removed: no longer ours to keep alive
-                with contextlib.suppress(OSError):
-                    os.utime(self.path)
+                if self._refresh(key) is False:
+                    return  # taken over or removed: no longer ours to keep alive (`verify` says so)
 
         thread = threading.Thread(target=beat, name="fusionrec-lock-lease", daemon=True)
         thread.start()
         self._heartbeat = (thread, stop)
+
+    def verify(self, path: Path | str) -> None:
+        """Raise LockError if `.lock` is no longer this holder's (gone, or another job's), before
+        `path` replaces anything: a job stopped past its lease may have lost the directory to a
+        job on another host. A lock that cannot be read now is given the benefit of the doubt."""
+        if self._me is None:
+            return
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            raw = None
+        except OSError:
+            return
+        holder = self._read_holder(raw) if raw is not None else None
+        if holder is not None and _holder_key(holder) == _holder_key(self._me):
+            return
+        if holder is None:
+            whom = "its lock file was removed or replaced while it ran"
+        else:
+            whom = (f"pid {holder.get('pid')} on {holder.get('host')} took the lock over while it ran (a lock not "
+                    f"refreshed for its lease of {self._me['lease']:g} s: was this job stopped or suspended?)")
+        raise LockError(f"this job lost the lock on {self.art_dir}: {whom}; it stopped before replacing {path}. "
+                        "Rerun once no other job uses it")
 
     def _read_raw(self) -> bytes | None:
         try:
@@ -499,16 +585,19 @@ class ArtifactLock:
             return None
         return holder if isinstance(holder, dict) and "pid" in holder else None
 
-    def _remove_if_unchanged(self, stale: bytes | None) -> None:
-        """Remove `.lock` if it still holds `stale`. Two jobs that found the same stale lock
-        take turns here (an flock on the directory), so the second sees the first one's new
-        lock (or none yet) and leaves it: only one of them can then create `.lock`."""
+    def _remove_if_unchanged(self, stale: bytes | None, mtime: float | None) -> None:
+        """Remove `.lock` if it still holds `stale`, unrefreshed since `mtime`. Two jobs that found
+        the same stale lock take turns here (an flock on the directory), so the second sees the
+        first one's new lock (or none yet) and leaves it: only one of them can then create
+        `.lock`. A filesystem without flock on directories (NFS) gets no turns: there the check
+        and the removal are as close together as they can be."""
         import fcntl
 
         fd = os.open(self.art_dir, os.O_RDONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if self._read_raw() == stale:
+            with contextlib.suppress(OSError):  # EBADF, ENOLCK, EINVAL: no flock here
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if self._read_raw() == stale and self._mtime() == mtime:
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
         finally:
@@ -518,17 +607,20 @@ class ArtifactLock:
         heartbeat, self._heartbeat = self._heartbeat, None
         if heartbeat is not None:
             heartbeat[1].set()
-            heartbeat[0].join(timeout=5)
+        with contextlib.suppress(ValueError):
+            _HELD.remove(self)
         rw, self._rw = self._rw, None
         if rw is not None:
             os.close(rw)  # closing releases the flock
         holder = self._read_holder()
         # Ours only if pid, host and start time all match: since leases, a job on another host
         # (in a container, often with our pid) may have taken the lock over while we were stopped.
-        if holder is not None and _holder_key(holder) == _holder_key(
-                {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}):
+        me = self._me or {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
+        if holder is not None and _holder_key(holder) == _holder_key(me):
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+        if heartbeat is not None:
+            heartbeat[0].join(timeout=5)  # after the unlink: a second Ctrl-C here leaves no lock behind
 
     def __enter__(self) -> ArtifactLock:
         return self.acquire()
