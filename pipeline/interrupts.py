@@ -20,6 +20,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 _requested = threading.Event()
@@ -78,10 +79,23 @@ def exit_code() -> int:
     return 128 + int(_signal if _requested.is_set() else signal.SIGINT)
 
 
+_checks: list[Callable[[], None]] = []  # more reasons to stop at a safe point (`on_check`)
+
+
+def on_check(reason: Callable[[], None]) -> None:
+    """Have `check` also call `reason`, which raises when the job must stop (the artifacts lock
+    lost to another job: `storage.check_locks`)."""
+    if reason not in _checks:
+        _checks.append(reason)
+
+
 def check() -> None:
-    """Raise KeyboardInterrupt if an interrupt was requested (even one that was swallowed)."""
+    """Raise KeyboardInterrupt if an interrupt was requested (even one that was swallowed), or
+    what a reason given to `on_check` raises."""
     if _requested.is_set():
         raise KeyboardInterrupt
+    for reason in _checks:
+        reason()
 
 
 def request(signum: int = signal.SIGINT) -> None:

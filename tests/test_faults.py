@@ -31,6 +31,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from fusionrec.pipeline import interrupts
 from fusionrec.pipeline.errors import LockError
 from fusionrec.pipeline.io.storage import TMP_PREFIX, ArtifactLock, _process_start, atomic_path
 from tests.reliability_counts import QUICK, JobRunner, digests, small_catalog, temporaries, visible_files
@@ -545,7 +546,7 @@ def test_another_hosts_lock_holds_while_refreshed_and_is_taken_over_past_its_lea
 def test_the_lock_holder_refreshes_its_lease_while_the_lock_is_its_own(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     art = tmp_path / "art"
-    monkeypatch.setenv("FUSIONREC_LOCK_LEASE", "1")  # a refresh every 0.1 s
+    monkeypatch.setenv("FUSIONREC_LOCK_LEASE", "10")  # a refresh every second
     refreshes = {"failed": 0}
     real_refresh = ArtifactLock._refresh
 
@@ -559,7 +560,7 @@ def test_the_lock_holder_refreshes_its_lease_while_the_lock_is_its_own(
     lock = ArtifactLock(art).acquire()
     lock_path = art / ".lock"
     try:
-        assert json.loads(lock_path.read_text())["lease"] == 1.0
+        assert json.loads(lock_path.read_text())["lease"] == 10.0
         old = time.time() - 100
         os.utime(lock_path, (old, old))
         deadline = time.monotonic() + 30
@@ -571,7 +572,7 @@ def test_the_lock_holder_refreshes_its_lease_while_the_lock_is_its_own(
         # A lock that is no longer ours (taken over meanwhile) is not kept alive: the refresh stops.
         thread = lock._heartbeat[0]
         foreign = tmp_path / "foreign"
-        foreign.write_text(json.dumps({"pid": 4242, "start": 1, "host": "pod-elsewhere", "lease": 1.0}))
+        foreign.write_text(json.dumps({"pid": 4242, "start": 1, "host": "pod-elsewhere", "lease": 10.0}))
         os.replace(foreign, lock_path)
         thread.join(timeout=30)
         assert not thread.is_alive()
@@ -605,30 +606,57 @@ def test_a_job_that_lost_its_lock_replaces_nothing_more(tmp_path: Path) -> None:
         write_json({"night": 1}, art / "state.json")  # ours: written
         (art / ".lock").write_text(json.dumps({"pid": 4242, "start": 1, "host": "pod-elsewhere", "lease": 600.0}))
         with pytest.raises(LockError, match=rf"^this job lost the lock on {re.escape(str(art))}: pid 4242 on "
-                           r"pod-elsewhere took the lock over while it ran \(a lock not refreshed for its lease of "
-                           rf"600 s: was this job stopped or suspended\?\); it stopped before replacing "
-                           rf"{re.escape(str(art / 'state.json'))}\. Rerun once no other job uses it$"):
+                           r"pod-elsewhere took the lock over while it ran \(this job's lock went unrefreshed for its "
+                           r"lease of 600 s, as when a job is stopped or suspended, or two jobs took a stale lock at "
+                           rf"once\); it stopped before writing {re.escape(str(art / 'state.json'))}\. Rerun once no "
+                           r"other job uses it$"):
+            write_json({"night": 2}, art / "state.json")
+        with pytest.raises(LockError, match=r"it stopped before writing"):  # every time, inside ART
             write_json({"night": 2}, art / "state.json")
         assert json.loads((art / "state.json").read_text()) == {"night": 1}
         assert temporaries(art) == []
         write_json({"elsewhere": True}, tmp_path / "export.json")  # outside ART: not this lock's business
 
-        (art / ".lock").unlink()  # removed by hand while the job runs
-        with pytest.raises(LockError, match=r"its lock file was removed or replaced while it ran"):
-            write_json({"night": 2}, art / "state.json")
     finally:
         lock.release()
-    write_json({"night": 3}, art / "state.json")  # released: no lock to check
-    assert json.loads((art / "state.json").read_text()) == {"night": 3}
+    assert json.loads((art / ".lock").read_text())["pid"] == 4242  # the new holder's lock stays
+
+    # At every safe point too (each stage, batch and shard): a lock removed by hand while the job runs.
+    (art / ".lock").unlink()
+    lock = ArtifactLock(art).acquire()
+    try:
+        interrupts.check()
+        (art / ".lock").unlink()
+        with pytest.raises(LockError, match=rf"^this job lost the lock on {re.escape(str(art))}: its lock file was "
+                           r"removed or replaced while it ran; it stopped\. Rerun once no other job uses it$"):
+            interrupts.check()
+        interrupts.check()  # said once at safe points, which may be about other work of the process
+        with pytest.raises(LockError, match=r"it stopped before writing"):  # writes inside ART: every time
+            write_json({"night": 4}, art / "state.json")
+    finally:
+        lock.release()
 
 
-@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "inf", "1e400", "0.5", "700000"])
+def test_a_lock_that_cannot_be_read_is_refused_not_taken_over(tmp_path: Path) -> None:
+    """Unreadable (permissions, an I/O error on a network filesystem) is not damaged: it may be a live job's."""
+    art = tmp_path / "art"
+    (art / ".lock").mkdir(parents=True)  # reading it fails with IsADirectoryError, as an EIO would
+    old = time.time() - 3600
+    os.utime(art / ".lock", (old, old))
+    with pytest.raises(LockError, match=rf"^cannot read the lock {re.escape(str(art / '.lock'))} \(Is a directory\): "
+                       r"another fusionrec job may be using it; wait for it to finish, or delete it once you know no "
+                       r"job runs$"):
+        ArtifactLock(art).acquire()
+    assert (art / ".lock").is_dir()
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "inf", "1e400", "5", "700000"])
 def test_a_lease_that_is_no_number_of_seconds_is_bad_usage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           value: str) -> None:
     from fusionrec.pipeline.errors import ConfigError
 
     monkeypatch.setenv("FUSIONREC_LOCK_LEASE", value)
-    with pytest.raises(ConfigError, match=rf"^FUSIONREC_LOCK_LEASE={re.escape(repr(value))}: expected seconds from 1 "
+    with pytest.raises(ConfigError, match=rf"^FUSIONREC_LOCK_LEASE={re.escape(repr(value))}: expected seconds from 10 "
                        r"to 604800 \(default 600\)"):
         ArtifactLock(tmp_path / "art").acquire()
     assert not (tmp_path / "art").exists()  # refused before anything was touched

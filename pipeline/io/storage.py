@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fusionrec.pipeline import interrupts
 from fusionrec.pipeline.errors import ConfigError, FusionrecError, LockError, first_line
 
 TMP_PREFIX = ".tmp-"
@@ -105,6 +106,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     except OSError as exc:
         raise FusionrecError(f"cannot create directory {path.parent}: {exc.strerror or exc}") from exc
     tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{path.name}"
+    check_locks_held(path)
     try:
         yield tmp
         if tmp.is_file():
@@ -308,7 +310,7 @@ def _process_start(pid: int) -> int | None:
 LOCK_GRACE_S = 10.0  # an unreadable lock younger than this may be one being written
 LOCK_LEASE_ENV = "FUSIONREC_LOCK_LEASE"  # seconds another host's lock lives without a refresh
 LOCK_LEASE_S = 600.0
-LOCK_LEASE_BOUNDS = (1.0, 7 * 86400.0)
+LOCK_LEASE_BOUNDS = (10.0, 7 * 86400.0)  # under 10 s, file times' resolution (1-2 s) and pauses decide
 
 
 def lock_lease() -> float:
@@ -346,13 +348,24 @@ _HELD: list[ArtifactLock] = []  # the artifacts locks this process holds: `atomi
 
 def check_locks_held(path: Path) -> None:
     """Raise LockError if `path` lies in an artifacts directory whose lock this process took and
-    has since lost (`ArtifactLock.verify`): called before each atomic replace."""
+    has since lost (`ArtifactLock.verify`): called as each atomic write starts and before it replaces."""
     if not _HELD:
         return
     where = os.path.abspath(path)
     for lock in list(_HELD):
         if where.startswith(lock.root_):
             lock.verify(path)
+
+
+def check_locks() -> None:
+    """Raise LockError if this process lost any artifacts lock it holds: at every safe point
+    (`interrupts.check`: each stage, batch and shard), so a job that lost its directory stops
+    before it removes or writes anything more there."""
+    for lock in list(_HELD):
+        lock.verify()
+
+
+interrupts.on_check(check_locks)
 
 
 class ArtifactLock:
@@ -384,6 +397,7 @@ class ArtifactLock:
         self._heartbeat: tuple[Any, Any] | None = None  # (thread, stop event) refreshing the lease
         self._me: dict[str, Any] | None = None  # what this holder wrote into `.lock`
         self._fs_now: float | None = None  # the filesystem's time at the last attempt (`_age`)
+        self._lost_said = False  # whether a safe point (`check_locks`) has said the lock was lost
 
     def acquire(self) -> ArtifactLock:
         lease = lock_lease()  # a bad value is bad usage (exit 2) before anything is touched
@@ -399,7 +413,15 @@ class ArtifactLock:
             try:
                 self._create(json.dumps(me))
             except FileExistsError:
-                raw, mtime = self._read_raw(), self._mtime()
+                try:
+                    raw: bytes | None = self.path.read_bytes()
+                except FileNotFoundError:
+                    continue  # released meanwhile: try again
+                except OSError as exc:  # unreadable is not damaged: it may be a live job's
+                    raise LockError(f"cannot read the lock {self.path} ({exc.strerror or exc}): another fusionrec "
+                                    "job may be using it; wait for it to finish, or delete it once you know no "
+                                    "job runs") from None
+                mtime = self._mtime()
                 holder = self._read_holder(raw)
                 if holder is None and self._age() < LOCK_GRACE_S:
                     raise LockError(f"another fusionrec job is taking the lock {self.path}; wait for it to "
@@ -548,10 +570,11 @@ class ArtifactLock:
         thread.start()
         self._heartbeat = (thread, stop)
 
-    def verify(self, path: Path | str) -> None:
+    def verify(self, path: Path | str | None = None) -> None:
         """Raise LockError if `.lock` is no longer this holder's (gone, or another job's), before
-        `path` replaces anything: a job stopped past its lease may have lost the directory to a
-        job on another host. A lock that cannot be read now is given the benefit of the doubt."""
+        `path` is written (or at a safe point, with no path): a job stopped past its lease may have
+        lost the directory to a job on another host. A lock that cannot be read now is given the
+        benefit of the doubt."""
         if self._me is None:
             return
         try:
@@ -566,9 +589,15 @@ class ArtifactLock:
         if holder is None:
             whom = "its lock file was removed or replaced while it ran"
         else:
-            whom = (f"pid {holder.get('pid')} on {holder.get('host')} took the lock over while it ran (a lock not "
-                    f"refreshed for its lease of {self._me['lease']:g} s: was this job stopped or suspended?)")
-        raise LockError(f"this job lost the lock on {self.art_dir}: {whom}; it stopped before replacing {path}. "
+            whom = (f"pid {holder.get('pid')} on {holder.get('host')} took the lock over while it ran (this job's "
+                    f"lock went unrefreshed for its lease of {self._me['lease']:g} s, as when a job is stopped or "
+                    "suspended, or two jobs took a stale lock at once)")
+        if path is None:
+            if self._lost_said:
+                return  # said once at a safe point: later ones may be about other work of this process
+            self._lost_said = True
+        where = f" before writing {path}" if path is not None else ""
+        raise LockError(f"this job lost the lock on {self.art_dir}: {whom}; it stopped{where}. "
                         "Rerun once no other job uses it")
 
     def _read_raw(self) -> bytes | None:
