@@ -21,6 +21,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -541,6 +542,33 @@ def test_another_hosts_lock_holds_while_refreshed_and_is_taken_over_past_its_lea
         ArtifactLock(art).acquire()
     lock_path.unlink()
     reliability.record(faults=3, case="another host's lock: refreshed, past its lease, without a lease")
+
+
+def test_a_lock_from_another_pid_namespace_on_this_host_is_judged_by_its_lease(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Containers that share the host's name (`--network host`) but not its pids: the holder's
+    pid means nothing here (gone, or another process), so its lease decides, as for another host."""
+    art = tmp_path / "art"
+    art.mkdir()
+    lock_path = art / ".lock"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock_path.write_text(json.dumps({"pid": dead.pid, "start": 1, "host": socket.gethostname(),
+                                     "pidns": "pid:[1]", "lease": 600.0}))
+    with pytest.raises(LockError, match=rf"another fusionrec job \(pid {dead.pid} on .*\) is using .* \(its lock was "
+                       r"refreshed \d+ s ago; it is taken over once it goes 600 s without one\)"):
+        ArtifactLock(art).acquire()
+    old = time.time() - 601
+    os.utime(lock_path, (old, old))
+    with caplog.at_level("WARNING", logger="fusionrec.storage"):
+        lock = ArtifactLock(art).acquire()
+    lock.release()
+    assert f"took over the lock of a job in another PID namespace (container) on this host (pid {dead.pid}" in caplog.text
+    # A lock of this namespace (or one without it, from before) still goes by its pid, at once.
+    lock_path.write_text(json.dumps({"pid": dead.pid, "start": 1, "host": socket.gethostname(),
+                                     "pidns": os.readlink("/proc/self/ns/pid"), "lease": 600.0}))
+    ArtifactLock(art).acquire().release()
+    assert not lock_path.exists()
 
 
 def test_the_lock_holder_refreshes_its_lease_while_the_lock_is_its_own(

@@ -329,10 +329,28 @@ def lock_lease() -> float:
     return lease
 
 
-def _holder_key(holder: dict) -> tuple[Any, Any, Any]:
-    """Who holds a lock: pid, host and the process's start time (a pid alone repeats across
-    containers and after restarts)."""
-    return holder.get("pid"), holder.get("host"), holder.get("start")
+def _holder_key(holder: dict) -> tuple[Any, Any, Any, Any]:
+    """Who holds a lock: pid, host, PID namespace and the process's start time (a pid alone
+    repeats across containers and after restarts)."""
+    return holder.get("pid"), holder.get("host"), holder.get("pidns"), holder.get("start")
+
+
+def _pid_namespace() -> str | None:
+    """This process's PID namespace (Linux: "pid:[4026531836]"); None where there is none to read."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _elsewhere(holder: dict, me: dict) -> bool:
+    """Whether a lock's holder is out of this process's sight: another host, or another PID
+    namespace on this one (containers that share the host's name, as with `--network host`,
+    see other pids, or none, under the holder's number)."""
+    if holder.get("host") != me["host"]:
+        return True
+    theirs, ours = holder.get("pidns"), me.get("pidns")
+    return theirs is not None and ours is not None and theirs != ours
 
 
 def _lease_of(holder: dict) -> float | None:
@@ -407,7 +425,7 @@ class ArtifactLock:
         except OSError as exc:
             raise FusionrecError(f"cannot create artifacts directory {self.art_dir}: {exc.strerror or exc}") from exc
         me: dict[str, Any] = {"pid": os.getpid(), "start": _process_start(os.getpid()), "host": socket.gethostname(),
-              "since": time.time(), "lease": lease}
+              "pidns": _pid_namespace(), "since": time.time(), "lease": lease}
         self._me = me
         for _ in range(3):
             try:
@@ -426,15 +444,17 @@ class ArtifactLock:
                 if holder is None and self._age() < LOCK_GRACE_S:
                     raise LockError(f"another fusionrec job is taking the lock {self.path}; wait for it to "
                                     "finish or use another --out") from None
-                if holder is not None and self._alive(holder, me["host"]):
+                if holder is not None and self._alive(holder, me):
                     raise LockError(
                         f"another fusionrec job (pid {holder.get('pid')} on {holder.get('host')}) is using "
                         f"{self.art_dir}; wait for it to finish or use another --out{self._elsewhere(holder, me)}"
                     ) from None
                 # Stale: its process is gone, its lease ran out (or the file is damaged). Remove and retry.
                 self.taken_over_ = holder or {}
-                if holder is not None and holder.get("host") != me["host"]:
-                    self.taken_over_ = {**holder, "unrefreshed_s": round(self._age(), 1)}
+                if holder is not None and _elsewhere(holder, me):
+                    self.taken_over_ = {**holder, "unrefreshed_s": round(self._age(), 1),
+                                        "where": "on another host" if holder.get("host") != me["host"]
+                                        else "in another PID namespace (container) on this host"}
                 self._remove_if_unchanged(raw, mtime)
                 continue
             except OSError as exc:
@@ -454,8 +474,8 @@ class ArtifactLock:
     def _report_takeover(self, removed: int) -> None:
         taken = self.taken_over_ or {}
         if "unrefreshed_s" in taken:
-            log.warning("took over the lock of a job on another host (pid %s on %s): not refreshed for %.0f s, "
-                        "past its lease of %.0f s; removed %d temporary files it left", taken.get("pid"),
+            log.warning("took over the lock of a job %s (pid %s on %s): not refreshed for %.0f s, past its lease of "
+                        "%.0f s; removed %d temporary files it left", taken["where"], taken.get("pid"),
                         taken.get("host"), taken["unrefreshed_s"], _lease_of(taken) or 0.0, removed)
         else:
             log.warning("took over the lock of a job that is gone (pid %s on %s); removed %d temporary files it left",
@@ -489,10 +509,11 @@ class ArtifactLock:
         finally:
             _remove_quietly(tmp)
 
-    def _alive(self, holder: dict, host: str) -> bool:
-        if holder.get("host") != host:
-            # Another machine's job: its process cannot be looked up; alive while it refreshes
-            # its lease (a lock without one, from before leases, holds until deleted).
+    def _alive(self, holder: dict, me: dict) -> bool:
+        if _elsewhere(holder, me):
+            # Another machine's job, or another container's on this machine: its process cannot be
+            # looked up; alive while it refreshes its lease (a lock without one, from before
+            # leases, holds until deleted).
             lease = _lease_of(holder)
             return lease is None or self._age() < lease
         try:
@@ -522,7 +543,7 @@ class ArtifactLock:
 
     def _elsewhere(self, holder: dict, me: dict) -> str:
         """What the refusal adds for another host's lock: when it goes stale, or how to end it."""
-        if holder.get("host") == me["host"]:
+        if not _elsewhere(holder, me):
             return ""
         lease = _lease_of(holder)
         if lease is None:
@@ -531,7 +552,7 @@ class ArtifactLock:
         return (f" (its lock was refreshed {max(0.0, self._age()):.0f} s ago; it is taken over once it goes "
                 f"{lease:g} s without one)")
 
-    def _refresh(self, key: tuple[Any, Any, Any]) -> bool | None:
+    def _refresh(self, key: tuple[Any, Any, Any, Any]) -> bool | None:
         """Touch `.lock` if it is still the holder `key`'s: True if touched, False if it is gone or
         another's, None if it cannot be read now (a network filesystem's hiccup: try again)."""
         try:
@@ -644,7 +665,8 @@ class ArtifactLock:
         holder = self._read_holder()
         # Ours only if pid, host and start time all match: since leases, a job on another host
         # (in a container, often with our pid) may have taken the lock over while we were stopped.
-        me = self._me or {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
+        me = self._me or {"pid": os.getpid(), "host": socket.gethostname(), "pidns": _pid_namespace(),
+                          "start": _process_start(os.getpid())}
         if holder is not None and _holder_key(holder) == _holder_key(me):
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
