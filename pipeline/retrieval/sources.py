@@ -43,15 +43,17 @@ SOURCE_NAMES = ("ease", "itemknn", "recent_ease", "recent_itemknn", "sequence", 
 def relevance_threshold(interactions: pl.DataFrame, setting: float) -> float | None:
     """The rating at or above which an interaction is positive; None when `value` is no rating scale.
 
-    `setting` > 0 is taken as it is; 0 means auto: 0.75 of the way up an integer scale
-    (4 on 1-5, 8 on 1-10).
+    `setting` > 0 is taken as it is; 0 means auto: 0.75 of the way up an integer scale (4 on
+    1-5, 8 on 1-10). The scale starts at 1, or at the lowest value where values below 1 occur
+    (0-5), and ends at the highest value: a log whose users gave no 1 or 2 (a shop's reviews, a
+    short split) is still on a 1-5 scale, where 4 is a like.
     """
     if "value" not in interactions.columns:
         return None
     values = interactions["value"].drop_nulls()
     if values.len() == 0 or not bool((values == values.round()).all()):
         return None
-    lo, hi = float(cast(float, values.min())), float(cast(float, values.max()))
+    lo, hi = min(1.0, float(cast(float, values.min()))), float(cast(float, values.max()))
     if hi <= lo or hi - lo + 1 > 10:
         return None
     if setting > 0:

@@ -559,3 +559,24 @@ def test_the_als_search_screens_on_its_first_seeds_unless_told_not_to() -> None:
                         half_life=2.0, seed=0, als_screen_seeds=0)
         assert seeds == [6] * len(plain)
     assert screened.params["als"] in plain and every.params["als"] in plain
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    ([1, 2, 3, 4, 5], 4.0),
+    ([3, 4, 5], 4.0),  # no 1 or 2 given (a short split, a shop's reviews): still a 1-5 scale, 4 is a like
+    ([2, 3, 4, 5], 4.0),
+    ([0, 1, 2, 3, 4, 5], 3.75),  # a 0-5 scale
+    ([1, 5, 10], 7.75),  # 1-10: 8 and up
+    ([4, 7, 10], 7.75),
+    ([1, 1, 1], None),  # one value: events, not ratings
+    ([1.5, 4.0], None),  # not an integer scale
+    ([1, 50], None),  # not a rating scale
+])
+def test_the_auto_relevance_threshold_reads_the_scale_from_1_not_from_the_lowest_rating_given(
+        values: list[float], expected: float | None) -> None:
+    from fusionrec.pipeline.retrieval.sources import relevance_threshold
+
+    frame = pl.DataFrame({"user_id": ["u"] * len(values), "item_id": [f"i{k}" for k in range(len(values))],
+                          "value": [float(v) for v in values]})
+    assert relevance_threshold(frame, 0.0) == expected
+    assert relevance_threshold(frame, 3.0) == (None if expected is None else 3.0)  # a setting is taken as it is
