@@ -273,7 +273,7 @@ def recommend(out: OutOpt = Path("artifacts"),
               export: Annotated[Optional[Path], typer.Option(
                   "--export", help="Output file: .parquet, .csv or .jsonl, or - for standard output as JSON lines (default: OUT/exports/topk.parquet).")] = None,
               users: Annotated[Optional[Path], typer.Option("--users", help="Table with a user_id column; default all users.")] = None,
-              explain: Annotated[bool, typer.Option("--explain/--no-explain", help="Add top features and each modality's share.")] = False,
+              explain: Annotated[bool, typer.Option("--explain/--no-explain", help="Add the top features and each feature group's share.")] = False,
               include_seen: Annotated[bool, typer.Option("--include-seen/--exclude-seen", help="Keep items the user already has.")] = False,
               pseudonymise: PseudoOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
               engine: EngineOpt = None, quiet: QuietOpt = False, verbose: VerboseOpt = 0) -> None:
@@ -294,10 +294,11 @@ def recommend(out: OutOpt = Path("artifacts"),
 def score(out: OutOpt = Path("artifacts"),
           candidates: Annotated[Path, typer.Option("--candidates", help="File with user_id, item_id pairs.")] = _REQUIRED,
           export: Annotated[Path, typer.Option("--export", help="Output file: .parquet, .csv or .jsonl, or - for standard output as JSON lines.")] = _REQUIRED,
-          explain: Annotated[bool, typer.Option("--explain/--no-explain", help="Add top features and each modality's share.")] = False,
+          explain: Annotated[bool, typer.Option("--explain/--no-explain", help="Add the top features and each feature group's share.")] = False,
           pseudonymise: PseudoOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
           quiet: QuietOpt = False, verbose: VerboseOpt = 0) -> None:
-    """Score given (user_id, item_id) pairs; adds `score`. Unknown users get cold features; unknown items an empty score."""
+    """Score given (user_id, item_id) pairs; adds `score`, `source` and the candidate features (src_*, retrieval_*).
+    Unknown users get cold features; unknown items an empty score."""
     _setup_logging(quiet, verbose)
     try:
         cfg = _config(config, set_)
