@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -26,7 +27,7 @@ from fusionrec.pipeline.retrieval.stage import load_catalog
 from fusionrec.pipeline.retrieval.stage import run_index as _run_index
 from fusionrec.ranker.serving.export import check_export_target, is_stdout, read_pairs, write_topk
 from fusionrec.ranker.serving.privacy import export_key, pseudonymise
-from fusionrec.ranker.serving.ray_scoring import recommend_all
+from fusionrec.ranker.serving.ray_scoring import known_users, recommend_all
 from fusionrec.ranker.serving.recommender import Recommender
 from fusionrec.ranker.training import run_train
 
@@ -188,6 +189,23 @@ def users_by_source(recs: pl.DataFrame) -> dict[str, int]:
     return dict(per_user.group_by("source").len().sort("source").iter_rows())
 
 
+PSEUDONYM = re.compile(r"[0-9a-f]{64}")  # what an export writes in place of a user id (`privacy.pseudonymise`)
+
+
+def _warn_unknown_users(users: list[str], art_dir: Path, counts: dict[str, Any]) -> None:
+    """Say how many of the requested users the artifacts do not know (they get the popular
+    items, as anyone unknown does): a typo, or an id copied from a pseudonymised export."""
+    wanted = {str(u) for u in users}
+    unknown = sorted(wanted - set(known_users(art_dir)))
+    if not unknown:
+        return
+    counts["unknown_users"] = len(unknown)
+    hint = ("; 64-hex ids look like the pseudonyms an export writes: pass the raw ids (`--raw-ids` exports them)"
+            if any(PSEUDONYM.fullmatch(u) for u in unknown) else "")
+    log.warning("%d of %d requested users are unknown to %s (%s%s): they get the popular items%s", len(unknown),
+                len(wanted), art_dir, ", ".join(unknown[:3]), ", ..." if len(unknown) > 3 else "", hint)
+
+
 def run_recommend(art_dir: Path, export: Path, config: Config | None = None, *, users: list[str] | None = None,
                   k: int | None = None, explain: bool = False, exclude_seen: bool = True,
                   pseudonymise_ids: bool | None = None, data_dir: Path | None = None,
@@ -222,6 +240,8 @@ def run_recommend(art_dir: Path, export: Path, config: Config | None = None, *, 
                         "n_candidates from each source, set when `fusionrec index` ran) less the items they "
                         "already have and any rerank exclusions; for longer lists raise index.n_candidates and "
                         "rerun `fusionrec index`", short, n_users, k)
+        if users is not None:
+            _warn_unknown_users(users, art_dir, record.counts)
         cold = by_source.get("content", 0) + by_source.get("popular", 0)
         if cold and by_source.get("ranker"):
             log.info("%d users without history keep their cold-start order (content or popularity): the ranker "

@@ -172,6 +172,27 @@ def test_unknown_users_get_popular_items_not_an_error(art: Path, tmp_path: Path)
     assert recs.filter(pl.col("user_id") == "someone-new").height == 3
 
 
+def test_unknown_requested_users_are_counted_and_a_pseudonym_is_recognised(art: Path, tmp_path: Path) -> None:
+    """A typo, or an id copied from a pseudonymised export, used to get the popular items in silence."""
+    users = tmp_path / "users.csv"
+    pseudonym = "ab" * 32
+    pl.DataFrame({"user_id": ["u0001", "u0001 ", "someone-new", pseudonym]}).write_csv(users)
+    out = tmp_path / "recs.parquet"
+    result = CliRunner().invoke(app, ["recommend", "--out", str(art), "--k", "3", "--users", str(users),
+                                      "--export", str(out), "--raw-ids"])
+    assert result.exit_code == 0, result.output
+    assert (f"2 of 3 requested users are unknown to {art} ({pseudonym}, someone-new): they get the popular items; "
+            "64-hex ids look like the pseudonyms an export writes: pass the raw ids (`--raw-ids` exports them)"
+            in " ".join(result.stderr.split())), result.stderr
+    record = [r for r in read_manifest(art)["runs"] if r["command"] == "recommend"][-1]
+    assert record["counts"]["unknown_users"] == 2
+    known = tmp_path / "known.csv"
+    pl.DataFrame({"user_id": ["u0001"]}).write_csv(known)
+    ok = CliRunner().invoke(app, ["recommend", "--out", str(art), "--k", "3", "--users", str(known),
+                                  "--export", str(out), "--raw-ids"])
+    assert ok.exit_code == 0 and "requested users are unknown" not in ok.stderr
+
+
 def test_exports_are_pseudonymised_by_default(art: Path, tmp_path: Path) -> None:
     out = tmp_path / "recs.csv"
     assert invoke("recommend", "--out", str(art), "--k", "2", "--export", str(out), "-q").exit_code == 0
