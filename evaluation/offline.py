@@ -91,7 +91,18 @@ def scorable_users(test: pl.DataFrame, train: pl.DataFrame, test_path: Path | st
                    "`fusionrec split --data DATA --out SPLIT`, `fusionrec run --data SPLIT/train --out ART`, "
                    "then `fusionrec evaluate --out ART --test SPLIT/held_out.csv`")
         raise InputError(f"no scorable user: {why}", file=where)
-    return truth["user_id"].unique().sort().to_list()
+    users = truth["user_id"].unique().sort().to_list()
+    # Say what is not scored: a held-out pair already in training (seen items are never
+    # recommended), or a rating below the threshold; and so how many held-out users remain.
+    every = relevant_truth(test, train, exclude_train_pairs=False).height
+    unseen = relevant_truth(test, train).height
+    below = f", {unseen - truth.height} rated below {named} {relevance:g}" if relevance is not None else ""
+    held_users = test["user_id"].cast(pl.String).n_unique()
+    if every > truth.height or held_users > len(users):
+        log.info("%s: %d of %d held-out users scored, over %d of %d distinct held-out pairs (not scored: %d already "
+                 "in the training log, as seen items are never recommended%s)", where, len(users), held_users,
+                 truth.height, every, every - unseen, below)
+    return users
 
 
 def parse_relevance(relevance: float | str | None) -> float | str | None:

@@ -382,3 +382,21 @@ def test_scorable_users_name_the_threshold_as_it_was_chosen(caplog: pytest.LogCa
     with pytest.raises(InputError, match=r"at or above --relevance 4; lower the threshold \(--relevance N\), or "
                                          r"score every held-out pair \(--relevance all\)"):
         scorable_users(test.head(1), train, "held.csv", 4.0)
+
+
+def test_scorable_users_say_what_is_left_out(caplog: pytest.LogCaptureFixture) -> None:
+    """`split` held out 117 users and evaluate scored 99, and nothing said why: held-out pairs
+    already in training, or rated below the threshold, are not scored."""
+    from fusionrec.evaluation.offline import scorable_users
+
+    train = _interactions([("u", "a", 1), ("v", "a", 1), ("w", "b", 1)], 5.0)
+    test = pl.concat([_interactions([("u", "b", 6), ("v", "a", 7), ("u", "a", 8)], 5.0),  # v's only pair repeats
+                      _interactions([("w", "c", 9)], 2.0)])  # w's only pair is below 4
+    with caplog.at_level("INFO", logger="fusionrec"):
+        assert scorable_users(test, train, "held.csv", 4.0) == ["u"]
+    assert ("held.csv: 1 of 3 held-out users scored, over 1 of 4 distinct held-out pairs (not scored: 2 already in "
+            "the training log, as seen items are never recommended, 1 rated below --relevance 4)") in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fusionrec"):
+        assert scorable_users(test.head(1), train, "held.csv", 4.0) == ["u"]  # everything scored: nothing to say
+    assert "held-out users scored" not in caplog.text
