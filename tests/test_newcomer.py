@@ -539,3 +539,14 @@ def test_api_page_examples_run(quickstart: dict, monkeypatch: pytest.MonkeyPatch
         start = text.index(title)
         block = code_blocks(text[start:text.find("\n## ", start + 1)], "python")[0]
         exec(compile(block, f"docs/api.md {title}", "exec"), {})  # noqa: S102 - our own documentation
+
+
+def test_index_before_embed_says_to_run_embed(tmp_path: Path, sample_data: Path) -> None:
+    """A newcomer's `index` on a fresh --out warned that no item has content, though every item
+    has a title: the embeddings were simply not made yet."""
+    result = invoke("index", "--data", str(sample_data), "--out", str(tmp_path / "art"))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, text
+    assert re.search(r"no item embeddings in \S+embeddings, though the items have [a-z, ]*title[a-z, ]*: run "
+                     r"`fusionrec embed` on this --out first \(or `fusionrec run`\)", text), text
+    assert "no item has text, image or audio content" not in text

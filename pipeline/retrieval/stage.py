@@ -260,9 +260,15 @@ def run_index(data_dir: Path, art_dir: Path, config: Config | None = None, *, lo
         catalog = load_catalog(data_dir)
         item_mods, user_mods = embeddings(art_dir)
         if not item_mods:  # a catalog of ids alone (or every content cell empty): behaviour still ranks
-            log.warning("index: no item has text, image or audio content (no item embeddings in %s): the lists "
-                        "come from behaviour and popularity alone, and items without interactions cannot be "
-                        "recommended", art_dir / "embeddings")
+            content = sorted(set(catalog.items.columns) & {"title", "description", "tags", "image", "audio"})
+            if content and not (art_dir / "embeddings").is_dir():  # `index` before `embed`
+                log.warning("index: no item embeddings in %s, though the items have %s: run `fusionrec embed` on "
+                            "this --out first (or `fusionrec run`); meanwhile the lists come from behaviour and "
+                            "popularity alone", art_dir / "embeddings", ", ".join(content))
+            else:
+                log.warning("index: no item has text, image or audio content (no item embeddings in %s): the "
+                            "lists come from behaviour and popularity alone, and items without interactions cannot "
+                            "be recommended", art_dir / "embeddings")
         record.timings["load"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
