@@ -510,8 +510,21 @@ def test_train_on_a_missing_artifacts_folder_says_what_to_run_and_creates_nothin
     """Before, the write lock created the folder (and a manifest) to record the failure."""
     result = invoke("train", "--out", str(tmp_path / "none"))
     text = " ".join(result.output.split())
-    assert result.exit_code == 1 and "has no index yet: run `fusionrec index`" in text, text
+    assert result.exit_code == 1 and (f"the artifacts folder {tmp_path / 'none'} does not exist: give the --out that "
+                                      "`fusionrec run` (or `fusionrec index`) wrote, or run `fusionrec index` there "
+                                      "first") in text, text
     assert not (tmp_path / "none").exists()
+    for command in (["recommend", "--export", str(tmp_path / "r.csv")], ["evaluate", "--test", str(tmp_path / "t.csv")]):
+        result = invoke(command[0], "--out", str(tmp_path / "none"), *command[1:])  # a mistyped --out
+        text = " ".join(result.output.split())
+        assert result.exit_code == 1 and f"the artifacts folder {tmp_path / 'none'} does not exist" in text, text
+    (tmp_path / "file").write_text("x")
+    result = invoke("recommend", "--out", str(tmp_path / "file"), "--export", str(tmp_path / "r.csv"))
+    assert result.exit_code == 1 and "is not a folder" in " ".join(result.output.split())
+    # A folder without an index still says what to run.
+    (tmp_path / "empty").mkdir()
+    result = invoke("train", "--out", str(tmp_path / "empty"))
+    assert result.exit_code == 1 and "has no index yet: run `fusionrec index`" in " ".join(result.output.split())
 
 
 def test_paths_of_the_wrong_kind_are_bad_usage_named_as_such(art: Path, tmp_path: Path, sample_data: Path) -> None:

@@ -78,6 +78,10 @@ def save_snapshot(catalog: Catalog, art_dir: Path) -> None:
 def require_snapshot(art_dir: Path) -> None:
     """Refuse artifacts without the index stage's data snapshot (a stage that needs it: train)."""
     if not (Path(art_dir) / "data" / "interactions.parquet").is_file():
+        if not Path(art_dir).is_dir():  # a mistyped --out, or a file given as one
+            what = "is not a folder" if Path(art_dir).exists() else "does not exist"
+            raise FusionrecError(f"the artifacts folder {art_dir} {what}: give the --out that `fusionrec run` "
+                                 "(or `fusionrec index`) wrote, or run `fusionrec index` there first")
         raise FusionrecError(f"{art_dir} has no index yet: run `fusionrec index` (or `fusionrec run`) first")
 
 
