@@ -13,13 +13,23 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import polars as pl
+
 from fusionrec.pipeline.config import Config
 from fusionrec.pipeline.embedding.job import check_precomputed, modality_contents, precomputed_tables, table_modalities
 from fusionrec.pipeline.encoders.model_files import encoder_files, file_hashes, is_weights
 from fusionrec.pipeline.errors import FusionrecError, first_line
 from fusionrec.pipeline.io.storage import check_out_folder, check_separate_dirs
 from fusionrec.pipeline.io.streaming import table_columns
-from fusionrec.pipeline.io.tables import find_table, load_interactions, load_items, load_users
+from fusionrec.pipeline.io.tables import (
+    ITEM_TEXT_COLUMNS,
+    USER_TEXT_COLUMNS,
+    find_table,
+    load_interactions,
+    load_items,
+    load_users,
+    warn_near_misses,
+)
 from fusionrec.pipeline.io.vectors import check_dimensions
 
 __all__ = ["Check", "KNOWN_WEIGHTS_SHA256", "MIN_FREE_BYTES", "checks", "plan", "versions"]
@@ -120,6 +130,15 @@ def _cuda_check(config: Config) -> Check:
     return Check("cuda", "ok", "no CUDA device: encoders run on the CPU (slower on large catalogs)")
 
 
+def _near_miss_checks(table: str, frame: pl.DataFrame, path: Path | None, content: tuple[str, ...]) -> list[Check]:
+    """A warning for a column that looks like a misspelt content column (`tables.warn_near_misses`)."""
+    misses = warn_near_misses(frame, path or Path(table), content)
+    if not misses:
+        return []
+    said = "; ".join(f"{column!r} is kept as an attribute, not read as {meant!r}" for column, meant in misses)
+    return [Check(f"{table} columns", "warn", f"{said}: rename it if that content was meant")]
+
+
 def _data_checks(data_dir: Path, config: Config | None = None) -> list[Check]:
     if not data_dir.is_dir():
         return [Check("data", "fail", f"{data_dir} is not a directory")]
@@ -129,10 +148,13 @@ def _data_checks(data_dir: Path, config: Config | None = None) -> list[Check]:
         out.append(Check("items", "ok", f"{items.height} items in {find_table(data_dir, 'items')}"))
     except FusionrecError as exc:
         return [Check("items", "fail", str(exc))]
+    out += _near_miss_checks("items", items, find_table(data_dir, "items"), ITEM_TEXT_COLUMNS)
     users = None
     try:
         users = load_users(data_dir)
         out.append(Check("users", "ok", "no users table (optional)" if users is None else f"{users.height} users"))
+        if users is not None:
+            out += _near_miss_checks("users", users, find_table(data_dir, "users"), USER_TEXT_COLUMNS)
     except FusionrecError as exc:
         out.append(Check("users", "fail", str(exc)))
     try:

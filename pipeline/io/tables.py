@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal, cast, overload
@@ -262,10 +263,41 @@ def check_text(df: pl.DataFrame, path: Path, columns: tuple[str, ...]) -> pl.Dat
     return df
 
 
+_NEAR_MISSES_SAID: set[tuple[str, str]] = set()  # (table, column): said once per process
+
+
+def warn_near_misses(df: pl.DataFrame, path: Path, content: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Warn about a column that looks like a misspelt content column the table lacks ('img' for
+    'image', 'titel' for 'title', 'desc' for 'description'): it is kept as an attribute, so the
+    modality is silently missing. Returns the (column, meant) pairs."""
+    import difflib
+
+    absent = [c for c in content if c not in df.columns]
+    found = []
+    for column in df.columns:
+        if column in content or column.endswith("_id"):
+            continue
+        name = column.strip().lower()
+        meant = next((c for c in absent if name == c or (len(name) >= 3 and c.startswith(name))), None)
+        if meant is None:
+            # A typo keeps the first letter ('img', 'titel', 'txt'); 'age' is no 'image'.
+            close = difflib.get_close_matches(name, [c for c in absent if c[0] == name[:1]], n=1, cutoff=0.7)
+            meant = close[0] if close else None
+        if meant is not None:
+            found.append((column, meant))
+            if (str(path), column) not in _NEAR_MISSES_SAID:
+                _NEAR_MISSES_SAID.add((str(path), column))
+                logging.getLogger("fusionrec.tables").warning(
+                    "%s: column %r is kept as an attribute, not read as %r (there is no %r column, so that "
+                    "content is not embedded): rename it if %r was meant", path, column, meant, meant, meant)
+    return found
+
+
 def load_items(data_dir: Path) -> pl.DataFrame:
     path = find_table(data_dir, "items")
     df = read_table(path)
     _require_columns(df, path, ("item_id",))
+    warn_near_misses(df, path, ITEM_TEXT_COLUMNS)
     df = check_ids(df, path, "item_id")
     _check_unique(df, path, "item_id")
     return check_text(df, path, ITEM_TEXT_COLUMNS)
@@ -277,6 +309,7 @@ def load_users(data_dir: Path) -> pl.DataFrame | None:
         return None
     df = read_table(path)
     _require_columns(df, path, ("user_id",))
+    warn_near_misses(df, path, USER_TEXT_COLUMNS)
     df = check_ids(df, path, "user_id")
     _check_unique(df, path, "user_id")
     return check_text(df, path, USER_TEXT_COLUMNS)

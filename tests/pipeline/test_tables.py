@@ -103,3 +103,29 @@ def test_media_paths_stay_inside(tmp_path: Path) -> None:
 def test_a_held_out_path_that_is_a_directory_says_so(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="is a directory, not a file"):
         read_interactions(tmp_path)
+
+
+def test_a_misspelt_content_column_is_named_not_silently_an_attribute(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A newcomer's `img` for `image` dropped the images with no word, and doctor said ok."""
+    write(tmp_path / "items.csv", "item_id,titel,img,price,genre\ni1,A film,a.jpg,3,drama\n")
+    write(tmp_path / "users.csv", "user_id,txt,age,gender,occupation\nu1,hello,30,F,writer\n")
+    with caplog.at_level("WARNING", logger="fusionrec.tables"):
+        assert load_items(tmp_path)["img"].to_list() == ["a.jpg"]  # kept, as an attribute
+        load_users(tmp_path)
+    text = caplog.text
+    for column, meant in (("titel", "title"), ("img", "image"), ("txt", "text")):
+        assert (f"column {column!r} is kept as an attribute, not read as {meant!r} (there is no {meant!r} column, "
+                f"so that content is not embedded): rename it if {meant!r} was meant") in text, text
+    for attribute in ("price", "genre", "age", "gender", "occupation"):
+        assert f"column {attribute!r}" not in text
+
+
+def test_doctor_warns_about_a_misspelt_content_column(tmp_path: Path) -> None:
+    from fusionrec.doctor import _data_checks
+
+    write(tmp_path / "items.csv", "item_id,title,img\ni1,A film,a.jpg\n")
+    write(tmp_path / "interactions.csv", "user_id,item_id,timestamp\nu1,i1,1\n")
+    checks = {c.name: c for c in _data_checks(tmp_path)}
+    assert checks["items columns"].status == "warn"
+    assert "'img' is kept as an attribute, not read as 'image'" in checks["items columns"].detail
