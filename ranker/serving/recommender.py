@@ -235,8 +235,11 @@ class Recommender:
                 parts.append(blend)
             scored = pl.concat(parts, how="diagonal_relaxed").sort("__row").drop("__row")
         # An item the artifacts do not know has no score to give in either order (the ranker would
-        # score its empty features), and is in no list: both empty. A new user is still scored.
-        return scored.with_columns(pl.when(self.item_known()).then(pl.col(c)).alias(c) for c in ("score", "source"))
+        # score its empty features), and is in no list: both empty, and so is its explanation.
+        # A new user is still scored.
+        emptied = [c for c in scored.columns if c in ("score", "source", "top_features", "explain_bias")
+                   or c.startswith(("contrib_", "share_"))]
+        return scored.with_columns(pl.when(self.item_known()).then(pl.col(c)).alias(c) for c in emptied)
 
     def item_known(self) -> pl.Expr:
         """True where a row's `item_id` is in the catalog these artifacts were built on."""

@@ -149,6 +149,12 @@ def test_score_gives_an_unknown_item_no_score_and_no_list_in_either_order(art: P
     assert scored["item_id"].to_list() == ["i001", "zzz", "zzz"]
     assert scored["score"][0] is not None and scored["score"].to_list()[1:] == [None, None]
     assert scored["source"][0] == order and scored["source"].to_list()[1:] == [None, None]
+    explained = rec.score(pairs, explain=True)  # its explanation is empty too, not a list of zero contributions
+    parts = [c for c in explained.columns if c in ("top_features", "explain_bias") or c.startswith(("contrib_", "share_"))]
+    assert "top_features" in parts and len(parts) > 2
+    assert explained["top_features"][0] is not None and explained["explain_bias"][0] is not None
+    for column in parts:
+        assert explained[column].to_list()[1:] == [None, None], column
 
 
 def test_users_by_source_counts_each_user_once_pinned_rows_included() -> None:
