@@ -237,6 +237,8 @@ def checks(config: Config, out_dir: Path | str, data_dir: Path | str | None = No
     log.info("doctor: importing %s (a broken wheel shows here), then the weights%s, --out and the disk",
              ", ".join(module for module, _ in LIBRARIES), " and the data" if data_dir is not None else "")
     out = [_import_check(module, dist) for module, dist in LIBRARIES]
+    if config.engine == "ray":  # the engine the run would use: an extra, not a dependency
+        out.append(_import_check("ray", "-e \".[ray]\""))
     out += _weights_checks(config)
     out.append(_cuda_check(config))
     if data_dir is not None:

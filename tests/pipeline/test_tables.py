@@ -129,3 +129,21 @@ def test_doctor_warns_about_a_misspelt_content_column(tmp_path: Path) -> None:
     checks = {c.name: c for c in _data_checks(tmp_path)}
     assert checks["items columns"].status == "warn"
     assert "'img' is kept as an attribute, not read as 'image'" in checks["items columns"].detail
+
+
+def test_doctor_checks_ray_only_where_the_run_would_use_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from fusionrec import doctor
+    from fusionrec.pipeline.config import Config
+
+    imported: list[str] = []
+    monkeypatch.setattr(doctor, "_import_check", lambda module, dist: imported.append(module) or doctor.Check(
+        f"import {module}", "ok", "?"))
+    for stub in ("_weights_checks",):
+        monkeypatch.setattr(doctor, stub, lambda config: [])
+    monkeypatch.setattr(doctor, "_cuda_check", lambda config: doctor.Check("cuda", "ok", ""))
+    doctor.checks(Config(), tmp_path / "art")
+    assert "ray" not in imported
+    doctor.checks(dataclasses.replace(Config(), engine="ray"), tmp_path / "art")
+    assert imported.count("ray") == 1
