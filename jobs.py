@@ -196,7 +196,11 @@ def _warn_unknown_users(users: list[str], art_dir: Path, counts: dict[str, Any])
     """Say how many of the requested users the artifacts do not know (they get the popular
     items, as anyone unknown does): a typo, or an id copied from a pseudonymised export."""
     wanted = {str(u) for u in users}
-    unknown = sorted(wanted - set(known_users(art_dir)))
+    try:
+        unknown = sorted(wanted - set(known_users(art_dir)))
+    except (FusionrecError, OSError, pl.exceptions.PolarsError) as exc:  # a note, never the export's failure
+        log.debug("could not count unknown users: %s", exc)
+        return
     if not unknown:
         return
     counts["unknown_users"] = len(unknown)
