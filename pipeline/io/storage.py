@@ -314,7 +314,7 @@ LOCK_LEASE_BOUNDS = (10.0, 7 * 86400.0)  # under 10 s, file times' resolution (1
 
 
 def lock_lease() -> float:
-    """`FUSIONREC_LOCK_LEASE` in seconds (default 600); ConfigError outside 1 s to 7 days."""
+    """`FUSIONREC_LOCK_LEASE` in seconds (default 600); ConfigError outside `LOCK_LEASE_BOUNDS`."""
     raw = os.environ.get(LOCK_LEASE_ENV, "").strip()
     if not raw:
         return LOCK_LEASE_S
@@ -402,8 +402,9 @@ class ArtifactLock:
     too. Its age is measured against the filesystem's clock (the time of a file just written
     beside it), not this host's. A lock written without a lease (before it existed) is never
     stale from another host. A holder that was stopped past its lease (SIGSTOP, a paused
-    container, a suspended machine) may have lost its lock: every atomic replace inside ART
-    first checks that `.lock` is still its own (`verify`), and stops the job if not.
+    container, a suspended machine) may have lost its lock: each atomic write inside ART (as it
+    starts and before it replaces) and every safe point (`interrupts.check`) first check that
+    `.lock` is still its own (`verify`), and stop the job if not.
     """
 
     def __init__(self, art_dir: Path | str) -> None:
@@ -432,13 +433,13 @@ class ArtifactLock:
                 self._create(json.dumps(me))
             except FileExistsError:
                 try:
-                    raw: bytes | None = self.path.read_bytes()
-                except FileNotFoundError:
-                    continue  # released meanwhile: try again
+                    raw = self._read_existing()
                 except OSError as exc:  # unreadable is not damaged: it may be a live job's
                     raise LockError(f"cannot read the lock {self.path} ({exc.strerror or exc}): another fusionrec "
                                     "job may be using it; wait for it to finish, or delete it once you know no "
                                     "job runs") from None
+                if raw is None:
+                    continue  # released meanwhile: try again
                 mtime = self._mtime()
                 holder = self._read_holder(raw)
                 if holder is None and self._age() < LOCK_GRACE_S:
@@ -447,7 +448,7 @@ class ArtifactLock:
                 if holder is not None and self._alive(holder, me):
                     raise LockError(
                         f"another fusionrec job (pid {holder.get('pid')} on {holder.get('host')}) is using "
-                        f"{self.art_dir}; wait for it to finish or use another --out{self._elsewhere(holder, me)}"
+                        f"{self.art_dir}; wait for it to finish or use another --out{self._stale_hint(holder, me)}"
                     ) from None
                 # Stale: its process is gone, its lease ran out (or the file is damaged). Remove and retry.
                 self.taken_over_ = holder or {}
@@ -541,7 +542,7 @@ class ArtifactLock:
             return LOCK_GRACE_S
         return (self._fs_now if self._fs_now is not None else time.time()) - mtime
 
-    def _elsewhere(self, holder: dict, me: dict) -> str:
+    def _stale_hint(self, holder: dict, me: dict) -> str:
         """What the refusal adds for another host's lock: when it goes stale, or how to end it."""
         if not _elsewhere(holder, me):
             return ""
@@ -599,9 +600,7 @@ class ArtifactLock:
         if self._me is None:
             return
         try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            raw = None
+            raw = self._read_existing()
         except OSError:
             return
         holder = self._read_holder(raw) if raw is not None else None
@@ -620,6 +619,14 @@ class ArtifactLock:
         where = f" before writing {path}" if path is not None else ""
         raise LockError(f"this job lost the lock on {self.art_dir}: {whom}; it stopped{where}. "
                         "Rerun once no other job uses it")
+
+    def _read_existing(self) -> bytes | None:
+        """`.lock`'s bytes; None where there is no lock file. Any other OSError is raised: an
+        unreadable lock is not a missing one."""
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
 
     def _read_raw(self) -> bytes | None:
         try:

@@ -263,7 +263,7 @@ def check_text(df: pl.DataFrame, path: Path, columns: tuple[str, ...]) -> pl.Dat
     return df
 
 
-_NEAR_MISSES_SAID: set[tuple[str, str]] = set()  # (table, column): said once per process
+_NEAR_MISSES_SAID: set[tuple[str, str]] = set()  # (table path, column): said once per process
 
 
 def warn_near_misses(df: pl.DataFrame, path: Path, content: tuple[str, ...]) -> list[tuple[str, str]]:

@@ -22,7 +22,7 @@ from fusionrec.pipeline.config import Config
 from fusionrec.pipeline.errors import ConfigError, FusionrecError
 from fusionrec.pipeline.io.manifest import hash_inputs, stage_run
 from fusionrec.pipeline.io.storage import clean_temporaries, sha256_file, write_json, write_parquet
-from fusionrec.pipeline.io.tables import load_interactions, load_items, load_users
+from fusionrec.pipeline.io.tables import ITEM_TEXT_COLUMNS, load_interactions, load_items, load_users
 from fusionrec.pipeline.io.vectors import check_dimensions
 from fusionrec.pipeline.retrieval.candidates import (
     FUSED,
@@ -264,7 +264,7 @@ def run_index(data_dir: Path, art_dir: Path, config: Config | None = None, *, lo
         catalog = load_catalog(data_dir)
         item_mods, user_mods = embeddings(art_dir)
         if not item_mods:  # a catalog of ids alone (or every content cell empty): behaviour still ranks
-            content = sorted(set(catalog.items.columns) & {"title", "description", "tags", "image", "audio"})
+            content = [c for c in ITEM_TEXT_COLUMNS if c in catalog.items.columns]
             if content and not (art_dir / "embeddings").is_dir():  # `index` before `embed`
                 log.warning("index: no item embeddings in %s, though the items have %s: run `fusionrec embed` on "
                             "this --out first (or `fusionrec run`); meanwhile the lists come from behaviour and "
