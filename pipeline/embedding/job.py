@@ -56,7 +56,7 @@ from fusionrec.pipeline.embedding.encoding import (
 )
 from fusionrec.pipeline.embedding.ray_engine import RunOrdered, import_ray, ray_encode_rows
 from fusionrec.pipeline.embedding.vector_files import HashIndex, VectorReader, hash_keys
-from fusionrec.pipeline.encoders.base import l2_normalise
+from fusionrec.pipeline.encoders.base import l2_normalise, reporting_rows
 from fusionrec.pipeline.encoders.text import ITEM_TEXT_FIELDS, clean_text, item_text
 from fusionrec.pipeline.errors import ConfigError, FusionrecError, InputError, MediaError
 from fusionrec.pipeline.io.manifest import RunRecord, hash_inputs, stage_run
@@ -777,8 +777,18 @@ def embed_modality(plan: ModalityPlan, enc: ModalityEncoder, art_dir: Path, cfg:
     written: list[Path] = []
     if todo.rows:
         shards = (encode_rows or encode_local)(todo, enc, cfg)
+        # The local engine's encoder reports its batches as it goes (`rows_done`); the rest of
+        # each shard (its failures, or all of it from a Ray actor) is counted when it arrives.
+        shard_reported = 0
+
+        def encoded_rows(n: int) -> None:
+            nonlocal shard_reported
+            shard_reported += n
+            cast("Callable[[int], None]", progress)(n)
+
         # Closed on the way out, error or not, so a read-ahead thread stops now, not at garbage collection.
-        with contextlib.closing(cast(Any, shards)) if hasattr(shards, "close") else contextlib.nullcontext():
+        with contextlib.closing(cast(Any, shards)) if hasattr(shards, "close") else contextlib.nullcontext(), \
+                reporting_rows(encoded_rows if progress else None):
             for shard in shards:
                 interrupts.check()  # a Ctrl-C dropped in a destructor stops the job here, shards kept
                 errors.update(shard.errors)
@@ -791,7 +801,8 @@ def embed_modality(plan: ModalityPlan, enc: ModalityEncoder, art_dir: Path, cfg:
                     written.append(cache.write(shard.ids, shard.hashes, enc.model_id, matrix))
                     counts.encoded += len(shard.rows)
                 if progress:
-                    progress(shard.handled)
+                    progress(shard.handled - shard_reported)
+                shard_reported = 0
         index.add(written)
 
     # (3) The final table, in plan order (kept as it is when it already holds exactly these rows).

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from fusionrec.pipeline.encoders import whisper_ct2
+from fusionrec.pipeline.encoders.base import rows_done
 from fusionrec.pipeline.errors import MediaError
 
 WHISPER_SAMPLE_RATE = 16000
@@ -243,11 +244,16 @@ class AudioEncoder:
         # Sort by length so each batch pads little; results go back in input order.
         order = np.argsort([len(c) for c in chunks], kind="stable")
         emb = np.empty((len(chunks), self.dim), dtype=np.float32)
+        owners = np.asarray(owner)
+        windows_left = np.bincount(owners, minlength=len(waveforms))  # a clip is done with its last window
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 emb[idx] = self._embed_batch([chunks[j] for j in idx])
+                before = int((windows_left == 0).sum())
+                np.subtract.at(windows_left, owners[idx], 1)
+                rows_done(int((windows_left == 0).sum()) - before)
         emb = _l2_normalise(emb)
         out = np.zeros((len(waveforms), self.dim), dtype=np.float32)
-        np.add.at(out, np.asarray(owner), emb)
+        np.add.at(out, owners, emb)
         return _l2_normalise(out).astype(np.float32)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fusionrec.pipeline.encoders.base import rows_done
 from fusionrec.pipeline.errors import ConfigError, FusionrecError, MediaError
 
 if TYPE_CHECKING:  # torch loads with the first encoder, not with the package
@@ -296,5 +297,6 @@ class ImageEncoder:
                     x = x.contiguous(memory_format=torch.channels_last)
                 feats = self.net_(x).float()
                 feats_batches.append(torch.nn.functional.normalize(feats, dim=1))
+                rows_done(x.shape[0])
             # One copy back at the end (a copy per batch would wait for each batch on a GPU).
             return torch.cat(feats_batches).cpu().numpy().astype(np.float32, copy=False)

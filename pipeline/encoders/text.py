@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from fusionrec.pipeline.encoders.base import autocast, l2_normalise, resolve_device
+from fusionrec.pipeline.encoders.base import autocast, l2_normalise, resolve_device, rows_done
 from fusionrec.pipeline.errors import ConfigError, first_line
 
 DEFAULT_TEXT_MODEL = "default"
@@ -149,6 +149,7 @@ class TextEncoder:
                     hidden = self._model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled_batches.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float())
+                rows_done(len(idx))
             # One copy back at the end: on a GPU a copy per batch waits for the batch, so the
             # next batch's tokenising (CPU) could not run while the GPU works on this one.
             out[order] = torch.cat(pooled_batches).cpu().numpy()

@@ -15,6 +15,7 @@ import pytest
 import soundfile as sf
 
 from fusionrec.pipeline.encoders.audio import AudioEncoder, load_audio
+from fusionrec.pipeline.encoders.base import reporting_rows
 from fusionrec.pipeline.errors import MediaError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -303,3 +304,20 @@ def test_whisper_separates_speech_from_tone(whisper_vectors):
     assert fox @ noisy > fox @ pure_tone + 0.2
     assert fox @ digits > fox @ pure_tone + 0.15  # other speech is closer than a tone
     assert digits @ noisy > digits @ pure_tone + 0.15
+
+
+def test_encoder_reports_each_clip_once_with_its_last_window(tiny_w2v2):
+    """The embedding job's bar moves as batches finish; a clip cut into windows counts once."""
+    long = np.random.default_rng(2).normal(0, 0.1, int(2.3 * SR)).astype(np.float32)  # 5 windows of 0.5 s
+    reports: list[int] = []
+    enc = AudioEncoder(str(tiny_w2v2), chunk_seconds=0.5, batch_size=2)
+    with reporting_rows(reports.append):
+        out = enc.encode([*clips(), long])
+    # Windows of at most 0.5 s: 1 + 2 (the 0.8 s clip) + 1 + 5 = 9, in 5 batches of 2, shortest
+    # first (the 0.3 s clip finishes in the first). Four clips, each counted once, when done.
+    assert len(reports) == 5 and sum(reports) == 4 and reports[0] >= 1 and min(reports) >= 0
+    assert reports == [1, 1, 0, 1, 1]
+    np.testing.assert_array_equal(out, AudioEncoder(str(tiny_w2v2), chunk_seconds=0.5, batch_size=2)
+                                  .encode([*clips(), long]))  # reporting changes nothing
+    enc.encode(clips())  # outside the job nothing listens
+    assert len(reports) == 5

@@ -405,6 +405,13 @@ def test_tiny_transformers_encoder_through_the_configured_path(tmp_path: Path) -
     # Length-sorted batching must not change a row's vector.
     alone = np.stack([encoder.encode([t])[0] for t in texts])
     np.testing.assert_allclose(out, alone, atol=1e-5)
+    # Each batch of two tells the job's progress bar as it finishes.
+    from fusionrec.pipeline.encoders.base import reporting_rows
+
+    reports: list[int] = []
+    with reporting_rows(reports.append):
+        encoder.encode(texts[:3])
+    assert reports == [2, 1]
 
 
 def test_max_length_settings_the_model_caps_alike_reuse_the_vectors(tmp_path: Path) -> None:
@@ -693,3 +700,63 @@ def test_read_ahead_decodes_at_most_its_depth_of_shards_beyond_the_one_being_enc
     time.sleep(0.3)
     assert prepared == list(range(depth + 2))
     assert list(shards) == list(range(2, 8))
+
+
+class RecordingBar:
+    """Stands in for the rich bar: records every advance with the encoder calls made so far."""
+
+    def __init__(self, encoders: list[HashEncoder]) -> None:
+        self.encoders, self.advances = encoders, []
+
+    def __enter__(self) -> RecordingBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, description: str, total: int) -> str:
+        return description
+
+    def advance(self, task: str, n: int) -> None:
+        self.advances.append((task, n, sum(e.calls for e in self.encoders)))
+
+    def stop_task(self, task: str) -> None:
+        return None
+
+
+def test_the_bar_moves_batch_by_batch_within_a_shard(tmp_path: Path, monkeypatch) -> None:
+    """A shard on the CPU can take a minute (195 clips of audio on the sample), so the encoder's
+    batches move the bar as they finish; failures and the rest still count once, exactly."""
+    from fusionrec.pipeline.embedding import job
+    from fusionrec.pipeline.encoders.base import rows_done
+
+    data = tmp_path / "data"
+    write_catalog(data)
+    (data / "media" / "i1.bin").write_bytes(b"corrupt jpeg")
+    text, image = HashEncoder(8, "hash-v1"), HashEncoder(8, "hash-image")
+
+    def in_batches_of_three(encoder: HashEncoder):
+        def encode(inputs: list) -> np.ndarray:
+            out = encoder.encode(inputs)
+            for start in range(0, len(inputs), 3):
+                rows_done(len(inputs[start:start + 3]))
+            return out
+        return encode
+
+    prepare = fake_encoders()[0]["image"].prepare  # raises MediaError for a corrupt file
+    encoders = {"text": ModalityEncoder(text.model_id, text.dim, in_batches_of_three(text)),
+                "image": ModalityEncoder(image.model_id, image.dim, in_batches_of_three(image), prepare=prepare)}
+    bar = RecordingBar([text, image])
+    monkeypatch.setattr(job, "_progress", lambda show: bar)
+    report = run_embed(data, tmp_path / "art", encoders=encoders)
+
+    item_text = [(n, calls) for task, n, calls in bar.advances if task == "item text"]
+    item_image = [(n, calls) for task, n, calls in bar.advances if task == "item image"]
+    assert text.calls == 1 and image.calls == 1  # one shard each: 10 rows, under 256
+    # Ten text rows in one encode call, reported 3, 3, 3, 1 as its batches finish.
+    assert [(n, calls) for n, calls in item_text if n] == [(3, 1), (3, 1), (3, 1), (1, 1)]
+    assert sum(n for n, _ in item_text) == 10
+    # Nine images decode and are reported by the encoder (3, 3, 3); the corrupt one is counted
+    # when its shard arrives, so the bar still ends at the table's rows.
+    assert [n for n, _ in item_image if n] == [3, 3, 3, 1]
+    assert sum(n for n, _ in item_image) == 10 and report.counts["item_image"].failed == 1

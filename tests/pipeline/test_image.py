@@ -133,7 +133,12 @@ def test_encode_shape_dtype_and_unit_norm(enc: ImageEncoder) -> None:
 
 def test_encode_deterministic_and_batch_size_independent(enc: ImageEncoder) -> None:
     x = np.random.default_rng(2).normal(size=(5, 3, 64, 64)).astype(np.float32)
-    a = enc.encode(x)  # batch_size=4: batches of 4 and 1 (small 64x64 inputs keep it fast)
+    from fusionrec.pipeline.encoders.base import reporting_rows
+
+    reports: list[int] = []
+    with reporting_rows(reports.append):
+        a = enc.encode(x)  # batch_size=4: batches of 4 and 1 (small 64x64 inputs keep it fast)
+    assert reports == [4, 1]  # each batch tells the embedding job's progress bar as it finishes
     np.testing.assert_array_equal(a, enc.encode(x))
     other = ImageEncoder(weights="none", batch_size=32)  # seeded init: same weights
     assert other.model_id == enc.model_id
