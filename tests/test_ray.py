@@ -453,3 +453,21 @@ def test_ray_datas_console_follows_fusionrecs_verbosity(ray_local, root_level: i
     consoles = [h for h in handlers if type(h).__module__.startswith("ray.") and isinstance(h, logging.StreamHandler)]
     assert consoles and {h.level for h in consoles} == {console_level}
     assert foreign.level == logging.NOTSET  # not Ray's: left alone
+
+
+def test_rays_default_token_auth_note_goes_to_debug_and_a_disabled_warning_stays(caplog) -> None:
+    """Ray announces its default (token authentication on, for a local runtime) with a WARNING
+    in its own format on every run; fusionrec keeps that at debug. The warning that
+    authentication is disabled is a security note and still reaches the console."""
+    from fusionrec.pipeline.embedding.ray_engine import quiet_ray_auth_note
+
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    quiet_ray_auth_note()
+    quiet_ray_auth_note()  # once per process, however many runtimes start
+    assert sum(type(f).__name__ == "_DefaultTokenAuthNote" for f in logger.filters) == 1
+    with caplog.at_level(logging.DEBUG):
+        logger.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled ...")
+        logger.warning("Token authentication is disabled for this Ray cluster. Anyone with network access ...")
+    kept = [(r.name, r.levelno, r.getMessage()[:40]) for r in caplog.records]
+    assert kept == [("fusionrec.ray", logging.DEBUG, "ray: Token authentication is enabled for"),
+                    (logger.name, logging.WARNING, "Token authentication is disabled for thi")]

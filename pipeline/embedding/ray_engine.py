@@ -78,6 +78,29 @@ def quiet_ray_data_console() -> None:
             handler.setLevel(level)
 
 
+class _DefaultTokenAuthNote(logging.Filter):
+    """Ray 2.5x+ turns token authentication on for a local runtime it starts and says so with a
+    WARNING in its own format on every run: the default at work, not a problem to act on. That one
+    line goes to fusionrec's log at debug; Ray's warning that authentication is *disabled* (a
+    cluster open to its network) still reaches the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Token authentication is enabled for this Ray cluster"):
+            log.debug("ray: %s", record.getMessage())
+            return False
+        return True
+
+
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def quiet_ray_auth_note() -> None:
+    """Install `_DefaultTokenAuthNote` on Ray's authentication logger (once per process)."""
+    logger = logging.getLogger(_RAY_AUTH_LOGGER)
+    if not any(isinstance(f, _DefaultTokenAuthNote) for f in logger.filters):
+        logger.addFilter(_DefaultTokenAuthNote())
+
+
 # A head that is up accepts a TCP connection at once; this bounds only a host that drops the
 # packets (a firewall), where the connect would otherwise wait for the kernel's own timeout.
 PROBE_TIMEOUT_S = 5.0
@@ -130,6 +153,7 @@ def ray_runtime(cfg: RayConfig) -> Iterator[Any]:
             os.environ.setdefault(key, value)
         # ray.init reads RAY_ADDRESS where ray.address is "" or "auto": that address is probed too.
         from_env = os.environ.get("RAY_ADDRESS", "").strip() if cfg.address in ("", "auto") else ""
+        quiet_ray_auth_note()
         try:
             probe_address(from_env or cfg.address)
             ray.init(address=cfg.address or None, include_dashboard=False, log_to_driver=False,
