@@ -17,6 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from fusionrec.pipeline.config import Config
+from fusionrec.pipeline.embedding.encoding import build_encoders
 from fusionrec.pipeline.embedding.job import check_precomputed, modality_contents, precomputed_tables, table_modalities
 from fusionrec.pipeline.encoders.model_files import encoder_files, file_hashes, is_weights
 from fusionrec.pipeline.errors import FusionrecError, first_line
@@ -184,6 +185,10 @@ def _data_checks(data_dir: Path, config: Config | None = None) -> list[Check]:
                          lambda m: str(precomputed[("user", m)]))
     except FusionrecError as exc:
         out.append(Check("precomputed dimensions", "fail", str(exc)))
+    if config is not None:
+        out += _encoder_dimension_checks(config, dims, precomputed, {
+            "item": modality_contents(items, "item"), "user": modality_contents(users, "user") if users is not None
+            else {}})
     encoded, given = item_modalities(data_dir, items.columns)
     # A modality switched off (embed.<m>.enabled = false) is not encoded, whatever its column holds.
     off = [m for m in encoded if config is not None and not getattr(config.embed, m).enabled]
@@ -198,6 +203,35 @@ def _data_checks(data_dir: Path, config: Config | None = None) -> list[Check]:
                          "(no such column, only empty cells, or the modality disabled) and no precomputed item "
                          "embeddings: the lists come from behaviour and popularity alone, and items without "
                          "interactions cannot be recommended" + (f" ({', '.join(rest)})" if rest else "")))
+    return out
+
+
+def _encoder_dimension_checks(config: Config, dims: dict[str, dict[str, int]],
+                              precomputed: dict[tuple[str, str], Path],
+                              contents: dict[str, dict[str, pl.DataFrame]]) -> list[Check]:
+    """A modality precomputed for one side (users or items) and encoded for the other: the
+    encoder's dimension must be the precomputed vectors' (the job refuses the run otherwise)."""
+    out = []
+    for modality in ("text", "image", "audio"):
+        given = [kind for kind in ("item", "user") if modality in dims[kind]]
+        if len(given) != 1 or not getattr(config.embed, modality).enabled:
+            continue
+        other = "user" if given[0] == "item" else "item"
+        rows = contents[other].get(modality)
+        if rows is None or not rows.height:
+            continue
+        try:  # the encoder's configuration only (text: its config.json), not its weights
+            encoder = build_encoders(config.embed, {modality})[modality]
+        except (FusionrecError, ModuleNotFoundError, OSError):
+            continue  # the weights check reports an encoder that cannot be found
+        both = {given[0]: dims[given[0]], other: {modality: encoder.dim}}
+        try:
+            check_dimensions(both["item"], both["user"], lambda kind, m, encoder=encoder:
+                             str(precomputed[(kind, m)]) if (kind, m) in precomputed
+                             else f"the {m} encoder {encoder.model_id}",
+                             lambda m, kind=given[0]: str(precomputed[(kind, m)]))
+        except FusionrecError as exc:
+            out.append(Check(f"{modality} dimensions", "fail", str(exc)))
     return out
 
 

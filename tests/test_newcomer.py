@@ -410,6 +410,14 @@ def test_doctor_fails_where_run_would_refuse(tmp_path: Path, sample_data: Path) 
     text = " ".join(result.output.split())
     assert result.exit_code == 1 and "precomputed dimensions" in text.split("check(s) failed:")[1], text
     assert "the users' text vectors" in text and "have 3 numbers, the items'" in text, text
+    # Users' vectors precomputed, items' text encoded: the encoder's dimension is checked too.
+    (data / "embeddings" / "item_text.parquet").unlink()
+    result = invoke("doctor", "--data", str(data), "--out", str(tmp_path / "art"))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "text dimensions" in text.split("check(s) failed:")[1], text
+    detail = text.split("text dimensions")[1]
+    assert "have 3 numbers, the items' (the text encoder" in detail and "all-MiniLM-L6-v2" in detail, text
+    assert ") 384: a user's and an item's" in detail.replace("│", " ").replace("  ", " "), text
 
 
 @pytest.mark.integration
