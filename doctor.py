@@ -225,11 +225,16 @@ def _encoder_dimension_checks(config: Config, dims: dict[str, dict[str, int]],
         except (FusionrecError, ModuleNotFoundError, OSError):
             continue  # the weights check reports an encoder that cannot be found
         both = {given[0]: dims[given[0]], other: {modality: encoder.dim}}
+        blamed = str(precomputed[(given[0], modality)])
+
+        def source(kind: str, m: str, model_id: str = encoder.model_id) -> str:
+            return str(precomputed[(kind, m)]) if (kind, m) in precomputed else f"the {m} encoder {model_id}"
+
+        def file(m: str, path: str = blamed) -> str:
+            return path
+
         try:
-            check_dimensions(both["item"], both["user"], lambda kind, m, encoder=encoder:
-                             str(precomputed[(kind, m)]) if (kind, m) in precomputed
-                             else f"the {m} encoder {encoder.model_id}",
-                             lambda m, kind=given[0]: str(precomputed[(kind, m)]))
+            check_dimensions(both["item"], both["user"], source, file)
         except FusionrecError as exc:
             out.append(Check(f"{modality} dimensions", "fail", str(exc)))
     return out
