@@ -12,7 +12,9 @@ import numpy as np
 # Set by the embedding job around the shards it encodes in this thread (`reporting_rows`). An
 # encoder calls `rows_done` after each of its batches, so a shard that takes a minute on the
 # CPU (195 clips of audio) moves the bar batch by batch, not once at its end. Elsewhere (a test,
-# a Ray actor, a notebook) nothing listens and the call does nothing.
+# a Ray actor, a notebook) nothing listens and the call does nothing. On a GPU the text and image
+# encoders report a batch when it is queued (they copy back once, at the end), so there the bar
+# runs a little ahead of the device.
 _ROWS_DONE: ContextVar[Callable[[int], None] | None] = ContextVar("fusionrec_rows_done", default=None)
 
 
