@@ -42,10 +42,10 @@ def sample_data_dir() -> Path:
     return Path(str(files("fusionrec") / "data"))
 
 
-def run_index(data_dir: Path, art_dir: Path, config: Config | None = None, **options: Any) -> dict[str, Any]:
+def run_index(data_dir: Path, art_dir: Path, config: Config | None = None, *, lock: bool = True) -> dict[str, Any]:
     """The index stage (`pipeline.retrieval.stage.run_index`), refusing an --out that overlaps --data."""
     check_separate_dirs(data_dir, art_dir)
-    return _run_index(data_dir, art_dir, config, **options)
+    return _run_index(data_dir, art_dir, config, lock=lock)
 
 
 def check_engine(config: Config) -> None:
