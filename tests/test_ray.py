@@ -465,7 +465,9 @@ def test_rays_default_token_auth_note_goes_to_debug_and_a_disabled_warning_stays
     quiet_ray_auth_note()
     quiet_ray_auth_note()  # once per process, however many runtimes start
     assert sum(type(f).__name__ == "_DefaultTokenAuthNote" for f in logger.filters) == 1
-    with caplog.at_level(logging.DEBUG):
+    # At debug on fusionrec's own logger too: a CLI test earlier in the session leaves
+    # `fusionrec` at the level its --log-level chose, which would drop the debug line.
+    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="fusionrec.ray"):
         logger.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled ...")
         logger.warning("Token authentication is disabled for this Ray cluster. Anyone with network access ...")
     kept = [(r.name, r.levelno, r.getMessage()[:40]) for r in caplog.records]
