@@ -95,7 +95,7 @@ def scorable_users(test: pl.DataFrame, train: pl.DataFrame, test_path: Path | st
     # Say what is not scored: a held-out pair already in training (seen items are never
     # recommended), or a rating below the threshold; and so how many held-out users remain.
     every = relevant_truth(test, train, exclude_train_pairs=False).height
-    unseen = relevant_truth(test, train).height
+    unseen = relevant_truth(test, train).height if relevance is not None else truth.height  # without a threshold, truth itself
     below = f", {unseen - truth.height} rated below {named} {relevance:g}" if relevance is not None else ""
     held_users = test["user_id"].cast(pl.String).n_unique()
     if every > truth.height or held_users > len(users):

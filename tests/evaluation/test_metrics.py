@@ -400,3 +400,8 @@ def test_scorable_users_say_what_is_left_out(caplog: pytest.LogCaptureFixture) -
     with caplog.at_level("INFO", logger="fusionrec"):
         assert scorable_users(test.head(1), train, "held.csv", 4.0) == ["u"]  # everything scored: nothing to say
     assert "held-out users scored" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fusionrec"):  # no threshold: only pairs already in training are left
+        assert scorable_users(test, train, "held.csv") == ["u", "w"]
+    assert ("held.csv: 2 of 3 held-out users scored, over 2 of 4 distinct held-out pairs (not scored: 2 already in "
+            "the training log, as seen items are never recommended)") in caplog.text
